@@ -1,0 +1,1 @@
+"""pgml-proxy's model engine. The proxy imports only :mod:`engine.api`."""

@@ -1,0 +1,139 @@
+"""Exceptions that carry a PostgreSQL SQLSTATE, and their one conversion to ErrorResponse.
+
+Owns: the ``ProxyError`` hierarchy (each subclass names its SQLSTATE once, through
+``__init_subclass__``) and :func:`to_error_response`.
+
+Must not: do I/O, or inspect message text to decide anything (messages are for
+people; codes are for programs).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from proxy import __version__
+
+_BY_CODE: dict[str, type[ProxyError]] = {}
+
+
+class ProxyError(Exception):
+    """Base of every error the proxy reports to a client.
+
+    ``detail``/``hint`` become the D/H fields, ``position`` (1-based character
+    index into the query) the P field.
+    """
+
+    sqlstate: ClassVar[str] = "XX000"
+
+    def __init_subclass__(cls, code: str | None = None, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if code is None:
+            return
+        if code in _BY_CODE:
+            raise TypeError(f"SQLSTATE {code} already bound to {_BY_CODE[code].__name__}")
+        cls.sqlstate = code
+        _BY_CODE[code] = cls
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        detail: str | None = None,
+        hint: str | None = None,
+        position: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+        self.hint = hint
+        self.position = position
+
+
+class InternalError(ProxyError, code="XX000"):
+    """A bug or an unexpected fault inside the proxy."""
+
+
+class ProtocolViolation(ProxyError, code="08P01"):
+    """Malformed or out-of-sequence protocol traffic; the connection is closed."""
+
+
+class ConnectionFailure(ProxyError, code="08006"):
+    """The upstream connection broke."""
+
+
+class UnableToConnect(ProxyError, code="08001"):
+    """The upstream could not be reached or refused the connection."""
+
+
+class TooManyConnections(ProxyError, code="53300"):
+    """``proxy.max_clients`` is reached."""
+
+
+class AdminShutdown(ProxyError, code="57P01"):
+    """The proxy is shutting down."""
+
+
+class CannotConnectNow(ProxyError, code="57P03"):
+    """The proxy is not accepting new connections at the moment."""
+
+
+class QueryCanceled(ProxyError, code="57014"):
+    """The client cancelled the statement, or a time limit hit."""
+
+
+class FeatureNotSupported(ProxyError, code="0A000"):
+    """Something the proxy deliberately does not do (e.g. replication)."""
+
+
+class InvalidParameterValue(ProxyError, code="22023"):
+    """A bad argument value."""
+
+
+class UndefinedFunction(ProxyError, code="42883"):
+    """An unknown ``pgml.*`` function or overload."""
+
+
+class InvalidAuthorization(ProxyError, code="28000"):
+    """Authentication could not be relayed."""
+
+
+class ProgramLimitExceeded(ProxyError, code="54000"):
+    """A statement or message beyond a configured size limit."""
+
+
+def error_class(code: str) -> type[ProxyError]:
+    """The registered class for a SQLSTATE (``ProxyError`` when none)."""
+    return _BY_CODE.get(code, ProxyError)
+
+
+def error_fields(exc: BaseException, severity: str = "ERROR") -> tuple[tuple[str, str], ...]:
+    """ErrorResponse fields for any exception.
+
+    A ``ProxyError`` keeps its SQLSTATE and extras; anything else is an internal
+    fault (XX000) whose message names the exception type, never its repr of
+    arbitrary data.
+    """
+    if isinstance(exc, ProxyError):
+        fields = [("S", severity), ("V", severity), ("C", exc.sqlstate), ("M", exc.message)]
+        if exc.detail:
+            fields.append(("D", exc.detail))
+        if exc.hint:
+            fields.append(("H", exc.hint))
+        if exc.position is not None:
+            fields.append(("P", str(exc.position)))
+    else:
+        fields = [
+            ("S", severity),
+            ("V", severity),
+            ("C", InternalError.sqlstate),
+            ("M", f"pgml-proxy internal error: {type(exc).__name__}: {exc}"),
+            ("H", f"This is a bug in pgml-proxy {__version__}; the server log has the traceback."),
+        ]
+    return tuple(fields)
+
+
+def to_error_response(exc: BaseException, severity: str = "ERROR") -> bytes:
+    """The wire ErrorResponse for ``exc`` (``severity`` FATAL when the connection then closes)."""
+    from proxy.protocol import ErrorResponse, encode_error  # protocol imports this module
+
+    return encode_error(ErrorResponse(error_fields(exc, severity)))

@@ -1,0 +1,138 @@
+"""One socket as an asyncio Protocol, with a swappable byte handler.
+
+Owns: the transport, flow control (a full write buffer on one link pauses
+reading on its peer), an awaitable ``recv`` for the startup phase, and TLS
+upgrade of the transport in place.
+
+Must not: frame, decode or decide anything; bytes go to ``handler`` untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Callable
+from typing import cast
+
+Handler = Callable[[bytes], None]
+
+
+class Link(asyncio.Protocol):
+    """A connected socket. Until ``handler`` is set, received bytes queue for :meth:`recv`."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.handler: Handler | None = None
+        self.peer: Link | None = None
+        self.on_lost: Callable[[Exception | None], None] | None = None
+        self._inbox: list[bytes] = []
+        self._arrived: asyncio.Event = asyncio.Event()
+        self.closed: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+        self._write_paused = False
+        self._drained: asyncio.Event = asyncio.Event()
+        self._drained.set()
+
+    # -- asyncio.Protocol ------------------------------------------------- #
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement the interface without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.handler is not None:
+            self.handler(data)
+        else:
+            self._inbox.append(data)
+            self._arrived.set()
+
+    def eof_received(self) -> bool:
+        return False  # close the transport; connection_lost follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._arrived.set()
+        self._drained.set()
+        if not self.closed.done():
+            self.closed.set_result(exc)
+        if self.on_lost is not None:
+            self.on_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._drained.clear()
+        if self.peer is not None:
+            self.peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._drained.set()
+        if self.peer is not None:
+            self.peer.resume_reading()
+
+    # -- used by sessions ------------------------------------------------ #
+
+    @property
+    def is_closed(self) -> bool:
+        return self.closed.done()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def writelines(self, chunks: list[bytes]) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(chunks)
+
+    async def drain(self) -> None:
+        """Wait until the write buffer is below the high-water mark (or the link closed)."""
+        await self._drained.wait()
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    async def recv(self) -> bytes:
+        """Next received bytes (startup phase only); b"" once the peer closed."""
+        while not self._inbox:
+            if self.closed.done():
+                return b""
+            self._arrived.clear()
+            await self._arrived.wait()
+        data = b"".join(self._inbox)
+        self._inbox.clear()
+        return data
+
+    def take_inbox(self) -> bytes:
+        """Bytes received but not yet consumed by :meth:`recv`."""
+        data = b"".join(self._inbox)
+        self._inbox.clear()
+        return data
+
+    def set_handler(self, handler: Handler) -> None:
+        """Route all further bytes to ``handler``, first any already queued."""
+        self.handler = handler
+        pending = self.take_inbox()
+        if pending:
+            handler(pending)
+
+    async def start_tls(
+        self, context: ssl.SSLContext, *, server_side: bool, server_hostname: str | None = None
+    ) -> None:
+        """Upgrade the transport to TLS in place (queued bytes must be empty)."""
+        assert self.transport is not None
+        loop = asyncio.get_running_loop()
+        new = await loop.start_tls(
+            self.transport, self, context, server_side=server_side, server_hostname=server_hostname
+        )
+        self.transport = cast(asyncio.Transport, new)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()

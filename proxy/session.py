@@ -1,0 +1,344 @@
+"""One client connection and its upstream connection: startup, relay, decisions, teardown.
+
+Owns: the per-session state (startup phase, transaction status from the last
+ReadyForQuery, responses still owed by the upstream, queued client frames while a
+decision is pending) and the execution of :mod:`proxy.rewrite` decisions.
+
+Must not: parse SQL (the rewriter does), or open listening sockets (the server
+does). It frames traffic with :mod:`proxy.protocol` but forwards raw bytes and
+decodes only Query/Parse (client) and R/K/Z/E (upstream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import TYPE_CHECKING
+
+from proxy import protocol as pq
+from proxy import rewrite
+from proxy.errors import (
+    AdminShutdown,
+    ConnectionFailure,
+    FeatureNotSupported,
+    InternalError,
+    InvalidAuthorization,
+    ProtocolViolation,
+    ProxyError,
+    QueryCanceled,
+    to_error_response,
+)
+from proxy.link import Link
+from proxy.upstream import open_link
+
+if TYPE_CHECKING:
+    from proxy.server import Server
+
+log = logging.getLogger(__name__)
+
+# Seconds a client gets to complete SSL negotiation and send its startup packet
+# (PostgreSQL's authentication_timeout defaults to 60 s as well).
+STARTUP_TIMEOUT = 60.0
+# Backend messages are trusted but still bounded: 1 GiB is the server's own limit.
+UPSTREAM_MAX_MESSAGE = (1 << 30) + 5
+
+_Q, _P, _X, _S = ord("Q"), ord("P"), ord("X"), ord("S")
+_Z, _R, _K, _E = ord("Z"), ord("R"), ord("K"), ord("E")
+_p = ord("p")
+_SCRAM_PLUS = "SCRAM-SHA-256-PLUS"
+# SCRAM's downgrade protection: a TLS client that saw no -PLUS offer says so ("y"),
+# and a TLS server that does support binding then refuses. The binding data would
+# have to be rewritten, which the client's proof covers, so this cannot be relayed.
+_CHANNEL_BINDING_ERROR = InvalidAuthorization(
+    "SCRAM authentication over TLS on both legs cannot be relayed by pgml-proxy",
+    detail="The client uses TLS to the proxy and the proxy uses TLS to the server, which supports channel binding.",
+    hint="Connect with channel_binding=disable, or without TLS to the proxy, or set [upstream] sslmode=disable.",
+)
+
+
+class Session:
+    """A client link, its upstream link, and the relay between them."""
+
+    def __init__(self, server: Server, client: Link) -> None:
+        self.server = server
+        self.config = server.config
+        self.client = client
+        self.upstream: Link | None = None
+        self.backend_key: tuple[int, bytes] | None = None
+        self.tx_status = "I"
+        self.client_tls = False
+        self.admitted = False
+        self._authenticated = False
+        self._client_reader = pq.FrameReader(self.config.proxy.max_message_bytes, pq.FRONTEND_TYPES)
+        self._upstream_reader = pq.FrameReader(UPSTREAM_MAX_MESSAGE)
+        self._pending: deque[pq.Frame] = deque()
+        self._busy = False
+        self._task: asyncio.Task[None] | None = None
+        # ReadyForQuery messages the upstream still owes (one per Query, one per Sync).
+        self._owed = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._upstream_fatal = False
+        self._bound_upstream = False  # the upstream offered SCRAM channel binding
+        self._terminating = False
+        self._early = b""
+        self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    # ------------------------------------------------------------------ #
+    # Lifecycle
+    # ------------------------------------------------------------------ #
+
+    async def run(self) -> None:
+        """Serve the connection until either side closes."""
+        try:
+            startup = await asyncio.wait_for(self._negotiate(), STARTUP_TIMEOUT)
+            if startup is None:
+                return
+            await self._connect_upstream(startup)
+            await self._done
+        except TimeoutError:
+            log.info("client did not complete startup within %g s", STARTUP_TIMEOUT)
+        except ProxyError as exc:
+            self._fatal(exc)
+        except Exception as exc:  # a bug must cost one connection, never the proxy
+            log.exception("session failed")
+            self._fatal(exc)
+        finally:
+            self.close()
+
+    async def _negotiate(self) -> pq.StartupMessage | None:
+        """SSLRequest / GSSENCRequest / CancelRequest handling; returns the StartupMessage."""
+        reader = pq.StartupReader()
+        while True:
+            packet = reader.next_packet()
+            if packet is None:
+                data = await self.client.recv()
+                if not data:
+                    return None
+                reader.feed(data)
+                continue
+            match packet:
+                case pq.SSLRequest() | pq.GSSENCRequest() if reader.pending:
+                    # Bytes sent before our answer would bypass encryption (CVE-2021-23214).
+                    raise ProtocolViolation("received unencrypted data after SSL request")
+                case pq.SSLRequest() if self.server.client_tls is not None and not self.client_tls:
+                    self.client.write(pq.SSL_ACCEPT)
+                    await self.client.start_tls(self.server.client_tls, server_side=True)
+                    self.client_tls = True
+                case pq.SSLRequest() | pq.GSSENCRequest():
+                    self.client.write(pq.SSL_REFUSE)
+                case pq.CancelRequest(pid=pid, key=key):
+                    await self.server.cancel(pid, key)
+                    return None
+                case pq.StartupMessage():
+                    self._early = reader.take_rest()  # relayed once the upstream is there
+                    return packet
+
+    async def _connect_upstream(self, startup: pq.StartupMessage) -> None:
+        replication = (startup.get("replication") or "false").lower()
+        if replication not in ("false", "off", "no", "0"):
+            raise FeatureNotSupported("pgml-proxy does not relay replication connections")
+        if self.server.shutting_down:
+            raise AdminShutdown("the pgml-proxy is shutting down")
+        self.server.admit(self)
+        up = self.server.upstream
+        self.upstream = await open_link(up.dsn, up.sslmode, up.sslrootcert, up.connect_timeout)
+        self.upstream.peer, self.client.peer = self.client, self.upstream
+        self.upstream.on_lost = self._on_upstream_lost
+        self.client.on_lost = self._on_client_lost
+        self.upstream.write(pq.encode_startup(startup))
+        self._owed = 1  # the ReadyForQuery that ends authentication
+        self._idle.clear()
+        self.upstream.set_handler(self._on_upstream_data)
+        if self._early:
+            self._on_client_data(self._early)
+        self.client.set_handler(self._on_client_data)
+        if self.client.is_closed:
+            self._finish()
+
+    def close(self) -> None:
+        """Close both sides (idempotent)."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        if self.upstream is not None and not self.upstream.is_closed:
+            if self._authenticated and not self._upstream_fatal:
+                self.upstream.write(pq.TERMINATE)
+            self.upstream.close()
+        self.client.close()
+        self.server.forget(self)
+        self._finish()
+
+    def _finish(self) -> None:
+        if not self._done.done():
+            self._done.set_result(None)
+
+    def _fatal(self, exc: BaseException) -> None:
+        """Send a FATAL ErrorResponse to the client, then close everything."""
+        if not self.client.is_closed:
+            self.client.write(to_error_response(exc, "FATAL"))
+        self.close()
+
+    def shutdown(self) -> None:
+        """Called by the server when the shutdown grace period is over."""
+        self._fatal(AdminShutdown("terminating connection due to administrator command (pgml-proxy shutdown)"))
+
+    async def cancel(self) -> None:
+        """A CancelRequest for this session arrived: stop local work, forward upstream."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        if self.backend_key is not None:
+            await self.server.forward_cancel(*self.backend_key)
+
+    # ------------------------------------------------------------------ #
+    # Client -> upstream
+    # ------------------------------------------------------------------ #
+
+    def _on_client_data(self, data: bytes) -> None:
+        try:
+            frames = self._client_reader.feed(data)
+        except ProtocolViolation as exc:
+            self._fatal(exc)
+            return
+        if self._busy:
+            self._pending.extend(frames)
+        elif frames:
+            self._relay_client(frames)
+
+    def _relay_client(self, frames: list[pq.Frame]) -> None:
+        """Forward frames; hand the rest to a decision task at the first one mentioning pgml."""
+        assert self.upstream is not None
+        out: list[bytes] = []
+        for i, frame in enumerate(frames):
+            kind = frame.type
+            if kind == _Q:
+                if self._authenticated and rewrite.might_use_pgml(frame.raw):
+                    self._defer(out, frames[i:])
+                    return
+                self._owe()
+            elif kind == _S:
+                self._owe()
+            elif kind == _P and self._authenticated and rewrite.might_use_pgml(frame.raw):
+                self._defer(out, frames[i:])
+                return
+            elif kind == _X:
+                self._terminating = True
+            elif kind == _p and self._bound_upstream and pq.sasl_initial_gs2_flag(frame) == "y":
+                self._fatal(_CHANNEL_BINDING_ERROR)
+                return
+            out.append(frame.raw)
+        self.upstream.writelines(out)
+
+    def _owe(self) -> None:
+        self._owed += 1
+        self._idle.clear()
+
+    def _defer(self, out: list[bytes], rest: list[pq.Frame]) -> None:
+        assert self.upstream is not None
+        if out:
+            self.upstream.writelines(out)
+        self._busy = True
+        self._pending.extend(rest)
+        self.client.pause_reading()
+        self._task = asyncio.create_task(self._drain_pending())
+
+    async def _drain_pending(self) -> None:
+        """Run decisions for queued frames in order; plain frames pass through."""
+        try:
+            while self._pending:
+                frame = self._pending.popleft()
+                if frame.type in (_Q, _P) and rewrite.might_use_pgml(frame.raw):
+                    await self._decide(frame)
+                else:
+                    self._relay_client([frame])
+        except asyncio.CancelledError:
+            self._pending.clear()
+            if not self.client.is_closed:
+                self._fatal(QueryCanceled("canceling statement due to user request"))
+            raise
+        except Exception as exc:
+            log.exception("rewrite failed")
+            self._fatal(exc if isinstance(exc, ProxyError) else InternalError(str(exc)))
+        finally:
+            self._busy = False
+            self.client.resume_reading()
+
+    async def _decide(self, frame: pq.Frame) -> None:
+        assert self.upstream is not None
+        message = pq.decode_query(frame) if frame.type == _Q else pq.decode_parse(frame)
+        decision = await self.server.rewriter.decide(message)
+        match decision:
+            case rewrite.Forward():
+                self._forward_owing(frame.type, frame.raw)
+            case rewrite.Rewritten(frames=raw):
+                self._forward_owing(frame.type, raw)
+            case rewrite.Respond(frames=raw):
+                await self._idle.wait()
+                self.client.write(raw)
+            case rewrite.Fail(error=error):
+                await self._idle.wait()
+                self.client.write(to_error_response(error))
+                if frame.type == _Q:
+                    self.client.write(pq.encode_ready(pq.ReadyForQuery(self.tx_status)))
+
+    def _forward_owing(self, kind: int, raw: bytes) -> None:
+        assert self.upstream is not None
+        if kind == _Q:
+            self._owe()
+        self.upstream.write(raw)
+
+    # ------------------------------------------------------------------ #
+    # Upstream -> client
+    # ------------------------------------------------------------------ #
+
+    def _on_upstream_data(self, data: bytes) -> None:
+        try:
+            frames = self._upstream_reader.feed(data)
+        except ProtocolViolation as exc:
+            log.error("malformed message from upstream: %s", exc)
+            self._fatal(ConnectionFailure("pgml-proxy received a malformed message from the upstream server"))
+            return
+        if not self._authenticated:
+            frames = self._inspect_startup(frames)
+        for frame in frames:
+            kind = frame.type
+            if kind == _Z:
+                self.tx_status = chr(frame.raw[5])
+                if self._owed > 0:
+                    self._owed -= 1
+                if self._owed == 0:
+                    self._idle.set()
+            elif kind == _E and frame.raw[5:11] == b"SFATAL":
+                self._upstream_fatal = True
+        self.client.writelines([f.raw for f in frames])
+
+    def _inspect_startup(self, frames: list[pq.Frame]) -> list[pq.Frame]:
+        """Authentication relay: strip channel binding, note the cancel key, spot the end."""
+        out = []
+        for frame in frames:
+            if frame.type == _R:
+                auth = pq.decode_authentication(frame)
+                if auth.code == pq.AUTH_SASL and _SCRAM_PLUS in pq.sasl_mechanisms(auth):
+                    # Channel binding ties SCRAM to one TLS connection; the client's
+                    # TLS ends here, so the upstream's binding can never match.
+                    mechanisms = [m for m in pq.sasl_mechanisms(auth) if m != _SCRAM_PLUS]
+                    self._bound_upstream = True
+                    frame = pq.Frame(_R, pq.encode_sasl(mechanisms))
+            elif frame.type == _K:
+                key = pq.decode_backend_key(frame)
+                self.backend_key = (key.pid, key.key)
+                self.server.remember(self)
+            elif frame.type == _Z:
+                self._authenticated = True
+            out.append(frame)
+        return out
+
+    def _on_upstream_lost(self, exc: Exception | None) -> None:
+        if not self.client.is_closed and not self._terminating and not self._upstream_fatal:
+            self.client.write(
+                to_error_response(ConnectionFailure("server closed the connection unexpectedly"), "FATAL")
+            )
+        self.close()
+
+    def _on_client_lost(self, exc: Exception | None) -> None:
+        self.close()
