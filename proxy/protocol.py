@@ -203,28 +203,53 @@ class FrameReader:
     def pending(self) -> int:
         return len(self._buf)
 
-    def feed(self, data: bytes) -> list[Frame]:
-        """Add bytes and return every message they complete, in order."""
+    def scan(self, data: bytes) -> tuple[bytes, bytearray, int]:
+        """Add bytes; return the complete messages as one chunk, their type bytes, and the last ReadyForQuery status.
+
+        This is the relay's hot path: no per-message objects, so a chunk that
+        needs no change is forwarded as the very bytes that arrived. The status
+        is the byte of the last 'Z' in the chunk (-1 when there is none).
+        """
         buf = self._buf + data if self._buf else data
-        frames: list[Frame] = []
-        pos, end = 0, len(buf)
-        unpack = _HEADER.unpack_from
+        kinds = bytearray()
+        pos, end, last_z = 0, len(buf), -1
+        allowed, limit = self._allowed, self._max
         while end - pos >= 5:
-            mtype, length = unpack(buf, pos)
-            code = mtype[0]
-            if self._allowed is not None and code not in self._allowed:
+            code = buf[pos]
+            length = (buf[pos + 1] << 24) | (buf[pos + 2] << 16) | (buf[pos + 3] << 8) | buf[pos + 4]
+            if allowed is not None and code not in allowed:
                 self._buf = b""
                 raise ProtocolViolation(f"invalid frontend message type {code}")
-            if length < 4 or length > self._max:
+            if length < 4 or length > limit:
                 self._buf = b""
-                raise ProtocolViolation(f"invalid message length {length} for message type {mtype!r}")
+                raise ProtocolViolation(f"invalid message length {length} for message type {chr(code)!r}")
             stop = pos + 1 + length
             if stop > end:
                 break
-            frames.append(Frame(code, buf[pos:stop]))
+            kinds.append(code)
+            if code == 90 and length == 5:  # 'Z'
+                last_z = buf[pos + 5]
             pos = stop
-        self._buf = buf[pos:] if pos < end else b""
-        return frames
+        if pos == end:
+            self._buf = b""
+            return buf, kinds, last_z
+        self._buf = buf[pos:]
+        return buf[:pos], kinds, last_z
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """Add bytes and return every message they complete, in order."""
+        return split_frames(self.scan(data)[0])
+
+
+def split_frames(chunk: bytes) -> list[Frame]:
+    """Split a chunk of complete, already validated messages (from :meth:`FrameReader.scan`)."""
+    frames: list[Frame] = []
+    pos, end = 0, len(chunk)
+    while pos < end:
+        stop = pos + 1 + _I32.unpack_from(chunk, pos + 1)[0]
+        frames.append(Frame(chunk[pos], chunk[pos:stop]))
+        pos = stop
+    return frames
 
 
 # --------------------------------------------------------------------------- #

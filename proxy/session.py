@@ -196,14 +196,25 @@ class Session:
 
     def _on_client_data(self, data: bytes) -> None:
         try:
-            frames = self._client_reader.feed(data)
+            chunk, kinds, _ = self._client_reader.scan(data)
         except ProtocolViolation as exc:
             self._fatal(exc)
             return
+        if not kinds:
+            return
         if self._busy:
-            self._pending.extend(frames)
-        elif frames:
-            self._relay_client(frames)
+            self._pending.extend(pq.split_frames(chunk))
+        elif not self._authenticated or ((_Q in kinds or _P in kinds) and rewrite.might_use_pgml(chunk)):
+            self._relay_client(pq.split_frames(chunk))
+        else:  # hot path: nothing to look at, forward the bytes as they came
+            owed = kinds.count(_Q) + kinds.count(_S)
+            if owed:
+                self._owed += owed
+                self._idle.clear()
+            if _X in kinds:
+                self._terminating = True
+            assert self.upstream is not None
+            self.upstream.write(chunk)
 
     def _relay_client(self, frames: list[pq.Frame]) -> None:
         """Forward frames; hand the rest to a decision task at the first one mentioning pgml."""
@@ -293,24 +304,23 @@ class Session:
 
     def _on_upstream_data(self, data: bytes) -> None:
         try:
-            frames = self._upstream_reader.feed(data)
+            chunk, kinds, last_z = self._upstream_reader.scan(data)
         except ProtocolViolation as exc:
             log.error("malformed message from upstream: %s", exc)
             self._fatal(ConnectionFailure("pgml-proxy received a malformed message from the upstream server"))
             return
+        if not kinds:
+            return
         if not self._authenticated:
-            frames = self._inspect_startup(frames)
-        for frame in frames:
-            kind = frame.type
-            if kind == _Z:
-                self.tx_status = chr(frame.raw[5])
-                if self._owed > 0:
-                    self._owed -= 1
-                if self._owed == 0:
-                    self._idle.set()
-            elif kind == _E and frame.raw[5:11] == b"SFATAL":
-                self._upstream_fatal = True
-        self.client.writelines([f.raw for f in frames])
+            chunk = b"".join(f.raw for f in self._inspect_startup(pq.split_frames(chunk)))
+        if last_z >= 0:
+            self.tx_status = chr(last_z)
+            self._owed = max(0, self._owed - kinds.count(_Z))
+            if self._owed == 0:
+                self._idle.set()
+        if _E in kinds and any(f.raw[5:11] == b"SFATAL" for f in pq.split_frames(chunk) if f.type == _E):
+            self._upstream_fatal = True
+        self.client.write(chunk)
 
     def _inspect_startup(self, frames: list[pq.Frame]) -> list[pq.Frame]:
         """Authentication relay: strip channel binding, note the cancel key, spot the end."""
