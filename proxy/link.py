@@ -112,8 +112,17 @@ class Link(asyncio.Protocol):
         return data
 
     def set_handler(self, handler: Handler) -> None:
-        """Route all further bytes to ``handler``, first any already queued."""
+        """Route all further bytes to ``handler``, first any already queued.
+
+        The handler also replaces ``data_received`` on this instance, and the
+        transport is told again about its protocol: uvloop caches the bound
+        ``data_received``, and skipping one Python frame per read matters on the
+        relay's hot path.
+        """
         self.handler = handler
+        self.data_received = handler  # type: ignore[method-assign]
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.set_protocol(self)
         pending = self.take_inbox()
         if pending:
             handler(pending)
