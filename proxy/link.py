@@ -120,7 +120,7 @@ class Link(asyncio.Protocol):
         relay's hot path.
         """
         self.handler = handler
-        self.data_received = handler  # type: ignore[method-assign]
+        self.data_received = handler  # type: ignore[method-assign,assignment]
         if self.transport is not None and not self.transport.is_closing():
             self.transport.set_protocol(self)
         pending = self.take_inbox()
