@@ -1,32 +1,168 @@
 """The one seam between the proxy and the model engine.
 
-Owns: the ``Engine`` protocol and the request/result types the proxy may use.
-Must not: import torch, transformers or any ML library at module import time
-(the relay path imports this module and must stay light).
+Owns: the catalogue of proxy-evaluated ``pgml.*`` functions (argument names,
+SQL types, defaults, result shape), the request type (:class:`Call`), the
+:class:`Engine` protocol, engine errors carrying a SQLSTATE, and the factory
+:func:`create_engine`.
+
+Must not: import torch, transformers or any ML library at import time (the relay
+path imports this module and must stay light). The proxy imports nothing else
+from ``engine``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+if TYPE_CHECKING:
+    from proxy.config import EngineSection
+
+
+# --------------------------------------------------------------------------- #
+# Errors
+# --------------------------------------------------------------------------- #
+
+
+class EngineError(Exception):
+    """An error a client should see, with its SQLSTATE (same shape as the proxy's errors)."""
+
+    sqlstate: ClassVar[str] = "38000"  # external_routine_exception: the ML library failed
+
+    def __init__(self, message: str, *, detail: str | None = None, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+        self.hint = hint
+        self.position: int | None = None
+
+
+class InvalidArgument(EngineError):
+    sqlstate = "22023"  # invalid_parameter_value
+
+
+class UnknownModel(EngineError):
+    sqlstate = "42704"  # undefined_object
+
+
+class NotSupported(EngineError):
+    sqlstate = "0A000"  # feature_not_supported
+
+
+class Canceled(EngineError):
+    sqlstate = "57014"  # query_canceled
+
+
+class Overloaded(EngineError):
+    sqlstate = "53000"  # insufficient_resources: the work queue is full
+
+
+# --------------------------------------------------------------------------- #
+# Catalogue
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True)
+class Param:
+    """One SQL argument: name, SQL type, and the default when optional (as a Python value)."""
+
+    name: str
+    type: str
+    default: Any = None
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class Signature:
+    """One overload of a proxy-evaluated function.
+
+    ``returns`` is the SQL type of a scalar result, or of each row of a set;
+    ``columns`` names the output columns of a set-returning function.
+    """
+
+    function: str
+    params: tuple[Param, ...]
+    returns: str
+    columns: tuple[tuple[str, str], ...] = ()
+    strict: bool = True
+
+    @property
+    def returns_set(self) -> bool:
+        return bool(self.columns)
+
+
+JSONB_EMPTY: dict[str, Any] = {}
+
+
+def _p(name: str, type_: str, *default: Any) -> Param:
+    return Param(name, type_, default[0] if default else None, bool(default))
+
+
+CATALOGUE: tuple[Signature, ...] = (
+    Signature("version", (), "text", strict=False),
+    Signature("embed", (_p("transformer", "text"), _p("text", "text"), _p("kwargs", "jsonb", JSONB_EMPTY)), "real[]"),
+    Signature(
+        "embed",
+        (_p("transformer", "text"), _p("inputs", "text[]"), _p("kwargs", "jsonb", JSONB_EMPTY)),
+        "real[]",
+        columns=(("embed", "real[]"),),
+    ),
+    Signature(
+        "chunk",
+        (_p("splitter", "text"), _p("text", "text"), _p("kwargs", "jsonb", JSONB_EMPTY)),
+        "record",
+        columns=(("chunk_index", "bigint"), ("chunk", "text")),
+    ),
+)
+
+
+def signatures(function: str) -> list[Signature]:
+    """Overloads of ``pgml.<function>`` that the engine evaluates (empty: not ours)."""
+    return [s for s in CATALOGUE if s.function == function]
+
+
+def evaluated_functions() -> frozenset[str]:
+    return frozenset(s.function for s in CATALOGUE)
+
+
+# --------------------------------------------------------------------------- #
+# Requests and the engine
+# --------------------------------------------------------------------------- #
 
 
 @dataclass(frozen=True)
 class Call:
-    """One evaluation request: a qualified ``pgml.*`` function name and its argument values."""
+    """One batch of evaluations of one overload: each entry of ``rows`` is a full argument tuple.
 
-    function: str
-    args: tuple[Any, ...]
-    kwargs: tuple[tuple[str, Any], ...] = ()
+    Results come back in the order of ``rows``; a set-returning overload gives
+    a list of output rows per entry.
+    """
+
+    signature: Signature
+    rows: Sequence[tuple[Any, ...]]
+    session: int = 0
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 class Engine(Protocol):
     """Evaluates batches of ``pgml.*`` calls off the event loop."""
 
-    async def evaluate(self, calls: list[Call]) -> list[Any]:
-        """Results in the order of ``calls``; raises ProxyError subclasses for user errors."""
+    async def evaluate(self, call: Call) -> list[Any]:
+        """Results in the order of ``call.rows``; raises EngineError for user errors."""
+        ...
+
+    def cancel(self, session: int) -> None:
+        """Stop the work of ``session`` (CancelRequest, disconnect); its pending calls raise Canceled."""
         ...
 
     async def close(self) -> None:
         """Stop workers and free models."""
         ...
+
+
+def create_engine(config: EngineSection) -> Engine:
+    """The local engine (sentence-transformers & co.), imported only now."""
+    from engine.core import LocalEngine
+
+    return LocalEngine(config)

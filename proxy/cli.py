@@ -1,4 +1,4 @@
-"""Command line: ``pgml-proxy [--config PATH] [--listen HOST:PORT] [--upstream DSN] [--log-level L]``.
+"""Command line: ``pgml-proxy [--config PATH] [--listen HOST:PORT] [--upstream DSN] [--log-level L] [run|init]``.
 
 Owns: argument parsing, logging setup, choosing the upstream (configured DSN or an
 embedded cluster), and running the server until SIGTERM/SIGINT.
@@ -15,10 +15,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from proxy import PGML_API_LEVEL, __version__
+from engine.api import create_engine
+from proxy import PGML_API_LEVEL, __version__, schema
 from proxy.config import Config, ConfigError, load
 from proxy.dsn import parse_dsn
 from proxy.embedded import Cluster, ClusterError, find_bin_dir
+from proxy.rewrite import Rewriter
 from proxy.server import Server, UpstreamTarget
 
 log = logging.getLogger("pgml-proxy")
@@ -36,6 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--listen", help="HOST:PORT to accept clients on (proxy.listen)")
     parser.add_argument("--upstream", help="libpq URI of the real PostgreSQL (upstream.dsn); empty = embedded")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="log.level")
+    parser.add_argument(
+        "command",
+        nargs="?",
+        default="run",
+        choices=["run", "init"],
+        help="run (default): start the proxy; init: install or upgrade the pgml schema in the upstream database "
+        "named by the DSN, then exit",
+    )
     return parser
 
 
@@ -69,6 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         uvloop.install()
     except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio still works
         log.warning("uvloop not available; using the default asyncio loop")
+    if args.command == "init":
+        return _init(config)
     try:
         return asyncio.run(_run(config))
     except ClusterError as exc:
@@ -77,6 +89,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"pgml-proxy: cannot listen on {config.proxy.listen}: {exc.strerror or exc}", file=sys.stderr)
         return 1
+
+
+def _init(config: Config) -> int:
+    if not config.upstream.dsn:
+        print("pgml-proxy init: set the upstream DSN (--upstream or PGML_PROXY_UPSTREAM)", file=sys.stderr)
+        return 2
+    try:
+        applied = schema.init(config.upstream.dsn)
+    except Exception as exc:
+        print(f"pgml-proxy init: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(f"pgml schema is at version {schema.latest()} ({applied} migration(s) applied)")
+    return 0
 
 
 async def _run(config: Config) -> int:
@@ -92,9 +117,11 @@ async def _run(config: Config) -> int:
         cluster = Cluster(find_bin_dir(config.upstream.embedded_version), Path(config.upstream.embedded_data_dir))
         log.info("starting embedded PostgreSQL %d in %s", config.upstream.embedded_version, cluster.data_dir)
         await asyncio.to_thread(cluster.start)
+        await asyncio.to_thread(schema.init, cluster.dsn())
         target = UpstreamTarget(parse_dsn(cluster.dsn()), "disable", "", config.upstream.connect_timeout)
+    engine = create_engine(config.engine)
     try:
-        server = Server(config, target)
+        server = Server(config, target, Rewriter(engine))
         await server.start()
         server.install_signal_handlers()
         user = target.dsn.user or "postgres"
@@ -106,6 +133,7 @@ async def _run(config: Config) -> int:
         )
         await server.wait_stopped()
     finally:
+        await engine.close()
         if cluster is not None:
             log.info("stopping embedded PostgreSQL")
             await asyncio.to_thread(cluster.stop)

@@ -73,6 +73,15 @@ class EngineSection:
     allow_downloads: bool = False
     device: str = "auto"
     workers: int = 1
+    # Calls waiting for a worker beyond this many get 53000 instead of queueing without bound.
+    max_queue: int = 64
+    # Seconds one batched engine call may take before the statement fails with 57014.
+    call_timeout: float = 600.0
+    # Texts per forward pass of an embedding model.
+    batch_size: int = 32
+    # Loaded models kept in memory (all connections share them), least recently used evicted first.
+    cache_bytes: int = 8 * 1024**3
+    trust_remote_code: bool = False
 
 
 @dataclass(frozen=True)
@@ -238,4 +247,8 @@ def validate(config: Config) -> None:
             raise ConfigError(f"upstream.dsn: {exc}") from exc
     _check(e.device in DEVICES, "engine.device", f"must be one of {', '.join(DEVICES)}")
     _check(e.workers > 0, "engine.workers", "must be positive")
+    _check(e.max_queue > 0, "engine.max_queue", "must be positive")
+    _check(e.call_timeout > 0, "engine.call_timeout", "must be positive")
+    _check(e.batch_size > 0, "engine.batch_size", "must be positive")
+    _check(e.cache_bytes > 0, "engine.cache_bytes", "must be positive")
     _check(config.log.level in LOG_LEVELS, "log.level", f"must be one of {', '.join(LOG_LEVELS)}")

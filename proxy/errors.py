@@ -113,14 +113,14 @@ def error_fields(exc: BaseException, severity: str = "ERROR") -> tuple[tuple[str
     fault (XX000) whose message names the exception type, never its repr of
     arbitrary data.
     """
-    if isinstance(exc, ProxyError):
-        fields = [("S", severity), ("V", severity), ("C", exc.sqlstate), ("M", exc.message)]
-        if exc.detail:
-            fields.append(("D", exc.detail))
-        if exc.hint:
-            fields.append(("H", exc.hint))
-        if exc.position is not None:
-            fields.append(("P", str(exc.position)))
+    if isinstance(exc, ProxyError) or isinstance(getattr(exc, "sqlstate", None), str):
+        # ProxyError, or an engine error: same attributes (the engine must not import the proxy).
+        fields = [("S", severity), ("V", severity), ("C", exc.sqlstate), ("M", exc.message)]  # type: ignore[attr-defined]
+        for code, attr in (("D", "detail"), ("H", "hint")):
+            if getattr(exc, attr, None):
+                fields.append((code, getattr(exc, attr)))
+        if getattr(exc, "position", None) is not None:
+            fields.append(("P", str(exc.position)))  # type: ignore[attr-defined]
     else:
         fields = [
             ("S", severity),
@@ -137,3 +137,15 @@ def to_error_response(exc: BaseException, severity: str = "ERROR") -> bytes:
     from proxy.protocol import ErrorResponse, encode_error  # protocol imports this module
 
     return encode_error(ErrorResponse(error_fields(exc, severity)))
+
+
+class InvalidTextRepresentation(ProxyError, code="22P02"):
+    """A value that does not parse as its type (bad JSON, malformed array)."""
+
+
+class WrongObjectType(ProxyError, code="42809"):
+    """A pgml.* call used where the proxy cannot evaluate it (e.g. a set-returning call in the wrong place)."""
+
+
+class ExternalRoutineError(ProxyError, code="38000"):
+    """An upstream error during the proxy's own work on a client's session, relayed with its fields."""

@@ -11,6 +11,7 @@ Must not: look inside client traffic (sessions do), or hold global state: a
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import signal
 import ssl
@@ -60,6 +61,10 @@ class Server:
         self._listener: asyncio.Server | None = None
         self.shutting_down = False
         self._stopped = asyncio.Event()
+        self._ids = itertools.count(1)
+
+    def next_session_id(self) -> int:
+        return next(self._ids)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()

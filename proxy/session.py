@@ -16,6 +16,7 @@ import logging
 from collections import deque
 from typing import TYPE_CHECKING
 
+from engine.api import EngineError
 from proxy import protocol as pq
 from proxy import rewrite
 from proxy.errors import (
@@ -26,9 +27,9 @@ from proxy.errors import (
     InvalidAuthorization,
     ProtocolViolation,
     ProxyError,
-    QueryCanceled,
     to_error_response,
 )
+from proxy.internal import Exchange, Result, UpstreamError
 from proxy.link import Link
 from proxy.upstream import open_link
 
@@ -46,6 +47,8 @@ UPSTREAM_MAX_MESSAGE = (1 << 30) + 5
 _Q, _P, _X, _S = ord("Q"), ord("P"), ord("X"), ord("S")
 _Z, _R, _K, _E = ord("Z"), ord("R"), ord("K"), ord("E")
 _p = ord("p")
+_B = ord("B")
+_ONE, _TWO = ord("1"), ord("2")
 _SCRAM_PLUS = "SCRAM-SHA-256-PLUS"
 # SCRAM's downgrade protection: a TLS client that saw no -PLUS offer says so ("y"),
 # and a TLS server that does support binding then refuses. The binding data would
@@ -69,6 +72,7 @@ class Session:
         self.tx_status = "I"
         self.client_tls = False
         self.admitted = False
+        self.database = ""
         self._authenticated = False
         self._client_reader = pq.FrameReader(self.config.proxy.max_message_bytes, pq.FRONTEND_TYPES)
         self._upstream_reader = pq.FrameReader(UPSTREAM_MAX_MESSAGE)
@@ -84,6 +88,15 @@ class Session:
         self._terminating = False
         self._early = b""
         self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.session_id = server.next_session_id()
+        self._exchange: Exchange | None = None
+        self._exchange_done = asyncio.Event()
+        # Responses to hide from the client: the n-th ParseComplete/BindComplete of this
+        # connection answering a Parse/Bind the proxy injected. Counting the Parse and
+        # Bind messages still unanswered (reset at each ReadyForQuery) tells which.
+        self._unanswered = {_ONE: 0, _TWO: 0}
+        self._answered = {_ONE: 0, _TWO: 0}
+        self._drops: set[tuple[int, int]] = set()
 
     # ------------------------------------------------------------------ #
     # Lifecycle
@@ -142,6 +155,7 @@ class Session:
         if self.server.shutting_down:
             raise AdminShutdown("the pgml-proxy is shutting down")
         self.server.admit(self)
+        self.database = startup.get("database") or startup.get("user") or ""
         up = self.server.upstream
         self.upstream = await open_link(up.dsn, up.sslmode, up.sslrootcert, up.connect_timeout)
         self.upstream.peer, self.client.peer = self.client, self.upstream
@@ -184,9 +198,8 @@ class Session:
         self._fatal(AdminShutdown("terminating connection due to administrator command (pgml-proxy shutdown)"))
 
     async def cancel(self) -> None:
-        """A CancelRequest for this session arrived: stop local work, forward upstream."""
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
+        """A CancelRequest for this session arrived: stop engine work, forward upstream."""
+        self.server.rewriter.cancel(self.session_id)
         if self.backend_key is not None:
             await self.server.forward_cancel(*self.backend_key)
 
@@ -211,6 +224,8 @@ class Session:
             if owed:
                 self._owed += owed
                 self._idle.clear()
+            self._unanswered[_ONE] += kinds.count(_P)
+            self._unanswered[_TWO] += kinds.count(_B)
             if _X in kinds:
                 self._terminating = True
             assert self.upstream is not None
@@ -229,9 +244,13 @@ class Session:
                 self._owe()
             elif kind == _S:
                 self._owe()
-            elif kind == _P and self._authenticated and rewrite.might_use_pgml(frame.raw):
-                self._defer(out, frames[i:])
-                return
+            elif kind == _P:
+                if self._authenticated and rewrite.might_use_pgml(frame.raw):
+                    self._defer(out, frames[i:])
+                    return
+                self._unanswered[_ONE] += 1
+            elif kind == _B:
+                self._unanswered[_TWO] += 1
             elif kind == _X:
                 self._terminating = True
             elif kind == _p and self._bound_upstream and pq.sasl_initial_gs2_flag(frame) == "y":
@@ -264,10 +283,8 @@ class Session:
                     self._relay_client([frame])
         except asyncio.CancelledError:
             self._pending.clear()
-            if not self.client.is_closed:
-                self._fatal(QueryCanceled("canceling statement due to user request"))
             raise
-        except Exception as exc:
+        except Exception as exc:  # a bug: this connection ends, the proxy goes on
             log.exception("rewrite failed")
             self._fatal(exc if isinstance(exc, ProxyError) else InternalError(str(exc)))
         finally:
@@ -277,26 +294,79 @@ class Session:
     async def _decide(self, frame: pq.Frame) -> None:
         assert self.upstream is not None
         message = pq.decode_query(frame) if frame.type == _Q else pq.decode_parse(frame)
-        decision = await self.server.rewriter.decide(message)
+        try:
+            decision = await self.server.rewriter.decide(message, self)
+        except UpstreamError as exc:  # our own query on the client's session failed: that is the answer
+            decision = rewrite.Respond(
+                pq.encode_error(pq.ErrorResponse(exc.fields)) + pq.encode_ready(pq.ReadyForQuery(exc.status))
+            )
+        except ProxyError as exc:
+            decision = rewrite.Fail(exc)
+        except EngineError as exc:
+            decision = rewrite.Fail(exc)
         match decision:
             case rewrite.Forward():
-                self._forward_owing(frame.type, frame.raw)
+                self._forward(frame.type, frame.raw)
             case rewrite.Rewritten(frames=raw):
-                self._forward_owing(frame.type, raw)
+                self._forward(frame.type, raw)
             case rewrite.Respond(frames=raw):
                 await self._idle.wait()
                 self.client.write(raw)
             case rewrite.Fail(error=error):
-                await self._idle.wait()
-                self.client.write(to_error_response(error))
+                # The server raises the error itself, so its transaction state matches the client's.
                 if frame.type == _Q:
-                    self.client.write(pq.encode_ready(pq.ReadyForQuery(self.tx_status)))
+                    self._forward(_Q, pq.encode_query(pq.Query(rewrite.raise_statement(error))))
+                else:
+                    self._inject_failure(error)
 
-    def _forward_owing(self, kind: int, raw: bytes) -> None:
+    def _forward(self, kind: int, raw: bytes) -> None:
         assert self.upstream is not None
         if kind == _Q:
             self._owe()
+        else:
+            self._unanswered[_ONE] += 1
         self.upstream.write(raw)
+
+    def _inject_failure(self, error: BaseException) -> None:
+        """In place of a failed Parse: run a statement that raises ``error`` on the server.
+
+        The server answers ParseComplete and BindComplete (hidden from the client),
+        then the ErrorResponse, and skips the client's messages until Sync — exactly
+        what a failing Parse does. It uses the unnamed statement and portal.
+        """
+        assert self.upstream is not None
+        for kind in (_ONE, _TWO):
+            self._drops.add((kind, self._answered[kind] + self._unanswered[kind]))
+            self._unanswered[kind] += 1
+        sql = rewrite.raise_statement(error)
+        self.upstream.writelines(
+            [
+                pq.encode_parse(pq.Parse("", sql, ())),
+                pq.encode(b"B", b"\0\0\0\0\0\0\0\0"),  # unnamed portal and statement, no params
+                pq.encode(b"E", b"\0\0\0\0\0"),
+            ]
+        )
+
+    async def query(self, sql: str, copy_data: bytes | None = None) -> Result:
+        """Run one internal simple Query on this session once the upstream owes the client nothing."""
+        assert self.upstream is not None
+        await self._idle.wait()
+        exchange = Exchange(copy_data)
+        self._exchange = exchange
+        self._exchange_done.clear()
+        self._owe()
+        self.upstream.write(pq.encode_query(pq.Query(sql)))
+        try:
+            await self._exchange_done.wait()
+        finally:
+            self._exchange = None
+        if self.upstream.is_closed and exchange.status is None:
+            raise ConnectionFailure("the upstream connection closed during an internal query")
+        if exchange.forward:
+            self.client.writelines(exchange.forward)
+        if exchange.error is not None:
+            raise UpstreamError(exchange.error, exchange.status or self.tx_status)
+        return exchange.result
 
     # ------------------------------------------------------------------ #
     # Upstream -> client
@@ -313,14 +383,55 @@ class Session:
             return
         if not self._authenticated:
             chunk = b"".join(f.raw for f in self._inspect_startup(pq.split_frames(chunk)))
+        if self._exchange is not None or self._drops:
+            self._route_frames(pq.split_frames(chunk))
+            return
+        for kind in (_ONE, _TWO):
+            count = kinds.count(kind)
+            if count:
+                self._answered[kind] += count
+                self._unanswered[kind] -= count
         if last_z >= 0:
-            self.tx_status = chr(last_z)
-            self._owed = max(0, self._owed - kinds.count(_Z))
-            if self._owed == 0:
-                self._idle.set()
+            self._ready(last_z, kinds.count(_Z))
         if _E in kinds and any(f.raw[5:11] == b"SFATAL" for f in pq.split_frames(chunk) if f.type == _E):
             self._upstream_fatal = True
         self.client.write(chunk)
+
+    def _ready(self, status: int, count: int = 1) -> None:
+        """ReadyForQuery: the batch is over; nothing else is owed for it."""
+        self.tx_status = chr(status)
+        self._owed = max(0, self._owed - count)
+        self._unanswered = {_ONE: 0, _TWO: 0}
+        self._drops.clear()
+        if self._owed == 0:
+            self._idle.set()
+
+    def _route_frames(self, frames: list[pq.Frame]) -> None:
+        """Slow path: frames of an internal query, or responses to hide."""
+        assert self.upstream is not None
+        out: list[bytes] = []
+        for frame in frames:
+            kind = frame.type
+            if self._exchange is not None:
+                self.upstream.writelines(self._exchange.feed(frame))
+                if kind == _Z:
+                    self._ready(frame.raw[5])
+                    self._exchange_done.set()
+                continue
+            if kind in (_ONE, _TWO):
+                index = self._answered[kind]
+                self._answered[kind] += 1
+                self._unanswered[kind] -= 1
+                if (kind, index) in self._drops:
+                    self._drops.discard((kind, index))
+                    continue
+            elif kind == _Z:
+                self._ready(frame.raw[5])
+            elif kind == _E and frame.raw[5:11] == b"SFATAL":
+                self._upstream_fatal = True
+            out.append(frame.raw)
+        if out:
+            self.client.writelines(out)
 
     def _inspect_startup(self, frames: list[pq.Frame]) -> list[pq.Frame]:
         """Authentication relay: strip channel binding, note the cancel key, spot the end."""
@@ -344,6 +455,7 @@ class Session:
         return out
 
     def _on_upstream_lost(self, exc: Exception | None) -> None:
+        self._exchange_done.set()  # an internal query waiting for its answer gives up
         if not self.client.is_closed and not self._terminating and not self._upstream_fatal:
             self.client.write(
                 to_error_response(ConnectionFailure("server closed the connection unexpectedly"), "FATAL")

@@ -1,0 +1,96 @@
+"""The local engine: runs handlers in worker threads with a bounded queue, timeouts and cancel.
+
+Owns: the handler table (function name -> handler), the worker pool, per-session
+cancel flags, the shared model cache. Must not: be imported by the proxy directly
+(``engine.api.create_engine`` does it), or run model code on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+from engine import text
+from engine.api import Call, Canceled, EngineError, NotSupported, Overloaded
+from engine.models import ModelCache, configure_offline
+
+if TYPE_CHECKING:
+    from proxy.config import EngineSection
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[list[tuple[Any, ...]], text.Context], list[Any]]
+
+HANDLERS: dict[str, Handler] = {
+    "version": text.pgml_version,
+    "embed": text.embed,
+    "chunk": text.chunk,
+}
+
+
+class LocalEngine:
+    """Evaluates calls with in-process models; one instance per proxy process."""
+
+    def __init__(self, config: EngineSection) -> None:
+        configure_offline(config.allow_downloads)
+        self.config = config
+        self.cache = ModelCache(config.cache_bytes)
+        self._pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="pgml-engine")
+        self._pending = 0
+        self._flags: dict[int, set[threading.Event]] = defaultdict(set)
+
+    async def evaluate(self, call: Call) -> list[Any]:
+        handler = HANDLERS.get(call.signature.function)
+        if handler is None:
+            raise NotSupported(f"pgml.{call.signature.function}() is not implemented by this pgml-proxy yet")
+        if self._pending >= self.config.max_queue:
+            raise Overloaded(
+                "too many pgml engine calls are waiting", hint="Retry later, or raise [engine] max_queue / workers."
+            )
+        flag = threading.Event()
+        self._flags[call.session].add(flag)
+        self._pending += 1
+        ctx = text.Context(self.config, self.cache, flag)
+        future = asyncio.get_running_loop().run_in_executor(self._pool, self._run, handler, list(call.rows), ctx)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.config.call_timeout)
+        except TimeoutError:
+            flag.set()
+            raise Canceled(
+                f"canceling statement due to the pgml engine time limit ({self.config.call_timeout:g} s)",
+                hint="Raise [engine] call_timeout for long batches.",
+            ) from None
+        except asyncio.CancelledError:
+            flag.set()  # the worker stops at its next check; the session is going away or was canceled
+            raise
+        finally:
+            self._pending -= 1
+            self._flags[call.session].discard(flag)
+            if not self._flags[call.session]:
+                del self._flags[call.session]
+
+    @staticmethod
+    def _run(handler: Handler, rows: list[tuple[Any, ...]], ctx: text.Context) -> list[Any]:
+        ctx.check()
+        try:
+            return handler(rows, ctx)
+        except EngineError:
+            raise
+        except Exception as exc:  # a failure inside the ML library is the statement's error, not ours
+            log.exception("engine handler failed")
+            raise EngineError(f"{type(exc).__name__}: {exc}") from exc
+
+    def cancel(self, session: int) -> None:
+        for flag in self._flags.get(session, ()):
+            flag.set()
+
+    async def close(self) -> None:
+        for flags in self._flags.values():
+            for flag in flags:
+                flag.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)

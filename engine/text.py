@@ -1,0 +1,179 @@
+"""Handlers for text functions: ``pgml.embed``, ``pgml.chunk``, ``pgml.version``.
+
+Owns: argument checking (kwargs split between model construction and the call,
+as PostgresML does), batching every text of one statement into one encode call,
+and the LangChain splitter table.
+
+Must not: know about SQL or the wire protocol; handlers take argument tuples and
+return Python values (numpy arrays for vectors).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
+
+from engine.api import Canceled, EngineError, InvalidArgument, NotSupported
+from engine.models import ModelCache, pick_device, resolve
+
+if TYPE_CHECKING:
+    import threading
+
+    from proxy.config import EngineSection
+
+PGML_API_LEVEL = "2.10.0"
+# SentenceTransformer(...) keyword arguments; everything else goes to encode() (PostgresML's split).
+INIT_KWARGS = frozenset(
+    {
+        "device",
+        "trust_remote_code",
+        "revision",
+        "model_kwargs",
+        "tokenizer_kwargs",
+        "config_kwargs",
+        "truncate_dim",
+        "token",
+    }
+)
+
+
+class Context:
+    """What a handler may use: config, the shared model cache, and its cancel flag."""
+
+    def __init__(self, config: EngineSection, cache: ModelCache, cancelled: threading.Event) -> None:
+        self.config = config
+        self.cache = cache
+        self.cancelled = cancelled
+
+    def check(self) -> None:
+        if self.cancelled.is_set():
+            raise Canceled("canceling statement due to user request")
+
+
+def pgml_version(rows: list[tuple[Any, ...]], ctx: Context) -> list[str]:
+    try:
+        own = version("pgml-proxy")
+    except PackageNotFoundError:  # running from a source tree
+        own = "dev"
+    return [f"{PGML_API_LEVEL} (pgml-proxy {own})" for _ in rows]
+
+
+def _kwargs(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"kwargs must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+def _load_encoder(name: str, init: dict[str, Any], ctx: Context) -> Any:
+    if init.get("trust_remote_code") and not ctx.config.trust_remote_code:
+        raise InvalidArgument(
+            "trust_remote_code is not allowed", hint="Set [engine] trust_remote_code = true to allow models with code."
+        )
+    path = resolve(name, ctx.config)
+    init = {"device": pick_device(ctx.config.device), **init}
+    if "instructor" in name:
+        init.setdefault("trust_remote_code", False)
+
+    def load() -> Any:
+        from sentence_transformers import SentenceTransformer
+
+        try:
+            return SentenceTransformer(path, **init)
+        except TypeError as exc:
+            raise InvalidArgument(f"invalid kwargs for model {name}: {exc}") from exc
+        except OSError as exc:
+            raise EngineError(f"could not load model {name}: {exc}") from exc
+
+    return ctx.cache.get(ModelCache.key("sentence-transformers", path, init), load)
+
+
+def embed(rows: list[tuple[Any, ...]], ctx: Context) -> list[Any]:
+    """``(transformer, text | text[], kwargs)`` rows -> one vector (or list of vectors) per row."""
+    results: list[Any] = [None] * len(rows)
+    groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for i, (model, inputs, kwargs) in enumerate(rows):
+        if model is None or inputs is None or kwargs is None:
+            continue  # STRICT: NULL in, NULL out
+        groups[(model, json.dumps(_kwargs(kwargs), sort_keys=True))].append(i)
+    for (model, kwargs_text), indexes in groups.items():
+        kwargs = json.loads(kwargs_text)
+        init = {k: v for k, v in kwargs.items() if k in INIT_KWARGS}
+        encode_kwargs = {k: v for k, v in kwargs.items() if k not in INIT_KWARGS}
+        if "instruction" in encode_kwargs:  # hkunlp/instructor models: PostgresML maps it to a prompt
+            encode_kwargs["prompt"] = encode_kwargs.pop("instruction")
+        encoder = _load_encoder(model, init, ctx)
+        texts: list[str] = []
+        spans: list[tuple[int, int, bool]] = []
+        for i in indexes:
+            value = rows[i][1]
+            many = isinstance(value, list)
+            items = value if many else [value]
+            if any(not isinstance(t, str) for t in items):
+                raise InvalidArgument("pgml.embed inputs must be text values, not NULL")
+            spans.append((len(texts), len(texts) + len(items), many))
+            texts.extend(items)
+        vectors = _encode(encoder, texts, encode_kwargs, ctx)
+        for i, (start, stop, many) in zip(indexes, spans, strict=True):
+            results[i] = list(vectors[start:stop]) if many else vectors[start]
+    return results
+
+
+def _encode(encoder: Any, texts: list[str], kwargs: dict[str, Any], ctx: Context) -> Any:
+    import numpy as np
+
+    batch = int(kwargs.pop("batch_size", ctx.config.batch_size))
+    out = []
+    # Encode in slices so a cancel takes effect within one slice.
+    step = max(batch * 8, 256)
+    for start in range(0, len(texts), step):
+        ctx.check()
+        try:
+            part = encoder.encode(
+                texts[start : start + step], batch_size=batch, convert_to_numpy=True, show_progress_bar=False, **kwargs
+            )
+        except TypeError as exc:
+            raise InvalidArgument(f"invalid kwargs for encode: {exc}") from exc
+        out.append(np.asarray(part, dtype=np.float32))
+    if not out:
+        return np.zeros((0, 0), dtype=np.float32)
+    return np.concatenate(out)
+
+
+SPLITTERS = {
+    "character": "CharacterTextSplitter",
+    "latex": "LatexTextSplitter",
+    "markdown": "MarkdownTextSplitter",
+    "nltk": "NLTKTextSplitter",
+    "python": "PythonCodeTextSplitter",
+    "recursive_character": "RecursiveCharacterTextSplitter",
+    "spacy": "SpacyTextSplitter",
+}
+
+
+def chunk(rows: list[tuple[Any, ...]], ctx: Context) -> list[Any]:
+    """``(splitter, text, kwargs)`` rows -> ``[(chunk_index, chunk), ...]`` per row, index from 1."""
+    import langchain_text_splitters as splitters
+
+    results: list[Any] = []
+    for name, text, kwargs in rows:
+        if name is None or text is None or kwargs is None:
+            results.append(None)
+            continue
+        if name not in SPLITTERS:
+            raise InvalidArgument(f"Unknown splitter: {name}", hint=f"Use one of: {', '.join(sorted(SPLITTERS))}.")
+        try:
+            splitter = getattr(splitters, SPLITTERS[name])(**_kwargs(kwargs))
+            pieces = splitter.split_text(text)
+        except (ImportError, LookupError, OSError) as exc:
+            raise NotSupported(
+                f"the {name} splitter is not available: {exc}",
+                hint="The nltk splitter needs the nltk package and its punkt data; spacy needs spacy and a model.",
+            ) from exc
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(f"invalid kwargs for the {name} splitter: {exc}") from exc
+        results.append([(i + 1, piece) for i, piece in enumerate(pieces)])
+    return results

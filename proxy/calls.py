@@ -1,0 +1,122 @@
+"""Finding ``pgml.*`` calls in a parsed statement, with the context a rewrite needs.
+
+Owns: the walk over a pglast tree that records every ``FuncCall`` named
+``pgml.<f>`` for an engine-evaluated ``f`` — where it sits (innermost statement,
+clause, FROM item), which CTEs are visible — and binding its positional and
+named arguments to a catalogue signature.
+
+Must not: evaluate anything or change the tree. ``pgml`` inside strings,
+comments, identifiers or another schema never matches: only the parsed function
+name counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from pglast import ast
+
+from engine.api import Signature, evaluated_functions, signatures
+from proxy.errors import UndefinedFunction
+
+STATEMENTS = (ast.SelectStmt, ast.UpdateStmt, ast.DeleteStmt, ast.InsertStmt)
+DEFAULT: Any = object()  # an optional argument left out
+
+
+@dataclass(eq=False)
+class Site:
+    """One pgml call: the node, its innermost statement and clause, and its FROM wrapper if any."""
+
+    call: ast.FuncCall
+    function: str
+    stmt: ast.Node | None
+    clause: str
+    range_function: ast.RangeFunction | None
+    ctes: list[ast.CommonTableExpr] = field(default_factory=list)
+    nested_in: Site | None = None
+    in_join: bool = False
+
+
+def pgml_function(call: ast.FuncCall) -> str | None:
+    """``f`` when ``call`` is ``pgml.f(...)`` for an engine-evaluated ``f``."""
+    names = call.funcname or ()
+    if len(names) == 2 and isinstance(names[0], ast.String) and names[0].sval == "pgml":
+        name = names[1].sval
+        return name if name in evaluated_functions() else None
+    return None
+
+
+def find_calls(root: ast.Node) -> list[Site]:
+    """Every engine-evaluated pgml call under ``root``, outermost first."""
+    sites: list[Site] = []
+    _walk(root, None, "", [], None, None, False, sites)
+    return sites
+
+
+def _walk(
+    node: Any,
+    stmt: ast.Node | None,
+    clause: str,
+    ctes: list[ast.CommonTableExpr],
+    range_function: ast.RangeFunction | None,
+    enclosing: Site | None,
+    in_join: bool,
+    sites: list[Site],
+) -> None:
+    if isinstance(node, tuple):
+        for item in node:
+            _walk(item, stmt, clause, ctes, range_function, enclosing, in_join, sites)
+        return
+    if not isinstance(node, ast.Node):
+        return
+    if isinstance(node, STATEMENTS):
+        with_clause = getattr(node, "withClause", None)
+        if with_clause is not None and with_clause.ctes:
+            ctes = [*ctes, *with_clause.ctes]
+        for member in node:
+            _walk(getattr(node, member), node, member, ctes, None, enclosing, False, sites)
+        return
+    if isinstance(node, ast.FuncCall):
+        function = pgml_function(node)
+        if function is not None:
+            site = Site(node, function, stmt, clause, range_function, ctes, enclosing, in_join)
+            sites.append(site)
+            enclosing = site
+    rf = node if isinstance(node, ast.RangeFunction) else range_function
+    for member in node:
+        joined = in_join or (isinstance(node, ast.JoinExpr) and member == "quals")
+        _walk(getattr(node, member), stmt, clause, ctes, rf, enclosing, joined, sites)
+
+
+def bind(site: Site) -> tuple[list[Signature], list[Any]]:
+    """Match the call's arguments to parameter slots; returns candidate overloads and the slots.
+
+    Slots hold the argument nodes in parameter order (DEFAULT where left out).
+    Overloads that differ only in parameter types are all returned; the caller
+    picks one once argument types are known.
+    """
+    candidates = signatures(site.function)
+    args = list(site.call.args or ())
+    positional = [a for a in args if not isinstance(a, ast.NamedArgExpr)]
+    named = {a.name: a.arg for a in args if isinstance(a, ast.NamedArgExpr)}
+    if site.call.agg_star or site.call.agg_distinct or site.call.over is not None or site.call.agg_order:
+        raise UndefinedFunction(f"pgml.{site.function} is not an aggregate or window function")
+    fitting = []
+    for sig in candidates:
+        names = [p.name for p in sig.params]
+        if len(positional) > len(names) or any(n not in names[len(positional) :] for n in named):
+            continue
+        slots = positional + [named.get(p.name, DEFAULT) for p in sig.params[len(positional) :]]
+        if all(s is not DEFAULT or p.optional for s, p in zip(slots, sig.params, strict=True)):
+            fitting.append(sig)
+    if not fitting:
+        described = ", ".join(f"{a.name} => …" if isinstance(a, ast.NamedArgExpr) else "…" for a in args)
+        raise UndefinedFunction(
+            f"function pgml.{site.function}({described}) does not exist",
+            hint="No function matches the given name and argument types. See the PostgresML API reference.",
+            position=site.call.location + 1 if site.call.location is not None else None,
+        )
+    names = [p.name for p in fitting[0].params]
+    slots = positional + [named.get(n, DEFAULT) for n in names[len(positional) :]]
+    return fitting, slots

@@ -1,0 +1,367 @@
+"""Rewriting one statement string: evaluate its ``pgml.*`` calls and replace them in the AST.
+
+Owns: choosing the overload, evaluating calls with constant arguments in one
+batch per overload, evaluating calls whose arguments depend on rows through the
+client's own session (gather the distinct argument tuples, one batched engine
+call, COPY the results into a session temp table, look them up), and the
+replacement nodes (typed literals, row sources, lookups).
+
+Must not: touch sockets (it talks to the session through :class:`Port`), or
+paste user text into SQL: replacements are AST nodes; the few templates here are
+built only from catalogue names and generated identifiers.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pglast import ast, parse_sql, visitors
+from pglast.stream import RawStream
+
+from engine.api import Call, Engine, Signature
+from proxy.calls import DEFAULT, Site, bind, find_calls
+from proxy.errors import FeatureNotSupported, ProxyError, UndefinedFunction
+from proxy.internal import Port
+from proxy.literals import NOT_CONSTANT, fold, from_text, is_constant, literal, quote_element, text_const, to_text
+
+# Type OIDs of gathered arguments -> the catalogue's type names (and the key column type).
+OID_TYPES = {
+    25: "text", 1043: "text", 1042: "text", 19: "text", 705: "text",
+    1009: "text[]", 1015: "text[]", 3802: "jsonb", 114: "jsonb",
+    20: "bigint", 23: "bigint", 21: "bigint", 16: "boolean",
+    700: "real", 701: "double precision", 1021: "real[]", 1022: "double precision[]",
+}  # fmt: skip
+KEY_TYPES = {25: "text", 1043: "varchar", 1042: "bpchar", 19: "name", 705: "text", 114: "jsonb"}
+_temp_ids = itertools.count(1)
+
+
+class Replacer(visitors.Visitor):
+    """Swaps nodes by identity: FuncCall/RangeFunction/ParamRef -> replacement."""
+
+    def __init__(self, replacements: dict[int, ast.Node]) -> None:
+        self.replacements = replacements
+
+    def visit(self, ancestors: Any, node: ast.Node) -> Any:
+        return self.replacements.get(id(node))
+
+
+def deparse(node: ast.Node) -> str:
+    return str(RawStream()(node))
+
+
+@dataclass
+class Analysis:
+    """A parsed statement string and the pgml calls found in each statement."""
+
+    stmts: tuple[ast.RawStmt, ...]
+    sites: list[list[Site]]
+
+
+def analyze(sql: str) -> Analysis | None:
+    """Parse and find calls; None when pglast cannot parse it (the server then reports the syntax
+    error itself) or when there is no engine-evaluated call (``pgml.models`` and the vector helpers
+    are plain SQL)."""
+    from pglast.parser import ParseError
+
+    try:
+        stmts = parse_sql(sql)
+    except ParseError:
+        return None
+    sites = [find_calls(raw.stmt) for raw in stmts if raw.stmt is not None]
+    return Analysis(stmts, sites) if any(sites) else None
+
+
+async def rewrite(analysis: Analysis, engine: Engine, port: Port, *, dependent_ok: bool) -> str:
+    """Evaluate every call and return the rewritten SQL (the analysis' tree is changed in place)."""
+    stmts, per_stmt = analysis.stmts, analysis.sites
+    replacements: dict[int, ast.Node] = {}
+    constant: dict[int, list[tuple[Site, tuple[Any, ...]]]] = defaultdict(list)  # by id(signature)
+    signature_of: dict[int, Signature] = {}
+    dependent: list[tuple[Site, list[Signature], list[Any]]] = []
+    for index, sites in enumerate(per_stmt):
+        for site in sites:
+            if site.nested_in is not None:
+                raise FeatureNotSupported(f"pgml.{site.function}() inside another pgml call's arguments")
+            candidates, slots = bind(site)
+            folded = _fold(candidates, slots)
+            if folded is not None:
+                constant[id(folded[0])].append((site, folded[1]))
+                signature_of[id(folded[0])] = folded[0]
+                continue
+            if not dependent_ok:
+                raise FeatureNotSupported(
+                    f"pgml.{site.function}() with column or parameter arguments is not supported in the extended"
+                    " query protocol yet",
+                    hint="Pass constant arguments, or use the simple query protocol for per-row calls.",
+                )
+            if index > 0:
+                raise FeatureNotSupported(
+                    f"per-row pgml.{site.function}() calls must be in the first statement of a query string",
+                    hint="Send the statement on its own.",
+                )
+            dependent.append((site, candidates, slots))
+    for key, entries in constant.items():
+        sig = signature_of[key]
+        results = await engine.evaluate(Call(sig, [values for _, values in entries], session=port.session_id))
+        for (site, _), result in zip(entries, results, strict=True):
+            replacements.update(_constant_replacement(site, sig, result))
+    for site, candidates, slots in dependent:
+        replacements.update(await _dependent_replacement(site, candidates, slots, engine, port))
+    for raw in stmts:
+        if raw.stmt is not None:
+            _keep_column_names(raw.stmt, replacements)
+    Replacer(replacements)(stmts)
+    return "; ".join(deparse(raw) for raw in stmts)
+
+
+def _fold(candidates: list[Signature], slots: list[Any]) -> tuple[Signature, tuple[Any, ...]] | None:
+    """The first overload under which every argument is a constant, with the values."""
+    for sig in candidates:
+        values = []
+        for slot, param in zip(slots, sig.params, strict=True):
+            if slot is DEFAULT:
+                values.append(param.default)
+                continue
+            try:
+                value = fold(slot, param.type)
+            except ProxyError:
+                break
+            if value is NOT_CONSTANT:
+                break
+            values.append(value)
+        else:
+            return sig, tuple(values)
+    return None
+
+
+# --------------------------------------------------------------------------- #
+# Replacements for constant calls
+# --------------------------------------------------------------------------- #
+
+
+def _constant_replacement(site: Site, sig: Signature, result: Any) -> dict[int, ast.Node]:
+    if not sig.returns_set:
+        return {id(site.call): literal(result, sig.returns)}
+    rows = [] if result is None else [r if isinstance(r, tuple) else (r,) for r in result]
+    if site.range_function is not None:
+        rf = site.range_function
+        if len(rf.functions or ()) != 1 or rf.ordinality:
+            raise FeatureNotSupported(f"pgml.{sig.function}() in ROWS FROM or WITH ORDINALITY")
+        subquery = _rows_select(sig, rows)
+        alias = rf.alias or ast.Alias(aliasname=sig.function)
+        return {id(rf): ast.RangeSubselect(lateral=False, subquery=subquery, alias=alias)}
+    return {id(site.call): _unnest(sig, text_const(_array_text(sig, rows)))}
+
+
+def _array_text(sig: Signature, rows: list[tuple[Any, ...]]) -> str:
+    """One array literal holding every output row (a row type for several columns)."""
+    if len(sig.columns) == 1:
+        return "{" + ",".join(quote_element(to_text(r[0], sig.columns[0][1])) for r in rows) + "}"
+    return "{" + ",".join(quote_element(to_text(tuple(r), "record")) for r in rows) + "}"
+
+
+def _unnest(sig: Signature, array: ast.Node) -> Any:
+    """A set-returning expression for a SELECT list: ``unnest(array)``, cast back to the column type."""
+    if len(sig.columns) == 1:
+        template = f"SELECT CAST(unnest(CAST($1 AS text[])) AS {sig.columns[0][1]})"
+    else:
+        template = f"SELECT unnest(CAST($1 AS pgml.{sig.function}_result[]))"
+    return _fill(template, {1: array})
+
+
+def _rows_select(sig: Signature, rows: list[tuple[Any, ...]]) -> Any:
+    names = [name for name, _ in sig.columns]
+    cols = ", ".join(f"CAST(u.c{i} AS {t}) AS {n}" for i, (n, t) in enumerate(sig.columns))
+    arrays = ", ".join(f"CAST(${i + 1} AS text[])" for i in range(len(names)))
+    aliases = ", ".join(f"c{i}" for i in range(len(names)))
+    template = f"SELECT {cols} FROM unnest({arrays}) WITH ORDINALITY AS u({aliases}, ord) ORDER BY u.ord"
+    arrays_text = {
+        i + 1: text_const("{" + ",".join(quote_element(to_text(r[i], t)) for r in rows) + "}")
+        for i, (_, t) in enumerate(sig.columns)
+    }
+    return _fill(template, arrays_text, whole=True)
+
+
+def _fill(template: str, values: Mapping[int, ast.Node], whole: bool = False) -> Any:
+    """Parse a template built from catalogue names only, and put nodes where its $n are."""
+    stmt: Any = parse_sql(template)[0].stmt  # parsed per use: the tree is then filled in place
+    params: dict[int, ast.Node] = {}
+
+    class Collect(visitors.Visitor):
+        def visit_ParamRef(self, ancestors: Any, node: ast.ParamRef) -> None:
+            params[id(node)] = values[int(node.number or 0)]
+
+    Collect()(stmt)
+    Replacer(params)(stmt)
+    return stmt if whole else stmt.targetList[0].val
+
+
+# --------------------------------------------------------------------------- #
+# Per-row calls: gather, evaluate, load, look up
+# --------------------------------------------------------------------------- #
+
+
+async def _dependent_replacement(
+    site: Site, candidates: list[Signature], slots: list[Any], engine: Engine, port: Port
+) -> dict[int, ast.Node]:
+    # Constant arguments are read here; only the others are gathered from the rows.
+    given = [i for i, s in enumerate(slots) if s is not DEFAULT and not is_constant(s)]
+    if not given:  # constants that fit no overload: report why under the first one
+        _fold_strict(candidates[0], slots)
+    gather = _gather_statement(site, [slots[i] for i in given])
+    result = await port.query(deparse(gather))
+    types = [OID_TYPES.get(oid) for _, oid in result.columns]
+    sig = _choose(site, candidates, given, types)
+    fixed = _fold_strict(sig, slots, skip=set(given))
+    tuples, texts = [], []
+    for row in result.rows:
+        if any(v is None for v in row):
+            continue  # STRICT: a NULL argument gives NULL, no lookup row needed
+        values = list(fixed)
+        for i, text, kind in zip(given, row, types, strict=True):
+            values[i] = from_text(text, kind or "text")
+        tuples.append(tuple(values))
+        texts.append(row)
+    results = await engine.evaluate(Call(sig, tuples, session=port.session_id)) if tuples else []
+    name = f"pgml_proxy_{port.session_id}_{next(_temp_ids)}"
+    value_type = _value_type(sig, site)
+    keys = [KEY_TYPES.get(oid, t or "text") for (_, oid), t in zip(result.columns, types, strict=True)]
+    columns = ", ".join(f"k{i} {t}" for i, t in enumerate(keys))
+    on_commit = " ON COMMIT DROP" if port.tx_status == "T" else ""
+    copy = _copy_text(texts, results, sig, value_type)
+    await port.query(
+        f"CREATE TEMP TABLE {name} ({columns}, v {value_type}){on_commit}; "
+        f"CREATE INDEX ON {name} USING hash (k{len(keys) - 1}); COPY {name} FROM STDIN; ANALYZE {name}",
+        copy_data=copy,
+    )
+    conditions = " AND ".join(f"k{i} = ${i + 1}" for i in range(len(keys)))
+    lookup = f"(SELECT v FROM pg_temp.{name} WHERE {conditions})"
+    args = {i + 1: slots[g] for i, g in enumerate(given)}
+    if not sig.returns_set:
+        return {id(site.call): _fill(f"SELECT CAST({lookup} AS {sig.returns})", args)}
+    if len(sig.columns) == 1:
+        return {id(site.call): _fill(f"SELECT CAST(unnest({lookup}) AS {sig.columns[0][1]})", args)}
+    return {id(site.call): _fill(f"SELECT unnest({lookup})", args)}
+
+
+def _fold_strict(sig: Signature, slots: list[Any], skip: set[int] | None = None) -> list[Any]:
+    """Values of the constant arguments under ``sig`` (defaults filled); raises the folding error."""
+    values = []
+    for i, (slot, param) in enumerate(zip(slots, sig.params, strict=True)):
+        if slot is DEFAULT or (skip and i in skip):
+            values.append(param.default)
+            continue
+        value = fold(slot, param.type)
+        if value is NOT_CONSTANT:
+            raise UndefinedFunction(f"function pgml.{sig.function}() does not accept this {param.name} argument")
+        values.append(value)
+    return values
+
+
+def _value_type(sig: Signature, site: Site) -> str:
+    if not sig.returns_set:
+        return sig.returns
+    return "text[]" if len(sig.columns) == 1 else f"pgml.{sig.function}_result[]"
+
+
+def _copy_text(rows: list[tuple[str | None, ...]], results: list[Any], sig: Signature, value_type: str) -> bytes:
+    """COPY text format: tab-separated, backslash escapes, \\N for NULL."""
+    lines = []
+    for keys, result in zip(rows, results, strict=True):
+        if result is None:
+            value = None
+        elif not sig.returns_set:
+            value = to_text(result, sig.returns)
+        else:
+            out = [r if isinstance(r, tuple) else (r,) for r in result]
+            value = _array_text(sig, out)
+        lines.append("\t".join(_copy_field(v) for v in (*keys, value)))
+    return ("\n".join(lines) + "\n").encode() if lines else b""
+
+
+def _copy_field(value: str | None) -> str:
+    if value is None:
+        return "\\N"
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+
+
+def _choose(site: Site, candidates: list[Signature], given: list[int], types: list[str | None]) -> Signature:
+    for sig in candidates:
+        if all(_accepts(sig.params[i].type, t) for i, t in zip(given, types, strict=True)):
+            return sig
+    shown = ", ".join(t or "unknown" for t in types)
+    raise UndefinedFunction(
+        f"function pgml.{site.function}({shown}) does not exist",
+        hint="No function matches the given argument types. You might need to add explicit type casts.",
+    )
+
+
+def _accepts(param: str, given: str | None) -> bool:
+    if given is None:
+        return False
+    if param == given:
+        return True
+    return (param == "bigint" and given in ("bigint",)) or (param == "real[]" and given == "double precision[]")
+
+
+def _gather_statement(site: Site, args: list[ast.Node]) -> ast.SelectStmt:
+    """``SELECT DISTINCT <args> FROM …`` over the rows the call's statement sees."""
+    stmt, clause = site.stmt, site.clause
+    if site.range_function is not None:
+        raise FeatureNotSupported(f"pgml.{site.function}() in FROM with column arguments is not supported yet")
+    if site.in_join:
+        raise FeatureNotSupported(f"pgml.{site.function}() with column arguments in a JOIN condition")
+    if any(not isinstance(cte.ctequery, ast.SelectStmt) for cte in site.ctes):
+        raise FeatureNotSupported("per-row pgml calls in a statement with a data-modifying WITH query")
+    targets = tuple(ast.ResTarget(val=a) for a in args)
+    with_clause = ast.WithClause(ctes=tuple(site.ctes), recursive=False) if site.ctes else None
+    where = None if clause == "whereClause" else getattr(stmt, "whereClause", None)
+    match stmt:
+        case ast.SelectStmt(valuesLists=values) if values:
+            return ast.SelectStmt(targetList=targets, withClause=with_clause)
+        case ast.SelectStmt():
+            return ast.SelectStmt(
+                distinctClause=(None,),
+                targetList=targets,
+                fromClause=stmt.fromClause,
+                whereClause=where,
+                groupClause=None if clause == "groupClause" else stmt.groupClause,
+                havingClause=None if clause == "havingClause" else stmt.havingClause,
+                withClause=with_clause,
+            )
+        case ast.UpdateStmt():
+            sources = (stmt.relation, *(stmt.fromClause or ()))
+            return ast.SelectStmt(distinctClause=(None,), targetList=targets, fromClause=sources, whereClause=where,
+                                  withClause=with_clause)  # fmt: skip
+        case ast.DeleteStmt():
+            sources = (stmt.relation, *(stmt.usingClause or ()))
+            return ast.SelectStmt(distinctClause=(None,), targetList=targets, fromClause=sources, whereClause=where,
+                                  withClause=with_clause)  # fmt: skip
+    raise FeatureNotSupported(
+        f"pgml.{site.function}() with column arguments is not supported in this part of a statement ({clause})"
+    )
+
+
+# --------------------------------------------------------------------------- #
+# Output column names
+# --------------------------------------------------------------------------- #
+
+
+def _keep_column_names(root: ast.Node, replacements: dict[int, ast.Node]) -> None:
+    """Name SELECT-list columns as PostgreSQL would have named the original call (``embed``, ``chunk``)."""
+
+    class Names(visitors.Visitor):
+        def visit_ResTarget(self, ancestors: Any, node: ast.ResTarget) -> None:
+            if node.name is None:
+                inner = node.val
+                while isinstance(inner, ast.TypeCast) and isinstance(inner.arg, ast.FuncCall):
+                    inner = inner.arg
+                if isinstance(inner, ast.FuncCall) and id(inner) in replacements:
+                    node.name = inner.funcname[-1].sval  # type: ignore[index]
+
+    if isinstance(root, ast.SelectStmt | ast.UpdateStmt | ast.DeleteStmt | ast.InsertStmt):
+        Names()(root)
