@@ -128,7 +128,7 @@ def _encode(encoder: Any, texts: list[str], kwargs: dict[str, Any], ctx: Context
     batch = int(kwargs.pop("batch_size", ctx.config.batch_size))
     out = []
     # Encode in slices so a cancel takes effect within one slice.
-    step = max(batch * 8, 256)
+    step = max(batch * 2, 64)
     for start in range(0, len(texts), step):
         ctx.check()
         try:

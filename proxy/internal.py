@@ -48,6 +48,7 @@ class Port(Protocol):
     session_id: int
     tx_status: str
     database: str
+    standard_strings: bool
 
     async def query(self, sql: str, copy_data: bytes | None = None) -> Result:
         """Run one simple Query (with COPY FROM STDIN data if given); raises UpstreamError."""

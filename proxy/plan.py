@@ -115,7 +115,7 @@ async def rewrite(analysis: Analysis, engine: Engine, port: Port, *, dependent_o
         if raw.stmt is not None:
             _keep_column_names(raw.stmt, replacements)
     Replacer(replacements)(stmts)
-    return "; ".join(deparse(raw) for raw in stmts)
+    return deparse_all(stmts)
 
 
 def _fold(candidates: list[Signature], slots: list[Any]) -> tuple[Signature, tuple[Any, ...]] | None:
@@ -365,3 +365,8 @@ def _keep_column_names(root: ast.Node, replacements: dict[int, ast.Node]) -> Non
 
     if isinstance(root, ast.SelectStmt | ast.UpdateStmt | ast.DeleteStmt | ast.InsertStmt):
         Names()(root)
+
+
+def deparse_all(stmts: tuple[ast.RawStmt, ...]) -> str:
+    """Statements joined the way a rewritten Query carries them."""
+    return "; ".join(deparse(raw) for raw in stmts)

@@ -18,7 +18,7 @@ from pglast import ast
 
 from engine.api import Engine, EngineError
 from proxy import plan, protocol, schema
-from proxy.errors import ProxyError, error_fields
+from proxy.errors import FeatureNotSupported, ProxyError, error_fields
 from proxy.internal import Port
 from proxy.protocol import Parse, Query
 
@@ -75,6 +75,11 @@ class Rewriter:
         analysis = plan.analyze(message.sql)
         if analysis is None:
             return FORWARD
+        if not port.standard_strings:
+            raise FeatureNotSupported(
+                "pgml-proxy rewrites statements only with standard_conforming_strings = on",
+                hint="SET standard_conforming_strings = on (the default since PostgreSQL 9.1).",
+            )
         await self._ensure_schema(port)
         sql = await plan.rewrite(analysis, self.engine, port, dependent_ok=not isinstance(message, Parse))
         if isinstance(message, Parse):

@@ -73,6 +73,7 @@ class Session:
         self.client_tls = False
         self.admitted = False
         self.database = ""
+        self.standard_strings = True  # standard_conforming_strings, from the server's ParameterStatus
         self._authenticated = False
         self._client_reader = pq.FrameReader(self.config.proxy.max_message_bytes, pq.FRONTEND_TYPES)
         self._upstream_reader = pq.FrameReader(UPSTREAM_MAX_MESSAGE)
@@ -393,9 +394,19 @@ class Session:
                 self._unanswered[kind] -= count
         if last_z >= 0:
             self._ready(last_z, kinds.count(_Z))
-        if _E in kinds and any(f.raw[5:11] == b"SFATAL" for f in pq.split_frames(chunk) if f.type == _E):
-            self._upstream_fatal = True
+        if _E in kinds or _S in kinds:
+            for frame in pq.split_frames(chunk):
+                if frame.type == _E and frame.raw[5:11] == b"SFATAL":
+                    self._upstream_fatal = True
+                elif frame.type == _S:
+                    self._parameter_status(frame)
         self.client.write(chunk)
+
+    def _parameter_status(self, frame: pq.Frame) -> None:
+        name, _, rest = frame.raw[5:].partition(b"\0")
+        if name == b"standard_conforming_strings":
+            # Literals the rewriter deparses assume backslashes are ordinary characters.
+            self.standard_strings = rest.rstrip(b"\0") == b"on"
 
     def _ready(self, status: int, count: int = 1) -> None:
         """ReadyForQuery: the batch is over; nothing else is owed for it."""
@@ -412,6 +423,8 @@ class Session:
         out: list[bytes] = []
         for frame in frames:
             kind = frame.type
+            if kind == _S:
+                self._parameter_status(frame)
             if self._exchange is not None:
                 self.upstream.writelines(self._exchange.feed(frame))
                 if kind == _Z:
@@ -449,6 +462,8 @@ class Session:
                 key = pq.decode_backend_key(frame)
                 self.backend_key = (key.pid, key.key)
                 self.server.remember(self)
+            elif frame.type == _S:
+                self._parameter_status(frame)
             elif frame.type == _Z:
                 self._authenticated = True
             out.append(frame)

