@@ -115,6 +115,9 @@ def pgml_proxy(dsn: str, work: Path, models: Path) -> Iterator[tuple[str, Path]]
     try:
         wait_port(port, proc, "pgml-proxy", log)
         yield dsn_on_port(dsn, port), log
+    except Exception:
+        print(f"proxy log (last 4000 characters):\n{log.read_text()[-4000:]}", file=sys.stderr)
+        raise
     finally:
         proc.terminate()
         try:
@@ -317,6 +320,7 @@ def main() -> None:
 
         with psycopg.connect(proxy, autocommit=True) as conn:
             load_s, _ = timed(lambda: conn.execute(f"SELECT pgml.embed('{MODEL}', 'warm up')").fetchall())
+            conn.execute(f"{EMBED_ALL} WHERE id <= 256").fetchall()  # the per-row path, at batch shapes
         print(f"proxy warm-up (model load): {load_s:.2f} s; torch threads here: {torch_threads()}")
 
         print(f"\n(a) throughput, {args.rows} rows, {args.rounds} alternated rounds")

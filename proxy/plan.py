@@ -118,6 +118,16 @@ async def rewrite(analysis: Analysis, engine: Engine, port: Port, *, dependent_o
     return deparse_all(stmts)
 
 
+def constant_only(analysis: Analysis) -> bool:
+    """True when every call's arguments are constants (no columns, no $n)."""
+    for sites in analysis.sites:
+        for site in sites:
+            candidates, slots = bind(site)
+            if _fold(candidates, slots) is None:
+                return False
+    return True
+
+
 def _fold(candidates: list[Signature], slots: list[Any]) -> tuple[Signature, tuple[Any, ...]] | None:
     """The first overload under which every argument is a constant, with the values."""
     for sig in candidates:

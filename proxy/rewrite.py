@@ -11,13 +11,15 @@ decides, talking to the upstream through :class:`proxy.internal.Port`.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from pglast import ast
 
 from engine.api import Engine, EngineError
-from proxy import plan, protocol, schema
+from proxy import extended, literals, plan, protocol, schema
 from proxy.errors import FeatureNotSupported, ProxyError, error_fields
 from proxy.internal import Port
 from proxy.protocol import Parse, Query
@@ -58,7 +60,27 @@ class Fail:
     error: ProxyError | EngineError
 
 
-Decision = Forward | Rewritten | Respond | Fail
+@dataclass(frozen=True, slots=True)
+class DeferToBind:
+    """Forward the Parse as is (stubs describe it); rewrite at each Bind, when ``$n`` values are known."""
+
+    param_types: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Rebound:
+    """In place of a Bind: Parse a private rewritten statement, Bind the portal to it, Close it."""
+
+    parse: bytes
+    bind: bytes
+    close: bytes
+
+
+class BatchFailed(Exception):
+    """The extended-protocol batch already failed upstream; the server skips messages until Sync."""
+
+
+Decision = Forward | Rewritten | Respond | Fail | DeferToBind | Rebound
 FORWARD = Forward()
 
 
@@ -81,10 +103,69 @@ class Rewriter:
                 hint="SET standard_conforming_strings = on (the default since PostgreSQL 9.1).",
             )
         await self._ensure_schema(port)
-        sql = await plan.rewrite(analysis, self.engine, port, dependent_ok=not isinstance(message, Parse))
         if isinstance(message, Parse):
+            if not plan.constant_only(analysis):
+                return DeferToBind(await self._param_types(message, analysis, port))
+            sql = await plan.rewrite(analysis, self.engine, port, dependent_ok=False)
             return Rewritten(protocol.encode_parse(Parse(message.name, sql, message.param_types)))
+        sql = await plan.rewrite(analysis, self.engine, port, dependent_ok=True)
         return Rewritten(protocol.encode_query(Query(sql)))
+
+    async def _param_types(self, message: Parse, analysis: plan.Analysis, port: Port) -> tuple[int, ...]:
+        """Parameter type OIDs: declared in the Parse, else inferred by the server (PREPARE, read back)."""
+        count = max(extended.referenced_params([raw.stmt for raw in analysis.stmts if raw.stmt is not None]) | {0})
+        declared = list(message.param_types) + [0] * (count - len(message.param_types))
+        if all(declared):
+            return tuple(declared)
+        name = f"pgml_proxy_probe_{port.session_id}"
+        stmt = analysis.stmts[0].stmt
+        # Undeclared (0) or unfamiliar types stay "unknown" for the server to infer; declared ones win below.
+        types = tuple(
+            literals.type_name(extended.PARAM_TYPES.get(oid, "unknown") if oid else "unknown") for oid in declared
+        )
+        prepare = plan.deparse(ast.PrepareStmt(name=name, argtypes=types or None, query=stmt))
+        result = await port.query(
+            f"{prepare}; SELECT parameter_types::oid[]::text FROM pg_prepared_statements WHERE name = '{name}';"
+            f" DEALLOCATE {name}"
+        )
+        inferred = literals.from_text(result.rows[0][0], "bigint[]") if result.rows else []
+        return tuple(d or int(i or 0) for d, i in zip(declared, inferred + [0] * count, strict=False))
+
+    async def decide_bind(
+        self, bind: extended.Bind, sql: str, types: tuple[int, ...], port: Port, private_id: int
+    ) -> Decision:
+        """Rewrite a deferred statement with this Bind's values into a private statement."""
+        assert self.engine is not None
+        if port.tx_status == "E":
+            return FORWARD
+        analysis = plan.analyze(sql)
+        assert analysis is not None
+        oids = list(types) + [0] * (len(bind.params) - len(types))
+        values: dict[int, tuple[Any, int]] = {}
+        problems: dict[int, Exception] = {}
+        for i, data in enumerate(bind.params):
+            try:
+                values[i + 1] = (extended.param_value(data, bind.format_of(i) == 1, oids[i]), oids[i])
+            except ProxyError as exc:
+                problems[i + 1] = exc
+        calls = [site.call for sites in analysis.sites for site in sites]
+        for number in extended.referenced_params(calls):
+            if number in problems:
+                raise problems[number]
+        extended.substitute_params(calls, values)
+        if not plan.constant_only(analysis):  # the gather query runs as plain SQL: no $n may remain
+            roots = [raw.stmt for raw in analysis.stmts if raw.stmt is not None]
+            for number in extended.referenced_params(roots):
+                if number in problems:
+                    raise problems[number]
+            extended.substitute_params(roots, values)
+        new_sql = await plan.rewrite(analysis, self.engine, port, dependent_ok=True)
+        private = f"pgml_proxy_stmt_{port.session_id}_{private_id}"
+        return Rebound(
+            parse=protocol.encode_parse(Parse(private, new_sql, tuple(oids))),
+            bind=extended.encode_bind(dataclasses.replace(bind, statement=private)),
+            close=protocol.encode(b"C", b"S" + private.encode() + b"\0"),
+        )
 
     async def _ensure_schema(self, port: Port) -> None:
         key = f"{port.database}"

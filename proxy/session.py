@@ -12,13 +12,15 @@ decodes only Query/Parse (client) and R/K/Z/E (upstream).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections import deque
 from typing import TYPE_CHECKING
 
 from engine.api import EngineError
+from proxy import extended, rewrite
 from proxy import protocol as pq
-from proxy import rewrite
+from proxy.accounting import ONE, THREE, TWO, Responses
 from proxy.errors import (
     AdminShutdown,
     ConnectionFailure,
@@ -27,6 +29,7 @@ from proxy.errors import (
     InvalidAuthorization,
     ProtocolViolation,
     ProxyError,
+    error_class,
     to_error_response,
 )
 from proxy.internal import Exchange, Result, UpstreamError
@@ -48,7 +51,7 @@ _Q, _P, _X, _S = ord("Q"), ord("P"), ord("X"), ord("S")
 _Z, _R, _K, _E = ord("Z"), ord("R"), ord("K"), ord("E")
 _p = ord("p")
 _B = ord("B")
-_ONE, _TWO = ord("1"), ord("2")
+_C = ord("C")
 _SCRAM_PLUS = "SCRAM-SHA-256-PLUS"
 # SCRAM's downgrade protection: a TLS client that saw no -PLUS offer says so ("y"),
 # and a TLS server that does support binding then refuses. The binding data would
@@ -92,12 +95,11 @@ class Session:
         self.session_id = server.next_session_id()
         self._exchange: Exchange | None = None
         self._exchange_done = asyncio.Event()
-        # Responses to hide from the client: the n-th ParseComplete/BindComplete of this
-        # connection answering a Parse/Bind the proxy injected. Counting the Parse and
-        # Bind messages still unanswered (reset at each ReadyForQuery) tells which.
-        self._unanswered = {_ONE: 0, _TWO: 0}
-        self._answered = {_ONE: 0, _TWO: 0}
-        self._drops: set[tuple[int, int]] = set()
+        self._responses = Responses()
+        self._last_sent: int = _S  # type byte of the last client message forwarded
+        # Statements whose pgml calls depend on $n: name -> (SQL, parameter types), rewritten at each Bind.
+        self.deferred: dict[str, tuple[str, tuple[int, ...]]] = {}
+        self._private_ids = itertools.count(1)
 
     # ------------------------------------------------------------------ #
     # Lifecycle
@@ -218,15 +220,19 @@ class Session:
             return
         if self._busy:
             self._pending.extend(pq.split_frames(chunk))
-        elif not self._authenticated or ((_Q in kinds or _P in kinds) and rewrite.might_use_pgml(chunk)):
+        elif (
+            not self._authenticated
+            or ((_Q in kinds or _P in kinds) and rewrite.might_use_pgml(chunk))
+            or (self.deferred and (_B in kinds or _P in kinds or _C in kinds))
+        ):
             self._relay_client(pq.split_frames(chunk))
         else:  # hot path: nothing to look at, forward the bytes as they came
             owed = kinds.count(_Q) + kinds.count(_S)
             if owed:
                 self._owed += owed
                 self._idle.clear()
-            self._unanswered[_ONE] += kinds.count(_P)
-            self._unanswered[_TWO] += kinds.count(_B)
+            self._responses.sent(kinds)
+            self._last_sent = kinds[-1]
             if _X in kinds:
                 self._terminating = True
             assert self.upstream is not None
@@ -245,20 +251,30 @@ class Session:
                 self._owe()
             elif kind == _S:
                 self._owe()
-            elif kind == _P:
-                if self._authenticated and rewrite.might_use_pgml(frame.raw):
-                    self._defer(out, frames[i:])
-                    return
-                self._unanswered[_ONE] += 1
-            elif kind == _B:
-                self._unanswered[_TWO] += 1
+            elif kind in (_P, _B) and self._needs_decision(frame):
+                self._defer(out, frames[i:])
+                return
+            elif kind == _P and self.deferred:
+                self.deferred.pop(pq.decode_parse(frame).name, None)  # the name now means another statement
+            elif kind == _C and self.deferred and frame.raw[5:6] == b"S":
+                self.deferred.pop(frame.raw[6:-1].decode(errors="replace"), None)
             elif kind == _X:
                 self._terminating = True
             elif kind == _p and self._bound_upstream and pq.sasl_initial_gs2_flag(frame) == "y":
                 self._fatal(_CHANNEL_BINDING_ERROR)
                 return
             out.append(frame.raw)
+            self._responses.sent(bytes((kind,)))
+            self._last_sent = kind
         self.upstream.writelines(out)
+
+    def _needs_decision(self, frame: pq.Frame) -> bool:
+        """A Query/Parse mentioning pgml, or a Bind of a statement whose pgml calls wait for its values."""
+        if not self._authenticated:
+            return False
+        if frame.type in (_Q, _P):
+            return rewrite.might_use_pgml(frame.raw)
+        return frame.type == _B and bool(self.deferred) and extended.decode_bind(frame).statement in self.deferred
 
     def _owe(self) -> None:
         self._owed += 1
@@ -278,7 +294,7 @@ class Session:
         try:
             while self._pending:
                 frame = self._pending.popleft()
-                if frame.type in (_Q, _P) and rewrite.might_use_pgml(frame.raw):
+                if self._needs_decision(frame):
                     await self._decide(frame)
                 else:
                     self._relay_client([frame])
@@ -293,26 +309,52 @@ class Session:
             self.client.resume_reading()
 
     async def _decide(self, frame: pq.Frame) -> None:
-        assert self.upstream is not None
-        message = pq.decode_query(frame) if frame.type == _Q else pq.decode_parse(frame)
+        decision: rewrite.Decision
         try:
-            decision = await self.server.rewriter.decide(message, self)
+            decision = await self._decision(frame)
         except UpstreamError as exc:  # our own query on the client's session failed: that is the answer
-            decision = rewrite.Respond(
-                pq.encode_error(pq.ErrorResponse(exc.fields)) + pq.encode_ready(pq.ReadyForQuery(exc.status))
-            )
-        except ProxyError as exc:
+            if frame.type == _Q:
+                decision = rewrite.Respond(
+                    pq.encode_error(pq.ErrorResponse(exc.fields)) + pq.encode_ready(pq.ReadyForQuery(exc.status))
+                )
+            else:
+                decision = rewrite.Fail(_relayed(exc))
+        except rewrite.BatchFailed:
+            decision = rewrite.FORWARD  # the server skips this message anyway, until the client's Sync
+        except (ProxyError, EngineError) as exc:
             decision = rewrite.Fail(exc)
-        except EngineError as exc:
-            decision = rewrite.Fail(exc)
+        self._apply(frame, decision)
+
+    async def _decision(self, frame: pq.Frame) -> rewrite.Decision:
+        rewriter = self.server.rewriter
+        if frame.type == _B:
+            bind = extended.decode_bind(frame)
+            sql, types = self.deferred[bind.statement]
+            return await rewriter.decide_bind(bind, sql, types, self, next(self._private_ids))
+        message = pq.decode_query(frame) if frame.type == _Q else pq.decode_parse(frame)
+        decision = await rewriter.decide(message, self)
+        if isinstance(message, pq.Parse):
+            if isinstance(decision, rewrite.DeferToBind):
+                self.deferred[message.name] = (message.sql, decision.param_types)
+            else:
+                self.deferred.pop(message.name, None)
+        return decision
+
+    def _apply(self, frame: pq.Frame, decision: rewrite.Decision) -> None:
+        assert self.upstream is not None
         match decision:
-            case rewrite.Forward():
+            case rewrite.Forward() | rewrite.DeferToBind():
                 self._forward(frame.type, frame.raw)
             case rewrite.Rewritten(frames=raw):
                 self._forward(frame.type, raw)
             case rewrite.Respond(frames=raw):
-                await self._idle.wait()
-                self.client.write(raw)
+                self.client.write(raw)  # only after the upstream owed nothing (internal query or schema)
+            case rewrite.Rebound(parse=parse, bind=bind, close=close):
+                self._responses.inject(ONE)
+                self._responses.sent(b"B")
+                self._responses.inject(THREE)
+                self._last_sent = _B
+                self.upstream.writelines([parse, bind, close])
             case rewrite.Fail(error=error):
                 # The server raises the error itself, so its transaction state matches the client's.
                 if frame.type == _Q:
@@ -324,21 +366,21 @@ class Session:
         assert self.upstream is not None
         if kind == _Q:
             self._owe()
-        else:
-            self._unanswered[_ONE] += 1
+        self._responses.sent(bytes((kind,)))
+        self._last_sent = kind
         self.upstream.write(raw)
 
     def _inject_failure(self, error: BaseException) -> None:
-        """In place of a failed Parse: run a statement that raises ``error`` on the server.
+        """In place of a failed Parse or Bind: run a statement that raises ``error`` on the server.
 
         The server answers ParseComplete and BindComplete (hidden from the client),
-        then the ErrorResponse, and skips the client's messages until Sync — exactly
-        what a failing Parse does. It uses the unnamed statement and portal.
+        then the ErrorResponse, and skips the client's messages until Sync — what a
+        failing Parse or Bind does. It uses the unnamed statement and portal.
         """
         assert self.upstream is not None
-        for kind in (_ONE, _TWO):
-            self._drops.add((kind, self._answered[kind] + self._unanswered[kind]))
-            self._unanswered[kind] += 1
+        self._responses.inject(ONE)
+        self._responses.inject(TWO)
+        self._last_sent = _E
         sql = rewrite.raise_statement(error)
         self.upstream.writelines(
             [
@@ -349,18 +391,31 @@ class Session:
         )
 
     async def query(self, sql: str, copy_data: bytes | None = None) -> Result:
-        """Run one internal simple Query on this session once the upstream owes the client nothing."""
+        """Run one internal simple Query on this session once the upstream owes the client nothing.
+
+        Inside an extended-protocol batch, a barrier first makes sure every earlier
+        response has reached the client (raises BatchFailed if the batch already failed).
+        """
         assert self.upstream is not None
         await self._idle.wait()
+        prefix = ""
+        if self._last_sent not in (_S, _Q):
+            name = f"pgml_proxy_barrier_{next(self._private_ids)}"
+            waiter = self._responses.barrier()
+            self.upstream.writelines([pq.encode_parse(pq.Parse(name, "SELECT 1", ())), pq.FLUSH])
+            if not await waiter:
+                raise rewrite.BatchFailed()
+            prefix = f"DEALLOCATE {name}; "
         exchange = Exchange(copy_data)
         self._exchange = exchange
         self._exchange_done.clear()
         self._owe()
-        self.upstream.write(pq.encode_query(pq.Query(sql)))
+        self.upstream.write(pq.encode_query(pq.Query(prefix + sql)))
         try:
             await self._exchange_done.wait()
         finally:
             self._exchange = None
+        self._last_sent = _Q
         if self.upstream.is_closed and exchange.status is None:
             raise ConnectionFailure("the upstream connection closed during an internal query")
         if exchange.forward:
@@ -384,14 +439,10 @@ class Session:
             return
         if not self._authenticated:
             chunk = b"".join(f.raw for f in self._inspect_startup(pq.split_frames(chunk)))
-        if self._exchange is not None or self._drops:
+        if self._exchange is not None or self._responses.busy:
             self._route_frames(pq.split_frames(chunk))
             return
-        for kind in (_ONE, _TWO):
-            count = kinds.count(kind)
-            if count:
-                self._answered[kind] += count
-                self._unanswered[kind] -= count
+        self._responses.received(kinds)
         if last_z >= 0:
             self._ready(last_z, kinds.count(_Z))
         if _E in kinds or _S in kinds:
@@ -412,8 +463,7 @@ class Session:
         """ReadyForQuery: the batch is over; nothing else is owed for it."""
         self.tx_status = chr(status)
         self._owed = max(0, self._owed - count)
-        self._unanswered = {_ONE: 0, _TWO: 0}
-        self._drops.clear()
+        self._responses.ready()
         if self._owed == 0:
             self._idle.set()
 
@@ -431,14 +481,9 @@ class Session:
                     self._ready(frame.raw[5])
                     self._exchange_done.set()
                 continue
-            if kind in (_ONE, _TWO):
-                index = self._answered[kind]
-                self._answered[kind] += 1
-                self._unanswered[kind] -= 1
-                if (kind, index) in self._drops:
-                    self._drops.discard((kind, index))
-                    continue
-            elif kind == _Z:
+            if not self._responses.keep(kind):
+                continue
+            if kind == _Z:
                 self._ready(frame.raw[5])
             elif kind == _E and frame.raw[5:11] == b"SFATAL":
                 self._upstream_fatal = True
@@ -479,3 +524,13 @@ class Session:
 
     def _on_client_lost(self, exc: Exception | None) -> None:
         self.close()
+
+
+def _relayed(exc: UpstreamError) -> ProxyError:
+    """The server's own error from an internal query, to be raised again in the extended protocol."""
+    fields = dict(exc.fields)
+    error: ProxyError = error_class(fields.get("C", "XX000"))(
+        fields.get("M", "upstream error"), detail=fields.get("D"), hint=fields.get("H")
+    )
+    error.sqlstate = fields.get("C", "XX000")  # type: ignore[misc]
+    return error

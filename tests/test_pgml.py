@@ -317,11 +317,54 @@ async def test_asyncpg_constant_calls_and_reused_statement(proxy: ProxyProcess) 
         await conn.close()
 
 
-async def test_asyncpg_parameters_in_calls_not_yet_supported(proxy: ProxyProcess) -> None:
+async def test_asyncpg_parameters_reused_prepared_statement(proxy: ProxyProcess, docs: str) -> None:
     conn = await asyncpg.connect(proxy.dsn())
     try:
-        with pytest.raises(asyncpg.exceptions.FeatureNotSupportedError):
-            await conn.fetchval("SELECT pgml.embed($1, 'x')", MINILM)
+        stmt = await conn.prepare("SELECT pgml.embed($1, $2) AS e, $3::int AS n")
+        assert [a.name for a in stmt.get_attributes()] == ["e", "n"]
+        seen = []
+        for i in range(12):  # asyncpg reuses the named statement; each Bind is evaluated with its values
+            row = await stmt.fetchrow(MINILM, f"sentence {i % 3}", i)
+            assert row["n"] == i and len(row["e"]) == 384
+            seen.append(row["e"])
+        assert seen[0] == seen[3] and seen[0] != seen[1]
+        assert await stmt.fetchval(MINILM, None, 1) is None  # STRICT
+        rows = await conn.fetch(
+            "SELECT id, pgml.embed($1, body) AS e FROM docs WHERE id < $2 AND topic <> $3 ORDER BY id",
+            MINILM,
+            5,
+            "food",
+        )
+        assert [r["id"] for r in rows] == [1, 2, 3, 4] and all(len(r["e"]) == 384 for r in rows)
+        chunks = await conn.fetch("SELECT * FROM pgml.chunk($1, $2, $3::jsonb)", "character", "a b",
+                                  '{"chunk_size": 1, "chunk_overlap": 0, "separator": " "}')  # fmt: skip
+        assert [tuple(r) for r in chunks] == [(1, "a"), (2, "b")]
+        with pytest.raises(asyncpg.exceptions.UndefinedObjectError):
+            await conn.fetchval("SELECT pgml.embed($1, 'x')", "no-such/model")
+        with pytest.raises(asyncpg.exceptions.UndefinedObjectError):
+            async with conn.transaction():
+                await conn.execute("CREATE TEMP TABLE IF NOT EXISTS t_bind (i int)")
+                await conn.execute("INSERT INTO t_bind VALUES (1)")
+                await conn.fetchval("SELECT pgml.embed($1, 'x')", "no-such/model")
+        assert await conn.fetchval("SELECT to_regclass('pg_temp.t_bind') IS NULL") is True
         assert await conn.fetchval("SELECT 3") == 3
     finally:
         await conn.close()
+
+
+def test_psycopg_parameters_and_pipeline(proxy: ProxyProcess, docs: str) -> None:
+    with psycopg.connect(proxy.dsn()) as conn:
+        one = conn.execute("SELECT pgml.embed(%s, %s)", [MINILM, SENTENCES[0]]).fetchone()
+        assert one is not None and cosine(list(one[0]), embed_one(conn, SENTENCES[0].replace("'", "''"))) > 0.9999
+        rows = conn.execute("SELECT id, pgml.embed(%s, body) FROM docs WHERE id <= %s ORDER BY id", [MINILM, 3])
+        assert [(i, len(e)) for i, e in rows] == [(1, 384), (2, 384), (3, 384)]
+        with conn.pipeline():
+            first = conn.execute("SELECT pgml.embed(%s, %s)", [MINILM, "a"])
+            plain = conn.execute("SELECT %s::int", [7])
+            second = conn.execute("SELECT pgml.embed(%s, %s)", [MINILM, "b"], binary=True)
+        assert len(first.fetchone()[0]) == 384 and plain.fetchone() == (7,)  # type: ignore[index]
+        assert len(second.fetchone()[0]) == 384  # type: ignore[index]
+        conn.rollback()
+        with pytest.raises(psycopg.errors.UndefinedObject):
+            conn.execute("SELECT pgml.embed(%s, 'x')", ["no-such/model"])
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
