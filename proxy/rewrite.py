@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,29 +88,55 @@ FORWARD = Forward()
 class Rewriter:
     """Decides what happens to a statement that mentions ``pgml``; one per server, shared by sessions."""
 
-    def __init__(self, engine: Engine | None = None) -> None:
+    def __init__(self, engine: Engine | None = None, cache_bytes: int = 64 * 1024 * 1024) -> None:
         self.engine = engine
         self._schema_ready: set[str] = set()
+        # Statements whose calls all have constant arguments rewrite to the same SQL every time
+        # (the functions are IMMUTABLE): apps repeat statements, and parse + evaluate + deparse is
+        # milliseconds. Keyed by database and exact text, bounded by bytes, least recently used first out.
+        self._rewritten: OrderedDict[tuple[str, str], str] = OrderedDict()
+        self._cache_bytes, self._cache_limit = 0, cache_bytes
+        # Parameter types of deferred statements (a PREPARE round trip each time otherwise).
+        self._param_types_cache: OrderedDict[tuple[str, str, tuple[int, ...]], tuple[int, ...]] = OrderedDict()
 
     async def decide(self, message: Query | Parse, port: Port) -> Decision:
         if self.engine is None or port.tx_status == "E":
             return FORWARD  # an aborted transaction rejects the statement itself (25P02)
-        analysis = plan.analyze(message.sql)
-        if analysis is None:
-            return FORWARD
-        if not port.standard_strings:
+        if not port.standard_strings and might_use_pgml(message.sql.encode()):
             raise FeatureNotSupported(
                 "pgml-proxy rewrites statements only with standard_conforming_strings = on",
                 hint="SET standard_conforming_strings = on (the default since PostgreSQL 9.1).",
             )
-        await self._ensure_schema(port)
-        if isinstance(message, Parse):
+        key = (port.database, message.sql)
+        sql = self._rewritten.get(key)
+        if sql is None:
+            analysis = plan.analyze(message.sql)
+            if analysis is None:
+                return FORWARD
+            await self._ensure_schema(port)
             if not plan.constant_only(analysis):
-                return DeferToBind(await self._param_types(message, analysis, port))
+                if isinstance(message, Parse):
+                    return DeferToBind(await self._param_types(message, analysis, port))
+                return Rewritten(
+                    protocol.encode_query(Query(await plan.rewrite(analysis, self.engine, port, dependent_ok=True)))
+                )
             sql = await plan.rewrite(analysis, self.engine, port, dependent_ok=False)
+            self._remember(key, sql)
+        else:
+            self._rewritten.move_to_end(key)
+        if isinstance(message, Parse):
             return Rewritten(protocol.encode_parse(Parse(message.name, sql, message.param_types)))
-        sql = await plan.rewrite(analysis, self.engine, port, dependent_ok=True)
         return Rewritten(protocol.encode_query(Query(sql)))
+
+    def _remember(self, key: tuple[str, str], sql: str) -> None:
+        size = len(sql) + len(key[1])
+        if size > self._cache_limit // 4:
+            return
+        self._rewritten[key] = sql
+        self._cache_bytes += size
+        while self._cache_bytes > self._cache_limit:
+            (_, old_text), old_sql = self._rewritten.popitem(last=False)
+            self._cache_bytes -= len(old_sql) + len(old_text)
 
     async def _param_types(self, message: Parse, analysis: plan.Analysis, port: Port) -> tuple[int, ...]:
         """Parameter type OIDs: declared in the Parse, else inferred by the server (PREPARE, read back)."""
@@ -117,6 +144,10 @@ class Rewriter:
         declared = list(message.param_types) + [0] * (count - len(message.param_types))
         if all(declared):
             return tuple(declared)
+        key = (port.database, message.sql, tuple(declared))
+        if key in self._param_types_cache:
+            self._param_types_cache.move_to_end(key)
+            return self._param_types_cache[key]
         name = f"pgml_proxy_probe_{port.session_id}"
         stmt = analysis.stmts[0].stmt
         # Undeclared (0) or unfamiliar types stay "unknown" for the server to infer; declared ones win below.
@@ -129,7 +160,11 @@ class Rewriter:
             f" DEALLOCATE {name}"
         )
         inferred = literals.from_text(result.rows[0][0], "bigint[]") if result.rows else []
-        return tuple(d or int(i or 0) for d, i in zip(declared, inferred + [0] * count, strict=False))
+        oids = tuple(d or int(i or 0) for d, i in zip(declared, inferred + [0] * count, strict=False))
+        self._param_types_cache[key] = oids
+        if len(self._param_types_cache) > 1024:
+            self._param_types_cache.popitem(last=False)
+        return oids
 
     async def decide_bind(
         self, bind: extended.Bind, sql: str, types: tuple[int, ...], port: Port, private_id: int

@@ -176,3 +176,18 @@ def test_raise_statement_carries_code_and_hex_text() -> None:
     assert "it's" not in sql and "$$ evil" not in sql.replace("$$BEGIN", "").replace("END$$", "")
     assert (b"it's $$ evil\\").hex() in sql
     assert parse_sql(sql)  # valid SQL
+
+
+async def test_constant_rewrites_are_cached() -> None:
+    from proxy.protocol import Query
+    from proxy.rewrite import Rewriter, Rewritten
+
+    engine = FakeEngine()
+    rewriter = Rewriter(engine)
+    rewriter._schema_ready.add("db")  # the schema check needs an upstream; this port has none
+    first = await rewriter.decide(Query("SELECT pgml.embed('m', 'abc')"), NoUpstream())
+    second = await rewriter.decide(Query("SELECT pgml.embed('m', 'abc')"), NoUpstream())
+    assert isinstance(first, Rewritten) and first == second
+    assert len(engine.calls) == 1
+    await rewriter.decide(Query("SELECT pgml.embed('m', 'abcd')"), NoUpstream())
+    assert len(engine.calls) == 2
