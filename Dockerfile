@@ -5,13 +5,15 @@ FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PGML_PROXY_LISTEN=0.0.0.0:6432
+    PGML_PROXY_LISTEN=0.0.0.0:6432 \
+    PGML_PROXY_SQL_DIR=/app/sql
 
 WORKDIR /app
 COPY pyproject.toml README.md config.toml ./
 COPY requirements ./requirements
 COPY proxy ./proxy
 COPY engine ./engine
+COPY sql ./sql
 
 # CPU-only torch comes first from PyTorch's CPU index, so nothing pulls a CUDA build;
 # everything else is pinned by the same constraints file the Makefile uses.

@@ -16,6 +16,8 @@ from psycopg import sql
 
 from tests.conftest import MINILM, Postgres, ProxyProcess
 
+pytestmark = pytest.mark.pg_matrix
+
 SENTENCES = [
     "The cat sat on the mat.",
     "A kitten is resting on a rug.",
