@@ -25,6 +25,8 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 ENV_PREFIX = "PGML_PROXY_"
 # Short env names kept for the most common settings.
+# PGML_PROXY_* variables that are not config keys: the config file path, where sql/ is.
+NOT_SETTINGS = frozenset({"CONFIG", "SQL_DIR"})
 ENV_ALIASES = {"LISTEN": ("proxy", "listen"), "UPSTREAM": ("upstream", "dsn")}
 
 
@@ -139,7 +141,7 @@ def _merge_file(raw: dict[str, dict[str, Any]], path: Path) -> None:
 
 def _merge_env(raw: dict[str, dict[str, Any]], env: Mapping[str, str]) -> None:
     for name, value in env.items():
-        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+        if not name.startswith(ENV_PREFIX) or name[len(ENV_PREFIX) :] in NOT_SETTINGS:
             continue
         rest = name[len(ENV_PREFIX) :]
         target = ENV_ALIASES.get(rest) or _split_env_name(rest)
