@@ -23,6 +23,7 @@ server instead of a throwaway PG 18 (the table lives in a ``pgml_bench`` schema,
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
 import statistics
@@ -167,7 +168,7 @@ def docs_table(dsn: str, texts: list[str]) -> Iterator[None]:
 def percentile(values: list[float], pct: float) -> float:
     """Nearest-rank percentile (pct in 0..100)."""
     ordered = sorted(values)
-    index = max(0, min(len(ordered) - 1, round(pct / 100 * len(ordered) + 0.5) - 1))
+    index = max(0, min(len(ordered) - 1, math.ceil(pct / 100 * len(ordered)) - 1))
     return ordered[index]
 
 

@@ -58,7 +58,8 @@ class LocalEngine:
         ctx = text.Context(self.config, self.cache, flag)
         future = asyncio.get_running_loop().run_in_executor(self._pool, self._run, handler, list(call.rows), ctx)
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self.config.call_timeout)
+            async with asyncio.timeout(self.config.call_timeout):  # cheaper than wait_for: no extra task
+                return await future
         except TimeoutError:
             flag.set()
             raise Canceled(

@@ -100,6 +100,8 @@ class ModelCache:
 
     def __init__(self, limit_bytes: int) -> None:
         self._limit = limit_bytes
+        # Names already resolved to a path (hits only: a model added later is still found).
+        self.resolved: dict[str, str] = {}
         self._models: OrderedDict[str, tuple[Any, int]] = OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}

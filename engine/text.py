@@ -73,13 +73,17 @@ def _load_encoder(name: str, init: dict[str, Any], ctx: Context) -> Any:
         raise InvalidArgument(
             "trust_remote_code is not allowed", hint="Set [engine] trust_remote_code = true to allow models with code."
         )
-    path = resolve(name, ctx.config)
+    path = ctx.cache.resolved.get(name) or resolve(name, ctx.config)
+    ctx.cache.resolved[name] = path
     init = {"device": pick_device(ctx.config.device), **init}
     if "instructor" in name:
         init.setdefault("trust_remote_code", False)
 
     def load() -> Any:
         from sentence_transformers import SentenceTransformer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # no progress bars in the proxy's log
 
         try:
             return SentenceTransformer(path, **init)

@@ -13,6 +13,7 @@ built only from catalogue names and generated identifiers.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections import defaultdict
 from collections.abc import Mapping
@@ -242,10 +243,13 @@ async def _dependent_replacement(
     keys = [KEY_TYPES.get(oid, t or "text") for (_, oid), t in zip(result.columns, types, strict=True)]
     columns = ", ".join(f"k{i} {t}" for i, t in enumerate(keys))
     on_commit = " ON COMMIT DROP" if port.tx_status == "T" else ""
-    copy = _copy_text(texts, results, sig, value_type)
+    # Formatting thousands of vectors is CPU work: off the event loop, so other sessions are not stalled.
+    copy = await asyncio.to_thread(_copy_text, texts, results, sig, value_type)
     await port.query(
         f"CREATE TEMP TABLE {name} ({columns}, v {value_type}){on_commit}; "
-        f"CREATE INDEX ON {name} USING hash (k{len(keys) - 1}); COPY {name} FROM STDIN; ANALYZE {name}",
+        f"CREATE INDEX ON {name} USING hash (k{len(keys) - 1}); COPY {name} FROM STDIN; "
+        # Statistics of the keys are all the lookup needs; analysing the vectors would cost ~1 s per 10k rows.
+        f"ANALYZE {name} ({', '.join(f'k{i}' for i in range(len(keys)))})",
         copy_data=copy,
     )
     conditions = " AND ".join(f"k{i} = ${i + 1}" for i in range(len(keys)))
