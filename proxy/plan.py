@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import struct
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -238,28 +239,57 @@ async def _dependent_replacement(
         tuples.append(tuple(values))
         texts.append(row)
     results = await engine.evaluate(Call(sig, tuples, session=port.session_id)) if tuples else []
-    name = f"pgml_proxy_{port.session_id}_{next(_temp_ids)}"
-    value_type = _value_type(sig, site)
     keys = [KEY_TYPES.get(oid, t or "text") for (_, oid), t in zip(result.columns, types, strict=True)]
-    columns = ", ".join(f"k{i} {t}" for i, t in enumerate(keys))
-    on_commit = " ON COMMIT DROP" if port.tx_status == "T" else ""
-    # Formatting thousands of vectors is CPU work: off the event loop, so other sessions are not stalled.
-    copy = await asyncio.to_thread(_copy_text, texts, results, sig, value_type)
-    await port.query(
-        f"CREATE TEMP TABLE {name} ({columns}, v {value_type}){on_commit}; "
-        f"CREATE INDEX ON {name} USING hash (k{len(keys) - 1}); COPY {name} FROM STDIN; "
-        # Statistics of the keys are all the lookup needs; analysing the vectors would cost ~1 s per 10k rows.
-        f"ANALYZE {name} ({', '.join(f'k{i}' for i in range(len(keys)))})",
-        copy_data=copy,
-    )
+    name = await _load(port, sig, keys, texts, results)
     conditions = " AND ".join(f"k{i} = ${i + 1}" for i in range(len(keys)))
     lookup = f"(SELECT v FROM pg_temp.{name} WHERE {conditions})"
     args = {i + 1: slots[g] for i, g in enumerate(given)}
     if not sig.returns_set:
         return {id(site.call): _fill(f"SELECT CAST({lookup} AS {sig.returns})", args)}
+    if site.range_function is not None:
+        return {id(site.range_function): _lateral(site, sig, lookup, args)}
     if len(sig.columns) == 1:
         return {id(site.call): _fill(f"SELECT CAST(unnest({lookup}) AS {sig.columns[0][1]})", args)}
     return {id(site.call): _fill(f"SELECT unnest({lookup})", args)}
+
+
+async def _load(
+    port: Port, sig: Signature, keys: list[str], texts: list[tuple[str | None, ...]], results: list[Any]
+) -> str:
+    """A session temp table of (argument keys -> result), filled by COPY; returns its name."""
+    name = f"pgml_proxy_{port.session_id}_{next(_temp_ids)}"
+    value_type = _value_type(sig)
+    columns = ", ".join(f"k{i} {t}" for i, t in enumerate(keys))
+    on_commit = " ON COMMIT DROP" if port.tx_status == "T" else ""
+    # Formatting thousands of vectors is CPU work: off the event loop, so other sessions are not stalled.
+    binary = value_type == "real[]" and all(k in TEXT_KEYS for k in keys)
+    copy = await asyncio.to_thread(_copy_binary if binary else _copy_text, texts, results, sig)
+    options = " WITH (FORMAT binary)" if binary else ""
+    await port.query(
+        f"CREATE TEMP TABLE {name} ({columns}, v {value_type}){on_commit}; "
+        f"CREATE INDEX ON {name} USING hash (k{len(keys) - 1}); COPY {name} FROM STDIN{options}; "
+        # Statistics of the keys are all the lookup needs; analysing the vectors would cost ~1 s per 10k rows.
+        f"ANALYZE {name} ({', '.join(f'k{i}' for i in range(len(keys)))})",
+        copy_data=copy,
+    )
+    return name
+
+
+def _lateral(site: Site, sig: Signature, lookup: str, args: dict[int, ast.Node]) -> ast.Node:
+    """``FROM …, pgml.f(…, t.col) AS a`` -> ``LATERAL (SELECT … FROM unnest(<lookup>) …) AS a``."""
+    rf = site.range_function
+    assert rf is not None
+    if len(sig.columns) == 1:
+        column, sql_type = sig.columns[0]
+        select = f"SELECT CAST(u.e AS {sql_type}) AS {column} FROM unnest({lookup}) WITH ORDINALITY AS u(e, ord)"
+    else:
+        names = [n for n, _ in sig.columns]
+        select = (
+            f"SELECT {', '.join(f'u.{n}' for n in names)} FROM unnest({lookup})"
+            f" WITH ORDINALITY AS u({', '.join(names)}, ord)"
+        )
+    subquery = _fill(f"{select} ORDER BY u.ord", args, whole=True)
+    return ast.RangeSubselect(lateral=True, subquery=subquery, alias=rf.alias or ast.Alias(aliasname=sig.function))
 
 
 def _fold_strict(sig: Signature, slots: list[Any], skip: set[int] | None = None) -> list[Any]:
@@ -276,13 +306,13 @@ def _fold_strict(sig: Signature, slots: list[Any], skip: set[int] | None = None)
     return values
 
 
-def _value_type(sig: Signature, site: Site) -> str:
+def _value_type(sig: Signature) -> str:
     if not sig.returns_set:
         return sig.returns
     return "text[]" if len(sig.columns) == 1 else f"pgml.{sig.function}_result[]"
 
 
-def _copy_text(rows: list[tuple[str | None, ...]], results: list[Any], sig: Signature, value_type: str) -> bytes:
+def _copy_text(rows: list[tuple[str | None, ...]], results: list[Any], sig: Signature) -> bytes:
     """COPY text format: tab-separated, backslash escapes, \\N for NULL."""
     lines = []
     for keys, result in zip(rows, results, strict=True):
@@ -295,6 +325,35 @@ def _copy_text(rows: list[tuple[str | None, ...]], results: list[Any], sig: Sign
             value = _array_text(sig, out)
         lines.append("\t".join(_copy_field(v) for v in (*keys, value)))
     return ("\n".join(lines) + "\n").encode() if lines else b""
+
+
+TEXT_KEYS = frozenset({"text", "varchar", "bpchar", "name"})
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\0" + struct.pack("!ii", 0, 0)
+_REAL_OID = 700
+
+
+def _copy_binary(rows: list[tuple[str | None, ...]], results: list[Any], sig: Signature) -> bytes:
+    """COPY binary format for text keys and real[] values: the vectors are packed by numpy, not printed."""
+    import numpy as np
+
+    ncols = struct.pack("!h", len(rows[0]) + 1) if rows else b""
+    parts = [_COPY_HEADER]
+    for keys, vector in zip(rows, results, strict=True):
+        parts.append(ncols)
+        for key in keys:
+            data = (key or "").encode()
+            parts.append(struct.pack("!i", len(data)) + data)
+        if vector is None:
+            parts.append(b"\xff\xff\xff\xff")
+            continue
+        values = np.asarray(vector, dtype=np.float32)
+        pairs = np.empty(len(values), dtype=[("size", ">i4"), ("value", ">f4")])
+        pairs["size"], pairs["value"] = 4, values
+        # array header: 1 dimension, no NULLs, element type float4, length, lower bound 1
+        body = struct.pack("!iiIii", 1, 0, _REAL_OID, len(values), 1) + pairs.tobytes()
+        parts.append(struct.pack("!i", len(body)) + body)
+    parts.append(b"\xff\xff")  # trailer
+    return b"".join(parts)
 
 
 def _copy_field(value: str | None) -> str:
@@ -322,11 +381,57 @@ def _accepts(param: str, given: str | None) -> bool:
     return (param == "bigint" and given in ("bigint",)) or (param == "real[]" and given == "double precision[]")
 
 
+def _gather_lateral(site: Site, targets: tuple[ast.ResTarget, ...]) -> ast.SelectStmt:
+    """A set-returning call in FROM whose arguments come from the other FROM items (implicitly LATERAL)."""
+    stmt, rf = site.stmt, site.range_function
+    items = getattr(stmt, "fromClause", None) or ()
+    if not isinstance(stmt, ast.SelectStmt) or not any(item is rf for item in items):
+        raise FeatureNotSupported(
+            f"pgml.{site.function}() with column arguments in FROM must be a plain item of the FROM list",
+            hint="Write FROM t, pgml.f(…, t.col) AS x, or call it in the SELECT list.",
+        )
+    if rf is not None and (len(rf.functions or ()) != 1 or rf.ordinality):
+        raise FeatureNotSupported(f"pgml.{site.function}() in ROWS FROM or WITH ORDINALITY")
+    others = tuple(item for item in items if item is not rf)
+    if not others:
+        raise FeatureNotSupported(f"pgml.{site.function}() in FROM refers to columns of no other FROM item")
+    with_clause = ast.WithClause(ctes=tuple(site.ctes), recursive=False) if site.ctes else None
+    # The WHERE clause narrows the rows unless it refers to the call's own output (then: all rows, a superset).
+    where = stmt.whereClause if not _mentions_output(stmt.whereClause, site) else None
+    return ast.SelectStmt(
+        distinctClause=(None,), targetList=targets, fromClause=others, whereClause=where, withClause=with_clause
+    )
+
+
+def _mentions_output(node: ast.Node | None, site: Site) -> bool:
+    """Whether ``node`` may refer to the columns of the FROM-item call of ``site``."""
+    if node is None:
+        return False
+    rf = site.range_function
+    alias = rf.alias.aliasname if rf is not None and rf.alias is not None else site.function
+    columns = {name for name, _ in _output_columns(site)}
+    found = False
+
+    class Refs(visitors.Visitor):
+        def visit_ColumnRef(self, ancestors: Any, ref: ast.ColumnRef) -> None:
+            nonlocal found
+            names = [f.sval for f in ref.fields or () if isinstance(f, ast.String)]
+            if (len(names) > 1 and names[0] == alias) or (len(names) == 1 and names[0] in columns | {alias}):
+                found = True
+
+    Refs()(node)
+    return found
+
+
+def _output_columns(site: Site) -> tuple[tuple[str, str], ...]:
+    return next((s.columns for s in bind(site)[0] if s.columns), ())
+
+
 def _gather_statement(site: Site, args: list[ast.Node]) -> ast.SelectStmt:
     """``SELECT DISTINCT <args> FROM …`` over the rows the call's statement sees."""
     stmt, clause = site.stmt, site.clause
     if site.range_function is not None:
-        raise FeatureNotSupported(f"pgml.{site.function}() in FROM with column arguments is not supported yet")
+        return _gather_lateral(site, tuple(ast.ResTarget(val=a) for a in args))
     if site.in_join:
         raise FeatureNotSupported(f"pgml.{site.function}() with column arguments in a JOIN condition")
     if any(not isinstance(cte.ctequery, ast.SelectStmt) for cte in site.ctes):

@@ -165,6 +165,25 @@ def test_chunk_forms(conn: psycopg.Connection, docs: str) -> None:
     assert markdown and "body text" in markdown[-1][0]
 
 
+def test_set_returning_calls_in_from_with_columns(conn: psycopg.Connection, docs: str) -> None:
+    from langchain_text_splitters import RecursiveCharacterTextSplitter
+
+    kwargs = '{"chunk_size": 12, "chunk_overlap": 0}'
+    rows = conn.execute(
+        f"SELECT d.id, c.chunk_index, c.chunk FROM docs d, pgml.chunk('recursive_character', d.body, '{kwargs}') AS c "
+        "WHERE d.id IN (1, 3) ORDER BY 1, 2"
+    ).fetchall()
+    splitter = RecursiveCharacterTextSplitter(chunk_size=12, chunk_overlap=0)
+    expected = [(i, n + 1, c) for i in (1, 3) for n, c in enumerate(splitter.split_text(SENTENCES[i - 1]))]
+    assert rows == expected
+    vectors = conn.execute(
+        f"SELECT d.id, e.embed FROM docs d, pgml.embed('{MINILM}', ARRAY[d.body, d.topic]) e WHERE d.id = 3"
+    ).fetchall()
+    assert [r[0] for r in vectors] == [3, 3]
+    assert cosine(list(vectors[0][1]), embed_one(conn, SENTENCES[2])) > 0.9999
+    assert cosine(list(vectors[1][1]), embed_one(conn, "finance")) > 0.9999
+
+
 @pytest.mark.parametrize(
     ("sql", "sqlstate"),
     [
