@@ -27,7 +27,6 @@ import math
 import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -40,46 +39,16 @@ from typing import Any
 import numpy as np
 import psycopg
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from proxy.dsn import parse_dsn
-from proxy.embedded import Cluster, find_bin_dir, free_port
+from common import pgml_proxy, upstream
 
-ROOT = Path(__file__).resolve().parent.parent
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 BATCH_SIZE = 32  # the engine's default [engine] batch_size
 TABLE = "pgml_bench.docs"
 EMBED_ALL = f"SELECT id, pgml.embed('{MODEL}', body) FROM {TABLE}"
 TOPICS = ["databases", "machine learning", "the weather", "cooking", "football", "gardening", "astronomy", "music"]
 ADJECTIVES = ["short", "long", "boring", "exciting", "technical", "casual", "old", "new", "draft", "final"]
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, log: Path) -> None:
-    import socket
-
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{what} exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"{what} did not start:\n{log.read_text()[-4000:]}")
-
-
-@contextmanager
-def upstream(work: Path) -> Iterator[str]:
-    if os.environ.get("PGML_BENCH_DSN"):
-        yield os.environ["PGML_BENCH_DSN"]
-        return
-    cluster = Cluster(find_bin_dir(18), work / "data")
-    cluster.start()
-    try:
-        yield cluster.dsn()
-    finally:
-        cluster.stop("immediate")
 
 
 def model_path() -> Path:
@@ -96,41 +65,6 @@ def model_dir(work: Path) -> Path:
     (base / "sentence-transformers").mkdir(parents=True)
     (base / MODEL).symlink_to(model_path(), target_is_directory=True)
     return base
-
-
-@contextmanager
-def pgml_proxy(dsn: str, work: Path, models: Path) -> Iterator[tuple[str, Path]]:
-    port = free_port()
-    log = work / "proxy.log"
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("PGML_PROXY_")},
-        "PGML_PROXY_LISTEN": f"127.0.0.1:{port}",
-        "PGML_PROXY_UPSTREAM": dsn,
-        "PGML_PROXY_ENGINE_MODEL_DIRS": str(models),
-        "PGML_PROXY_ENGINE_DEVICE": "cpu",
-        "PGML_PROXY_PROXY_SHUTDOWN_GRACE": "2",
-        "PGML_PROXY_LOG_LEVEL": "warning",
-    }
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "proxy"], env=env, cwd=ROOT, stdout=out, stderr=out)
-    try:
-        wait_port(port, proc, "pgml-proxy", log)
-        yield dsn_on_port(dsn, port), log
-    except Exception:
-        print(f"proxy log (last 4000 characters):\n{log.read_text()[-4000:]}", file=sys.stderr)
-        raise
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def dsn_on_port(dsn: str, port: int) -> str:
-    parsed = parse_dsn(dsn)
-    return f"postgresql://{parsed.user or 'postgres'}@127.0.0.1:{port}/{parsed.dbname or 'postgres'}"
 
 
 def make_texts(rows: int) -> list[str]:
@@ -315,7 +249,9 @@ def main() -> None:
         os.chmod(work, 0o755)
         direct = stack.enter_context(upstream(work))
         stack.enter_context(docs_table(direct, texts))
-        proxy, log = stack.enter_context(pgml_proxy(direct, work, model_dir(work)))
+        proxy, log = stack.enter_context(
+            pgml_proxy(direct, work, PGML_PROXY_ENGINE_MODEL_DIRS=str(model_dir(work)), PGML_PROXY_ENGINE_DEVICE="cpu")
+        )
         model = SentenceTransformer(str(model_path()), device="cpu")
         encode(model, texts[:256])  # warm up: first calls at new shapes are slow
 

@@ -21,58 +21,17 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import dsn_on_port, pgml_proxy, upstream, wait_port
 
 from proxy.dsn import parse_dsn
-from proxy.embedded import Cluster, find_bin_dir, free_port
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
-    import socket
-
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{what} exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"{what} did not start")
-
-
-@contextmanager
-def upstream(work: Path) -> Iterator[str]:
-    if os.environ.get("PGML_BENCH_DSN"):
-        yield os.environ["PGML_BENCH_DSN"]
-        return
-    cluster = Cluster(find_bin_dir(18), work / "data")
-    cluster.start()
-    try:
-        yield cluster.dsn()
-    finally:
-        cluster.stop("immediate")
-
-
-@contextmanager
-def pgml_proxy(dsn: str, work: Path) -> Iterator[str]:
-    port = free_port()
-    env = {**os.environ, "PGML_PROXY_LISTEN": f"127.0.0.1:{port}", "PGML_PROXY_UPSTREAM": dsn,
-           "PGML_PROXY_LOG_LEVEL": "warning"}  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "proxy"], env=env, cwd=work)
-    try:
-        wait_port(port, proc, "pgml-proxy")
-        yield dsn_on_port(dsn, port)
-    finally:
-        proc.terminate()
-        proc.wait(20)
+from proxy.embedded import free_port
 
 
 @contextmanager
@@ -109,11 +68,6 @@ def pgbouncer(dsn: str, work: Path) -> Iterator[str | None]:
         proc.wait(20)
 
 
-def dsn_on_port(dsn: str, port: int) -> str:
-    parsed = parse_dsn(dsn)
-    return f"postgresql://{parsed.user or 'postgres'}@127.0.0.1:{port}/{parsed.dbname or 'postgres'}"
-
-
 def pgbench(dsn: str, *args: str) -> dict[str, float]:
     proc = subprocess.run(["pgbench", "-n", *args, dsn], capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
@@ -139,7 +93,7 @@ def main() -> None:
         dsn = stack.enter_context(upstream(work))
         bouncer_dir = work / "bouncer"
         bouncer_dir.mkdir()
-        targets = {"direct": dsn, "proxy": stack.enter_context(pgml_proxy(dsn, work))}
+        targets = {"direct": dsn, "proxy": stack.enter_context(pgml_proxy(dsn, work))[0]}
         bouncer = stack.enter_context(pgbouncer(dsn, bouncer_dir))
         if bouncer:
             targets["pgbouncer"] = bouncer

@@ -1,0 +1,79 @@
+"""Pieces the benchmark scripts share: a throwaway upstream, a pgml-proxy process, port waiting."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from proxy.dsn import parse_dsn  # noqa: E402
+from proxy.embedded import Cluster, find_bin_dir, free_port  # noqa: E402
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, log: Path | None = None) -> None:
+    """Until something listens on ``port``; exits with the log's tail if ``proc`` dies or never listens."""
+    tail = (lambda: "\n" + log.read_text()[-4000:]) if log is not None else (lambda: "")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{what} exited with {proc.returncode}:{tail()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"{what} did not start:{tail()}")
+
+
+@contextmanager
+def upstream(work: Path) -> Iterator[str]:
+    """``$PGML_BENCH_DSN``, else a throwaway PostgreSQL 18 in ``work``."""
+    if os.environ.get("PGML_BENCH_DSN"):
+        yield os.environ["PGML_BENCH_DSN"]
+        return
+    cluster = Cluster(find_bin_dir(18), work / "data")
+    cluster.start()
+    try:
+        yield cluster.dsn()
+    finally:
+        cluster.stop("immediate")
+
+
+def dsn_on_port(dsn: str, port: int) -> str:
+    parsed = parse_dsn(dsn)
+    return f"postgresql://{parsed.user or 'postgres'}@127.0.0.1:{port}/{parsed.dbname or 'postgres'}"
+
+
+@contextmanager
+def pgml_proxy(dsn: str, work: Path, **settings: str) -> Iterator[tuple[str, Path]]:
+    """A ``python -m proxy`` in front of ``dsn``; yields its DSN and log file. ``settings``: extra env."""
+    port = free_port()
+    log = work / "proxy.log"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("PGML_PROXY_")},
+        "PGML_PROXY_LISTEN": f"127.0.0.1:{port}",
+        "PGML_PROXY_UPSTREAM": dsn,
+        "PGML_PROXY_PROXY_SHUTDOWN_GRACE": "2",
+        "PGML_PROXY_LOG_LEVEL": "warning",
+        **settings,
+    }
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "proxy"], env=env, cwd=ROOT, stdout=out, stderr=out)
+    try:
+        wait_port(port, proc, "pgml-proxy", log)
+        yield dsn_on_port(dsn, port), log
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
