@@ -381,6 +381,43 @@ def _accepts(param: str, given: str | None) -> bool:
     return (param == "bigint" and given in ("bigint",)) or (param == "real[]" and given == "double precision[]")
 
 
+def _gather_join(site: Site, targets: tuple[ast.ResTarget, ...], args: list[ast.Node]) -> ast.SelectStmt:
+    """A call in a JOIN condition: its arguments must come from one table of the join, read on its own."""
+    qualifiers: set[str | None] = set()
+
+    class Refs(visitors.Visitor):
+        def visit_ColumnRef(self, ancestors: Any, ref: ast.ColumnRef) -> None:
+            names = [f.sval for f in ref.fields or () if isinstance(f, ast.String)]
+            qualifiers.add(names[0] if len(names) > 1 else None)
+
+    for arg in args:
+        Refs()(ast.ResTarget(val=arg))
+    tables = [t for t in _range_vars(getattr(site.stmt, "fromClause", None)) if _visible_name(t) in qualifiers]
+    if None in qualifiers or len(qualifiers) != 1 or len(tables) != 1:
+        raise FeatureNotSupported(
+            f"pgml.{site.function}() in a JOIN condition needs arguments from one table, qualified by its name",
+            hint="Write e.g. JOIN b ON pgml.f(…, a.col) …, with every column prefixed by the same table alias.",
+        )
+    with_clause = ast.WithClause(ctes=tuple(site.ctes), recursive=False) if site.ctes else None
+    return ast.SelectStmt(distinctClause=(None,), targetList=targets, fromClause=(tables[0],), withClause=with_clause)
+
+
+def _range_vars(node: Any) -> list[ast.RangeVar]:
+    """Tables of a FROM clause, through joins."""
+    match node:
+        case tuple() | list():
+            return [t for item in node for t in _range_vars(item)]
+        case ast.RangeVar():
+            return [node]
+        case ast.JoinExpr(larg=left, rarg=right):
+            return _range_vars(left) + _range_vars(right)
+    return []
+
+
+def _visible_name(table: ast.RangeVar) -> str | None:
+    return table.alias.aliasname if table.alias is not None else table.relname
+
+
 def _gather_lateral(site: Site, targets: tuple[ast.ResTarget, ...]) -> ast.SelectStmt:
     """A set-returning call in FROM whose arguments come from the other FROM items (implicitly LATERAL)."""
     stmt, rf = site.stmt, site.range_function
@@ -433,7 +470,7 @@ def _gather_statement(site: Site, args: list[ast.Node]) -> ast.SelectStmt:
     if site.range_function is not None:
         return _gather_lateral(site, tuple(ast.ResTarget(val=a) for a in args))
     if site.in_join:
-        raise FeatureNotSupported(f"pgml.{site.function}() with column arguments in a JOIN condition")
+        return _gather_join(site, tuple(ast.ResTarget(val=a) for a in args), args)
     if any(not isinstance(cte.ctequery, ast.SelectStmt) for cte in site.ctes):
         raise FeatureNotSupported("per-row pgml calls in a statement with a data-modifying WITH query")
     targets = tuple(ast.ResTarget(val=a) for a in args)

@@ -120,6 +120,18 @@ def test_per_row_in_where_order_by_and_update(conn: psycopg.Connection, docs: st
     assert deleted.rowcount == 1
 
 
+def test_per_row_in_join_condition(conn: psycopg.Connection, docs: str) -> None:
+    conn.execute("DROP TABLE IF EXISTS labels; CREATE TABLE labels (name text, e real[])")
+    conn.execute(f"INSERT INTO labels SELECT t, pgml.embed('{MINILM}', t) FROM (VALUES ('cats'), ('money')) v(t)")
+    condition = f"pgml.cosine_similarity(pgml.embed('{MINILM}', d.body), l.e) > 0.2"
+    joined = conn.execute(f"SELECT d.id, l.name FROM docs d JOIN labels l ON {condition} ORDER BY 1, 2").fetchall()
+    filtered = conn.execute(f"SELECT d.id, l.name FROM docs d, labels l WHERE {condition} ORDER BY 1, 2").fetchall()
+    assert joined == filtered and joined
+    assert (1, "cats") in joined and (7, "cats") in joined
+    with pytest.raises(psycopg.errors.FeatureNotSupported):
+        conn.execute(f"SELECT 1 FROM docs d JOIN labels l ON pgml.embed('{MINILM}', body || name) IS NOT NULL")
+
+
 def test_group_by_and_expressions(conn: psycopg.Connection, docs: str) -> None:
     rows = conn.execute(
         f"SELECT topic, array_length(pgml.embed('{MINILM}', string_agg(body, ' ' ORDER BY id)), 1) "
