@@ -49,6 +49,11 @@ class Port(Protocol):
     tx_status: str
     database: str
     standard_strings: bool
+    temp_tables: list[str]  # per-row result tables created for the statement being decided
+
+    async def settled(self) -> None:
+        """Until every ReadyForQuery owed has arrived (``tx_status`` is then current)."""
+        ...
 
     async def query(self, sql: str, copy_data: bytes | None = None) -> Result:
         """Run one simple Query (with COPY FROM STDIN data if given); raises UpstreamError."""

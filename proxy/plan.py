@@ -261,6 +261,8 @@ async def _load(
     value_type = _value_type(sig)
     columns = ", ".join(f"k{i} {t}" for i, t in enumerate(keys))
     on_commit = " ON COMMIT DROP" if port.tx_status == "T" else ""
+    if not on_commit:
+        port.temp_tables.append(name)  # dropped by the session once the statement has run
     # Formatting thousands of vectors is CPU work: off the event loop, so other sessions are not stalled.
     binary = value_type == "real[]" and all(k in TEXT_KEYS for k in keys)
     copy = await asyncio.to_thread(_copy_binary if binary else _copy_text, texts, results, sig)

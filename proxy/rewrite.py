@@ -75,6 +75,7 @@ class Rebound:
     parse: bytes
     bind: bytes
     close: bytes
+    name: str
 
 
 class BatchFailed(Exception):
@@ -100,8 +101,12 @@ class Rewriter:
         self._param_types_cache: OrderedDict[tuple[str, str, tuple[int, ...]], tuple[int, ...]] = OrderedDict()
 
     async def decide(self, message: Query | Parse, port: Port) -> Decision:
-        if self.engine is None or port.tx_status == "E":
-            return FORWARD  # an aborted transaction rejects the statement itself (25P02)
+        if self.engine is None:
+            return FORWARD
+        if port.tx_status == "E":
+            await port.settled()  # a ROLLBACK may still be on its way
+            if port.tx_status == "E":
+                return FORWARD  # an aborted transaction rejects the statement itself (25P02)
         if not port.standard_strings and might_use_pgml(message.sql.encode()):
             raise FeatureNotSupported(
                 "pgml-proxy rewrites statements only with standard_conforming_strings = on",
@@ -200,6 +205,7 @@ class Rewriter:
             parse=protocol.encode_parse(Parse(private, new_sql, tuple(oids))),
             bind=extended.encode_bind(dataclasses.replace(bind, statement=private)),
             close=protocol.encode(b"C", b"S" + private.encode() + b"\0"),
+            name=private,
         )
 
     async def _ensure_schema(self, port: Port) -> None:
@@ -213,8 +219,11 @@ class Rewriter:
             self.engine.cancel(session)
 
 
-def raise_statement(error: BaseException) -> str:
+def raise_statement(error: BaseException, original: str | None = None) -> str:
     """``DO`` block that makes the server raise ``error`` with its SQLSTATE and texts.
+
+    With the ``original`` query string, the statements before the first one that
+    calls ``pgml.*`` are kept in front (a ``BEGIN`` must still begin the transaction).
 
     The texts travel hex-encoded (``convert_from('\\x…'::bytea, 'UTF8')``), so no
     quoting of client-influenced text is ever involved; pglast quotes the body.
@@ -231,4 +240,9 @@ def raise_statement(error: BaseException) -> str:
     if "H" in fields:
         options.append(f"HINT = {text(fields['H'])}")
     body = f"BEGIN RAISE EXCEPTION USING {', '.join(options)}; END"
-    return plan.deparse(ast.DoStmt(args=(ast.DefElem(defname="as", arg=ast.String(sval=body)),)))
+    raising = plan.deparse(ast.DoStmt(args=(ast.DefElem(defname="as", arg=ast.String(sval=body)),)))
+    analysis = plan.analyze(original) if original else None
+    if analysis is None:
+        return raising
+    first = next(i for i, sites in enumerate(analysis.sites) if sites)
+    return "; ".join([*(plan.deparse(raw) for raw in analysis.stmts[:first]), raising])

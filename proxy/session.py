@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from engine.api import EngineError
 from proxy import extended, rewrite
 from proxy import protocol as pq
-from proxy.accounting import ONE, THREE, TWO, Responses
+from proxy.accounting import ONE, THREE, Responses
 from proxy.errors import (
     AdminShutdown,
     ConnectionFailure,
@@ -52,6 +52,7 @@ _Z, _R, _K, _E = ord("Z"), ord("R"), ord("K"), ord("E")
 _p = ord("p")
 _B = ord("B")
 _C = ord("C")
+_F = ord("F")
 _SCRAM_PLUS = "SCRAM-SHA-256-PLUS"
 # SCRAM's downgrade protection: a TLS client that saw no -PLUS offer says so ("y"),
 # and a TLS server that does support binding then refuses. The binding data would
@@ -100,6 +101,10 @@ class Session:
         # Statements whose pgml calls depend on $n: name -> (SQL, parameter types), rewritten at each Bind.
         self.deferred: dict[str, tuple[str, tuple[int, ...]]] = {}
         self._private_ids = itertools.count(1)
+        self._private_open: list[str] = []  # private statements whose Close may have been skipped
+        self._barriers: list[str] = []  # barrier statements to deallocate at the next internal query
+        self.temp_tables: list[str] = []  # per-row result tables made for the statement being decided
+        self._stale_tables: list[str] = []  # ... and for earlier statements, to drop when idle
 
     # ------------------------------------------------------------------ #
     # Lifecycle
@@ -227,7 +232,7 @@ class Session:
         ):
             self._relay_client(pq.split_frames(chunk))
         else:  # hot path: nothing to look at, forward the bytes as they came
-            owed = kinds.count(_Q) + kinds.count(_S)
+            owed = kinds.count(_Q) + kinds.count(_S) + kinds.count(_F)
             if owed:
                 self._owed += owed
                 self._idle.clear()
@@ -249,7 +254,7 @@ class Session:
                     self._defer(out, frames[i:])
                     return
                 self._owe()
-            elif kind == _S:
+            elif kind in (_S, _F):
                 self._owe()
             elif kind in (_P, _B) and self._needs_decision(frame):
                 self._defer(out, frames[i:])
@@ -318,12 +323,12 @@ class Session:
                     pq.encode_error(pq.ErrorResponse(exc.fields)) + pq.encode_ready(pq.ReadyForQuery(exc.status))
                 )
             else:
-                decision = rewrite.Fail(_relayed(exc))
+                decision = rewrite.Fail(_relayed(exc))  # the server's own error fields, unchanged
         except rewrite.BatchFailed:
             decision = rewrite.FORWARD  # the server skips this message anyway, until the client's Sync
         except (ProxyError, EngineError) as exc:
             decision = rewrite.Fail(exc)
-        self._apply(frame, decision)
+        await self._apply(frame, decision)
 
     async def _decision(self, frame: pq.Frame) -> rewrite.Decision:
         rewriter = self.server.rewriter
@@ -340,7 +345,7 @@ class Session:
                 self.deferred.pop(message.name, None)
         return decision
 
-    def _apply(self, frame: pq.Frame, decision: rewrite.Decision) -> None:
+    async def _apply(self, frame: pq.Frame, decision: rewrite.Decision) -> None:
         assert self.upstream is not None
         match decision:
             case rewrite.Forward() | rewrite.DeferToBind():
@@ -349,18 +354,25 @@ class Session:
                 self._forward(frame.type, raw)
             case rewrite.Respond(frames=raw):
                 self.client.write(raw)  # only after the upstream owed nothing (internal query or schema)
-            case rewrite.Rebound(parse=parse, bind=bind, close=close):
+            case rewrite.Rebound(parse=parse, bind=bind, close=close, name=name):
+                # Private statements whose Close was skipped (their Bind failed) are closed now.
+                leftovers = [_close_statement(n) for n in self._private_open]
+                for _ in leftovers:
+                    self._responses.inject(THREE)
                 self._responses.inject(ONE)
                 self._responses.sent(b"B")
                 self._responses.inject(THREE)
+                self._private_open = [name]
                 self._last_sent = _B
-                self.upstream.writelines([parse, bind, close])
+                self.upstream.writelines([*leftovers, parse, bind, close])
             case rewrite.Fail(error=error):
                 # The server raises the error itself, so its transaction state matches the client's.
                 if frame.type == _Q:
-                    self._forward(_Q, pq.encode_query(pq.Query(rewrite.raise_statement(error))))
+                    sql = rewrite.raise_statement(error, pq.decode_query(frame).sql)
+                    self._forward(_Q, pq.encode_query(pq.Query(sql)))
                 else:
-                    self._inject_failure(error)
+                    await self._fail_extended(error)
+        self.temp_tables, self._stale_tables = [], self._stale_tables + self.temp_tables
 
     def _forward(self, kind: int, raw: bytes) -> None:
         assert self.upstream is not None
@@ -370,25 +382,39 @@ class Session:
         self._last_sent = kind
         self.upstream.write(raw)
 
-    def _inject_failure(self, error: BaseException) -> None:
-        """In place of a failed Parse or Bind: run a statement that raises ``error`` on the server.
+    async def _fail_extended(self, error: BaseException) -> None:
+        """In place of a failed Parse or Bind: the client gets ``error``, and the server fails too.
 
-        The server answers ParseComplete and BindComplete (hidden from the client),
-        then the ErrorResponse, and skips the client's messages until Sync — what a
-        failing Parse or Bind does. It uses the unnamed statement and portal.
+        A barrier first lets every earlier response of the batch reach the client. Then
+        the ErrorResponse goes to the client, and a Parse that cannot succeed (its own
+        error hidden) puts the server into the same state as the client: transaction
+        aborted inside BEGIN, messages skipped until Sync.
         """
         assert self.upstream is not None
-        self._responses.inject(ONE)
-        self._responses.inject(TWO)
-        self._last_sent = _E
-        sql = rewrite.raise_statement(error)
-        self.upstream.writelines(
-            [
-                pq.encode_parse(pq.Parse("", sql, ())),
-                pq.encode(b"B", b"\0\0\0\0\0\0\0\0"),  # unnamed portal and statement, no params
-                pq.encode(b"E", b"\0\0\0\0\0"),
-            ]
-        )
+        if not await self._barrier():
+            return  # the batch already failed: the server skips this message anyway
+        self.client.write(to_error_response(error))
+        self._responses.inject_error()
+        self._last_sent = _P
+        self.upstream.writelines([pq.encode_parse(pq.Parse("pgml_proxy_abort", "pgml-proxy: abort", ())), pq.FLUSH])
+
+    async def _barrier(self) -> bool:
+        """Wait until every response owed before this point has reached the client (False: the batch failed)."""
+        assert self.upstream is not None
+        await self._idle.wait()
+        if self._last_sent in (_S, _Q):
+            return True
+        name = f"pgml_proxy_barrier_{next(self._private_ids)}"
+        waiter = self._responses.barrier()
+        self.upstream.writelines([pq.encode_parse(pq.Parse(name, "SELECT 1", ())), pq.FLUSH])
+        if await waiter:
+            self._barriers.append(name)
+            return True
+        return False
+
+    async def settled(self) -> None:
+        """Until every ReadyForQuery owed has arrived (the transaction status is then current)."""
+        await self._idle.wait()
 
     async def query(self, sql: str, copy_data: bytes | None = None) -> Result:
         """Run one internal simple Query on this session once the upstream owes the client nothing.
@@ -397,19 +423,18 @@ class Session:
         response has reached the client (raises BatchFailed if the batch already failed).
         """
         assert self.upstream is not None
-        await self._idle.wait()
-        prefix = ""
-        if self._last_sent not in (_S, _Q):
-            name = f"pgml_proxy_barrier_{next(self._private_ids)}"
-            waiter = self._responses.barrier()
-            self.upstream.writelines([pq.encode_parse(pq.Parse(name, "SELECT 1", ())), pq.FLUSH])
-            if not await waiter:
-                raise rewrite.BatchFailed()
-            prefix = f"DEALLOCATE {name}; "
+        if not await self._barrier():
+            raise rewrite.BatchFailed()
+        prefix = "".join(f"DEALLOCATE {name}; " for name in self._barriers)
+        self._barriers.clear()
+        if self._stale_tables and self.tx_status == "I":  # per-row tables of earlier statements
+            prefix += f"DROP TABLE IF EXISTS {', '.join('pg_temp.' + t for t in self._stale_tables)}; "
+            self._stale_tables.clear()
         exchange = Exchange(copy_data)
         self._exchange = exchange
         self._exchange_done.clear()
         self._owe()
+        self._responses.sent(b"Q")
         self.upstream.write(pq.encode_query(pq.Query(prefix + sql)))
         try:
             await self._exchange_done.wait()
@@ -463,7 +488,6 @@ class Session:
         """ReadyForQuery: the batch is over; nothing else is owed for it."""
         self.tx_status = chr(status)
         self._owed = max(0, self._owed - count)
-        self._responses.ready()
         if self._owed == 0:
             self._idle.set()
 
@@ -475,13 +499,14 @@ class Session:
             kind = frame.type
             if kind == _S:
                 self._parameter_status(frame)
+            keep = self._responses.keep(kind)
             if self._exchange is not None:
                 self.upstream.writelines(self._exchange.feed(frame))
                 if kind == _Z:
                     self._ready(frame.raw[5])
                     self._exchange_done.set()
                 continue
-            if not self._responses.keep(kind):
+            if not keep:
                 continue
             if kind == _Z:
                 self._ready(frame.raw[5])
@@ -534,3 +559,7 @@ def _relayed(exc: UpstreamError) -> ProxyError:
     )
     error.sqlstate = fields.get("C", "XX000")  # type: ignore[misc]
     return error
+
+
+def _close_statement(name: str) -> bytes:
+    return pq.encode(b"C", b"S" + name.encode() + b"\0")

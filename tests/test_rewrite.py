@@ -58,6 +58,12 @@ class NoUpstream:
     database = "db"
     standard_strings = True
 
+    def __init__(self) -> None:
+        self.temp_tables: list[str] = []
+
+    async def settled(self) -> None:
+        pass
+
     async def query(self, sql: str, copy_data: bytes | None = None) -> Result:
         raise AssertionError(f"constant rewrites must not query the upstream: {sql}")
 
