@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from dataclasses import dataclass, field
 
 ONE, TWO, THREE = ord("1"), ord("2"), ord("3")
 Z, E = ord("Z"), ord("E")
@@ -28,13 +27,17 @@ CLOSERS = frozenset(b"QSF")
 _P, _B, _C, _Q, _S, _F = b"PBCQSF"
 
 
-@dataclass
 class Segment:
-    sent: dict[int, int] = field(default_factory=lambda: {ONE: 0, TWO: 0, THREE: 0})
-    received: dict[int, int] = field(default_factory=lambda: {ONE: 0, TWO: 0, THREE: 0})
-    hidden: set[tuple[int, int]] = field(default_factory=set)
-    hidden_errors: int = 0  # ErrorResponses the proxy provoked on purpose (to make the server skip to Sync)
-    barriers: dict[int, asyncio.Future[bool]] = field(default_factory=dict)
+    """The messages up to one ReadyForQuery: completions sent/received by kind, and which to hide."""
+
+    __slots__ = ("barriers", "hidden", "hidden_errors", "received", "sent")
+
+    def __init__(self) -> None:
+        self.sent = {ONE: 0, TWO: 0, THREE: 0}
+        self.received = {ONE: 0, TWO: 0, THREE: 0}
+        self.hidden: set[tuple[int, int]] = set()
+        self.hidden_errors = 0  # ErrorResponses the proxy provoked on purpose (to make the server skip to Sync)
+        self.barriers: dict[int, asyncio.Future[bool]] = {}
 
     def fail_barriers(self) -> None:
         for waiter in self.barriers.values():
@@ -44,35 +47,54 @@ class Segment:
 
 
 class Responses:
-    """Segments still owed a ReadyForQuery (oldest first); the last one is still being written."""
+    """Segments still owed a ReadyForQuery (oldest first); the last one is still being written.
+
+    A segment with no Parse/Bind/Close and nothing injected is just ``None``: simple
+    queries, the hot path, allocate nothing here.
+    """
 
     def __init__(self) -> None:
-        self.segments: deque[Segment] = deque([Segment()])
-        self._hidden = 0  # hidden completions not yet seen, over all segments
+        self.segments: deque[Segment | None] = deque([None])
+        self._hidden = 0  # hidden responses not yet seen, over all segments
 
     @property
     def busy(self) -> bool:
         """True while some response must be inspected one frame at a time."""
         return self._hidden > 0
 
+    def _current(self) -> Segment:
+        current = self.segments[-1]
+        if current is None:
+            current = self.segments[-1] = Segment()
+        return current
+
     def sent(self, kinds: bytes | bytearray) -> None:
         """Client messages forwarded (their type bytes, in order)."""
-        if _P not in kinds and _B not in kinds and _C not in kinds:  # simple queries: only boundaries
-            for _ in range(kinds.count(_Q) + kinds.count(_S) + kinds.count(_F)):
-                self.segments.append(Segment())
+        closers = kinds.count(_Q) + kinds.count(_S) + kinds.count(_F)
+        if self.segments[-1] is None and kinds[-1] in CLOSERS:
+            # Whole batches (the hot path): nothing was injected into them and nothing can be
+            # any more, so their completions need no counting.
+            self.segments.extend([None] * closers)
             return
-        current = self.segments[-1]
+        if closers <= 1 and (closers == 0 or kinds[-1] in CLOSERS):  # the usual chunk: one batch at most
+            if _P in kinds or _B in kinds or _C in kinds:
+                sent = self._current().sent
+                sent[ONE] += kinds.count(_P)
+                sent[TWO] += kinds.count(_B)
+                sent[THREE] += kinds.count(_C)
+            if closers:
+                self.segments.append(None)
+            return
         for kind in kinds:
             answer = ANSWERS.get(kind)
             if answer is not None:
-                current.sent[answer] += 1
+                self._current().sent[answer] += 1
             elif kind in CLOSERS:
-                current = Segment()
-                self.segments.append(current)
+                self.segments.append(None)
 
     def received(self, kinds: bytes | bytearray) -> None:
-        """Responses seen on the fast path (nothing hidden is pending): count them, close segments."""
-        if ONE not in kinds and TWO not in kinds and THREE not in kinds:
+        """Responses seen on the fast path (nothing hidden is pending)."""
+        if kinds[-1] == Z:  # every response here belongs to segments this chunk closes
             for _ in range(kinds.count(Z)):
                 self._close_oldest()
             return
@@ -81,7 +103,7 @@ class Responses:
 
     def inject(self, answer: int) -> int:
         """The proxy sends a message answered by ``answer`` now: hide that answer; returns its ordinal."""
-        current = self.segments[-1]
+        current = self._current()
         ordinal = current.sent[answer]
         current.sent[answer] += 1
         current.hidden.add((answer, ordinal))
@@ -90,18 +112,24 @@ class Responses:
 
     def inject_error(self) -> None:
         """The proxy sends a message that fails on purpose: hide the ErrorResponse."""
-        self.segments[-1].hidden_errors += 1
+        self._current().hidden_errors += 1
         self._hidden += 1
 
     def barrier(self) -> asyncio.Future[bool]:
         """An injected Parse is about to be sent: the future tells whether it completed (True)."""
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self.segments[-1].barriers[self.inject(ONE)] = future
+        ordinal = self.inject(ONE)
+        self._current().barriers[ordinal] = future
         return future
 
     def keep(self, kind: int) -> bool:
         """One response frame: False when it answers an injected message (hide it)."""
+        if kind == Z:
+            self._close_oldest()
+            return True
         oldest = self.segments[0]
+        if oldest is None:
+            return True
         if kind in oldest.received:
             ordinal = oldest.received[kind]
             oldest.received[kind] += 1
@@ -118,15 +146,12 @@ class Responses:
                 oldest.hidden_errors -= 1
                 self._hidden -= 1
                 return False
-        elif kind == Z:
-            self._close_oldest()
         return True
 
     def _close_oldest(self) -> None:
-        oldest = self.segments[0]
-        oldest.fail_barriers()
-        self._hidden -= len(oldest.hidden) + oldest.hidden_errors
-        if len(self.segments) > 1:
-            self.segments.popleft()
-        else:  # a ReadyForQuery nothing was waiting for (end of authentication)
-            self.segments[0] = Segment()
+        oldest = self.segments.popleft()
+        if oldest is not None:
+            oldest.fail_barriers()
+            self._hidden -= len(oldest.hidden) + oldest.hidden_errors
+        if not self.segments:  # a ReadyForQuery nothing was waiting for (end of authentication)
+            self.segments.append(None)
