@@ -85,7 +85,6 @@ class Signature:
     params: tuple[Param, ...]
     returns: str
     columns: tuple[tuple[str, str], ...] = ()
-    strict: bool = True
 
     @property
     def returns_set(self) -> bool:
@@ -100,7 +99,7 @@ def _p(name: str, type_: str, *default: Any) -> Param:
 
 
 CATALOGUE: tuple[Signature, ...] = (
-    Signature("version", (), "text", strict=False),
+    Signature("version", (), "text"),
     Signature("embed", (_p("transformer", "text"), _p("text", "text"), _p("kwargs", "jsonb", JSONB_EMPTY)), "real[]"),
     Signature(
         "embed",

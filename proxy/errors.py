@@ -73,14 +73,6 @@ class AdminShutdown(ProxyError, code="57P01"):
     """The proxy is shutting down."""
 
 
-class CannotConnectNow(ProxyError, code="57P03"):
-    """The proxy is not accepting new connections at the moment."""
-
-
-class QueryCanceled(ProxyError, code="57014"):
-    """The client cancelled the statement, or a time limit hit."""
-
-
 class FeatureNotSupported(ProxyError, code="0A000"):
     """Something the proxy deliberately does not do (e.g. replication)."""
 
@@ -93,12 +85,12 @@ class UndefinedFunction(ProxyError, code="42883"):
     """An unknown ``pgml.*`` function or overload."""
 
 
+class InvalidTextRepresentation(ProxyError, code="22P02"):
+    """A value that does not parse as its type (bad JSON, malformed array)."""
+
+
 class InvalidAuthorization(ProxyError, code="28000"):
     """Authentication could not be relayed."""
-
-
-class ProgramLimitExceeded(ProxyError, code="54000"):
-    """A statement or message beyond a configured size limit."""
 
 
 def error_class(code: str) -> type[ProxyError]:
@@ -137,15 +129,3 @@ def to_error_response(exc: BaseException, severity: str = "ERROR") -> bytes:
     from proxy.protocol import ErrorResponse, encode_error  # protocol imports this module
 
     return encode_error(ErrorResponse(error_fields(exc, severity)))
-
-
-class InvalidTextRepresentation(ProxyError, code="22P02"):
-    """A value that does not parse as its type (bad JSON, malformed array)."""
-
-
-class WrongObjectType(ProxyError, code="42809"):
-    """A pgml.* call used where the proxy cannot evaluate it (e.g. a set-returning call in the wrong place)."""
-
-
-class ExternalRoutineError(ProxyError, code="38000"):
-    """An upstream error during the proxy's own work on a client's session, relayed with its fields."""

@@ -28,9 +28,6 @@ class Link(asyncio.Protocol):
         self._inbox: list[bytes] = []
         self._arrived: asyncio.Event = asyncio.Event()
         self.closed: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
-        self._write_paused = False
-        self._drained: asyncio.Event = asyncio.Event()
-        self._drained.set()
 
     # -- asyncio.Protocol ------------------------------------------------- #
 
@@ -50,21 +47,16 @@ class Link(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._arrived.set()
-        self._drained.set()
         if not self.closed.done():
             self.closed.set_result(exc)
         if self.on_lost is not None:
             self.on_lost(exc)
 
     def pause_writing(self) -> None:
-        self._write_paused = True
-        self._drained.clear()
         if self.peer is not None:
             self.peer.pause_reading()
 
     def resume_writing(self) -> None:
-        self._write_paused = False
-        self._drained.set()
         if self.peer is not None:
             self.peer.resume_reading()
 
@@ -81,10 +73,6 @@ class Link(asyncio.Protocol):
     def writelines(self, chunks: list[bytes]) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.writelines(chunks)
-
-    async def drain(self) -> None:
-        """Wait until the write buffer is below the high-water mark (or the link closed)."""
-        await self._drained.wait()
 
     def pause_reading(self) -> None:
         if self.transport is not None and not self.transport.is_closing():

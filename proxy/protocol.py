@@ -431,7 +431,6 @@ def encode_backend_key(msg: BackendKeyData) -> bytes:
 
 
 TERMINATE = encode(b"X", b"")
-SYNC = encode(b"S", b"")
 FLUSH = encode(b"H", b"")
 SSL_ACCEPT = b"S"
 SSL_REFUSE = b"N"
