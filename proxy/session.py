@@ -249,16 +249,11 @@ class Session:
         out: list[bytes] = []
         for i, frame in enumerate(frames):
             kind = frame.type
-            if kind == _Q:
-                if self._authenticated and rewrite.might_use_pgml(frame.raw):
-                    self._defer(out, frames[i:])
-                    return
-                self._owe()
-            elif kind in (_S, _F):
-                self._owe()
-            elif kind in (_P, _B) and self._needs_decision(frame):
+            if kind in (_Q, _P, _B) and self._needs_decision(frame):
                 self._defer(out, frames[i:])
                 return
+            if kind in (_Q, _S, _F):
+                self._owe()
             elif kind == _P and self.deferred:
                 self.deferred.pop(pq.decode_parse(frame).name, None)  # the name now means another statement
             elif kind == _C and self.deferred and frame.raw[5:6] == b"S":
