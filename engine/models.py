@@ -16,6 +16,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -92,7 +93,9 @@ def _hf_cached(name: str) -> str | None:
         return None
 
 
+@lru_cache(maxsize=8)
 def pick_device(setting: str) -> str:
+    """The torch device for ``[engine] device`` (auto: CUDA, then MPS, then CPU); decided once."""
     if setting != "auto":
         return setting
     import torch
