@@ -144,6 +144,42 @@ class Call:
     labels: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Statement:
+    """One SQL statement the engine or the proxy runs on a client's own upstream session.
+
+    ``params`` bind ``$1, $2, …``: ``str`` in text format, ``bytes`` in binary
+    format (``bytea``), ``None`` for NULL. ``copy_data`` feeds ``COPY … FROM STDIN``.
+    """
+
+    sql: str
+    params: tuple[str | bytes | None, ...] = ()
+    copy_data: bytes | None = None
+
+
+@dataclass
+class Result:
+    """One statement's answer: columns (name, type OID), rows in text format, the command tag, COPY TO data."""
+
+    columns: list[tuple[str, int]] = field(default_factory=list)
+    rows: list[tuple[str | None, ...]] = field(default_factory=list)
+    command: str = ""
+    copy: bytes = b""
+
+
+class Database(Protocol):
+    """The client's own upstream session: its privileges, its transaction, its temp tables."""
+
+    @property
+    def in_transaction(self) -> bool:
+        """True inside BEGIN or an extended-protocol batch: statements run are not committed on their own."""
+        ...
+
+    async def execute(self, statements: Sequence[Statement]) -> list[Result]:
+        """Run ``statements`` in order, as one unit; raises on the first error (the server's own)."""
+        ...
+
+
 class Engine(Protocol):
     """Evaluates batches of ``pgml.*`` calls off the event loop."""
 

@@ -1,45 +1,49 @@
-"""The proxy's own queries on a client's upstream session: decoding their answers.
+"""The proxy's own statements on a client's upstream session: building and decoding them.
 
-Owns: :class:`Exchange`, the sans-IO collector of the server's answer to one
-internal simple Query (RowDescription, DataRows, CommandComplete, COPY IN
-handshake, ErrorResponse, ReadyForQuery), and the :class:`Port` protocol the
-rewriter uses to run such queries.
+Owns: :class:`Exchange`, the sans-IO driver of one internal exchange — a run of
+statements sent with extended-protocol messages (private statement and portal,
+Describe, Execute, COPY in both directions), ended by Sync between client batches
+or by Flush in the middle of one, so the client's implicit transaction is never
+ended by the proxy — and the :class:`Port` protocol the rewriter uses to run them.
 
-Must not: write to sockets. The session feeds frames in and sends what an
-exchange asks for (COPY data); it runs exchanges only when the upstream owes
-the client nothing, so every frame until the next ReadyForQuery is ours.
+Must not: write to sockets. The session sends what an exchange asks for and
+feeds frames in; it starts an exchange only once every response owed to the
+client has arrived, so every frame until the exchange is done is ours.
 """
 
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Protocol
 
+from engine.api import Result, Statement
+from proxy import extended
 from proxy import protocol as pq
 from proxy.errors import ProtocolViolation
 
 _H = struct.Struct("!h")
 _I = struct.Struct("!i")
 _COPY_CHUNK = 256 * 1024
+STATEMENT = "pgml_proxy_s"  # the private statement and portal of internal exchanges
+PORTAL = "pgml_proxy_p"
+SYNC = pq.encode(b"S", b"")
 
-
-@dataclass
-class Result:
-    """Rows in text format, with column names and type OIDs."""
-
-    columns: list[tuple[str, int]] = field(default_factory=list)
-    rows: list[tuple[str | None, ...]] = field(default_factory=list)
-    command: str = ""
+__all__ = ["Exchange", "Port", "Result", "Statement", "UpstreamError"]
 
 
 class UpstreamError(Exception):
-    """The server rejected an internal query; ``fields`` is its ErrorResponse, ``status`` the Z after it."""
+    """The server rejected an internal statement; ``fields`` is its ErrorResponse, ``status`` the Z after it.
 
-    def __init__(self, fields: tuple[tuple[str, str], ...], status: str) -> None:
+    ``delivered``: the error already went to the client as the answer of its batch
+    (an exchange in the middle of an extended-protocol batch).
+    """
+
+    def __init__(self, fields: tuple[tuple[str, str], ...], status: str, delivered: bool = False) -> None:
         super().__init__(dict(fields).get("M", "upstream error"))
         self.fields = fields
         self.status = status
+        self.delivered = delivered
 
 
 class Port(Protocol):
@@ -51,13 +55,23 @@ class Port(Protocol):
     standard_strings: bool
     temp_tables: list[str]  # per-row result tables created for the statement being decided
 
+    @property
+    def in_transaction(self) -> bool:
+        """Inside BEGIN or an extended-protocol batch: what runs now commits with the client's work."""
+        ...
+
     async def settled(self) -> None:
         """Until every ReadyForQuery owed has arrived (``tx_status`` is then current)."""
         ...
 
-    async def query(self, sql: str, copy_data: bytes | None = None) -> Result:
-        """Run one simple Query (with COPY FROM STDIN data if given); raises UpstreamError."""
+    async def execute(self, statements: Sequence[Statement]) -> list[Result]:
+        """Run statements as one internal exchange; raises UpstreamError."""
         ...
+
+
+async def query(port: Port, sql: str, copy_data: bytes | None = None) -> Result:
+    """One internal statement's result."""
+    return (await port.execute([Statement(sql, copy_data=copy_data)]))[0]
 
 
 def decode_row_description(raw: bytes) -> list[tuple[str, int]]:
@@ -94,42 +108,105 @@ def copy_frames(data: bytes) -> list[bytes]:
     return frames
 
 
-class Exchange:
-    """Collects one internal query's answer. ``feed`` returns frames to send upstream (COPY data)."""
+def _close(kind: bytes, name: str) -> bytes:
+    return pq.encode(b"C", kind + name.encode() + b"\0")
 
-    def __init__(self, copy_data: bytes | None = None) -> None:
-        self.result = Result()
+
+def statement_frames(statement: Statement) -> list[bytes]:
+    """Parse, Bind, Describe and Execute of one statement on the private statement and portal."""
+    binary = tuple(int(isinstance(v, bytes)) for v in statement.params)
+    values = tuple(v.encode() if isinstance(v, str) else v for v in statement.params)
+    return [
+        pq.encode_parse(pq.Parse(STATEMENT, statement.sql, ())),
+        extended.encode_bind(extended.Bind(PORTAL, STATEMENT, binary, values, ())),
+        pq.encode(b"D", b"P" + PORTAL.encode() + b"\0"),
+        pq.encode(b"E", PORTAL.encode() + b"\0\0\0\0\0"),
+    ]
+
+
+CLOSE_BOTH = [_close(b"P", PORTAL), _close(b"S", STATEMENT)]
+
+
+class Exchange:
+    """One internal exchange: ``start()`` gives the first frames, ``feed`` the frames each answer asks for.
+
+    Statements after a ``COPY … FROM STDIN`` are sent only once its data went out
+    (any other message would abort the copy). With ``sync`` the exchange ends at
+    ReadyForQuery; otherwise (Flush, mid-batch) at its last CloseComplete or at an
+    error, after which the server skips the client's batch until its Sync.
+    """
+
+    def __init__(self, statements: Sequence[Statement], *, sync: bool, close_first: Sequence[str] = ()) -> None:
+        self.statements = list(statements)
+        self.results = [Result() for _ in self.statements]
         self.error: tuple[tuple[str, str], ...] | None = None
         self.status: str | None = None
-        self._copy_data = copy_data
         self.forward: list[bytes] = []  # frames the client must still see (notifications, parameter changes)
+        self._sync = sync
+        self._closes_left = len(close_first) + 2 * len(self.statements)
+        self._first = [_close(b"S", name) for name in close_first]
+        self._index = 0  # the statement being answered
+        self._next = 0  # the first statement not yet sent
+        self._synced = False
 
     @property
     def done(self) -> bool:
-        return self.status is not None
+        return self.status is not None or (not self._sync and (self.error is not None or self._closes_left == 0))
+
+    def start(self) -> list[bytes]:
+        return self._first + self._send_more()
+
+    def _send_more(self) -> list[bytes]:
+        """Frames up to and including the next COPY FROM's Execute (or the end)."""
+        out: list[bytes] = []
+        while self._next < len(self.statements):
+            statement = self.statements[self._next]
+            self._next += 1
+            out += statement_frames(statement)
+            if statement.copy_data is not None:
+                return [*out, pq.FLUSH]
+            out += CLOSE_BOTH
+        return [*out, *self._end()]
+
+    def _end(self) -> list[bytes]:
+        if not self._sync:
+            return [pq.FLUSH]
+        self._synced = True
+        return [SYNC]
 
     def feed(self, frame: pq.Frame) -> list[bytes]:
         kind = chr(frame.type)
+        result = self.results[min(self._index, len(self.results) - 1)] if self.results else Result()
         match kind:
             case "T":
-                self.result.columns = decode_row_description(frame.raw)
+                result.columns = decode_row_description(frame.raw)
             case "D":
-                self.result.rows.append(decode_data_row(frame.raw))
-            case "C":
-                self.result.command = frame.raw[5:-1].decode()
+                result.rows.append(decode_data_row(frame.raw))
+            case "d":
+                result.copy += frame.raw[5:]
+            case "C" | "I":
+                result.command = frame.raw[5:-1].decode()
+                self._index += 1
+            case "3":
+                self._closes_left -= 1
             case "E":
                 self.error = self.error or pq.decode_error(frame).fields
+                if self._sync and not self._synced:  # the server now skips to a Sync that is not sent yet
+                    return self._end()
             case "G":
-                if self._copy_data is None:
-                    return [pq.encode(b"f", b"pgml-proxy sent no COPY data\0")]
-                data, self._copy_data = self._copy_data, None
-                return copy_frames(data)
+                return self._copy_in()
             case "A" | "S":
                 self.forward.append(frame.raw)
             case "Z":
                 self.status = chr(frame.raw[5])
-            case "N" | "I" | "1" | "2" | "3" | "n":
-                pass  # notices of our own statements are not the client's business
+            case "1" | "2" | "n" | "H" | "c" | "N":
+                pass  # completions, COPY TO framing, notices of our own statements
             case _:
-                raise ProtocolViolation(f"unexpected message {kind!r} in an internal query")
+                raise ProtocolViolation(f"unexpected message {kind!r} in an internal exchange")
         return []
+
+    def _copy_in(self) -> list[bytes]:
+        data = self.statements[self._index].copy_data if self._index < len(self.statements) else None
+        if data is None:
+            return [pq.encode(b"f", b"pgml-proxy sent no COPY data\0"), *self._end()]
+        return [*copy_frames(data), *CLOSE_BOTH, *self._send_more()]

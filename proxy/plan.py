@@ -28,7 +28,7 @@ from engine.api import Call, Engine, Signature
 from proxy.calls import DEFAULT, Site, bind, find_calls
 from proxy.errors import FeatureNotSupported, ProxyError, UndefinedFunction
 from proxy.gather import gather_statement
-from proxy.internal import Port
+from proxy.internal import Port, Statement, query
 from proxy.literals import NOT_CONSTANT, fold, from_text, is_constant, literal, quote_element, text_const, to_text
 
 # Type OIDs of gathered arguments -> the catalogue's type names (and the key column type).
@@ -226,7 +226,7 @@ async def _dependent_replacement(
     if not given:  # constants that fit no overload: report why under the first one
         _fold_strict(candidates[0], slots)
     gather = gather_statement(site, [slots[i] for i in given])
-    result = await port.query(deparse(gather))
+    result = await query(port, deparse(gather))
     types = [OID_TYPES.get(oid) for _, oid in result.columns]
     sig = _choose(site, candidates, given, types)
     fixed = _fold_strict(sig, slots, skip=set(given))
@@ -268,12 +268,15 @@ async def _load(
     binary = value_type == "real[]" and all(k in TEXT_KEYS for k in keys)
     copy = await asyncio.to_thread(_copy_binary if binary else _copy_text, texts, results, sig)
     options = " WITH (FORMAT binary)" if binary else ""
-    await port.query(
-        f"CREATE TEMP TABLE {name} ({columns}, v {value_type}){on_commit}; "
-        f"CREATE INDEX ON {name} USING hash (k{len(keys) - 1}); COPY {name} FROM STDIN{options}; "
-        # Statistics of the keys are all the lookup needs; analysing the vectors would cost ~1 s per 10k rows.
-        f"ANALYZE {name} ({', '.join(f'k{i}' for i in range(len(keys)))})",
-        copy_data=copy,
+    keys_list = ", ".join(f"k{i}" for i in range(len(keys)))
+    await port.execute(
+        [
+            Statement(f"CREATE TEMP TABLE {name} ({columns}, v {value_type}){on_commit}"),
+            Statement(f"CREATE INDEX ON {name} USING hash (k{len(keys) - 1})"),
+            Statement(f"COPY {name} FROM STDIN{options}", copy_data=copy),
+            # Statistics of the keys are all the lookup needs; analysing the vectors would cost ~1 s per 10k rows.
+            Statement(f"ANALYZE {name} ({keys_list})"),
+        ]
     )
     return name
 

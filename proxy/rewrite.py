@@ -17,12 +17,13 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from pglast import ast
+import pglast
+from pglast import ast, enums
 
 from engine.api import Engine, EngineError
 from proxy import extended, literals, plan, protocol, schema
 from proxy.errors import FeatureNotSupported, ProxyError, error_fields
-from proxy.internal import Port
+from proxy.internal import Port, Statement
 from proxy.protocol import Parse, Query
 
 # Case-insensitive and allocation-free on the raw frame. A false positive costs a
@@ -33,6 +34,31 @@ _PGML = re.compile(rb"pgml", re.IGNORECASE)
 def might_use_pgml(raw: bytes) -> bool:
     """True when the frame's text mentions ``pgml`` anywhere (case-insensitive)."""
     return _PGML.search(raw) is not None
+
+
+_DEALLOCATE = re.compile(rb"(?i)dealloc|discard")
+ALL = None
+
+
+def might_deallocate(raw: bytes) -> bool:
+    """True when the text may hold DEALLOCATE or DISCARD (SQL that drops prepared statements)."""
+    return _DEALLOCATE.search(raw) is not None
+
+
+def deallocated(sql: str) -> set[str] | None:
+    """Prepared statements the SQL drops: their names, or ``ALL`` (None) for DEALLOCATE ALL / DISCARD ALL."""
+    try:
+        statements = pglast.parse_sql(sql)
+    except pglast.parser.ParseError:
+        return set()
+    names: set[str] = set()
+    for raw in statements:
+        match raw.stmt:
+            case ast.DeallocateStmt(isall=True) | ast.DiscardStmt(target=enums.DiscardMode.DISCARD_ALL):
+                return ALL
+            case ast.DeallocateStmt(name=str(name)):
+                names.add(name)
+    return names
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,10 +186,14 @@ class Rewriter:
             literals.type_name(extended.PARAM_TYPES.get(oid, "unknown") if oid else "unknown") for oid in declared
         )
         prepare = plan.deparse(ast.PrepareStmt(name=name, argtypes=types or None, query=stmt))
-        result = await port.query(
-            f"{prepare}; SELECT parameter_types::oid[]::text FROM pg_prepared_statements WHERE name = '{name}';"
-            f" DEALLOCATE {name}"
+        results = await port.execute(
+            [
+                Statement(prepare),
+                Statement(f"SELECT parameter_types::oid[]::text FROM pg_prepared_statements WHERE name = '{name}'"),
+                Statement(f"DEALLOCATE {name}"),
+            ]
         )
+        result = results[1]
         inferred = literals.from_text(result.rows[0][0], "bigint[]") if result.rows else []
         oids = tuple(d or int(i or 0) for d, i in zip(declared, inferred + [0] * count, strict=False))
         self._param_types_cache[key] = oids

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from proxy.internal import Port
+import pglast
+
+from proxy.internal import Port, Statement, query
 
 # pg_advisory_xact_lock key: concurrent first connections serialize on it.
 LOCK_KEY = 0x70676D6C  # "pgml"
@@ -84,14 +86,15 @@ APPLIED_QUERY = f"SELECT CASE WHEN to_regclass('{TABLE}') IS NULL THEN NULL ELSE
 
 async def ensure(port: Port) -> None:
     """Apply missing migrations through ``port`` (the client's own session and privileges)."""
-    present = await port.query(APPLIED_QUERY)
+    present = await query(port, APPLIED_QUERY)
     applied: set[int] = set()
     if present.rows and present.rows[0][0] is not None:
-        versions = await port.query(f"SELECT version FROM {TABLE}")
+        versions = await query(port, f"SELECT version FROM {TABLE}")
         applied = {int(v) for (v,) in versions.rows if v is not None}
-    sql = script(applied, port.tx_status == "T")
+    sql = script(applied, port.in_transaction)
     if sql is not None:
-        await port.query(sql)
+        # One statement per message: the extended protocol takes no multi-statement strings.
+        await port.execute([Statement(s) for s in pglast.split(sql)])
 
 
 def init(dsn: str) -> int:

@@ -15,6 +15,7 @@ import asyncio
 import itertools
 import logging
 from collections import deque
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from engine.api import EngineError
@@ -32,7 +33,7 @@ from proxy.errors import (
     error_class,
     to_error_response,
 )
-from proxy.internal import Exchange, Result, UpstreamError
+from proxy.internal import Exchange, Result, Statement, UpstreamError
 from proxy.link import Link
 from proxy.upstream import open_link
 
@@ -229,6 +230,7 @@ class Session:
             not self._authenticated
             or ((_Q in kinds or _P in kinds) and rewrite.might_use_pgml(chunk))
             or (self.deferred and (_B in kinds or _P in kinds or _C in kinds))
+            or (self.deferred and _Q in kinds and rewrite.might_deallocate(chunk))
         ):
             self._relay_client(pq.split_frames(chunk))
         else:  # hot path: nothing to look at, forward the bytes as they came
@@ -254,8 +256,13 @@ class Session:
                 return
             if kind in (_Q, _S, _F):
                 self._owe()
+                if kind == _Q and self.deferred and rewrite.might_deallocate(frame.raw):
+                    self._forget(rewrite.deallocated(pq.decode_query(frame).sql))
             elif kind == _P and self.deferred:
-                self.deferred.pop(pq.decode_parse(frame).name, None)  # the name now means another statement
+                parse = pq.decode_parse(frame)
+                self.deferred.pop(parse.name, None)  # the name now means another statement
+                if rewrite.might_deallocate(frame.raw):
+                    self._forget(rewrite.deallocated(parse.sql))
             elif kind == _C and self.deferred and frame.raw[5:6] == b"S":
                 self.deferred.pop(frame.raw[6:-1].decode(errors="replace"), None)
             elif kind == _X:
@@ -275,6 +282,14 @@ class Session:
         if frame.type in (_Q, _P):
             return rewrite.might_use_pgml(frame.raw)
         return frame.type == _B and bool(self.deferred) and extended.decode_bind(frame).statement in self.deferred
+
+    def _forget(self, names: set[str] | None) -> None:
+        """SQL DEALLOCATE / DISCARD ALL: those statements are gone, a Bind of them must fail as it would."""
+        if names is rewrite.ALL:
+            self.deferred.clear()
+        else:
+            for name in names:
+                self.deferred.pop(name, None)
 
     def _owe(self) -> None:
         self._owed += 1
@@ -313,7 +328,9 @@ class Session:
         try:
             decision = await self._decision(frame)
         except UpstreamError as exc:  # our own query on the client's session failed: that is the answer
-            if frame.type == _Q:
+            if exc.delivered:
+                decision = rewrite.FORWARD  # the client has it; the server skips this message until Sync
+            elif frame.type == _Q:
                 decision = rewrite.Respond(
                     pq.encode_error(pq.ErrorResponse(exc.fields)) + pq.encode_ready(pq.ReadyForQuery(exc.status))
                 )
@@ -411,38 +428,51 @@ class Session:
         """Until every ReadyForQuery owed has arrived (the transaction status is then current)."""
         await self._idle.wait()
 
-    async def query(self, sql: str, copy_data: bytes | None = None) -> Result:
-        """Run one internal simple Query on this session once the upstream owes the client nothing.
+    @property
+    def in_transaction(self) -> bool:
+        """Inside BEGIN, or in the middle of an extended-protocol batch (its implicit transaction)."""
+        return self.tx_status != "I" or self._last_sent not in (_S, _Q)
 
-        Inside an extended-protocol batch, a barrier first makes sure every earlier
-        response has reached the client (raises BatchFailed if the batch already failed).
+    async def execute(self, statements: Sequence[Statement]) -> list[Result]:
+        """Run internal statements on this session once the upstream owes the client nothing.
+
+        Between client batches they end with a Sync of their own. Inside an extended
+        batch, a barrier first makes sure every earlier response has reached the client
+        (BatchFailed if the batch already failed), and they end with a Flush: the
+        batch's implicit transaction goes on. An error there is the batch's answer:
+        it goes to the client, and the server skips the rest until the client's Sync.
         """
         assert self.upstream is not None
+        mid_batch = self._last_sent not in (_S, _Q)
         if not await self._barrier():
             raise rewrite.BatchFailed()
-        prefix = "".join(f"DEALLOCATE {name}; " for name in self._barriers)
-        self._barriers.clear()
-        if self._stale_tables and self.tx_status == "I":  # per-row tables of earlier statements
-            prefix += f"DROP TABLE IF EXISTS {', '.join('pg_temp.' + t for t in self._stale_tables)}; "
+        prefix: list[Statement] = []
+        if not mid_batch and self._stale_tables and self.tx_status == "I":  # per-row tables of earlier statements
+            prefix.append(Statement(f"DROP TABLE IF EXISTS {', '.join('pg_temp.' + t for t in self._stale_tables)}"))
             self._stale_tables.clear()
-        exchange = Exchange(copy_data)
+        exchange = Exchange([*prefix, *statements], sync=not mid_batch, close_first=self._barriers)
+        self._barriers = []
         self._exchange = exchange
         self._exchange_done.clear()
-        self._owe()
-        self._responses.sent(b"Q")
-        self.upstream.write(pq.encode_query(pq.Query(prefix + sql)))
+        if not mid_batch:
+            self._owe()
+            self._last_sent = _S
+        self.upstream.writelines(exchange.start())
         try:
             await self._exchange_done.wait()
         finally:
             self._exchange = None
-        self._last_sent = _Q
-        if self.upstream.is_closed and exchange.status is None:
+        if self.upstream.is_closed and not exchange.done:
             raise ConnectionFailure("the upstream connection closed during an internal query")
         if exchange.forward:
             self.client.writelines(exchange.forward)
         if exchange.error is not None:
-            raise UpstreamError(exchange.error, exchange.status or self.tx_status)
-        return exchange.result
+            fields = tuple((k, v) for k, v in exchange.error if k not in "Pq")  # positions in our own SQL
+            if mid_batch:
+                self._responses.keep(_E)
+                self.client.write(pq.encode_error(pq.ErrorResponse(fields)))
+            raise UpstreamError(fields, exchange.status or self.tx_status, delivered=mid_batch)
+        return exchange.results[len(prefix) :]
 
     # ------------------------------------------------------------------ #
     # Upstream -> client
@@ -494,13 +524,15 @@ class Session:
             kind = frame.type
             if kind == _S:
                 self._parameter_status(frame)
-            keep = self._responses.keep(kind)
-            if self._exchange is not None:
-                self.upstream.writelines(self._exchange.feed(frame))
+            exchange = self._exchange
+            if exchange is not None and not exchange.done:
+                self.upstream.writelines(exchange.feed(frame))
                 if kind == _Z:
                     self._ready(frame.raw[5])
+                if exchange.done:
                     self._exchange_done.set()
                 continue
+            keep = self._responses.keep(kind)
             if not keep:
                 continue
             if kind == _Z:

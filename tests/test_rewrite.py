@@ -8,6 +8,7 @@ every query.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from engine.api import Call
 from proxy import plan
 from proxy.calls import find_calls
 from proxy.errors import FeatureNotSupported, InvalidTextRepresentation, UndefinedFunction
-from proxy.internal import Result
+from proxy.internal import Result, Statement
 from proxy.rewrite import might_use_pgml, raise_statement
 
 CASES = Path(__file__).parent / "rewrite_cases"
@@ -64,8 +65,10 @@ class NoUpstream:
     async def settled(self) -> None:
         pass
 
-    async def query(self, sql: str, copy_data: bytes | None = None) -> Result:
-        raise AssertionError(f"constant rewrites must not query the upstream: {sql}")
+    in_transaction = False
+
+    async def execute(self, statements: Sequence[Statement]) -> list[Result]:
+        raise AssertionError(f"constant rewrites must not query the upstream: {statements}")
 
 
 async def rewrite(sql: str, dependent_ok: bool = True) -> str | None:

@@ -185,3 +185,102 @@ def test_relayed_error_in_transaction_keeps_its_code(proxy, pg):
     r.send(B("", "s", [b"1"]), E(), S)
     got = r.read_until_z(1)
     assert "25P02" not in got[0], got
+
+
+def _table(pg, name: str) -> None:
+    with psycopg.connect(pg.dsn(), autocommit=True) as c:
+        c.execute(f"DROP TABLE IF EXISTS {name}")
+        c.execute(f"CREATE TABLE {name} (id int, body text)")
+        c.execute(f"INSERT INTO {name} VALUES (1, 'a b c'), (2, 'd e')")
+
+
+def _count(pg, table: str) -> int:
+    with psycopg.connect(pg.dsn(), autocommit=True) as c:
+        row = c.execute(f"SELECT count(*) FROM {table}").fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+def test_per_row_mid_batch_keeps_the_implicit_transaction(proxy, pg):
+    """Gather + temp-table load in the middle of an extended batch must not commit what came before."""
+    _table(pg, "rvdocs5")
+    prime(proxy)
+    r = Raw(proxy.port)
+    r.send(
+        P("", "INSERT INTO rvdocs5 VALUES (3, 'x y')"), B(), E(),
+        P("", "SELECT id, pgml.chunk('character', body) FROM rvdocs5 ORDER BY id"), B(), E(),
+        P("", "SELECT 1/0"), B(), E(),
+        S,
+    )  # fmt: skip
+    got = r.read_until_z(1)
+    assert got[:3] == ["1", "2", "C"], got
+    assert got[3:5] == ["1", "2"] and got.count("D") == 3, got  # the INSERT's row is visible to the pgml call
+    assert got[-2].startswith("E:22012") and got[-1] == "ZI", got
+    assert _count(pg, "rvdocs5") == 2  # the whole implicit transaction rolled back, the INSERT too
+
+
+def test_per_row_mid_batch_commits_with_the_batch(proxy, pg):
+    _table(pg, "rvdocs6")
+    prime(proxy)
+    r = Raw(proxy.port)
+    r.send(
+        P("", "INSERT INTO rvdocs6 VALUES (3, 'x y')"), B(), E(),
+        P("", "SELECT id, pgml.chunk('character', body) FROM rvdocs6 ORDER BY id"), B(), E(),
+        S,
+    )  # fmt: skip
+    got = r.read_until_z(1)
+    assert got == ["1", "2", "C", "1", "2", "D", "D", "D", "C", "ZI"], got
+    assert _count(pg, "rvdocs6") == 3
+
+
+def test_internal_error_mid_batch_is_the_batch_error(proxy, pg):
+    """The gather fails (no such column): that error answers the batch, the rest is skipped, nothing committed."""
+    _table(pg, "rvdocs7")
+    prime(proxy)
+    r = Raw(proxy.port)
+    r.send(
+        P("", "INSERT INTO rvdocs7 VALUES (3, 'x y')"), B(), E(),
+        P("", "SELECT pgml.chunk('character', nosuch) FROM rvdocs7"), B(), E(),
+        P("", "SELECT 1"), B(), E(),
+        S,
+        Q("SELECT 2"),
+    )  # fmt: skip
+    got = r.read_until_z(2)
+    assert got[:3] == ["1", "2", "C"], got
+    assert got[3].startswith("E:42703") and got[4] == "ZI", got
+    assert got[5:] == ["T", "D", "C", "ZI"], got
+    assert _count(pg, "rvdocs7") == 2
+
+
+def test_per_row_mid_batch_inside_begin(proxy, pg):
+    _table(pg, "rvdocs8")
+    prime(proxy)
+    r = Raw(proxy.port)
+    r.send(Q("BEGIN"))
+    r.read_until_z(1)
+    r.send(
+        P("", "SELECT id, pgml.chunk('character', body) FROM rvdocs8"), B(), E(),
+        P("", "SELECT nosuch FROM rvdocs8"), B(), E(),
+        S,
+    )  # fmt: skip
+    got = r.read_until_z(1)
+    assert got[-2].startswith("E:42703") and got[-1] == "ZE", got
+    r.send(Q("COMMIT"))
+    assert r.read_until_z(1) == ["C", "ZI"]
+
+
+@pytest.mark.parametrize("drop", ["DEALLOCATE s9", "DEALLOCATE ALL", "DISCARD ALL", "deallocate prepare s9"])
+@pytest.mark.parametrize("extended", [False, True])
+def test_sql_deallocate_forgets_deferred_statement(proxy, drop, extended):
+    """After SQL DEALLOCATE/DISCARD, a Bind of the statement fails exactly as on the server (26000)."""
+    prime(proxy)
+    r = Raw(proxy.port)
+    r.send(P("s9", "SELECT pgml.chunk('character', $1)"), S)
+    assert r.read_until_z(1) == ["1", "ZI"]
+    r.send(B("", "s9", [b"hello"]), E(), S)
+    assert r.read_until_z(1) == ["2", "D", "C", "ZI"]
+    r.send(*([P("", drop), B(), E(), S] if extended else [Q(drop)]))
+    assert r.read_until_z(1)[-1] == "ZI"
+    r.send(B("", "s9", [b"hello"]), E(), S)
+    got = r.read_until_z(1)
+    assert got[0].startswith("E:26000") and got[-1] == "ZI", got
