@@ -38,6 +38,10 @@ class EngineError(Exception):
         self.position: int | None = None
 
 
+class DatabaseError(Exception):
+    """Raised by a :class:`Database` when the server rejects a statement; handlers let it through untouched."""
+
+
 class InvalidArgument(EngineError):
     sqlstate = "22023"  # invalid_parameter_value
 
@@ -85,6 +89,10 @@ class Signature:
     params: tuple[Param, ...]
     returns: str
     columns: tuple[tuple[str, str], ...] = ()
+    # False: the result depends on database state (deployments) or has effects; never cache a rewrite.
+    cacheable: bool = True
+    # True: runs once per call, in statement order, with effects through the client's session (train, deploy…).
+    procedure: bool = False
 
     @property
     def returns_set(self) -> bool:
@@ -97,6 +105,29 @@ JSONB_EMPTY: dict[str, Any] = {}
 def _p(name: str, type_: str, *default: Any) -> Param:
     return Param(name, type_, default[0] if default else None, bool(default))
 
+
+def _train_args(y_type: str) -> tuple[Param, ...]:
+    return (
+        _p("task", "text", None),
+        _p("relation_name", "text", None),
+        _p("y_column_name", y_type, None),
+        _p("algorithm", "pgml.algorithm", "linear"),
+        _p("hyperparams", "jsonb", {}),
+        _p("search", "pgml.search", None),
+        _p("search_params", "jsonb", {}),
+        _p("search_args", "jsonb", {}),
+        _p("test_size", "real", 0.25),
+        _p("test_sampling", "pgml.sampling", "stratified"),
+        _p("runtime", "pgml.runtime", None),
+        _p("automatic_deploy", "boolean", True),
+        _p("materialize_snapshot", "boolean", False),
+        _p("preprocess", "jsonb", {}),
+    )
+
+
+TRAIN_COLUMNS = (("project", "text"), ("task", "text"), ("algorithm", "text"), ("deployed", "boolean"))
+DEPLOY_COLUMNS = (("project", "text"), ("strategy", "text"), ("algorithm", "text"))
+PREDICT_BATCH = (("predict_batch", "real"),)
 
 CATALOGUE: tuple[Signature, ...] = (
     Signature("version", (), "text"),
@@ -113,6 +144,46 @@ CATALOGUE: tuple[Signature, ...] = (
         "record",
         columns=(("chunk_index", "bigint"), ("chunk", "text")),
     ),
+    *(
+        Signature(name, (_p("project_name", "text"), *rest), "record", TRAIN_COLUMNS, cacheable=False, procedure=True)
+        for name, rest in (("train", _train_args("text")), ("train_joint", _train_args("text[]")))
+    ),
+    Signature(
+        "load_dataset",
+        (_p("source", "text"), _p("subset", "text", None), _p("limit", "bigint", None), _p("kwargs", "jsonb", {})),
+        "record",
+        (("table_name", "text"), ("rows", "bigint")),
+        cacheable=False,
+        procedure=True,
+    ),
+    Signature("deploy", (_p("model_id", "bigint"),), "record", DEPLOY_COLUMNS, cacheable=False, procedure=True),
+    Signature(
+        "deploy",
+        (_p("project_name", "text"), _p("strategy", "pgml.strategy"), _p("algorithm", "pgml.algorithm", None)),
+        "record",
+        DEPLOY_COLUMNS,
+        cacheable=False,
+        procedure=True,
+    ),
+    *(
+        Signature("predict", (_p(key, key_type), _p("features", f"{element}[]")), "real", cacheable=False)
+        for key, key_type in (("project_name", "text"), ("model_id", "bigint"))
+        for element in ("real", "double precision", "smallint", "integer", "bigint", "boolean")
+    ),
+    *(
+        Signature(name, (_p(key, key_type), _p("features", "real[]")), "real[]", cacheable=False)
+        for name in ("predict_proba", "predict_joint")
+        for key, key_type in (("project_name", "text"), ("model_id", "bigint"))
+    ),
+    *(
+        Signature("predict_batch", (_p(key, key_type), _p("features", "real[]")), "real", PREDICT_BATCH, False)
+        for key, key_type in (("project_name", "text"), ("model_id", "bigint"))
+    ),
+    *(
+        Signature("predict", (_p(key, key_type), _p("row", "record")), "real", cacheable=False)
+        for key, key_type in (("project_name", "text"), ("model_id", "bigint"))
+    ),
+    Signature("decompose", (_p("project_name", "text"), _p("vector", "real[]")), "real[]", cacheable=False),
 )
 
 
@@ -142,6 +213,8 @@ class Call:
     rows: Sequence[tuple[Any, ...]]
     session: int = 0
     labels: dict[str, str] = field(default_factory=dict)
+    db: Database | None = None  # the client's session, for functions that read or write tables
+    database: str = ""  # its database name (keys of per-database caches)
 
 
 @dataclass(frozen=True)

@@ -11,12 +11,12 @@ import asyncio
 import logging
 import threading
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from engine import text
-from engine.api import Call, Canceled, EngineError, NotSupported, Overloaded
+from engine import deploy, inference, text, training
+from engine.api import Call, Canceled, DatabaseError, EngineError, NotSupported, Overloaded
 from engine.models import ModelCache, configure_offline
 
 if TYPE_CHECKING:
@@ -30,6 +30,15 @@ HANDLERS: dict[str, Handler] = {
     "version": text.pgml_version,
     "embed": text.embed,
     "chunk": text.chunk,
+}
+Procedure = Callable[[Call, text.Context], Awaitable[list[Any]]]
+# Handlers that talk to the client's session; the flag: bounded by call_timeout (training is not).
+PROCEDURES: dict[str, tuple[Procedure, bool]] = {
+    "train": (training.train, False),
+    "train_joint": (training.train, False),
+    "deploy": (deploy.deploy, True),
+    "load_dataset": (deploy.load_dataset, False),
+    **{name: (inference.predict, True) for name in inference.FUNCTIONS},
 }
 
 
@@ -45,9 +54,10 @@ class LocalEngine:
         self._flags: dict[int, set[threading.Event]] = defaultdict(set)
 
     async def evaluate(self, call: Call) -> list[Any]:
-        handler = HANDLERS.get(call.signature.function)
-        if handler is None:
-            raise NotSupported(f"pgml.{call.signature.function}() is not implemented by this pgml-proxy yet")
+        name = call.signature.function
+        handler, procedure = HANDLERS.get(name), PROCEDURES.get(name)
+        if handler is None and procedure is None:
+            raise NotSupported(f"pgml.{name}() is not implemented by this pgml-proxy yet")
         if self._pending >= self.config.max_queue:
             raise Overloaded(
                 "too many pgml engine calls are waiting", hint="Retry later, or raise [engine] max_queue / workers."
@@ -55,11 +65,30 @@ class LocalEngine:
         flag = threading.Event()
         self._flags[call.session].add(flag)
         self._pending += 1
-        ctx = text.Context(self.config, self.cache, flag)
-        future = asyncio.get_running_loop().run_in_executor(self._pool, self._run, handler, list(call.rows), ctx)
+        loop = asyncio.get_running_loop()
         try:
-            async with asyncio.timeout(self.config.call_timeout):  # cheaper than wait_for: no extra task
-                return await future
+            if procedure is not None:
+                function, limit = procedure
+                ctx = text.Context(
+                    self.config, self.cache, flag, call.db,
+                    lambda fn: loop.run_in_executor(self._pool, self._work, fn, flag), call.database,
+                )  # fmt: skip
+                return await self._limited(function(call, ctx), flag, limit)
+            assert handler is not None
+            ctx = text.Context(self.config, self.cache, flag)
+            future = loop.run_in_executor(self._pool, self._run, handler, list(call.rows), ctx)
+            return await self._limited(future, flag, True)
+        finally:
+            self._pending -= 1
+            self._flags[call.session].discard(flag)
+            if not self._flags[call.session]:
+                del self._flags[call.session]
+
+    async def _limited(self, work: Awaitable[list[Any]], flag: threading.Event, limit: bool) -> list[Any]:
+        """Await ``work`` within call_timeout (when ``limit``); a timeout or cancel stops the worker."""
+        try:
+            async with asyncio.timeout(self.config.call_timeout if limit else None):
+                return await work
         except TimeoutError:
             flag.set()
             raise Canceled(
@@ -69,11 +98,11 @@ class LocalEngine:
         except asyncio.CancelledError:
             flag.set()  # the worker stops at its next check; the session is going away or was canceled
             raise
-        finally:
-            self._pending -= 1
-            self._flags[call.session].discard(flag)
-            if not self._flags[call.session]:
-                del self._flags[call.session]
+        except (EngineError, DatabaseError):
+            raise
+        except Exception as exc:  # a fault in a procedure is the statement's error, not the connection's
+            log.exception("engine procedure failed")
+            raise EngineError(f"{type(exc).__name__}: {exc}") from exc
 
     @staticmethod
     def _run(handler: Handler, rows: list[tuple[Any, ...]], ctx: text.Context) -> list[Any]:
@@ -84,6 +113,18 @@ class LocalEngine:
             raise
         except Exception as exc:  # a failure inside the ML library is the statement's error, not ours
             log.exception("engine handler failed")
+            raise EngineError(f"{type(exc).__name__}: {exc}") from exc
+
+    @staticmethod
+    def _work(fn: Callable[[], Any], flag: threading.Event) -> Any:
+        if flag.is_set():
+            raise Canceled("canceling statement due to user request")
+        try:
+            return fn()
+        except EngineError:
+            raise
+        except Exception as exc:  # a failure inside the ML library is the statement's error, not ours
+            log.exception("engine work failed")
             raise EngineError(f"{type(exc).__name__}: {exc}") from exc
 
     def cancel(self, session: int) -> None:

@@ -108,7 +108,9 @@ def pick_device(setting: str) -> str:
 
 
 def model_bytes(model: Any) -> int:
-    """Parameter + buffer bytes of a torch module (0 when unknown)."""
+    """Parameter + buffer bytes of a torch module, or a model's own ``nbytes`` (0 when unknown)."""
+    if isinstance(getattr(model, "nbytes", None), int):
+        return int(model.nbytes)
     try:
         params = sum(p.numel() * p.element_size() for p in model.parameters())
         buffers = sum(b.numel() * b.element_size() for b in model.buffers())
@@ -131,6 +133,14 @@ class ModelCache:
     @staticmethod
     def key(kind: str, name: str, init: dict[str, Any]) -> str:
         return json.dumps([kind, name, init], sort_keys=True, default=str)
+
+    def peek(self, key: str) -> Any:
+        """The cached model, or None (without loading it)."""
+        with self._lock:
+            found = self._models.get(key)
+            if found is not None:
+                self._models.move_to_end(key)
+            return None if found is None else found[0]
 
     def get(self, key: str, loader: Callable[[], Any]) -> Any:
         with self._lock:

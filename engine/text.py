@@ -10,10 +10,12 @@ return Python values (numpy arrays for vectors).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from engine.api import Canceled, EngineError, InvalidArgument, NotSupported
 from engine.models import ModelCache, pick_device, resolve
@@ -21,8 +23,10 @@ from engine.models import ModelCache, pick_device, resolve
 if TYPE_CHECKING:
     import threading
 
+    from engine.api import Database
     from proxy.config import EngineSection
 
+T = TypeVar("T")
 PGML_API_LEVEL = "2.10.0"
 # SentenceTransformer(...) keyword arguments; everything else goes to encode() (PostgresML's split).
 INIT_KWARGS = frozenset(
@@ -40,16 +44,44 @@ INIT_KWARGS = frozenset(
 
 
 class Context:
-    """What a handler may use: config, the shared model cache, and its cancel flag."""
+    """What a handler may use: config, the shared model cache, its cancel flag.
 
-    def __init__(self, config: EngineSection, cache: ModelCache, cancelled: threading.Event) -> None:
+    Procedures (train, deploy, predict…) run on the event loop and also get the
+    client's session (``database()``) and ``work()``, which runs model code in the
+    engine's worker threads.
+    """
+
+    def __init__(
+        self,
+        config: EngineSection,
+        cache: ModelCache,
+        cancelled: threading.Event,
+        db: Database | None = None,
+        work: Callable[..., Awaitable[Any]] | None = None,
+        database_name: str = "",
+    ) -> None:
         self.config = config
         self.cache = cache
         self.cancelled = cancelled
+        self.db = db
+        self._work = work
+        self.database_name = database_name
 
     def check(self) -> None:
         if self.cancelled.is_set():
             raise Canceled("canceling statement due to user request")
+
+    def database(self) -> Database:
+        if self.db is None:
+            raise NotSupported("this pgml function needs the client's database session")
+        return self.db
+
+    async def work(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn(*args, **kwargs)`` in an engine worker thread (the event loop goes on)."""
+        if self._work is None:
+            return fn(*args, **kwargs)
+        result: T = await self._work(functools.partial(fn, *args, **kwargs))
+        return result
 
 
 def pgml_version(rows: list[tuple[Any, ...]], ctx: Context) -> list[str]:

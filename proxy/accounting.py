@@ -30,7 +30,7 @@ _P, _B, _C, _Q, _S, _F = b"PBCQSF"
 class Segment:
     """The messages up to one ReadyForQuery: completions sent/received by kind, and which to hide."""
 
-    __slots__ = ("barriers", "hidden", "hidden_errors", "received", "sent")
+    __slots__ = ("barriers", "failed", "hidden", "hidden_errors", "received", "sent")
 
     def __init__(self) -> None:
         self.sent = {ONE: 0, TWO: 0, THREE: 0}
@@ -38,6 +38,7 @@ class Segment:
         self.hidden: set[tuple[int, int]] = set()
         self.hidden_errors = 0  # ErrorResponses the proxy provoked on purpose (to make the server skip to Sync)
         self.barriers: dict[int, asyncio.Future[bool]] = {}
+        self.failed = False  # an ErrorResponse arrived: the server skips the rest of the segment
 
     def fail_barriers(self) -> None:
         for waiter in self.barriers.values():
@@ -118,6 +119,9 @@ class Responses:
     def barrier(self) -> asyncio.Future[bool]:
         """An injected Parse is about to be sent: the future tells whether it completed (True)."""
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        if self._current().failed:  # nothing more is answered before the client's Sync
+            future.set_result(False)
+            return future
         ordinal = self.inject(ONE)
         self._current().barriers[ordinal] = future
         return future
@@ -141,6 +145,7 @@ class Responses:
                     waiter.set_result(True)
                 return False
         elif kind == E:
+            oldest.failed = True
             oldest.fail_barriers()  # the server now skips the rest of this segment
             if oldest.hidden_errors:
                 oldest.hidden_errors -= 1

@@ -13,7 +13,7 @@ from typing import Any
 
 from pglast import ast, visitors
 
-from proxy.calls import Site, bind
+from proxy.calls import Site, bind, pgml_function
 from proxy.errors import FeatureNotSupported
 
 
@@ -100,6 +100,21 @@ def _output_columns(site: Site) -> tuple[tuple[str, str], ...]:
     return next((s.columns for s in bind(site)[0] if s.columns), ())
 
 
+def _without_calls(node: Any) -> Any:
+    """``node``, or None when it holds a pgml call of its own (replaced later: the rows are then a superset)."""
+    if node is None:
+        return None
+    found = False
+
+    class Calls(visitors.Visitor):
+        def visit_FuncCall(self, ancestors: Any, call: ast.FuncCall) -> None:
+            nonlocal found
+            found = found or pgml_function(call) is not None
+
+    Calls()(ast.ResTarget(val=node) if not isinstance(node, tuple) else ast.SelectStmt(groupClause=node))
+    return None if found else node
+
+
 def gather_statement(site: Site, args: list[ast.Node]) -> ast.SelectStmt:
     """``SELECT DISTINCT <args> FROM …`` over the rows the call's statement sees."""
     stmt, clause = site.stmt, site.clause
@@ -111,7 +126,7 @@ def gather_statement(site: Site, args: list[ast.Node]) -> ast.SelectStmt:
         raise FeatureNotSupported("per-row pgml calls in a statement with a data-modifying WITH query")
     targets = tuple(ast.ResTarget(val=a) for a in args)
     with_clause = ast.WithClause(ctes=tuple(site.ctes), recursive=False) if site.ctes else None
-    where = None if clause == "whereClause" else getattr(stmt, "whereClause", None)
+    where = None if clause == "whereClause" else _without_calls(getattr(stmt, "whereClause", None))
     match stmt:
         case ast.SelectStmt(valuesLists=values) if values:
             return ast.SelectStmt(targetList=targets, withClause=with_clause)
@@ -121,8 +136,8 @@ def gather_statement(site: Site, args: list[ast.Node]) -> ast.SelectStmt:
                 targetList=targets,
                 fromClause=stmt.fromClause,
                 whereClause=where,
-                groupClause=None if clause == "groupClause" else stmt.groupClause,
-                havingClause=None if clause == "havingClause" else stmt.havingClause,
+                groupClause=None if clause == "groupClause" else _without_calls(stmt.groupClause),
+                havingClause=None if clause == "havingClause" else _without_calls(stmt.havingClause),
                 withClause=with_clause,
             )
         case ast.UpdateStmt():

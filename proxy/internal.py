@@ -17,7 +17,7 @@ import struct
 from collections.abc import Sequence
 from typing import Protocol
 
-from engine.api import Result, Statement
+from engine.api import DatabaseError, Result, Statement
 from proxy import extended
 from proxy import protocol as pq
 from proxy.errors import ProtocolViolation
@@ -32,7 +32,7 @@ SYNC = pq.encode(b"S", b"")
 __all__ = ["Exchange", "Port", "Result", "Statement", "UpstreamError"]
 
 
-class UpstreamError(Exception):
+class UpstreamError(DatabaseError):
     """The server rejected an internal statement; ``fields`` is its ErrorResponse, ``status`` the Z after it.
 
     ``delivered``: the error already went to the client as the answer of its batch
@@ -143,8 +143,10 @@ class Exchange:
         self.status: str | None = None
         self.forward: list[bytes] = []  # frames the client must still see (notifications, parameter changes)
         self._sync = sync
-        self._closes_left = len(close_first) + 2 * len(self.statements)
-        self._first = [_close(b"S", name) for name in close_first]
+        # Closing the private statement and portal first is a no-op unless an earlier exchange failed
+        # between its Parse and Close (the server then skipped the Close): names are free again.
+        self._first = [_close(b"S", name) for name in close_first] + CLOSE_BOTH
+        self._closes_left = len(self._first) + 2 * len(self.statements)
         self._index = 0  # the statement being answered
         self._next = 0  # the first statement not yet sent
         self._synced = False

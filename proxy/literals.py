@@ -130,6 +130,36 @@ def parse_array(text: str) -> list[str | None]:
     return out
 
 
+def parse_record(text: str) -> tuple[str | None, ...]:
+    """Fields of a record literal ``(1,"a b",)`` as text (an empty unquoted field is NULL)."""
+    if len(text) < 2 or text[0] != "(" or text[-1] != ")":
+        raise InvalidTextRepresentation(f'malformed record literal: "{text}"')
+    body, i, fields = text[1:-1], 0, []
+    while True:
+        chars: list[str] = []
+        quoted = False
+        while i < len(body) and (quoted or body[i] != ","):
+            c = body[i]
+            if c == '"':
+                if quoted and i + 1 < len(body) and body[i + 1] == '"':
+                    chars.append('"')
+                    i += 1
+                else:
+                    quoted = not quoted
+                    if not chars:
+                        chars.append("")  # '""' is an empty string, not NULL
+            elif c == "\\" and i + 1 < len(body):
+                i += 1
+                chars.append(body[i])
+            else:
+                chars.append(c)
+            i += 1
+        fields.append("".join(chars) if chars else None)
+        if i >= len(body):
+            return tuple(fields)
+        i += 1
+
+
 def from_text(text: str | None, sql_type: str) -> Any:
     """Decode the text form of ``sql_type`` (as a server sends it) into a Python value."""
     if text is None:
@@ -137,6 +167,10 @@ def from_text(text: str | None, sql_type: str) -> Any:
     match sql_type:
         case "text":
             return text
+        case _ if sql_type.startswith("pgml."):  # pgml's enums (algorithm, strategy, …): their labels
+            return text
+        case "record":
+            return parse_record(text)
         case "jsonb":
             try:
                 return json.loads(text)
@@ -152,7 +186,10 @@ def from_text(text: str | None, sql_type: str) -> Any:
         case "real" | "double precision":
             return float(text)
         case _ if sql_type.endswith("[]"):
-            return [from_text(v, sql_type[:-2]) for v in parse_array(text)]
+            element = sql_type[:-2]
+            if element in _NUMBERS and text.count("{") > 1:  # multidimensional numbers: flattened, row-major
+                text = "{" + text.replace("{", "").replace("}", "") + "}"
+            return [from_text(v, element) for v in parse_array(text)]
     raise InvalidParameterValue(f"cannot read a value of type {sql_type}")
 
 
@@ -183,6 +220,30 @@ def fold(node: ast.Node | None, sql_type: str) -> Any:
         case ast.A_ArrayExpr(elements=elements) if sql_type.endswith("[]"):
             values = [fold(e, sql_type[:-2]) for e in elements or ()]
             return NOT_CONSTANT if any(v is NOT_CONSTANT for v in values) else values
+        case ast.RowExpr(args=args) if sql_type == "record":
+            values = [_fold_field(a) for a in args or ()]
+            return NOT_CONSTANT if any(v is NOT_CONSTANT for v in values) else tuple(values)
+    return NOT_CONSTANT
+
+
+def _fold_field(node: ast.Node | None) -> Any:
+    """A constant field of ``ROW(…)``, as the Python value its literal spells (no target type)."""
+    match node:
+        case ast.A_Const(isnull=True):
+            return None
+        case ast.A_Const(val=ast.String(sval=text)):
+            return text
+        case ast.A_Const(val=ast.Integer(ival=number)):
+            return number
+        case ast.A_Const(val=ast.Float(fval=str(number))):
+            return float(number)
+        case ast.A_Const(val=ast.Boolean(boolval=flag)):
+            return flag
+        case ast.TypeCast(arg=inner):
+            return _fold_field(inner)
+        case ast.A_ArrayExpr(elements=elements):
+            values = [_fold_field(e) for e in elements or ()]
+            return NOT_CONSTANT if any(v is NOT_CONSTANT for v in values) else values
     return NOT_CONSTANT
 
 
@@ -198,6 +259,7 @@ def is_constant(node: Any) -> bool:
     return False
 
 
+_NUMBERS = frozenset({"bigint", "integer", "smallint", "real", "double precision", "boolean"})
 _SAME = {
     "text": {"text", "varchar", "bpchar", "character varying", "character"},
     "jsonb": {"jsonb", "json"},
@@ -212,4 +274,6 @@ def _castable(name: ast.TypeName, sql_type: str) -> bool:
     base = sql_type[:-2] if sql_type.endswith("[]") else sql_type
     if is_array != sql_type.endswith("[]"):
         return False
+    if base.startswith("pgml."):  # 'xgboost'::pgml.algorithm, or a text cast
+        return spelled == base[5:] or spelled in _SAME["text"]
     return spelled in _SAME.get(base, {base})

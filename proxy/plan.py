@@ -37,8 +37,15 @@ OID_TYPES = {
     1009: "text[]", 1015: "text[]", 3802: "jsonb", 114: "jsonb",
     20: "bigint", 23: "bigint", 21: "bigint", 16: "boolean",
     700: "real", 701: "double precision", 1021: "real[]", 1022: "double precision[]",
+    1005: "bigint[]", 1007: "bigint[]", 1016: "bigint[]", 1000: "boolean[]", 1700: "double precision",
+    1231: "double precision[]", 2249: "record",
 }  # fmt: skip
-KEY_TYPES = {25: "text", 1043: "varchar", 1042: "bpchar", 19: "name", 705: "text", 114: "jsonb"}
+# Key columns keep the argument's own type, so the lookup compares like with like.
+KEY_TYPES = {
+    25: "text", 1043: "varchar", 1042: "bpchar", 19: "name", 705: "text", 114: "jsonb", 21: "smallint",
+    23: "integer", 1005: "smallint[]", 1007: "integer[]", 1700: "numeric", 1231: "numeric[]", 2249: "text",
+}  # fmt: skip
+RECORD_OID = 2249  # records have no equality a table column can hold: their text is the key
 _temp_ids = itertools.count(1)
 
 
@@ -107,9 +114,17 @@ async def rewrite(analysis: Analysis, engine: Engine, port: Port, *, dependent_o
                     hint="Send the statement on its own.",
                 )
             dependent.append((site, candidates, slots))
+    # Procedures (train, deploy, load_dataset…) first, one call at a time in statement order:
+    # what they change (a deployment, a table) is what the other calls of the statement see.
+    procedures = [(signature_of[k], e) for k, entries in constant.items() for e in entries if signature_of[k].procedure]
+    for sig, (site, values) in sorted(procedures, key=lambda p: _order(p[1][0])):
+        (result,) = await engine.evaluate(_call(sig, [values], port))
+        replacements.update(_constant_replacement(site, sig, result))
     for key, entries in constant.items():
         sig = signature_of[key]
-        results = await engine.evaluate(Call(sig, [values for _, values in entries], session=port.session_id))
+        if sig.procedure:
+            continue
+        results = await engine.evaluate(_call(sig, [values for _, values in entries], port))
         for (site, _), result in zip(entries, results, strict=True):
             replacements.update(_constant_replacement(site, sig, result))
     for site, candidates, slots in dependent:
@@ -119,6 +134,19 @@ async def rewrite(analysis: Analysis, engine: Engine, port: Port, *, dependent_o
             _keep_column_names(raw.stmt, replacements)
     Replacer(replacements)(stmts)
     return deparse_all(stmts)
+
+
+def _call(sig: Signature, rows: list[tuple[Any, ...]], port: Port) -> Call:
+    return Call(sig, rows, session=port.session_id, db=port, database=port.database)
+
+
+def _order(site: Site) -> int:
+    return site.call.location or 0
+
+
+def cacheable(analysis: Analysis) -> bool:
+    """True when every call's result depends on its arguments alone (no deployments, no effects)."""
+    return all(all(s.cacheable for s in bind(site)[0]) for sites in analysis.sites for site in sites)
 
 
 def constant_only(analysis: Analysis) -> bool:
@@ -139,6 +167,8 @@ def _fold(candidates: list[Signature], slots: list[Any]) -> tuple[Signature, tup
             if slot is DEFAULT:
                 values.append(param.default)
                 continue
+            if param.type == "text" and isinstance(slot, ast.A_Const) and isinstance(slot.val, ast.Integer | ast.Float):
+                break  # PostgreSQL has no implicit number -> text cast: pgml.predict(7, …) is the model-id form
             try:
                 value = fold(slot, param.type)
             except ProxyError:
@@ -239,10 +269,13 @@ async def _dependent_replacement(
             values[i] = from_text(text, kind or "text")
         tuples.append(tuple(values))
         texts.append(row)
-    results = await engine.evaluate(Call(sig, tuples, session=port.session_id)) if tuples else []
+    results = await engine.evaluate(_call(sig, tuples, port)) if tuples else []
     keys = [KEY_TYPES.get(oid, t or "text") for (_, oid), t in zip(result.columns, types, strict=True)]
     name = await _load(port, sig, keys, texts, results)
-    conditions = " AND ".join(f"k{i} = ${i + 1}" for i in range(len(keys)))
+    conditions = " AND ".join(
+        f"k{i} = CAST(${i + 1} AS text)" if oid == RECORD_OID else f"k{i} = ${i + 1}"
+        for i, (_, oid) in enumerate(result.columns)
+    )
     lookup = f"(SELECT v FROM pg_temp.{name} WHERE {conditions})"
     args = {i + 1: slots[g] for i, g in enumerate(given)}
     if not sig.returns_set:
@@ -384,7 +417,9 @@ def _accepts(param: str, given: str | None) -> bool:
         return False
     if param == given:
         return True
-    return (param == "bigint" and given in ("bigint",)) or (param == "real[]" and given == "double precision[]")
+    # Integer arrays coerce to real[] implicitly (element casts int -> float4 are implicit); float8 -> float4
+    # is only an assignment cast in PostgreSQL, accepted here because pgml's math is float4 anyway.
+    return param == "real[]" and given in ("double precision[]", "bigint[]")
 
 
 # --------------------------------------------------------------------------- #

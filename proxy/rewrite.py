@@ -20,7 +20,7 @@ from typing import Any
 import pglast
 from pglast import ast, enums
 
-from engine.api import Engine, EngineError
+from engine.api import DatabaseError, Engine, EngineError
 from proxy import extended, literals, plan, protocol, schema
 from proxy.errors import FeatureNotSupported, ProxyError, error_fields
 from proxy.internal import Port, Statement
@@ -104,7 +104,7 @@ class Rebound:
     name: str
 
 
-class BatchFailed(Exception):
+class BatchFailed(DatabaseError):
     """The extended-protocol batch already failed upstream; the server skips messages until Sync."""
 
 
@@ -152,7 +152,8 @@ class Rewriter:
                     protocol.encode_query(Query(await plan.rewrite(analysis, self.engine, port, dependent_ok=True)))
                 )
             sql = await plan.rewrite(analysis, self.engine, port, dependent_ok=False)
-            self._remember(key, sql)
+            if plan.cacheable(analysis):
+                self._remember(key, sql)
         else:
             self._rewritten.move_to_end(key)
         if isinstance(message, Parse):

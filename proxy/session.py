@@ -418,6 +418,8 @@ class Session:
             return True
         name = f"pgml_proxy_barrier_{next(self._private_ids)}"
         waiter = self._responses.barrier()
+        if waiter.done():  # the batch already failed: the server answers nothing more before Sync
+            return False
         self.upstream.writelines([pq.encode_parse(pq.Parse(name, "SELECT 1", ())), pq.FLUSH])
         if await waiter:
             self._barriers.append(name)
