@@ -156,6 +156,20 @@ CATALOGUE: tuple[Signature, ...] = (
         cacheable=False,
         procedure=True,
     ),
+    Signature(
+        "snapshot",
+        (
+            _p("relation_name", "text"),
+            _p("y_column_name", "text"),
+            _p("test_size", "real", 0.25),
+            _p("test_sampling", "pgml.sampling", "stratified"),
+            _p("preprocess", "jsonb", {}),
+        ),
+        "record",
+        (("relation", "text"), ("y_column_name", "text")),
+        cacheable=False,
+        procedure=True,
+    ),
     Signature("deploy", (_p("model_id", "bigint"),), "record", DEPLOY_COLUMNS, cacheable=False, procedure=True),
     Signature(
         "deploy",
@@ -215,6 +229,7 @@ class Call:
     labels: dict[str, str] = field(default_factory=dict)
     db: Database | None = None  # the client's session, for functions that read or write tables
     database: str = ""  # its database name (keys of per-database caches)
+    notices: list[str] = field(default_factory=list)  # WARNINGs for the client (e.g. a model not deployed)
 
 
 @dataclass(frozen=True)
@@ -228,6 +243,7 @@ class Statement:
     sql: str
     params: tuple[str | bytes | None, ...] = ()
     copy_data: bytes | None = None
+    visible: bool = False  # its answer (rows, command tag, notices, error) goes to the client as is
 
 
 @dataclass

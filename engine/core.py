@@ -36,6 +36,7 @@ Procedure = Callable[[Call, text.Context], Awaitable[list[Any]]]
 PROCEDURES: dict[str, tuple[Procedure, bool]] = {
     "train": (training.train, False),
     "train_joint": (training.train, False),
+    "snapshot": (training.snapshot, False),
     "deploy": (deploy.deploy, True),
     "load_dataset": (deploy.load_dataset, False),
     **{name: (inference.predict, True) for name in inference.FUNCTIONS},
@@ -71,7 +72,7 @@ class LocalEngine:
                 function, limit = procedure
                 ctx = text.Context(
                     self.config, self.cache, flag, call.db,
-                    lambda fn: loop.run_in_executor(self._pool, self._work, fn, flag), call.database,
+                    lambda fn: loop.run_in_executor(self._pool, self._work, fn, flag), call.database, call.notices,
                 )  # fmt: skip
                 return await self._limited(function(call, ctx), flag, limit)
             assert handler is not None

@@ -59,6 +59,7 @@ class Context:
         db: Database | None = None,
         work: Callable[..., Awaitable[Any]] | None = None,
         database_name: str = "",
+        notices: list[str] | None = None,
     ) -> None:
         self.config = config
         self.cache = cache
@@ -66,6 +67,7 @@ class Context:
         self.db = db
         self._work = work
         self.database_name = database_name
+        self.notices = notices if notices is not None else []
 
     def check(self) -> None:
         if self.cancelled.is_set():

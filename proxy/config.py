@@ -84,6 +84,8 @@ class EngineSection:
     # Loaded models kept in memory (all connections share them), least recently used evicted first.
     cache_bytes: int = 8 * 1024**3
     trust_remote_code: bool = False
+    # Models pgml.transform / transform_stream may load (empty: any); PostgresML's pgml.huggingface_whitelist.
+    allowed_models: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -129,3 +129,20 @@ def to_error_response(exc: BaseException, severity: str = "ERROR") -> bytes:
     from proxy.protocol import ErrorResponse, encode_error  # protocol imports this module
 
     return encode_error(ErrorResponse(error_fields(exc, severity)))
+
+
+def from_fields(fields: tuple[tuple[str, str], ...]) -> ProxyError:
+    """The server's own ErrorResponse (from an internal statement) as an error to raise again, code kept."""
+    found = dict(fields)
+    code = found.get("C", "XX000")
+    error = error_class(code)(found.get("M", "upstream error"), detail=found.get("D"), hint=found.get("H"))
+    error.sqlstate = code  # type: ignore[misc]
+    return error
+
+
+def warning_notice(message: str) -> bytes:
+    """A NoticeResponse of severity WARNING (SQLSTATE 01000)."""
+    from proxy.protocol import ErrorResponse, encode_error
+
+    fields = (("S", "WARNING"), ("V", "WARNING"), ("C", "01000"), ("M", message))
+    return encode_error(ErrorResponse(fields), notice=True)

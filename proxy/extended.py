@@ -33,6 +33,9 @@ PARAM_TYPES: dict[int, str] = {
 ARRAY_ELEMENTS = {1009: 25, 1015: 1043, 1021: 700, 1022: 701, 1016: 20, 1007: 23, 1005: 21, 3807: 3802, 199: 114}
 
 
+FIRST_USER_OID = 16384  # FirstNormalObjectId: types created after initdb (enums, domains)
+
+
 @dataclass(frozen=True)
 class Bind:
     portal: str
@@ -91,6 +94,8 @@ def param_value(data: bytes | None, binary: bool, type_oid: int) -> Any:
     if data is None:
         return None
     kind = PARAM_TYPES.get(type_oid)
+    if kind is None and type_oid >= FIRST_USER_OID and not binary:
+        return data.decode()  # a user-defined type such as pgml's enums (algorithm, strategy…): its label
     if kind is None:
         raise FeatureNotSupported(f"pgml-proxy cannot read a parameter of type OID {type_oid} in a pgml call")
     if not binary:

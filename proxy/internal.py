@@ -54,6 +54,7 @@ class Port(Protocol):
     database: str
     standard_strings: bool
     temp_tables: list[str]  # per-row result tables created for the statement being decided
+    notices: list[str]  # WARNINGs from the engine for the client, sent with the decision
 
     @property
     def in_transaction(self) -> bool:
@@ -64,8 +65,12 @@ class Port(Protocol):
         """Until every ReadyForQuery owed has arrived (``tx_status`` is then current)."""
         ...
 
-    async def execute(self, statements: Sequence[Statement]) -> list[Result]:
-        """Run statements as one internal exchange; raises UpstreamError."""
+    async def execute(self, statements: Sequence[Statement], keep_open: bool = False) -> list[Result]:
+        """Run statements as one internal exchange; raises UpstreamError.
+
+        ``keep_open``: end with Flush even between batches, so the implicit transaction goes on into
+        the client's statement that follows (the caller sends it, or a Sync after an error).
+        """
         ...
 
 
@@ -178,12 +183,16 @@ class Exchange:
 
     def feed(self, frame: pq.Frame) -> list[bytes]:
         kind = chr(frame.type)
+        if self._index < len(self.statements) and self.statements[self._index].visible and kind in "TDCINE":
+            self.forward.append(frame.raw)  # a statement of the client's own, run here: its answer is theirs
         result = self.results[min(self._index, len(self.results) - 1)] if self.results else Result()
         match kind:
             case "T":
                 result.columns = decode_row_description(frame.raw)
-            case "D":
+            case "D" if not self.statements[self._index].visible:
                 result.rows.append(decode_data_row(frame.raw))
+            case "D":
+                pass
             case "d":
                 result.copy += frame.raw[5:]
             case "C" | "I":

@@ -264,6 +264,10 @@ _SAME = {
     "text": {"text", "varchar", "bpchar", "character varying", "character"},
     "jsonb": {"jsonb", "json"},
     "bigint": {"int8", "bigint", "int4", "integer", "int2", "smallint"},
+    "boolean": {"bool", "boolean"},
+    # Numbers fold into float arguments (a bound int test_size, '0.25'::numeric …).
+    "real": {"float4", "real", "float8", "double precision", "numeric", "int8", "bigint", "int4", "integer", "int2"},
+    "double precision": {"float4", "real", "float8", "double precision", "numeric", "int8", "bigint", "int4", "int2"},
 }
 
 

@@ -92,6 +92,7 @@ async def rewrite(analysis: Analysis, engine: Engine, port: Port, *, dependent_o
     constant: dict[int, list[tuple[Site, tuple[Any, ...]]]] = defaultdict(list)  # by id(signature)
     signature_of: dict[int, Signature] = {}
     dependent: list[tuple[Site, list[Signature], list[Any]]] = []
+    first_dependent = len(stmts)
     for index, sites in enumerate(per_stmt):
         for site in sites:
             if site.nested_in is not None:
@@ -108,12 +109,8 @@ async def rewrite(analysis: Analysis, engine: Engine, port: Port, *, dependent_o
                     " query protocol yet",
                     hint="Pass constant arguments, or use the simple query protocol for per-row calls.",
                 )
-            if index > 0:
-                raise FeatureNotSupported(
-                    f"per-row pgml.{site.function}() calls must be in the first statement of a query string",
-                    hint="Send the statement on its own.",
-                )
             dependent.append((site, candidates, slots))
+            first_dependent = min(first_dependent, index)
     # Procedures (train, deploy, load_dataset…) first, one call at a time in statement order:
     # what they change (a deployment, a table) is what the other calls of the statement see.
     procedures = [(signature_of[k], e) for k, entries in constant.items() for e in entries if signature_of[k].procedure]
@@ -127,8 +124,17 @@ async def rewrite(analysis: Analysis, engine: Engine, port: Port, *, dependent_o
         results = await engine.evaluate(_call(sig, [values for _, values in entries], port))
         for (site, _), result in zip(entries, results, strict=True):
             replacements.update(_constant_replacement(site, sig, result))
+    if 0 < first_dependent < len(stmts):
+        # A per-row call reads rows the earlier statements of the string may change: those run first,
+        # their answers going to the client, in the implicit transaction the rest then joins.
+        await _run_before(stmts[:first_dependent], replacements, port)
+        stmts = stmts[first_dependent:]
     for site, candidates, slots in dependent:
         replacements.update(await _dependent_replacement(site, candidates, slots, engine, port))
+    return _replaced(stmts, replacements)
+
+
+def _replaced(stmts: tuple[ast.RawStmt, ...], replacements: dict[int, ast.Node]) -> str:
     for raw in stmts:
         if raw.stmt is not None:
             _keep_column_names(raw.stmt, replacements)
@@ -136,8 +142,17 @@ async def rewrite(analysis: Analysis, engine: Engine, port: Port, *, dependent_o
     return deparse_all(stmts)
 
 
+async def _run_before(stmts: tuple[ast.RawStmt, ...], replacements: dict[int, ast.Node], port: Port) -> None:
+    if any(isinstance(raw.stmt, ast.CopyStmt) for raw in stmts):
+        raise FeatureNotSupported(
+            "COPY before a per-row pgml call in the same query string", hint="Send the COPY on its own."
+        )
+    texts = [_replaced((raw,), replacements) for raw in stmts if raw.stmt is not None]
+    await port.execute([Statement(sql, visible=True) for sql in texts], keep_open=True)
+
+
 def _call(sig: Signature, rows: list[tuple[Any, ...]], port: Port) -> Call:
-    return Call(sig, rows, session=port.session_id, db=port, database=port.database)
+    return Call(sig, rows, session=port.session_id, db=port, database=port.database, notices=port.notices)
 
 
 def _order(site: Site) -> int:

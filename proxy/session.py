@@ -27,14 +27,15 @@ from proxy.errors import (
     ConnectionFailure,
     FeatureNotSupported,
     InternalError,
-    InvalidAuthorization,
     ProtocolViolation,
     ProxyError,
-    error_class,
+    from_fields,
     to_error_response,
+    warning_notice,
 )
-from proxy.internal import Exchange, Result, Statement, UpstreamError
+from proxy.internal import SYNC, Exchange, Result, Statement, UpstreamError
 from proxy.link import Link
+from proxy.startup import AuthWatch, negotiate
 from proxy.upstream import open_link
 
 if TYPE_CHECKING:
@@ -54,15 +55,6 @@ _p = ord("p")
 _B = ord("B")
 _C = ord("C")
 _F = ord("F")
-_SCRAM_PLUS = "SCRAM-SHA-256-PLUS"
-# SCRAM's downgrade protection: a TLS client that saw no -PLUS offer says so ("y"),
-# and a TLS server that does support binding then refuses. The binding data would
-# have to be rewritten, which the client's proof covers, so this cannot be relayed.
-_CHANNEL_BINDING_ERROR = InvalidAuthorization(
-    "SCRAM authentication over TLS on both legs cannot be relayed by pgml-proxy",
-    detail="The client uses TLS to the proxy and the proxy uses TLS to the server, which supports channel binding.",
-    hint="Connect with channel_binding=disable, or without TLS to the proxy, or set [upstream] sslmode=disable.",
-)
 
 
 class Session:
@@ -90,7 +82,7 @@ class Session:
         self._idle = asyncio.Event()
         self._idle.set()
         self._upstream_fatal = False
-        self._bound_upstream = False  # the upstream offered SCRAM channel binding
+        self._auth = AuthWatch()
         self._terminating = False
         self._early = b""
         self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -105,6 +97,7 @@ class Session:
         self._private_open: list[str] = []  # private statements whose Close may have been skipped
         self._barriers: list[str] = []  # barrier statements to deallocate at the next internal query
         self.temp_tables: list[str] = []  # per-row result tables made for the statement being decided
+        self.notices: list[str] = []  # engine WARNINGs, sent to the client ahead of the statement's answer
         self._stale_tables: list[str] = []  # ... and for earlier statements, to drop when idle
 
     # ------------------------------------------------------------------ #
@@ -114,10 +107,13 @@ class Session:
     async def run(self) -> None:
         """Serve the connection until either side closes."""
         try:
-            startup = await asyncio.wait_for(self._negotiate(), STARTUP_TIMEOUT)
-            if startup is None:
+            negotiated = await asyncio.wait_for(
+                negotiate(self.client, self.server.client_tls, self.server.cancel), STARTUP_TIMEOUT
+            )
+            if negotiated.startup is None:
                 return
-            await self._connect_upstream(startup)
+            self.client_tls, self._early = negotiated.tls, negotiated.early
+            await self._connect_upstream(negotiated.startup)
             await self._done
         except TimeoutError:
             log.info("client did not complete startup within %g s", STARTUP_TIMEOUT)
@@ -128,34 +124,6 @@ class Session:
             self._fatal(exc)
         finally:
             self.close()
-
-    async def _negotiate(self) -> pq.StartupMessage | None:
-        """SSLRequest / GSSENCRequest / CancelRequest handling; returns the StartupMessage."""
-        reader = pq.StartupReader()
-        while True:
-            packet = reader.next_packet()
-            if packet is None:
-                data = await self.client.recv()
-                if not data:
-                    return None
-                reader.feed(data)
-                continue
-            match packet:
-                case pq.SSLRequest() | pq.GSSENCRequest() if reader.pending:
-                    # Bytes sent before our answer would bypass encryption (CVE-2021-23214).
-                    raise ProtocolViolation("received unencrypted data after SSL request")
-                case pq.SSLRequest() if self.server.client_tls is not None and not self.client_tls:
-                    self.client.write(pq.SSL_ACCEPT)
-                    await self.client.start_tls(self.server.client_tls, server_side=True)
-                    self.client_tls = True
-                case pq.SSLRequest() | pq.GSSENCRequest():
-                    self.client.write(pq.SSL_REFUSE)
-                case pq.CancelRequest(pid=pid, key=key):
-                    await self.server.cancel(pid, key)
-                    return None
-                case pq.StartupMessage():
-                    self._early = reader.take_rest()  # relayed once the upstream is there
-                    return packet
 
     async def _connect_upstream(self, startup: pq.StartupMessage) -> None:
         replication = (startup.get("replication") or "false").lower()
@@ -267,8 +235,8 @@ class Session:
                 self.deferred.pop(frame.raw[6:-1].decode(errors="replace"), None)
             elif kind == _X:
                 self._terminating = True
-            elif kind == _p and self._bound_upstream and pq.sasl_initial_gs2_flag(frame) == "y":
-                self._fatal(_CHANNEL_BINDING_ERROR)
+            elif kind == _p and (refused := self._auth.client(frame)) is not None:
+                self._fatal(refused)
                 return
             out.append(frame.raw)
             self._responses.sent(bytes((kind,)))
@@ -328,14 +296,16 @@ class Session:
         try:
             decision = await self._decision(frame)
         except UpstreamError as exc:  # our own query on the client's session failed: that is the answer
-            if exc.delivered:
+            if exc.delivered and frame.type == _Q:  # a simple Query the proxy began itself: end it
+                decision = rewrite.Rewritten(SYNC)
+            elif exc.delivered:
                 decision = rewrite.FORWARD  # the client has it; the server skips this message until Sync
             elif frame.type == _Q:
                 decision = rewrite.Respond(
                     pq.encode_error(pq.ErrorResponse(exc.fields)) + pq.encode_ready(pq.ReadyForQuery(exc.status))
                 )
             else:
-                decision = rewrite.Fail(_relayed(exc))  # the server's own error fields, unchanged
+                decision = rewrite.Fail(from_fields(exc.fields))  # the server's own error fields, unchanged
         except rewrite.BatchFailed:
             decision = rewrite.FORWARD  # the server skips this message anyway, until the client's Sync
         except (ProxyError, EngineError) as exc:
@@ -359,6 +329,9 @@ class Session:
 
     async def _apply(self, frame: pq.Frame, decision: rewrite.Decision) -> None:
         assert self.upstream is not None
+        if self.notices:
+            self.client.writelines([warning_notice(message) for message in self.notices])
+            self.notices = []
         match decision:
             case rewrite.Forward() | rewrite.DeferToBind():
                 self._forward(frame.type, frame.raw)
@@ -435,7 +408,7 @@ class Session:
         """Inside BEGIN, or in the middle of an extended-protocol batch (its implicit transaction)."""
         return self.tx_status != "I" or self._last_sent not in (_S, _Q)
 
-    async def execute(self, statements: Sequence[Statement]) -> list[Result]:
+    async def execute(self, statements: Sequence[Statement], keep_open: bool = False) -> list[Result]:
         """Run internal statements on this session once the upstream owes the client nothing.
 
         Between client batches they end with a Sync of their own. Inside an extended
@@ -448,17 +421,18 @@ class Session:
         mid_batch = self._last_sent not in (_S, _Q)
         if not await self._barrier():
             raise rewrite.BatchFailed()
+        flush = mid_batch or keep_open
         prefix: list[Statement] = []
         if not mid_batch and self._stale_tables and self.tx_status == "I":  # per-row tables of earlier statements
             prefix.append(Statement(f"DROP TABLE IF EXISTS {', '.join('pg_temp.' + t for t in self._stale_tables)}"))
             self._stale_tables.clear()
-        exchange = Exchange([*prefix, *statements], sync=not mid_batch, close_first=self._barriers)
+        exchange = Exchange([*prefix, *statements], sync=not flush, close_first=self._barriers)
         self._barriers = []
         self._exchange = exchange
         self._exchange_done.clear()
-        if not mid_batch:
+        if not flush:
             self._owe()
-            self._last_sent = _S
+        self._last_sent = _P if flush else _S
         self.upstream.writelines(exchange.start())
         try:
             await self._exchange_done.wait()
@@ -470,10 +444,11 @@ class Session:
             self.client.writelines(exchange.forward)
         if exchange.error is not None:
             fields = tuple((k, v) for k, v in exchange.error if k not in "Pq")  # positions in our own SQL
-            if mid_batch:
+            if flush:  # the server now skips to the next Sync: this error answers the client's message
                 self._responses.keep(_E)
-                self.client.write(pq.encode_error(pq.ErrorResponse(fields)))
-            raise UpstreamError(fields, exchange.status or self.tx_status, delivered=mid_batch)
+                if not any(f[0] == _E for f in exchange.forward):
+                    self.client.write(pq.encode_error(pq.ErrorResponse(fields)))
+            raise UpstreamError(fields, exchange.status or self.tx_status, delivered=flush)
         return exchange.results[len(prefix) :]
 
     # ------------------------------------------------------------------ #
@@ -546,27 +521,16 @@ class Session:
             self.client.writelines(out)
 
     def _inspect_startup(self, frames: list[pq.Frame]) -> list[pq.Frame]:
-        """Authentication relay: strip channel binding, note the cancel key, spot the end."""
-        out = []
+        """Authentication relay: the watch strips channel binding; note the cancel key and the end."""
+        frames = self._auth.upstream(frames)
         for frame in frames:
-            if frame.type == _R:
-                auth = pq.decode_authentication(frame)
-                if auth.code == pq.AUTH_SASL and _SCRAM_PLUS in pq.sasl_mechanisms(auth):
-                    # Channel binding ties SCRAM to one TLS connection; the client's
-                    # TLS ends here, so the upstream's binding can never match.
-                    mechanisms = [m for m in pq.sasl_mechanisms(auth) if m != _SCRAM_PLUS]
-                    self._bound_upstream = True
-                    frame = pq.Frame(_R, pq.encode_sasl(mechanisms))
-            elif frame.type == _K:
-                key = pq.decode_backend_key(frame)
-                self.backend_key = (key.pid, key.key)
-                self.server.remember(self)
-            elif frame.type == _S:
+            if frame.type == _S:
                 self._parameter_status(frame)
-            elif frame.type == _Z:
-                self._authenticated = True
-            out.append(frame)
-        return out
+        if self._auth.backend_key is not None and self.backend_key is None:
+            self.backend_key = self._auth.backend_key
+            self.server.remember(self)
+        self._authenticated = self._auth.done
+        return frames
 
     def _on_upstream_lost(self, exc: Exception | None) -> None:
         self._exchange_done.set()  # an internal query waiting for its answer gives up
@@ -578,16 +542,6 @@ class Session:
 
     def _on_client_lost(self, exc: Exception | None) -> None:
         self.close()
-
-
-def _relayed(exc: UpstreamError) -> ProxyError:
-    """The server's own error from an internal query, to be raised again in the extended protocol."""
-    fields = dict(exc.fields)
-    error: ProxyError = error_class(fields.get("C", "XX000"))(
-        fields.get("M", "upstream error"), detail=fields.get("D"), hint=fields.get("H")
-    )
-    error.sqlstate = fields.get("C", "XX000")  # type: ignore[misc]
-    return error
 
 
 def _close_statement(name: str) -> bytes:

@@ -351,3 +351,101 @@ def test_preprocessing_with_text_column_and_row_predict(conn: psycopg.Connection
     assert sum(expected[k] == p for k, p in per_row) / len(per_row) > 0.95
     with pytest.raises(errors.InvalidParameterValue, match="expected 3 values"):
         conn.execute("SELECT pgml.predict('Fruits', ROW('red', 1.0))")
+
+
+BOTH = [
+    "linear", "ridge", "svm", "nu_svm", "linear_svm", "stochastic_gradient_descent", "passive_aggressive", "ada_boost",
+    "bagging", "extra_trees", "random_forest", "gradient_boosting_trees", "hist_gradient_boosting", "xgboost",
+    "xgboost_random_forest", "lightgbm", "catboost", "gaussian_process",
+]  # fmt: skip
+REGRESSION_ONLY = [
+    "lasso", "elastic_net", "least_angle", "lasso_least_angle", "orthogonal_matching_pursuit", "bayesian_ridge",
+    "automatic_relevance_determination", "ransac", "theil_sen", "huber", "quantile", "kernel_ridge",
+]  # fmt: skip
+CLUSTERING = ["affinity_propagation", "birch", "kmeans", "mini_batch_kmeans", "mean_shift"]
+REJECTED = {
+    ("lasso", "classification"), ("perceptron", "regression"), ("dbscan", "clustering"), ("optics", "clustering"),
+    ("spectral", "clustering"), ("feature_agglomeration", "clustering"), ("knn", "classification"),
+    ("transformers", "regression"), ("pca", "classification"), ("kmeans", "regression"),
+}  # fmt: skip
+SMALL = {"catboost": '{"iterations": 20}', "xgboost": '{"n_estimators": 5}', "lightgbm": '{"n_estimators": 5}'}
+CASES = (
+    [(a, "regression") for a in BOTH + REGRESSION_ONLY]
+    + [(a, "classification") for a in [*BOTH, "perceptron"]]
+    + [(a, "clustering") for a in CLUSTERING]
+    + [("pca", "decomposition")]
+)
+
+
+@pytest.fixture(scope="module")
+def small_tables(proxy: ProxyProcess, datasets: None) -> None:
+    with psycopg.connect(proxy.dsn(), autocommit=True) as c:
+        c.execute("CREATE OR REPLACE VIEW small_diabetes AS SELECT * FROM pgml.diabetes LIMIT 120")
+        c.execute("CREATE OR REPLACE VIEW iris_features AS"
+                  " SELECT sepal_length, sepal_width, petal_length, petal_width FROM pgml.iris")  # fmt: skip
+
+
+@pytest.mark.parametrize(("algorithm", "task"), CASES)
+def test_every_algorithm_trains(conn: psycopg.Connection, small_tables: None, algorithm: str, task: str) -> None:
+    relation, label = {"regression": ("small_diabetes", "target"), "classification": ("pgml.iris", "target")}.get(
+        task, ("iris_features", None)
+    )
+    project = f"every {algorithm} {task}"
+    row = one(conn, "SELECT * FROM pgml.train(%s, %s, %s, %s, %s, hyperparams => %s)",
+              [project, task, relation, label, algorithm, SMALL.get(algorithm, "{}")])  # fmt: skip
+    assert row[:3] == (project, task, algorithm)
+    features = "ARRAY[age, sex, bmi, bp, s1, s2, s3, s4, s5, s6]" if task == "regression" else (
+        "ARRAY[sepal_length, sepal_width, petal_length, petal_width]")  # fmt: skip
+    source = "pgml.diabetes" if task == "regression" else "pgml.iris"
+    predictions = conn.execute(f"SELECT pgml.predict(%s, {features}) FROM {source} LIMIT 5", [project]).fetchall()
+    assert len(predictions) == 5 and all(isinstance(p, float) for (p,) in predictions)
+
+
+@pytest.mark.parametrize(("algorithm", "task"), sorted(REJECTED))
+def test_rejected_algorithms(conn: psycopg.Connection, small_tables: None, algorithm: str, task: str) -> None:
+    relation = {"regression": "small_diabetes", "classification": "pgml.iris"}.get(task, "iris_features")
+    with pytest.raises(errors.FeatureNotSupported):
+        conn.execute("SELECT * FROM pgml.train(%s, %s, %s, 'target', %s)", [f"rej {algorithm} {task}", task,
+                     relation, algorithm])  # fmt: skip
+
+
+def test_train_with_bound_parameters_and_materialized_snapshot(proxy: ProxyProcess, datasets: None) -> None:
+    with psycopg.connect(proxy.dsn(), autocommit=True) as c:
+        row = one(c, "SELECT * FROM pgml.train(%s, %s, %s, %s, algorithm => %s, materialize_snapshot => %s,"
+                     " test_size => %s, test_sampling => 'last')",
+                  ["Params Project", "regression", "pgml.diabetes", "target", "ridge", True, 42])  # fmt: skip
+        assert row == ("Params Project", "regression", "ridge", True)
+        snapshot_id, materialized, test_size = one(
+            c, "SELECT s.id, s.materialized, s.test_size FROM pgml.snapshots s JOIN pgml.models m"
+               " ON m.snapshot_id = s.id JOIN pgml.projects p ON p.id = m.project_id WHERE p.name = 'Params Project'"
+        )  # fmt: skip
+        assert materialized is True and test_size == 42
+        assert one(c, f"SELECT count(*) FROM pgml.snapshot_{snapshot_id}") == (442,)
+        features = [59.0, 2.0, 32.1, 101.0, 157.0, 93.2, 38.0, 4.0, 4.8598, 87.0]
+        value = one(c, "SELECT pgml.predict(%s, %s::real[])", ["Params Project", features])[0]
+        assert isinstance(value, float)
+        # a retrain without relation_name reuses the project's snapshot
+        assert one(c, "SELECT * FROM pgml.train('Params Project', algorithm => 'lasso')")[2] == "lasso"
+        assert one(c, "SELECT count(DISTINCT m.snapshot_id) FROM pgml.models m JOIN pgml.projects p"
+                      " ON p.id = m.project_id WHERE p.name = 'Params Project'") == (1,)  # fmt: skip
+
+
+def test_worse_model_is_not_deployed_and_warns(conn: psycopg.Connection, datasets: None) -> None:
+    notices: list[str] = []
+    conn.add_notice_handler(lambda diag: notices.append(f"{diag.severity}: {diag.message_primary}"))
+    conn.execute("SELECT * FROM pgml.train('Warn Project', 'regression', 'pgml.diabetes', 'target',"
+                 " test_sampling => 'last')")  # fmt: skip
+    row = one(conn, "SELECT * FROM pgml.train('Warn Project', algorithm => 'ridge', hyperparams => '{\"alpha\": 1e9}')")
+    assert row == ("Warn Project", "regression", "ridge", False)
+    assert any(n.startswith("WARNING: New model's r2 is not better than current model.") for n in notices), notices
+    assert one(conn, "SELECT algorithm FROM pgml.deployed_models WHERE name = 'Warn Project'") == ("linear",)
+
+
+def test_snapshot_function(conn: psycopg.Connection, datasets: None) -> None:
+    cur = conn.execute("SELECT * FROM pgml.snapshot('pgml.iris', 'target', test_size => 0.2)")
+    assert [d.name for d in cur.description or ()] == ["relation", "y_column_name"]
+    assert cur.fetchall() == [("pgml.iris", "target")]
+    snapshot_id, materialized, y = one(conn, "SELECT id, materialized, y_column_name FROM pgml.snapshots"
+                                             " ORDER BY id DESC LIMIT 1")  # fmt: skip
+    assert materialized is True and y == ["target"]
+    assert one(conn, f"SELECT count(*) FROM pgml.snapshot_{snapshot_id}") == (150,)

@@ -61,6 +61,7 @@ class NoUpstream:
 
     def __init__(self) -> None:
         self.temp_tables: list[str] = []
+        self.notices: list[str] = []
 
     async def settled(self) -> None:
         pass
@@ -150,7 +151,7 @@ async def test_per_row_calls_refused_where_not_supported() -> None:
     with pytest.raises(FeatureNotSupported):
         await rewrite("SELECT pgml.embed('m', body) FROM docs", dependent_ok=False)
     with pytest.raises(FeatureNotSupported):
-        await rewrite("SELECT 1; SELECT pgml.embed('m', body) FROM docs")
+        await rewrite("WITH gone AS (DELETE FROM docs RETURNING *) SELECT pgml.embed('m', body) FROM gone")
 
 
 async def test_one_engine_call_per_overload() -> None:

@@ -284,3 +284,40 @@ def test_sql_deallocate_forgets_deferred_statement(proxy, drop, extended):
     r.send(B("", "s9", [b"hello"]), E(), S)
     got = r.read_until_z(1)
     assert got[0].startswith("E:26000") and got[-1] == "ZI", got
+
+
+def test_per_row_call_after_other_statements_in_one_query(proxy, pg):
+    """The earlier statements run first (their answers reach the client in order) and the per-row call sees them."""
+    _table(pg, "rvdocs10")
+    prime(proxy)
+    r = Raw(proxy.port)
+    r.send(Q("INSERT INTO rvdocs10 VALUES (3, 'x y'); SELECT id, pgml.chunk('character', body) FROM rvdocs10"
+             " ORDER BY id; SELECT 'after'"))  # fmt: skip
+    got = r.read_until_z(1)
+    assert got == ["C", "T", "D", "D", "D", "C", "T", "D", "C", "ZI"], got
+    assert _count(pg, "rvdocs10") == 3
+
+
+@pytest.mark.parametrize("failing", ["SELECT 1/0", "SELECT pgml.chunk('character', nosuch) FROM rvdocs11"])
+def test_multi_statement_query_with_per_row_call_is_one_transaction(proxy, pg, failing):
+    _table(pg, "rvdocs11")
+    prime(proxy)
+    r = Raw(proxy.port)
+    r.send(Q(f"INSERT INTO rvdocs11 VALUES (3, 'x y'); SELECT pgml.chunk('character', body) FROM rvdocs11; {failing}"))
+    got = r.read_until_z(1)
+    assert got[0] == "C" and got[-2].startswith("E:") and got[-1] == "ZI", got
+    assert _count(pg, "rvdocs11") == 2  # everything rolled back, as PostgreSQL does for one query string
+    r.send(Q("SELECT 1"))
+    assert r.read_until_z(1) == ["T", "D", "C", "ZI"]
+
+
+def test_multi_statement_with_begin_before_per_row_call(proxy, pg):
+    _table(pg, "rvdocs12")
+    prime(proxy)
+    r = Raw(proxy.port)
+    r.send(Q("BEGIN; INSERT INTO rvdocs12 VALUES (3, 'x'); SELECT pgml.chunk('character', body) FROM rvdocs12"))
+    got = r.read_until_z(1)
+    assert got == ["C", "C", "T", "D", "D", "D", "C", "ZT"], got
+    r.send(Q("ROLLBACK"))
+    assert r.read_until_z(1) == ["C", "ZI"]
+    assert _count(pg, "rvdocs12") == 2
