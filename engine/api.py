@@ -12,7 +12,7 @@ from ``engine``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -128,6 +128,8 @@ def _train_args(y_type: str) -> tuple[Param, ...]:
 TRAIN_COLUMNS = (("project", "text"), ("task", "text"), ("algorithm", "text"), ("deployed", "boolean"))
 DEPLOY_COLUMNS = (("project", "text"), ("strategy", "text"), ("algorithm", "text"))
 PREDICT_BATCH = (("predict_batch", "real"),)
+CONFIG = _p("config", "jsonb", {})
+CACHE = _p("cache", "boolean", False)  # accepted, as PostgresML does; pipelines are always cached here
 
 CATALOGUE: tuple[Signature, ...] = (
     Signature("version", (), "text"),
@@ -145,6 +147,28 @@ CATALOGUE: tuple[Signature, ...] = (
         columns=(("chunk_index", "bigint"), ("chunk", "text")),
     ),
     *(
+        Signature("transform", (_p("task", task), _p("args", "jsonb", {}), _p("inputs", inputs, []), CACHE), "jsonb")
+        for inputs in ("text[]", "jsonb[]")
+        for task in ("jsonb", "text")
+    ),
+    *(
+        Signature(
+            "transform_stream",
+            (_p("task", task), _p("args", "jsonb", {}), _p(name, inputs, default), CACHE),
+            "jsonb",
+            (("transform_stream", "jsonb"),),
+            cacheable=False,
+        )
+        for name, inputs, default in (("input", "text", ""), ("inputs", "jsonb[]", []))
+        for task in ("jsonb", "text")
+    ),
+    Signature(
+        "rank",
+        (_p("transformer", "text"), _p("query", "text"), _p("documents", "text[]"), _p("kwargs", "jsonb", {})),
+        "record",
+        (("corpus_id", "bigint"), ("score", "double precision"), ("text", "text")),
+    ),
+    *(
         Signature(name, (_p("project_name", "text"), *rest), "record", TRAIN_COLUMNS, cacheable=False, procedure=True)
         for name, rest in (("train", _train_args("text")), ("train_joint", _train_args("text[]")))
     ),
@@ -155,6 +179,29 @@ CATALOGUE: tuple[Signature, ...] = (
         (("table_name", "text"), ("rows", "bigint")),
         cacheable=False,
         procedure=True,
+    ),
+    Signature(
+        "tune",
+        (
+            _p("project_name", "text"),
+            _p("task", "text", None),
+            _p("relation_name", "text", None),
+            _p("y_column_name", "text", None),
+            _p("model_name", "text", None),
+            _p("hyperparams", "jsonb", {}),
+            _p("test_size", "real", 0.25),
+            _p("test_sampling", "pgml.sampling", "stratified"),
+            _p("automatic_deploy", "boolean", True),
+            _p("materialize_snapshot", "boolean", False),
+        ),
+        "record",
+        (("status", "text"), ("task", "text"), ("algorithm", "text"), ("deployed", "boolean")),
+        cacheable=False,
+        procedure=True,
+    ),
+    *(
+        Signature("generate", (_p("project_name", "text"), _p("inputs", t), CONFIG), t, cacheable=False)
+        for t in ("text", "text[]")
     ),
     Signature(
         "snapshot",
@@ -274,6 +321,13 @@ class Engine(Protocol):
 
     async def evaluate(self, call: Call) -> list[Any]:
         """Results in the order of ``call.rows``; raises EngineError for user errors."""
+        ...
+
+    def stream(self, call: Call) -> AsyncIterator[list[str]]:
+        """``pgml.transform_stream``: text fragments (one string per sequence) as they are generated.
+
+        Generation runs in a worker; closing the iterator (or a cancel of the session) stops it.
+        """
         ...
 
     def cancel(self, session: int) -> None:

@@ -11,11 +11,11 @@ import asyncio
 import logging
 import threading
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from engine import deploy, inference, text, training
+from engine import deploy, inference, text, training, tuning
 from engine.api import Call, Canceled, DatabaseError, EngineError, NotSupported, Overloaded
 from engine.models import ModelCache, configure_offline
 
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from proxy.config import EngineSection
 
 log = logging.getLogger(__name__)
+_END = object()  # the end of a stream
 
 Handler = Callable[[list[tuple[Any, ...]], text.Context], list[Any]]
 
@@ -30,13 +31,34 @@ HANDLERS: dict[str, Handler] = {
     "version": text.pgml_version,
     "embed": text.embed,
     "chunk": text.chunk,
+    "rank": lambda rows, ctx: _transform().rank(rows, ctx),
+    "transform_stream": lambda rows, ctx: _stream_all(rows, ctx),
 }
+
+
+def _transform() -> Any:
+    from engine import transform  # transformers pipelines: imported on first use
+
+    return transform
+
+
+def _stream_all(rows: list[tuple[Any, ...]], ctx: text.Context) -> list[Any]:
+    """``transform_stream`` where it cannot stream (inside a larger statement): every fragment, as rows."""
+    return [
+        None if any(v is None for v in row[:3]) else list(_transform().stream(row[0], row[1] or {}, row[2], ctx))
+        for row in rows
+    ]
+
+
 Procedure = Callable[[Call, text.Context], Awaitable[list[Any]]]
 # Handlers that talk to the client's session; the flag: bounded by call_timeout (training is not).
 PROCEDURES: dict[str, tuple[Procedure, bool]] = {
     "train": (training.train, False),
     "train_joint": (training.train, False),
     "snapshot": (training.snapshot, False),
+    "tune": (tuning.tune, False),
+    "transform": (tuning.transform, True),
+    "generate": (tuning.generate, True),
     "deploy": (deploy.deploy, True),
     "load_dataset": (deploy.load_dataset, False),
     **{name: (inference.predict, True) for name in inference.FUNCTIONS},
@@ -127,6 +149,42 @@ class LocalEngine:
         except Exception as exc:  # a failure inside the ML library is the statement's error, not ours
             log.exception("engine work failed")
             raise EngineError(f"{type(exc).__name__}: {exc}") from exc
+
+    async def stream(self, call: Call) -> AsyncIterator[list[str]]:
+        """Fragments of one generation, produced in a worker thread and handed over through a queue."""
+        transform = _transform()
+        flag = threading.Event()
+        self._flags[call.session].add(flag)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        ctx = text.Context(self.config, self.cache, flag)
+        task, args, inputs, _cache = call.rows[0]
+
+        def produce() -> None:
+            try:
+                for fragment in transform.stream(task, args or {}, inputs, ctx):
+                    if flag.is_set():
+                        break
+                    loop.call_soon_threadsafe(queue.put_nowait, fragment)
+                loop.call_soon_threadsafe(queue.put_nowait, _END)
+            except BaseException as exc:  # handed to the reader
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+
+        loop.run_in_executor(self._pool, produce)
+        try:
+            while (item := await queue.get()) is not _END:
+                if isinstance(item, EngineError):
+                    raise item
+                if isinstance(item, BaseException):
+                    raise EngineError(f"{type(item).__name__}: {item}") from item
+                yield item
+            if flag.is_set():
+                raise Canceled("canceling statement due to user request")
+        finally:
+            flag.set()  # the worker stops at its next fragment
+            self._flags[call.session].discard(flag)
+            if not self._flags[call.session]:
+                del self._flags[call.session]
 
     def cancel(self, session: int) -> None:
         for flag in self._flags.get(session, ()):

@@ -89,6 +89,18 @@ class InvalidTextRepresentation(ProxyError, code="22P02"):
     """A value that does not parse as its type (bad JSON, malformed array)."""
 
 
+class DuplicateCursor(ProxyError, code="42P03"):
+    """A proxy-owned cursor of that name exists."""
+
+
+class InvalidCursorName(ProxyError, code="34000"):
+    """FETCH or CLOSE of a cursor that does not exist."""
+
+
+class NoActiveTransaction(ProxyError, code="25P01"):
+    """DECLARE CURSOR (without HOLD) outside a transaction block."""
+
+
 class InvalidAuthorization(ProxyError, code="28000"):
     """Authentication could not be relayed."""
 

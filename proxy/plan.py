@@ -174,6 +174,11 @@ def constant_only(analysis: Analysis) -> bool:
     return True
 
 
+def fold_call(candidates: list[Signature], slots: list[Any]) -> tuple[Signature, tuple[Any, ...]] | None:
+    """The overload under which every argument is a constant, with the values (None: not all constant)."""
+    return _fold(candidates, slots)
+
+
 def _fold(candidates: list[Signature], slots: list[Any]) -> tuple[Signature, tuple[Any, ...]] | None:
     """The first overload under which every argument is a constant, with the values."""
     for sig in candidates:

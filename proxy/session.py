@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from engine.api import EngineError
-from proxy import extended, rewrite
+from proxy import cursors, extended, rewrite
 from proxy import protocol as pq
 from proxy.accounting import ONE, THREE, Responses
 from proxy.errors import (
@@ -35,6 +35,7 @@ from proxy.errors import (
 )
 from proxy.internal import SYNC, Exchange, Result, Statement, UpstreamError
 from proxy.link import Link
+from proxy.owned import Owned
 from proxy.startup import AuthWatch, negotiate
 from proxy.upstream import open_link
 
@@ -55,6 +56,8 @@ _p = ord("p")
 _B = ord("B")
 _C = ord("C")
 _F = ord("F")
+_OWNED_KINDS = frozenset(b"PBDEC")  # messages that may name a proxy-owned prepared statement or portal
+_DECIDED_KINDS = frozenset(b"QPBDEC")
 
 
 class Session:
@@ -98,6 +101,8 @@ class Session:
         self._barriers: list[str] = []  # barrier statements to deallocate at the next internal query
         self.temp_tables: list[str] = []  # per-row result tables made for the statement being decided
         self.notices: list[str] = []  # engine WARNINGs, sent to the client ahead of the statement's answer
+        self.cursors = cursors.Cursors(server.rewriter.engine, self.session_id)  # pgml.transform_stream cursors
+        self.owned = Owned()  # prepared DECLARE / FETCH statements of those cursors (extended protocol)
         self._stale_tables: list[str] = []  # ... and for earlier statements, to drop when idle
 
     # ------------------------------------------------------------------ #
@@ -152,6 +157,7 @@ class Session:
         """Close both sides (idempotent)."""
         if self._task is not None and not self._task.done():
             self._task.cancel()
+        self.cursors.stop_all()
         if self.upstream is not None and not self.upstream.is_closed:
             if self._authenticated and not self._upstream_fatal:
                 self.upstream.write(pq.TERMINATE)
@@ -199,6 +205,7 @@ class Session:
             or ((_Q in kinds or _P in kinds) and rewrite.might_use_pgml(chunk))
             or (self.deferred and (_B in kinds or _P in kinds or _C in kinds))
             or (self.deferred and _Q in kinds and rewrite.might_deallocate(chunk))
+            or ((self.cursors.open or self.owned.active) and not _DECIDED_KINDS.isdisjoint(kinds))
         ):
             self._relay_client(pq.split_frames(chunk))
         else:  # hot path: nothing to look at, forward the bytes as they came
@@ -219,11 +226,12 @@ class Session:
         out: list[bytes] = []
         for i, frame in enumerate(frames):
             kind = frame.type
-            if kind in (_Q, _P, _B) and self._needs_decision(frame):
+            if kind in _DECIDED_KINDS and self._needs_decision(frame):
                 self._defer(out, frames[i:])
                 return
             if kind in (_Q, _S, _F):
                 self._owe()
+                self.owned.failed = False
                 if kind == _Q and self.deferred and rewrite.might_deallocate(frame.raw):
                     self._forget(rewrite.deallocated(pq.decode_query(frame).sql))
             elif kind == _P and self.deferred:
@@ -247,6 +255,10 @@ class Session:
         """A Query/Parse mentioning pgml, or a Bind of a statement whose pgml calls wait for its values."""
         if not self._authenticated:
             return False
+        if frame.type == _Q and self.cursors.open:  # FETCH / CLOSE / COMMIT may concern a proxy-owned cursor
+            return True
+        if frame.type in _OWNED_KINDS and self.owned.claims(frame, self.cursors.open):
+            return True
         if frame.type in (_Q, _P):
             return rewrite.might_use_pgml(frame.raw)
         return frame.type == _B and bool(self.deferred) and extended.decode_bind(frame).statement in self.deferred
@@ -314,11 +326,18 @@ class Session:
 
     async def _decision(self, frame: pq.Frame) -> rewrite.Decision:
         rewriter = self.server.rewriter
+        if frame.type in _OWNED_KINDS and self.owned.claims(frame, self.cursors.open):
+            return await self._own_message(frame)
         if frame.type == _B:
             bind = extended.decode_bind(frame)
             sql, types = self.deferred[bind.statement]
             return await rewriter.decide_bind(bind, sql, types, self, next(self._private_ids))
         message = pq.decode_query(frame) if frame.type == _Q else pq.decode_parse(frame)
+        if isinstance(message, pq.Query) and (own := cursors.classify(message.sql, self.cursors.open)) is not None:
+            await self.settled()  # proxy answers go out only after everything owed before them
+            if self.tx_status == "E":
+                return rewrite.FORWARD  # an aborted transaction rejects the statement itself (25P02)
+            return await self.cursors.answer(own, self.tx_status, self.client.write)
         decision = await rewriter.decide(message, self)
         if isinstance(message, pq.Parse):
             if isinstance(decision, rewrite.DeferToBind):
@@ -326,6 +345,17 @@ class Session:
             else:
                 self.deferred.pop(message.name, None)
         return decision
+
+    async def _own_message(self, frame: pq.Frame) -> rewrite.Decision:
+        """A message of a proxy-owned prepared cursor statement: answered here, after earlier responses."""
+        if self.owned.failed or not await self._barrier():
+            self.owned.failed = True
+            return rewrite.Respond(b"")  # skipped until Sync, as the server skips after an error
+        try:
+            return rewrite.Respond(await self.owned.answer(frame, self.cursors, self.tx_status, self.client.write))
+        except (ProxyError, EngineError) as exc:
+            self.owned.failed = True
+            return rewrite.Fail(exc)
 
     async def _apply(self, frame: pq.Frame, decision: rewrite.Decision) -> None:
         assert self.upstream is not None

@@ -1,0 +1,321 @@
+"""Handlers for Hugging Face tasks: ``pgml.transform``, ``pgml.transform_stream`` and ``pgml.rank``.
+
+Owns: one batched call per (task, args) for all rows of a statement, and results shaped exactly as
+PostgresML's (transformers 4.x) pipelines returned them (§1.9 of the API reference): per-input outputs,
+with the old pipelines' single-input quirks; the chat form (jsonb[] messages, one conversation per row);
+the prompts of a stream; cross-encoder reranking.
+
+Must not: know SQL or the wire protocol, or import ML libraries at import time. Which model runs and
+loading it are ``engine.tasks``'; generation, question answering and streaming are ``engine.seq2seq``'s.
+
+transform's ``cache`` argument is ignored: like PostgresML, models are always cached (process-wide).
+Calls on one loaded model are serialized (pipelines and fast tokenizers are not thread-safe).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from engine import seq2seq
+from engine.api import EngineError, InvalidArgument, NotSupported
+from engine.models import ModelCache, pick_device, resolve
+from engine.tasks import PIPELINE_TASKS, SEQ2SEQ_TASKS, Loaded, ModelNotAllowed, TaskSpec, json_object, load, parse_task
+
+if TYPE_CHECKING:
+    from engine.text import Context
+
+__all__ = ["ModelNotAllowed", "rank", "stream", "transform"]
+
+OUTPUT_KEYS = {
+    "summarization": "summary_text",
+    "translation": "translation_text",
+    "text2text-generation": "generated_text",
+}
+STREAM_TASKS = SEQ2SEQ_TASKS | {"text-generation", "conversational"}
+CHAT_ONLY = "ARRAY[]::JSONB inputs for transform should only be used with a conversational task"
+
+
+# --------------------------------------------------------------------------- #
+# pgml.transform
+# --------------------------------------------------------------------------- #
+
+
+def transform(rows: list[tuple[Any, ...]], ctx: Context) -> list[Any]:
+    """``(task, args, inputs[, cache])`` rows -> one JSON-ready result per row (None when an argument is NULL).
+
+    Rows with the same task and args share one model and one batched call.
+    """
+    results: list[Any] = [None] * len(rows)
+    groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for i, row in enumerate(rows):
+        if any(value is None for value in row):
+            continue  # STRICT: NULL in, NULL out
+        task, args, inputs = row[:3]
+        if not isinstance(inputs, list):
+            raise InvalidArgument("pgml.transform inputs must be an array")
+        groups[(json.dumps(task, sort_keys=True), json.dumps(json_object(args, "args"), sort_keys=True))].append(i)
+    for (task_text, args_text), indexes in groups.items():
+        ctx.check()
+        spec, loaded = load(parse_task(json.loads(task_text)), ctx)
+        outputs = _run(spec, loaded, json.loads(args_text), [rows[i][2] for i in indexes], ctx)
+        for i, output in zip(indexes, outputs, strict=True):
+            results[i] = output
+    return results
+
+
+def _message(value: Any) -> dict[str, Any] | None:
+    """A chat message ({role, content}) given as an object or JSON text, else None."""
+    if isinstance(value, str) and value.lstrip().startswith("{"):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return None
+    return value if isinstance(value, dict) and "role" in value else None
+
+
+def _conversation(inputs: list[Any]) -> list[dict[str, Any]]:
+    messages = [_message(value) for value in inputs]
+    if not messages or any(message is None for message in messages):
+        raise InvalidArgument('conversational inputs must be a jsonb[] of {"role": …, "content": …} messages')
+    return [message for message in messages if message is not None]
+
+
+def _run(spec: TaskSpec, loaded: Loaded, args: dict[str, Any], batches: list[list[Any]], ctx: Context) -> list[Any]:
+    """One result per row (``batches``: each row's inputs), all rows' inputs in one batched call."""
+    args = dict(args)
+    if "eos_token" in args and loaded.tokenizer is not None:  # PostgresML: eos_token -> eos_token_id
+        args["eos_token_id"] = loaded.tokenizer.convert_tokens_to_ids(args.pop("eos_token"))
+    if spec.task == "conversational":
+        prompts = seq2seq.chat_prompts(
+            loaded.tokenizer, [_conversation(inputs) for inputs in batches], args.pop("chat_template", None)
+        )
+        with loaded.lock:
+            return seq2seq.generate(
+                loaded.model, loaded.tokenizer, prompts, {"add_special_tokens": False, **args}, ctx, new_only=True
+            )
+    if any(isinstance(value, dict) for inputs in batches for value in inputs):
+        raise InvalidArgument(CHAT_ONLY)
+    texts = [value for inputs in batches for value in inputs]
+    if any(value is None for value in texts):
+        raise InvalidArgument("pgml.transform inputs must not contain NULL")
+    if spec.task == "question-answering":
+        with loaded.lock:
+            per_input = seq2seq.answer(loaded.model, loaded.tokenizer, texts, args, ctx)
+    elif spec.task in PIPELINE_TASKS:
+        per_input = _pipeline(spec.task, loaded, texts, args, ctx)
+    else:
+        per_input = _seq2seq(spec, loaded, texts, args, ctx)
+    results, start = [], 0
+    for inputs in batches:
+        results.append(_shape(spec.family, per_input[start : start + len(inputs)]))
+        start += len(inputs)
+    return results
+
+
+def _shape(family: str, outputs: list[Any]) -> Any:
+    """A row's result from its per-input outputs, with the old pipelines' quirks for a single input."""
+    if family in ("fill-mask", "question-answering") and len(outputs) == 1:
+        return outputs[0]
+    if family in SEQ2SEQ_TASKS and all(len(output) == 1 for output in outputs):
+        return [output[0] for output in outputs]  # one sequence per input: not nested
+    return outputs
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready: numpy/torch scalars and arrays as Python floats, ints and lists."""
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, float):
+        return float(value)
+    if value is None or isinstance(value, (str, int)):
+        return value
+    if hasattr(value, "tolist"):
+        return _plain(value.tolist())
+    return value
+
+
+def _pipeline(task: str, loaded: Loaded, texts: list[str], args: dict[str, Any], ctx: Context) -> list[Any]:
+    """Per input, the pipeline's output; slices of the inputs so a cancel takes effect between them."""
+    if any(not isinstance(text, str) for text in texts):
+        raise InvalidArgument(f"{task} inputs must be text")
+    args = dict(args)
+    batch = max(1, int(args.pop("batch_size", ctx.config.batch_size)))
+    step = batch if task == "text-generation" else batch * 8
+    if task == "text-generation":
+        args["stopping_criteria"] = seq2seq.stopping(ctx.cancelled)
+    outputs: list[Any] = []
+    for start in range(0, len(texts), step):
+        ctx.check()
+        part = texts[start : start + step]
+        try:
+            with loaded.lock:
+                result = loaded.pipe(part, batch_size=batch, **args)
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(f"invalid args for {task}: {exc}") from exc
+        if task == "fill-mask" and len(part) == 1:
+            result = [result]  # the pipeline unwraps a one-element list
+        outputs.extend(_plain(result))
+    ctx.check()
+    return outputs
+
+
+def task_prefix(model: Any, task: str) -> tuple[str, dict[str, Any]]:
+    """The input prefix and generation defaults a model's config keeps for a task (T5's task_specific_params)."""
+    params = dict((getattr(model.config, "task_specific_params", None) or {}).get(task) or {})
+    prefix = params.pop("prefix", None) or getattr(model.config, "prefix", None) or ""
+    return str(prefix), params
+
+
+def _seq2seq(spec: TaskSpec, loaded: Loaded, texts: list[str], args: dict[str, Any], ctx: Context) -> list[Any]:
+    """Per input, ``[{translation_text | summary_text | generated_text}, …]`` (one per returned sequence)."""
+    if any(not isinstance(text, str) for text in texts):
+        raise InvalidArgument(f"{spec.task} inputs must be text")
+    prefix, defaults = task_prefix(loaded.model, spec.task)
+    kwargs = {**defaults, **args}
+    languages = re.fullmatch(r"translation_(\w+)_to_(\w+)", spec.task)
+    if languages and hasattr(loaded.tokenizer, "_build_translation_inputs"):  # NLLB, M2M100, mBART, as HF did
+        kwargs.setdefault("src_lang", languages[1])
+        kwargs.setdefault("tgt_lang", languages[2])
+    with loaded.lock:
+        outputs = seq2seq.generate(
+            loaded.model, loaded.tokenizer, [prefix + t for t in texts], kwargs, ctx, new_only=False
+        )
+    key = OUTPUT_KEYS[spec.family]
+    return [[{key: text} for text in sequences] for sequences in outputs]
+
+
+# --------------------------------------------------------------------------- #
+# pgml.transform_stream
+# --------------------------------------------------------------------------- #
+
+
+def stream(task: Any, args: Any, inputs: Any, ctx: Context) -> Iterator[list[str]]:
+    """``pgml.transform_stream``: each new text fragment as a list of strings, one per generated sequence.
+
+    ``inputs``: the prompt (text; a list of prompts also works) or, for ``conversational``, one conversation
+    (the jsonb[] of messages). For text-generation the prompt is streamed too, as PostgresML's open-source
+    streamer did; conversational and seq2seq tasks stream new text only. Nothing runs before the first
+    ``next()``: iterate it in an engine worker. STRICT: a NULL argument yields nothing. A cancel raises
+    Canceled at the next fragment; closing the iterator stops the generation.
+    """
+    if task is None or args is None or inputs is None:
+        return
+    spec, loaded = load(parse_task(task), ctx)
+    args = dict(json_object(args, "args"))
+    if "eos_token" in args:
+        args["eos_token_id"] = loaded.tokenizer.convert_tokens_to_ids(args.pop("eos_token"))
+    texts, skip_prompt = _stream_prompts(spec, loaded, inputs, args)
+    with loaded.lock:  # only the tokenization; generation runs beside other calls
+        prepared = seq2seq.encode(
+            loaded.tokenizer, texts, args, add_special_tokens=args.pop("add_special_tokens", True)
+        )
+    yield from seq2seq.stream_generate(loaded.model, loaded.tokenizer, prepared, args, ctx, skip_prompt=skip_prompt)
+
+
+def _stream_prompts(spec: TaskSpec, loaded: Loaded, inputs: Any, args: dict[str, Any]) -> tuple[list[str], bool]:
+    """The texts to generate from, and whether their tokens are left out of the stream."""
+    if spec.family not in STREAM_TASKS:
+        raise InvalidArgument(
+            f"pgml.transform_stream streams text generation, not {spec.task}",
+            hint="Use text-generation, conversational, text2text-generation, summarization or translation.",
+        )
+    items = inputs if isinstance(inputs, list) else [inputs]
+    if spec.task == "conversational":
+        args["add_special_tokens"] = False
+        return seq2seq.chat_prompts(loaded.tokenizer, [_conversation(items)], args.pop("chat_template", None)), True
+    if not items or any(not isinstance(item, str) for item in items):
+        raise InvalidArgument(CHAT_ONLY.replace("transform", "transform_stream") if items else "no input to stream")
+    if spec.task == "text-generation":
+        return list(items), False
+    prefix, defaults = task_prefix(loaded.model, spec.task)
+    for key, value in defaults.items():
+        args.setdefault(key, value)
+    return [prefix + item for item in items], True
+
+
+# --------------------------------------------------------------------------- #
+# pgml.rank
+# --------------------------------------------------------------------------- #
+
+# CrossEncoder(...) keyword arguments; everything else goes to rank() (as embed splits its kwargs).
+RANK_INIT = frozenset(
+    {
+        "device",
+        "trust_remote_code",
+        "revision",
+        "token",
+        "model_kwargs",
+        "tokenizer_kwargs",
+        "processor_kwargs",
+        "config_kwargs",
+        "num_labels",
+        "max_length",
+        "backend",
+        "default_prompt_name",
+        "prompts",
+    }
+)
+
+
+def rank(rows: list[tuple[Any, ...]], ctx: Context) -> list[Any]:
+    """``(transformer, query, documents, kwargs)`` rows -> per row ``[(corpus_id, score, text | None), …]``,
+    best first; ``text`` only with ``{"return_documents": true}``, ``top_k`` limits the rows."""
+    results: list[Any] = []
+    for row in rows:
+        if any(value is None for value in row):
+            results.append(None)  # STRICT
+            continue
+        transformer, query, documents, kwargs = row
+        ctx.check()
+        kwargs = json_object(kwargs, "kwargs")
+        if not isinstance(documents, list) or any(not isinstance(d, str) for d in documents):
+            raise InvalidArgument("pgml.rank documents must be a text[] without NULLs")
+        init = {key: value for key, value in kwargs.items() if key in RANK_INIT}
+        call = {key: value for key, value in kwargs.items() if key not in RANK_INIT}
+        encoder = _cross_encoder(transformer, init, ctx)
+        results.append(_rank(encoder, query, documents, call, ctx) if documents else [])
+    return results
+
+
+def _rank(encoder: Any, query: str, documents: list[str], call: dict[str, Any], ctx: Context) -> list[Any]:
+    keep = bool(call.pop("return_documents", False))
+    call.setdefault("batch_size", ctx.config.batch_size)
+    try:
+        ranked = encoder.rank(query, documents, return_documents=keep, show_progress_bar=False, **call)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"invalid kwargs for rank: {exc}") from exc
+    return [(int(r["corpus_id"]), float(r["score"]), r["text"] if keep else None) for r in ranked]
+
+
+def _cross_encoder(name: str, init: dict[str, Any], ctx: Context) -> Any:
+    if init.get("trust_remote_code") and not ctx.config.trust_remote_code:
+        raise NotSupported(
+            f'model "{name}" asks for trust_remote_code, which is not allowed',
+            hint="Set [engine] trust_remote_code = true to run code shipped with models.",
+        )
+    path = ctx.cache.resolved.get(name) or resolve(name, ctx.config)
+    ctx.cache.resolved[name] = path
+    init = {"device": pick_device(ctx.config.device), **init}
+    if "tokenizer_kwargs" in init:  # sentence-transformers 5+ calls them processor_kwargs
+        init.setdefault("processor_kwargs", init.pop("tokenizer_kwargs"))
+        init.pop("tokenizer_kwargs", None)
+
+    def load() -> Any:
+        from sentence_transformers import CrossEncoder
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+        try:
+            return CrossEncoder(path, **init)
+        except TypeError as exc:
+            raise InvalidArgument(f"invalid kwargs for model {name}: {exc}") from exc
+        except OSError as exc:
+            raise EngineError(f"could not load model {name}: {exc}") from exc
+
+    return ctx.cache.get(ModelCache.key("cross-encoder", path, init), load)

@@ -1,0 +1,670 @@
+"""The model side of ``pgml.tune`` and ``pgml.generate``: fine-tuning Hugging Face models, generating with them.
+
+Owns: the tasks tune supports and their ``dataset_args`` (column roles), ``training_args`` ->
+``TrainingArguments`` (temporary output dir, no reporting, no hub push, no checkpoints unless asked),
+tokenization, the Trainer run (cancel between steps, one event per Trainer log), test metrics, the
+tuned model's files (plus ``pgml_tune.json``: task, kind, labels, prompt template), and generation.
+
+Tasks (dash or underscore) and ``dataset_args`` roles with their default columns:
+
+* ``text-classification``: ``text_column`` "text", ``class_column`` "class"; ``text-pair-classification``:
+  ``text1_column`` "text1", ``text2_column`` "text2", ``class_column``. Labels (text, integers, booleans):
+  sorted distinct values -> ``id2label`` (as strings) in the config. Metrics ``f1`` (macro), ``accuracy``.
+* ``conversation``: ``system_column`` "system" (may be absent unless named; NULL/empty = none),
+  ``user_column`` "user", ``assistant_column`` "assistant". Causal LM on the tokenizer's chat template
+  (or ``hyperparams.prompt_template``, a ``str.format`` text with ``{system}``, ``{user}``,
+  ``{assistant}``, ``{eos_token}``); the loss covers the assistant's reply (and an EOS) only.
+* ``text2text`` / ``summarization`` / ``translation``: ``text_column`` "text" (source), ``target_column``
+  "target"; seq2seq LM.
+
+Generative tasks report ``loss`` and ``perplexity`` (test ``eval_loss``) and, from greedy outputs on the
+first ``SCORED_ROWS`` test rows, ``bleu`` (sacreBLEU-style corpus BLEU; ``blue`` too for translation,
+PostgresML's key-metric spelling) and, for seq2seq, ROUGE-1/2 ``rouge_ngram_*`` / ``rouge_bigram_*``
+(the ``rouge`` package's per-pair average); simple word tokens, so close to but not identical with
+those libraries. All tasks keep the Trainer's numeric ``eval_*`` values and ``fit_time``. Without test
+rows the training rows are scored.
+
+Must not: know about SQL, the registry or the wire protocol (the caller reads rows, stores the files
+and events); import torch or transformers at import time; download unless ``allow_downloads``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from engine.api import Canceled, EngineError, InvalidArgument, NotSupported
+from engine.models import ModelCache, pick_device, resolve
+
+if TYPE_CHECKING:
+    from proxy.config import EngineSection
+
+_SEQ2SEQ = ("seq2seq", {"text_column": "text", "target_column": "target"})
+# pgml.task label -> (model kind, dataset_args defaults)
+TASKS: dict[str, tuple[str, dict[str, str]]] = {
+    "text_classification": ("classification", {"text_column": "text", "class_column": "class"}),
+    "text_pair_classification": (
+        "classification",
+        {"text1_column": "text1", "text2_column": "text2", "class_column": "class"},
+    ),
+    "conversation": ("causal", {"system_column": "system", "user_column": "user", "assistant_column": "assistant"}),
+    "text2text": _SEQ2SEQ,
+    "summarization": _SEQ2SEQ,
+    "translation": _SEQ2SEQ,
+}
+HYPERPARAMS = frozenset(
+    {"model_name", "training_args", "dataset_args", "max_length", "max_seq_length", "prompt_template"}
+)
+_UNSUPPORTED = {"lora_config": "LoRA (peft)", "load_in_8bit": "8-bit loading (bitsandbytes)"}
+MANIFEST = "pgml_tune.json"
+_SKIPPED_FILES = frozenset({"training_args.bin"})  # a pickle holding temporary paths
+SCORED_ROWS = 256
+MAX_NEW_TOKENS = 256
+DEFAULT_MAX_LENGTH = 1024  # when the tokenizer declares no usable model_max_length (as PostgresML)
+_MARK = "\ue000pgml-assistant\ue000"  # stands in for the reply, to split the prompt from it
+_CANCELED = "canceling statement due to user request"
+_ONE_RUN = threading.Lock()
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    """A fine-tuned model: its files (relative paths), test metrics, settings used, Trainer log events."""
+
+    files: dict[str, bytes]
+    metrics: dict[str, float]
+    hyperparams: dict[str, Any]
+    events: list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Validated arguments of one tune run."""
+
+    task: str  # pgml.task label
+    kind: str  # classification | causal | seq2seq
+    columns: dict[str, str]  # role (dataset_args key) -> column
+    optional: frozenset[str]  # roles whose column may be missing
+    training_args: dict[str, Any]
+    max_length: int | None
+    prompt_template: str | None
+
+
+@dataclass
+class _Job:
+    """What a Trainer run needs, built per kind."""
+
+    model: Any
+    train_rows: list[dict[str, Any]]
+    eval_rows: list[dict[str, Any]]
+    collator: Any
+    compute_metrics: Callable[[Any], dict[str, float]] | None = None
+    labels: list[Any] | None = None
+
+
+def tune(
+    task: str, model_name: str, train: dict[str, list[Any]], test: dict[str, list[Any]], hyperparams: dict[str, Any],
+    config: EngineSection, cancelled: Callable[[], bool], on_log: Callable[[dict[str, Any]], None],
+) -> TuneResult:  # fmt: skip
+    """Fine-tune ``model_name`` for ``task`` on ``train`` (column -> values), score it on ``test``.
+
+    One run at a time per process (Trainer resets accelerate's process-wide state); a run waiting
+    for another one still notices ``cancelled``.
+    """
+    plan = _plan(task, hyperparams)
+    train = _tables(plan, train)
+    test = _tables(plan, test, train)
+    path = resolve(model_name, config)
+    events: list[dict[str, Any]] = []
+
+    def log(event: dict[str, Any]) -> None:
+        events.append(event)
+        on_log(event)
+
+    while not _ONE_RUN.acquire(timeout=0.5):
+        if cancelled():
+            raise Canceled(_CANCELED)
+    try:
+        files, metrics, used = _fit(plan, path, model_name, config, train, test, cancelled, log)
+    finally:
+        _ONE_RUN.release()
+    used_hyperparams = {"model_name": model_name, "training_args": used, "dataset_args": plan.columns}
+    used_hyperparams.update({k: v for k, v in hyperparams.items() if k in ("max_length", "max_seq_length")})
+    if plan.prompt_template is not None:
+        used_hyperparams["prompt_template"] = plan.prompt_template
+    return TuneResult(files, metrics, used_hyperparams, events)
+
+
+def _fit(
+    plan: _Plan, path: str, name: str, config: EngineSection, train: dict[str, list[Any]],
+    test: dict[str, list[Any]], cancelled: Callable[[], bool], log: Callable[[dict[str, Any]], None],
+) -> tuple[dict[str, bytes], dict[str, float], dict[str, Any]]:  # fmt: skip
+    """Train, score and save in a temporary directory: (files, metrics, training_args as used)."""
+    _quiet()
+    with tempfile.TemporaryDirectory(prefix="pgml-tune-") as tmp:
+        args, used = _training_args(plan.training_args, tmp, pick_device(config.device))
+        tokenizer = _load_tokenizer(path, name, config)
+        if cancelled():
+            raise Canceled(_CANCELED)
+        job = _BUILDERS[plan.kind](plan, tokenizer, path, name, config, train, test)
+        trainer, stop = _trainer(job, args, tokenizer, cancelled, log)
+        started = time.perf_counter()
+        trainer.train()
+        fit_time = time.perf_counter() - started
+        if stop.is_set():
+            raise Canceled(_CANCELED)
+        metrics = {**_metrics(plan, trainer, tokenizer, test, cancelled), "fit_time": fit_time}
+        out = Path(tmp) / "model"
+        trainer.save_model(str(out))  # the model and its processing_class (the tokenizer)
+        manifest = {"task": plan.task, "kind": plan.kind, "labels": job.labels, "prompt_template": plan.prompt_template}
+        (out / MANIFEST).write_text(json.dumps(manifest))
+        files = {
+            p.relative_to(out).as_posix(): p.read_bytes()
+            for p in sorted(out.rglob("*"))
+            if p.is_file() and p.name not in _SKIPPED_FILES
+        }
+        del trainer, job
+        _release_gpu_memory()
+    return files, metrics, used
+
+
+def _plan(task: str, hyperparams: dict[str, Any]) -> _Plan:
+    from engine.algorithms import normalize_task
+
+    label = normalize_task(task) if isinstance(task, str) else ""
+    if label not in TASKS:
+        raise NotSupported(
+            f"pgml.tune does not fine-tune {task} models",
+            hint="Tasks: " + ", ".join(t.replace("_", "-") for t in TASKS) + ". Use pgml.train for classical models.",
+        )
+    if not isinstance(hyperparams, dict):
+        raise InvalidArgument("hyperparams must be a JSON object")
+    for key, what in _UNSUPPORTED.items():
+        if hyperparams.get(key):
+            raise NotSupported(f"hyperparams.{key}: {what} is not supported by pgml.tune here")
+    unknown = sorted(set(hyperparams) - HYPERPARAMS - set(_UNSUPPORTED))
+    if unknown:
+        raise InvalidArgument(
+            f"unknown hyperparams: {', '.join(unknown)}", hint=f"Known: {', '.join(sorted(HYPERPARAMS))}."
+        )
+    training_args = hyperparams.get("training_args")
+    if not isinstance(training_args, dict | None):
+        raise InvalidArgument("hyperparams.training_args must be a JSON object")
+    max_length = hyperparams.get("max_length", hyperparams.get("max_seq_length"))
+    if max_length is not None and (type(max_length) is not int or max_length < 2):
+        raise InvalidArgument("hyperparams.max_length must be an integer of at least 2")
+    template = hyperparams.get("prompt_template")
+    if template is not None and (not isinstance(template, str) or "{assistant}" not in template):
+        raise InvalidArgument("hyperparams.prompt_template must be text containing {assistant}")
+    kind, defaults = TASKS[label]
+    given = hyperparams.get("dataset_args") or {}
+    if not isinstance(given, dict):
+        raise InvalidArgument("hyperparams.dataset_args must be a JSON object")
+    if unknown := sorted(set(given) - set(defaults)):
+        raise InvalidArgument(
+            f"unknown dataset_args for {label}: {', '.join(unknown)}", hint=f"Known: {', '.join(defaults)}."
+        )
+    if bad := [k for k, v in given.items() if not isinstance(v, str) or not v]:
+        raise InvalidArgument(f"dataset_args must name columns: {', '.join(bad)}")
+    optional = frozenset({"system_column"} - set(given)) if label == "conversation" else frozenset()
+    return _Plan(label, kind, {**defaults, **given}, optional, training_args or {}, max_length, template)
+
+
+def _tables(
+    plan: _Plan, table: dict[str, list[Any]], train: dict[str, list[Any]] | None = None
+) -> dict[str, list[Any]]:
+    """``table`` keyed by role, values checked; a test table without rows is the (checked) train table."""
+    if train is not None and not any(len(values) for values in (table or {}).values()):
+        return train
+    missing = sorted(name for role, name in plan.columns.items() if role not in plan.optional and name not in table)
+    if missing:
+        raise InvalidArgument(
+            f"column{'s' if len(missing) > 1 else ''} not found: {', '.join(missing)}",
+            hint=f"Name the columns in hyperparams.dataset_args: {', '.join(plan.columns)}.",
+        )
+    rows = {role: list(table[name]) for role, name in plan.columns.items() if name in table}
+    count = len(next(iter(rows.values())))
+    for role in plan.columns:
+        values = rows.setdefault(role, [None] * count)  # an absent optional column: all NULL
+        if len(values) != count:
+            raise InvalidArgument("the dataset columns have different lengths")
+        if role != "system_column" and any(v is None for v in values):
+            raise InvalidArgument(f"column {plan.columns[role]} has NULL values")
+        if role != "class_column":  # texts; labels keep their type
+            rows[role] = [v if v is None else str(v) for v in values]
+    if not count:
+        raise InvalidArgument("pgml.tune needs at least one training row")
+    return rows
+
+
+def _training_args(given: dict[str, Any], output_dir: str, device: str) -> tuple[Any, dict[str, Any]]:
+    """``TrainingArguments`` for ``given``, and the arguments as recorded (without the temporary directory)."""
+    from transformers import TrainingArguments
+
+    known = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    if unknown := sorted(set(given) - known):
+        raise InvalidArgument(
+            f"unknown training_args: {', '.join(unknown)}", hint="See transformers.TrainingArguments."
+        )
+    for owned in ("output_dir", "push_to_hub"):
+        if given.get(owned):
+            raise InvalidArgument(f"training_args.{owned} is not supported: the tuned model is stored in pgml.files")
+    used = {k: v for k, v in given.items() if k not in ("output_dir", "push_to_hub")}
+    used.setdefault("save_strategy", "no")
+    used.update(report_to="none", disable_tqdm=True)
+    if device == "cpu":
+        used["use_cpu"] = True
+    try:
+        args = TrainingArguments(output_dir=output_dir, push_to_hub=False, **used)
+    except (TypeError, ValueError, ImportError) as exc:
+        raise InvalidArgument(f"invalid training_args: {exc}") from exc
+    return args, used
+
+
+def _release_gpu_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _quiet() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+
+
+def _load_tokenizer(path: str, name: str, config: EngineSection) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise EngineError(f"could not load the tokenizer of {name}: {exc}") from exc
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load_model(kind: str, path: str, name: str, config: EngineSection, tokenizer: Any, **kwargs: Any) -> Any:
+    import torch
+    import transformers
+
+    auto = {
+        "classification": transformers.AutoModelForSequenceClassification,
+        "causal": transformers.AutoModelForCausalLM,
+        "seq2seq": transformers.AutoModelForSeq2SeqLM,
+    }[kind]
+    try:
+        model = auto.from_pretrained(path, dtype=torch.float32, trust_remote_code=config.trust_remote_code, **kwargs)
+    except ValueError as exc:
+        raise InvalidArgument(f"model {name} cannot be fine-tuned as a {kind} model: {exc}") from exc
+    except OSError as exc:
+        raise EngineError(f"could not load model {name}: {exc}") from exc
+    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def _max_length(plan: _Plan, tokenizer: Any) -> int:
+    if plan.max_length is not None:
+        return plan.max_length
+    declared = getattr(tokenizer, "model_max_length", None)
+    return int(declared) if isinstance(declared, int) and 1 < declared <= 1_000_000 else DEFAULT_MAX_LENGTH
+
+
+def _classification_job(
+    plan: _Plan, tokenizer: Any, path: str, name: str, config: EngineSection,
+    train: dict[str, list[Any]], test: dict[str, list[Any]],
+) -> _Job:  # fmt: skip
+    from transformers import DataCollatorWithPadding
+
+    labels = sorted(set(train["class_column"]) | set(test["class_column"]), key=lambda v: (type(v).__name__, v))
+    if len(labels) < 2:
+        raise InvalidArgument(f"text classification needs at least 2 distinct classes, found {len(labels)}")
+    id2label = {i: str(v) for i, v in enumerate(labels)}
+    index = {v: i for i, v in enumerate(labels)}
+    model = _load_model(
+        "classification", path, name, config, tokenizer, num_labels=len(labels), id2label=id2label,
+        label2id={v: i for i, v in id2label.items()}, ignore_mismatched_sizes=True,
+    )  # fmt: skip
+    length = _max_length(plan, tokenizer)
+
+    def encode(table: dict[str, list[Any]]) -> list[dict[str, Any]]:
+        texts = [table["text1_column"], table["text2_column"]] if "text1_column" in table else [table["text_column"]]
+        enc = tokenizer(*texts, truncation=True, max_length=length)
+        return [{**{k: enc[k][i] for k in enc}, "labels": index[y]} for i, y in enumerate(table["class_column"])]
+
+    stored = [v if isinstance(v, str | int | float | bool) else str(v) for v in labels]
+    return _Job(model, encode(train), encode(test), DataCollatorWithPadding(tokenizer), _classification_scores, stored)
+
+
+def _classification_scores(prediction: Any) -> dict[str, float]:
+    """Macro F1 (over the classes in truth or prediction, as scikit-learn) and accuracy."""
+    import numpy as np
+
+    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+    predicted, truth = np.asarray(logits).argmax(-1), np.asarray(prediction.label_ids).reshape(-1)
+    scores = []
+    for label in np.union1d(truth, predicted):
+        tp = float(np.sum((predicted == label) & (truth == label)))
+        fp_fn = float(np.sum(predicted == label) + np.sum(truth == label)) - 2 * tp
+        scores.append(2 * tp / (2 * tp + fp_fn) if tp else 0.0)
+    return {"f1": float(np.mean(scores)), "accuracy": float(np.mean(predicted == truth))}
+
+
+def _seq2seq_job(
+    plan: _Plan, tokenizer: Any, path: str, name: str, config: EngineSection,
+    train: dict[str, list[Any]], test: dict[str, list[Any]],
+) -> _Job:  # fmt: skip
+    from transformers import DataCollatorForSeq2Seq
+
+    model = _load_model("seq2seq", path, name, config, tokenizer)
+    length = _max_length(plan, tokenizer)
+
+    def encode(table: dict[str, list[Any]]) -> list[dict[str, Any]]:
+        enc = tokenizer(table["text_column"], text_target=table["target_column"], truncation=True, max_length=length)
+        return [{k: enc[k][i] for k in enc} for i in range(len(table["text_column"]))]
+
+    return _Job(model, encode(train), encode(test), DataCollatorForSeq2Seq(tokenizer, model=model))
+
+
+def _causal_job(
+    plan: _Plan, tokenizer: Any, path: str, name: str, config: EngineSection,
+    train: dict[str, list[Any]], test: dict[str, list[Any]],
+) -> _Job:  # fmt: skip
+    from transformers import DataCollatorForSeq2Seq
+
+    if tokenizer.pad_token_id is None:
+        raise InvalidArgument(f"the tokenizer of {name} has neither a pad nor an EOS token")
+    model = _load_model("causal", path, name, config, tokenizer)
+    length = _max_length(plan, tokenizer)
+
+    def encode(table: dict[str, list[Any]]) -> list[dict[str, Any]]:
+        rows = zip(table["system_column"], table["user_column"], table["assistant_column"], strict=True)
+        return [_conversation_row(plan, tokenizer, length, *row) for row in rows]
+
+    # Pads input_ids with the pad token and labels with -100: right for causal LMs too.
+    return _Job(model, encode(train), encode(test), DataCollatorForSeq2Seq(tokenizer, padding=True))
+
+
+def chat_prompt(tokenizer: Any, template: str | None, system: str | None, user: str, assistant: str) -> tuple[str, str]:
+    """``(prompt, full text)`` of one exchange: the prompt ends where the assistant's reply starts."""
+    if template is not None:
+        try:
+            text = template.format(system=system or "", user=user, assistant=_MARK, eos_token=tokenizer.eos_token or "")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise InvalidArgument(f"invalid prompt_template: {exc}") from exc
+    elif not getattr(tokenizer, "chat_template", None):
+        example = '"{system}\\nUser: {user}\\nAssistant: {assistant}{eos_token}"'
+        raise InvalidArgument(
+            "the tokenizer has no chat template", hint=f"Pass hyperparams.prompt_template: {example}."
+        )
+    else:
+        messages = [{"role": "system", "content": system}] if system else []
+        messages += [{"role": "user", "content": user}, {"role": "assistant", "content": _MARK}]
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False)
+        except Exception as exc:  # jinja2 TemplateError (e.g. a template without a system role)
+            raise InvalidArgument(f"the chat template rejected a conversation: {exc}") from exc
+    if _MARK not in text:
+        raise InvalidArgument("the prompt template drops the assistant's message")
+    return text[: text.index(_MARK)], text.replace(_MARK, assistant)
+
+
+def _conversation_row(
+    plan: _Plan, tokenizer: Any, length: int, system: str | None, user: str, assistant: str
+) -> dict[str, Any]:
+    """Token ids with labels masked (-100) over the prompt: the loss is on the assistant's reply only."""
+    prompt, full = chat_prompt(tokenizer, plan.prompt_template, system, user, assistant)
+    special = plan.prompt_template is not None  # chat templates spell out their own BOS
+    fast = bool(getattr(tokenizer, "is_fast", False))
+    enc = tokenizer(full, add_special_tokens=special, truncation=True, max_length=length, return_offsets_mapping=fast)
+    ids = list(enc["input_ids"])
+    if fast:
+        prompt_tokens = sum(1 for _, end in enc["offset_mapping"] if end <= len(prompt))
+    else:
+        prompt_tokens = len(tokenizer(prompt, add_special_tokens=special)["input_ids"])
+    eos = tokenizer.eos_token_id
+    if eos is not None and ids and ids[-1] != eos and len(ids) < length:
+        ids.append(eos)  # teach the model to stop
+    labels = [-100 if i < prompt_tokens else token for i, token in enumerate(ids)]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+_BUILDERS: dict[str, Callable[..., _Job]] = {
+    "classification": _classification_job,
+    "seq2seq": _seq2seq_job,
+    "causal": _causal_job,
+}
+
+
+def _trainer(
+    job: _Job, args: Any, tokenizer: Any, cancelled: Callable[[], bool], log: Callable[[dict[str, Any]], None]
+) -> tuple[Any, threading.Event]:
+    from transformers import PrinterCallback, Trainer, TrainerCallback
+
+    stop = threading.Event()
+
+    class Hooks(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            if cancelled():
+                stop.set()
+                control.should_training_stop = control.should_epoch_stop = True
+            return control
+
+        def on_prediction_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            if cancelled():
+                raise Canceled(_CANCELED)
+            return control
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> Any:
+            event = {k: _json_value(v) for k, v in (logs or {}).items()}
+            event.update(step=state.global_step, max_steps=state.max_steps)
+            event.setdefault("epoch", _json_value(state.epoch))
+            log(event)
+            return control
+
+    trainer = Trainer(
+        model=job.model, args=args, data_collator=job.collator, train_dataset=job.train_rows,
+        eval_dataset=job.eval_rows, processing_class=tokenizer, compute_metrics=job.compute_metrics,
+        callbacks=[Hooks()],
+    )  # fmt: skip
+    trainer.remove_callback(PrinterCallback)  # with disable_tqdm it would print every log to stdout
+    return trainer, stop
+
+
+def _json_value(value: Any) -> Any:
+    """A log value as JSON can hold it (jsonb has no NaN or infinity)."""
+    if isinstance(value, bool | str | int) or value is None:
+        return value
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return number if math.isfinite(number) else None
+
+
+def _metrics(
+    plan: _Plan, trainer: Any, tokenizer: Any, test: dict[str, list[Any]], cancelled: Callable[[], bool]
+) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    for key, value in trainer.evaluate().items():
+        number = _json_value(value)
+        if isinstance(number, int | float) and not isinstance(number, bool):
+            metrics[key.removeprefix("eval_") if key in ("eval_f1", "eval_accuracy") else key] = float(number)
+    if plan.kind == "classification":
+        return metrics
+    if "eval_loss" in metrics:
+        metrics["loss"] = metrics["eval_loss"]
+        if metrics["eval_loss"] < 700:  # exp() stays finite
+            metrics["perplexity"] = math.exp(metrics["eval_loss"])
+    if plan.kind == "seq2seq":
+        sources, references = test["text_column"][:SCORED_ROWS], test["target_column"][:SCORED_ROWS]
+    else:
+        rows = list(zip(test["system_column"], test["user_column"], test["assistant_column"], strict=True))
+        sources = [chat_prompt(tokenizer, plan.prompt_template, s, u, "")[0] for s, u, _ in rows[:SCORED_ROWS]]
+        references = [a for _, _, a in rows[:SCORED_ROWS]]
+    longest = max((len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references), default=0)
+    outputs = _generate_all(
+        trainer.model, tokenizer, plan.kind, sources, trainer.args.per_device_eval_batch_size, cancelled,
+        plan.kind == "seq2seq" or plan.prompt_template is not None,
+        max_new_tokens=max(1, min(longest + 8, MAX_NEW_TOKENS)), do_sample=False,
+    )  # fmt: skip
+    metrics["bleu"] = bleu(outputs, references)
+    if plan.task == "translation":
+        metrics["blue"] = metrics["bleu"]  # the translation key metric's name in PostgresML (sic)
+    if plan.kind == "seq2seq":
+        for n, name in ((1, "ngram"), (2, "bigram")):
+            p, r, f = rouge(outputs, references, n)
+            metrics.update({f"rouge_{name}_f1": f, f"rouge_{name}_precision": p, f"rouge_{name}_recall": r})
+    return metrics
+
+
+def _generate_all(
+    model: Any, tokenizer: Any, kind: str, inputs: list[str], batch: int, cancelled: Callable[[], bool],
+    add_special: bool, **kwargs: Any,
+) -> list[str]:  # fmt: skip
+    """``model.generate(**kwargs)`` per input, in batches: the continuation for causal LMs, the output for seq2seq."""
+    import torch
+
+    model.eval()
+    kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+    out: list[str] = []
+    step = max(1, batch)
+    side = "left" if kind == "causal" else "right"  # a causal LM continues from the last column
+    for start in range(0, len(inputs), step):
+        if cancelled():
+            raise Canceled(_CANCELED)
+        enc = tokenizer(inputs[start : start + step], return_tensors="pt", padding=True, truncation=True,
+                        padding_side=side, add_special_tokens=add_special)  # fmt: skip
+        enc.pop("token_type_ids", None)
+        enc = enc.to(model.device)
+        with torch.inference_mode():
+            generated = model.generate(**enc, **kwargs)
+        if kind == "causal":
+            generated = generated[:, enc["input_ids"].shape[1] :]
+        out.extend(text.strip() for text in tokenizer.batch_decode(generated, skip_special_tokens=True))
+    return out
+
+
+def _ngrams(tokens: list[str], n: int) -> Counter[tuple[str, ...]]:
+    return Counter(tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+
+
+def bleu(hypotheses: list[str], references: list[str]) -> float:
+    """Corpus BLEU (0-100) as sacreBLEU's default: 4-grams, exp smoothing, brevity penalty."""
+    correct, total, hyp_len, ref_len = [0] * 4, [0] * 4, 0, 0
+    for hypothesis, reference in zip(hypotheses, references, strict=True):
+        hyp, ref = re.findall(r"\w+|[^\w\s]", hypothesis), re.findall(r"\w+|[^\w\s]", reference)
+        hyp_len, ref_len = hyp_len + len(hyp), ref_len + len(ref)
+        for n in range(1, 5):
+            correct[n - 1] += sum((_ngrams(hyp, n) & _ngrams(ref, n)).values())
+            total[n - 1] += max(len(hyp) - n + 1, 0)
+    if not all(total):
+        return 0.0
+    log_sum, smooth = 0.0, 1.0
+    for c, t in zip(correct, total, strict=True):
+        smooth *= 1 if c else 2
+        log_sum += math.log(100.0 * c / t if c else 100.0 / (smooth * t))
+    return (1.0 if hyp_len >= ref_len else math.exp(1 - ref_len / hyp_len)) * math.exp(log_sum / 4)
+
+
+def rouge(hypotheses: list[str], references: list[str], n: int) -> tuple[float, float, float]:
+    """ROUGE-n ``(precision, recall, f1)`` averaged over pairs, on lowercased alphanumeric words."""
+    sums = [0.0, 0.0, 0.0]
+    for hypothesis, reference in zip(hypotheses, references, strict=True):
+        hyp = _ngrams(re.findall(r"[a-z0-9]+", hypothesis.lower()), n)
+        ref = _ngrams(re.findall(r"[a-z0-9]+", reference.lower()), n)
+        overlap = sum((hyp & ref).values())
+        p, r = overlap / max(hyp.total(), 1), overlap / max(ref.total(), 1)
+        for i, value in enumerate((p, r, 2 * p * r / (p + r) if p + r else 0.0)):
+            sums[i] += value
+    count = max(len(hypotheses), 1)
+    return sums[0] / count, sums[1] / count, sums[2] / count
+
+
+@dataclass(frozen=True)
+class Tuned:
+    """A tuned model loaded from its files (what the model cache keeps; ``nbytes`` sizes it there)."""
+
+    model: Any
+    tokenizer: Any
+    kind: str
+    task: str
+    prompt_template: str | None
+    nbytes: int
+
+
+def generate(
+    files: dict[str, bytes], key: str, inputs: list[str], config_kwargs: dict[str, Any],
+    engine_config: EngineSection, cache: ModelCache,
+) -> list[str]:  # fmt: skip
+    """``model.generate(**config_kwargs)`` per input with the tuned model in ``files`` (cached under ``key``).
+
+    Seq2seq models return their output; causal LMs only the generated continuation, and a
+    ``conversation`` model takes each input as the user's message, formatted as in tuning. Without
+    ``max_new_tokens`` / ``max_length`` up to ``MAX_NEW_TOKENS`` are generated.
+    """
+    cached = cache.peek(key)  # the caller sends no files once the model is cached
+    if cached is not None:
+        manifest = {"kind": cached.kind, "task": cached.task}
+    else:
+        manifest = json.loads(files.get(MANIFEST, b"{}"))
+    if manifest.get("kind") not in ("causal", "seq2seq"):
+        task = str(manifest.get("task", "this")).replace("_", "-")
+        hint = "Use a model tuned for conversation, text2text, summarization or translation."
+        raise NotSupported(f"pgml.generate does not apply to {task} models", hint=hint)
+    if not isinstance(config_kwargs, dict):
+        raise InvalidArgument("the generate config must be a JSON object")
+    tuned: Tuned = cache.get(key, lambda: load_tuned(files, manifest, engine_config))
+    kwargs = dict(config_kwargs)
+    if "eos_token" in kwargs:  # as PostgresML's transform: a token text becomes its id
+        kwargs["eos_token_id"] = tuned.tokenizer.convert_tokens_to_ids(kwargs.pop("eos_token"))
+    if "max_new_tokens" not in kwargs and "max_length" not in kwargs:  # HF's default max_length=20 counts the prompt
+        kwargs["max_new_tokens"] = tuned.model.generation_config.max_new_tokens or MAX_NEW_TOKENS
+    texts = [text if isinstance(text, str) else "" for text in inputs]
+    if tuned.task == "conversation":
+        texts = [chat_prompt(tuned.tokenizer, tuned.prompt_template, None, text, "")[0] for text in texts]
+    special = tuned.kind == "seq2seq" or tuned.prompt_template is not None  # a chat template has its own
+    try:
+        return _generate_all(tuned.model, tuned.tokenizer, tuned.kind, texts, engine_config.batch_size,
+                             lambda: False, special, **kwargs)  # fmt: skip
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"invalid generate config: {exc}") from exc
+
+
+def load_tuned(files: dict[str, bytes], manifest: dict[str, Any], config: EngineSection) -> Tuned:
+    """Writes the files to a temporary directory, loads model and tokenizer, removes the directory."""
+    import transformers
+
+    _quiet()
+    kind = manifest["kind"]
+    auto = transformers.AutoModelForSeq2SeqLM if kind == "seq2seq" else transformers.AutoModelForCausalLM
+    with tempfile.TemporaryDirectory(prefix="pgml-generate-") as tmp:
+        root = Path(tmp).resolve()
+        for name, data in files.items():
+            target = (root / name).resolve()
+            if not target.is_relative_to(root):
+                raise InvalidArgument(f"invalid model file path: {name}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+        try:
+            model: Any = auto.from_pretrained(tmp, trust_remote_code=config.trust_remote_code)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(tmp, trust_remote_code=config.trust_remote_code)
+        except (OSError, ValueError) as exc:
+            raise EngineError(f"could not load the tuned model: {exc}") from exc
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(pick_device(config.device)).eval()
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    return Tuned(model, tokenizer, kind, manifest.get("task", ""), manifest.get("prompt_template"), int(size))

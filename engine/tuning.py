@@ -1,0 +1,194 @@
+"""``pgml.tune`` and ``pgml.generate`` through the client's own session (the fine-tuning itself is ``engine.tune``).
+
+Owns: the database side of a fine-tuning run — project rules as for ``pgml.train``,
+reading the relation with one COPY in the caller's transaction, the split, the
+registry rows written in one batch at the end (model ``transformers``, every model
+file in ``pgml.files``, trainer events in ``pgml.logs``, the automatic deploy) —
+and loading a tuned project's files for ``pgml.generate``.
+
+Must not: run Trainer code on the event loop (``Context.work``) or paste values into SQL.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from engine import registry, training
+from engine.api import Call, Database, InvalidArgument, Statement
+from engine.deploy import better_or_equal
+
+if TYPE_CHECKING:
+    from engine.tabular import Table
+    from engine.text import Context
+
+log = logging.getLogger(__name__)
+TUNE_TASKS = frozenset(
+    {"text_classification", "text_pair_classification", "conversation", "text2text", "summarization", "translation"}
+)
+
+
+async def tune(call: Call, ctx: Context) -> list[Any]:
+    return [[await _tune(tuple(row), ctx)] for row in call.rows]
+
+
+async def _tune(row: tuple[Any, ...], ctx: Context) -> tuple[str, str, str, bool]:
+    from engine.algorithms import dashed_task, normalize_task
+
+    name, task, relation, y, model_name, hyper, test_size, sampling, automatic, materialize = row
+    args = training.TrainArgs.from_row(
+        (name, task, relation, y, "linear", hyper, None, None, None, test_size, sampling, None, automatic,
+         materialize, None)
+    )  # fmt: skip
+    db = ctx.database()
+    project = await registry.project(db, args.project_name)
+    label = normalize_task(args.task) if args.task is not None else (project.task if project else "")
+    if project is None and args.task is None:
+        raise InvalidArgument(f"Project `{args.project_name}` does not exist. To tune, you must specify a `task`.")
+    if label not in TUNE_TASKS:
+        hint = f"Use one of {', '.join(sorted(TUNE_TASKS))}."
+        raise InvalidArgument(f"pgml.tune does not fine-tune {label or 'this'} task", hint=hint)
+    if project is not None and project.task != label:
+        raise InvalidArgument(f"Project `{args.project_name}` already exists with a different task: `{project.task}`.")
+    if model_name is None:
+        raise InvalidArgument("pgml.tune needs a `model_name` to fine-tune")
+    source = await training._source(db, project, args, "clustering")  # every column is data; y is ignored
+    table, _ = await training._read(db, source, ctx)
+    train_rows, test_rows = training.split(table.num_rows, source.test_size, source.test_sampling, None)
+    from engine import tune as tuner
+
+    events: list[dict[str, Any]] = []
+    result = await ctx.work(
+        tuner.tune, label, model_name, _columns(table, train_rows), _columns(table, test_rows), args.hyperparams,
+        ctx.config, ctx.cancelled.is_set, events.append,
+    )  # fmt: skip
+    current = await training._deployed_metrics(db, project)
+    deploy = args.automatic_deploy and better_or_equal(label, result.metrics, current)
+    if args.automatic_deploy and not deploy and current is not None:
+        ctx.notices.append(training._not_better(label, result.metrics, current))
+    await _write(db, args, project, label, source, result, deploy, y, table.num_rows)
+    return (args.project_name, dashed_task(label), "transformers", deploy)
+
+
+def _columns(table: Table, rows: Any) -> dict[str, list[Any]]:
+    """Column name -> the values of ``rows`` (text as str, numbers as float)."""
+    out: dict[str, list[Any]] = {}
+    for column in table.columns:
+        if column.kind == "text" and not column.array:
+            values = column.texts
+            out[column.name] = [values[i] for i in rows]
+        elif not column.array:
+            floats = column.floats
+            out[column.name] = [None if column.nulls[i] else float(floats[i]) for i in rows]
+    return out
+
+
+async def _write(
+    db: Database, args: training.TrainArgs, project: registry.Project | None, task: str, source: training.Source,
+    result: Any, deploy: bool, y: Any, samples: int,
+) -> None:  # fmt: skip
+    tables = ["models", *(["projects"] if project is None else []), "snapshots"]
+    ids = dict(zip(tables, await registry.next_ids(db, *tables), strict=True))
+    model_id, snapshot_id = ids["models"], ids["snapshots"]
+    project_id = project.id if project is not None else ids["projects"]
+    s = registry.statement
+    out: list[Statement] = []
+    if project is None:
+        out.append(s("INSERT INTO pgml.projects (id, name, task) VALUES ($1, $2, $3::pgml.task)", project_id,
+                     args.project_name, task))  # fmt: skip
+    out.append(s(
+        "INSERT INTO pgml.snapshots (id, relation_name, y_column_name, test_size, test_sampling, status, analysis,"
+        " materialized) VALUES ($1, $2, $3::text[], $4, $5::pgml.sampling, 'successful', $6, $7)",
+        snapshot_id, source.stored_name, registry.text_array([y]) if y else None, source.test_size,
+        source.test_sampling, {"samples": float(samples)}, args.materialize_snapshot,
+    ))  # fmt: skip
+    if args.materialize_snapshot:
+        out.append(Statement(f"CREATE TABLE pgml.snapshot_{snapshot_id} AS SELECT * FROM {source.relation}"))
+    out.append(s(
+        "INSERT INTO pgml.models (id, project_id, snapshot_id, num_features, algorithm, runtime, hyperparams, status,"
+        " metrics, search_params, search_args) VALUES ($1, $2, $3, 1, 'transformers', 'python', $4, 'successful',"
+        " $5, '{}', '{}')",
+        model_id, project_id, snapshot_id, result.hyperparams, result.metrics,
+    ))  # fmt: skip
+    for path, data in sorted(result.files.items()):
+        out += registry.file_statements(model_id, path, data)
+    if deploy:
+        out.append(registry.deployment_statement(project_id, model_id, "new_score"))
+    if result.events:
+        out.append(registry.logs_statement(model_id, project_id, result.events[: training.MAX_LOG_ROWS]))
+    await db.execute(out)
+
+
+async def generate(call: Call, ctx: Context) -> list[Any]:
+    """``pgml.generate(project_name, inputs, config)``: text (or text[]) from the project's tuned model."""
+    from engine import tune as tuner
+
+    db = ctx.database()
+    out: list[Any] = []
+    for name, inputs, config in call.rows:
+        if name is None or inputs is None or config is None:
+            out.append(None)  # STRICT
+            continue
+        row = await registry.model(db, await registry.deployed_model_id(db, name))
+        if row.algorithm != "transformers":
+            raise InvalidArgument(f"Project `{name}` has no tuned transformers model to generate with")
+        key = f"tuned/{ctx.database_name}/{row.id}/{row.created_at}"
+        files = {} if ctx.cache.peek(key) is not None else await registry.files(db, row.id)
+        many = isinstance(inputs, list)
+        texts = await ctx.work(
+            tuner.generate, files, key, inputs if many else [inputs], dict(config), ctx.config, ctx.cache
+        )
+        out.append(texts if many else texts[0])
+    return out
+
+
+_TUNED = """
+SELECT DISTINCT ON (p.name) p.name, m.id FROM pgml.projects p
+JOIN pgml.deployments d ON d.project_id = p.id JOIN pgml.models m ON m.id = d.model_id
+WHERE p.name = ANY($1::text[]) ORDER BY p.name, d.created_at DESC, d.id DESC"""
+
+
+async def transform(call: Call, ctx: Context) -> list[Any]:
+    """``pgml.transform`` where ``{"model": …}`` may name a project tuned by ``pgml.tune`` (its files are used)."""
+    from engine import transform as transformers_tasks
+
+    rows = list(call.rows)
+    names = sorted({t["model"] for t, *_ in rows if isinstance(t, dict) and isinstance(t.get("model"), str)})
+    if names and call.db is not None and await _has_registry(ctx.database()):
+        found = (await registry.rows(ctx.database(), _TUNED, registry.text_array(names))).rows
+        paths = {str(name): await _materialize(ctx, int(model_id or 0)) for name, model_id in found}
+        rows = [(({**t, "model": paths[t["model"]]},) if _tuned(t, paths) else (t,)) + tuple(r) for t, *r in rows]
+    result: list[Any] = await ctx.work(transformers_tasks.transform, rows, ctx)
+    return result
+
+
+def _tuned(task: Any, paths: dict[str, str]) -> bool:
+    return isinstance(task, dict) and task.get("model") in paths
+
+
+async def _has_registry(db: Database) -> bool:
+    found = (await registry.rows(db, "SELECT to_regclass('pgml.projects') IS NOT NULL")).rows
+    return bool(found) and found[0][0] == "t"
+
+
+async def _materialize(ctx: Context, model_id: int) -> str:
+    """A local directory with the tuned model's files (written once per model version)."""
+    import hashlib
+    import os
+    import tempfile
+    from pathlib import Path
+
+    row = await registry.model(ctx.database(), model_id)
+    digest = hashlib.sha256(f"{ctx.database_name}/{row.id}/{row.created_at}".encode()).hexdigest()[:16]
+    target = Path(tempfile.gettempdir()) / "pgml-proxy-tuned" / digest
+    if not (target / ".complete").exists():
+        files = await registry.files(ctx.database(), model_id)
+        for path, data in files.items():
+            destination = (target / path).resolve()
+            if not destination.is_relative_to(target.resolve()):
+                raise InvalidArgument(f"model {model_id} has a file outside its directory: {path}")
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            destination.write_bytes(data)
+        (target / ".complete").touch()
+        os.chmod(target, 0o700)
+    return str(target)

@@ -1,0 +1,181 @@
+"""pgml.transform_stream through the proxy: the plain SELECT, and cursors (simple and extended protocol, as Korvus).
+
+A tiny random-weight GPT-2 (tests/tiny_models.py) generates; tests check counts, shapes and order.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import errors
+
+from proxy import protocol as pq
+from tests.conftest import ProxyProcess
+from tests.test_wire_pgml import B, E, P, Q, Raw, S
+from tests.tiny_models import tiny_gpt2
+
+TASK = '{"task": "text-generation", "model": "tiny-gpt2"}'
+
+
+def args(tokens: int) -> str:
+    return json.dumps({"max_new_tokens": tokens, "min_new_tokens": tokens})
+
+
+@pytest.fixture(scope="module")
+def gpt2(model_dir: Path) -> str:
+    target = model_dir / "tiny-gpt2"
+    if not target.exists():
+        tiny_gpt2(target)
+    return "tiny-gpt2"
+
+
+@pytest.fixture
+def conn(proxy: ProxyProcess, gpt2: str) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(proxy.dsn(), autocommit=True) as connection:
+        yield connection
+
+
+def fragments(rows: list[tuple[object, ...]]) -> list[list[str]]:
+    out = []
+    for (value,) in rows:
+        assert isinstance(value, list) and len(value) == 1 and isinstance(value[0], str)
+        out.append(value)
+    return out
+
+
+def test_plain_select_streams_rows(conn: psycopg.Connection) -> None:
+    cur = conn.execute("SELECT pgml.transform_stream(%s::jsonb, %s::jsonb, 'the cat')", [TASK, args(5)])
+    assert [d.name for d in cur.description or ()] == ["transform_stream"]
+    assert cur.description is not None and cur.description[0].type_code == 3802
+    rows = fragments(cur.fetchall())
+    assert 2 <= len(rows) <= 7  # the prompt ("the ", "cat "), then one fragment per new token
+    from_clause = conn.execute(f"SELECT * FROM pgml.transform_stream('{TASK}', '{args(3)}', 'the dog') AS s").fetchall()
+    assert from_clause and conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_inside_a_larger_statement_all_rows_at_once(conn: psycopg.Connection) -> None:
+    (count,) = conn.execute(
+        f"SELECT count(*) FROM pgml.transform_stream('{TASK}', '{args(3)}', 'the dog') AS s"
+    ).fetchone() or (0,)
+    assert count >= 1
+
+
+def test_cursor_simple_protocol(proxy: ProxyProcess, gpt2: str) -> None:
+    with psycopg.connect(proxy.dsn()) as c:  # a transaction, as DECLARE needs
+        c.execute(f"DECLARE c CURSOR FOR SELECT pgml.transform_stream('{TASK}', '{args(8)}', 'the cat')")
+        first = c.execute("FETCH 2 FROM c").fetchall()
+        assert len(first) == 2
+        rest = c.execute("FETCH ALL FROM c").fetchall()
+        assert c.execute("FETCH 5 FROM c").fetchall() == []  # ended
+        assert len(fragments(first + rest)) >= 2
+        c.execute("CLOSE c")
+        with pytest.raises(errors.InvalidCursorName):
+            c.execute("FETCH 1 FROM c")  # the server's own answer: no such cursor
+        c.rollback()
+        c.execute(f"DECLARE d CURSOR FOR SELECT pgml.transform_stream('{TASK}', '{args(4)}', 'the dog')")
+        assert c.execute("MOVE 1 IN d").statusmessage == "MOVE 1"
+        c.commit()  # COMMIT ends the cursor
+        with pytest.raises(errors.InvalidCursorName):
+            c.execute("FETCH 1 FROM d")
+
+
+def test_declare_outside_a_transaction_fails(conn: psycopg.Connection) -> None:
+    with pytest.raises(errors.NoActiveSqlTransaction):
+        conn.execute(f"DECLARE e CURSOR FOR SELECT pgml.transform_stream('{TASK}', '{args(2)}', 'x')")
+
+
+def _jsonb(value: str) -> bytes:
+    return b"\x01" + value.encode()
+
+
+def test_cursor_extended_protocol_like_korvus(proxy: ProxyProcess, gpt2: str) -> None:
+    r = Raw(proxy.port)
+    r.send(Q("BEGIN"))
+    assert r.read_until_z(1) == ["C", "ZT"]
+    declare = "DECLARE k CURSOR FOR SELECT pgml.transform_stream(task => $1, input => $2, args => $3)"
+    # sqlx: Parse + Describe statement + Sync, then Bind + Execute + Sync
+    r.send(P("s1", declare, [3802, 25, 3802]), pq.encode(b"D", b"Ss1\0"), S)
+    assert r.read_until_z(1) == ["1", "t", "n", "ZT"]
+    bind = pq.encode(
+        b"B",
+        b"\0s1\0" + struct.pack("!h", 3) + struct.pack("!hhh", 1, 0, 1) + struct.pack("!h", 3)
+        + struct.pack("!i", len(_jsonb(TASK))) + _jsonb(TASK)
+        + struct.pack("!i", 7) + b"the cat"
+        + struct.pack("!i", len(_jsonb(args(6)))) + _jsonb(args(6))
+        + struct.pack("!h", 0),
+    )  # fmt: skip
+    r.send(bind, E(), S)
+    assert r.read_until_z(1) == ["2", "C", "ZT"]
+    r.send(P("s2", "FETCH 3 FROM k"), pq.encode(b"D", b"Ss2\0"), S)
+    assert r.read_until_z(1) == ["1", "t", "T", "ZT"]
+    r.send(B("", "s2"), E(), S)
+    got = r.read_until_z(1)
+    assert got[0] == "2" and got[-2:] == ["C", "ZT"] and 1 <= got.count("D") <= 3, got
+    r.send(P("", "SELECT 42"), B(), E(), S)  # other statements keep going to the server
+    assert r.read_until_z(1) == ["1", "2", "D", "C", "ZT"]
+    r.send(P("s3", "CLOSE k"), B("", "s3"), E(), S, Q("COMMIT"))
+    assert r.read_until_z(2) == ["1", "2", "C", "ZT", "C", "ZI"]
+
+
+def test_plain_select_first_row_arrives_before_generation_ends(proxy: ProxyProcess, gpt2: str) -> None:
+    import time
+
+    with psycopg.connect(proxy.dsn(), autocommit=True) as c:
+        c.execute(f"SELECT pgml.transform_stream('{TASK}', '{args(2)}', 'warm')").fetchall()  # model loaded
+        started = time.monotonic()
+        arrivals = [time.monotonic() for _ in c.cursor().stream(
+            f"SELECT pgml.transform_stream('{TASK}', '{args(300)}', 'the cat')")]  # fmt: skip
+    assert len(arrivals) > 100
+    first, last = arrivals[0] - started, arrivals[-1] - started
+    assert first < last / 3, (first, last)  # rows come while the model generates, not all at the end
+
+
+async def test_asyncpg_cursor_with_parameters(proxy: ProxyProcess, gpt2: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(proxy.dsn())
+    try:
+        async with conn.transaction():
+            await conn.execute(
+                "DECLARE c CURSOR FOR SELECT pgml.transform_stream(task => $1::jsonb, input => $2, args => $3::jsonb)",
+                TASK, "the cat", args(5),
+            )  # fmt: skip
+            first = await conn.fetch("FETCH 2 FROM c")
+            rest = await conn.fetch("FETCH ALL FROM c")
+            assert len(first) == 2 and len(first) + len(rest) == 7  # the prompt (2 words), then one per new token
+            assert all(isinstance(json.loads(r[0]), list) for r in first + rest)
+            assert await conn.fetch("FETCH 1 FROM c") == []
+        assert await conn.fetchval("SELECT 1") == 1
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("end", ["CLOSE c", "ROLLBACK", "COMMIT"])
+def test_ending_mid_stream(proxy: ProxyProcess, gpt2: str, end: str) -> None:
+    with psycopg.connect(proxy.dsn()) as c:
+        c.execute(f"DECLARE c CURSOR FOR SELECT pgml.transform_stream('{TASK}', '{args(2000)}', 'the cat')")
+        assert len(c.execute("FETCH 3 FROM c").fetchall()) == 3
+        c.execute(end)
+        c.rollback()
+        assert c.execute("SELECT 1").fetchone() == (1,)
+        c.rollback()
+
+
+def test_cancel_mid_stream(proxy: ProxyProcess, gpt2: str) -> None:
+    import threading
+    import time
+
+    with psycopg.connect(proxy.dsn(), autocommit=True) as c:
+        timer = threading.Timer(1.0, c.cancel)
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(errors.QueryCanceled):
+            c.execute(f"SELECT pgml.transform_stream('{TASK}', '{args(8000)}', 'the cat')").fetchall()
+        timer.join()
+        assert time.monotonic() - started < 30
+        assert c.execute("SELECT 1").fetchone() == (1,)
