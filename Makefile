@@ -21,6 +21,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/passthrough.py
+	$(BIN)/python bench/embed.py
+	$(BIN)/python bench/ml.py
+	$(BIN)/python bench/hf.py
 
 venv: $(STAMP)
 

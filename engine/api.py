@@ -129,6 +129,7 @@ TRAIN_COLUMNS = (("project", "text"), ("task", "text"), ("algorithm", "text"), (
 DEPLOY_COLUMNS = (("project", "text"), ("strategy", "text"), ("algorithm", "text"))
 PREDICT_BATCH = (("predict_batch", "real"),)
 CONFIG = _p("config", "jsonb", {})
+ARGS = _p("args", "jsonb", {})
 CACHE = _p("cache", "boolean", False)  # accepted, as PostgresML does; pipelines are always cached here
 
 CATALOGUE: tuple[Signature, ...] = (
@@ -147,7 +148,8 @@ CATALOGUE: tuple[Signature, ...] = (
         columns=(("chunk_index", "bigint"), ("chunk", "text")),
     ),
     *(
-        Signature("transform", (_p("task", task), _p("args", "jsonb", {}), _p("inputs", inputs, []), CACHE), "jsonb")
+        # Not cacheable: generation may sample, and a model may name a tuned project whose deployment changes.
+        Signature("transform", (_p("task", task), ARGS, _p("inputs", inputs, []), CACHE), "jsonb", (), False)
         for inputs in ("text[]", "jsonb[]")
         for task in ("jsonb", "text")
     ),

@@ -47,16 +47,15 @@ async def predict(call: Call, ctx: Context) -> list[Any]:
             by_model.setdefault(key, []).append(i)
     out: list[Any] = [None] * len(call.rows)
     for key, indices in by_model.items():
-        model_id = int(key) if isinstance(key, int) else await registry.deployed_model_id(db, str(key))
-        deployed = await _load(db, ctx, model_id)
+        row = await (registry.model(db, key) if isinstance(key, int) else registry.deployed_model(db, str(key)))
+        deployed = await _load(db, ctx, row)
         values = await ctx.work(_apply, function, deployed, [call.rows[i][1] for i in indices])
         for i, value in zip(indices, values, strict=True):
             out[i] = value
     return out
 
 
-async def _load(db: Database, ctx: Context, model_id: int) -> Deployed:
-    row = await registry.model(db, model_id)
+async def _load(db: Database, ctx: Context, row: registry.Model) -> Deployed:
     key = ctx.cache.key("classical", f"{ctx.database_name}/{row.id}", {"created_at": row.created_at})
     cached = ctx.cache.peek(key)
     if cached is not None:

@@ -98,14 +98,25 @@ SELECT m.id, m.project_id, p.name, p.task::text, m.algorithm, m.num_features, m.
        m.created_at::text, m.snapshot_id, s.columns::text, s.y_column_name::text
 FROM pgml.models m JOIN pgml.projects p ON p.id = m.project_id
 LEFT JOIN pgml.snapshots s ON s.id = m.snapshot_id
-WHERE m.id = $1"""
+WHERE m.id = {}"""
 
 
 async def model(db: Database, model_id: int) -> Model:
-    result = await rows(db, _MODEL, model_id)
+    result = await rows(db, _MODEL.format("$1"), model_id)
     if not result.rows:
         raise UnknownModel(f"No model with id = {model_id}")
-    r = result.rows[0]
+    return _model(result.rows[0])
+
+
+async def deployed_model(db: Database, project_name: str) -> Model:
+    """The project's current model, in one round trip (the deployment lookup and the model row)."""
+    result = await rows(db, _MODEL.format(f"({_DEPLOYED})"), project_name)
+    if not result.rows:
+        raise UnknownModel(f"No deployed model exists for the project named: `{project_name}`")
+    return _model(result.rows[0])
+
+
+def _model(r: tuple[str | None, ...]) -> Model:
     return Model(
         id=int(r[0] or 0),
         project_id=int(r[1] or 0),

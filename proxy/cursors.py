@@ -28,7 +28,14 @@ from engine.api import Call, Engine, EngineError
 from proxy import protocol as pq
 from proxy import rewrite
 from proxy.calls import bind, find_calls
-from proxy.errors import DuplicateCursor, FeatureNotSupported, NoActiveTransaction, ProxyError
+from proxy.errors import (
+    DuplicateCursor,
+    FeatureNotSupported,
+    InvalidCursorName,
+    NoActiveTransaction,
+    NotInPrerequisiteState,
+    ProxyError,
+)
 from proxy.plan import fold_call
 
 FUNCTION = "transform_stream"
@@ -70,8 +77,8 @@ class Stream:
         while len(self.ready) < count and not self.done:
             self._arrived.clear()
             await self._arrived.wait()
-        if self.error is not None and not self.ready:
-            raise self.error
+        if self.error is not None and len(self.ready) < count:
+            raise self.error  # PostgreSQL fails the whole FETCH
         taken, self.ready = self.ready[:count], self.ready[count:]
         return taken
 
@@ -107,6 +114,7 @@ class Fetch:
     name: str
     count: int
     move: bool
+    forward: bool = True  # False: BACKWARD, ABSOLUTE, a count <= 0 … (a proxy cursor only scans forward)
 
 
 @dataclass(frozen=True)
@@ -115,11 +123,13 @@ class Close:
 
 
 @dataclass(frozen=True)
-class EndTransaction:
-    """COMMIT / ROLLBACK / PREPARE TRANSACTION…: non-holdable proxy cursors end (the statement goes on)."""
+class Refuse:
+    """A statement about a proxy cursor that PostgreSQL would reject: the error to answer with."""
+
+    error: ProxyError
 
 
-Own = StreamSelect | Declare | Fetch | Close | EndTransaction
+Own = StreamSelect | Declare | Fetch | Close | Refuse
 
 
 def parse_one(sql: str) -> ast.Node | None:
@@ -139,26 +149,17 @@ def classify(sql: str, cursors: dict[str, Stream]) -> Own | None:
             found := _stream_call(select)
         ) is not None:
             return Declare(name, found[0], found[1], bool((options or 0) & _CURSOR_OPT_HOLD))
+        case ast.DeclareCursorStmt(portalname=str(name)) if name in cursors:
+            return Refuse(DuplicateCursor(f'cursor "{name}" already exists'))
         case ast.FetchStmt(portalname=str(name), howMany=count, ismove=move, direction=direction) if name in cursors:
-            if direction != enums.FetchDirection.FETCH_FORWARD:
-                raise FeatureNotSupported("pgml.transform_stream cursors can only be fetched forward")
-            return Fetch(name, int(count or 0), bool(move))
+            forward = direction == enums.FetchDirection.FETCH_FORWARD and int(count or 0) > 0
+            return Fetch(name, int(count or 0), bool(move), forward)
         case ast.ClosePortalStmt(portalname=name) if name is None or name in cursors:
             return Close(name)
-        case ast.TransactionStmt(kind=kind) if kind in _ENDING and cursors:
-            return EndTransaction()
     return None
 
 
 _CURSOR_OPT_HOLD = 0x0020
-_ENDING = frozenset(
-    {
-        enums.TransactionStmtKind.TRANS_STMT_COMMIT,
-        enums.TransactionStmtKind.TRANS_STMT_ROLLBACK,
-        enums.TransactionStmtKind.TRANS_STMT_PREPARE,
-        enums.TransactionStmtKind.TRANS_STMT_ROLLBACK_TO,
-    }
-)
 
 
 def _stream_call(select: ast.SelectStmt) -> tuple[ast.FuncCall, str] | None:
@@ -242,6 +243,7 @@ class Cursors:
 
     def __init__(self, engine: Engine | None, session: int) -> None:
         self.open: dict[str, Stream] = {}
+        self.reading: Stream | None = None  # the stream a FETCH or SELECT is waiting on (what a cancel stops)
         self._engine, self._session = engine, session
 
     def stop_all(self, keep_holdable: bool = False) -> None:
@@ -259,14 +261,16 @@ class Cursors:
                     return await self._select(call, column, ready, write)
                 case Declare():
                     return rewrite.Respond(self.declare(own, tx_status) + ready)
-                case Fetch(name=name, count=count, move=move):
-                    rows, tag = await self.fetch(name, count, move)
+                case Fetch(name=name, move=move):
+                    rows, tag = await self.fetch(own)
                     described = b"" if move else row_description(self.open[name].column)
                     return rewrite.Respond(described + rows + tag + ready)
                 case Close(name=str(name)):
                     return rewrite.Respond(self.close(name) + ready)
-                case Close() | EndTransaction():
-                    self.stop_all(keep_holdable=isinstance(own, EndTransaction) and tx_status != "E")
+                case Close():
+                    self.stop_all()  # CLOSE ALL: the server closes its own
+                case Refuse(error=error):
+                    return rewrite.Fail(error)
         except (ProxyError, EngineError) as exc:
             return rewrite.Fail(exc)
         return rewrite.FORWARD
@@ -280,15 +284,32 @@ class Cursors:
         self.open[own.name] = start(own.call, self._require_engine(), self._session, own.hold, own.column)
         return command_complete("DECLARE CURSOR")
 
-    async def fetch(self, name: str, count: int, move: bool, binary: bool = False) -> tuple[bytes, bytes]:
+    async def fetch(self, own: Fetch, binary: bool = False) -> tuple[bytes, bytes]:
         """DataRows (none for MOVE) and the CommandComplete of FETCH/MOVE ``count``."""
-        try:
-            fragments = await self.open[name].take(count)
-        except Exception as exc:
-            raise failure(exc) from exc
-        if move:
+        fragments = await self.fetch_fragments(own)
+        if own.move:
             return b"", command_complete(f"MOVE {len(fragments)}")
         return b"".join(data_row(f, binary) for f in fragments), command_complete(f"FETCH {len(fragments)}")
+
+    def open_stream(self, call: ast.FuncCall) -> Stream:
+        """A generation for a prepared streaming SELECT (its portal owns it)."""
+        return start(call, self._require_engine(), self._session)
+
+    async def fetch_fragments(self, own: Fetch) -> list[list[str]]:
+        """The fragments a FETCH/MOVE takes from its cursor."""
+        if own.name not in self.open:
+            raise InvalidCursorName(f'cursor "{own.name}" does not exist')
+        if not own.forward:
+            raise NotInPrerequisiteState(
+                "cursor can only scan forward", hint="Declare it with SCROLL option to enable backward scan."
+            )
+        self.reading = self.open[own.name]
+        try:
+            return await self.open[own.name].take(own.count)
+        except Exception as exc:
+            raise failure(exc) from exc
+        finally:
+            self.reading = None
 
     def close(self, name: str) -> bytes:
         self.open.pop(name).stop()

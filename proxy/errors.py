@@ -97,6 +97,14 @@ class InvalidCursorName(ProxyError, code="34000"):
     """FETCH or CLOSE of a cursor that does not exist."""
 
 
+class NotInPrerequisiteState(ProxyError, code="55000"):
+    """E.g. a backward FETCH on a cursor that only scans forward."""
+
+
+class InFailedTransaction(ProxyError, code="25P02"):
+    """A statement inside a transaction that already failed."""
+
+
 class NoActiveTransaction(ProxyError, code="25P01"):
     """DECLARE CURSOR (without HOLD) outside a transaction block."""
 

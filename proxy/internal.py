@@ -65,11 +65,13 @@ class Port(Protocol):
         """Until every ReadyForQuery owed has arrived (``tx_status`` is then current)."""
         ...
 
-    async def execute(self, statements: Sequence[Statement], keep_open: bool = False) -> list[Result]:
+    async def execute(
+        self, statements: Sequence[Statement], keep_open: bool = False, finish: bool = False
+    ) -> list[Result]:
         """Run statements as one internal exchange; raises UpstreamError.
 
         ``keep_open``: end with Flush even between batches, so the implicit transaction goes on into
-        the client's statement that follows (the caller sends it, or a Sync after an error).
+        the statements that follow; ``finish``: end with Sync even so (the last part of such a run).
         """
         ...
 
@@ -155,6 +157,7 @@ class Exchange:
         self._index = 0  # the statement being answered
         self._next = 0  # the first statement not yet sent
         self._synced = False
+        self._copy_parts: list[bytes] = []
 
     @property
     def done(self) -> bool:
@@ -194,9 +197,11 @@ class Exchange:
             case "D":
                 pass
             case "d":
-                result.copy += frame.raw[5:]
+                self._copy_parts.append(frame.raw[5:])  # one frame per row: joined once, at CommandComplete
             case "C" | "I":
                 result.command = frame.raw[5:-1].decode()
+                if self._copy_parts:
+                    result.copy, self._copy_parts = b"".join(self._copy_parts), []
                 self._index += 1
             case "3":
                 self._closes_left -= 1

@@ -130,6 +130,21 @@ def parse_array(text: str) -> list[str | None]:
     return out
 
 
+def _numbers(text: str, element: str) -> list[Any]:
+    """A numeric array's text (``{1,2.5,NULL}``, ``{{1,2},{3,4}}`` row-major) -> Python numbers."""
+    body = text.replace("{", "").replace("}", "").strip()
+    if "=" in body:  # explicit bounds: [1:2]={...}
+        body = body.split("=", 1)[1]
+    if not body:
+        return []
+    convert: Any = {"boolean": lambda v: v.lower() in ("t", "true"), "real": float, "double precision": float}
+    cast = convert.get(element, int)
+    try:
+        return [None if v.strip().upper() == "NULL" else cast(v) for v in body.split(",")]
+    except ValueError as exc:
+        raise InvalidTextRepresentation(f'invalid input syntax for type {element}: "{text[:60]}"') from exc
+
+
 def parse_record(text: str) -> tuple[str | None, ...]:
     """Fields of a record literal ``(1,"a b",)`` as text (an empty unquoted field is NULL)."""
     if len(text) < 2 or text[0] != "(" or text[-1] != ")":
@@ -187,8 +202,8 @@ def from_text(text: str | None, sql_type: str) -> Any:
             return float(text)
         case _ if sql_type.endswith("[]"):
             element = sql_type[:-2]
-            if element in _NUMBERS and text.count("{") > 1:  # multidimensional numbers: flattened, row-major
-                text = "{" + text.replace("{", "").replace("}", "") + "}"
+            if element in _NUMBERS and '"' not in text:  # numbers (any dimensions, flattened): a plain split
+                return _numbers(text, element)
             return [from_text(v, element) for v in parse_array(text)]
     raise InvalidParameterValue(f"cannot read a value of type {sql_type}")
 

@@ -28,7 +28,9 @@ from proxy.errors import FeatureNotSupported, InvalidCursorName
 _P, _B, _D, _E, _C = (ord(c) for c in "PBDEC")
 TYPE_OIDS = {"text": 25, "jsonb": 3802, "jsonb[]": 3807, "text[]": 1009, "boolean": 16, "real": 700, "bigint": 20}
 OwnStatement = cursors.StreamSelect | cursors.Declare | cursors.Fetch | cursors.Close
-PARSE_COMPLETE, BIND_COMPLETE, CLOSE_COMPLETE, NO_DATA = (pq.encode(t, b"") for t in (b"1", b"2", b"3", b"n"))
+PARSE_COMPLETE, BIND_COMPLETE, CLOSE_COMPLETE, NO_DATA, PORTAL_SUSPENDED = (
+    pq.encode(t, b"") for t in (b"1", b"2", b"3", b"n", b"s")
+)
 
 
 @dataclass(frozen=True)
@@ -38,10 +40,15 @@ class Prepared:
     param_types: tuple[int, ...]
 
 
-@dataclass(frozen=True)
+@dataclass
 class Portal:
+    """A bound own statement; Execute with a row limit runs it in pieces (PortalSuspended between)."""
+
     own: OwnStatement
     binary: bool  # results in binary format (asyncpg asks for it)
+    stream: cursors.Stream | None = None  # a streaming SELECT's generation, once executed
+    pending: list[list[str]] | None = None  # a FETCH's rows not sent yet
+    done: bool = False
 
 
 class Owned:
@@ -51,6 +58,16 @@ class Owned:
         self.statements: dict[str, Prepared] = {}
         self.portals: dict[str, Portal] = {}
         self.failed = False  # an own message failed: the rest of the batch is skipped until Sync
+
+    def drop_portal(self, name: str) -> None:
+        portal = self.portals.pop(name, None)
+        if portal is not None and portal.stream is not None:
+            portal.stream.stop()
+
+    def clear_portals(self) -> None:
+        """Transaction end or disconnect: portals are gone, their generations stop."""
+        for name in list(self.portals):
+            self.drop_portal(name)
 
     @property
     def active(self) -> bool:
@@ -68,7 +85,7 @@ class Owned:
             case 66:  # B
                 bound = extended.decode_bind(frame)
                 if bound.statement not in self.statements:
-                    self.portals.pop(bound.portal, None)  # the portal name now means one of the server's
+                    self.drop_portal(bound.portal)  # the portal name now means one of the server's
                     return False
                 return True
             case 68 | 67:  # D, C
@@ -101,16 +118,20 @@ class Owned:
             case 66:
                 bound = extended.decode_bind(frame)
                 binary = bool(bound.result_formats) and bound.result_formats[0] == 1
+                self.drop_portal(bound.portal)
                 self.portals[bound.portal] = Portal(_bound(self.statements[bound.statement], bound), binary)
                 return BIND_COMPLETE
             case 68:
                 return self._describe(frame.raw[5:6], frame.raw[6:-1].decode(), table)
             case 69:
-                portal = frame.raw[5 : frame.raw.index(b"\0", 5)].decode()
-                return await self._execute(portal, table, tx_status, write)
+                end = frame.raw.index(b"\0", 5)
+                (limit,) = struct.unpack_from("!i", frame.raw, end + 1)
+                return await self._execute(frame.raw[5:end].decode(), limit, table, tx_status, write)
             case _:  # C
-                names = self.statements if frame.raw[5:6] == b"S" else self.portals
-                names.pop(frame.raw[6:-1].decode(), None)
+                if frame.raw[5:6] == b"S":
+                    self.statements.pop(frame.raw[6:-1].decode(), None)
+                else:
+                    self.drop_portal(frame.raw[6:-1].decode())
                 return CLOSE_COMPLETE
 
     def _describe(self, kind: bytes, name: str, table: cursors.Cursors) -> bytes:
@@ -128,23 +149,52 @@ class Owned:
         types = self.statements[name].param_types
         return pq.encode(b"t", struct.pack(f"!h{len(types)}I", len(types), *types)) + rows
 
-    async def _execute(self, name: str, table: cursors.Cursors, tx_status: str, write: Any) -> bytes:
-        own, binary = self.portals[name].own, self.portals[name].binary
+    async def _execute(self, name: str, limit: int, table: cursors.Cursors, tx_status: str, write: Any) -> bytes:
+        portal = self.portals[name]
+        own = portal.own
         match own:
+            case cursors.StreamSelect() | cursors.Fetch() if portal.done:
+                return cursors.command_complete("SELECT 0" if isinstance(own, cursors.StreamSelect) else "FETCH 0")
             case cursors.StreamSelect():
-                return await table.select_rows(own.call, write, binary)
+                portal.stream = portal.stream or table.open_stream(own.call)
+                return await _stream_rows(portal, portal.stream, limit, write)
             case cursors.Declare():
                 return table.declare(own, tx_status)
-            case cursors.Fetch(name=cursor, count=count, move=move):
-                if cursor not in table.open:
-                    raise InvalidCursorName(f'cursor "{cursor}" does not exist')
-                rows, tag = await table.fetch(cursor, count, move, binary)
-                return rows + tag
+            case cursors.Fetch(move=True):
+                portal.done = True
+                return (await table.fetch(own))[1]
+            case cursors.Fetch():
+                if portal.pending is None:
+                    portal.pending = await table.fetch_fragments(own)
+                rows, portal.pending = portal.pending[: limit or None], portal.pending[limit or len(portal.pending) :]
+                body = b"".join(cursors.data_row(f, portal.binary) for f in rows)
+                if portal.pending:
+                    return body + PORTAL_SUSPENDED
+                portal.done = True
+                return body + cursors.command_complete(f"FETCH {len(rows)}")
             case cursors.Close(name=str(cursor)):
                 if cursor not in table.open:
                     raise InvalidCursorName(f'cursor "{cursor}" does not exist')
                 return table.close(cursor)
         raise FeatureNotSupported("unexpected statement for a pgml-proxy cursor")
+
+
+async def _stream_rows(portal: Portal, stream: cursors.Stream, limit: int, write: Any) -> bytes:
+    """Up to ``limit`` rows (0: all) of a streaming SELECT, each written as it is generated."""
+    count = 0
+    try:
+        while not limit or count < limit:
+            fragments = await stream.take(1)
+            if not fragments:
+                portal.done = True
+                stream.stop()
+                return cursors.command_complete(f"SELECT {count}")
+            write(cursors.data_row(fragments[0], portal.binary))
+            count += 1
+    except Exception as exc:
+        stream.stop()
+        raise cursors.failure(exc) from exc
+    return PORTAL_SUSPENDED
 
 
 def _param_types(own: OwnStatement, declared: tuple[int, ...]) -> tuple[int, ...]:

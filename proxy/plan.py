@@ -14,6 +14,7 @@ built only from catalogue names and generated identifiers.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import struct
 from collections import defaultdict
@@ -85,8 +86,12 @@ def analyze(sql: str) -> Analysis | None:
     return Analysis(stmts, sites) if any(sites) else None
 
 
-async def rewrite(analysis: Analysis, engine: Engine, port: Port, *, dependent_ok: bool) -> str:
-    """Evaluate every call and return the rewritten SQL (the analysis' tree is changed in place)."""
+async def rewrite(analysis: Analysis, engine: Engine, port: Port, *, dependent_ok: bool) -> str | None:
+    """Evaluate every call and return the rewritten SQL (the analysis' tree is changed in place).
+
+    None: the statements were run here already (a per-row call after the first statement of a
+    query string); the client has every answer but the final ReadyForQuery.
+    """
     stmts, per_stmt = analysis.stmts, analysis.sites
     replacements: dict[int, ast.Node] = {}
     constant: dict[int, list[tuple[Site, tuple[Any, ...]]]] = defaultdict(list)  # by id(signature)
@@ -126,9 +131,12 @@ async def rewrite(analysis: Analysis, engine: Engine, port: Port, *, dependent_o
             replacements.update(_constant_replacement(site, sig, result))
     if 0 < first_dependent < len(stmts):
         # A per-row call reads rows the earlier statements of the string may change: those run first,
-        # their answers going to the client, in the implicit transaction the rest then joins.
-        await _run_before(stmts[:first_dependent], replacements, port)
-        stmts = stmts[first_dependent:]
+        # their answers going to the client, in one implicit transaction with the rest (run here too).
+        await _run_visible(stmts[:first_dependent], replacements, port, finish=False)
+        for site, candidates, slots in dependent:
+            replacements.update(await _dependent_replacement(site, candidates, slots, engine, port))
+        await _run_visible(stmts[first_dependent:], replacements, port, finish=True)
+        return None
     for site, candidates, slots in dependent:
         replacements.update(await _dependent_replacement(site, candidates, slots, engine, port))
     return _replaced(stmts, replacements)
@@ -142,13 +150,17 @@ def _replaced(stmts: tuple[ast.RawStmt, ...], replacements: dict[int, ast.Node])
     return deparse_all(stmts)
 
 
-async def _run_before(stmts: tuple[ast.RawStmt, ...], replacements: dict[int, ast.Node], port: Port) -> None:
+async def _run_visible(
+    stmts: tuple[ast.RawStmt, ...], replacements: dict[int, ast.Node], port: Port, *, finish: bool
+) -> None:
+    """The client's own statements, run by the proxy with their answers going to the client."""
     if any(isinstance(raw.stmt, ast.CopyStmt) for raw in stmts):
         raise FeatureNotSupported(
-            "COPY before a per-row pgml call in the same query string", hint="Send the COPY on its own."
+            "COPY in a query string with a per-row pgml call after its first statement",
+            hint="Send the COPY on its own.",
         )
     texts = [_replaced((raw,), replacements) for raw in stmts if raw.stmt is not None]
-    await port.execute([Statement(sql, visible=True) for sql in texts], keep_open=True)
+    await port.execute([Statement(sql, visible=True) for sql in texts], keep_open=not finish, finish=finish)
 
 
 def _call(sig: Signature, rows: list[tuple[Any, ...]], port: Port) -> Call:
@@ -280,15 +292,9 @@ async def _dependent_replacement(
     types = [OID_TYPES.get(oid) for _, oid in result.columns]
     sig = _choose(site, candidates, given, types)
     fixed = _fold_strict(sig, slots, skip=set(given))
-    tuples, texts = [], []
-    for row in result.rows:
-        if any(v is None for v in row):
-            continue  # STRICT: a NULL argument gives NULL, no lookup row needed
-        values = list(fixed)
-        for i, text, kind in zip(given, row, types, strict=True):
-            values[i] = from_text(text, kind or "text")
-        tuples.append(tuple(values))
-        texts.append(row)
+    decode = functools.partial(_decode_rows, result.rows, fixed, given, types)
+    # Thousands of arrays take a while to read: off the event loop, so other sessions are not stalled.
+    tuples, texts = await asyncio.to_thread(decode) if len(result.rows) > 500 else decode()
     results = await engine.evaluate(_call(sig, tuples, port)) if tuples else []
     keys = [KEY_TYPES.get(oid, t or "text") for (_, oid), t in zip(result.columns, types, strict=True)]
     name = await _load(port, sig, keys, texts, results)
@@ -305,6 +311,22 @@ async def _dependent_replacement(
     if len(sig.columns) == 1:
         return {id(site.call): _fill(f"SELECT CAST(unnest({lookup}) AS {sig.columns[0][1]})", args)}
     return {id(site.call): _fill(f"SELECT unnest({lookup})", args)}
+
+
+def _decode_rows(
+    rows: list[tuple[str | None, ...]], fixed: list[Any], given: list[int], types: list[str | None]
+) -> tuple[list[tuple[Any, ...]], list[tuple[str | None, ...]]]:
+    """Gathered argument rows -> full argument tuples (constants filled in) and their key texts."""
+    tuples, texts = [], []
+    for row in rows:
+        if any(v is None for v in row):
+            continue  # STRICT: a NULL argument gives NULL, no lookup row needed
+        values = list(fixed)
+        for i, text, kind in zip(given, row, types, strict=True):
+            values[i] = from_text(text, kind or "text")
+        tuples.append(tuple(values))
+        texts.append(row)
+    return tuples, texts
 
 
 async def _load(

@@ -148,10 +148,12 @@ class Rewriter:
             if not plan.constant_only(analysis):
                 if isinstance(message, Parse):
                     return DeferToBind(await self._param_types(message, analysis, port))
-                return Rewritten(
-                    protocol.encode_query(Query(await plan.rewrite(analysis, self.engine, port, dependent_ok=True)))
-                )
+                rewritten = await plan.rewrite(analysis, self.engine, port, dependent_ok=True)
+                if rewritten is None:  # run on the session already: only ReadyForQuery is left to send
+                    return Respond(protocol.encode_ready(protocol.ReadyForQuery(port.tx_status)))
+                return Rewritten(protocol.encode_query(Query(rewritten)))
             sql = await plan.rewrite(analysis, self.engine, port, dependent_ok=False)
+            assert sql is not None  # constants only: nothing runs on the session
             if plan.cacheable(analysis):
                 self._remember(key, sql)
         else:
@@ -231,6 +233,7 @@ class Rewriter:
                     raise problems[number]
             extended.substitute_params(roots, values)
         new_sql = await plan.rewrite(analysis, self.engine, port, dependent_ok=True)
+        assert new_sql is not None  # one statement: rewritten, never run here
         private = f"pgml_proxy_stmt_{port.session_id}_{private_id}"
         return Rebound(
             parse=protocol.encode_parse(Parse(private, new_sql, tuple(oids))),

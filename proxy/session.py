@@ -12,6 +12,7 @@ decodes only Query/Parse (client) and R/K/Z/E (upstream).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from collections import deque
@@ -26,6 +27,7 @@ from proxy.errors import (
     AdminShutdown,
     ConnectionFailure,
     FeatureNotSupported,
+    InFailedTransaction,
     InternalError,
     ProtocolViolation,
     ProxyError,
@@ -56,6 +58,7 @@ _p = ord("p")
 _B = ord("B")
 _C = ord("C")
 _F = ord("F")
+_IDLE = ord("I")
 _OWNED_KINDS = frozenset(b"PBDEC")  # messages that may name a proxy-owned prepared statement or portal
 _DECIDED_KINDS = frozenset(b"QPBDEC")
 
@@ -104,6 +107,9 @@ class Session:
         self.cursors = cursors.Cursors(server.rewriter.engine, self.session_id)  # pgml.transform_stream cursors
         self.owned = Owned()  # prepared DECLARE / FETCH statements of those cursors (extended protocol)
         self._stale_tables: list[str] = []  # ... and for earlier statements, to drop when idle
+        # The proxy ran a Query's first statements itself (extended messages, no Sync yet): the
+        # implicit transaction they began must end with a Sync after the rest of that Query.
+        self._opened = False
 
     # ------------------------------------------------------------------ #
     # Lifecycle
@@ -158,6 +164,7 @@ class Session:
         if self._task is not None and not self._task.done():
             self._task.cancel()
         self.cursors.stop_all()
+        self.owned.clear_portals()
         if self.upstream is not None and not self.upstream.is_closed:
             if self._authenticated and not self._upstream_fatal:
                 self.upstream.write(pq.TERMINATE)
@@ -206,6 +213,7 @@ class Session:
             or (self.deferred and (_B in kinds or _P in kinds or _C in kinds))
             or (self.deferred and _Q in kinds and rewrite.might_deallocate(chunk))
             or ((self.cursors.open or self.owned.active) and not _DECIDED_KINDS.isdisjoint(kinds))
+            or (self._barriers and _S in kinds)
         ):
             self._relay_client(pq.split_frames(chunk))
         else:  # hot path: nothing to look at, forward the bytes as they came
@@ -213,6 +221,7 @@ class Session:
             if owed:
                 self._owed += owed
                 self._idle.clear()
+                self.owned.failed = False
             self._responses.sent(kinds)
             self._last_sent = kinds[-1]
             if _X in kinds:
@@ -229,6 +238,11 @@ class Session:
             if kind in _DECIDED_KINDS and self._needs_decision(frame):
                 self._defer(out, frames[i:])
                 return
+            if kind == _S and self._barriers:  # barrier statements of this batch: closed with it (answers hidden)
+                for name in self._barriers:
+                    self._responses.inject(THREE)
+                    out.append(_close_statement(name))
+                self._barriers = []
             if kind in (_Q, _S, _F):
                 self._owe()
                 self.owned.failed = False
@@ -351,6 +365,11 @@ class Session:
         if self.owned.failed or not await self._barrier():
             self.owned.failed = True
             return rewrite.Respond(b"")  # skipped until Sync, as the server skips after an error
+        if self.tx_status == "E" and self._last_sent in (_S, _Q):
+            self.owned.failed = True
+            return rewrite.Fail(
+                InFailedTransaction("current transaction is aborted, commands ignored until end of transaction block")
+            )
         try:
             return rewrite.Respond(await self.owned.answer(frame, self.cursors, self.tx_status, self.client.write))
         except (ProxyError, EngineError) as exc:
@@ -382,16 +401,22 @@ class Session:
                 self.upstream.writelines([*leftovers, parse, bind, close])
             case rewrite.Fail(error=error):
                 # The server raises the error itself, so its transaction state matches the client's.
-                if frame.type == _Q:
+                if frame.type == _Q and self._opened:  # the first statements ran already: only the error
+                    raised = Statement(rewrite.raise_statement(error), visible=True)
+                    with contextlib.suppress(UpstreamError):
+                        await self.execute([raised], finish=True)
+                    self.client.write(pq.encode_ready(pq.ReadyForQuery(self.tx_status)))
+                elif frame.type == _Q:
                     sql = rewrite.raise_statement(error, pq.decode_query(frame).sql)
                     self._forward(_Q, pq.encode_query(pq.Query(sql)))
                 else:
                     await self._fail_extended(error)
         self.temp_tables, self._stale_tables = [], self._stale_tables + self.temp_tables
+        self._opened = False
 
     def _forward(self, kind: int, raw: bytes) -> None:
         assert self.upstream is not None
-        if kind == _Q:
+        if kind in (_Q, _S):
             self._owe()
         self._responses.sent(bytes((kind,)))
         self._last_sent = kind
@@ -438,7 +463,9 @@ class Session:
         """Inside BEGIN, or in the middle of an extended-protocol batch (its implicit transaction)."""
         return self.tx_status != "I" or self._last_sent not in (_S, _Q)
 
-    async def execute(self, statements: Sequence[Statement], keep_open: bool = False) -> list[Result]:
+    async def execute(
+        self, statements: Sequence[Statement], keep_open: bool = False, finish: bool = False
+    ) -> list[Result]:
         """Run internal statements on this session once the upstream owes the client nothing.
 
         Between client batches they end with a Sync of their own. Inside an extended
@@ -451,7 +478,7 @@ class Session:
         mid_batch = self._last_sent not in (_S, _Q)
         if not await self._barrier():
             raise rewrite.BatchFailed()
-        flush = mid_batch or keep_open
+        flush = (mid_batch or keep_open) and not finish  # finish: end what keep_open began, with a Sync
         prefix: list[Statement] = []
         if not mid_batch and self._stale_tables and self.tx_status == "I":  # per-row tables of earlier statements
             prefix.append(Statement(f"DROP TABLE IF EXISTS {', '.join('pg_temp.' + t for t in self._stale_tables)}"))
@@ -463,6 +490,7 @@ class Session:
         if not flush:
             self._owe()
         self._last_sent = _P if flush else _S
+        self._opened = self._opened or (keep_open and not mid_batch)
         self.upstream.writelines(exchange.start())
         try:
             await self._exchange_done.wait()
@@ -474,11 +502,12 @@ class Session:
             self.client.writelines(exchange.forward)
         if exchange.error is not None:
             fields = tuple((k, v) for k, v in exchange.error if k not in "Pq")  # positions in our own SQL
+            shown = any(f[0] == _E for f in exchange.forward)  # a visible statement's error: the client has it
             if flush:  # the server now skips to the next Sync: this error answers the client's message
                 self._responses.keep(_E)
-                if not any(f[0] == _E for f in exchange.forward):
+                if not shown:
                     self.client.write(pq.encode_error(pq.ErrorResponse(fields)))
-            raise UpstreamError(fields, exchange.status or self.tx_status, delivered=flush)
+            raise UpstreamError(fields, exchange.status or self.tx_status, delivered=flush or shown)
         return exchange.results[len(prefix) :]
 
     # ------------------------------------------------------------------ #
@@ -519,6 +548,9 @@ class Session:
     def _ready(self, status: int, count: int = 1) -> None:
         """ReadyForQuery: the batch is over; nothing else is owed for it."""
         self.tx_status = chr(status)
+        if status == _IDLE and (self.cursors.open or self.owned.portals):  # a transaction ended, however
+            self.cursors.stop_all(keep_holdable=True)
+            self.owned.clear_portals()
         self._owed = max(0, self._owed - count)
         if self._owed == 0:
             self._idle.set()
@@ -540,10 +572,10 @@ class Session:
                     self._exchange_done.set()
                 continue
             keep = self._responses.keep(kind)
-            if not keep:
-                continue
             if kind == _Z:
                 self._ready(frame.raw[5])
+            if not keep:
+                continue
             elif kind == _E and frame.raw[5:11] == b"SFATAL":
                 self._upstream_fatal = True
             out.append(frame.raw)

@@ -179,3 +179,129 @@ def test_cancel_mid_stream(proxy: ProxyProcess, gpt2: str) -> None:
         timer.join()
         assert time.monotonic() - started < 30
         assert c.execute("SELECT 1").fetchone() == (1,)
+
+
+# --------------------------------------------------------------------------- #
+# Regressions from a protocol review (each compared with what PostgreSQL answers)
+# --------------------------------------------------------------------------- #
+
+
+def _declare(r: Raw, name: str = "c", tokens: int = 20) -> None:
+    declare = f"DECLARE {name} CURSOR FOR SELECT pgml.transform_stream('{TASK}', '{args(tokens)}', 'the cat')"
+    r.send(Q("BEGIN"), Q(declare))
+    assert r.read_until_z(2) == ["C", "ZT", "C", "ZT"]
+
+
+@pytest.mark.parametrize("end", ["rollback-after-error", "extended-commit", "commit-in-multi"])
+def test_transaction_end_closes_proxy_cursors(proxy: ProxyProcess, gpt2: str, end: str) -> None:
+    r = Raw(proxy.port)
+    _declare(r)
+    if end == "rollback-after-error":
+        r.send(Q("SELECT 1/0"))
+        assert r.read_until_z(1)[-1] == "ZE"
+        r.send(Q("ROLLBACK"))
+    elif end == "extended-commit":
+        r.send(P("", "COMMIT"), B(), E(), S)
+    else:
+        r.send(Q("COMMIT; SELECT 1"))
+    assert r.read_until_z(1)[-1] == "ZI"
+    r.send(Q("BEGIN; FETCH 1 FROM c"))
+    got = r.read_until_z(1)
+    assert got[1].startswith("E:34000") and got[-1] == "ZE", got  # gone, as on the server
+    r.send(Q("ROLLBACK"))
+    r.read_until_z(1)
+    _declare(r)  # the name is free again
+
+
+def test_backward_fetch_prepared_is_an_error_not_a_disconnect(proxy: ProxyProcess, gpt2: str) -> None:
+    r = Raw(proxy.port)
+    _declare(r)
+    r.send(P("", "FETCH BACKWARD 1 FROM c"), B(), E(), S)
+    got = r.read_until_z(1)
+    assert got[:2] == ["1", "2"] and got[2].startswith("E:55000") and got[-1] == "ZE", got  # fails at Execute
+    r.send(Q("ROLLBACK"), Q("SELECT 1"))
+    assert r.read_until_z(2) == ["C", "ZI", "T", "D", "C", "ZI"]
+
+
+def test_zero_and_negative_fetch_counts_are_refused(conn: psycopg.Connection) -> None:
+    conn.execute("BEGIN")
+    conn.execute(f"DECLARE c CURSOR FOR SELECT pgml.transform_stream('{TASK}', '{args(3)}', 'the')")
+    with pytest.raises(errors.ObjectNotInPrerequisiteState):
+        conn.execute("FETCH -1 FROM c")
+    conn.execute("ROLLBACK")
+
+
+def test_failed_own_message_then_lone_sync_does_not_block_next_batch(proxy: ProxyProcess, gpt2: str) -> None:
+    r = Raw(proxy.port)
+    _declare(r, "d")
+    declare_again = f"DECLARE d CURSOR FOR SELECT pgml.transform_stream('{TASK}', '{args(2)}', 'the')"
+    r.send(P("", declare_again), B(), E(), pq.FLUSH, S)
+    got = r.read_until_z(1)
+    assert got[-2].startswith("E:42P03") and got[-1] == "ZE", got
+    r.send(Q("ROLLBACK"))
+    r.read_until_z(1)
+    _declare(r, "d")
+    r.send(P("", "FETCH 2 FROM d"), B(), E(), S)
+    assert r.read_until_z(1) == ["1", "2", "D", "D", "C", "ZT"]
+
+
+def test_prepared_fetch_in_an_aborted_transaction(proxy: ProxyProcess, gpt2: str) -> None:
+    r = Raw(proxy.port)
+    _declare(r)
+    r.send(Q("SELECT 1/0"))
+    r.read_until_z(1)
+    r.send(P("", "FETCH 2 FROM c"), B(), E(), S)
+    got = r.read_until_z(1)
+    assert got[0].startswith("E:25P02") and got[-1] == "ZE", got
+
+
+def test_normal_declare_cannot_shadow_a_proxy_cursor(proxy: ProxyProcess, gpt2: str) -> None:
+    r = Raw(proxy.port)
+    _declare(r)
+    r.send(Q("DECLARE c CURSOR FOR SELECT 42"))
+    got = r.read_until_z(1)
+    assert got[0].startswith("E:42P03") and got[-1] == "ZE", got
+
+
+def test_barrier_statements_do_not_pile_up(proxy: ProxyProcess, gpt2: str) -> None:
+    r = Raw(proxy.port)
+    _declare(r, "c", 200)
+    for _ in range(10):
+        r.send(P("", "SELECT 1"), B(), E(), P("", "FETCH 1 FROM c"), B(), E(), S)
+        r.read_until_z(1)
+    r.send(Q("SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'pgml_proxy_barrier%'"))
+    got = r.read_until_z(1)
+    assert got[:2] == ["T", "D"], got
+    with psycopg.connect(proxy.dsn()) as c:
+        assert c.execute("SELECT 1").fetchone() == (1,)
+
+
+async def test_asyncpg_cursor_over_streaming_select_respects_fetch_sizes(proxy: ProxyProcess, gpt2: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(proxy.dsn())
+    try:
+        async with conn.transaction():
+            cursor = await conn.cursor(
+                "SELECT pgml.transform_stream(task => $1::jsonb, input => $2, args => $3::jsonb)",
+                TASK, "the cat", args(6),
+            )  # fmt: skip
+            first = await cursor.fetch(2)
+            second = await cursor.fetch(3)
+            rest = await cursor.fetch(100)
+            assert (len(first), len(second), len(first) + len(second) + len(rest)) == (2, 3, 8)
+    finally:
+        await conn.close()
+
+
+def test_execute_row_limit_suspends_the_portal(proxy: ProxyProcess, gpt2: str) -> None:
+    r = Raw(proxy.port)
+    r.send(Q("BEGIN"))
+    r.read_until_z(1)
+    select = f"SELECT pgml.transform_stream('{TASK}', '{args(4)}', 'the cat')"
+    limited = pq.encode(b"E", b"\0" + struct.pack("!i", 2))
+    r.send(P("", select), B(), limited, limited, limited, limited, S)
+    got = r.read_until_z(1)
+    assert got == ["1", "2", "D", "D", "s", "D", "D", "s", "D", "D", "s", "C", "ZT"], got
+    r.send(Q("ROLLBACK"))
+    r.read_until_z(1)

@@ -321,3 +321,23 @@ def test_multi_statement_with_begin_before_per_row_call(proxy, pg):
     r.send(Q("ROLLBACK"))
     assert r.read_until_z(1) == ["C", "ZI"]
     assert _count(pg, "rvdocs12") == 2
+
+
+def test_query_with_per_row_call_after_insert_commits_and_ends_idle(proxy, pg):
+    _table(pg, "rvdocs13")
+    prime(proxy)
+    r = Raw(proxy.port)
+    r.send(Q("INSERT INTO rvdocs13 VALUES (3, 'x'); SELECT pgml.chunk('character', body) FROM rvdocs13"))
+    got = r.read_until_z(1)
+    assert got[0] == "C" and got[-1] == "ZI", got
+    assert _count(pg, "rvdocs13") == 3  # committed, visible to another session
+
+
+def test_failing_per_row_call_after_insert_runs_the_insert_once(proxy, pg):
+    _table(pg, "rvdocs14")
+    prime(proxy)
+    r = Raw(proxy.port)
+    r.send(Q("INSERT INTO rvdocs14 VALUES (3, 'x'); SELECT pgml.chunk('no_such_splitter', body) FROM rvdocs14"))
+    got = r.read_until_z(1)
+    assert got[0] == "C" and got[1].startswith("E:") and got[2:] == ["ZI"], got
+    assert _count(pg, "rvdocs14") == 2  # rolled back with the failing string
