@@ -15,6 +15,7 @@ produces the fragments (``Engine.stream``) in a worker, never on the event loop.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import struct
 from collections.abc import AsyncIterator
@@ -39,6 +40,7 @@ from proxy.errors import (
 from proxy.plan import fold_call
 
 FUNCTION = "transform_stream"
+_stream_keys = itertools.count(1)
 JSONB_OID = 3802
 FETCH_ALL = 9223372036854775807
 
@@ -52,6 +54,7 @@ class Stream:
     done: bool = False
     error: BaseException | None = None
     hold: bool = False  # WITH HOLD: survives COMMIT
+    key: int = 0  # the engine's cancel key of this generation (not the session's: idle cursors survive a cancel)
     column: str = FUNCTION  # the output column's name (an alias in the cursor's query)
     _arrived: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = None
@@ -207,7 +210,8 @@ def start(call_node: ast.FuncCall, engine: Engine, session: int, hold: bool = Fa
             hint="Compute the arguments in a previous statement.",
         )
     signature, values = folded
-    stream = Stream(engine.stream(Call(signature, [values], session=session)), hold=hold, column=column)
+    key = -next(_stream_keys)
+    stream = Stream(engine.stream(Call(signature, [values], session=key)), hold=hold, column=column, key=key)
     stream.start()
     return stream
 
@@ -245,6 +249,11 @@ class Cursors:
         self.open: dict[str, Stream] = {}
         self.reading: Stream | None = None  # the stream a FETCH or SELECT is waiting on (what a cancel stops)
         self._engine, self._session = engine, session
+
+    def cancel_reading(self) -> None:
+        """CancelRequest: stop the generation a statement is waiting on (other cursors stay)."""
+        if self.reading is not None and self._engine is not None:
+            self._engine.cancel(self.reading.key)
 
     def stop_all(self, keep_holdable: bool = False) -> None:
         for name, stream in list(self.open.items()):
@@ -324,7 +333,7 @@ class Cursors:
 
     async def select_rows(self, call: ast.FuncCall, write: Any, binary: bool = False) -> bytes:
         """Generate, writing one DataRow per fragment as it arrives; the CommandComplete."""
-        stream = start(call, self._require_engine(), self._session)
+        stream = self.reading = start(call, self._require_engine(), self._session)
         count = 0
         try:
             while fragments := await stream.take(1):
@@ -334,6 +343,7 @@ class Cursors:
             raise failure(exc) from exc
         finally:
             stream.stop()
+            self.reading = None
         return command_complete(f"SELECT {count}")
 
     def _require_engine(self) -> Engine:

@@ -156,8 +156,11 @@ class Owned:
             case cursors.StreamSelect() | cursors.Fetch() if portal.done:
                 return cursors.command_complete("SELECT 0" if isinstance(own, cursors.StreamSelect) else "FETCH 0")
             case cursors.StreamSelect():
-                portal.stream = portal.stream or table.open_stream(own.call)
-                return await _stream_rows(portal, portal.stream, limit, write)
+                portal.stream = table.reading = portal.stream or table.open_stream(own.call)
+                try:
+                    return await _stream_rows(portal, portal.stream, limit, write)
+                finally:
+                    table.reading = None
             case cursors.Declare():
                 return table.declare(own, tx_status)
             case cursors.Fetch(move=True):

@@ -190,6 +190,7 @@ class Session:
     async def cancel(self) -> None:
         """A CancelRequest for this session arrived: stop engine work, forward upstream."""
         self.server.rewriter.cancel(self.session_id)
+        self.cursors.cancel_reading()
         if self.backend_key is not None:
             await self.server.forward_cancel(*self.backend_key)
 
@@ -371,7 +372,10 @@ class Session:
                 InFailedTransaction("current transaction is aborted, commands ignored until end of transaction block")
             )
         try:
-            return rewrite.Respond(await self.owned.answer(frame, self.cursors, self.tx_status, self.client.write))
+            # Mid-batch the last ReadyForQuery is stale (a BEGIN may precede in this batch): the server
+            # state is then taken to be "in a transaction" for DECLARE.
+            status = self.tx_status if self._last_sent in (_S, _Q) else "T"
+            return rewrite.Respond(await self.owned.answer(frame, self.cursors, status, self.client.write))
         except (ProxyError, EngineError) as exc:
             self.owned.failed = True
             return rewrite.Fail(exc)
