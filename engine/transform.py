@@ -149,6 +149,9 @@ def _pipeline(task: str, loaded: Loaded, texts: list[str], args: dict[str, Any],
     step = batch if task == "text-generation" else batch * 8
     if task == "text-generation":
         args["stopping_criteria"] = seq2seq.stopping(ctx.cancelled)
+        # transformers 5's pipeline samples by default (do_sample, temperature 0.7); PostgresML's (4.x) and
+        # transform_stream follow the model's own generation config: greedy unless it says otherwise.
+        args.setdefault("do_sample", bool(getattr(loaded.model.generation_config, "do_sample", False)))
     outputs: list[Any] = []
     for start in range(0, len(texts), step):
         ctx.check()

@@ -115,3 +115,14 @@ def test_tune_conversation_then_generate(conn: psycopg.Connection) -> None:
     (texts,) = conn.execute("SELECT pgml.generate('Chat Bot', ARRAY['hello', 'good'], '{\"max_new_tokens\": 2}')"
                             ).fetchone() or (None,)  # fmt: skip
     assert isinstance(texts, list) and len(texts) == 2
+
+
+def test_text_generation_is_greedy_by_default_like_the_stream(conn: psycopg.Connection) -> None:
+    task = json.dumps({"task": "text-generation", "model": "tiny-gpt2"})
+    sql = "SELECT pgml.transform(task => %s::jsonb, inputs => ARRAY['the cat'], args => '{\"max_new_tokens\": 8}')"
+    first, second = (conn.execute(sql, [task]).fetchone() for _ in range(2))
+    assert first == second  # transformers 5's pipeline would sample; PostgresML's was greedy
+    streamed = conn.execute("SELECT pgml.transform_stream(%s::jsonb, '{\"max_new_tokens\": 8}', 'the cat')",
+                            [task]).fetchall()  # fmt: skip
+    words = "".join(f[0][0] for f in streamed).split()  # the same tokens (this tokenizer's spacing differs)
+    assert first is not None and "".join(words) == first[0][0][0]["generated_text"].replace(" ", "")
