@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -77,3 +79,36 @@ def pgml_proxy(dsn: str, work: Path, **settings: str) -> Iterator[tuple[str, Pat
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@contextmanager
+def texts_table(dsn: str, table: str, texts: list[str]) -> Iterator[None]:
+    """``table`` (id, body) in schema pgml_bench, filled by COPY; the schema is dropped afterwards."""
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DROP SCHEMA IF EXISTS pgml_bench CASCADE")
+        conn.execute("CREATE SCHEMA pgml_bench")
+        conn.execute(f"CREATE TABLE {table} (id int PRIMARY KEY, body text NOT NULL)")
+        with conn.cursor().copy(f"COPY {table} (id, body) FROM STDIN") as copy:
+            for i, text in enumerate(texts, 1):
+                copy.write_row((i, text))
+        conn.execute(f"ANALYZE {table}")
+    try:
+        yield
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("DROP SCHEMA IF EXISTS pgml_bench CASCADE")
+
+
+def percentile(values: list[float], pct: float) -> float:
+    """Nearest-rank percentile (pct in 0..100)."""
+    ordered = sorted(values)
+    index = max(0, min(len(ordered) - 1, math.ceil(pct / 100 * len(ordered)) - 1))
+    return ordered[index]
+
+
+def timed(action: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.perf_counter()
+    result = action()
+    return time.perf_counter() - start, result

@@ -23,7 +23,6 @@ server instead of a throwaway PG 18 (the table lives in a ``pgml_bench`` schema,
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import random
 import statistics
@@ -31,8 +30,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +40,7 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import pgml_proxy, upstream
+from common import percentile, pgml_proxy, texts_table, timed, upstream
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 BATCH_SIZE = 32  # the engine's default [engine] batch_size
@@ -77,21 +76,6 @@ def make_texts(rows: int) -> list[str]:
     return texts
 
 
-@contextmanager
-def docs_table(dsn: str, texts: list[str]) -> Iterator[None]:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("DROP SCHEMA IF EXISTS pgml_bench CASCADE")
-        conn.execute("CREATE SCHEMA pgml_bench")
-        conn.execute(f"CREATE TABLE {TABLE} (id int PRIMARY KEY, body text NOT NULL)")
-        with conn.cursor().copy(f"COPY {TABLE} (id, body) FROM STDIN") as copy:
-            for i, text in enumerate(texts, 1):
-                copy.write_row((i, text))
-        conn.execute(f"ANALYZE {TABLE}")
-    try:
-        yield
-    finally:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("DROP SCHEMA IF EXISTS pgml_bench CASCADE")
 
 
 # --------------------------------------------------------------------------- #
@@ -99,17 +83,6 @@ def docs_table(dsn: str, texts: list[str]) -> Iterator[None]:
 # --------------------------------------------------------------------------- #
 
 
-def percentile(values: list[float], pct: float) -> float:
-    """Nearest-rank percentile (pct in 0..100)."""
-    ordered = sorted(values)
-    index = max(0, min(len(ordered) - 1, math.ceil(pct / 100 * len(ordered)) - 1))
-    return ordered[index]
-
-
-def timed(action: Callable[[], Any]) -> tuple[float, Any]:
-    start = time.perf_counter()
-    result = action()
-    return time.perf_counter() - start, result
 
 
 def proxy_embed_all(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
@@ -248,7 +221,7 @@ def main() -> None:
         work = Path(tmp)
         os.chmod(work, 0o755)
         direct = stack.enter_context(upstream(work))
-        stack.enter_context(docs_table(direct, texts))
+        stack.enter_context(texts_table(direct, TABLE, texts))
         proxy, log = stack.enter_context(
             pgml_proxy(direct, work, PGML_PROXY_ENGINE_MODEL_DIRS=str(model_dir(work)), PGML_PROXY_ENGINE_DEVICE="cpu")
         )

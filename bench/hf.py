@@ -55,8 +55,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,7 @@ from psycopg import pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import pgml_proxy, upstream
+from common import pgml_proxy, texts_table, upstream
 
 GPT2_DIR = "bench-gpt2"
 BERT_DIR = "bench-bert-classifier"
@@ -152,21 +152,6 @@ def make_texts(words: list[str], rows: int) -> list[str]:
     return [" ".join(rng.choice(words) for _ in range(rng.randint(6, 24))) for _ in range(rows)]
 
 
-@contextmanager
-def texts_table(dsn: str, texts: list[str]) -> Iterator[None]:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("DROP SCHEMA IF EXISTS pgml_bench CASCADE")
-        conn.execute("CREATE SCHEMA pgml_bench")
-        conn.execute(f"CREATE TABLE {TABLE} (id int PRIMARY KEY, body text NOT NULL)")
-        with conn.cursor().copy(f"COPY {TABLE} (id, body) FROM STDIN") as copy:
-            for i, text in enumerate(texts, 1):
-                copy.write_row((i, text))
-        conn.execute(f"ANALYZE {TABLE}")
-    try:
-        yield
-    finally:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("DROP SCHEMA IF EXISTS pgml_bench CASCADE")
 
 
 # --------------------------------------------------------------------------- #
@@ -421,7 +406,7 @@ def main() -> None:
         bert = bert_classifier(models / BERT_DIR, words, args.cls_layers, args.cls_hidden)
         print(f"models built in {time.perf_counter() - started:.1f} s; torch threads here: {torch.get_num_threads()}")
         direct = stack.enter_context(upstream(work))
-        stack.enter_context(texts_table(direct, texts))
+        stack.enter_context(texts_table(direct, TABLE, texts))
         proxy, log = stack.enter_context(
             pgml_proxy(direct, work, PGML_PROXY_ENGINE_MODEL_DIRS=str(models), PGML_PROXY_ENGINE_DEVICE="cpu")
         )

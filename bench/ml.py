@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
 import os
 import re
 import statistics
@@ -48,7 +47,7 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import pgml_proxy, upstream
+from common import percentile, pgml_proxy, timed, upstream
 
 NUM_FEATURES = 20
 FEATURES = [f"f{i}" for i in range(1, NUM_FEATURES + 1)]
@@ -108,17 +107,6 @@ def ml_table(dsn: str, x: np.ndarray[Any, Any], y: np.ndarray[Any, Any]) -> Iter
 # --------------------------------------------------------------------------- #
 
 
-def percentile(values: list[float], pct: float) -> float:
-    """Nearest-rank percentile (pct in 0..100)."""
-    ordered = sorted(values)
-    index = max(0, min(len(ordered) - 1, math.ceil(pct / 100 * len(ordered)) - 1))
-    return ordered[index]
-
-
-def timed(action: Callable[[], Any]) -> tuple[float, Any]:
-    start = time.perf_counter()
-    result = action()
-    return time.perf_counter() - start, result
 
 
 def train_sql(hyperparams: str, project: str = PROJECT, relation: str = TRAIN_VIEW) -> str:
