@@ -16,7 +16,6 @@ import contextlib
 import itertools
 import logging
 from collections import deque
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from engine.api import EngineError
@@ -35,10 +34,11 @@ from proxy.errors import (
     to_error_response,
     warning_notice,
 )
-from proxy.internal import SYNC, Exchange, Result, Statement, UpstreamError
+from proxy.internal import SYNC, Exchange, Statement, UpstreamError
 from proxy.link import Link
 from proxy.owned import Owned
 from proxy.startup import AuthWatch, negotiate
+from proxy.traffic import OwnTraffic
 from proxy.upstream import open_link
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ _OWNED_KINDS = frozenset(b"PBDEC")  # messages that may name a proxy-owned prepa
 _DECIDED_KINDS = frozenset(b"QPBDEC")
 
 
-class Session:
+class Session(OwnTraffic):
     """A client link, its upstream link, and the relay between them."""
 
     def __init__(self, server: Server, client: Link) -> None:
@@ -286,10 +286,6 @@ class Session:
             for name in names:
                 self.deferred.pop(name, None)
 
-    def _owe(self) -> None:
-        self._owed += 1
-        self._idle.clear()
-
     def _defer(self, out: list[bytes], rest: list[pq.Frame]) -> None:
         assert self.upstream is not None
         if out:
@@ -417,102 +413,6 @@ class Session:
                     await self._fail_extended(error)
         self.temp_tables, self._stale_tables = [], self._stale_tables + self.temp_tables
         self._opened = False
-
-    def _forward(self, kind: int, raw: bytes) -> None:
-        assert self.upstream is not None
-        if kind in (_Q, _S):
-            self._owe()
-        self._responses.sent(bytes((kind,)))
-        self._last_sent = kind
-        self.upstream.write(raw)
-
-    async def _fail_extended(self, error: BaseException) -> None:
-        """In place of a failed Parse or Bind: the client gets ``error``, and the server fails too.
-
-        A barrier first lets every earlier response of the batch reach the client. Then
-        the ErrorResponse goes to the client, and a Parse that cannot succeed (its own
-        error hidden) puts the server into the same state as the client: transaction
-        aborted inside BEGIN, messages skipped until Sync.
-        """
-        assert self.upstream is not None
-        if not await self._barrier():
-            return  # the batch already failed: the server skips this message anyway
-        self.client.write(to_error_response(error))
-        self._responses.inject_error()
-        self._last_sent = _P
-        self.upstream.writelines([pq.encode_parse(pq.Parse("pgml_proxy_abort", "pgml-proxy: abort", ())), pq.FLUSH])
-
-    async def _barrier(self) -> bool:
-        """Wait until every response owed before this point has reached the client (False: the batch failed)."""
-        assert self.upstream is not None
-        await self._idle.wait()
-        if self._last_sent in (_S, _Q):
-            return True
-        name = f"pgml_proxy_barrier_{next(self._private_ids)}"
-        waiter = self._responses.barrier()
-        if waiter.done():  # the batch already failed: the server answers nothing more before Sync
-            return False
-        self.upstream.writelines([pq.encode_parse(pq.Parse(name, "SELECT 1", ())), pq.FLUSH])
-        if await waiter:
-            self._barriers.append(name)
-            return True
-        return False
-
-    async def settled(self) -> None:
-        """Until every ReadyForQuery owed has arrived (the transaction status is then current)."""
-        await self._idle.wait()
-
-    @property
-    def in_transaction(self) -> bool:
-        """Inside BEGIN, or in the middle of an extended-protocol batch (its implicit transaction)."""
-        return self.tx_status != "I" or self._last_sent not in (_S, _Q)
-
-    async def execute(
-        self, statements: Sequence[Statement], keep_open: bool = False, finish: bool = False
-    ) -> list[Result]:
-        """Run internal statements on this session once the upstream owes the client nothing.
-
-        Between client batches they end with a Sync of their own. Inside an extended
-        batch, a barrier first makes sure every earlier response has reached the client
-        (BatchFailed if the batch already failed), and they end with a Flush: the
-        batch's implicit transaction goes on. An error there is the batch's answer:
-        it goes to the client, and the server skips the rest until the client's Sync.
-        """
-        assert self.upstream is not None
-        mid_batch = self._last_sent not in (_S, _Q)
-        if not await self._barrier():
-            raise rewrite.BatchFailed()
-        flush = (mid_batch or keep_open) and not finish  # finish: end what keep_open began, with a Sync
-        prefix: list[Statement] = []
-        if not mid_batch and self._stale_tables and self.tx_status == "I":  # per-row tables of earlier statements
-            prefix.append(Statement(f"DROP TABLE IF EXISTS {', '.join('pg_temp.' + t for t in self._stale_tables)}"))
-            self._stale_tables.clear()
-        exchange = Exchange([*prefix, *statements], sync=not flush, close_first=self._barriers)
-        self._barriers = []
-        self._exchange = exchange
-        self._exchange_done.clear()
-        if not flush:
-            self._owe()
-        self._last_sent = _P if flush else _S
-        self._opened = self._opened or (keep_open and not mid_batch)
-        self.upstream.writelines(exchange.start())
-        try:
-            await self._exchange_done.wait()
-        finally:
-            self._exchange = None
-        if self.upstream.is_closed and not exchange.done:
-            raise ConnectionFailure("the upstream connection closed during an internal query")
-        if exchange.forward:
-            self.client.writelines(exchange.forward)
-        if exchange.error is not None:
-            fields = tuple((k, v) for k, v in exchange.error if k not in "Pq")  # positions in our own SQL
-            shown = any(f[0] == _E for f in exchange.forward)  # a visible statement's error: the client has it
-            if flush:  # the server now skips to the next Sync: this error answers the client's message
-                self._responses.keep(_E)
-                if not shown:
-                    self.client.write(pq.encode_error(pq.ErrorResponse(fields)))
-            raise UpstreamError(fields, exchange.status or self.tx_status, delivered=flush or shown)
-        return exchange.results[len(prefix) :]
 
     # ------------------------------------------------------------------ #
     # Upstream -> client
