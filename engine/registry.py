@@ -159,6 +159,32 @@ def file_statements(model_id: int, path: str, data: bytes) -> list[Statement]:
     return [statement(sql, model_id, path, n, part) for n, part in enumerate(parts)]
 
 
+def project_statement(project_id: int, name: str, task: str) -> Statement:
+    sql = "INSERT INTO pgml.projects (id, name, task) VALUES ($1, $2, $3::pgml.task)"
+    return statement(sql, project_id, name, task)
+
+
+def snapshot_statements(
+    snapshot_id: int, relation_name: str, relation: str, y_columns: list[str], test_size: float, sampling: str,
+    columns: list[dict[str, Any]] | None, analysis: dict[str, Any], materialize: bool,
+) -> list[Statement]:  # fmt: skip
+    """The snapshot row, and with ``materialize`` its table ``pgml.snapshot_<id>`` copied from ``relation``.
+
+    ``relation`` is the server's own spelling of the relation (a regclass text), safe as SQL.
+    """
+    out = [
+        statement(
+            "INSERT INTO pgml.snapshots (id, relation_name, y_column_name, test_size, test_sampling, status, columns,"
+            " analysis, materialized) VALUES ($1, $2, $3::text[], $4, $5::pgml.sampling, 'successful', $6, $7, $8)",
+            snapshot_id, relation_name, text_array(y_columns) if y_columns else None, test_size, sampling, columns,
+            analysis, materialize,
+        )
+    ]  # fmt: skip
+    if materialize:
+        out.append(Statement(f"CREATE TABLE pgml.snapshot_{snapshot_id} AS SELECT * FROM {relation}"))
+    return out
+
+
 def deployment_statement(project_id: int, model_id: int, strategy: str) -> Statement:
     return statement(
         "INSERT INTO pgml.deployments (project_id, model_id, strategy) VALUES ($1, $2, $3::pgml.strategy)",

@@ -107,26 +107,34 @@ def _load_encoder(name: str, init: dict[str, Any], ctx: Context) -> Any:
         raise InvalidArgument(
             "trust_remote_code is not allowed", hint="Set [engine] trust_remote_code = true to allow models with code."
         )
+    if "instructor" in name:
+        init = {**init, "trust_remote_code": init.get("trust_remote_code", False)}
+    return load_sentence_model("SentenceTransformer", name, init, ctx)
+
+
+# sentence-transformers class -> its kind in the model cache key
+_CACHE_KINDS = {"SentenceTransformer": "sentence-transformers", "CrossEncoder": "cross-encoder"}
+
+
+def load_sentence_model(cls_name: str, name: str, init: dict[str, Any], ctx: Context) -> Any:
+    """A sentence-transformers ``SentenceTransformer`` / ``CrossEncoder`` for ``name``, from the shared cache."""
     path = ctx.cache.resolved.get(name) or resolve(name, ctx.config)
     ctx.cache.resolved[name] = path
     init = {"device": pick_device(ctx.config.device), **init}
-    if "instructor" in name:
-        init.setdefault("trust_remote_code", False)
 
     def load() -> Any:
-        from sentence_transformers import SentenceTransformer
+        import sentence_transformers
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # no progress bars in the proxy's log
-
         try:
-            return SentenceTransformer(path, **init)
+            return getattr(sentence_transformers, cls_name)(path, **init)
         except TypeError as exc:
             raise InvalidArgument(f"invalid kwargs for model {name}: {exc}") from exc
         except OSError as exc:
             raise EngineError(f"could not load model {name}: {exc}") from exc
 
-    return ctx.cache.get(ModelCache.key("sentence-transformers", path, init), load)
+    return ctx.cache.get(ModelCache.key(_CACHE_KINDS[cls_name], path, init), load)
 
 
 def embed(rows: list[tuple[Any, ...]], ctx: Context) -> list[Any]:

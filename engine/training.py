@@ -115,14 +115,14 @@ async def _train(args: TrainArgs, joint: bool, ctx: Context) -> tuple[str, str, 
     algorithm = algorithms.normalize_algorithm(algorithm)
     runtime = algorithms.resolve_runtime(algorithm, task, args.runtime, joint)
     algorithms.estimator(algorithm, task, args.hyperparams, joint=joint, runtime=runtime)  # fail before reading
-    source = await _source(db, project, args, task)
-    table, nullable = await _read(db, source, ctx)
+    source = await data_source(db, project, args, task)
+    table, nullable = await read_rows(db, source, ctx)
     log.info("training %s (%s, %s) on %s: %d rows", args.project_name, task, algorithm, source.relation, table.num_rows)
     fitted = await ctx.work(_fit, args, source, table, nullable, task, algorithm, runtime, joint, ctx.cancelled.is_set)
-    current = await _deployed_metrics(db, project)
+    current = await deployed_metrics(db, project)
     deploy = args.automatic_deploy and better_or_equal(task, fitted.metrics, current)
     if args.automatic_deploy and not deploy and current is not None:
-        ctx.notices.append(_not_better(task, fitted.metrics, current))
+        ctx.notices.append(not_better(task, fitted.metrics, current))
     await _write(db, args, project, task, algorithm, runtime, source, fitted, deploy)
     return (args.project_name, algorithms.dashed_task(task), algorithm, deploy)
 
@@ -144,8 +144,8 @@ async def _snapshot(args: TrainArgs, ctx: Context) -> tuple[str, str]:
     from engine import preprocess
 
     db = ctx.database()
-    source = await _source(db, None, args, "regression")
-    table, nullable = await _read(db, source, ctx)
+    source = await data_source(db, None, args, "regression")
+    table, nullable = await read_rows(db, source, ctx)
 
     def analyze() -> preprocess.Snapshot:
         train_rows, _ = split(table.num_rows, source.test_size, source.test_sampling, None)
@@ -153,19 +153,16 @@ async def _snapshot(args: TrainArgs, ctx: Context) -> tuple[str, str]:
 
     columns, analysis = (await ctx.work(analyze)).to_json()
     (snapshot_id,) = await registry.next_ids(db, "snapshots")
-    await db.execute([
-        registry.statement(
-            "INSERT INTO pgml.snapshots (id, relation_name, y_column_name, test_size, test_sampling, status, columns,"
-            " analysis, materialized) VALUES ($1, $2, $3::text[], $4, $5::pgml.sampling, 'successful', $6, $7, true)",
-            snapshot_id, source.stored_name, registry.text_array(source.y_columns), source.test_size,
-            source.test_sampling, columns, analysis,
-        ),
-        Statement(f"CREATE TABLE pgml.snapshot_{snapshot_id} AS SELECT * FROM {source.relation}"),
-    ])  # fmt: skip
+    await db.execute(
+        registry.snapshot_statements(
+            snapshot_id, source.stored_name, source.relation, source.y_columns, source.test_size,
+            source.test_sampling, columns, analysis, materialize=True,
+        )
+    )  # fmt: skip
     return (source.stored_name, source.y_columns[0])
 
 
-def _not_better(task: str, new: dict[str, Any], current: dict[str, Any]) -> str:
+def not_better(task: str, new: dict[str, Any], current: dict[str, Any]) -> str:
     from engine.metrics import key_metric
 
     name, _ = key_metric(task)
@@ -212,7 +209,7 @@ SELECT a.attname, format_type(a.atttypid, a.atttypmod), NOT a.attnotnull FROM pg
 WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum"""
 
 
-async def _source(db: Database, project: registry.Project | None, args: TrainArgs, task: str) -> Source:
+async def data_source(db: Database, project: registry.Project | None, args: TrainArgs, task: str) -> Source:
     if args.relation_name is None:
         found = None if project is None else (await registry.rows(db, _LAST_SNAPSHOT, project.id)).rows
         if not found:
@@ -254,7 +251,7 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-async def _read(db: Database, source: Source, ctx: Context) -> tuple[Table, dict[str, bool]]:
+async def read_rows(db: Database, source: Source, ctx: Context) -> tuple[Table, dict[str, bool]]:
     from engine.tabular import decode_copy_text
 
     columns = (await registry.rows(db, _COLUMNS, source.relation)).rows
@@ -371,7 +368,7 @@ SELECT m.metrics::text FROM pgml.deployments d JOIN pgml.models m ON m.id = d.mo
 WHERE d.project_id = $1 ORDER BY d.created_at DESC, d.id DESC LIMIT 1"""
 
 
-async def _deployed_metrics(db: Database, project: registry.Project | None) -> dict[str, Any] | None:
+async def deployed_metrics(db: Database, project: registry.Project | None) -> dict[str, Any] | None:
     import json
 
     if project is None:
@@ -394,17 +391,12 @@ async def _write(
     s = registry.statement
     out: list[Statement] = []
     if project is None:
-        out.append(s("INSERT INTO pgml.projects (id, name, task) VALUES ($1, $2, $3::pgml.task)", project_id,
-                     args.project_name, task))  # fmt: skip
+        out.append(registry.project_statement(project_id, args.project_name, task))
     if source.snapshot_id is None:
-        out.append(s(
-            "INSERT INTO pgml.snapshots (id, relation_name, y_column_name, test_size, test_sampling, status, columns,"
-            " analysis, materialized) VALUES ($1, $2, $3::text[], $4, $5::pgml.sampling, 'successful', $6, $7, $8)",
-            snapshot_id, source.stored_name, registry.text_array(source.y_columns) if source.y_columns else None,
-            source.test_size, source.test_sampling, fitted.columns, fitted.analysis, args.materialize_snapshot,
-        ))  # fmt: skip
-        if args.materialize_snapshot:
-            out.append(Statement(f"CREATE TABLE pgml.snapshot_{snapshot_id} AS SELECT * FROM {source.relation}"))
+        out += registry.snapshot_statements(
+            snapshot_id, source.stored_name, source.relation, source.y_columns, source.test_size,
+            source.test_sampling, fitted.columns, fitted.analysis, args.materialize_snapshot,
+        )  # fmt: skip
     out.append(s(
         "INSERT INTO pgml.models (id, project_id, snapshot_id, num_features, algorithm, runtime, hyperparams, status,"
         " metrics, search, search_params, search_args) VALUES ($1, $2, $3, $4, $5, $6::pgml.runtime, $7,"

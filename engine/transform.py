@@ -21,9 +21,9 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from engine import seq2seq
-from engine.api import EngineError, InvalidArgument, NotSupported
-from engine.models import ModelCache, pick_device, resolve
+from engine.api import InvalidArgument, NotSupported
 from engine.tasks import PIPELINE_TASKS, SEQ2SEQ_TASKS, Loaded, ModelNotAllowed, TaskSpec, json_object, load, parse_task
+from engine.text import load_sentence_model
 
 if TYPE_CHECKING:
     from engine.text import Context
@@ -302,23 +302,7 @@ def _cross_encoder(name: str, init: dict[str, Any], ctx: Context) -> Any:
             f'model "{name}" asks for trust_remote_code, which is not allowed',
             hint="Set [engine] trust_remote_code = true to run code shipped with models.",
         )
-    path = ctx.cache.resolved.get(name) or resolve(name, ctx.config)
-    ctx.cache.resolved[name] = path
-    init = {"device": pick_device(ctx.config.device), **init}
     if "tokenizer_kwargs" in init:  # sentence-transformers 5+ calls them processor_kwargs
+        init = dict(init)
         init.setdefault("processor_kwargs", init.pop("tokenizer_kwargs"))
-        init.pop("tokenizer_kwargs", None)
-
-    def load() -> Any:
-        from sentence_transformers import CrossEncoder
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
-        try:
-            return CrossEncoder(path, **init)
-        except TypeError as exc:
-            raise InvalidArgument(f"invalid kwargs for model {name}: {exc}") from exc
-        except OSError as exc:
-            raise EngineError(f"could not load model {name}: {exc}") from exc
-
-    return ctx.cache.get(ModelCache.key("cross-encoder", path, init), load)
+    return load_sentence_model("CrossEncoder", name, init, ctx)

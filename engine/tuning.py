@@ -52,8 +52,8 @@ async def _tune(row: tuple[Any, ...], ctx: Context) -> tuple[str, str, str, bool
         raise InvalidArgument(f"Project `{args.project_name}` already exists with a different task: `{project.task}`.")
     if model_name is None:
         raise InvalidArgument("pgml.tune needs a `model_name` to fine-tune")
-    source = await training._source(db, project, args, "clustering")  # every column is data; y is ignored
-    table, _ = await training._read(db, source, ctx)
+    source = await training.data_source(db, project, args, "clustering")  # every column is data; y is ignored
+    table, _ = await training.read_rows(db, source, ctx)
     train_rows, test_rows = training.split(table.num_rows, source.test_size, source.test_sampling, None)
     from engine import tune as tuner
 
@@ -62,10 +62,10 @@ async def _tune(row: tuple[Any, ...], ctx: Context) -> tuple[str, str, str, bool
         tuner.tune, label, model_name, _columns(table, train_rows), _columns(table, test_rows), args.hyperparams,
         ctx.config, ctx.cancelled.is_set, events.append,
     )  # fmt: skip
-    current = await training._deployed_metrics(db, project)
+    current = await training.deployed_metrics(db, project)
     deploy = args.automatic_deploy and better_or_equal(label, result.metrics, current)
     if args.automatic_deploy and not deploy and current is not None:
-        ctx.notices.append(training._not_better(label, result.metrics, current))
+        ctx.notices.append(training.not_better(label, result.metrics, current))
     await _write(db, args, project, label, source, result, deploy, y, table.num_rows)
     return (args.project_name, dashed_task(label), "transformers", deploy)
 
@@ -94,16 +94,11 @@ async def _write(
     s = registry.statement
     out: list[Statement] = []
     if project is None:
-        out.append(s("INSERT INTO pgml.projects (id, name, task) VALUES ($1, $2, $3::pgml.task)", project_id,
-                     args.project_name, task))  # fmt: skip
-    out.append(s(
-        "INSERT INTO pgml.snapshots (id, relation_name, y_column_name, test_size, test_sampling, status, analysis,"
-        " materialized) VALUES ($1, $2, $3::text[], $4, $5::pgml.sampling, 'successful', $6, $7)",
-        snapshot_id, source.stored_name, registry.text_array([y]) if y else None, source.test_size,
-        source.test_sampling, {"samples": float(samples)}, args.materialize_snapshot,
-    ))  # fmt: skip
-    if args.materialize_snapshot:
-        out.append(Statement(f"CREATE TABLE pgml.snapshot_{snapshot_id} AS SELECT * FROM {source.relation}"))
+        out.append(registry.project_statement(project_id, args.project_name, task))
+    out += registry.snapshot_statements(
+        snapshot_id, source.stored_name, source.relation, [y] if y else [], source.test_size, source.test_sampling,
+        None, {"samples": float(samples)}, args.materialize_snapshot,
+    )  # fmt: skip
     out.append(s(
         "INSERT INTO pgml.models (id, project_id, snapshot_id, num_features, algorithm, runtime, hyperparams, status,"
         " metrics, search_params, search_args) VALUES ($1, $2, $3, 1, 'transformers', 'python', $4, 'successful',"
