@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -41,6 +42,7 @@ from proxy.plan import fold_call
 
 FUNCTION = "transform_stream"
 _stream_keys = itertools.count(1)
+_STREAM = re.compile(FUNCTION, re.IGNORECASE)
 JSONB_OID = 3802
 FETCH_ALL = 9223372036854775807
 
@@ -145,6 +147,8 @@ def parse_one(sql: str) -> ast.Node | None:
 
 def classify(sql: str, cursors: dict[str, Stream]) -> Own | None:
     """What the proxy does itself with this statement (None: not a stream statement)."""
+    if not cursors and _STREAM.search(sql) is None:  # the usual case: no parse (pgml statements are parsed once)
+        return None
     match parse_one(sql):
         case ast.SelectStmt() as select if (found := _stream_call(select)) is not None:
             return StreamSelect(*found)

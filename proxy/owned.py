@@ -96,8 +96,6 @@ class Owned:
         return False
 
     def _prepared(self, parse: pq.Parse, open_cursors: dict[str, cursors.Stream]) -> Prepared | None:
-        if "pgml" not in parse.sql.lower() and not open_cursors:
-            return None
         own = cursors.classify(parse.sql, open_cursors)
         if not isinstance(own, OwnStatement) or (isinstance(own, cursors.Close) and own.name is None):
             return None
