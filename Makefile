@@ -9,6 +9,7 @@ PGML_TEST_PG ?= 18
 .PHONY: run test lint pytest bench venv
 
 run: $(STAMP)
+	@if [ "$$(id -u)" = 0 ]; then echo "note: running as root; the proxy should run as an unprivileged OS user that can read only its model and data directories (README: Security model)" >&2; fi
 	$(BIN)/pgml-proxy $(ARGS)
 
 test: $(STAMP) lint
@@ -24,6 +25,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/embed.py
 	$(BIN)/python bench/ml.py
 	$(BIN)/python bench/hf.py
+	$(BIN)/python bench/fairness.py
 
 venv: $(STAMP)
 

@@ -215,6 +215,11 @@ def supported_tasks(algorithm: str) -> frozenset[str]:
     return frozenset(_CLASSES.get(normalize_algorithm(algorithm), {}))
 
 
+def estimator_paths() -> frozenset[str]:
+    """Every estimator class the table can produce, as ``module:Class`` (the skops allow-list is built from it)."""
+    return frozenset(path for tasks in _CLASSES.values() for path in tasks.values())
+
+
 def default_algorithm(task: str) -> str:
     """The algorithm a default ``train`` uses: ``linear``, which becomes kmeans / pca."""
     return {"clustering": "kmeans", "decomposition": "pca"}.get(normalize_task(task), "linear")

@@ -62,6 +62,14 @@ class Overloaded(EngineError):
     sqlstate = "53000"  # insufficient_resources: the work queue is full
 
 
+class UntrustedArtifact(EngineError):
+    sqlstate = "58000"  # system_error: a stored model artifact without a valid signature, or an unusable key
+
+
+class PermissionDenied(EngineError):
+    sqlstate = "42501"  # insufficient_privilege: another role's project, a file outside the allowed directories
+
+
 # --------------------------------------------------------------------------- #
 # Catalogue
 # --------------------------------------------------------------------------- #

@@ -3,12 +3,15 @@
 Owns: the six built-in scikit-learn datasets (PostgresML's exact table and column
 names, column order, SQL types and label conventions), loading any other source
 through Hugging Face ``datasets.load_dataset`` (all splits concatenated, feature
-dtypes mapped to SQL types), offline behaviour, and encoding rows in PostgreSQL
-COPY text format.
+dtypes mapped to SQL types), offline behaviour, the confinement of local files to
+``[engine] data_dirs`` (every path resolved and checked before anything is opened),
+and encoding rows in PostgreSQL COPY text format.
 
 Must not: talk to a database or paste a value into SQL. :class:`TableData` gives
 the statements (identifiers quoted) and the COPY payload; the caller runs them.
-Heavy libraries (scikit-learn, datasets) are imported only when a load runs.
+Must not open, list or create a path a client named outside ``data_dirs``, nor let
+a client choose a cache or download location. Heavy libraries (scikit-learn,
+datasets) are imported only when a load runs.
 """
 
 from __future__ import annotations
@@ -16,11 +19,15 @@ from __future__ import annotations
 import importlib
 import json
 import math
-from collections.abc import Callable, Iterable, Sequence
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from engine.api import EngineError, InvalidArgument, UnknownModel
+from engine.api import EngineError, InvalidArgument, NotSupported, PermissionDenied, UnknownModel
 from engine.models import configure_offline
 
 SCHEMA = "pgml"
@@ -63,12 +70,24 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+MAX_SOURCE_CHARS = 255
+
+
 def load(
-    source: str, subset: str | None, limit: int | None, kwargs: dict[str, Any], *, allow_downloads: bool
+    source: str,
+    subset: str | None,
+    limit: int | None,
+    kwargs: dict[str, Any],
+    *,
+    allow_downloads: bool,
+    data_dirs: Sequence[str] = (),
 ) -> TableData:
-    """Load ``source`` (a built-in name, or anything ``datasets.load_dataset`` accepts) as a table."""
+    """Load ``source`` (a built-in name, a file builder such as ``csv`` reading files under ``data_dirs``,
+    or a Hugging Face hub dataset) as a table."""
     if not isinstance(source, str) or not source or "\0" in source:
         raise InvalidArgument("load_dataset: source must be a non-empty dataset name")
+    if len(source) > MAX_SOURCE_CHARS:  # no hub id, builder or file name is this long (the OS would refuse it)
+        raise InvalidArgument(f"load_dataset: source must be at most {MAX_SOURCE_CHARS} characters")
     if limit is not None and limit < 0:
         raise InvalidArgument(f"load_dataset: limit must not be negative (got {limit})")
     if not isinstance(kwargs, dict):
@@ -83,13 +102,16 @@ def load(
             )
         columns, rows = builtin(limit)
         return _table(source, columns, rows, f"{SCHEMA}.{source}")
-    columns, rows = _load_hf(source, subset, limit, kwargs, allow_downloads)
-    try:
-        return _table(source, columns, rows, source)
-    except EngineError:
-        raise
-    except Exception as exc:  # decoding rows happens lazily, inside datasets
-        raise EngineError(f'load_dataset("{source}") failed while reading rows: {exc}') from exc
+    _hf_module(allow_downloads)  # offline flags before anything imports datasets
+    plan = _plan(source, kwargs, allow_downloads, Roots(data_dirs))
+    with _cache_dir(plan) as cache_dir:  # rows are read lazily: encode them before the cache goes
+        columns, rows = _load_hf(plan, subset, limit, cache_dir, allow_downloads)
+        try:
+            return _table(source, columns, rows, source)
+        except EngineError:
+            raise
+        except Exception as exc:  # decoding rows happens lazily, inside datasets
+            raise EngineError(f'load_dataset("{source}") failed while reading rows: {exc}') from exc
 
 
 def _table(name: str, columns: Columns, rows: Rows, returned_name: str) -> TableData:
@@ -242,9 +264,274 @@ HF_VALUE_TYPES = {
 # Feature classes stored as JSON (dict and list features, and the dict-shaped ones).
 HF_JSON_FEATURES = frozenset({"List", "LargeList", "Sequence", "Json", "Translation", "TranslationVariableLanguages"})
 OFFLINE_HINT = (
-    "Set [engine] allow_downloads to fetch it from the Hugging Face Hub, or load local files: source 'csv',"
-    " 'json' or 'parquet' with kwargs {\"data_files\": \"/path/to/file\"}."
+    "Set [engine] allow_downloads to fetch it from the Hugging Face Hub, or load a file from the proxy's data"
+    " directories: source 'csv', 'json' or 'parquet' with kwargs {\"data_files\": \"file.csv\"}."
 )
+# Builders that read local files. Other packaged builders are refused: pandas unpickles (runs code), iceberg
+# and lance take catalogs and tokens, and the media folders give features no SQL column holds.
+FILE_BUILDERS = frozenset({"arrow", "csv", "json", "parquet", "text", "xml"})
+# load_dataset kwargs that name the proxy's own cache and download locations (or fsspec options and
+# credentials for them), or write beside them: a client never chooses these.
+PROXY_OWNED = frozenset({"cache_dir", "download_config", "storage_options", "save_infos"})
+REMOTE_SCHEMES = frozenset({"http", "https", "hf"})  # fetched only with allow_downloads; never file://
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_MAGIC = re.compile(r"[*?\[]")  # glob characters (datasets resolves data_files with fsspec's glob)
+
+
+class Roots:
+    """``[engine] data_dirs``: as configured (made absolute) and resolved (symbolic links followed)."""
+
+    def __init__(self, dirs: Sequence[str]) -> None:
+        configured = [d for d in dirs if d]
+        self.real = tuple(os.path.realpath(d) for d in configured)
+        self.lexical = tuple(dict.fromkeys([*(os.path.abspath(d) for d in configured), *self.real]))
+
+    @property
+    def base(self) -> str | None:
+        """Where relative paths start: the first data directory (None: no local files at all)."""
+        return self.real[0] if self.real else None
+
+    def within(self, path: str) -> bool:
+        """``path`` (absolute, normalized) names something under a data directory, by its text alone."""
+        return any(_contains(root, path) for root in self.lexical)
+
+    def really_within(self, path: str) -> bool:
+        """``path`` with every symbolic link resolved (existing or not) lies under a resolved data directory."""
+        real = os.path.realpath(path)
+        return any(_contains(root, real) for root in self.real)
+
+
+def _contains(root: str, path: str) -> bool:
+    return path == root or path.startswith(root if root.endswith(os.sep) else root + os.sep)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What to hand ``datasets.load_dataset``: ``target`` and checked ``kwargs``; ``local``: a file builder."""
+
+    source: str
+    target: str
+    kwargs: dict[str, Any]
+    local: bool
+
+
+def _plan(source: str, kwargs: dict[str, Any], allow_downloads: bool, roots: Roots) -> _Plan:
+    """Check every location in the request (nothing is opened for a path outside ``roots``)."""
+    owned = sorted(PROXY_OWNED & set(kwargs))
+    if owned:
+        raise PermissionDenied(
+            f'load_dataset: the kwarg "{owned[0]}" is not allowed',
+            detail="pgml-proxy owns its cache and download locations and options; clients cannot choose them.",
+            hint=f'Remove "{owned[0]}" from kwargs.',
+        )
+    kwargs = dict(kwargs)
+    if source in FILE_BUILDERS:
+        data_files, data_dir = kwargs.pop("data_files", None), kwargs.pop("data_dir", None)
+        kwargs["data_files"] = _local_files(source, data_files, data_dir, roots, allow_downloads)
+        return _Plan(source, source, kwargs, True)
+    packaged: Any = getattr(importlib.import_module("datasets.packaged_modules"), "_PACKAGED_DATASETS_MODULES", {})
+    if source in packaged:
+        raise NotSupported(
+            f'load_dataset: the "{source}" builder is not supported',
+            hint=f"Local files load with the builders {', '.join(sorted(FILE_BUILDERS))}.",
+        )
+    if source.startswith(("hf://datasets/", "hf://buckets/")) and not _pathlike(source[len("hf://") :]):
+        target = source  # remote only: datasets never looks for a local directory of that name
+    elif _remote(source):
+        raise _denied_remote(source)
+    elif _pathlike(source):
+        path = os.path.normpath(source) if os.path.isabs(source) else ""
+        if path and roots.within(path) and roots.really_within(path):
+            raise InvalidArgument(
+                "load_dataset: a directory is not a source",
+                hint="Name a file builder and the directory: source 'csv' (or json, parquet …) with kwargs"
+                ' {"data_dir": "…"}.',
+            )
+        raise _denied(source, roots)
+    else:  # a hub id: never a directory relative to the proxy's working directory
+        target = f"hf://datasets/{source}"
+    if kwargs.get("data_files") is not None:  # paths inside the hub repository
+        for patterns in _split_patterns(kwargs["data_files"]).values():
+            for pattern in patterns:
+                _repo_relative(pattern, roots, allow_downloads)
+    if kwargs.get("data_dir") is not None:
+        _repo_relative(kwargs["data_dir"], roots, allow_downloads)
+    return _Plan(source, target, kwargs, False)
+
+
+def _remote(text: str) -> bool:
+    return bool(_URL.match(text)) or "::" in text  # ``::`` chains fsspec file systems (zip://…::/path)
+
+
+def _pathlike(text: str) -> bool:
+    return text.startswith(("/", ".", "~")) or "\\" in text or any(s in ("", ".", "..") for s in text.split("/"))
+
+
+def _remote_allowed(text: str, allow_downloads: bool) -> None:
+    scheme = text.split(":", 1)[0].lower()
+    if not allow_downloads or "::" in text or not _URL.match(text) or scheme not in REMOTE_SCHEMES:
+        raise _denied_remote(text)
+
+
+def _repo_relative(text: Any, roots: Roots, allow_downloads: bool) -> None:
+    """A hub dataset's data_files / data_dir: paths inside its repository, or (with downloads) a URL."""
+    if not isinstance(text, str) or not text or "\0" in text:
+        raise InvalidArgument("load_dataset: data_files and data_dir must be non-empty paths")
+    if _remote(text):
+        _remote_allowed(text, allow_downloads)
+    elif _pathlike(text):
+        raise _denied(text, roots)
+
+
+def _split_patterns(value: Any) -> dict[str, list[str]]:
+    """``data_files`` in each form datasets takes, as split -> patterns."""
+    bad = InvalidArgument(
+        "load_dataset: data_files must be a path, a list of paths, an object of split -> path(s),"
+        ' or a list of {"split": …, "path": …} objects'
+    )
+
+    def paths(item: Any) -> list[str]:
+        items = [item] if isinstance(item, str) else item
+        if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+            raise bad
+        return list(items)
+
+    out: dict[str, list[str]] = {}
+    if isinstance(value, str):
+        out["train"] = [value]
+    elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        for entry in value:
+            if set(entry) != {"split", "path"} or not isinstance(entry["split"], str) or entry["split"] in out:
+                raise bad
+            out[entry["split"]] = paths(entry["path"])
+    elif isinstance(value, list):
+        out["train"] = paths(value)
+    elif isinstance(value, dict):
+        out = {str(split): paths(item) for split, item in value.items()}
+    else:
+        raise bad
+    if not out or not all(out.values()):
+        raise InvalidArgument("load_dataset: data_files must name at least one file")
+    return out
+
+
+def _confine(text: Any, base: str | None, roots: Roots) -> str:
+    """``text`` (a path or glob; relative: to ``base``) as an absolute normalized pattern under ``roots``.
+
+    Decided by the text and by resolving symbolic links (``realpath`` also resolves missing paths), so a
+    path outside gets the same answer whether it exists or not; nothing outside is opened or listed.
+    """
+    if not isinstance(text, str) or not text:
+        raise InvalidArgument("load_dataset: a path must be a non-empty string")
+    if "\0" in text:
+        raise InvalidArgument("load_dataset: a path must not contain NUL characters")
+    if text.startswith("~") or "\\" in text or (base is None and not os.path.isabs(text)):
+        raise _denied(text, roots)
+    path = os.path.normpath(text if os.path.isabs(text) else os.path.join(base or "", text))
+    if not roots.within(path):
+        raise _denied(text, roots)
+    parts = path.split(os.sep)
+    static = next((i for i, part in enumerate(parts) if _MAGIC.search(part)), len(parts))
+    head = os.sep.join(parts[:static]) or os.sep  # the part of a glob before its first wildcard
+    if not roots.really_within(head):
+        raise _denied(text, roots)
+    return path
+
+
+def _local_files(source: str, data_files: Any, data_dir: Any, roots: Roots, allow_downloads: bool) -> Any:
+    """The files a file builder reads, resolved and checked, as a DataFilesDict datasets uses as is."""
+    data_files_module: Any = importlib.import_module("datasets.data_files")
+    DataFilesDict, DataFilesList = data_files_module.DataFilesDict, data_files_module.DataFilesList
+    base = roots.base
+    if data_dir is not None:
+        if isinstance(data_dir, str) and _remote(data_dir):
+            raise _denied_remote(data_dir)
+        if isinstance(data_dir, str) and _MAGIC.search(data_dir):
+            raise InvalidArgument("load_dataset: data_dir must not contain wildcards")
+        base = _confine(data_dir, base, roots)
+    entries: dict[str, list[tuple[str, str]]] = {}  # split -> (pattern, as the client wrote it)
+    if data_files is not None:
+        for split, patterns in _split_patterns(data_files).items():
+            entries[split] = []
+            for pattern in patterns:
+                if _remote(pattern):
+                    _remote_allowed(pattern, allow_downloads)
+                    entries[split].append((pattern, pattern))
+                else:
+                    entries[split].append((_confine(pattern, base, roots), pattern))
+    elif data_dir is not None and base is not None:
+        try:  # datasets' own layout rules (train/test file and directory names) inside the checked directory
+            found = data_files_module.get_data_patterns(base)
+        except Exception as exc:
+            raise InvalidArgument(f'load_dataset: no data files in "{data_dir}"', detail=str(exc)) from exc
+        entries = {str(split): [(os.path.join(base, p), str(data_dir)) for p in ps] for split, ps in found.items()}
+    else:
+        raise InvalidArgument(
+            f'load_dataset("{source}") needs the files to read',
+            hint='Give kwargs {"data_files": "file.csv"} (relative to the first of [engine] data_dirs)'
+            ' or {"data_dir": "…"}.',
+        )
+    out = DataFilesDict()
+    for split, items in entries.items():
+        files = DataFilesList([], [])
+        for pattern, shown in items:
+            if _remote(pattern):
+                files = files + DataFilesList.from_patterns([pattern])  # (+= would drop origin_metadata)
+            else:
+                files = files + _matches(pattern, shown, roots)
+        if not files:
+            names = ", ".join(dict.fromkeys(f'"{shown}"' for _, shown in items))
+            raise InvalidArgument(f'load_dataset: no file matches {names} (split "{split}")')
+        out[split] = files
+    return out
+
+
+def _matches(pattern: str, shown: str, roots: Roots) -> Any:
+    """The files ``pattern`` (checked by :func:`_confine`) matches, each resolved and checked again."""
+    DataFilesList: Any = importlib.import_module("datasets.data_files").DataFilesList
+    try:
+        found = DataFilesList.from_patterns([pattern], base_path=os.sep)
+    except FileNotFoundError as exc:
+        raise InvalidArgument(f'load_dataset: no file "{shown}"') from exc
+    real: list[str] = []
+    for path in found:
+        if not roots.really_within(path):  # a symbolic link inside a data directory that leads out
+            raise _denied(shown, roots)
+        real.append(os.path.realpath(path))  # what datasets opens: no link is followed after the check
+    try:
+        return DataFilesList(real, [(str(os.path.getmtime(path)),) for path in real])
+    except OSError as exc:
+        raise InvalidArgument(f'load_dataset: cannot read "{shown}"') from exc
+
+
+def _denied(shown: str, roots: Roots) -> PermissionDenied:
+    none = "" if roots.real else ", and none are configured"
+    return PermissionDenied(
+        f'load_dataset: permission denied to read "{shown}"',
+        detail=f"pgml-proxy reads local files only inside its [engine] data_dirs{none}; paths that leave them"
+        " (absolute paths elsewhere, `..`, `~`, symbolic links leading out) are refused.",
+        hint="Ask an administrator to put the file in a data directory, and name it relative to the first one,"
+        ' e.g. {"data_files": "houses.csv"}.',
+    )
+
+
+def _denied_remote(shown: str) -> PermissionDenied:
+    return PermissionDenied(
+        f'load_dataset: permission denied to fetch "{shown}"',
+        detail="Remote files are fetched only with [engine] allow_downloads, and only over http(s):// or hf://"
+        " (never file:// or chained fsspec URLs).",
+    )
+
+
+@contextmanager
+def _cache_dir(plan: _Plan) -> Iterator[str | None]:
+    """Local files are converted in a private temporary cache, gone after the call; hub datasets use the
+    proxy's Hugging Face cache (downloads are kept)."""
+    if not plan.local:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="pgml-dataset-", ignore_cleanup_errors=True) as path:
+        yield path
 
 
 def _hf_module(allow_downloads: bool) -> Any:
@@ -266,10 +553,10 @@ def _hf_module(allow_downloads: bool) -> Any:
 
 
 def _load_hf(
-    source: str, subset: str | None, limit: int | None, kwargs: dict[str, Any], allow_downloads: bool
+    plan: _Plan, subset: str | None, limit: int | None, cache_dir: str | None, allow_downloads: bool
 ) -> tuple[Columns, Rows]:
     module = _hf_module(allow_downloads)
-    call_kwargs = dict(kwargs)
+    call_kwargs = dict(plan.kwargs)
     if limit is not None:
         if "split" in call_kwargs:
             raise InvalidArgument(
@@ -280,10 +567,12 @@ def _load_hf(
         call_kwargs["split"] = f"train[:{max(limit, 1)}]"
     if call_kwargs.get("streaming"):
         raise InvalidArgument("load_dataset: streaming datasets are not supported")
+    if cache_dir is not None:
+        call_kwargs["cache_dir"] = cache_dir
     try:
-        result = module.load_dataset(source, subset, **call_kwargs)
+        result = module.load_dataset(plan.target, subset, **call_kwargs)
     except Exception as exc:
-        raise _hf_error(exc, source, allow_downloads) from exc
+        raise _hf_error(exc, plan.source, allow_downloads) from exc
     splits = _splits(result, module)
     if limit == 0:
         splits = [split.select([]) for split in splits]

@@ -2,7 +2,8 @@
 
 Owns: the deployment strategies (``most_recent``, ``best_score`` compared
 numerically, ``rollback``, deploy by model id as ``specific``, the automatic
-``new_score`` rule used by training), and loading a dataset into a table.
+``new_score`` rule used by training), and loading a dataset into a table (local files
+only under ``[engine] data_dirs``, checked by :mod:`engine.datasets`).
 
 Must not: train or run models; every row it reads or writes goes through
 :mod:`engine.registry` or the ``Database`` it is given.
@@ -15,7 +16,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from engine import registry
-from engine.api import Call, Database, InvalidArgument, Statement, UnknownModel
+from engine.api import Call, Database, InvalidArgument, PermissionDenied, Statement, UnknownModel
 
 if TYPE_CHECKING:
     from engine.text import Context
@@ -110,20 +111,31 @@ def better_or_equal(task: str, new: dict[str, Any], current: dict[str, Any] | No
     return current is None or not _score(task, current) > _score(task, new)
 
 
+_CAN_CREATE = "SELECT has_schema_privilege('pgml', 'CREATE')"
+
+
 async def load_dataset(call: Call, ctx: Context) -> list[Any]:
     """``pgml.load_dataset(source, subset, limit, kwargs)`` -> (table_name, rows), table replaced."""
     from engine import datasets
 
     db = ctx.database()
     out: list[Any] = []
+    # The role must be able to create the table before the proxy reads anything on its behalf.
+    if call.rows and (await registry.rows(db, _CAN_CREATE)).rows[0][0] != "t":
+        raise PermissionDenied(
+            "permission denied for schema pgml",
+            detail="pgml.load_dataset creates its table in schema pgml.",
+            hint="An administrator can allow it with GRANT CREATE ON SCHEMA pgml TO <role>.",
+        )
     for source, subset, limit, kwargs in call.rows:
         if source is None:
             raise InvalidArgument("source must not be NULL")
         if not isinstance(kwargs, dict):
             raise InvalidArgument("kwargs must be a JSON object")
         table = await ctx.work(
-            datasets.load, source, subset, limit, kwargs or {}, allow_downloads=ctx.config.allow_downloads
-        )
+            datasets.load, source, subset, limit, kwargs or {},
+            allow_downloads=ctx.config.allow_downloads, data_dirs=ctx.config.data_dirs,
+        )  # fmt: skip
         *ddl, copy = table.statements()
         await db.execute([*(Statement(s) for s in ddl), Statement(copy, copy_data=table.copy_data)])
         out.append([(table.returned_name, table.rows)])

@@ -3,7 +3,8 @@
 Owns: finding the model (a project's current deployment, looked up once per
 statement, or a model id), loading it from ``pgml.files`` once per process
 (cached by database, id and creation time, so a new deployment is picked up at
-once and an old one is never served), and one vectorised library call per
+once and an old one is never served; only artifacts whose signature verifies
+are ever deserialized), and one vectorised library call per
 model for all the rows of a statement, with PostgresML's value semantics and
 errors.
 
@@ -26,6 +27,9 @@ if TYPE_CHECKING:
     from engine.text import Context
 
 FUNCTIONS = ("predict", "predict_proba", "predict_joint", "predict_batch", "decompose")
+# Feature rows per library call: a large per-row predict is a series of jobs that share the workers
+# fairly with other sessions and stop at the next slice on cancel or disconnect.
+PREDICT_SLICE = 8192
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,10 @@ async def predict(call: Call, ctx: Context) -> list[Any]:
     for key, indices in by_model.items():
         row = await (registry.model(db, key) if isinstance(key, int) else registry.deployed_model(db, str(key)))
         deployed = await _load(db, ctx, row)
-        values = await ctx.work(_apply, function, deployed, [call.rows[i][1] for i in indices])
+        features = [call.rows[i][1] for i in indices]
+        values: list[Any] = []
+        for start in range(0, len(features), PREDICT_SLICE):  # one job per slice: other sessions go in between
+            values += await ctx.work(_apply, function, deployed, features[start : start + PREDICT_SLICE])
         for i, value in zip(indices, values, strict=True):
             out[i] = value
     return out
@@ -60,7 +67,10 @@ async def _load(db: Database, ctx: Context, row: registry.Model) -> Deployed:
     cached = ctx.cache.peek(key)
     if cached is not None:
         return cached  # type: ignore[no-any-return]
-    files = await registry.files(db, row.id)
+    # Verified before anything is deserialized (UntrustedArtifact otherwise). A cache hit above skips
+    # this: the cached model came from verified bytes of this very row (database, id, created_at), and
+    # a file changed since could only verify if it were the same artifact, signed for this model.
+    files = await registry.files(db, row, registry.signer(ctx))
     loaded: Deployed = await ctx.work(ctx.cache.get, key, lambda: _build(row, files))
     return loaded
 

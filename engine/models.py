@@ -1,26 +1,37 @@
 """Finding and keeping models: name resolution, device choice, and the shared model cache.
 
-Owns: turning a model name into something a loader can open (a local path, a
-configured model directory, the Hugging Face cache, or — only when downloads are
-allowed — a hub id); one loaded copy per (kind, name, init kwargs) for the whole
-process, evicted least-recently-used past ``engine.cache_bytes``.
+Owns: turning a model name into something a loader can open (a local path inside
+``engine.model_dirs``, a name under them, a packaged model, the Hugging Face cache,
+or — only when downloads are allowed — a hub id); the locations inside loading
+kwargs (:func:`confine_kwargs`); the per-process directory for model files the
+engine writes itself (:func:`owned_dir`); one loaded copy per (kind, name, init
+kwargs) for the whole process, evicted least-recently-used past ``engine.cache_bytes``.
 
-Must not: run inference, or block the event loop (everything here runs in workers).
+Must not: run inference, block the event loop (everything here runs in workers),
+accept a path outside ``model_dirs`` or answer differently for one that exists, or
+log a cache key (it holds the client's init kwargs).
 """
 
 from __future__ import annotations
 
+import atexit
+import hashlib
+import hmac
 import json
 import logging
 import os
+import re
+import secrets
+import shutil
+import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.api import UnknownModel
+from engine.api import InvalidArgument, PermissionDenied, UnknownModel
 
 if TYPE_CHECKING:
     from proxy.config import EngineSection
@@ -37,34 +48,149 @@ def configure_offline(allow_downloads: bool) -> None:
 
 
 def resolve(name: str, config: EngineSection) -> str:
-    """Where to load ``name`` from, in order: local path, model_dirs, a model shipped in an installed
-    PyPI package, the HF cache, the hub (if allowed)."""
-    if not name or "\0" in name:
+    """Where to load ``name`` from, in order: a path inside ``model_dirs``, ``<dir>/<name>`` or
+    ``<dir>/<basename>`` under ``model_dirs``, a model shipped in an installed PyPI package, the HF cache,
+    the hub (if allowed).
+
+    Any name that is a path outside the model directories (absolute, ``.``/``~``, ``..`` segments,
+    backslashes, control characters …) gets exactly the answer of a missing model, decided from the text
+    and from resolved links only, so nothing on disk outside can be probed.
+    """
+    if not isinstance(name, str) or not name:
         raise UnknownModel("a model name must be a non-empty string")
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return str(path.resolve())
-    looked: list[str] = []
-    for base in config.model_dirs:
-        for candidate in dict.fromkeys((Path(base) / name, Path(base) / Path(name).name)):
-            looked.append(str(candidate))
-            if candidate.is_dir():
-                return str(candidate.resolve())
-    packaged = _packaged(name)
-    if packaged is not None:
-        return packaged
-    cached = _hf_cached(name)
-    if cached is not None:
-        return cached
-    if config.allow_downloads:
-        return name
-    where = ", ".join(looked) if looked else "no [engine] model_dirs configured"
+    roots = _model_roots(config.model_dirs)
+    if name.startswith("/") and _plain_path(name):
+        path = os.path.normpath(name)
+        if any(_contains(root, path) for root in roots.lexical):
+            found = _confined_dir(path, roots.real)
+            if found is not None:
+                return found
+        elif _OWNED.root is not None and _contains(_OWNED.root, path):
+            found = _confined_dir(path, (_OWNED.root,))
+            if found is not None:
+                return found
+    elif _plain_name(name):
+        for base in roots.real:
+            for candidate in dict.fromkeys((os.path.join(base, name), os.path.join(base, name.rsplit("/", 1)[-1]))):
+                found = _confined_dir(candidate, roots.real)
+                if found is not None:
+                    return found
+        packaged = _packaged(name)
+        if packaged is not None:
+            return packaged
+        cached = _hf_cached(name)
+        if cached is not None:
+            return cached
+        if config.allow_downloads:
+            return name
+    shown = name if name.isprintable() else repr(name)[1:-1]  # no control characters in the message
     raise UnknownModel(
-        f'model "{name}" was not found locally',
-        detail=f"Looked for a directory of that name, in the model directories ({where})"
-        " and in the Hugging Face cache.",
-        hint="Put the model under one of [engine] model_dirs, give a local path, or set [engine] allow_downloads.",
+        f'model "{shown}" was not found locally',
+        detail="Looked for it in the model directories ([engine] model_dirs), among the models installed with"
+        " pgml-proxy and in the Hugging Face cache. A local path must lie inside a model directory.",
+        hint="Put the model under one of [engine] model_dirs and name it by its path there, or set"
+        " [engine] allow_downloads.",
     )
+
+
+class _Owned:
+    """The per-process directory for model files the engine writes itself (a random name, mode 0700)."""
+
+    def __init__(self) -> None:
+        self.root: str | None = None
+        self.secret = secrets.token_bytes(32)
+        self.lock = threading.Lock()
+
+
+_OWNED = _Owned()
+
+
+def owned_dir(key: str) -> str:
+    """A directory for the model ``key`` that the engine fills itself (a tuned model from pgml.files).
+
+    It lies under a per-process temporary root, and its name is an HMAC of ``key`` with a per-process
+    secret: :func:`resolve` accepts it as a model path, but no client can name another model's directory
+    (the names cannot be derived from what a role sees). Created on demand; removed at exit.
+    """
+    with _OWNED.lock:
+        if _OWNED.root is None:
+            _OWNED.root = os.path.realpath(tempfile.mkdtemp(prefix="pgml-proxy-models-"))
+            atexit.register(shutil.rmtree, _OWNED.root, True)
+    name = hmac.new(_OWNED.secret, key.encode(), hashlib.sha256).hexdigest()[:32]
+    return os.path.join(_OWNED.root, name)
+
+
+# Loading kwargs (pipeline, from_pretrained, sentence-transformers) that name the proxy's own cache, offload
+# and download locations or its network: a client never chooses them.
+OWNED_KWARGS = frozenset({"cache_dir", "cache_folder", "offload_folder", "local_dir", "proxies"})
+# Loading kwargs that name another model (its tokenizer, config …): resolved and confined like the model.
+MODEL_KWARGS = frozenset({"tokenizer", "config", "feature_extractor", "image_processor", "processor"})
+# Loading kwargs naming a file or folder inside the model: plain names only (no way out of it).
+INNER_KWARGS = frozenset({"subfolder", "gguf_file"})
+NESTED_KWARGS = frozenset({"model_kwargs", "tokenizer_kwargs", "config_kwargs", "processor_kwargs"})
+
+
+def confine_kwargs(init: dict[str, Any], config: EngineSection) -> dict[str, Any]:
+    """``init`` with every location in it checked: owned ones refused (42501), model names resolved."""
+    out = dict(init)
+    for key, value in init.items():
+        if key in OWNED_KWARGS:
+            raise PermissionDenied(
+                f'the kwarg "{key}" is not allowed',
+                detail="pgml-proxy owns its model cache, offload and download locations.",
+                hint=f'Remove "{key}" from the kwargs.',
+            )
+        if key in MODEL_KWARGS and isinstance(value, str):
+            out[key] = resolve(value, config)
+        elif key in INNER_KWARGS and value is not None and not (isinstance(value, str) and _plain_name(value)):
+            raise InvalidArgument(f'"{key}" must name a file or folder inside the model (no path syntax)')
+        elif key in NESTED_KWARGS and isinstance(value, dict):
+            out[key] = confine_kwargs(value, config)
+    return out
+
+
+# A hub id or a name under a model directory: segments of word characters, '.', '-' (not first).
+_NAME_SEGMENT = re.compile(r"[\w][\w.-]*")
+
+
+def _plain_name(name: str) -> bool:
+    """``name`` or ``org/name`` (or deeper, under a model directory): no path syntax of any kind."""
+    return len(name) <= 1000 and all(_NAME_SEGMENT.fullmatch(part) for part in name.split("/"))
+
+
+def _plain_path(path: str) -> bool:
+    """An absolute path without ``.``/``..`` segments, backslashes, empty segments or control characters."""
+    parts = path[1:].split("/")
+    return (
+        len(path) <= 4096
+        and "\\" not in path
+        and not any(ord(c) < 32 or ord(c) == 127 for c in path)
+        and all(part not in ("", ".", "..") for part in parts)
+    )
+
+
+@dataclass(frozen=True)
+class _Roots:
+    lexical: tuple[str, ...]  # as configured (made absolute) and resolved
+    real: tuple[str, ...]
+
+
+def _model_roots(dirs: tuple[str, ...]) -> _Roots:
+    real = tuple(os.path.realpath(d) for d in dirs if d)
+    lexical = tuple(dict.fromkeys([*(os.path.abspath(d) for d in dirs if d), *real]))
+    return _Roots(lexical, real)
+
+
+def _contains(root: str, path: str) -> bool:
+    return path == root or path.startswith(root if root.endswith(os.sep) else root + os.sep)
+
+
+def _confined_dir(path: str, roots: tuple[str, ...]) -> str | None:
+    """The resolved directory ``path``, when it (links resolved) lies inside one of ``roots``."""
+    real = os.path.realpath(path)
+    if any(_contains(root, real) for root in roots) and os.path.isdir(real):
+        return real
+    return None
 
 
 # Hub names of models that PyPI packages carry (installed with pgml-proxy, so they work offline).
@@ -134,6 +260,17 @@ class ModelCache:
     def key(kind: str, name: str, init: dict[str, Any]) -> str:
         return json.dumps([kind, name, init], sort_keys=True, default=str)
 
+    @staticmethod
+    def label(key: str) -> str:
+        """What the log may say about ``key``: the kind and the model, never the init kwargs (client data)."""
+        try:
+            decoded = json.loads(key)
+        except ValueError:
+            decoded = None
+        if isinstance(decoded, list) and len(decoded) == 3:
+            return f"{decoded[0]} model {decoded[1]}"
+        return key if key.startswith("tuned/") else "a model"  # tuned/<database>/<model id>/<created>
+
     def peek(self, key: str) -> Any:
         """The cached model, or None (without loading it)."""
         with self._lock:
@@ -158,7 +295,7 @@ class ModelCache:
                 self._models[key] = (model, size)
                 self._loading.pop(key, None)
                 self._evict()
-            log.info("loaded %s (%.1f MB)", key, size / 1e6)
+            log.info("loaded %s (%.1f MB)", self.label(key), size / 1e6)
             return model
 
     def _evict(self) -> None:
@@ -166,7 +303,7 @@ class ModelCache:
         while total > self._limit and len(self._models) > 1:
             key, (_, size) = self._models.popitem(last=False)
             total -= size
-            log.info("evicted %s from the model cache", key)
+            log.info("evicted %s from the model cache", self.label(key))
 
     def __len__(self) -> int:
         return len(self._models)

@@ -2,7 +2,9 @@
 
 Owns: every statement the engine runs on ``pgml.*`` tables, with values bound
 as parameters (``$n``), never pasted into SQL; reading rows back into small
-typed records; splitting artifacts into ``pgml.files`` parts and joining them.
+typed records; splitting artifacts into ``pgml.files`` parts and joining them,
+signing each artifact on write and verifying it on read (``engine.signing``), so
+no unverified bytes leave this module.
 
 Must not: train or load models, or decide deployments (``engine.deploy`` does);
 it only reads and writes rows, in the caller's transaction and privileges.
@@ -12,9 +14,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from engine.api import Database, Result, Statement, UnknownModel
+from engine import signing
+from engine.api import Database, PermissionDenied, Result, Statement, UnknownModel, UntrustedArtifact
+from engine.signing import Signer as Signer  # re-exported: the type callers pass back
+
+if TYPE_CHECKING:
+    from engine.text import Context
 
 # pgml.files parts: large artifacts are split so no single bytea value nears the 1 GB limit.
 PART_BYTES = 64 * 1024 * 1024
@@ -65,12 +72,45 @@ async def rows(db: Database, sql: str, *values: Any) -> Result:
     return (await db.execute([statement(sql, *values)]))[0]
 
 
+# One round trip: the project as the caller sees it (row-level security), and whether the name is taken at all.
+_PROJECT = """
+SELECT p.id, p.name, p.task::text, pgml.project_owner($1) IS NOT NULL
+FROM (SELECT 1) one LEFT JOIN pgml.projects p ON p.name = $1"""
+
+
 async def project(db: Database, name: str) -> Project | None:
-    result = await rows(db, "SELECT id, name, task::text FROM pgml.projects WHERE name = $1", name)
-    if not result.rows:
+    """The project named ``name``; None when there is none; PermissionDenied when another role owns it."""
+    id_, name_, task, taken = (await rows(db, _PROJECT, name)).rows[0]
+    if id_ is None:
+        if taken == "t":
+            raise foreign_project(name)
         return None
-    id_, name_, task = result.rows[0]
-    return Project(int(id_ or 0), str(name_), str(task))
+    return Project(int(id_), str(name_), str(task))
+
+
+def foreign_project(name: str) -> PermissionDenied:
+    return PermissionDenied(
+        f'permission denied for project "{name}"',
+        detail="The project belongs to a role you are not a member of.",
+        hint="Its owner can share it with GRANT <owner role> TO <you>, or use another project name.",
+    )
+
+
+async def check_foreign_project(db: Database, name: str) -> None:
+    """After a lookup by project name found nothing: PermissionDenied when the name belongs to another role."""
+    found = (await rows(db, "SELECT pgml.project_owner($1) IS NOT NULL", name)).rows
+    if found and found[0][0] == "t":
+        raise foreign_project(name)
+
+
+async def check_foreign_model(db: Database, model_id: int) -> None:
+    """After a lookup by model id found nothing: PermissionDenied when the model exists in another role's project."""
+    found = (await rows(db, "SELECT pgml.model_project($1) IS NOT NULL", model_id)).rows
+    if found and found[0][0] == "t":
+        raise PermissionDenied(
+            f"permission denied for model {model_id}",
+            detail="The model belongs to a project of a role you are not a member of.",
+        )
 
 
 async def next_ids(db: Database, *tables: str) -> list[int]:
@@ -89,6 +129,7 @@ async def deployed_model_id(db: Database, project_name: str) -> int:
     """The project's current model; raises the reference's error when nothing is deployed."""
     result = await rows(db, _DEPLOYED, project_name)
     if not result.rows:
+        await check_foreign_project(db, project_name)
         raise UnknownModel(f"No deployed model exists for the project named: `{project_name}`")
     return int(result.rows[0][0] or 0)
 
@@ -104,6 +145,7 @@ WHERE m.id = {}"""
 async def model(db: Database, model_id: int) -> Model:
     result = await rows(db, _MODEL.format("$1"), model_id)
     if not result.rows:
+        await check_foreign_model(db, model_id)
         raise UnknownModel(f"No model with id = {model_id}")
     return _model(result.rows[0])
 
@@ -112,6 +154,7 @@ async def deployed_model(db: Database, project_name: str) -> Model:
     """The project's current model, in one round trip (the deployment lookup and the model row)."""
     result = await rows(db, _MODEL.format(f"({_DEPLOYED})"), project_name)
     if not result.rows:
+        await check_foreign_project(db, project_name)
         raise UnknownModel(f"No deployed model exists for the project named: `{project_name}`")
     return _model(result.rows[0])
 
@@ -142,21 +185,53 @@ def _text_array(text: str | None) -> list[str] | None:
     return [v for v in values if v is not None]
 
 
-async def files(db: Database, model_id: int) -> dict[str, bytes]:
-    """The model's artifacts: path -> the joined parts."""
-    result = await rows(db, "SELECT path, data FROM pgml.files WHERE model_id = $1 ORDER BY path, part", model_id)
-    out: dict[str, bytes] = {}
-    for path, data in result.rows:
-        assert path is not None and data is not None and data.startswith("\\x")
-        out[path] = out.get(path, b"") + bytes.fromhex(data[2:])
+async def files(db: Database, row: Model, signer: Signer) -> dict[str, bytes]:
+    """The model's artifacts, path -> the joined parts, each verified against its signature.
+
+    Raises UntrustedArtifact (naming the model and project, never the content) when any
+    artifact is unsigned or its signature does not match: no caller ever sees unverified bytes.
+    """
+    result = await rows(
+        db, "SELECT path, part, data, signature FROM pgml.files WHERE model_id = $1 ORDER BY path, part", row.id
+    )
+    parts: dict[str, list[bytes]] = {}
+    signatures: dict[str, bytes | None] = {}
+    for path, part, text, tag in result.rows:
+        assert path is not None and text is not None and text.startswith("\\x")
+        parts.setdefault(path, []).append(bytes.fromhex(text[2:]))
+        if part == "0":
+            signatures[path] = bytes.fromhex(tag[2:]) if tag is not None else None
+    out = {path: b"".join(chunks) for path, chunks in parts.items()}
+    for path, data in out.items():
+        signature = signatures.get(path)
+        if signature is None:
+            raise UntrustedArtifact(
+                f"model {row.id} of project `{row.project}` has an unsigned artifact and is not loaded",
+                detail="Artifacts stored before pgml-proxy signed them, or written around it, are refused.",
+                hint="an administrator who has checked them can sign them with `pgml-proxy resign --trust-unsigned`",
+            )
+        if not signer.verify(row.project_id, row.id, path, data, signature):
+            raise UntrustedArtifact(
+                f"model {row.id} of project `{row.project}` has an artifact whose signature does not match;"
+                " it is not loaded",
+                detail="It was changed or copied from another model after the proxy stored it, or it was"
+                " signed with another key.",
+                hint="Retrain the model; after a key rotation, re-sign the registry with `pgml-proxy resign`.",
+            )
     return out
 
 
-def file_statements(model_id: int, path: str, data: bytes) -> list[Statement]:
-    """INSERTs of one artifact, in parts."""
+def file_statements(signer: Signer, project_id: int, model_id: int, path: str, data: bytes) -> list[Statement]:
+    """INSERTs of one artifact, in parts; part 0 carries the signature of the whole artifact."""
     parts = [data[i : i + PART_BYTES] for i in range(0, len(data), PART_BYTES)] or [b""]
-    sql = "INSERT INTO pgml.files (model_id, path, part, data) VALUES ($1, $2, $3, $4)"
-    return [statement(sql, model_id, path, n, part) for n, part in enumerate(parts)]
+    signature = signer.sign(project_id, model_id, path, data)
+    sql = "INSERT INTO pgml.files (model_id, path, part, data, signature) VALUES ($1, $2, $3, $4, $5)"
+    return [statement(sql, model_id, path, n, part, signature if n == 0 else None) for n, part in enumerate(parts)]
+
+
+def signer(ctx: Context) -> Signer:
+    """The artifact signer of the session's database, with the configured key (read once per process)."""
+    return signing.signer(ctx.config.artifact_key_file, ctx.database_name)
 
 
 def project_statement(project_id: int, name: str, task: str) -> Statement:

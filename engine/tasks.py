@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from engine.api import EngineError, InvalidArgument, NotSupported, UnknownModel
-from engine.models import ModelCache, model_bytes, pick_device, resolve
+from engine.models import ModelCache, confine_kwargs, model_bytes, pick_device, resolve
+from engine.text import ModelLock
 
 if TYPE_CHECKING:
     from engine.text import Context
@@ -101,7 +101,7 @@ class Loaded:
     model: Any
     tokenizer: Any
     pipe: Any = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: ModelLock = field(default_factory=ModelLock)  # checkpoints keep the turn while it is held
 
     @property
     def nbytes(self) -> int:  # what the ModelCache counts
@@ -158,7 +158,7 @@ def _permit(name: str, init: dict[str, Any], ctx: Context) -> dict[str, Any]:
             f'model "{name}" is not in the allowed models',
             hint="Add it to [engine] allowed_models (PostgresML's pgml.huggingface_whitelist).",
         )
-    init = dict(init)
+    init = confine_kwargs(init, ctx.config)  # no client-chosen locations; tokenizer/config names confined
     nested = dict(init["model_kwargs"]) if isinstance(init.get("model_kwargs"), dict) else None
     wants = bool(init.pop("trust_remote_code", False)) or bool(nested and nested.pop("trust_remote_code", False))
     if nested is not None:
@@ -236,6 +236,7 @@ def _kind(task: str) -> str:
 
 def load(spec: TaskSpec, ctx: Context) -> tuple[TaskSpec, Loaded]:
     """Check, resolve and load (once per process) the model of ``spec``; the task is inferred if missing."""
+    ctx.check()  # a checkpoint before a load that may take seconds
     candidates = _candidates(spec)
     name = candidates[0]
     init = _permit(name, spec.init, ctx)  # before anything is looked up

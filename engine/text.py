@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from engine.api import Canceled, EngineError, InvalidArgument, NotSupported
-from engine.models import ModelCache, pick_device, resolve
+from engine.models import ModelCache, confine_kwargs, pick_device, resolve
 
 if TYPE_CHECKING:
-    import threading
-
     from engine.api import Database
     from proxy.config import EngineSection
 
@@ -43,12 +42,44 @@ INIT_KWARGS = frozenset(
 )
 
 
+_held = threading.local()  # how many ModelLocks this thread holds
+
+
+class ModelLock:
+    """The lock of one loaded model (pipelines and fast tokenizers are not thread-safe).
+
+    While a thread holds one, its checkpoints keep the engine's compute turn: the job it
+    would hand the turn to may need the same model, and would then wait for this lock
+    while holding the turn this thread waits for.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> ModelLock:
+        self._lock.acquire()
+        _held.depth = getattr(_held, "depth", 0) + 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _held.depth -= 1
+        self._lock.release()
+
+
+def holding_model_lock() -> bool:
+    return getattr(_held, "depth", 0) > 0
+
+
 class Context:
     """What a handler may use: config, the shared model cache, its cancel flag.
 
     Procedures (train, deploy, predict…) run on the event loop and also get the
     client's session (``database()``) and ``work()``, which runs model code in the
     engine's worker threads.
+
+    ``check()`` (and ``cancelled.is_set()``) between mini-batches is where a call
+    stops once canceled; with the engine's flag (``engine.core.Job``) it is also
+    where a long call lets other sessions' calls take their turn.
     """
 
     def __init__(
@@ -70,6 +101,7 @@ class Context:
         self.notices = notices if notices is not None else []
 
     def check(self) -> None:
+        """Raise Canceled once the call was canceled (a checkpoint: may first wait for another session's turn)."""
         if self.cancelled.is_set():
             raise Canceled("canceling statement due to user request")
 
@@ -120,7 +152,7 @@ def load_sentence_model(cls_name: str, name: str, init: dict[str, Any], ctx: Con
     """A sentence-transformers ``SentenceTransformer`` / ``CrossEncoder`` for ``name``, from the shared cache."""
     path = ctx.cache.resolved.get(name) or resolve(name, ctx.config)
     ctx.cache.resolved[name] = path
-    init = {"device": pick_device(ctx.config.device), **init}
+    init = {"device": pick_device(ctx.config.device), **confine_kwargs(init, ctx.config)}
 
     def load() -> Any:
         import sentence_transformers
@@ -171,15 +203,15 @@ def embed(rows: list[tuple[Any, ...]], ctx: Context) -> list[Any]:
 def _encode(encoder: Any, texts: list[str], kwargs: dict[str, Any], ctx: Context) -> Any:
     import numpy as np
 
-    batch = int(kwargs.pop("batch_size", ctx.config.batch_size))
+    batch = max(1, int(kwargs.pop("batch_size", ctx.config.batch_size)))
     # Longest first across the whole statement (as encode() does within one call), so slicing
-    # adds no padding; slices let a cancel take effect within a few batches.
+    # adds no padding. One encode() call per batch (no slower than bigger slices): between them a
+    # cancel takes effect and another session's call gets its turn after at most one batch.
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-    step = max(batch * 4, 128)
     out = []
-    for start in range(0, len(order), step):
+    for start in range(0, len(order), batch):
         ctx.check()
-        part = [texts[i] for i in order[start : start + step]]
+        part = [texts[i] for i in order[start : start + batch]]
         try:
             vectors = encoder.encode(part, batch_size=batch, convert_to_numpy=True, show_progress_bar=False, **kwargs)
         except TypeError as exc:

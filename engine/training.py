@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from engine import registry
-from engine.api import Call, Database, InvalidArgument, Statement, UnknownModel
+from engine.api import Call, Canceled, Database, InvalidArgument, Statement, UnknownModel
 from engine.deploy import better_or_equal
 
 if TYPE_CHECKING:
@@ -123,7 +123,7 @@ async def _train(args: TrainArgs, joint: bool, ctx: Context) -> tuple[str, str, 
     deploy = args.automatic_deploy and better_or_equal(task, fitted.metrics, current)
     if args.automatic_deploy and not deploy and current is not None:
         ctx.notices.append(not_better(task, fitted.metrics, current))
-    await _write(db, args, project, task, algorithm, runtime, source, fitted, deploy)
+    await _write(db, args, project, task, algorithm, runtime, source, fitted, deploy, registry.signer(ctx))
     return (args.project_name, algorithms.dashed_task(task), algorithm, deploy)
 
 
@@ -322,7 +322,7 @@ def _fit(
     events: list[dict[str, Any]] = []
 
     def progress(event: dict[str, Any]) -> None:
-        log.info("%s: %s", args.project_name, event)
+        log.debug("%s: %s", args.project_name, event)  # candidate hyperparameters are client data: not at info
         if len(events) < MAX_LOG_ROWS:
             events.append(event)
 
@@ -334,8 +334,10 @@ def _fit(
         progress, cancelled, test=(x_test, y_test),
     )  # fmt: skip
     estimator = make(best)
+    if cancelled():  # a checkpoint before the final fit (metrics.search checks before each candidate and fold)
+        raise Canceled(CANCELED)
     started = time.perf_counter()
-    estimator.fit(x_train) if y_train is None else estimator.fit(x_train, y_train)
+    _fit_checked(estimator, x_train, y_train, cancelled)
     fit_time = time.perf_counter() - started
     started = time.perf_counter()
     estimator.transform(x_test) if task == "decomposition" else estimator.predict(x_test)
@@ -359,6 +361,39 @@ def _fit(
     )  # fmt: skip
 
 
+CANCELED = "canceling statement due to user request"
+
+
+def _fit_checked(estimator: Any, x: Any, y: Any, cancelled: Any) -> None:
+    """``estimator.fit``; XGBoost and LightGBM check ``cancelled`` (a checkpoint) after every boosting round."""
+    module = type(estimator).__module__.split(".")[0]
+    if type(estimator).__name__.startswith("XGBRF"):  # XGBoost's random forests take no callbacks
+        module = ""
+
+    def check() -> None:
+        if cancelled():
+            raise Canceled(CANCELED)
+
+    if module == "lightgbm" and y is not None:
+        estimator.fit(x, y, callbacks=[lambda env: check()])
+        return
+    if module == "xgboost" and y is not None and estimator.get_params().get("callbacks") is None:
+        from xgboost.callback import TrainingCallback
+
+        class Check(TrainingCallback):
+            def after_iteration(self, model: Any, epoch: int, evals_log: Any) -> bool:
+                check()
+                return False
+
+        estimator.set_params(callbacks=[Check()])
+        try:
+            estimator.fit(x, y)
+        finally:
+            estimator.set_params(callbacks=None)  # not part of the stored model
+        return
+    estimator.fit(x) if y is None else estimator.fit(x, y)
+
+
 # --------------------------------------------------------------------------- #
 # Writing the registry rows
 # --------------------------------------------------------------------------- #
@@ -379,7 +414,7 @@ async def deployed_metrics(db: Database, project: registry.Project | None) -> di
 
 async def _write(
     db: Database, args: TrainArgs, project: registry.Project | None, task: str, algorithm: str, runtime: str,
-    source: Source, fitted: Fitted, deploy: bool,
+    source: Source, fitted: Fitted, deploy: bool, signer: registry.Signer,
 ) -> None:  # fmt: skip
     tables = (
         ["models"] + (["projects"] if project is None else []) + (["snapshots"] if source.snapshot_id is None else [])
@@ -405,9 +440,10 @@ async def _write(
         fitted.metrics, args.search, args.search_params, args.search_args,
     ))  # fmt: skip
     tag, data = fitted.artifact
-    out += registry.file_statements(model_id, f"estimator.{tag}", data)
+    out += registry.file_statements(signer, project_id, model_id, f"estimator.{tag}", data)
     if fitted.classes is not None:
-        out += registry.file_statements(model_id, "classes.json", registry.json_bytes(fitted.classes))
+        classes = registry.json_bytes(fitted.classes)
+        out += registry.file_statements(signer, project_id, model_id, "classes.json", classes)
     if deploy:
         out.append(registry.deployment_statement(project_id, model_id, "new_score"))
     if fitted.events:

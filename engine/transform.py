@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from engine import seq2seq
@@ -93,18 +93,21 @@ def _run(spec: TaskSpec, loaded: Loaded, args: dict[str, Any], batches: list[lis
         prompts = seq2seq.chat_prompts(
             loaded.tokenizer, [_conversation(inputs) for inputs in batches], args.pop("chat_template", None)
         )
-        with loaded.lock:
-            return seq2seq.generate(
-                loaded.model, loaded.tokenizer, prompts, {"add_special_tokens": False, **args}, ctx, new_only=True
-            )
+        call = {"add_special_tokens": False, **args}
+        return _batches(
+            loaded, prompts, _batch(args, ctx), ctx,
+            lambda part: seq2seq.generate(loaded.model, loaded.tokenizer, part, call, ctx, new_only=True),
+        )  # fmt: skip
     if any(isinstance(value, dict) for inputs in batches for value in inputs):
         raise InvalidArgument(CHAT_ONLY)
     texts = [value for inputs in batches for value in inputs]
     if any(value is None for value in texts):
         raise InvalidArgument("pgml.transform inputs must not contain NULL")
     if spec.task == "question-answering":
-        with loaded.lock:
-            per_input = seq2seq.answer(loaded.model, loaded.tokenizer, texts, args, ctx)
+        per_input = _batches(
+            loaded, texts, ctx.config.batch_size, ctx,
+            lambda part: seq2seq.answer(loaded.model, loaded.tokenizer, part, args, ctx),
+        )  # fmt: skip
     elif spec.task in PIPELINE_TASKS:
         per_input = _pipeline(spec.task, loaded, texts, args, ctx)
     else:
@@ -114,6 +117,23 @@ def _run(spec: TaskSpec, loaded: Loaded, args: dict[str, Any], batches: list[lis
         results.append(_shape(spec.family, per_input[start : start + len(inputs)]))
         start += len(inputs)
     return results
+
+
+def _batch(args: dict[str, Any], ctx: Context) -> int:
+    return max(1, int(args.get("batch_size", ctx.config.batch_size)))
+
+
+def _batches(
+    loaded: Loaded, items: list[Any], size: int, ctx: Context, run: Callable[[list[Any]], list[Any]]
+) -> list[Any]:
+    """``run`` over slices of ``items``, each under the model's lock; between slices (the lock not held)
+    a checkpoint: a cancel stops here, and other sessions' calls get their turn."""
+    out: list[Any] = []
+    for start in range(0, len(items), size):
+        ctx.check()
+        with loaded.lock:
+            out.extend(run(items[start : start + size]))
+    return out
 
 
 def _shape(family: str, outputs: list[Any]) -> Any:
@@ -185,10 +205,10 @@ def _seq2seq(spec: TaskSpec, loaded: Loaded, texts: list[str], args: dict[str, A
     if languages and hasattr(loaded.tokenizer, "_build_translation_inputs"):  # NLLB, M2M100, mBART, as HF did
         kwargs.setdefault("src_lang", languages[1])
         kwargs.setdefault("tgt_lang", languages[2])
-    with loaded.lock:
-        outputs = seq2seq.generate(
-            loaded.model, loaded.tokenizer, [prefix + t for t in texts], kwargs, ctx, new_only=False
-        )
+    outputs = _batches(
+        loaded, [prefix + t for t in texts], _batch(kwargs, ctx), ctx,
+        lambda part: seq2seq.generate(loaded.model, loaded.tokenizer, part, kwargs, ctx, new_only=False),
+    )  # fmt: skip
     key = OUTPUT_KEYS[spec.family]
     return [[{key: text} for text in sequences] for sequences in outputs]
 

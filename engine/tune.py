@@ -140,7 +140,7 @@ def tune(
         events.append(event)
         on_log(event)
 
-    while not _ONE_RUN.acquire(timeout=0.5):
+    while not _ONE_RUN.acquire(timeout=0.05):  # short: this wait holds an engine turn between checkpoints
         if cancelled():
             raise Canceled(_CANCELED)
     try:

@@ -66,7 +66,7 @@ async def _tune(row: tuple[Any, ...], ctx: Context) -> tuple[str, str, str, bool
     deploy = args.automatic_deploy and better_or_equal(label, result.metrics, current)
     if args.automatic_deploy and not deploy and current is not None:
         ctx.notices.append(training.not_better(label, result.metrics, current))
-    await _write(db, args, project, label, source, result, deploy, y, table.num_rows)
+    await _write(db, args, project, label, source, result, deploy, y, table.num_rows, registry.signer(ctx))
     return (args.project_name, dashed_task(label), "transformers", deploy)
 
 
@@ -85,7 +85,7 @@ def _columns(table: Table, rows: Any) -> dict[str, list[Any]]:
 
 async def _write(
     db: Database, args: training.TrainArgs, project: registry.Project | None, task: str, source: training.Source,
-    result: Any, deploy: bool, y: Any, samples: int,
+    result: Any, deploy: bool, y: Any, samples: int, signer: registry.Signer,
 ) -> None:  # fmt: skip
     tables = ["models", *(["projects"] if project is None else []), "snapshots"]
     ids = dict(zip(tables, await registry.next_ids(db, *tables), strict=True))
@@ -106,7 +106,7 @@ async def _write(
         model_id, project_id, snapshot_id, result.hyperparams, result.metrics,
     ))  # fmt: skip
     for path, data in sorted(result.files.items()):
-        out += registry.file_statements(model_id, path, data)
+        out += registry.file_statements(signer, project_id, model_id, path, data)
     if deploy:
         out.append(registry.deployment_statement(project_id, model_id, "new_score"))
     if result.events:
@@ -128,7 +128,7 @@ async def generate(call: Call, ctx: Context) -> list[Any]:
         if row.algorithm != "transformers":
             raise InvalidArgument(f"Project `{name}` has no tuned transformers model to generate with")
         key = f"tuned/{ctx.database_name}/{row.id}/{row.created_at}"
-        files = {} if ctx.cache.peek(key) is not None else await registry.files(db, row.id)
+        files = {} if ctx.cache.peek(key) is not None else await registry.files(db, row, registry.signer(ctx))
         many = isinstance(inputs, list)
         texts = await ctx.work(
             tuner.generate, files, key, inputs if many else [inputs], dict(config), ctx.config, ctx.cache
@@ -137,10 +137,14 @@ async def generate(call: Call, ctx: Context) -> list[Any]:
     return out
 
 
+# Per model name: the deployed model of the project of that name as the caller sees it (row-level
+# security), and whether the name is another role's project (then 42501, not a Hugging Face lookup).
 _TUNED = """
-SELECT DISTINCT ON (p.name) p.name, m.id FROM pgml.projects p
-JOIN pgml.deployments d ON d.project_id = p.id JOIN pgml.models m ON m.id = d.model_id
-WHERE p.name = ANY($1::text[]) ORDER BY p.name, d.created_at DESC, d.id DESC"""
+SELECT n.name, d.model_id, p.id IS NULL AND pgml.project_owner(n.name) IS NOT NULL
+FROM unnest($1::text[]) AS n(name)
+LEFT JOIN pgml.projects p ON p.name = n.name
+LEFT JOIN LATERAL (SELECT model_id FROM pgml.deployments WHERE project_id = p.id
+                   ORDER BY created_at DESC, id DESC LIMIT 1) d ON true"""
 
 
 async def transform(call: Call, ctx: Context) -> list[Any]:
@@ -151,7 +155,10 @@ async def transform(call: Call, ctx: Context) -> list[Any]:
     names = sorted({t["model"] for t, *_ in rows if isinstance(t, dict) and isinstance(t.get("model"), str)})
     if names and call.db is not None and await _has_registry(ctx.database()):
         found = (await registry.rows(ctx.database(), _TUNED, registry.text_array(names))).rows
-        paths = {str(name): await _materialize(ctx, int(model_id or 0)) for name, model_id in found}
+        for name, _, foreign in found:
+            if foreign == "t":
+                raise registry.foreign_project(str(name))
+        paths = {str(n): await _materialize(ctx, int(model_id)) for n, model_id, _ in found if model_id is not None}
         rows = [(({**t, "model": paths[t["model"]]},) if _tuned(t, paths) else (t,)) + tuple(r) for t, *r in rows]
     result: list[Any] = await ctx.work(transformers_tasks.transform, rows, ctx)
     return result
@@ -168,16 +175,16 @@ async def _has_registry(db: Database) -> bool:
 
 async def _materialize(ctx: Context, model_id: int) -> str:
     """A local directory with the tuned model's files (written once per model version)."""
-    import hashlib
     import os
-    import tempfile
     from pathlib import Path
 
+    from engine import models
+
     row = await registry.model(ctx.database(), model_id)
-    digest = hashlib.sha256(f"{ctx.database_name}/{row.id}/{row.created_at}".encode()).hexdigest()[:16]
-    target = Path(tempfile.gettempdir()) / "pgml-proxy-tuned" / digest
+    # A private, per-process directory (unguessable name): nothing another OS user or a client planted is reused.
+    target = Path(models.owned_dir(f"tuned/{ctx.database_name}/{row.id}/{row.created_at}"))
     if not (target / ".complete").exists():
-        files = await registry.files(ctx.database(), model_id)
+        files = await registry.files(ctx.database(), row, registry.signer(ctx))
         for path, data in files.items():
             destination = (target / path).resolve()
             if not destination.is_relative_to(target.resolve()):

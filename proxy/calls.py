@@ -18,7 +18,7 @@ from typing import Any
 from pglast import ast
 
 from engine.api import Signature, evaluated_functions, signatures
-from proxy.errors import UndefinedFunction
+from proxy.errors import StatementTooComplex, UndefinedFunction
 
 STATEMENTS = (ast.SelectStmt, ast.UpdateStmt, ast.DeleteStmt, ast.InsertStmt)
 DEFAULT: Any = object()  # an optional argument left out
@@ -50,7 +50,10 @@ def pgml_function(call: ast.FuncCall) -> str | None:
 def find_calls(root: ast.Node) -> list[Site]:
     """Every engine-evaluated pgml call under ``root``, outermost first."""
     sites: list[Site] = []
-    _walk(root, None, "", [], None, None, False, sites)
+    try:
+        _walk(root, None, "", [], None, None, False, sites)
+    except RecursionError:  # expressions nested deeper than Python recurses: the server's 54001, here
+        raise StatementTooComplex.nesting() from None
     return sites
 
 

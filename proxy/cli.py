@@ -1,21 +1,27 @@
-"""Command line: ``pgml-proxy [--config PATH] [--listen HOST:PORT] [--upstream DSN] [--log-level L] [run|init]``.
+"""Command line: ``pgml-proxy [--config PATH] [--listen HOST:PORT] [--upstream DSN] [--log-level L] [run|init|resign]``.
 
 Owns: argument parsing, logging setup, choosing the upstream (configured DSN or an
-embedded cluster), and running the server until SIGTERM/SIGINT.
-Must not: hold state beyond one ``main()`` call.
+embedded cluster), the artifact signing key file (resolved and created at start-up,
+its path handed to the engine), running the server until SIGTERM/SIGINT, and
+``resign``: re-signing the registry's artifacts with a new key (rotation) or signing
+unsigned ones an administrator has checked, directly on the upstream database.
+Must not: hold state beyond one ``main()`` call, or print or log a key.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from engine.api import create_engine
+from engine import signing
+from engine.api import EngineError, create_engine
 from proxy import PGML_API_LEVEL, __version__, schema
 from proxy.config import Config, ConfigError, load
 from proxy.dsn import parse_dsn
@@ -42,11 +48,35 @@ def build_parser() -> argparse.ArgumentParser:
         "command",
         nargs="?",
         default="run",
-        choices=["run", "init"],
+        choices=["run", "init", "resign"],
         help="run (default): start the proxy; init: install or upgrade the pgml schema in the upstream database "
-        "named by the DSN, then exit",
+        "named by the DSN, then exit; resign: re-sign the model artifacts in pgml.files of that database (key "
+        "rotation, or signing unsigned artifacts after checking them), then exit. Run init and resign as an "
+        "administrator: the owner of the pgml registry tables or a superuser, who see every project's rows "
+        "(row-level security hides other roles' rows from anyone else)",
+    )
+    resign = parser.add_argument_group("resign options")
+    resign.add_argument(
+        "--old-key-file",
+        help="key the artifacts are signed with now (default: [engine] artifact_key_file, else the default file)",
+    )
+    resign.add_argument(
+        "--new-key-file", help="key to sign them with (default: the configured key); created if missing"
+    )
+    resign.add_argument(
+        "--trust-unsigned",
+        action="store_true",
+        help="also sign artifacts that have no signature (stored before signing existed): only after checking them",
+    )
+    resign.add_argument(
+        "--old-database",
+        metavar="NAME",
+        help="database name the old signatures were made for (a renamed or restored database; default: the current)",
     )
     return parser
+
+
+RESIGN_FLAGS = ("old_key_file", "new_key_file", "trust_unsigned", "old_database")
 
 
 def config_path(arg: str | None) -> Path | None:
@@ -60,7 +90,10 @@ def config_path(arg: str | None) -> Path | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command != "resign" and any(getattr(args, flag) for flag in RESIGN_FLAGS):
+        parser.error("--old-key-file, --new-key-file, --trust-unsigned and --old-database are options of resign")
     try:
         config = load(
             config_path(args.config),
@@ -81,6 +114,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("uvloop not available; using the default asyncio loop")
     if args.command == "init":
         return _init(config)
+    if args.command == "resign" and args.old_key_file and args.new_key_file:
+        return _resign(config, args)  # both keys given: the configured one is not needed (nor created)
+    try:
+        config, key_file, created = with_key_file(config)
+    except EngineError as exc:
+        print(f"pgml-proxy: {exc.message}", file=sys.stderr)
+        return 2
+    if args.command == "resign":
+        return _resign(config, args)
+    log.info("artifact signing key: %s%s", key_file, " (created)" if created else "")
     try:
         return asyncio.run(_run(config))
     except ClusterError as exc:
@@ -102,6 +145,24 @@ def _init(config: Config) -> int:
         return 1
     print(f"pgml schema is at version {schema.latest()} ({applied} migration(s) applied)")
     return 0
+
+
+def with_key_file(config: Config) -> tuple[Config, Path, bool]:
+    """The config with ``[engine] artifact_key_file`` resolved to an absolute path, the path, whether it was created.
+
+    Default: next to the embedded data directory when no upstream is configured, else the user's
+    config directory. The file is created (0600) when missing and loaded once, so a bad key fails here.
+    """
+    configured = config.engine.artifact_key_file
+    embedded = None if config.upstream.dsn else config.upstream.embedded_data_dir
+    path = Path(configured).expanduser().absolute() if configured else signing.default_key_file(embedded)
+    try:
+        created = signing.ensure_key(path)
+    except OSError as exc:
+        raise EngineError(f"cannot create the artifact signing key file {path}: {exc.strerror or exc}") from None
+    signing.load_key(path)
+    engine = dataclasses.replace(config.engine, artifact_key_file=str(path))
+    return dataclasses.replace(config, engine=engine), path, created
 
 
 async def _run(config: Config) -> int:
@@ -138,3 +199,110 @@ async def _run(config: Config) -> int:
             log.info("stopping embedded PostgreSQL")
             await asyncio.to_thread(cluster.stop)
     return 0
+
+
+# --------------------------------------------------------------------------- #
+# resign
+# --------------------------------------------------------------------------- #
+
+_ARTIFACTS = """
+SELECT f.model_id, m.project_id, p.name, f.path FROM pgml.files f
+JOIN pgml.models m ON m.id = f.model_id JOIN pgml.projects p ON p.id = m.project_id
+GROUP BY 1, 2, 3, 4 ORDER BY 1, 4"""
+_EXEMPT = """
+SELECT r.rolsuper OR r.rolbypassrls OR c.relowner = r.oid FROM pg_class c, pg_roles r
+WHERE c.oid = 'pgml.files'::regclass AND r.rolname = current_user"""
+
+
+def _resign(config: Config, args: argparse.Namespace) -> int:
+    """Verify every artifact with the old key; re-sign the valid ones (and, if asked, the unsigned) with the new."""
+    configured = config.engine.artifact_key_file
+    try:
+        if args.new_key_file and signing.ensure_key(args.new_key_file):
+            print(f"created the new key file {args.new_key_file}")
+        old_file, new_file = args.old_key_file or configured, args.new_key_file or configured
+        old_key, new_key = signing.load_key(old_file), signing.load_key(new_file)
+    except (EngineError, OSError) as exc:
+        print(f"pgml-proxy resign: {getattr(exc, 'message', None) or exc}", file=sys.stderr)
+        return 2
+    print(f"old key: {Path(old_file).absolute()}\nnew key: {Path(new_file).absolute()}")
+    import psycopg
+
+    # No upstream configured: the embedded server (started for the command, or the running one adopted).
+    cluster = (
+        None
+        if config.upstream.dsn
+        else Cluster(find_bin_dir(config.upstream.embedded_version), Path(config.upstream.embedded_data_dir))
+    )
+    was_running = cluster is not None and cluster.status()
+    try:
+        if cluster is not None:
+            cluster.start()
+        dsn = config.upstream.dsn or (cluster.dsn() if cluster is not None else "")
+        with psycopg.connect(dsn, connect_timeout=max(1, int(config.upstream.connect_timeout))) as conn:
+            counts, problems, database = _resign_all(conn, old_key, new_key, args)
+    except (psycopg.Error, ClusterError) as exc:
+        print(f"pgml-proxy resign: {type(exc).__name__}: {str(exc).strip()}", file=sys.stderr)
+        return 1
+    finally:
+        if cluster is not None and not was_running:
+            cluster.stop()
+    for line in problems:
+        print(line)
+    print(
+        f"database {database}: {sum(counts.values())} artifact(s): {counts['resigned']} re-signed, "
+        f"{counts['unchanged']} already signed with the new key, {counts['trusted']} signed that were unsigned, "
+        f"{counts['refused']} unsigned and refused, {counts['invalid']} with an invalid signature (left as they are)"
+    )
+    if counts["refused"]:
+        print("unsigned artifacts stay refused by the proxy: check them, then rerun with --trust-unsigned")
+    return 1 if counts["refused"] or counts["invalid"] else 0
+
+
+def _resign_all(
+    conn: Any, old_key: bytes, new_key: bytes, args: argparse.Namespace
+) -> tuple[dict[str, int], list[str], str]:
+    """All artifacts in one transaction (writers of pgml.files wait for it): counts, problem lines, database."""
+    counts = dict.fromkeys(("resigned", "unchanged", "trusted", "refused", "invalid"), 0)
+    problems: list[str] = []
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute("LOCK TABLE pgml.files IN SHARE ROW EXCLUSIVE MODE")
+        cur.execute("SELECT current_database()")
+        database = str(cur.fetchone()[0])
+        old_database = args.old_database or database
+        cur.execute(_EXEMPT)
+        exempt = cur.fetchone()
+        if not (exempt and exempt[0]):
+            problems.append("note: row-level security applies to this role: only its own projects' artifacts are seen")
+        cur.execute(_ARTIFACTS)
+        for model_id, project_id, project, path in cur.fetchall():
+            cur.execute(
+                "SELECT part, data, signature FROM pgml.files WHERE model_id = %s AND path = %s ORDER BY part",
+                (model_id, path),
+            )
+            rows = cur.fetchall()
+            data = b"".join(bytes(r[1]) for r in rows)
+            tag = next((bytes(r[2]) for r in rows if r[0] == 0 and r[2] is not None), None)
+            where = f"model {model_id} (project {project}) {path}"
+            if tag is None and not args.trust_unsigned:
+                counts["refused"] += 1
+                problems.append(f"{where}: unsigned, refused")
+                continue
+            if tag is not None and not signing.verify(old_key, old_database, project_id, model_id, path, data, tag):
+                counts["invalid"] += 1
+                problems.append(f"{where}: the signature does not verify with the old key, not signed")
+                continue
+            new = signing.sign(new_key, database, project_id, model_id, path, data)
+            if new == tag:
+                counts["unchanged"] += 1
+                continue
+            cur.execute(
+                "UPDATE pgml.files SET signature = %s WHERE model_id = %s AND path = %s AND part = 0",
+                (new, model_id, path),
+            )
+            if cur.rowcount != 1:  # no part 0: the proxy could not read it either
+                counts["invalid"] += 1
+                problems.append(f"{where}: has no part 0, not signed")
+                continue
+            counts["trusted" if tag is None else "resigned"] += 1
+    return counts, problems, database

@@ -86,6 +86,11 @@ class EngineSection:
     trust_remote_code: bool = False
     # Models pgml.transform / transform_stream may load (empty: any); PostgresML's pgml.huggingface_whitelist.
     allowed_models: tuple[str, ...] = ()
+    # The only directories pgml.load_dataset may read local files from (empty: none).
+    data_dirs: tuple[str, ...] = ()
+    # Secret key that signs model artifacts (HMAC-SHA256). Empty: the default location, resolved at
+    # start-up (next to the embedded data directory, else the user's config directory), created with 0600.
+    artifact_key_file: str = ""
 
 
 @dataclass(frozen=True)

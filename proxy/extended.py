@@ -1,9 +1,10 @@
 """Extended-protocol pieces for calls that depend on ``$n``: Bind decoding, parameter values, substitution.
 
 Owns: the :class:`Bind` message (decode/encode), turning bound parameter bytes
-(text or binary format) into Python values by type OID, and replacing ``$n``
-references inside ``pgml.*`` call arguments with typed literals so the call
-becomes constant.
+(text or binary format) into Python values by type OID — with the server's own
+SQLSTATE for bytes that do not fit (22021 not UTF-8, 22P03 bad binary data, 54000
+beyond :mod:`proxy.literals`' limits) — and replacing ``$n`` references inside
+``pgml.*`` call arguments with typed literals so the call becomes constant.
 
 Must not: do I/O, or substitute parameters outside pgml call arguments (the
 rest of the statement keeps its ``$n`` and the server binds them as usual).
@@ -11,7 +12,6 @@ rest of the statement keeps its ``$n`` and the server binds them as usual).
 
 from __future__ import annotations
 
-import json
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,8 +20,16 @@ from typing import Any
 from pglast import ast, visitors
 
 from proxy import protocol as pq
-from proxy.errors import FeatureNotSupported, ProtocolViolation
-from proxy.literals import from_text, literal
+from proxy.errors import (
+    DatatypeMismatch,
+    FeatureNotSupported,
+    InvalidBinaryRepresentation,
+    InvalidParameterValue,
+    ProgramLimitExceeded,
+    ProtocolViolation,
+    ProxyError,
+)
+from proxy.literals import MAX_ARRAY_ELEMENTS, check_length, decode_utf8, from_text, literal, parse_json
 
 # Type OID -> (SQL type name used for the literal, catalogue type for decoding).
 PARAM_TYPES: dict[int, str] = {
@@ -51,6 +59,7 @@ class Bind:
 
 
 def decode_bind(frame: pq.Frame) -> Bind:
+    """A Bind message; ProtocolViolation (08P01, as the server's own check) when it is malformed."""
     raw = frame.raw
     try:
         nul = raw.index(b"\0", 5)
@@ -63,20 +72,34 @@ def decode_bind(frame: pq.Frame) -> Bind:
         pos += 2 + 2 * count
         (nparams,) = struct.unpack_from("!h", raw, pos)
         pos += 2
+        if nparams < 0 or count not in (0, 1, nparams):
+            raise ProtocolViolation(f"bind message has {count} parameter formats but {nparams} parameters")
         params: list[bytes | None] = []
         for _ in range(nparams):
             (length,) = struct.unpack_from("!i", raw, pos)
             pos += 4
-            if length < 0:
+            if length == -1:
                 params.append(None)
+            elif length < 0 or pos + length > len(raw):
+                raise ProtocolViolation("insufficient data left in message")
             else:
                 params.append(raw[pos : pos + length])
                 pos += length
         (rcount,) = struct.unpack_from("!h", raw, pos)
         result_formats = struct.unpack_from(f"!{rcount}h", raw, pos + 2)
+        if pos + 2 + 2 * rcount != len(raw):
+            raise ProtocolViolation("invalid message format")
     except (ValueError, struct.error, UnicodeDecodeError) as exc:
         raise ProtocolViolation("malformed Bind message") from exc
     return Bind(portal, statement, tuple(formats), tuple(params), tuple(result_formats))
+
+
+def bound_statement(frame: pq.Frame) -> str | None:
+    """The statement a Bind names, None when the message is malformed (the server then rejects it itself)."""
+    try:
+        return decode_bind(frame).statement
+    except ProtocolViolation:
+        return None
 
 
 def encode_bind(bind: Bind) -> bytes:
@@ -89,28 +112,54 @@ def encode_bind(bind: Bind) -> bytes:
     return pq.encode(b"B", b"".join(parts))
 
 
-def param_value(data: bytes | None, binary: bool, type_oid: int) -> Any:
-    """The Python value of one bound parameter."""
+def bound_values(bind: Bind, oids: Sequence[int]) -> tuple[dict[int, tuple[Any, int]], dict[int, ProxyError]]:
+    """Each ``$n``'s value and type OID, and the error of each one that cannot be read (raised where used)."""
+    values: dict[int, tuple[Any, int]] = {}
+    problems: dict[int, ProxyError] = {}
+    for i, data in enumerate(bind.params):
+        oid = oids[i] if i < len(oids) else 0
+        try:
+            code = bind.format_of(i)
+            if code not in (0, 1):
+                raise InvalidParameterValue(f"unsupported format code: {code}")
+            values[i + 1] = (param_value(data, code == 1, oid, i + 1), oid)
+        except ProxyError as exc:
+            problems[i + 1] = exc
+    return values, problems
+
+
+def param_value(data: bytes | None, binary: bool, type_oid: int, number: int = 0) -> Any:
+    """The Python value of one bound parameter (``number``: its 1-based position, for messages).
+
+    Errors are the server's own for the same bytes: 22021 for text that is not UTF-8,
+    22P03 for binary data that does not fit the type, 54000 beyond the size limits.
+    """
     if data is None:
         return None
+    check_length(len(data))
     kind = PARAM_TYPES.get(type_oid)
     if kind is None and type_oid >= FIRST_USER_OID and not binary:
-        return data.decode()  # a user-defined type such as pgml's enums (algorithm, strategy…): its label
+        return decode_utf8(data)  # a user-defined type such as pgml's enums (algorithm, strategy…): its label
     if kind is None:
         raise FeatureNotSupported(f"pgml-proxy cannot read a parameter of type OID {type_oid} in a pgml call")
     if not binary:
-        return from_text(data.decode(), kind)
-    return _binary(data, type_oid)
+        return from_text(decode_utf8(data), kind)
+    try:
+        return _binary(data, type_oid)
+    except struct.error:
+        raise InvalidBinaryRepresentation(f"incorrect binary data format in bind parameter {number}") from None
 
 
 def _binary(data: bytes, type_oid: int) -> Any:
     match type_oid:
         case 25 | 1043 | 1042 | 19 | 705 | 0:
-            return data.decode()
+            return decode_utf8(data)
         case 114:
-            return json.loads(data.decode())
+            return parse_json(decode_utf8(data))
         case 3802:
-            return json.loads(data[1:].decode())  # version byte 1, then the text
+            if data[:1] != b"\1":
+                raise InvalidBinaryRepresentation(f"unsupported jsonb version number {data[0] if data else 0}")
+            return parse_json(decode_utf8(data[1:]))  # version byte 1, then the text
         case 20:
             return struct.unpack("!q", data)[0]
         case 23:
@@ -118,33 +167,61 @@ def _binary(data: bytes, type_oid: int) -> Any:
         case 21:
             return struct.unpack("!h", data)[0]
         case 16:
-            return data != b"\0"
+            return struct.unpack("!?", data)[0]
         case 700:
             return struct.unpack("!f", data)[0]
         case 701:
             return struct.unpack("!d", data)[0]
         case _ if type_oid in ARRAY_ELEMENTS:
-            return _binary_array(data)
+            return _binary_array(data, ARRAY_ELEMENTS[type_oid])
     raise FeatureNotSupported(f"pgml-proxy cannot read a binary parameter of type OID {type_oid}")
 
 
-def _binary_array(data: bytes) -> list[Any]:
-    ndim, _flags, element = struct.unpack_from("!iiI", data, 0)
+MAX_DIMENSIONS = 6  # PostgreSQL's MAXDIM
+
+
+def _binary_array(data: bytes, expected: int) -> list[Any]:
+    """array_recv's format: dimensions, flags, element type, (length, lower bound) per dimension, elements."""
+    ndim, flags, element = struct.unpack_from("!iiI", data, 0)
+    if ndim < 0:
+        raise InvalidBinaryRepresentation(f"invalid number of dimensions: {ndim}")
+    if ndim > MAX_DIMENSIONS:
+        raise ProgramLimitExceeded(
+            f"number of array dimensions ({ndim}) exceeds the maximum allowed ({MAX_DIMENSIONS})"
+        )
+    if flags not in (0, 1):
+        raise InvalidBinaryRepresentation("invalid array flags")
+    if element != expected:
+        raise DatatypeMismatch(f"binary data has array element type {element} instead of expected {expected}")
     if ndim == 0:
+        if len(data) != 12:
+            raise struct.error("trailing bytes")
         return []
     if ndim != 1:
         raise FeatureNotSupported("multidimensional array parameters in pgml calls")
     (length, _lower) = struct.unpack_from("!ii", data, 12)
+    if length < 0:
+        raise InvalidBinaryRepresentation(f"invalid array length: {length}")
+    if length > MAX_ARRAY_ELEMENTS:
+        raise ProgramLimitExceeded(
+            f"a pgml argument array has more than the pgml-proxy limit of {MAX_ARRAY_ELEMENTS} elements"
+        )
+    if length > (len(data) - 20) // 4:  # each element has at least its length word
+        raise struct.error("array shorter than its length")
     pos = 20
     out: list[Any] = []
     for _ in range(length):
         (size,) = struct.unpack_from("!i", data, pos)
         pos += 4
-        if size < 0:
+        if size == -1:
             out.append(None)
+        elif size < 0 or pos + size > len(data):
+            raise struct.error("element beyond the data")
         else:
             out.append(_binary(data[pos : pos + size], element))
             pos += size
+    if pos != len(data):
+        raise struct.error("trailing bytes")
     return out
 
 

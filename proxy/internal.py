@@ -53,6 +53,7 @@ class Port(Protocol):
     tx_status: str
     database: str
     standard_strings: bool
+    client_encoding: str
     temp_tables: list[str]  # per-row result tables created for the statement being decided
     notices: list[str]  # WARNINGs from the engine for the client, sent with the decision
 

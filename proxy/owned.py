@@ -23,7 +23,7 @@ from pglast import ast
 from proxy import cursors, extended
 from proxy import protocol as pq
 from proxy.calls import bind, find_calls
-from proxy.errors import FeatureNotSupported, InvalidCursorName
+from proxy.errors import FeatureNotSupported, InvalidCursorName, ProtocolViolation, ProxyError
 
 _P, _B, _D, _E, _C = (ord(c) for c in "PBDEC")
 TYPE_OIDS = {"text": 25, "jsonb": 3802, "jsonb[]": 3807, "text[]": 1009, "boolean": 16, "real": 700, "bigint": 20}
@@ -74,25 +74,40 @@ class Owned:
         return bool(self.statements or self.portals)
 
     def claims(self, frame: pq.Frame, open_cursors: dict[str, cursors.Stream]) -> bool:
-        """Whether the proxy answers this client message itself."""
+        """Whether the proxy answers this client message itself.
+
+        Never raises: a malformed message is not ours (the server answers it with its own error),
+        and a statement of ours that cannot be prepared is answered with its error.
+        """
         match frame.type:
             case 80:  # P
-                parse = pq.decode_parse(frame)
-                if self._prepared(parse, open_cursors) is None:
+                try:
+                    parse = pq.decode_parse(frame)
+                except ProtocolViolation:
+                    return False
+                try:
+                    prepared = self._prepared(parse, open_cursors)
+                except ProxyError:
+                    return True  # answer() meets the same error and fails the batch with it
+                if prepared is None:
                     self.statements.pop(parse.name, None)  # the name now means a statement of the server's
                     return False
                 return True
             case 66:  # B
-                bound = extended.decode_bind(frame)
+                try:
+                    bound = extended.decode_bind(frame)
+                except ProtocolViolation:
+                    return False
                 if bound.statement not in self.statements:
                     self.drop_portal(bound.portal)  # the portal name now means one of the server's
                     return False
                 return True
             case 68 | 67:  # D, C
-                kind, name = frame.raw[5:6], frame.raw[6:-1].decode(errors="replace")
-                return name in (self.statements if kind == b"S" else self.portals)
+                target = _target(frame)
+                return target is not None and target[1] in (self.statements if target[0] == b"S" else self.portals)
             case 69:  # E
-                return frame.raw[5 : frame.raw.index(b"\0", 5)].decode(errors="replace") in self.portals
+                execute = _execute_message(frame)
+                return execute is not None and execute[0] in self.portals
         return False
 
     def _prepared(self, parse: pq.Parse, open_cursors: dict[str, cursors.Stream]) -> Prepared | None:
@@ -120,16 +135,17 @@ class Owned:
                 self.portals[bound.portal] = Portal(_bound(self.statements[bound.statement], bound), binary)
                 return BIND_COMPLETE
             case 68:
-                return self._describe(frame.raw[5:6], frame.raw[6:-1].decode(), table)
+                kind, name = _target(frame) or (b"", "")  # claims() checked it
+                return self._describe(kind, name, table)
             case 69:
-                end = frame.raw.index(b"\0", 5)
-                (limit,) = struct.unpack_from("!i", frame.raw, end + 1)
-                return await self._execute(frame.raw[5:end].decode(), limit, table, tx_status, write)
+                portal, limit = _execute_message(frame) or ("", 0)
+                return await self._execute(portal, limit, table, tx_status, write)
             case _:  # C
-                if frame.raw[5:6] == b"S":
-                    self.statements.pop(frame.raw[6:-1].decode(), None)
+                kind, name = _target(frame) or (b"", "")
+                if kind == b"S":
+                    self.statements.pop(name, None)
                 else:
-                    self.drop_portal(frame.raw[6:-1].decode())
+                    self.drop_portal(name)
                 return CLOSE_COMPLETE
 
     def _describe(self, kind: bytes, name: str, table: cursors.Cursors) -> bytes:
@@ -180,6 +196,30 @@ class Owned:
         raise FeatureNotSupported("unexpected statement for a pgml-proxy cursor")
 
 
+def _target(frame: pq.Frame) -> tuple[bytes, str] | None:
+    """Describe/Close: ``(b"S" or b"P", name)``, None when malformed."""
+    raw = frame.raw
+    kind = raw[5:6]
+    if kind not in (b"S", b"P") or len(raw) < 7 or raw.find(b"\0", 6) != len(raw) - 1:
+        return None
+    try:
+        return kind, raw[6:-1].decode()
+    except UnicodeDecodeError:
+        return None
+
+
+def _execute_message(frame: pq.Frame) -> tuple[str, int] | None:
+    """Execute: ``(portal, row limit)``, None when malformed."""
+    raw = frame.raw
+    end = raw.find(b"\0", 5)
+    if end < 0 or len(raw) != end + 5:
+        return None
+    try:
+        return raw[5:end].decode(), struct.unpack_from("!i", raw, end + 1)[0]
+    except UnicodeDecodeError:
+        return None
+
+
 async def _stream_rows(portal: Portal, stream: cursors.Stream, limit: int, write: Any) -> bytes:
     """Up to ``limit`` rows (0: all) of a streaming SELECT, each written as it is generated."""
     count = 0
@@ -221,9 +261,10 @@ def _bound(prepared: Prepared, bound: extended.Bind) -> OwnStatement:
     fresh = cursors.classify(prepared.sql, {})  # a new tree: the values go into it
     assert isinstance(fresh, cursors.Declare | cursors.StreamSelect)
     types = prepared.param_types
-    values: dict[int, tuple[Any, int]] = {}
-    for i, data in enumerate(bound.params):
-        oid = types[i] if i < len(types) else 25
-        values[i + 1] = (extended.param_value(data, bound.format_of(i) == 1, oid), oid)
+    oids = [types[i] if i < len(types) else 25 for i in range(len(bound.params))]
+    values, problems = extended.bound_values(bound, oids)
+    for number in extended.referenced_params([fresh.call]):
+        if number in problems:
+            raise problems[number]
     extended.substitute_params([fresh.call], values)
     return fresh

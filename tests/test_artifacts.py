@@ -1,13 +1,18 @@
-"""engine.artifacts: pickle-free round trips for every library, the adapter, refusing untrusted content."""
+"""engine.artifacts: pickle-free round trips for every library, the adapter, refusing untrusted content
+(the exact skops allow-list, crafted payloads that would run code)."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import io
 import json
 import os
 import pickle
+import warnings
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,8 +22,8 @@ from sklearn.datasets import load_diabetes, load_digits, load_iris
 from sklearn.preprocessing import FunctionTransformer
 
 from engine.algorithms import ALGORITHMS, estimator, supported_tasks
-from engine.api import EngineError, NotSupported
-from engine.artifacts import MAGIC, EstimatorModel, LoadedModel, dump, load, wrap
+from engine.api import EngineError, NotSupported, UntrustedArtifact
+from engine.artifacts import MAGIC, EstimatorModel, LoadedModel, dump, load, skops_allowed_types, wrap
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 
@@ -197,3 +202,167 @@ def test_unknown_estimators_are_not_stored() -> None:
     with pytest.raises(NotSupported, match="cannot store"):
         dump(object())
     assert isinstance(wrap(fitted("ridge", "regression", DIABETES_X, DIABETES_Y)), EstimatorModel)
+
+
+# --------------------------------------------------------------------------- #
+# The skops allow-list
+# --------------------------------------------------------------------------- #
+
+
+def _schema_names(data: bytes) -> set[tuple[str, str, str]]:
+    """(loader, module, class) of every node of a skops file's schema."""
+    out: set[tuple[str, str, str]] = set()
+    stack: list[Any] = [json.loads(zipfile.ZipFile(io.BytesIO(data)).read("schema.json"))]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            stack.extend(node.values())
+            if "__loader__" in node:
+                out.add((node["__loader__"], node["__module__"], node["__class__"]))
+    return out
+
+
+def _sklearn_cases() -> list[tuple[str, str, bool, bool]]:
+    """(algorithm, task, joint, binary) for every scikit-learn-backed entry of the algorithm table."""
+    cases = []
+    for name in ALGORITHMS:
+        for task in sorted(supported_tasks(name)):
+            with warnings.catch_warnings():  # deprecated estimators warn when built (collection time)
+                warnings.simplefilter("ignore")
+                sklearn_backed = type(estimator(name, task, {})).__module__.startswith("sklearn.")
+            if sklearn_backed:
+                cases.append((name, task, False, False))
+                if task == "classification":
+                    cases.append((name, task, False, True))
+                if task == "regression":
+                    cases.append((name, task, True, False))
+    return cases
+
+
+SKLEARN_CASES = _sklearn_cases()
+
+
+@pytest.mark.parametrize(
+    ("name", "task", "joint", "binary"),
+    SKLEARN_CASES,
+    ids=[f"{n}-{t}{'-joint' if j else ''}{'-binary' if b else ''}" for n, t, j, b in SKLEARN_CASES],
+)
+def test_every_sklearn_algorithm_loads_under_the_allow_list(name: str, task: str, joint: bool, binary: bool) -> None:
+    small = {"n_estimators": 3, "max_iter": 5}
+    params = {k: v for k, v in small.items() if k in estimator(name, task, {}).get_params()}
+    model = estimator(name, task, params, joint=joint)
+    x, y = {"regression": (DIABETES_X, JOINT_Y if joint else DIABETES_Y), "classification": (IRIS_X, IRIS_Y)}.get(
+        task, (IRIS_X, None)
+    )
+    if binary:
+        x, y = BINARY_X, BINARY_Y
+    model.fit(x) if y is None else model.fit(x, y)
+    tag, data = dump(model)
+    assert tag in ("skops", "birch")
+    if tag == "skops":
+        nodes = _schema_names(data)
+        allowed = skops_allowed_types()
+        assert {(m, c) for _, m, c in nodes} <= allowed, {(m, c) for _, m, c in nodes} - allowed
+        assert not {loader for loader, _, _ in nodes} & {"FunctionNode", "MethodNode", "PartialNode"}
+        assert (type(model).__module__, type(model).__name__) in allowed
+    loaded = load(tag, data)
+    np.testing.assert_allclose(loaded.predict(x), wrap(model).predict(x), rtol=1e-12, err_msg=name)
+
+
+def test_the_allow_list_holds_classes_only() -> None:
+    allowed = skops_allowed_types()
+    for module, name in allowed:
+        obj = getattr(importlib.import_module(module), name)
+        assert isinstance(obj, type), f"{module}.{name}"
+    names = {f"{m}.{c}" for m, c in allowed}
+    assert "sklearn.tree._tree.Tree" in names and "numpy.ndarray" in names
+    assert not {n for n in names if n.startswith(("numpy.testing", "builtins.eval", "builtins.exec", "os.", "posix."))}
+    # Nothing merely because of its package: other sklearn/numpy/scipy types stay out.
+    assert "sklearn.preprocessing._function_transformer.FunctionTransformer" not in names
+    assert "scipy.sparse._csr.csr_matrix" not in names
+
+
+def _edit_schema(data: bytes, edit: Any) -> bytes:
+    source, target = zipfile.ZipFile(io.BytesIO(data)), io.BytesIO()
+    with zipfile.ZipFile(target, "w") as out:
+        for item in source.infolist():
+            content = source.read(item)
+            if item.filename == "schema.json":
+                schema = json.loads(content)
+                edit(schema)
+                content = json.dumps(schema).encode()
+            out.writestr(item, content)
+    return target.getvalue()
+
+
+def _json(value: Any) -> dict[str, Any]:
+    return {"__class__": "str", "__module__": "builtins", "__loader__": "JsonNode", "content": json.dumps(value),
+            "is_json": True}  # fmt: skip
+
+
+def _runstring_payload(marker: str) -> bytes:
+    """A Ridge whose ``alpha`` is ``runstring(code, {})``, i.e. ``exec``: skops calls what a constructor node names."""
+    code = f"open({marker!r}, 'w').write('pwned')"
+
+    def edit(schema: dict[str, Any]) -> None:
+        schema["content"]["content"]["alpha"] = {
+            "__class__": "runstring",
+            "__module__": "numpy.testing._private.utils",
+            "__loader__": "ConstructorFromReduceNode",
+            "content": {
+                "__class__": "tuple", "__module__": "builtins", "__loader__": "TupleNode",
+                "content": [_json(code), {"__class__": "dict", "__module__": "builtins", "__loader__": "DictNode",
+                                          "content": {}, "key_types": {"__class__": "list", "__module__": "builtins",
+                                                                       "__loader__": "ListNode", "content": []}}],
+            },
+        }  # fmt: skip
+
+    return _edit_schema(skops.io.dumps(fitted("ridge", "regression", DIABETES_X, DIABETES_Y)), edit)
+
+
+def _eval_key_payload(marker: str) -> bytes:
+    """A Ridge whose attribute dict rebuilds one key with ``builtins.eval`` as its key type (a TypeNode)."""
+    code = f"open({marker!r}, 'w').write('pwned')"
+
+    def edit(schema: dict[str, Any]) -> None:
+        attrs = schema["content"]
+        attrs["content"] = {code: _json(1.0), **attrs["content"]}
+        attrs["key_types"]["content"].insert(
+            0, {"__class__": "eval", "__module__": "builtins", "__loader__": "TypeNode", "__id__": 1}
+        )
+
+    return _edit_schema(skops.io.dumps(fitted("ridge", "regression", DIABETES_X, DIABETES_Y)), edit)
+
+
+@pytest.mark.parametrize(
+    ("payload", "named"),
+    [(_runstring_payload, r"numpy\.testing\._private\.utils\.runstring \(a constructor call\)"),
+     (_eval_key_payload, r"builtins\.eval")],
+    ids=["runstring", "eval-key-type"],
+)  # fmt: skip
+def test_a_crafted_skops_payload_is_refused_and_never_runs(tmp_path: Path, payload: Any, named: str) -> None:
+    # The payload is live: skops told to trust what it names runs it.
+    control = tmp_path / "control"
+    with contextlib.suppress(Exception):  # the loaded object is not a usable model; only its effect matters
+        skops.io.loads(payload(str(control)), trusted=skops.io.get_untrusted_types(data=payload(str(control))))
+    assert control.read_text() == "pwned"
+    # Through the artifact loader: refused before skops constructs anything.
+    marker = tmp_path / "marker"
+    with pytest.raises(UntrustedArtifact, match=named) as refused:
+        load("skops", payload(str(marker)))
+    assert refused.value.sqlstate == "58000"
+    assert not marker.exists()
+
+
+def test_a_function_node_is_refused_even_when_named_like_an_allowed_class() -> None:
+    """The node kind counts, not only the name: a function node is never loaded."""
+
+    def edit(schema: dict[str, Any]) -> None:
+        schema["content"]["content"]["alpha"] = {"__class__": "ndarray", "__module__": "numpy",
+                                                 "__loader__": "FunctionNode"}  # fmt: skip
+
+    data = _edit_schema(skops.io.dumps(fitted("ridge", "regression", DIABETES_X, DIABETES_Y)), edit)
+    with pytest.raises(UntrustedArtifact, match=r"numpy\.ndarray \(a function\)"):
+        load("skops", data)

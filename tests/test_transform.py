@@ -70,9 +70,14 @@ def _bert_tokenizer() -> Any:
     )
 
 
+# Model directories every make_ctx() gets: the root the ``models`` fixture builds into (local paths load only
+# inside [engine] model_dirs).
+MODEL_DIRS: list[str] = []
+
+
 @pytest.fixture(scope="session")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """name -> directory of a tiny random model: gpt2, sst, nli, ner, mlm, qa, t5."""
+    """name -> directory of a tiny random model: gpt2, sst, nli, ner, mlm, qa, t5 (one root, in MODEL_DIRS)."""
     import torch
     from transformers import (
         BertConfig,
@@ -88,6 +93,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("models")
+    MODEL_DIRS.append(str(root))
     paths = {name: str(root / name) for name in ("gpt2", "sst", "nli", "ner", "mlm", "qa", "t5")}
     gpt = _word_tokenizer(["<|endoftext|>", "[UNK]"], eos_token="<|endoftext|>", bos_token="<|endoftext|>")
     gpt.chat_template = CHAT_TEMPLATE
@@ -148,11 +154,12 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 def make_ctx(**config: Any) -> Context:
-    return Context(EngineSection(device="cpu", **config), ModelCache(1 << 30), threading.Event())
+    model_dirs = (*config.pop("model_dirs", ()), *MODEL_DIRS)
+    return Context(EngineSection(device="cpu", model_dirs=model_dirs, **config), ModelCache(1 << 30), threading.Event())
 
 
 @pytest.fixture(scope="module")
-def ctx() -> Context:
+def ctx(models: dict[str, str]) -> Context:
     return make_ctx()
 
 

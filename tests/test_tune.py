@@ -15,7 +15,7 @@ from engine.api import Canceled, InvalidArgument, NotSupported
 from engine.models import ModelCache
 from proxy.config import EngineSection
 
-CONFIG = EngineSection(device="cpu")
+CONFIG = EngineSection(device="cpu")  # generate(): tuned models come as files, not by name
 WORDS = (  # noqa: SIM905
     "good bad great awful movie film plot the a is was fine terrible love hate hello hi how are you thanks "
     "bonjour salut chat chien le la est bon mauvais merci"
@@ -36,7 +36,18 @@ def _tokenizer(specials: list[str], post: Any = None, **tokens: Any) -> Any:
 
 
 @pytest.fixture(scope="module")
-def bert(tmp_path_factory: pytest.TempPathFactory) -> str:
+def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the tiny models are built: the model directory of ``config`` (local paths load only inside one)."""
+    return tmp_path_factory.mktemp("tune-models")
+
+
+@pytest.fixture(scope="module")
+def config(model_root: Path) -> EngineSection:
+    return EngineSection(device="cpu", model_dirs=(str(model_root),))
+
+
+@pytest.fixture(scope="module")
+def bert(model_root: Path) -> str:
     from tokenizers import processors
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -48,14 +59,14 @@ def bert(tmp_path_factory: pytest.TempPathFactory) -> str:
                            sep_token="[SEP]", mask_token="[MASK]")  # fmt: skip
     config = BertConfig(vocab_size=len(specials) + len(WORDS), hidden_size=16, num_hidden_layers=1,
                         num_attention_heads=2, intermediate_size=32, max_position_embeddings=64)  # fmt: skip
-    path = tmp_path_factory.mktemp("bert")
+    path = model_root / "bert"
     BertForSequenceClassification(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
 
 
 @pytest.fixture(scope="module")
-def gpt2(tmp_path_factory: pytest.TempPathFactory) -> str:
+def gpt2(model_root: Path) -> str:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     specials = ["<|endoftext|>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -68,14 +79,14 @@ def gpt2(tmp_path_factory: pytest.TempPathFactory) -> str:
     )
     config = GPT2Config(vocab_size=len(specials) + len(WORDS), n_positions=64, n_embd=16, n_layer=1, n_head=2,
                         bos_token_id=0, eos_token_id=0)  # fmt: skip
-    path = tmp_path_factory.mktemp("gpt2")
+    path = model_root / "gpt2"
     GPT2LMHeadModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
 
 
 @pytest.fixture(scope="module")
-def t5(tmp_path_factory: pytest.TempPathFactory) -> str:
+def t5(model_root: Path) -> str:
     from tokenizers import processors
     from transformers import T5Config, T5ForConditionalGeneration
 
@@ -85,7 +96,7 @@ def t5(tmp_path_factory: pytest.TempPathFactory) -> str:
     config = T5Config(vocab_size=len(specials) + len(WORDS), d_model=16, d_ff=32, d_kv=8, num_layers=1,
                       num_decoder_layers=1, num_heads=2, pad_token_id=0, eos_token_id=1,
                       decoder_start_token_id=0)  # fmt: skip
-    path = tmp_path_factory.mktemp("t5")
+    path = model_root / "t5"
     T5ForConditionalGeneration(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
@@ -96,10 +107,12 @@ def _sentences(n: int, seed: int) -> list[str]:
     return [" ".join(rng.choices(WORDS[:20], k=rng.randint(2, 6))) for _ in range(n)]
 
 
-def _run(task: str, model: str, train: dict[str, list[Any]], test: dict[str, list[Any]], **hyper: Any) -> Any:
+def _run(
+    config: EngineSection, task: str, model: str, train: dict[str, list[Any]], test: dict[str, list[Any]], **hyper: Any
+) -> Any:
     logged: list[dict[str, Any]] = []
     hyperparams = {"training_args": dict(STEPS), **hyper}
-    result = T.tune(task, model, train, test, hyperparams, CONFIG, lambda: False, logged.append)
+    result = T.tune(task, model, train, test, hyperparams, config, lambda: False, logged.append)
     assert result.events == logged and result.events
     assert all("step" in e and "epoch" in e for e in result.events)
     assert any(isinstance(e.get("loss"), float) for e in result.events)
@@ -116,14 +129,14 @@ def _check_files(files: dict[str, bytes]) -> dict[str, Any]:
     return config
 
 
-def test_text_classification(bert: str) -> None:
+def test_text_classification(bert: str, config: EngineSection) -> None:
     texts = _sentences(24, 1)
     labels = ["good" if "good" in t or "great" in t else "bad" for t in texts]
     train = {"text": texts[:18], "class": labels[:18], "unused": list(range(18))}
     test = {"text": texts[18:], "class": labels[18:], "unused": list(range(6))}
-    result = _run("text-classification", bert, train, test)
-    config = _check_files(result.files)
-    assert config["id2label"] == {"0": "bad", "1": "good"} and config["label2id"] == {"bad": 0, "good": 1}
+    result = _run(config, "text-classification", bert, train, test)
+    saved = _check_files(result.files)
+    assert saved["id2label"] == {"0": "bad", "1": "good"} and saved["label2id"] == {"bad": 0, "good": 1}
     assert {"f1", "accuracy", "eval_loss", "fit_time"} <= set(result.metrics)
     assert 0 <= result.metrics["f1"] <= 1 and 0 <= result.metrics["accuracy"] <= 1
     assert result.hyperparams["model_name"] == bert
@@ -136,13 +149,13 @@ def test_text_classification(bert: str) -> None:
         T.generate(result.files, "cls", ["hello"], {}, CONFIG, ModelCache(1 << 30))
 
 
-def test_text_pair_classification_int_labels_and_columns(bert: str) -> None:
+def test_text_pair_classification_int_labels_and_columns(bert: str, config: EngineSection) -> None:
     first, second = _sentences(20, 2), _sentences(20, 3)
     labels = [i % 3 for i in range(20)]
     train = {"premise": first[:15], "hypothesis": second[:15], "label": labels[:15]}
     test = {"premise": first[15:], "hypothesis": second[15:], "label": labels[15:]}
     columns = {"text1_column": "premise", "text2_column": "hypothesis", "class_column": "label"}
-    result = _run("text_pair_classification", bert, train, test, dataset_args=columns)
+    result = _run(config, "text_pair_classification", bert, train, test, dataset_args=columns)
     assert _check_files(result.files)["id2label"] == {"0": "0", "1": "1", "2": "2"}
     assert result.hyperparams["dataset_args"] == columns
     assert "f1" in result.metrics
@@ -154,11 +167,11 @@ def _chat(n: int) -> dict[str, list[Any]]:
             "assistant": [f"thanks {u.split()[0]}" for u in users]}  # fmt: skip
 
 
-def test_conversation_and_generate(gpt2: str) -> None:
+def test_conversation_and_generate(gpt2: str, config: EngineSection) -> None:
     data = _chat(20)
     train = {k: v[:16] for k, v in data.items()}
     test = {k: v[16:] for k, v in data.items()}
-    result = _run("conversation", gpt2, train, test)
+    result = _run(config, "conversation", gpt2, train, test)
     _check_files(result.files)
     assert {"loss", "perplexity", "bleu", "eval_loss"} <= set(result.metrics)
     cache = ModelCache(1 << 30)
@@ -171,10 +184,10 @@ def test_conversation_and_generate(gpt2: str) -> None:
         T.generate(result.files, "conv", ["hi"], {"no_such_option": 1}, CONFIG, cache)
 
 
-def test_conversation_prompt_template_without_system_column(gpt2: str) -> None:
+def test_conversation_prompt_template_without_system_column(gpt2: str, config: EngineSection) -> None:
     data = {k: v for k, v in _chat(12).items() if k != "system"}
     template = "{system} question: {user} answer: {assistant}{eos_token}"
-    result = _run("conversation", gpt2, data, {}, prompt_template=template)
+    result = _run(config, "conversation", gpt2, data, {}, prompt_template=template)
     assert result.hyperparams["prompt_template"] == template and "bleu" in result.metrics
     assert json.loads(result.files[T.MANIFEST])["prompt_template"] == template
     out = T.generate(result.files, "tpl", ["hello you"], {"max_new_tokens": 2}, CONFIG, ModelCache(1 << 30))
@@ -199,25 +212,25 @@ def test_conversation_loss_covers_the_reply_only(gpt2: str) -> None:
     )
 
 
-def test_translation_and_generate(t5: str) -> None:
+def test_translation_and_generate(t5: str, config: EngineSection) -> None:
     sources = _sentences(20, 5)
     targets = [" ".join(reversed(s.split())) for s in sources]
     train = {"en": sources[:16], "fr": targets[:16]}
     test = {"en": sources[16:], "fr": targets[16:]}
-    result = _run("translation", t5, train, test, dataset_args={"text_column": "en", "target_column": "fr"})
+    result = _run(config, "translation", t5, train, test, dataset_args={"text_column": "en", "target_column": "fr"})
     _check_files(result.files)
     assert {"loss", "perplexity", "bleu", "blue", "rouge_ngram_f1", "rouge_bigram_recall"} <= set(result.metrics)
     out = T.generate(result.files, "t5", ["hello you", "the movie"], {"max_new_tokens": 4}, CONFIG, ModelCache(1 << 30))
     assert len(out) == 2 and all(isinstance(t, str) for t in out)
 
 
-def test_text2text_scores_train_rows_without_test(t5: str) -> None:
+def test_text2text_scores_train_rows_without_test(t5: str, config: EngineSection) -> None:
     sources = _sentences(12, 6)
-    result = _run("text2text", t5, {"text": sources, "target": sources}, {"text": [], "target": []})
+    result = _run(config, "text2text", t5, {"text": sources, "target": sources}, {"text": [], "target": []})
     assert "perplexity" in result.metrics and "blue" not in result.metrics
 
 
-def test_cancel_stops_training(bert: str) -> None:
+def test_cancel_stops_training(bert: str, config: EngineSection) -> None:
     texts = _sentences(20, 7)
     calls = 0
 
@@ -230,14 +243,14 @@ def test_cancel_stops_training(bert: str) -> None:
     hyper = {"training_args": {**STEPS, "max_steps": 200}}
     data = {"text": texts, "class": [i % 2 for i in range(20)]}
     with pytest.raises(Canceled):
-        T.tune("text-classification", bert, data, {}, hyper, CONFIG, cancelled, events.append)
+        T.tune("text-classification", bert, data, {}, hyper, config, cancelled, events.append)
     assert all(e["step"] <= 1 for e in events)
 
 
-def test_cancel_while_waiting_for_another_run(bert: str) -> None:
+def test_cancel_while_waiting_for_another_run(bert: str, config: EngineSection) -> None:
     data = {"text": ["good movie", "bad film"], "class": ["pos", "neg"]}
     with T._ONE_RUN, pytest.raises(Canceled):
-        T.tune("text-classification", bert, data, {}, {}, CONFIG, lambda: True, lambda e: None)
+        T.tune("text-classification", bert, data, {}, {}, config, lambda: True, lambda e: None)
 
 
 Case = tuple[str, dict[str, Any], type[Exception], str]
@@ -259,15 +272,17 @@ BAD: list[Case] = [
 
 
 @pytest.mark.parametrize(("task", "hyper", "error", "match"), BAD)
-def test_rejected(bert: str, task: str, hyper: dict[str, Any], error: type[Exception], match: str) -> None:
+def test_rejected(
+    bert: str, task: str, hyper: dict[str, Any], error: type[Exception], match: str, config: EngineSection
+) -> None:
     data = {"text": ["good movie", "bad film"] * 4, "class": ["pos", "neg"] * 4}
     with pytest.raises(error, match=match):
-        T.tune(task, bert, data, data, hyper, CONFIG, lambda: False, lambda e: None)
+        T.tune(task, bert, data, data, hyper, config, lambda: False, lambda e: None)
 
 
-def test_rejected_values(bert: str) -> None:
+def test_rejected_values(bert: str, config: EngineSection) -> None:
     run: Callable[[dict[str, list[Any]]], Any] = lambda data: T.tune(  # noqa: E731
-        "text-classification", bert, data, {}, {}, CONFIG, lambda: False, lambda e: None
+        "text-classification", bert, data, {}, {}, config, lambda: False, lambda e: None
     )
     with pytest.raises(InvalidArgument, match="NULL"):
         run({"text": ["good", None], "class": ["a", "b"]})
@@ -279,11 +294,11 @@ def test_rejected_values(bert: str) -> None:
         run({"text": [], "class": []})
 
 
-def test_unknown_model_is_not_downloaded(tmp_path: Path) -> None:
+def test_unknown_model_is_not_downloaded(tmp_path: Path, config: EngineSection) -> None:
     from engine.api import UnknownModel
 
     with pytest.raises(UnknownModel):
-        T.tune("text-classification", "nobody/no-such-model", {"text": ["a"], "class": [1]}, {}, {}, CONFIG,
+        T.tune("text-classification", "nobody/no-such-model", {"text": ["a"], "class": [1]}, {}, {}, config,
                lambda: False, lambda e: None)  # fmt: skip
 
 
