@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -112,3 +113,30 @@ def timed(action: Callable[[], Any]) -> tuple[float, Any]:
     start = time.perf_counter()
     result = action()
     return time.perf_counter() - start, result
+
+
+class Background:
+    """``action`` timed in a thread of its own (another session's big batch): ``done``, then ``join()``."""
+
+    def __init__(self, action: Callable[[], Any], name: str = "background") -> None:
+        self.done = threading.Event()
+        self.elapsed = 0.0
+        self._failure: BaseException | None = None
+        self._action = action
+        self._thread = threading.Thread(target=self._run, name=name)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.elapsed, _ = timed(self._action)
+        except BaseException as exc:
+            self._failure = exc
+        finally:
+            self.done.set()
+
+    def join(self) -> float:
+        """The action's seconds; its exception, if it raised one."""
+        self._thread.join()
+        if self._failure is not None:
+            raise self._failure
+        return self.elapsed

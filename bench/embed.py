@@ -28,7 +28,6 @@ import random
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -40,7 +39,7 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import percentile, pgml_proxy, texts_table, timed, upstream
+from common import Background, percentile, pgml_proxy, texts_table, timed, upstream
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 BATCH_SIZE = 32  # the engine's default [engine] batch_size
@@ -179,26 +178,15 @@ def loop_blocking(proxy: str, direct: str, pause: float) -> tuple[Probes, Probes
     ):
         conns = {"proxy": via_proxy, "direct": via_direct}
         idle = probe(conns, lambda: False, pause, 200)
-        done = threading.Event()
-        failure: list[BaseException] = []
-        elapsed = [0.0]
 
         def big() -> None:
-            try:
-                with psycopg.connect(proxy, autocommit=True) as conn:
-                    elapsed[0], _ = timed(lambda: proxy_embed_all(conn))
-            except BaseException as exc:
-                failure.append(exc)
-            finally:
-                done.set()
+            with psycopg.connect(proxy, autocommit=True) as conn:
+                proxy_embed_all(conn)
 
-        thread = threading.Thread(target=big, name="big-embed")
-        thread.start()
-        busy = probe(conns, done.is_set, pause, 10**9)
-        thread.join()
-        if failure:
-            raise failure[0]
-    return idle, busy, elapsed[0]
+        batch = Background(big, "big-embed")
+        busy = probe(conns, batch.done.is_set, pause, 10**9)
+        elapsed = batch.join()
+    return idle, busy, elapsed
 
 
 # --------------------------------------------------------------------------- #

@@ -24,7 +24,6 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -34,7 +33,7 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import percentile, pgml_proxy, texts_table, timed, upstream
+from common import Background, percentile, pgml_proxy, texts_table, timed, upstream
 from embed import MODEL, make_texts, model_dir
 
 TABLE = "pgml_bench.docs"
@@ -66,34 +65,19 @@ def idle_latency(proxy: str, calls: int) -> list[float]:
 
 def busy_latency(proxy: str, calls: int, lead: float) -> tuple[list[float], float, int]:
     """B's latencies (ms) while A's batch runs; A's seconds; how many of B's calls A's batch outlasted."""
-    done = threading.Event()
-    failure: list[BaseException] = []
-    elapsed = [0.0]
-
     def big() -> None:
-        try:
-            with psycopg.connect(proxy, autocommit=True) as conn:
-                elapsed[0], _ = timed(
-                    lambda: conn.execute(f"SELECT id, pgml.embed('{MODEL}', body) FROM {TABLE}").fetchall()
-                )
-        except BaseException as exc:
-            failure.append(exc)
-        finally:
-            done.set()
+        with psycopg.connect(proxy, autocommit=True) as conn:
+            conn.execute(f"SELECT id, pgml.embed('{MODEL}', body) FROM {TABLE}").fetchall()
 
     with psycopg.connect(proxy, autocommit=True) as conn:
         single(conn)  # connected and warm before A starts
-        thread = threading.Thread(target=big, name="big-embed")
-        thread.start()
+        batch = Background(big, "big-embed")
         time.sleep(lead)  # A's rows are gathered and in the engine
         latencies: list[float] = []
-        while not done.is_set() and len(latencies) < calls:
+        while not batch.done.is_set() and len(latencies) < calls:
             latencies.append(single(conn))
-        during = len(latencies) if not done.is_set() else max(0, len(latencies) - 1)
-    thread.join()
-    if failure:
-        raise failure[0]
-    return latencies, elapsed[0], during
+        during = len(latencies) if not batch.done.is_set() else max(0, len(latencies) - 1)
+    return latencies, batch.join(), during
 
 
 def main() -> None:

@@ -10,12 +10,14 @@ the upstream ``sslmode`` and channel-binding tests.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +81,19 @@ def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
         yield Postgres("127.0.0.1", cluster.port, cluster, version)
     finally:
         cluster.stop("immediate")
+
+
+@contextmanager
+def scratch_database(pg: Postgres, prefix: str) -> Iterator[str]:
+    """A new database on ``pg`` named ``<prefix>_<random>``, dropped afterwards (its connections too)."""
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    with psycopg.connect(pg.dsn(), autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    try:
+        yield name
+    finally:
+        with psycopg.connect(pg.dsn(), autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ import pytest
 from psycopg import errors
 
 from proxy import schema
-from tests.conftest import Postgres, ProxyProcess
+from tests.conftest import Postgres, ProxyProcess, scratch_database
 
 pytestmark = pytest.mark.pg_matrix
 
@@ -211,14 +211,8 @@ def test_snapshot_rows_of_others_are_not_reused(
 
 @pytest.fixture
 def fresh_db(pg: Postgres) -> Iterator[str]:
-    name = f"sec_migrate_{secrets.token_hex(3)}"
-    with psycopg.connect(pg.dsn(), autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-    try:
+    with scratch_database(pg, "sec_migrate") as name:
         yield pg.dsn(dbname=name)
-    finally:
-        with psycopg.connect(pg.dsn(), autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
 
 
 def test_existing_projects_get_the_schema_owner(fresh_db: str) -> None:

@@ -24,7 +24,7 @@ from engine import signing
 from engine.api import UntrustedArtifact
 from proxy import schema
 from proxy.embedded import free_port
-from tests.conftest import Postgres, ProxyProcess, start_proxy
+from tests.conftest import Postgres, ProxyProcess, scratch_database, start_proxy
 
 ROOT = Path(__file__).resolve().parent.parent
 HINT = "pgml-proxy resign --trust-unsigned"
@@ -174,10 +174,7 @@ def signed_proxy(pg: Postgres, keys: Path, tmp_path_factory: pytest.TempPathFact
 @pytest.fixture
 def database(pg: Postgres) -> Iterator[str]:
     """A fresh database with the pgml schema, a regression table ``sig_data`` and a classification one."""
-    name = f"signing_{secrets.token_hex(4)}"
-    with psycopg.connect(pg.dsn(), autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-    try:
+    with scratch_database(pg, "signing") as name:
         schema.init(pg.dsn(dbname=name))
         with psycopg.connect(pg.dsn(dbname=name), autocommit=True) as c:
             c.execute(
@@ -189,9 +186,6 @@ def database(pg: Postgres) -> Iterator[str]:
                 " FROM generate_series(1, 60) i"
             )
         yield name
-    finally:
-        with psycopg.connect(pg.dsn(), autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
 
 
 def connect(proxy: ProxyProcess, database: str) -> psycopg.Connection:
