@@ -12,6 +12,7 @@ it only reads and writes rows, in the caller's transaction and privileges.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -74,7 +75,7 @@ async def rows(db: Database, sql: str, *values: Any) -> Result:
 
 # One round trip: the project as the caller sees it (row-level security), and whether the name is taken at all.
 _PROJECT = """
-SELECT p.id, p.name, p.task::text, pgml.project_owner($1) IS NOT NULL
+SELECT p.id, p.name, p.task::text, pgml.project_exists($1)
 FROM (SELECT 1) one LEFT JOIN pgml.projects p ON p.name = $1"""
 
 
@@ -98,14 +99,14 @@ def foreign_project(name: str) -> PermissionDenied:
 
 async def check_foreign_project(db: Database, name: str) -> None:
     """After a lookup by project name found nothing: PermissionDenied when the name belongs to another role."""
-    found = (await rows(db, "SELECT pgml.project_owner($1) IS NOT NULL", name)).rows
+    found = (await rows(db, "SELECT pgml.project_exists($1)", name)).rows
     if found and found[0][0] == "t":
         raise foreign_project(name)
 
 
 async def check_foreign_model(db: Database, model_id: int) -> None:
     """After a lookup by model id found nothing: PermissionDenied when the model exists in another role's project."""
-    found = (await rows(db, "SELECT pgml.model_project($1) IS NOT NULL", model_id)).rows
+    found = (await rows(db, "SELECT pgml.model_exists($1)", model_id)).rows
     if found and found[0][0] == "t":
         raise PermissionDenied(
             f"permission denied for model {model_id}",
@@ -191,16 +192,31 @@ async def files(db: Database, row: Model, signer: Signer) -> dict[str, bytes]:
     Raises UntrustedArtifact (naming the model and project, never the content) when any
     artifact is unsigned or its signature does not match: no caller ever sees unverified bytes.
     """
+    # Hex chosen here, whatever the session's bytea_output is.
     result = await rows(
-        db, "SELECT path, part, data, signature FROM pgml.files WHERE model_id = $1 ORDER BY path, part", row.id
+        db,
+        "SELECT path, part, encode(data, 'hex'), encode(signature, 'hex') FROM pgml.files WHERE model_id = $1"
+        " ORDER BY path, part",
+        row.id,
     )
+    size = sum(len(r[2] or "") for r in result.rows) // 2
+    if size > INLINE_VERIFY_BYTES:  # decoding and hashing hundreds of MB must not hold up the event loop
+        return await asyncio.to_thread(_verified, result.rows, row, signer)
+    return _verified(result.rows, row, signer)
+
+
+# Artifacts up to this size are decoded and verified on the event loop (well under a millisecond).
+INLINE_VERIFY_BYTES = 1 << 20
+
+
+def _verified(result_rows: list[tuple[str | None, ...]], row: Model, signer: Signer) -> dict[str, bytes]:
     parts: dict[str, list[bytes]] = {}
     signatures: dict[str, bytes | None] = {}
-    for path, part, text, tag in result.rows:
-        assert path is not None and text is not None and text.startswith("\\x")
-        parts.setdefault(path, []).append(bytes.fromhex(text[2:]))
+    for path, part, text, tag in result_rows:
+        assert path is not None and text is not None
+        parts.setdefault(path, []).append(bytes.fromhex(text))
         if part == "0":
-            signatures[path] = bytes.fromhex(tag[2:]) if tag is not None else None
+            signatures[path] = bytes.fromhex(tag) if tag is not None else None
     out = {path: b"".join(chunks) for path, chunks in parts.items()}
     for path, data in out.items():
         signature = signatures.get(path)
@@ -241,18 +257,22 @@ def project_statement(project_id: int, name: str, task: str) -> Statement:
 
 def snapshot_statements(
     snapshot_id: int, relation_name: str, relation: str, y_columns: list[str], test_size: float, sampling: str,
-    columns: list[dict[str, Any]] | None, analysis: dict[str, Any], materialize: bool,
+    columns: list[dict[str, Any]] | None, analysis: dict[str, Any], materialize: bool, project_id: int | None = None,
 ) -> list[Statement]:  # fmt: skip
     """The snapshot row, and with ``materialize`` its table ``pgml.snapshot_<id>`` copied from ``relation``.
 
-    ``relation`` is the server's own spelling of the relation (a regclass text), safe as SQL.
+    ``relation`` is the server's own spelling of the relation (a regclass text), safe as SQL. The
+    snapshot of a project is owned by the project's owner (a member retraining a group project without
+    SET ROLE still shares it with the group); a snapshot of no project by the current role.
     """
     out = [
         statement(
             "INSERT INTO pgml.snapshots (id, relation_name, y_column_name, test_size, test_sampling, status, columns,"
-            " analysis, materialized) VALUES ($1, $2, $3::text[], $4, $5::pgml.sampling, 'successful', $6, $7, $8)",
+            " analysis, materialized, owner) VALUES ($1, $2, $3::text[], $4, $5::pgml.sampling, 'successful', $6, $7,"
+            " $8, coalesce((SELECT owner FROM pgml.projects WHERE id = $9::bigint),"
+            " to_regrole(quote_ident(current_user))))",
             snapshot_id, relation_name, text_array(y_columns) if y_columns else None, test_size, sampling, columns,
-            analysis, materialize,
+            analysis, materialize, project_id,
         )
     ]  # fmt: skip
     if materialize:

@@ -117,7 +117,8 @@ async def _train(args: TrainArgs, joint: bool, ctx: Context) -> tuple[str, str, 
     algorithms.estimator(algorithm, task, args.hyperparams, joint=joint, runtime=runtime)  # fail before reading
     source = await data_source(db, project, args, task)
     table, nullable = await read_rows(db, source, ctx)
-    log.info("training %s (%s, %s) on %s: %d rows", args.project_name, task, algorithm, source.relation, table.num_rows)
+    log.info("pgml.train: %s %s on %d rows", task, algorithm, table.num_rows)  # names are client data: debug only
+    log.debug("training %s on %s", args.project_name, source.relation)
     fitted = await ctx.work(_fit, args, source, table, nullable, task, algorithm, runtime, joint, ctx.cancelled.is_set)
     current = await deployed_metrics(db, project)
     deploy = args.automatic_deploy and better_or_equal(task, fitted.metrics, current)
@@ -430,7 +431,7 @@ async def _write(
     if source.snapshot_id is None:
         out += registry.snapshot_statements(
             snapshot_id, source.stored_name, source.relation, source.y_columns, source.test_size,
-            source.test_sampling, fitted.columns, fitted.analysis, args.materialize_snapshot,
+            source.test_sampling, fitted.columns, fitted.analysis, args.materialize_snapshot, project_id,
         )  # fmt: skip
     out.append(s(
         "INSERT INTO pgml.models (id, project_id, snapshot_id, num_features, algorithm, runtime, hyperparams, status,"

@@ -31,17 +31,20 @@ and events); import torch or transformers at import time; download unless ``allo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
+import re
+import string
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from engine.api import Canceled, EngineError, InvalidArgument, NotSupported
+from engine.api import Canceled, EngineError, InvalidArgument, NotSupported, PermissionDenied
 from engine.generation import CANCELED as _CANCELED
 from engine.generation import MANIFEST, MAX_NEW_TOKENS, Tuned, bleu, generate, generate_all, load_tuned, rouge
 from engine.models import pick_device, resolve
@@ -56,6 +59,7 @@ __all__ = [
     "Tuned",
     "bleu",
     "chat_prompt",
+    "check_template",
     "generate",
     "load_tuned",
     "rouge",
@@ -79,6 +83,23 @@ HYPERPARAMS = frozenset(
     {"model_name", "training_args", "dataset_args", "max_length", "max_seq_length", "prompt_template"}
 )
 _UNSUPPORTED = {"lora_config": "LoRA (peft)", "load_in_8bit": "8-bit loading (bitsandbytes)"}
+# TrainingArguments fields that take an object or, as text, the path of a JSON file it opens on this host
+# (or JSON text): objects only here. _training_args adds every field the installed version types as dict.
+_DICT_ONLY = frozenset(
+    {"accelerator_config", "deepspeed", "fsdp_config", "activation_checkpointing_kwargs",
+     "gradient_checkpointing_kwargs", "lr_scheduler_kwargs", "liger_kernel_config"}
+)  # fmt: skip
+# TrainingArguments fields pgml.tune sets itself or that name a path or the Hub: refused when set
+_OWNED = {
+    "output_dir": "the tuned model is stored in pgml.files",
+    "logging_dir": "the Trainer's logs are stored in pgml.logs",
+    "resume_from_checkpoint": "pgml.tune starts from hyperparams.model_name",
+}
+_NO_HUB = "pgml.tune never pushes to the Hugging Face Hub"  # for push_to_hub* and hub_*
+# The prompt_template fields: name -> how often it may appear (None: any number; the EOS text is short)
+TEMPLATE_FIELDS: dict[str, tuple[int, int | None]] = {
+    "system": (0, 1), "user": (0, 1), "assistant": (1, 1), "eos_token": (0, None),
+}  # fmt: skip
 _SKIPPED_FILES = frozenset({"training_args.bin"})  # a pickle holding temporary paths
 SCORED_ROWS = 256
 DEFAULT_MAX_LENGTH = 1024  # when the tokenizer declares no usable model_max_length (as PostgresML)
@@ -209,12 +230,15 @@ def _plan(task: str, hyperparams: dict[str, Any]) -> _Plan:
     training_args = hyperparams.get("training_args")
     if not isinstance(training_args, dict | None):
         raise InvalidArgument("hyperparams.training_args must be a JSON object")
+    _check_training_args(training_args or {}, _DICT_ONLY)
     max_length = hyperparams.get("max_length", hyperparams.get("max_seq_length"))
     if max_length is not None and (type(max_length) is not int or max_length < 2):
         raise InvalidArgument("hyperparams.max_length must be an integer of at least 2")
     template = hyperparams.get("prompt_template")
-    if template is not None and (not isinstance(template, str) or "{assistant}" not in template):
-        raise InvalidArgument("hyperparams.prompt_template must be text containing {assistant}")
+    if template is not None:
+        if not isinstance(template, str):
+            raise InvalidArgument("hyperparams.prompt_template must be text containing {assistant}")
+        check_template(template)
     kind, defaults = TASKS[label]
     given = hyperparams.get("dataset_args") or {}
     if not isinstance(given, dict):
@@ -260,15 +284,14 @@ def _training_args(given: dict[str, Any], output_dir: str, device: str) -> tuple
     """``TrainingArguments`` for ``given``, and the arguments as recorded (without the temporary directory)."""
     from transformers import TrainingArguments
 
-    known = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
-    if unknown := sorted(set(given) - known):
+    fields = [f for f in dataclasses.fields(TrainingArguments) if f.init]
+    if unknown := sorted(set(given) - {f.name for f in fields}):
         raise InvalidArgument(
             f"unknown training_args: {', '.join(unknown)}", hint="See transformers.TrainingArguments."
         )
-    for owned in ("output_dir", "push_to_hub"):
-        if given.get(owned):
-            raise InvalidArgument(f"training_args.{owned} is not supported: the tuned model is stored in pgml.files")
-    used = {k: v for k, v in given.items() if k not in ("output_dir", "push_to_hub")}
+    dict_typed = {f.name for f in fields if re.search(r"\bdict\b", str(f.type))}
+    _check_training_args(given, _DICT_ONLY | dict_typed | set(getattr(TrainingArguments, "_VALID_DICT_FIELDS", ())))
+    used = {k: v for k, v in given.items() if not _owned(k)}
     used.setdefault("save_strategy", "no")
     used.update(report_to="none", disable_tqdm=True)
     if device == "cpu":
@@ -278,6 +301,31 @@ def _training_args(given: dict[str, Any], output_dir: str, device: str) -> tuple
     except (TypeError, ValueError, ImportError) as exc:
         raise InvalidArgument(f"invalid training_args: {exc}") from exc
     return args, used
+
+
+def _owned(key: str) -> str | None:
+    """Why pgml.tune refuses to take training_args ``key`` from the caller; None when it does not."""
+    return _OWNED.get(key) or (_NO_HUB if key.startswith(("push_to_hub", "hub_")) else None)
+
+
+def _check_training_args(given: dict[str, Any], dict_only: Iterable[str]) -> None:
+    """Refuse the fields pgml.tune owns, and anything but an object where TrainingArguments would read a file.
+
+    The answer never depends on what a text names (a file, a directory, nothing): no probing of this host.
+    """
+    for key, value in given.items():
+        if value and (why := _owned(key)):
+            raise InvalidArgument(f"training_args.{key} is not supported: {why}")
+    for key in sorted(set(dict_only) & set(given)):
+        value = given[key]
+        if isinstance(value, str):
+            raise PermissionDenied(
+                f"training_args.{key} must be a JSON object, not text",
+                detail="pgml-proxy does not read configuration files (or JSON text) named in training_args.",
+                hint=f"Give the settings inline: {{\"{key}\": {{...}}}}.",
+            )
+        if not isinstance(value, dict | None):
+            raise InvalidArgument(f"training_args.{key} must be a JSON object")
 
 
 def _release_gpu_memory() -> None:
@@ -410,10 +458,8 @@ def _causal_job(
 def chat_prompt(tokenizer: Any, template: str | None, system: str | None, user: str, assistant: str) -> tuple[str, str]:
     """``(prompt, full text)`` of one exchange: the prompt ends where the assistant's reply starts."""
     if template is not None:
-        try:
-            text = template.format(system=system or "", user=user, assistant=_MARK, eos_token=tokenizer.eos_token or "")
-        except (KeyError, IndexError, ValueError) as exc:
-            raise InvalidArgument(f"invalid prompt_template: {exc}") from exc
+        check_template(template)  # also a stored one: the manifest comes from pgml.files
+        text = template.format(system=system or "", user=user, assistant=_MARK, eos_token=tokenizer.eos_token or "")
     elif not getattr(tokenizer, "chat_template", None):
         example = '"{system}\\nUser: {user}\\nAssistant: {assistant}{eos_token}"'
         raise InvalidArgument(
@@ -429,6 +475,41 @@ def chat_prompt(tokenizer: Any, template: str | None, system: str | None, user: 
     if _MARK not in text:
         raise InvalidArgument("the prompt template drops the assistant's message")
     return text[: text.index(_MARK)], text.replace(_MARK, assistant)
+
+
+@functools.lru_cache(maxsize=64)
+def check_template(template: str) -> str:
+    """``template`` when it is a ``str.format`` text of plain ``TEMPLATE_FIELDS``; InvalidArgument otherwise.
+
+    No format spec (``{user:>2000000000}`` would pad every row to gigabytes), conversion, attribute or
+    index access, positional field; ``{assistant}`` exactly once, ``{system}`` and ``{user}`` at most once.
+    """
+    hint = "Fields: {system}, {user}, {assistant}, {eos_token}, written plain; {{ and }} are literal braces."
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise InvalidArgument(f"invalid prompt_template: {exc}", hint=hint) from exc
+    counts = dict.fromkeys(TEMPLATE_FIELDS, 0)
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue  # literal text only
+        shown = "{" + _shorten(name) + "}"
+        if name not in counts:
+            raise InvalidArgument(f"prompt_template field {shown} is not allowed", hint=hint)
+        if conversion is not None:
+            raise InvalidArgument(f"prompt_template field {shown}: conversions (!{conversion}) are not allowed", hint=hint)
+        if spec:
+            raise InvalidArgument(f"prompt_template field {shown}: format specs are not allowed", hint=hint)
+        counts[name] += 1
+    for name, (least, most) in TEMPLATE_FIELDS.items():
+        if counts[name] < least or (most is not None and counts[name] > most):
+            times = "exactly once" if least == most else "at most once"
+            raise InvalidArgument(f"prompt_template must contain {{{name}}} {times}", hint=hint)
+    return template
+
+
+def _shorten(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _conversation_row(

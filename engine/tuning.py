@@ -15,12 +15,13 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from engine import registry, training
-from engine.api import Call, Database, InvalidArgument, Statement
+from engine.api import Call, Database, InvalidArgument, Statement, UnknownModel
 from engine.deploy import better_or_equal
 
 if TYPE_CHECKING:
     from engine.tabular import Table
     from engine.text import Context
+    from proxy.config import EngineSection
 
 log = logging.getLogger(__name__)
 TUNE_TASKS = frozenset(
@@ -97,7 +98,7 @@ async def _write(
         out.append(registry.project_statement(project_id, args.project_name, task))
     out += registry.snapshot_statements(
         snapshot_id, source.stored_name, source.relation, [y] if y else [], source.test_size, source.test_sampling,
-        None, {"samples": float(samples)}, args.materialize_snapshot,
+        None, {"samples": float(samples)}, args.materialize_snapshot, project_id,
     )  # fmt: skip
     out.append(s(
         "INSERT INTO pgml.models (id, project_id, snapshot_id, num_features, algorithm, runtime, hyperparams, status,"
@@ -140,7 +141,7 @@ async def generate(call: Call, ctx: Context) -> list[Any]:
 # Per model name: the deployed model of the project of that name as the caller sees it (row-level
 # security), and whether the name is another role's project (then 42501, not a Hugging Face lookup).
 _TUNED = """
-SELECT n.name, d.model_id, p.id IS NULL AND pgml.project_owner(n.name) IS NOT NULL
+SELECT n.name, d.model_id, p.id IS NULL AND pgml.project_exists(n.name)
 FROM unnest($1::text[]) AS n(name)
 LEFT JOIN pgml.projects p ON p.name = n.name
 LEFT JOIN LATERAL (SELECT model_id FROM pgml.deployments WHERE project_id = p.id
@@ -156,12 +157,24 @@ async def transform(call: Call, ctx: Context) -> list[Any]:
     if names and call.db is not None and await _has_registry(ctx.database()):
         found = (await registry.rows(ctx.database(), _TUNED, registry.text_array(names))).rows
         for name, _, foreign in found:
-            if foreign == "t":
+            # Another role's project of that name: 42501, unless the name is also a model this proxy serves
+            # (a role must not make a Hugging Face name unusable for others by naming a project after it).
+            if foreign == "t" and not await ctx.work(_resolvable, str(name), ctx.config):
                 raise registry.foreign_project(str(name))
         paths = {str(n): await _materialize(ctx, int(model_id)) for n, model_id, _ in found if model_id is not None}
         rows = [(({**t, "model": paths[t["model"]]},) if _tuned(t, paths) else (t,)) + tuple(r) for t, *r in rows]
     result: list[Any] = await ctx.work(transformers_tasks.transform, rows, ctx)
     return result
+
+
+def _resolvable(name: str, config: EngineSection) -> bool:
+    from engine import models
+
+    try:
+        models.resolve(name, config)
+    except UnknownModel:
+        return False
+    return True
 
 
 def _tuned(task: Any, paths: dict[str, str]) -> bool:

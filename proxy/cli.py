@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     resign.add_argument(
         "--trust-unsigned",
         action="store_true",
-        help="also sign artifacts that have no signature (stored before signing existed): only after checking them",
+        help="also sign the artifacts stored before signing existed (listed in pgml.unsigned_artifacts by the "
+        "migration): only after checking them; unsigned rows written since are never signed",
     )
     resign.add_argument(
         "--old-database",
@@ -274,6 +275,10 @@ def _resign_all(
         exempt = cur.fetchone()
         if not (exempt and exempt[0]):
             problems.append("note: row-level security applies to this role: only its own projects' artifacts are seen")
+        legacy: set[tuple[int, str]] = set()
+        if args.trust_unsigned:  # only what was stored before signing existed, never rows written since
+            cur.execute("SELECT model_id, path FROM pgml.unsigned_artifacts")
+            legacy = {(int(m), str(p)) for m, p in cur.fetchall()}
         cur.execute(_ARTIFACTS)
         for model_id, project_id, project, path in cur.fetchall():
             cur.execute(
@@ -284,9 +289,10 @@ def _resign_all(
             data = b"".join(bytes(r[1]) for r in rows)
             tag = next((bytes(r[2]) for r in rows if r[0] == 0 and r[2] is not None), None)
             where = f"model {model_id} (project {project}) {path}"
-            if tag is None and not args.trust_unsigned:
+            if tag is None and (model_id, path) not in legacy:
                 counts["refused"] += 1
-                problems.append(f"{where}: unsigned, refused")
+                written = " (written after signing existed, around the proxy)" if args.trust_unsigned else ""
+                problems.append(f"{where}: unsigned{written}, refused")
                 continue
             if tag is not None and not signing.verify(old_key, old_database, project_id, model_id, path, data, tag):
                 counts["invalid"] += 1
@@ -304,5 +310,7 @@ def _resign_all(
                 counts["invalid"] += 1
                 problems.append(f"{where}: has no part 0, not signed")
                 continue
+            if tag is None:
+                cur.execute("DELETE FROM pgml.unsigned_artifacts WHERE model_id = %s AND path = %s", (model_id, path))
             counts["trusted" if tag is None else "resigned"] += 1
     return counts, problems, database

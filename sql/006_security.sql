@@ -73,15 +73,51 @@ ALTER VIEW pgml.overview SET (security_invoker = true);
 ALTER VIEW pgml.trained_models SET (security_invoker = true);
 ALTER VIEW pgml.deployed_models SET (security_invoker = true);
 
--- Who owns a project or a model, whoever asks: lets the proxy answer 42501 ("permission denied for
--- project …") instead of "does not exist" when a project is out of the caller's reach. Reveals only
--- that a name or id is taken (a second project of that name could not be created anyway).
-CREATE OR REPLACE FUNCTION pgml.project_owner(project_name text) RETURNS regrole
+-- Whether a project name or a model id is taken at all, whoever asks: lets the proxy answer 42501
+-- ("permission denied for project …") instead of "does not exist" when a project is out of the caller's
+-- reach. They reveal a yes/no only (a second project of a taken name could not be created anyway), never
+-- a name or an owner.
+CREATE OR REPLACE FUNCTION pgml.project_exists(project_name text) RETURNS boolean
     LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-    AS $$ SELECT owner FROM pgml.projects WHERE name = project_name $$;
-CREATE OR REPLACE FUNCTION pgml.model_project(model_id bigint) RETURNS text
+    AS $$ SELECT EXISTS (SELECT 1 FROM pgml.projects WHERE name = project_name) $$;
+CREATE OR REPLACE FUNCTION pgml.model_exists(model_id bigint) RETURNS boolean
     LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
-    AS $$ SELECT p.name FROM pgml.models m JOIN pgml.projects p ON p.id = m.project_id WHERE m.id = model_id $$;
+    AS $$ SELECT EXISTS (SELECT 1 FROM pgml.models WHERE id = model_id) $$;
+
+-- Ids come from the tables' own sequences. Without this check a role could insert (or move its own rows
+-- to) ids the sequences will hand out later, and every other role's training would fail on the primary
+-- key. The registry owner (restores, migrations) and superusers are exempt.
+CREATE OR REPLACE FUNCTION pgml.check_drawn_id() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.id > coalesce(pg_sequence_last_value(
+            pg_get_serial_sequence(format('%I.%I', TG_TABLE_SCHEMA, TG_TABLE_NAME), 'id')::regclass), 0)
+       AND NOT pg_has_role((SELECT relowner FROM pg_class WHERE oid = TG_RELID), 'MEMBER') THEN
+        RAISE EXCEPTION 'id % of pgml.% was not drawn from its sequence', NEW.id, TG_TABLE_NAME
+            USING ERRCODE = 'insufficient_privilege', HINT = 'Leave id to its default.';
+    END IF;
+    RETURN NEW;
+END $$;
+DO $$
+DECLARE t text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['projects', 'snapshots', 'models', 'files', 'deployments', 'logs'] LOOP
+        EXECUTE format('DROP TRIGGER IF EXISTS %I_drawn_id ON pgml.%I', t, t);
+        EXECUTE format('CREATE TRIGGER %I_drawn_id BEFORE INSERT OR UPDATE OF id ON pgml.%I '
+                       'FOR EACH ROW EXECUTE FUNCTION pgml.check_drawn_id()', t, t);
+    END LOOP;
+END $$;
+
+-- Artifacts stored before signing existed: the only unsigned ones `pgml-proxy resign --trust-unsigned`
+-- may sign (after an administrator checked them). Rows any role writes later are never on this list.
+-- No grants: only the registry owner reads or changes it.
+CREATE TABLE IF NOT EXISTS pgml.unsigned_artifacts (
+    model_id bigint NOT NULL,
+    path text NOT NULL,
+    PRIMARY KEY (model_id, path)
+);
+INSERT INTO pgml.unsigned_artifacts (model_id, path)
+SELECT DISTINCT model_id, path FROM pgml.files WHERE signature IS NULL ON CONFLICT DO NOTHING;
+REVOKE ALL ON pgml.unsigned_artifacts FROM PUBLIC;
 
 -- Grants: what the API needs, and nothing more. The schema owner keeps DDL (no CREATE on the schema
 -- for PUBLIC: load_dataset and materialize_snapshot create tables in pgml, so a role needs

@@ -179,6 +179,11 @@ def test_group_project(roles: Roles, proxy: ProxyProcess, pg: Postgres) -> None:
         assert value(c, "SELECT owner::text FROM pgml.projects WHERE name = %s", [name]) == roles.analysts
         c.execute("RESET ROLE")
         assert value(c, "SELECT pgml.predict(%s, ARRAY[1, 2])", [name]) in (0.0, 1.0)  # dave is a member
+        train(c, name, roles.table)  # retrained as dave himself: the new snapshot still belongs to the group
+        owners = c.execute("SELECT DISTINCT s.owner::text FROM pgml.snapshots s JOIN pgml.models m"
+                           " ON m.snapshot_id = s.id JOIN pgml.projects p ON p.id = m.project_id WHERE p.name = %s",
+                           [name]).fetchall()  # fmt: skip
+        assert owners == [(roles.analysts,)]
     with connect(proxy, roles.bob) as c:
         denied(c, "SELECT pgml.predict(%s, ARRAY[1, 2])", [name], f'project "{name}"')
     with psycopg.connect(pg.dsn(), autocommit=True) as admin:
@@ -231,3 +236,45 @@ def test_existing_projects_get_the_schema_owner(fresh_db: str) -> None:
         assert value(conn, "SELECT owner::text FROM pgml.snapshots") == owner
         assert value(conn, "SELECT relrowsecurity FROM pg_class WHERE oid = 'pgml.models'::regclass") is True
 
+
+
+def test_ids_must_come_from_the_sequences(roles: Roles, proxy: ProxyProcess, pg: Postgres) -> None:
+    """Pre-claiming future ids would make every other role's training fail on the primary key."""
+    with connect(proxy, roles.bob) as c:
+        train(c, f"Bob ids {roles.bob}", roles.table)
+        mine = value(c, "SELECT max(id) FROM pgml.projects")
+        with pytest.raises(errors.InsufficientPrivilege, match="not drawn from its sequence"):
+            c.execute("INSERT INTO pgml.projects (id, name, task) VALUES (%s, 'claim', 'regression')",
+                      [int(mine) + 1000])  # type: ignore[call-overload]  # fmt: skip
+        with pytest.raises(errors.InsufficientPrivilege, match="not drawn from its sequence"):
+            c.execute("UPDATE pgml.projects SET id = id + 1000 WHERE id = %s", [mine])
+        with pytest.raises(errors.InsufficientPrivilege):
+            c.execute("INSERT INTO pgml.logs (id, project_id, logs) VALUES (%s, %s, '{}')",
+                      [10**9, mine])  # fmt: skip
+        assert value(c, "SELECT pgml.project_exists('claim')") is False  # a yes/no, never a name or owner
+    with connect(proxy, roles.alice) as c:  # the next ids are free for everyone
+        assert train(c, f"Alice after {roles.alice}", roles.table)[3] is True
+
+
+def test_a_project_named_like_a_model_does_not_hide_the_model(
+    roles: Roles, proxy: ProxyProcess, alice_project: tuple[str, int]
+) -> None:
+    model = "sentence-transformers/all-MiniLM-L6-v2"  # served from [engine] model_dirs
+    with connect(proxy, roles.bob) as c:
+        c.execute("INSERT INTO pgml.projects (name, task) VALUES (%s, 'embedding')", [model])
+    try:
+        with connect(proxy, roles.alice) as c:
+            out = value(c, "SELECT pgml.transform(jsonb_build_object('task', 'feature-extraction', 'model', %s::text),"
+                           " inputs => ARRAY['hello'])", [model])  # fmt: skip
+            assert isinstance(out, list) and out
+    finally:
+        with connect(proxy, roles.bob) as c:
+            c.execute("DELETE FROM pgml.projects WHERE name = %s", [model])
+
+
+def test_any_bytea_output(roles: Roles, proxy: ProxyProcess) -> None:
+    name = f"Escaped {roles.alice}"  # a new model: its files are read (and verified) by this session
+    with connect(proxy, roles.alice) as c:
+        c.execute("SET bytea_output = escape")
+        train(c, name, roles.table)
+        assert value(c, "SELECT pgml.predict(%s, ARRAY[3, 3])", [name]) in (0.0, 1.0)

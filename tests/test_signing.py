@@ -321,19 +321,28 @@ def test_unsigned_artifacts_are_refused_until_an_administrator_signs_them(
     signed_proxy: ProxyProcess, pg: Postgres, database: str, keys: Path
 ) -> None:
     model_id = train(signed_proxy, database, "legacy")
+    planted = train(signed_proxy, database, "planted")
     with superuser(pg, database) as c:
-        c.execute("UPDATE pgml.files SET signature = NULL WHERE model_id = %s", [model_id])
+        c.execute("UPDATE pgml.files SET signature = NULL WHERE model_id IN (%s, %s)", [model_id, planted])
+        # As the migration records artifacts stored before signing existed; "planted" was written since.
+        c.execute("INSERT INTO pgml.unsigned_artifacts SELECT DISTINCT model_id, path FROM pgml.files"
+                  " WHERE model_id = %s", [model_id])  # fmt: skip
     error = refused(signed_proxy, database, "legacy")
     assert error.sqlstate == "58000" and "unsigned" in str(error)
     assert error.diag.message_hint is not None and HINT in error.diag.message_hint
     result = resign(pg, database, keys / "first.key")
-    assert result.returncode == 1 and "1 unsigned and refused" in result.stdout, result.stdout + result.stderr
+    assert result.returncode == 1 and "2 unsigned and refused" in result.stdout, result.stdout + result.stderr
     assert f"model {model_id} (project legacy) estimator.skops: unsigned, refused" in result.stdout
     assert refused(signed_proxy, database, "legacy").sqlstate == "58000"
     result = resign(pg, database, keys / "first.key", "--trust-unsigned")
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "1 signed that were unsigned" in result.stdout
+    assert result.returncode == 1, result.stdout + result.stderr  # the planted one stays refused
+    assert "1 signed that were unsigned" in result.stdout and "1 unsigned and refused" in result.stdout
+    assert f"model {planted} (project planted) estimator.skops: unsigned (written after signing" in result.stdout
     assert abs(predict(signed_proxy, database, "legacy") - 30) < 1.0
+    assert refused(signed_proxy, database, "planted").sqlstate == "58000"
+    with superuser(pg, database) as c:
+        assert c.execute("SELECT count(*) FROM pgml.unsigned_artifacts").fetchone() == (0,)
+        c.execute("DELETE FROM pgml.projects WHERE name = 'planted'")
     again = resign(pg, database, keys / "first.key")  # idempotent: nothing left to change
     assert again.returncode == 0 and "1 already signed with the new key" in again.stdout, again.stdout
 
