@@ -1,7 +1,8 @@
 """The model side of ``pgml.tune`` and ``pgml.generate``: fine-tuning Hugging Face models, generating with them.
 
 Owns: the tasks tune supports and their ``dataset_args`` (column roles), ``training_args`` ->
-``TrainingArguments`` (temporary output dir, no reporting, no hub push, no checkpoints unless asked),
+``TrainingArguments`` (temporary output dir, no reporting, no hub push, no checkpoints unless asked,
+no path or hub fields, config fields as objects only: never a file of this host opened by name),
 tokenization, the Trainer run (cancel between steps, one event per Trainer log), test metrics, the
 tuned model's files (plus ``pgml_tune.json``: task, kind, labels, prompt template), and generation.
 
@@ -13,7 +14,8 @@ Tasks (dash or underscore) and ``dataset_args`` roles with their default columns
 * ``conversation``: ``system_column`` "system" (may be absent unless named; NULL/empty = none),
   ``user_column`` "user", ``assistant_column`` "assistant". Causal LM on the tokenizer's chat template
   (or ``hyperparams.prompt_template``, a ``str.format`` text with ``{system}``, ``{user}``,
-  ``{assistant}``, ``{eos_token}``); the loss covers the assistant's reply (and an EOS) only.
+  ``{assistant}``, ``{eos_token}``, plain fields only: no format spec, conversion, attribute or index,
+  checked at tune time and wherever it is applied); the loss covers the assistant's reply (and an EOS) only.
 * ``text2text`` / ``summarization`` / ``translation``: ``text_column`` "text" (source), ``target_column``
   "target"; seq2seq LM.
 
@@ -236,8 +238,6 @@ def _plan(task: str, hyperparams: dict[str, Any]) -> _Plan:
         raise InvalidArgument("hyperparams.max_length must be an integer of at least 2")
     template = hyperparams.get("prompt_template")
     if template is not None:
-        if not isinstance(template, str):
-            raise InvalidArgument("hyperparams.prompt_template must be text containing {assistant}")
         check_template(template)
     kind, defaults = TASKS[label]
     given = hyperparams.get("dataset_args") or {}
@@ -322,7 +322,7 @@ def _check_training_args(given: dict[str, Any], dict_only: Iterable[str]) -> Non
             raise PermissionDenied(
                 f"training_args.{key} must be a JSON object, not text",
                 detail="pgml-proxy does not read configuration files (or JSON text) named in training_args.",
-                hint=f"Give the settings inline: {{\"{key}\": {{...}}}}.",
+                hint=f'Give the settings inline: {{"{key}": {{...}}}}.',
             )
         if not isinstance(value, dict | None):
             raise InvalidArgument(f"training_args.{key} must be a JSON object")
@@ -458,7 +458,7 @@ def _causal_job(
 def chat_prompt(tokenizer: Any, template: str | None, system: str | None, user: str, assistant: str) -> tuple[str, str]:
     """``(prompt, full text)`` of one exchange: the prompt ends where the assistant's reply starts."""
     if template is not None:
-        check_template(template)  # also a stored one: the manifest comes from pgml.files
+        template = check_template(template)  # also a stored one: the manifest comes from pgml.files
         text = template.format(system=system or "", user=user, assistant=_MARK, eos_token=tokenizer.eos_token or "")
     elif not getattr(tokenizer, "chat_template", None):
         example = '"{system}\\nUser: {user}\\nAssistant: {assistant}{eos_token}"'
@@ -477,13 +477,19 @@ def chat_prompt(tokenizer: Any, template: str | None, system: str | None, user: 
     return text[: text.index(_MARK)], text.replace(_MARK, assistant)
 
 
-@functools.lru_cache(maxsize=64)
-def check_template(template: str) -> str:
+def check_template(template: object) -> str:
     """``template`` when it is a ``str.format`` text of plain ``TEMPLATE_FIELDS``; InvalidArgument otherwise.
 
     No format spec (``{user:>2000000000}`` would pad every row to gigabytes), conversion, attribute or
     index access, positional field; ``{assistant}`` exactly once, ``{system}`` and ``{user}`` at most once.
     """
+    if not isinstance(template, str):
+        raise InvalidArgument("prompt_template must be text containing {assistant}")
+    return _checked_template(template)
+
+
+@functools.lru_cache(maxsize=16)  # chat_prompt checks it for every row
+def _checked_template(template: str) -> str:
     hint = "Fields: {system}, {user}, {assistant}, {eos_token}, written plain; {{ and }} are literal braces."
     try:
         parsed = list(string.Formatter().parse(template))
@@ -497,7 +503,9 @@ def check_template(template: str) -> str:
         if name not in counts:
             raise InvalidArgument(f"prompt_template field {shown} is not allowed", hint=hint)
         if conversion is not None:
-            raise InvalidArgument(f"prompt_template field {shown}: conversions (!{conversion}) are not allowed", hint=hint)
+            raise InvalidArgument(
+                f"prompt_template field {shown}: conversions (!{conversion}) are not allowed", hint=hint
+            )
         if spec:
             raise InvalidArgument(f"prompt_template field {shown}: format specs are not allowed", hint=hint)
         counts[name] += 1

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from engine import tune as T
-from engine.api import Canceled, InvalidArgument, NotSupported
+from engine.api import Canceled, EngineError, InvalidArgument, NotSupported, PermissionDenied
 from engine.models import ModelCache
 from proxy.config import EngineSection
 
@@ -192,6 +192,12 @@ def test_conversation_prompt_template_without_system_column(gpt2: str, config: E
     assert json.loads(result.files[T.MANIFEST])["prompt_template"] == template
     out = T.generate(result.files, "tpl", ["hello you"], {"max_new_tokens": 2}, CONFIG, ModelCache(1 << 30))
     assert len(out) == 1 and len(out[0].split()) <= 2
+    # generate checks the stored template too: the manifest comes from pgml.files, anyone may have written it
+    for stored, match in (("{assistant}{user:>30}", "format specs"), (5, "must be text")):
+        forged = {**result.files, T.MANIFEST: json.dumps({"task": "conversation", "kind": "causal",
+                                                          "prompt_template": stored}).encode()}  # fmt: skip
+        with pytest.raises(InvalidArgument, match=match):
+            T.generate(forged, f"forged-{stored}", ["hello you"], {"max_new_tokens": 2}, CONFIG, ModelCache(1 << 30))
 
 
 def test_conversation_loss_covers_the_reply_only(gpt2: str) -> None:
@@ -260,12 +266,48 @@ BAD: list[Case] = [
     ("text-classification", {"training_args": {"output_dir": "/tmp/x"}}, InvalidArgument, "output_dir"),
     ("text-classification", {"training_args": {"lr_scheduler_type": "nope"}}, InvalidArgument, "training_args"),
     ("text-classification", {"training_args": []}, InvalidArgument, "training_args"),
+    # file-reading config fields: objects only, whatever the text names
+    (
+        "text-classification",
+        {"training_args": {"accelerator_config": "/nonexistent"}},
+        PermissionDenied,
+        "accelerator_config",
+    ),
+    ("text-classification", {"training_args": {"accelerator_config": "/etc"}}, PermissionDenied, "accelerator_config"),
+    (
+        "text-classification",
+        {"training_args": {"fsdp": "full_shard", "fsdp_config": "/etc/hostname"}},
+        PermissionDenied,
+        "fsdp_config",
+    ),
+    ("text-classification", {"training_args": {"deepspeed": "/etc/hostname"}}, PermissionDenied, "deepspeed"),
+    (
+        "text-classification",
+        {"training_args": {"lr_scheduler_kwargs": "/etc/hostname"}},
+        PermissionDenied,
+        "lr_scheduler_kwargs",
+    ),
+    ("text-classification", {"training_args": {"accelerator_config": 0.5}}, InvalidArgument, "JSON object"),
+    # path and hub fields
+    (
+        "text-classification",
+        {"training_args": {"resume_from_checkpoint": "/etc"}},
+        InvalidArgument,
+        "resume_from_checkpoint",
+    ),
+    ("text-classification", {"training_args": {"hub_token": "hf_secret"}}, InvalidArgument, "hub_token"),
+    ("text-classification", {"training_args": {"hub_model_id": "someone/model"}}, InvalidArgument, "hub_model_id"),
     ("text-classification", {"dataset_args": {"text_column": "body"}}, InvalidArgument, "body"),
     ("text-classification", {"dataset_args": {"txt_column": "text"}}, InvalidArgument, "txt_column"),
     ("text-classification", {"epochs": 3}, InvalidArgument, "epochs"),
     ("text-classification", {"lora_config": {"r": 2}}, NotSupported, "lora_config"),
     ("text-pair-classification", {}, InvalidArgument, "text1, text2"),
     ("conversation", {"dataset_args": {"system_column": "sys"}}, InvalidArgument, "assistant, sys, user"),
+    # prompt_template: plain documented fields only (a format spec would pad every row to gigabytes)
+    ("conversation", {"prompt_template": "{assistant}{user:>2000000000}"}, InvalidArgument, "format specs"),
+    ("conversation", {"prompt_template": "{assistant}{user!r}"}, InvalidArgument, "conversions"),
+    ("conversation", {"prompt_template": "{assistant}{user.__class__}"}, InvalidArgument, "not allowed"),
+    ("conversation", {"prompt_template": "{assistant}{user"}, InvalidArgument, "invalid prompt_template"),
     ("regression", {}, NotSupported, "regression"),
     ("nonsense", {}, InvalidArgument, "nonsense"),
 ]
@@ -278,6 +320,104 @@ def test_rejected(
     data = {"text": ["good movie", "bad film"] * 4, "class": ["pos", "neg"] * 4}
     with pytest.raises(error, match=match):
         T.tune(task, bert, data, data, hyper, config, lambda: False, lambda e: None)
+
+
+def _dict_fields() -> list[str]:
+    """The TrainingArguments fields of the installed transformers that take an object (or text: a file path)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    typed = {f.name for f in dataclasses.fields(TrainingArguments) if f.init and "dict" in str(f.type)}
+    return sorted(typed | set(getattr(TrainingArguments, "_VALID_DICT_FIELDS", ())))
+
+
+def _refusal(call: Callable[[], Any]) -> tuple[str, str | None, str | None]:
+    with pytest.raises(EngineError) as caught:
+        call()
+    error = caught.value
+    assert isinstance(error, PermissionDenied) and error.sqlstate == "42501", error
+    return error.message, error.detail, error.hint
+
+
+def test_config_file_fields_give_one_answer_whatever_the_path(bert: str, config: EngineSection, tmp_path: Path) -> None:
+    """No probe of the proxy host's files: a missing path, a directory, any file, JSON text, all answer alike."""
+    valid = tmp_path / "accelerate.json"
+    valid.write_text(json.dumps({"even_batches": True}))
+    texts = ["/nonexistent/pgml", "/etc", "/etc/hostname", str(valid), '{"even_batches": true}', "relative.json", ""]
+    data = {"text": ["good movie", "bad film"] * 4, "class": ["pos", "neg"] * 4}
+    fields = _dict_fields()
+    assert {"accelerator_config", "deepspeed", "fsdp_config"} <= set(fields)
+    for field in fields:
+        answers = set()
+        for text in texts:
+            given = {field: text, **({"fsdp": "full_shard"} if field == "fsdp_config" else {})}
+            hyper = {"training_args": given}
+            answers.add(_refusal(lambda: T.tune("text-classification", bert, data, {}, hyper, config,  # noqa: B023
+                                                lambda: False, lambda e: None)))  # fmt: skip
+            # the check when TrainingArguments is built covers every dict field of the installed transformers
+            answers.add(_refusal(lambda: T._training_args(given, str(tmp_path / "out"), "cpu")))  # noqa: B023
+        assert len(answers) == 1 and field in next(iter(answers))[0], answers
+    assert not list(tmp_path.glob("out*"))
+
+
+def test_config_fields_take_objects(tmp_path: Path) -> None:
+    given = {"accelerator_config": {"even_batches": False}, "lr_scheduler_kwargs": {}, "push_to_hub": False,
+             "hub_private_repo": None}  # fmt: skip
+    args, used = T._training_args(given, str(tmp_path), "cpu")
+    assert args.accelerator_config.even_batches is False and args.push_to_hub is False
+    assert used["accelerator_config"] == {"even_batches": False} and "hub_private_repo" not in used
+
+
+GOOD_TEMPLATES = [
+    "{assistant}",
+    "{system} {user} {assistant}{eos_token}",
+    "{{literal braces}} {user}: {assistant}",
+    "{eos_token}{system}{eos_token}{user}{eos_token}{assistant}{eos_token}",
+]
+BAD_TEMPLATES = [
+    ("{assistant}{user:>2000000000}", "format specs"),
+    ("{assistant}{user:{eos_token}}", "format specs"),
+    ("{assistant!s}", "conversions"),
+    ("{assistant}{user[0]}", r"\{user\[0\]\} is not allowed"),
+    ("{assistant}{user.upper}", r"\{user.upper\} is not allowed"),
+    ("{assistant}{}", r"field \{\} is not allowed"),
+    ("{assistant}{0}", r"\{0\} is not allowed"),
+    ("{assistant}{prompt}", r"\{prompt\} is not allowed"),
+    ("{user}", r"\{assistant\} exactly once"),
+    ("{{assistant}}", r"\{assistant\} exactly once"),
+    ("{assistant}{assistant}", r"\{assistant\} exactly once"),
+    ("{user}{user}{assistant}", r"\{user\} at most once"),
+    ("{assistant}}", "invalid prompt_template"),
+    (None, "must be text"),
+]
+
+
+@pytest.mark.parametrize("template", GOOD_TEMPLATES)
+def test_prompt_template_accepted(template: str) -> None:
+    assert T.check_template(template) == template
+    assert T._plan("conversation", {"prompt_template": template}).prompt_template == template
+
+
+@pytest.mark.parametrize(("template", "match"), BAD_TEMPLATES)
+def test_prompt_template_rejected(template: Any, match: str) -> None:
+    with pytest.raises(InvalidArgument, match=match):
+        T.check_template(template)
+    if template is not None:
+        with pytest.raises(InvalidArgument, match=match):
+            T._plan("conversation", {"prompt_template": template})
+
+
+def test_chat_prompt_checks_the_template(gpt2: str) -> None:
+    """Where a template is applied (training rows, scoring, pgml.generate): never formatted unchecked."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gpt2)
+    prompt, full = T.chat_prompt(tokenizer, "{system}|{user}|{assistant}{eos_token}", None, "hi", "thanks")
+    assert (prompt, full) == ("|hi|", "|hi|thanks<|endoftext|>")
+    for template, match in BAD_TEMPLATES[:4]:
+        with pytest.raises(InvalidArgument, match=match):
+            T.chat_prompt(tokenizer, template, None, "hi", "thanks")
 
 
 def test_rejected_values(bert: str, config: EngineSection) -> None:
