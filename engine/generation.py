@@ -14,6 +14,7 @@ import json
 import math
 import re
 import tempfile
+import threading
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engine.api import Canceled, EngineError, InvalidArgument, NotSupported
-from engine.models import ModelCache, pick_device
+from engine.models import ModelCache, generation_kwargs, pick_device
 
 if TYPE_CHECKING:
     from proxy.config import EngineSection
@@ -35,9 +36,15 @@ def generate_all(
     model: Any, tokenizer: Any, kind: str, inputs: list[str], batch: int, cancelled: Callable[[], bool],
     add_special: bool, **kwargs: Any,
 ) -> list[str]:  # fmt: skip
-    """``model.generate(**kwargs)`` per input, in batches: the continuation for causal LMs, the output for seq2seq."""
-    import torch
+    """``model.generate(**kwargs)`` per input, in batches: the continuation for causal LMs, the output for seq2seq.
 
+    ``cancelled`` is polled between batches and after every decoding step (a stopping criterion): once it
+    says so, Canceled is raised.
+    """
+    import torch
+    from transformers import StoppingCriteriaList
+
+    generation_kwargs(kwargs)  # no code-loading generation args
     model.eval()
     kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
     out: list[str] = []
@@ -51,11 +58,26 @@ def generate_all(
         enc.pop("token_type_ids", None)
         enc = enc.to(model.device)
         with torch.inference_mode():
-            generated = model.generate(**enc, **kwargs)
+            generated = model.generate(**enc, stopping_criteria=StoppingCriteriaList([_StopWhen(cancelled)]), **kwargs)
+        if cancelled():
+            raise Canceled(CANCELED)
         if kind == "causal":
             generated = generated[:, enc["input_ids"].shape[1] :]
         out.extend(text.strip() for text in tokenizer.batch_decode(generated, skip_special_tokens=True))
     return out
+
+
+class _StopWhen:
+    """A ``generate`` stopping criterion: every sequence stops once ``cancelled()`` is true."""
+
+    def __init__(self, cancelled: Callable[[], bool]) -> None:
+        self.cancelled = cancelled
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        stop = bool(self.cancelled())
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
 def _ngrams(tokens: list[str], n: int) -> Counter[tuple[str, ...]]:
@@ -108,13 +130,14 @@ class Tuned:
 
 def generate(
     files: dict[str, bytes], key: str, inputs: list[str], config_kwargs: dict[str, Any],
-    engine_config: EngineSection, cache: ModelCache,
+    engine_config: EngineSection, cache: ModelCache, cancelled: threading.Event | None = None,
 ) -> list[str]:  # fmt: skip
     """``model.generate(**config_kwargs)`` per input with the tuned model in ``files`` (cached under ``key``).
 
     Seq2seq models return their output; causal LMs only the generated continuation, and a
     ``conversation`` model takes each input as the user's message, formatted as in tuning. Without
-    ``max_new_tokens`` / ``max_length`` up to ``MAX_NEW_TOKENS`` are generated.
+    ``max_new_tokens`` / ``max_length`` up to ``MAX_NEW_TOKENS`` are generated. ``cancelled`` (the call's
+    cancel flag: cancel, disconnect, call_timeout) stops it at the next decoding step with Canceled.
     """
     cached = cache.peek(key)  # the caller sends no files once the model is cached
     if cached is not None:
@@ -127,6 +150,7 @@ def generate(
         raise NotSupported(f"pgml.generate does not apply to {task} models", hint=hint)
     if not isinstance(config_kwargs, dict):
         raise InvalidArgument("the generate config must be a JSON object")
+    generation_kwargs(config_kwargs)  # before anything is loaded
     tuned: Tuned = cache.get(key, lambda: load_tuned(files, manifest, engine_config))
     kwargs = dict(config_kwargs)
     if "eos_token" in kwargs:  # as PostgresML's transform: a token text becomes its id
@@ -138,10 +162,11 @@ def generate(
 
     if tuned.task == "conversation":
         texts = [chat_prompt(tuned.tokenizer, tuned.prompt_template, None, text, "")[0] for text in texts]
+    stop = cancelled.is_set if cancelled is not None else lambda: False
     special = tuned.kind == "seq2seq" or tuned.prompt_template is not None  # a chat template has its own
     try:
         return generate_all(tuned.model, tuned.tokenizer, tuned.kind, texts, engine_config.batch_size,
-                             lambda: False, special, **kwargs)  # fmt: skip
+                             stop, special, **kwargs)  # fmt: skip
     except (TypeError, ValueError) as exc:
         raise InvalidArgument(f"invalid generate config: {exc}") from exc
 

@@ -2,8 +2,9 @@
 
 Owns: turning a model name into something a loader can open (a local path inside
 ``engine.model_dirs``, a name under them, a packaged model, the Hugging Face cache,
-or — only when downloads are allowed — a hub id); the locations inside loading
-kwargs (:func:`confine_kwargs`); the per-process directory for model files the
+or — only when downloads are allowed — a hub snapshot downloaded into that cache); what
+loading kwargs may say (:func:`confine_kwargs`: locations, code, pickle loaders) and
+what generation args may (:func:`generation_kwargs`); the per-process directory for model files the
 engine writes itself (:func:`owned_dir`); one loaded copy per (kind, name, init
 kwargs) for the whole process, evicted least-recently-used past ``engine.cache_bytes``.
 
@@ -82,7 +83,9 @@ def resolve(name: str, config: EngineSection) -> str:
         if cached is not None:
             return cached
         if config.allow_downloads:
-            return name
+            downloaded = _hf_cached(name, download=True)
+            if downloaded is not None:
+                return downloaded
     shown = name if name.isprintable() else repr(name)[1:-1]  # no control characters in the message
     raise UnknownModel(
         f'model "{shown}" was not found locally',
@@ -130,8 +133,48 @@ INNER_KWARGS = frozenset({"subfolder", "gguf_file"})
 NESTED_KWARGS = frozenset({"model_kwargs", "tokenizer_kwargs", "config_kwargs", "processor_kwargs"})
 
 
+REMOTE_CODE_HINT = "Set [engine] trust_remote_code = true to run code shipped with models."
+
+
+def _unsafe_loading(key: str, value: Any) -> bool:
+    """An override that lets a pickle-based loader run (``weights_only`` anything but true,
+    ``use_safetensors`` false)."""
+    if key == "weights_only":
+        return value is not True
+    return key == "use_safetensors" and value is not None and not value
+
+
 def confine_kwargs(init: dict[str, Any], config: EngineSection) -> dict[str, Any]:
-    """``init`` with every location in it checked: owned ones refused (42501), model names resolved."""
+    """``init`` with every location in it checked: owned ones refused (42501), model names resolved;
+    ``trust_remote_code`` at any depth refused (22023) unless ``[engine] trust_remote_code``, and passed
+    explicitly at the top (never left to a library default); pickle-loading overrides refused (22023)."""
+    _refuse_unsafe(init, config.trust_remote_code)
+    out = _confine(init, config)
+    out["trust_remote_code"] = bool(init.get("trust_remote_code", False))
+    return out
+
+
+def _refuse_unsafe(value: Any, remote_code: bool) -> None:
+    """Walk ``value`` (dicts and lists, any depth): refuse code-loading and pickle-loading kwargs."""
+    if isinstance(value, list):
+        for item in value:
+            _refuse_unsafe(item, remote_code)
+        return
+    if not isinstance(value, dict):
+        return
+    for key, item in value.items():
+        if key == "trust_remote_code" and item not in (None, False) and not remote_code:
+            raise InvalidArgument("trust_remote_code is not allowed", hint=REMOTE_CODE_HINT)
+        if _unsafe_loading(key, item):
+            raise InvalidArgument(
+                f'the kwarg "{key}" cannot be overridden',
+                detail="pgml-proxy loads model weights only from formats that cannot run code.",
+                hint=f'Remove "{key}" from the kwargs.',
+            )
+        _refuse_unsafe(item, remote_code)
+
+
+def _confine(init: dict[str, Any], config: EngineSection) -> dict[str, Any]:
     out = dict(init)
     for key, value in init.items():
         if key in OWNED_KWARGS:
@@ -145,8 +188,50 @@ def confine_kwargs(init: dict[str, Any], config: EngineSection) -> dict[str, Any
         elif key in INNER_KWARGS and value is not None and not (isinstance(value, str) and _plain_name(value)):
             raise InvalidArgument(f'"{key}" must name a file or folder inside the model (no path syntax)')
         elif key in NESTED_KWARGS and isinstance(value, dict):
-            out[key] = confine_kwargs(value, config)
+            out[key] = _confine(value, config)
     return out
+
+
+# ``generate()`` arguments a client never passes: they load and run code or files (custom_generate, a
+# deprecated decoding method's hub repo with trust_remote_code, an assistant model), or are objects the
+# engine passes itself (streamer, stopping criteria, tokenizers, processors, a generation config).
+GENERATE_REFUSED = frozenset(
+    {
+        "custom_generate",
+        "trust_remote_code",
+        "assistant_model",
+        "assistant_tokenizer",
+        "tokenizer",
+        "generation_config",
+        "streamer",
+        "stopping_criteria",
+        "logits_processor",
+        "prefix_allowed_tokens_fn",
+        "synced_gpus",
+    }
+)
+
+
+def generation_kwargs(args: dict[str, Any]) -> dict[str, Any]:
+    """``args`` for ``generate`` (or a generating pipeline), once no key of :data:`GENERATE_REFUSED` is in it
+    at any depth (22023); every generate path of the engine passes its client args through this."""
+    _refuse_generate(args)
+    return args
+
+
+def _refuse_generate(value: Any) -> None:
+    if isinstance(value, list):
+        for item in value:
+            _refuse_generate(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if key in GENERATE_REFUSED:
+                raise InvalidArgument(
+                    f'the generation arg "{key}" is not allowed',
+                    detail="Generation args cannot load code, models or files.",
+                    hint=f'Remove "{key}" from the args.',
+                )
+            _refuse_generate(item)
 
 
 # A hub id or a name under a model directory: segments of word characters, '.', '-' (not first).
@@ -208,14 +293,19 @@ def _packaged(name: str) -> str | None:
     return str(package.get_model_path())
 
 
-def _hf_cached(name: str) -> str | None:
-    if name.count("/") != 1:
+def _hf_cached(name: str, download: bool = False) -> str | None:
+    """The local snapshot of hub repo ``name`` in the HF cache (``download``: fetched into it first), or None.
+
+    Always a path inside the cache, never the bare name: a loader would first try that as a directory
+    relative to the working directory.
+    """
+    if name.count("/") > 1:
         return None
     try:
         from huggingface_hub import snapshot_download
 
-        return str(snapshot_download(name, local_files_only=True))
-    except Exception:  # not cached (or not a valid repo id): fall through
+        return os.path.realpath(snapshot_download(name, local_files_only=not download))
+    except Exception:  # not cached, not downloadable (offline, no such repo) or not a valid repo id
         return None
 
 

@@ -68,13 +68,13 @@ def generate(
 ) -> list[list[str]]:
     """Per text, its ``num_return_sequences`` decoded outputs; ``new_only`` drops a decoder-only model's prompt.
 
-    Texts go through in batches of ``batch_size`` (kwarg, else ``[engine] batch_size``); a cancel stops the
+    Texts go through in batches of ``batch_size`` (kwarg, at most ``[engine] batch_size``); a cancel stops the
     current batch after its next decoding step.
     """
     import torch
 
     kwargs = dict(kwargs)
-    batch = max(1, int(kwargs.pop("batch_size", ctx.config.batch_size)))
+    batch = ctx.batch_size(kwargs.pop("batch_size", None))
     decode = {key: kwargs.pop(key, value) for key, value in DECODE_DEFAULTS.items()}
     options = {
         "truncation": kwargs.pop("truncation", True),

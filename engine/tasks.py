@@ -158,16 +158,13 @@ def _permit(name: str, init: dict[str, Any], ctx: Context) -> dict[str, Any]:
             f'model "{name}" is not in the allowed models',
             hint="Add it to [engine] allowed_models (PostgresML's pgml.huggingface_whitelist).",
         )
-    init = confine_kwargs(init, ctx.config)  # no client-chosen locations; tokenizer/config names confined
+    # No client-chosen locations, tokenizer/config names confined, trust_remote_code (at any depth) refused
+    # unless [engine] trust_remote_code: then model_kwargs' flag counts for the whole pipeline.
+    init = confine_kwargs(init, ctx.config)
     nested = dict(init["model_kwargs"]) if isinstance(init.get("model_kwargs"), dict) else None
     wants = bool(init.pop("trust_remote_code", False)) or bool(nested and nested.pop("trust_remote_code", False))
     if nested is not None:
         init["model_kwargs"] = nested
-    if wants and not ctx.config.trust_remote_code:
-        raise NotSupported(
-            f'model "{name}" asks for trust_remote_code, which is not allowed',
-            hint="Set [engine] trust_remote_code = true to run code shipped with models.",
-        )
     init["trust_remote_code"] = wants  # explicitly off otherwise (never left to a library default)
     if "torch_dtype" in init:  # PostgresML's name; transformers 5 calls it dtype
         init.setdefault("dtype", init.pop("torch_dtype"))

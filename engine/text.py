@@ -105,6 +105,20 @@ class Context:
         if self.cancelled.is_set():
             raise Canceled("canceling statement due to user request")
 
+    def batch_size(self, requested: Any = None) -> int:
+        """The mini-batch size for a client's ``batch_size`` kwarg: it may ask for less than
+        ``[engine] batch_size``, never more (a batch holds the engine's turn until it is done)."""
+        limit = max(1, int(self.config.batch_size))
+        if requested is None:
+            return limit
+        if isinstance(requested, bool) or not isinstance(requested, (int, float, str)):
+            raise InvalidArgument("batch_size must be a positive integer")
+        try:
+            size = int(requested)
+        except ValueError as exc:
+            raise InvalidArgument("batch_size must be a positive integer") from exc
+        return max(1, min(size, limit))
+
     def database(self) -> Database:
         if self.db is None:
             raise NotSupported("this pgml function needs the client's database session")
@@ -135,13 +149,7 @@ def _kwargs(value: Any) -> dict[str, Any]:
 
 
 def _load_encoder(name: str, init: dict[str, Any], ctx: Context) -> Any:
-    if init.get("trust_remote_code") and not ctx.config.trust_remote_code:
-        raise InvalidArgument(
-            "trust_remote_code is not allowed", hint="Set [engine] trust_remote_code = true to allow models with code."
-        )
-    if "instructor" in name:
-        init = {**init, "trust_remote_code": init.get("trust_remote_code", False)}
-    return load_sentence_model("SentenceTransformer", name, init, ctx)
+    return load_sentence_model("SentenceTransformer", name, init, ctx)  # confine_kwargs checks trust_remote_code
 
 
 # sentence-transformers class -> its kind in the model cache key
@@ -149,10 +157,12 @@ _CACHE_KINDS = {"SentenceTransformer": "sentence-transformers", "CrossEncoder": 
 
 
 def load_sentence_model(cls_name: str, name: str, init: dict[str, Any], ctx: Context) -> Any:
-    """A sentence-transformers ``SentenceTransformer`` / ``CrossEncoder`` for ``name``, from the shared cache."""
+    """A sentence-transformers ``SentenceTransformer`` / ``CrossEncoder`` for ``name``, from the shared cache.
+
+    ``init`` goes through :func:`confine_kwargs` first (locations, trust_remote_code at any depth)."""
+    init = {"device": pick_device(ctx.config.device), **confine_kwargs(init, ctx.config)}
     path = ctx.cache.resolved.get(name) or resolve(name, ctx.config)
     ctx.cache.resolved[name] = path
-    init = {"device": pick_device(ctx.config.device), **confine_kwargs(init, ctx.config)}
 
     def load() -> Any:
         import sentence_transformers
@@ -203,7 +213,7 @@ def embed(rows: list[tuple[Any, ...]], ctx: Context) -> list[Any]:
 def _encode(encoder: Any, texts: list[str], kwargs: dict[str, Any], ctx: Context) -> Any:
     import numpy as np
 
-    batch = max(1, int(kwargs.pop("batch_size", ctx.config.batch_size)))
+    batch = ctx.batch_size(kwargs.pop("batch_size", None))
     # Longest first across the whole statement (as encode() does within one call), so slicing
     # adds no padding. One encode() call per batch (no slower than bigger slices): between them a
     # cancel takes effect and another session's call gets its turn after at most one batch.

@@ -21,7 +21,8 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from engine import seq2seq
-from engine.api import InvalidArgument, NotSupported
+from engine.api import InvalidArgument
+from engine.models import generation_kwargs
 from engine.tasks import PIPELINE_TASKS, SEQ2SEQ_TASKS, Loaded, ModelNotAllowed, TaskSpec, json_object, load, parse_task
 from engine.text import load_sentence_model
 
@@ -86,7 +87,7 @@ def _conversation(inputs: list[Any]) -> list[dict[str, Any]]:
 
 def _run(spec: TaskSpec, loaded: Loaded, args: dict[str, Any], batches: list[list[Any]], ctx: Context) -> list[Any]:
     """One result per row (``batches``: each row's inputs), all rows' inputs in one batched call."""
-    args = dict(args)
+    args = dict(generation_kwargs(args))  # no code-loading generation args, whatever the task
     if "eos_token" in args and loaded.tokenizer is not None:  # PostgresML: eos_token -> eos_token_id
         args["eos_token_id"] = loaded.tokenizer.convert_tokens_to_ids(args.pop("eos_token"))
     if spec.task == "conversational":
@@ -120,7 +121,7 @@ def _run(spec: TaskSpec, loaded: Loaded, args: dict[str, Any], batches: list[lis
 
 
 def _batch(args: dict[str, Any], ctx: Context) -> int:
-    return max(1, int(args.get("batch_size", ctx.config.batch_size)))
+    return ctx.batch_size(args.get("batch_size"))
 
 
 def _batches(
@@ -165,7 +166,7 @@ def _pipeline(task: str, loaded: Loaded, texts: list[str], args: dict[str, Any],
     if any(not isinstance(text, str) for text in texts):
         raise InvalidArgument(f"{task} inputs must be text")
     args = dict(args)
-    batch = max(1, int(args.pop("batch_size", ctx.config.batch_size)))
+    batch = ctx.batch_size(args.pop("batch_size", None))
     step = batch if task == "text-generation" else batch * 8
     if task == "text-generation":
         args["stopping_criteria"] = seq2seq.stopping(ctx.cancelled)
@@ -229,8 +230,8 @@ def stream(task: Any, args: Any, inputs: Any, ctx: Context) -> Iterator[list[str
     """
     if task is None or args is None or inputs is None:
         return
+    args = dict(generation_kwargs(json_object(args, "args")))
     spec, loaded = load(parse_task(task), ctx)
-    args = dict(json_object(args, "args"))
     if "eos_token" in args:
         args["eos_token_id"] = loaded.tokenizer.convert_tokens_to_ids(args.pop("eos_token"))
     texts, skip_prompt = _stream_prompts(spec, loaded, inputs, args)
@@ -308,7 +309,7 @@ def rank(rows: list[tuple[Any, ...]], ctx: Context) -> list[Any]:
 
 def _rank(encoder: Any, query: str, documents: list[str], call: dict[str, Any], ctx: Context) -> list[Any]:
     keep = bool(call.pop("return_documents", False))
-    call.setdefault("batch_size", ctx.config.batch_size)
+    call["batch_size"] = ctx.batch_size(call.get("batch_size"))
     try:
         ranked = encoder.rank(query, documents, return_documents=keep, show_progress_bar=False, **call)
     except (TypeError, ValueError) as exc:
@@ -317,11 +318,7 @@ def _rank(encoder: Any, query: str, documents: list[str], call: dict[str, Any], 
 
 
 def _cross_encoder(name: str, init: dict[str, Any], ctx: Context) -> Any:
-    if init.get("trust_remote_code") and not ctx.config.trust_remote_code:
-        raise NotSupported(
-            f'model "{name}" asks for trust_remote_code, which is not allowed',
-            hint="Set [engine] trust_remote_code = true to run code shipped with models.",
-        )
+    # load_sentence_model checks the kwargs (confine_kwargs: trust_remote_code at any depth, locations)
     if "tokenizer_kwargs" in init:  # sentence-transformers 5+ calls them processor_kwargs
         init = dict(init)
         init.setdefault("processor_kwargs", init.pop("tokenizer_kwargs"))

@@ -132,7 +132,8 @@ async def generate(call: Call, ctx: Context) -> list[Any]:
         files = {} if ctx.cache.peek(key) is not None else await registry.files(db, row, registry.signer(ctx))
         many = isinstance(inputs, list)
         texts = await ctx.work(
-            tuner.generate, files, key, inputs if many else [inputs], dict(config), ctx.config, ctx.cache
+            tuner.generate, files, key, inputs if many else [inputs], dict(config), ctx.config, ctx.cache,
+            cancelled=ctx.cancelled,
         )
         out.append(texts if many else texts[0])
     return out

@@ -375,6 +375,7 @@ def test_engine_confine_kwargs(area: Area) -> None:
         "tokenizer": str((area.models / "tiny-bert").resolve()),
         "revision": "main",
         "subfolder": "onnx",
+        "trust_remote_code": False,
     }
 
 

@@ -58,6 +58,7 @@ class NoUpstream:
     tx_status = "I"
     database = "db"
     standard_strings = True
+    client_encoding = "UTF8"
 
     def __init__(self) -> None:
         self.temp_tables: list[str] = []

@@ -387,11 +387,11 @@ def test_cancel_stops_generation_in_transform(models: dict[str, str]) -> None:
 def test_trust_remote_code_is_refused_unless_configured(models: dict[str, str]) -> None:
     plain = {"task": "text-classification", "model": models["sst"]}
     for task in ({**plain, "trust_remote_code": True}, {**plain, "model_kwargs": {"trust_remote_code": True}}):
-        with pytest.raises(NotSupported) as info:
+        with pytest.raises(InvalidArgument) as info:
             one(make_ctx(), task, ["hello"])
-        assert info.value.sqlstate == "0A000" and info.value.hint
+        assert info.value.sqlstate == "22023" and info.value.hint
         assert len(one(make_ctx(trust_remote_code=True), task, ["hello"])) == 1
-    with pytest.raises(NotSupported):
+    with pytest.raises(InvalidArgument):
         rank([(models["sst"], "q", ["a"], {"trust_remote_code": True})], make_ctx())
 
 

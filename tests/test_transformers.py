@@ -69,7 +69,7 @@ def test_rank(conn: psycopg.Connection) -> None:
 
 def test_trust_remote_code_refused(conn: psycopg.Connection) -> None:
     task = json.dumps({"task": "text-classification", "model": "tiny-bert-sentiment", "trust_remote_code": True})
-    with pytest.raises(errors.FeatureNotSupported):
+    with pytest.raises(errors.InvalidParameterValue):
         conn.execute("SELECT pgml.transform(task => %s::jsonb, inputs => ARRAY['x'])", [task])
 
 
