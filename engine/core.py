@@ -28,8 +28,9 @@ import logging
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from engine import deploy, inference, text, training, tuning
@@ -169,8 +170,6 @@ class Turns:
         """Hand ``job``'s turn to another session's waiting job, then wait for the next turn."""
         if job.holding and time.monotonic() - job.since < QUANTUM:
             return
-        if text.holding_model_lock():  # that job may need the same model: it would wait for us holding the turn
-            return
         with self.lock:
             if job.holding:
                 other = next((w for w in self.waiting if w.session != job.session), None)
@@ -185,6 +184,33 @@ class Turns:
             elif not job.queued:
                 return  # not running under a turn (e.g. between a procedure's work items)
             self._wait(job)
+
+    @contextmanager
+    def aside(self, job: Job) -> Iterator[None]:
+        """``job`` gives up its turn for the block (its thread waits for something else), then takes one again.
+
+        Taking it again waits like :meth:`acquire`; Canceled if the job is canceled meanwhile.
+        """
+        with self.lock:
+            had = job.holding
+            if had:
+                job.holding = False
+                self._pass_on()
+                self.lock.notify_all()
+        try:
+            yield
+        finally:
+            if had:
+                with self.lock:
+                    if not job.holding and not job.queued:
+                        if self._free > 0:
+                            self._free -= 1
+                            job.holding, job.since = True, time.monotonic()
+                        else:
+                            self.waiting.append(job)
+                            job.queued = True
+                    if not job.holding and not self._wait(job):
+                        raise Canceled(CANCELED)
 
     def wake(self) -> None:
         with self.lock:
@@ -334,6 +360,7 @@ class LocalEngine:
 
     def _run(self, handler: Handler, rows: list[tuple[Any, ...]], ctx: text.Context, job: Job, call: Call) -> list[Any]:
         self._turns.acquire(job)
+        text.step_aside_with(lambda: self._turns.aside(job))
         try:
             ctx.check()
             return handler(rows, ctx)
@@ -342,12 +369,14 @@ class LocalEngine:
         except Exception as exc:  # a failure inside the ML library is the statement's error, not ours
             raise _as_engine_error("handler", call, exc) from exc
         finally:
+            text.step_aside_with(None)
             self._turns.release(job)
 
     def _work(self, fn: Callable[[], Any], job: Job, call: Call) -> Any:
         if job.canceled():
             raise Canceled(CANCELED)
         self._turns.acquire(job)
+        text.step_aside_with(lambda: self._turns.aside(job))
         try:
             return fn()
         except EngineError:
@@ -355,6 +384,7 @@ class LocalEngine:
         except Exception as exc:  # a failure inside the ML library is the statement's error, not ours
             raise _as_engine_error("work", call, exc) from exc
         finally:
+            text.step_aside_with(None)
             self._turns.release(job)
 
     async def stream(self, call: Call) -> AsyncIterator[list[str]]:
@@ -369,12 +399,14 @@ class LocalEngine:
         def produce() -> None:
             try:
                 self._turns.acquire(job)
+                text.step_aside_with(lambda: self._turns.aside(job))
                 try:
                     for fragment in transform.stream(task, args or {}, inputs, ctx):
                         if job.is_set():  # also a checkpoint between fragments
                             break
                         loop.call_soon_threadsafe(queue.put_nowait, fragment)
                 finally:
+                    text.step_aside_with(None)
                     self._turns.release(job)
                 loop.call_soon_threadsafe(queue.put_nowait, _END)
             except BaseException as exc:  # handed to the reader

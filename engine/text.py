@@ -15,6 +15,7 @@ import json
 import threading
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -42,32 +43,45 @@ INIT_KWARGS = frozenset(
 )
 
 
-_held = threading.local()  # how many ModelLocks this thread holds
+_held = threading.local()  # this thread's way to step aside from its compute turn (set by engine.core)
 
 
 class ModelLock:
     """The lock of one loaded model (pipelines and fast tokenizers are not thread-safe).
 
-    While a thread holds one, its checkpoints keep the engine's compute turn: the job it
-    would hand the turn to may need the same model, and would then wait for this lock
-    while holding the turn this thread waits for.
+    A thread that must wait for it steps aside from its engine compute turn while it waits
+    (``engine.core`` installs how, per worker thread): the holder may have handed its turn to
+    this thread's job at a checkpoint and needs a turn back to finish and release the lock.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
 
     def __enter__(self) -> ModelLock:
-        self._lock.acquire()
-        _held.depth = getattr(_held, "depth", 0) + 1
+        if self._lock.acquire(blocking=False):
+            return self
+        aside: Callable[[], AbstractContextManager[None]] | None = getattr(_held, "aside", None)
+        if aside is None:
+            self._lock.acquire()
+            return self
+        got = False
+        try:
+            with aside():  # others compute meanwhile; the turn is taken again after (Canceled if canceled)
+                self._lock.acquire()
+                got = True
+        except BaseException:
+            if got:
+                self._lock.release()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        _held.depth -= 1
         self._lock.release()
 
 
-def holding_model_lock() -> bool:
-    return getattr(_held, "depth", 0) > 0
+def step_aside_with(aside: Callable[[], AbstractContextManager[None]] | None) -> None:
+    """Install (or with None remove) this worker thread's way to give up its turn while it waits for a model."""
+    _held.aside = aside
 
 
 class Context:

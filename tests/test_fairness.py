@@ -276,3 +276,40 @@ def test_engine_failures_are_logged_without_client_data(fair_proxy: ProxyProcess
     log = fair_proxy.log_text()
     assert "ValueError" in log and "pgml.embed" in log and MINILM in log and "38000" in log
     assert secret not in log and "Traceback" not in log
+
+
+def test_a_long_generation_under_its_model_lock_still_lets_others_go(
+    fair_proxy: ProxyProcess, baseline: Baseline, model_dir: Path
+) -> None:
+    """One slice of text-generation holds its model's lock for all its tokens; its checkpoints still hand
+    the turn to another session's call (which, needing the same model, would step aside while it waits)."""
+    if not (model_dir / "tiny-gpt2").exists():
+        tiny_gpt2(model_dir / "tiny-gpt2")
+    task = json.dumps({"task": "text-generation", "model": "tiny-gpt2"})
+    args = json.dumps({"max_new_tokens": 1500, "min_new_tokens": 1500, "batch_size": 8})
+    prompts = [f"the dog number {i}" for i in range(8)]  # one slice: one pass under the lock
+    sql = "SELECT pgml.transform(%s::jsonb, %s::jsonb, %s::text[])"
+    with psycopg.connect(fair_proxy.dsn(), autocommit=True) as conn:
+        conn.execute(sql, [task, json.dumps({"max_new_tokens": 2}), prompts[:1]]).fetchall()  # loads the model
+        started = time.perf_counter()
+        conn.execute(sql, [task, args, prompts]).fetchall()
+        alone = time.perf_counter() - started
+    assert alone > 6 * baseline.mini, f"the generation ({alone:.2f} s) is not much longer than a mini-batch"
+    result: dict[str, float] = {}
+
+    def run_a() -> None:
+        with psycopg.connect(fair_proxy.dsn(), autocommit=True) as a:
+            a.execute(sql, [task, args, prompts]).fetchall()
+            result["end"] = time.perf_counter()
+
+    thread = threading.Thread(target=run_a)
+    with psycopg.connect(fair_proxy.dsn(), autocommit=True) as b:
+        single(b)
+        thread.start()
+        time.sleep(min(alone / 4, 1.0))  # A's generation holds the model now
+        latency = single(b)
+        b_done = time.perf_counter()
+    thread.join(timeout=alone * 10 + 30)
+    assert not thread.is_alive() and "end" in result
+    assert b_done < result["end"], "B's call waited for A's whole generation"
+    assert latency < alone / 3, (latency, alone)
