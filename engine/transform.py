@@ -308,13 +308,30 @@ def rank(rows: list[tuple[Any, ...]], ctx: Context) -> list[Any]:
 
 
 def _rank(encoder: Any, query: str, documents: list[str], call: dict[str, Any], ctx: Context) -> list[Any]:
+    """CrossEncoder.rank over slices of the documents (a checkpoint between them), merged best first.
+
+    Scores are per (query, document) pair, so slicing changes none of them; the merge is a stable
+    sort as rank's own, so equal scores keep the documents' order; ``top_k`` applies to the whole.
+    """
     keep = bool(call.pop("return_documents", False))
+    top_k = call.pop("top_k", None)
     call["batch_size"] = ctx.batch_size(call.get("batch_size"))
-    try:
-        ranked = encoder.rank(query, documents, return_documents=keep, show_progress_bar=False, **call)
-    except (TypeError, ValueError) as exc:
-        raise InvalidArgument(f"invalid kwargs for rank: {exc}") from exc
-    return [(int(r["corpus_id"]), float(r["score"]), r["text"] if keep else None) for r in ranked]
+    step = max(4 * call["batch_size"], 64)
+    ranked: list[Any] = []
+    for start in range(0, len(documents), step):
+        ctx.check()
+        try:
+            part = encoder.rank(query, documents[start : start + step], return_documents=keep,
+                                show_progress_bar=False, **call)  # fmt: skip
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(f"invalid kwargs for rank: {exc}") from exc
+        ranked += [(int(r["corpus_id"]) + start, float(r["score"]), r["text"] if keep else None) for r in part]
+    ranked.sort(key=lambda r: r[1], reverse=True)
+    if top_k is not None:
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+            raise InvalidArgument(f"invalid kwargs for rank: top_k must be a non-negative integer, not {top_k!r}")
+        ranked = ranked[:top_k]
+    return ranked
 
 
 def _cross_encoder(name: str, init: dict[str, Any], ctx: Context) -> Any:

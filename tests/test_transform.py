@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from engine.api import Canceled, InvalidArgument, NotSupported, UnknownModel
@@ -434,3 +435,22 @@ def test_rank() -> None:
     assert null is None and empty == []
     with pytest.raises(InvalidArgument):
         rank([(MINILM, "q", ["a"], {"no_such_kwarg": 1})], ctx)
+
+
+def test_rank_of_many_documents_is_sliced_and_equals_one_rank() -> None:
+    """Ranked in slices (a checkpoint between them): the same scores, order and top_k as one rank call."""
+    from engine.transform import _cross_encoder
+
+    ctx = make_ctx()
+    words = "paris france dog cat postgres hello world capital lazy love".split()  # noqa: SIM905
+    documents = [" ".join(words[(i * k) % len(words)] for k in range(1, 5)) for i in range(300)]
+    sliced = rank([(MINILM, "capital of france", documents, {"top_k": 250, "return_documents": True})], ctx)[0]
+    whole = _cross_encoder(MINILM, {}, ctx).rank(  # the same loaded model (its head is random-initialised)
+        "capital of france", documents, top_k=250, return_documents=True, batch_size=32, show_progress_bar=False
+    )
+    assert len(sliced) == 250 == len(whole)
+    assert [r[0] for r in sliced] == [int(r["corpus_id"]) for r in whole]
+    np.testing.assert_allclose([r[1] for r in sliced], [float(r["score"]) for r in whole], rtol=1e-5, atol=1e-6)
+    assert all(text == documents[i] for i, _, text in sliced)
+    with pytest.raises(InvalidArgument, match="top_k"):
+        rank([(MINILM, "q", documents, {"top_k": "ten"})], ctx)
