@@ -140,16 +140,7 @@ class Turns:
         """Take a turn for ``job`` (in its worker thread); raises Canceled if canceled while waiting."""
         with self.lock:
             job.users += 1
-            if job.holding:
-                return
-            if not job.queued:
-                if self._free > 0:  # nobody waits whenever a turn is free
-                    self._free -= 1
-                    job.holding, job.since = True, time.monotonic()
-                    return
-                self.waiting.append(job)
-                job.queued = True
-            if not self._wait(job):
+            if not self._take(job):
                 job.users -= 1
                 raise Canceled(CANCELED)
 
@@ -202,19 +193,37 @@ class Turns:
         finally:
             if had:
                 with self.lock:
-                    if not job.holding and not job.queued:
-                        if self._free > 0:
-                            self._free -= 1
-                            job.holding, job.since = True, time.monotonic()
-                        else:
-                            self.waiting.append(job)
-                            job.queued = True
-                    if not job.holding and not self._wait(job):
+                    if not self._take(job):
                         raise Canceled(CANCELED)
+
+    @contextmanager
+    def held(self, job: Job) -> Iterator[None]:
+        """A turn for ``job`` in this worker thread for the block; a model lock it waits for meanwhile
+        makes it step :meth:`aside` (``engine.text.ModelLock``)."""
+        self.acquire(job)
+        text.step_aside_with(lambda: self.aside(job))
+        try:
+            yield
+        finally:
+            text.step_aside_with(None)
+            self.release(job)
 
     def wake(self) -> None:
         with self.lock:
             self.lock.notify_all()
+
+    def _take(self, job: Job) -> bool:
+        """Under the lock: a free turn for ``job``, else its place in the queue and the wait (see _wait)."""
+        if job.holding:
+            return True
+        if not job.queued:
+            if self._free > 0:  # nobody waits whenever a turn is free
+                self._free -= 1
+                job.holding, job.since = True, time.monotonic()
+                return True
+            self.waiting.append(job)
+            job.queued = True
+        return self._wait(job)
 
     def _wait(self, job: Job) -> bool:
         """Under the lock: until ``job`` holds a turn (True), or is canceled or done (False, out of the queue)."""
@@ -359,33 +368,25 @@ class LocalEngine:
             raise _as_engine_error("procedure", call, exc) from exc
 
     def _run(self, handler: Handler, rows: list[tuple[Any, ...]], ctx: text.Context, job: Job, call: Call) -> list[Any]:
-        self._turns.acquire(job)
-        text.step_aside_with(lambda: self._turns.aside(job))
-        try:
-            ctx.check()
-            return handler(rows, ctx)
-        except EngineError:
-            raise
-        except Exception as exc:  # a failure inside the ML library is the statement's error, not ours
-            raise _as_engine_error("handler", call, exc) from exc
-        finally:
-            text.step_aside_with(None)
-            self._turns.release(job)
+        with self._turns.held(job):
+            try:
+                ctx.check()
+                return handler(rows, ctx)
+            except EngineError:
+                raise
+            except Exception as exc:  # a failure inside the ML library is the statement's error, not ours
+                raise _as_engine_error("handler", call, exc) from exc
 
     def _work(self, fn: Callable[[], Any], job: Job, call: Call) -> Any:
         if job.canceled():
             raise Canceled(CANCELED)
-        self._turns.acquire(job)
-        text.step_aside_with(lambda: self._turns.aside(job))
-        try:
-            return fn()
-        except EngineError:
-            raise
-        except Exception as exc:  # a failure inside the ML library is the statement's error, not ours
-            raise _as_engine_error("work", call, exc) from exc
-        finally:
-            text.step_aside_with(None)
-            self._turns.release(job)
+        with self._turns.held(job):
+            try:
+                return fn()
+            except EngineError:
+                raise
+            except Exception as exc:  # a failure inside the ML library is the statement's error, not ours
+                raise _as_engine_error("work", call, exc) from exc
 
     async def stream(self, call: Call) -> AsyncIterator[list[str]]:
         """Fragments of one generation, produced in a worker thread and handed over through a queue."""
@@ -398,16 +399,11 @@ class LocalEngine:
 
         def produce() -> None:
             try:
-                self._turns.acquire(job)
-                text.step_aside_with(lambda: self._turns.aside(job))
-                try:
+                with self._turns.held(job):
                     for fragment in transform.stream(task, args or {}, inputs, ctx):
                         if job.is_set():  # also a checkpoint between fragments
                             break
                         loop.call_soon_threadsafe(queue.put_nowait, fragment)
-                finally:
-                    text.step_aside_with(None)
-                    self._turns.release(job)
                 loop.call_soon_threadsafe(queue.put_nowait, _END)
             except BaseException as exc:  # handed to the reader
                 loop.call_soon_threadsafe(queue.put_nowait, exc)

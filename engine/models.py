@@ -27,7 +27,7 @@ import shutil
 import tempfile
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -154,15 +154,20 @@ def confine_kwargs(init: dict[str, Any], config: EngineSection) -> dict[str, Any
     return out
 
 
-def _refuse_unsafe(value: Any, remote_code: bool) -> None:
-    """Walk ``value`` (dicts and lists, any depth): refuse code-loading and pickle-loading kwargs."""
+def _items(value: Any) -> Iterator[tuple[Any, Any]]:
+    """Every (key, value) pair of the dicts in ``value``, at any depth of dicts and lists."""
     if isinstance(value, list):
         for item in value:
-            _refuse_unsafe(item, remote_code)
-        return
-    if not isinstance(value, dict):
-        return
-    for key, item in value.items():
+            yield from _items(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield key, item
+            yield from _items(item)
+
+
+def _refuse_unsafe(value: Any, remote_code: bool) -> None:
+    """Refuse code-loading and pickle-loading kwargs anywhere in ``value``."""
+    for key, item in _items(value):
         if key == "trust_remote_code" and item not in (None, False) and not remote_code:
             raise InvalidArgument("trust_remote_code is not allowed", hint=REMOTE_CODE_HINT)
         if _unsafe_loading(key, item):
@@ -171,7 +176,6 @@ def _refuse_unsafe(value: Any, remote_code: bool) -> None:
                 detail="pgml-proxy loads model weights only from formats that cannot run code.",
                 hint=f'Remove "{key}" from the kwargs.',
             )
-        _refuse_unsafe(item, remote_code)
 
 
 def _confine(init: dict[str, Any], config: EngineSection) -> dict[str, Any]:
@@ -215,23 +219,14 @@ GENERATE_REFUSED = frozenset(
 def generation_kwargs(args: dict[str, Any]) -> dict[str, Any]:
     """``args`` for ``generate`` (or a generating pipeline), once no key of :data:`GENERATE_REFUSED` is in it
     at any depth (22023); every generate path of the engine passes its client args through this."""
-    _refuse_generate(args)
+    for key, _ in _items(args):
+        if key in GENERATE_REFUSED:
+            raise InvalidArgument(
+                f'the generation arg "{key}" is not allowed',
+                detail="Generation args cannot load code, models or files.",
+                hint=f'Remove "{key}" from the args.',
+            )
     return args
-
-
-def _refuse_generate(value: Any) -> None:
-    if isinstance(value, list):
-        for item in value:
-            _refuse_generate(item)
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            if key in GENERATE_REFUSED:
-                raise InvalidArgument(
-                    f'the generation arg "{key}" is not allowed',
-                    detail="Generation args cannot load code, models or files.",
-                    hint=f'Remove "{key}" from the args.',
-                )
-            _refuse_generate(item)
 
 
 # A hub id or a name under a model directory: segments of word characters, '.', '-' (not first).

@@ -101,7 +101,7 @@ class Loaded:
     model: Any
     tokenizer: Any
     pipe: Any = None
-    lock: ModelLock = field(default_factory=ModelLock)  # checkpoints keep the turn while it is held
+    lock: ModelLock = field(default_factory=ModelLock)  # a waiter steps aside from its compute turn
 
     @property
     def nbytes(self) -> int:  # what the ModelCache counts

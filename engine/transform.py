@@ -315,6 +315,8 @@ def _rank(encoder: Any, query: str, documents: list[str], call: dict[str, Any], 
     """
     keep = bool(call.pop("return_documents", False))
     top_k = call.pop("top_k", None)
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0):
+        raise InvalidArgument(f"invalid kwargs for rank: top_k must be a non-negative integer, not {top_k!r}")
     call["batch_size"] = ctx.batch_size(call.get("batch_size"))
     step = max(4 * call["batch_size"], 64)
     ranked: list[Any] = []
@@ -327,11 +329,7 @@ def _rank(encoder: Any, query: str, documents: list[str], call: dict[str, Any], 
             raise InvalidArgument(f"invalid kwargs for rank: {exc}") from exc
         ranked += [(int(r["corpus_id"]) + start, float(r["score"]), r["text"] if keep else None) for r in part]
     ranked.sort(key=lambda r: r[1], reverse=True)
-    if top_k is not None:
-        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
-            raise InvalidArgument(f"invalid kwargs for rank: top_k must be a non-negative integer, not {top_k!r}")
-        ranked = ranked[:top_k]
-    return ranked
+    return ranked if top_k is None else ranked[:top_k]
 
 
 def _cross_encoder(name: str, init: dict[str, Any], ctx: Context) -> Any:
