@@ -29,6 +29,7 @@ from typing import Any
 
 from engine.api import EngineError, InvalidArgument, NotSupported, PermissionDenied, UnknownModel
 from engine.models import configure_offline
+from engine.paths import Roots
 
 SCHEMA = "pgml"
 Columns = tuple[tuple[str, str], ...]
@@ -276,33 +277,6 @@ PROXY_OWNED = frozenset({"cache_dir", "download_config", "storage_options", "sav
 REMOTE_SCHEMES = frozenset({"http", "https", "hf"})  # fetched only with allow_downloads; never file://
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _MAGIC = re.compile(r"[*?\[]")  # glob characters (datasets resolves data_files with fsspec's glob)
-
-
-class Roots:
-    """``[engine] data_dirs``: as configured (made absolute) and resolved (symbolic links followed)."""
-
-    def __init__(self, dirs: Sequence[str]) -> None:
-        configured = [d for d in dirs if d]
-        self.real = tuple(os.path.realpath(d) for d in configured)
-        self.lexical = tuple(dict.fromkeys([*(os.path.abspath(d) for d in configured), *self.real]))
-
-    @property
-    def base(self) -> str | None:
-        """Where relative paths start: the first data directory (None: no local files at all)."""
-        return self.real[0] if self.real else None
-
-    def within(self, path: str) -> bool:
-        """``path`` (absolute, normalized) names something under a data directory, by its text alone."""
-        return any(_contains(root, path) for root in self.lexical)
-
-    def really_within(self, path: str) -> bool:
-        """``path`` with every symbolic link resolved (existing or not) lies under a resolved data directory."""
-        real = os.path.realpath(path)
-        return any(_contains(root, real) for root in self.real)
-
-
-def _contains(root: str, path: str) -> bool:
-    return path == root or path.startswith(root if root.endswith(os.sep) else root + os.sep)
 
 
 @dataclass(frozen=True)

@@ -28,11 +28,11 @@ import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
 from engine.api import InvalidArgument, PermissionDenied, UnknownModel
+from engine.paths import Roots, contains
 
 if TYPE_CHECKING:
     from proxy.config import EngineSection
@@ -59,21 +59,21 @@ def resolve(name: str, config: EngineSection) -> str:
     """
     if not isinstance(name, str) or not name:
         raise UnknownModel("a model name must be a non-empty string")
-    roots = _model_roots(config.model_dirs)
+    roots = Roots(config.model_dirs)
     if name.startswith("/") and _plain_path(name):
         path = os.path.normpath(name)
-        if any(_contains(root, path) for root in roots.lexical):
-            found = _confined_dir(path, roots.real)
+        if roots.within(path):
+            found = _confined_dir(path, roots)
             if found is not None:
                 return found
-        elif _OWNED.root is not None and _contains(_OWNED.root, path):
-            found = _confined_dir(path, (_OWNED.root,))
+        elif _OWNED.root is not None and contains(_OWNED.root, path):
+            found = _confined_dir(path, Roots((_OWNED.root,)))
             if found is not None:
                 return found
     elif _plain_name(name):
         for base in roots.real:
             for candidate in dict.fromkeys((os.path.join(base, name), os.path.join(base, name.rsplit("/", 1)[-1]))):
-                found = _confined_dir(candidate, roots.real)
+                found = _confined_dir(candidate, roots)
                 if found is not None:
                     return found
         packaged = _packaged(name)
@@ -249,26 +249,10 @@ def _plain_path(path: str) -> bool:
     )
 
 
-@dataclass(frozen=True)
-class _Roots:
-    lexical: tuple[str, ...]  # as configured (made absolute) and resolved
-    real: tuple[str, ...]
-
-
-def _model_roots(dirs: tuple[str, ...]) -> _Roots:
-    real = tuple(os.path.realpath(d) for d in dirs if d)
-    lexical = tuple(dict.fromkeys([*(os.path.abspath(d) for d in dirs if d), *real]))
-    return _Roots(lexical, real)
-
-
-def _contains(root: str, path: str) -> bool:
-    return path == root or path.startswith(root if root.endswith(os.sep) else root + os.sep)
-
-
-def _confined_dir(path: str, roots: tuple[str, ...]) -> str | None:
+def _confined_dir(path: str, roots: Roots) -> str | None:
     """The resolved directory ``path``, when it (links resolved) lies inside one of ``roots``."""
     real = os.path.realpath(path)
-    if any(_contains(root, real) for root in roots) and os.path.isdir(real):
+    if roots.really_within(path) and os.path.isdir(real):
         return real
     return None
 
