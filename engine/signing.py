@@ -44,12 +44,20 @@ _lock = threading.Lock()
 
 def message(database: str, project_id: int, model_id: int, path: str, data: bytes) -> bytes:
     """The bytes a signature covers: every field as an 8-byte big-endian length and its bytes."""
+    return _head(database, project_id, model_id, path, len(data)) + bytes(data)
+
+
+def _head(database: str, project_id: int, model_id: int, path: str, size: int) -> bytes:
+    """:func:`message` up to the artifact's bytes (its length word included)."""
     fields = (VERSION, database.encode(), str(int(project_id)).encode(), str(int(model_id)).encode(), path.encode())
-    return b"".join(len(f).to_bytes(8, "big") + f for f in (*fields, bytes(data)))
+    return b"".join(len(f).to_bytes(8, "big") + f for f in fields) + size.to_bytes(8, "big")
 
 
 def sign(key: bytes, database: str, project_id: int, model_id: int, path: str, data: bytes) -> bytes:
-    return hmac.new(key, message(database, project_id, model_id, path, data), hashlib.sha256).digest()
+    """HMAC-SHA256 of :func:`message`, fed in two parts so a large artifact is not copied."""
+    mac = hmac.new(key, _head(database, project_id, model_id, path, len(data)), hashlib.sha256)
+    mac.update(data)
+    return mac.digest()
 
 
 def verify(
