@@ -36,6 +36,8 @@ class Site:
     ctes: list[ast.CommonTableExpr] = field(default_factory=list)
     nested_in: Site | None = None
     in_join: bool = False
+    recursive: bool = False  # a visible WITH is WITH RECURSIVE (its CTEs may read themselves)
+    output: bool = False  # the whole expression of an output column of the outermost SELECT (set by the planner)
 
 
 def pgml_function(call: ast.FuncCall) -> str | None:
@@ -51,7 +53,7 @@ def find_calls(root: ast.Node) -> list[Site]:
     """Every engine-evaluated pgml call under ``root``, outermost first."""
     sites: list[Site] = []
     try:
-        _walk(root, None, "", [], None, None, False, sites)
+        _walk(root, None, "", ([], False), None, None, False, sites)
     except RecursionError:  # expressions nested deeper than Python recurses: the server's 54001, here
         raise StatementTooComplex.nesting() from None
     return sites
@@ -61,7 +63,7 @@ def _walk(
     node: Any,
     stmt: ast.Node | None,
     clause: str,
-    ctes: list[ast.CommonTableExpr],
+    ctes: tuple[list[ast.CommonTableExpr], bool],
     range_function: ast.RangeFunction | None,
     enclosing: Site | None,
     in_join: bool,
@@ -76,14 +78,14 @@ def _walk(
     if isinstance(node, STATEMENTS):
         with_clause = getattr(node, "withClause", None)
         if with_clause is not None and with_clause.ctes:
-            ctes = [*ctes, *with_clause.ctes]
+            ctes = ([*ctes[0], *with_clause.ctes], ctes[1] or bool(with_clause.recursive))
         for member in node:
             _walk(getattr(node, member), node, member, ctes, None, enclosing, False, sites)
         return
     if isinstance(node, ast.FuncCall):
         function = pgml_function(node)
         if function is not None:
-            site = Site(node, function, stmt, clause, range_function, ctes, enclosing, in_join)
+            site = Site(node, function, stmt, clause, range_function, ctes[0], enclosing, in_join, ctes[1])
             sites.append(site)
             enclosing = site
     rf = node if isinstance(node, ast.RangeFunction) else range_function

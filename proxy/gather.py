@@ -1,19 +1,28 @@
 """The query that reads the distinct argument tuples of a per-row ``pgml.*`` call.
 
 Owns: building ``SELECT DISTINCT <arguments> FROM …`` over the rows the call's
-statement sees (its FROM, WHERE, GROUP BY, CTEs), for calls in a SELECT, UPDATE,
-DELETE, a JOIN condition, or a set-returning call in FROM that reads other FROM items.
+statement sees (its FROM, WHERE, GROUP BY, HAVING, and the CTEs those read), for calls
+in a SELECT, UPDATE, DELETE, VALUES, a JOIN condition, or a set-returning call in FROM
+that reads other FROM items; arguments that read no row (scalar subqueries, CTE
+lookups, expressions over parameters) give a query with no FROM: one row.
+
+Which CTEs a gather query carries: only those it reads, directly or through other CTEs,
+so a data-modifying CTE of the statement never runs twice. Every part of one statement
+sees the same snapshot (PostgreSQL docs, "Data-Modifying Statements in WITH"), so rows
+read before the statement runs are the rows it reads — except the RETURNING rows of a
+data-modifying CTE, which exist only once it ran: a call reading those is refused (0A000).
 
 Must not: run anything or change the statement; the nodes it reuses stay shared.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from pglast import ast, visitors
 
-from proxy.calls import Site, bind, pgml_function
+from proxy.calls import STATEMENTS, Site, bind
 from proxy.errors import FeatureNotSupported
 
 
@@ -34,8 +43,7 @@ def _gather_join(site: Site, targets: tuple[ast.ResTarget, ...], args: list[ast.
             f"pgml.{site.function}() in a JOIN condition needs arguments from one table, qualified by its name",
             hint="Write e.g. JOIN b ON pgml.f(…, a.col) …, with every column prefixed by the same table alias.",
         )
-    with_clause = ast.WithClause(ctes=tuple(site.ctes), recursive=False) if site.ctes else None
-    return ast.SelectStmt(distinctClause=(None,), targetList=targets, fromClause=(tables[0],), withClause=with_clause)
+    return _select(site, targets, from_clause=(tables[0],))
 
 
 def _range_vars(node: Any) -> list[ast.RangeVar]:
@@ -55,7 +63,10 @@ def _visible_name(table: ast.RangeVar) -> str | None:
 
 
 def _gather_lateral(site: Site, targets: tuple[ast.ResTarget, ...]) -> ast.SelectStmt:
-    """A set-returning call in FROM whose arguments come from the other FROM items (implicitly LATERAL)."""
+    """A set-returning call in FROM whose arguments come from the other FROM items (implicitly LATERAL).
+
+    With no other FROM item (``FROM pgml.chunk((SELECT …), (SELECT …))``) the arguments read no row: one row.
+    """
     stmt, rf = site.stmt, site.range_function
     items = getattr(stmt, "fromClause", None) or ()
     if not isinstance(stmt, ast.SelectStmt) or not any(item is rf for item in items):
@@ -67,13 +78,10 @@ def _gather_lateral(site: Site, targets: tuple[ast.ResTarget, ...]) -> ast.Selec
         raise FeatureNotSupported(f"pgml.{site.function}() in ROWS FROM or WITH ORDINALITY")
     others = tuple(item for item in items if item is not rf)
     if not others:
-        raise FeatureNotSupported(f"pgml.{site.function}() in FROM refers to columns of no other FROM item")
-    with_clause = ast.WithClause(ctes=tuple(site.ctes), recursive=False) if site.ctes else None
+        return _select(site, targets)
     # The WHERE clause narrows the rows unless it refers to the call's own output (then: all rows, a superset).
     where = stmt.whereClause if not _mentions_output(stmt.whereClause, site) else None
-    return ast.SelectStmt(
-        distinctClause=(None,), targetList=targets, fromClause=others, whereClause=where, withClause=with_clause
-    )
+    return _select(site, targets, from_clause=others, where=where)
 
 
 def _mentions_output(node: ast.Node | None, site: Site) -> bool:
@@ -100,54 +108,116 @@ def _output_columns(site: Site) -> tuple[tuple[str, str], ...]:
     return next((s.columns for s in bind(site)[0] if s.columns), ())
 
 
-def _without_calls(node: Any) -> Any:
-    """``node``, or None when it holds a pgml call of its own (replaced later: the rows are then a superset)."""
-    if node is None:
+def _select(
+    site: Site,
+    targets: tuple[ast.ResTarget, ...],
+    *,
+    from_clause: tuple[ast.Node, ...] | None = None,
+    where: ast.Node | None = None,
+    group: tuple[ast.Node, ...] | None = None,
+    having: ast.Node | None = None,
+) -> ast.SelectStmt:
+    stmt = ast.SelectStmt(
+        distinctClause=(None,),
+        targetList=targets,
+        fromClause=from_clause or None,
+        whereClause=where,
+        groupClause=group or None,
+        havingClause=having,
+    )
+    stmt.withClause = _with_clause(site, stmt)
+    return stmt
+
+
+def _with_clause(site: Site, query: ast.SelectStmt) -> ast.WithClause | None:
+    """The visible CTEs ``query`` reads, directly or through each other, in their original order."""
+    by_name = {cte.ctename: cte for cte in site.ctes}  # later definitions (inner WITH) shadow outer ones
+    needed: dict[str, ast.CommonTableExpr] = {}
+    todo = list(_unqualified_relations(query))
+    while todo:
+        name = todo.pop()
+        cte = by_name.get(name)
+        if cte is None or name in needed:
+            continue
+        needed[name] = cte
+        todo.extend(_unqualified_relations(cte.ctequery))
+    if not needed:
         return None
-    found = False
+    for name, cte in needed.items():
+        if not isinstance(cte.ctequery, ast.SelectStmt):
+            raise FeatureNotSupported(
+                f"pgml.{site.function}() with arguments read from the RETURNING rows of the data-modifying"
+                f' WITH query "{name}"',
+                hint="Those rows exist only once the statement ran: run the data-modifying statement first"
+                " (RETURNING into a temporary table, or a separate statement), then call pgml on its rows.",
+            )
+    ordered = tuple(cte for cte in site.ctes if needed.get(cte.ctename or "") is cte)
+    return ast.WithClause(ctes=ordered, recursive=site.recursive)
 
-    class Calls(visitors.Visitor):
-        def visit_FuncCall(self, ancestors: Any, call: ast.FuncCall) -> None:
-            nonlocal found
-            found = found or pgml_function(call) is not None
 
-    Calls()(ast.ResTarget(val=node) if not isinstance(node, tuple) else ast.SelectStmt(groupClause=node))
-    return None if found else node
+def _unqualified_relations(node: Any) -> Iterator[str]:
+    """Names of schema-less relations referenced anywhere under ``node`` (candidates for CTE references)."""
+    if isinstance(node, tuple | list):
+        for item in node:
+            yield from _unqualified_relations(item)
+        return
+    if not isinstance(node, ast.Node):
+        return
+    if isinstance(node, ast.RangeVar) and node.schemaname is None and node.relname:
+        yield node.relname
+    for member in node:
+        yield from _unqualified_relations(getattr(node, member))
 
 
 def gather_statement(site: Site, args: list[ast.Node]) -> ast.SelectStmt:
-    """``SELECT DISTINCT <args> FROM …`` over the rows the call's statement sees."""
+    """``SELECT DISTINCT <args> FROM …`` over the rows the call's statement sees.
+
+    Other pgml calls the query would contain (in WHERE, in a CTE it reads, in a derived
+    table) must have been replaced already: the rewriter evaluates calls inside-out.
+    """
     stmt, clause = site.stmt, site.clause
-    if site.range_function is not None:
-        return _gather_lateral(site, tuple(ast.ResTarget(val=a) for a in args))
-    if site.in_join:
-        return _gather_join(site, tuple(ast.ResTarget(val=a) for a in args), args)
-    if any(not isinstance(cte.ctequery, ast.SelectStmt) for cte in site.ctes):
-        raise FeatureNotSupported("per-row pgml calls in a statement with a data-modifying WITH query")
     targets = tuple(ast.ResTarget(val=a) for a in args)
-    with_clause = ast.WithClause(ctes=tuple(site.ctes), recursive=False) if site.ctes else None
-    where = None if clause == "whereClause" else _without_calls(getattr(stmt, "whereClause", None))
+    if site.range_function is not None:
+        return _gather_lateral(site, targets)
+    if site.in_join:
+        return _gather_join(site, targets, args)
     match stmt:
         case ast.SelectStmt(valuesLists=values) if values:
-            return ast.SelectStmt(targetList=targets, withClause=with_clause)
+            return _select(site, targets)
+        case None:
+            return _select(site, targets)
         case ast.SelectStmt():
-            return ast.SelectStmt(
-                distinctClause=(None,),
-                targetList=targets,
-                fromClause=stmt.fromClause,
-                whereClause=where,
-                groupClause=None if clause == "groupClause" else _without_calls(stmt.groupClause),
-                havingClause=None if clause == "havingClause" else _without_calls(stmt.havingClause),
-                withClause=with_clause,
+            # A call in WHERE is evaluated for the rows of FROM; one in GROUP BY for those rows too; one in
+            # HAVING for the groups; one in the SELECT list, ORDER BY or DISTINCT ON for the groups that pass.
+            skip_where = clause == "whereClause"
+            skip_group = clause in ("whereClause", "groupClause")
+            skip_having = clause in ("whereClause", "groupClause", "havingClause")
+            return _select(
+                site,
+                targets,
+                from_clause=stmt.fromClause,
+                where=None if skip_where else stmt.whereClause,
+                group=None if skip_group else stmt.groupClause,
+                having=None if skip_having else stmt.havingClause,
             )
-        case ast.UpdateStmt():
+        case ast.UpdateStmt() if clause in ("targetList", "whereClause"):
             sources = (stmt.relation, *(stmt.fromClause or ()))
-            return ast.SelectStmt(distinctClause=(None,), targetList=targets, fromClause=sources, whereClause=where,
-                                  withClause=with_clause)  # fmt: skip
-        case ast.DeleteStmt():
-            sources = (stmt.relation, *(stmt.usingClause or ()))
-            return ast.SelectStmt(distinctClause=(None,), targetList=targets, fromClause=sources, whereClause=where,
-                                  withClause=with_clause)  # fmt: skip
+            where = None if clause == "whereClause" else stmt.whereClause
+            return _select(site, targets, from_clause=sources, where=where)
+        case ast.DeleteStmt(relation=ast.RangeVar() as relation) if clause == "whereClause":
+            return _select(site, targets, from_clause=(relation, *(stmt.usingClause or ())))
     raise FeatureNotSupported(
-        f"pgml.{site.function}() with column arguments is not supported in this part of a statement ({clause})"
+        f"pgml.{site.function}() with column arguments is not supported in this part of a statement ({clause})",
+        hint="Compute the value in a SELECT list (a subquery or CTE) and refer to it here.",
     )
+
+
+def reads(site: Site, args: list[ast.Node]) -> Iterator[ast.Node]:
+    """The nodes the gather query of ``site`` contains (for finding the calls it must wait for)."""
+    try:
+        yield gather_statement(site, args)
+    except FeatureNotSupported:  # reported when the call is evaluated
+        yield from args
+
+
+__all__ = ["STATEMENTS", "gather_statement", "reads"]

@@ -26,38 +26,62 @@ from pglast import ast, parse_sql, visitors
 from pglast.stream import RawStream
 
 from engine.api import Call, Engine, Signature
+from proxy import gather
 from proxy.calls import DEFAULT, Site, bind, find_calls
 from proxy.errors import FeatureNotSupported, ProxyError, UndefinedFunction
-from proxy.gather import gather_statement
 from proxy.internal import Port, Statement, query
 from proxy.literals import NOT_CONSTANT, fold, from_text, is_constant, literal, quote_element, text_const, to_text
 
-# Type OIDs of gathered arguments -> the catalogue's type names (and the key column type).
+# Type OIDs of gathered arguments -> how their text is read (the catalogue's type names) ...
 OID_TYPES = {
     25: "text", 1043: "text", 1042: "text", 19: "text", 705: "text",
-    1009: "text[]", 1015: "text[]", 3802: "jsonb", 114: "jsonb",
+    1009: "text[]", 1015: "text[]", 1014: "text[]", 1003: "text[]", 3802: "jsonb", 114: "jsonb",
+    3807: "jsonb[]", 199: "jsonb[]",
     20: "bigint", 23: "bigint", 21: "bigint", 16: "boolean",
     700: "real", 701: "double precision", 1021: "real[]", 1022: "double precision[]",
     1005: "bigint[]", 1007: "bigint[]", 1016: "bigint[]", 1000: "boolean[]", 1700: "double precision",
     1231: "double precision[]", 2249: "record",
 }  # fmt: skip
+# ... and what PostgreSQL calls them, for choosing the overload (record: any row, matched by the "record" param).
+SOURCE_TYPES = {
+    **OID_TYPES, 1043: "varchar", 1042: "bpchar", 19: "name", 114: "json", 199: "json[]", 1015: "varchar[]",
+    1014: "bpchar[]", 1003: "name[]", 23: "integer", 21: "smallint", 1007: "integer[]", 1005: "smallint[]",
+    1700: "numeric", 1231: "numeric[]",
+}  # fmt: skip
 # Key columns keep the argument's own type, so the lookup compares like with like.
 KEY_TYPES = {
     25: "text", 1043: "varchar", 1042: "bpchar", 19: "name", 705: "text", 114: "jsonb", 21: "smallint",
     23: "integer", 1005: "smallint[]", 1007: "integer[]", 1700: "numeric", 1231: "numeric[]", 2249: "text",
+    199: "jsonb[]",
 }  # fmt: skip
 RECORD_OID = 2249  # records have no equality a table column can hold: their text is the key
 _temp_ids = itertools.count(1)
 
 
-class Replacer(visitors.Visitor):
-    """Swaps nodes by identity: FuncCall/RangeFunction/ParamRef -> replacement."""
+def replace_nodes(root: Any, replacements: Mapping[int, ast.Node]) -> Any:
+    """Swap nodes by identity (FuncCall/RangeFunction -> replacement) everywhere under ``root``, in place.
 
-    def __init__(self, replacements: dict[int, ast.Node]) -> None:
-        self.replacements = replacements
+    Returns ``root`` itself, or its replacement. Lists of lists (``VALUES`` rows) are walked too.
+    """
+    if not replacements:
+        return root
 
-    def visit(self, ancestors: Any, node: ast.Node) -> Any:
-        return self.replacements.get(id(node))
+    def swap(value: Any) -> Any:
+        if isinstance(value, tuple):
+            items = tuple(swap(v) for v in value)
+            return items if any(a is not b for a, b in zip(items, value, strict=True)) else value
+        if isinstance(value, ast.Node):
+            replacement = replacements.get(id(value))
+            if replacement is not None:
+                return replacement
+            for member in value:
+                old = getattr(value, member)
+                new = swap(old)
+                if new is not old:
+                    setattr(value, member, new)
+        return value
+
+    return swap(root)
 
 
 def deparse(node: ast.Node) -> str:
@@ -66,7 +90,7 @@ def deparse(node: ast.Node) -> str:
 
 @dataclass
 class Analysis:
-    """A parsed statement string and the pgml calls found in each statement."""
+    """A parsed statement string and the pgml calls found in each statement (one list per statement)."""
 
     stmts: tuple[ast.RawStmt, ...]
     sites: list[list[Site]]
@@ -82,40 +106,99 @@ def analyze(sql: str) -> Analysis | None:
         stmts = parse_sql(sql)
     except ParseError:
         return None
-    sites = [find_calls(raw.stmt) for raw in stmts if raw.stmt is not None]
+    sites = [find_calls(raw.stmt) if raw.stmt is not None else [] for raw in stmts]
     return Analysis(stmts, sites) if any(sites) else None
 
 
 async def rewrite(analysis: Analysis, engine: Engine, port: Port, *, dependent_ok: bool) -> str | None:
     """Evaluate every call and return the rewritten SQL (the analysis' tree is changed in place).
 
-    None: the statements were run here already (a per-row call after the first statement of a
-    query string); the client has every answer but the final ReadyForQuery.
+    Calls are evaluated inside-out, in rounds: a call waits while its arguments, or the rows its
+    arguments are read from (a WHERE, a CTE, a derived table), still contain another pgml call; so
+    no query the proxy sends contains one. The statements of a string are taken in order.
+
+    None: the statements were run here already (a call after the first statement of a query string
+    needed the server: the statements before it ran first, with their answers going to the client);
+    the client has every answer but the final ReadyForQuery.
     """
-    stmts, per_stmt = analysis.stmts, analysis.sites
+    stmts = analysis.stmts
+    for raw, sites in zip(stmts, analysis.sites, strict=True):
+        _keep_column_names(raw.stmt, sites)
+        top = raw.stmt.targetList if isinstance(raw.stmt, ast.SelectStmt) else None
+        outputs = {id(t.val) for t in top or ()}
+        for site in sites:
+            site.output = id(site.call) in outputs
+    ran = 0  # statements of the string already run on the session (visibly), once one needed the server
+
+    async def before_query(index: int) -> None:
+        nonlocal ran
+        if ran == 0 and index > 0:
+            await _run_visible(stmts[:index], port, finish=False)
+            ran = index
+
+    for index, (raw, sites) in enumerate(zip(stmts, analysis.sites, strict=True)):
+        pending = list(sites)
+        while pending:
+            ready = [site for site in pending if not _waits(site, pending)]
+            if not ready:
+                raise FeatureNotSupported("pgml calls whose arguments depend on each other's results")
+            replacements = await _evaluate(ready, engine, port, dependent_ok, functools.partial(before_query, index))
+            raw.stmt = replace_nodes(raw.stmt, replacements)
+            pending = [site for site in pending if site not in ready]
+        if ran:
+            await _run_visible((raw,), port, finish=index == len(stmts) - 1)
+            ran = index + 1
+    return None if ran else deparse_all(stmts)
+
+
+def _waits(site: Site, pending: list[Site]) -> bool:
+    """Whether ``site`` must wait for another pending call: one inside its arguments or the rows they read."""
+    others = {id(other.call) for other in pending if other is not site}
+    if not others:
+        return False
+    args = [a for a in site.call.args or ()]
+    regions: list[Any] = list(args)
+    if not constant_call(site):
+        _, slots = bind(site)
+        regions.extend(gather.reads(site, [s for s in slots if s is not DEFAULT and not is_constant(s)]))
+    return any(id(node) in others for node in _calls_under(regions))
+
+
+def _calls_under(node: Any) -> Any:
+    if isinstance(node, tuple | list):
+        for item in node:
+            yield from _calls_under(item)
+        return
+    if not isinstance(node, ast.Node):
+        return
+    if isinstance(node, ast.FuncCall):
+        yield node
+    for member in node:
+        yield from _calls_under(getattr(node, member))
+
+
+async def _evaluate(
+    ready: list[Site], engine: Engine, port: Port, dependent_ok: bool, before_query: Any
+) -> dict[int, ast.Node]:
+    """One round: procedures one by one in statement order, constants one batch per overload, then the rest."""
     replacements: dict[int, ast.Node] = {}
     constant: dict[int, list[tuple[Site, tuple[Any, ...]]]] = defaultdict(list)  # by id(signature)
     signature_of: dict[int, Signature] = {}
     dependent: list[tuple[Site, list[Signature], list[Any]]] = []
-    first_dependent = len(stmts)
-    for index, sites in enumerate(per_stmt):
-        for site in sites:
-            if site.nested_in is not None:
-                raise FeatureNotSupported(f"pgml.{site.function}() inside another pgml call's arguments")
-            candidates, slots = bind(site)
-            folded = _fold(candidates, slots)
-            if folded is not None:
-                constant[id(folded[0])].append((site, folded[1]))
-                signature_of[id(folded[0])] = folded[0]
-                continue
-            if not dependent_ok:
-                raise FeatureNotSupported(
-                    f"pgml.{site.function}() with column or parameter arguments is not supported in the extended"
-                    " query protocol yet",
-                    hint="Pass constant arguments, or use the simple query protocol for per-row calls.",
-                )
-            dependent.append((site, candidates, slots))
-            first_dependent = min(first_dependent, index)
+    for site in ready:
+        candidates, slots = bind(site)
+        folded = _fold(candidates, slots)
+        if folded is not None:
+            constant[id(folded[0])].append((site, folded[1]))
+            signature_of[id(folded[0])] = folded[0]
+            continue
+        if not dependent_ok:
+            raise FeatureNotSupported(
+                f"pgml.{site.function}() with column or parameter arguments is not supported in the extended"
+                " query protocol yet",
+                hint="Pass constant arguments, or use the simple query protocol for per-row calls.",
+            )
+        dependent.append((site, candidates, slots))
     # Procedures (train, deploy, load_dataset…) first, one call at a time in statement order:
     # what they change (a deployment, a table) is what the other calls of the statement see.
     procedures = [(signature_of[k], e) for k, entries in constant.items() for e in entries if signature_of[k].procedure]
@@ -129,37 +212,20 @@ async def rewrite(analysis: Analysis, engine: Engine, port: Port, *, dependent_o
         results = await engine.evaluate(_call(sig, [values for _, values in entries], port))
         for (site, _), result in zip(entries, results, strict=True):
             replacements.update(_constant_replacement(site, sig, result))
-    if 0 < first_dependent < len(stmts):
-        # A per-row call reads rows the earlier statements of the string may change: those run first,
-        # their answers going to the client, in one implicit transaction with the rest (run here too).
-        await _run_visible(stmts[:first_dependent], replacements, port, finish=False)
-        for site, candidates, slots in dependent:
-            replacements.update(await _dependent_replacement(site, candidates, slots, engine, port))
-        await _run_visible(stmts[first_dependent:], replacements, port, finish=True)
-        return None
     for site, candidates, slots in dependent:
+        await before_query()
         replacements.update(await _dependent_replacement(site, candidates, slots, engine, port))
-    return _replaced(stmts, replacements)
+    return replacements
 
 
-def _replaced(stmts: tuple[ast.RawStmt, ...], replacements: dict[int, ast.Node]) -> str:
-    for raw in stmts:
-        if raw.stmt is not None:
-            _keep_column_names(raw.stmt, replacements)
-    Replacer(replacements)(stmts)
-    return deparse_all(stmts)
-
-
-async def _run_visible(
-    stmts: tuple[ast.RawStmt, ...], replacements: dict[int, ast.Node], port: Port, *, finish: bool
-) -> None:
-    """The client's own statements, run by the proxy with their answers going to the client."""
+async def _run_visible(stmts: tuple[ast.RawStmt, ...], port: Port, *, finish: bool) -> None:
+    """The client's own statements (rewritten already), run by the proxy with their answers going to the client."""
     if any(isinstance(raw.stmt, ast.CopyStmt) for raw in stmts):
         raise FeatureNotSupported(
             "COPY in a query string with a per-row pgml call after its first statement",
             hint="Send the COPY on its own.",
         )
-    texts = [_replaced((raw,), replacements) for raw in stmts if raw.stmt is not None]
+    texts = [deparse(raw) for raw in stmts if raw.stmt is not None]
     await port.execute([Statement(sql, visible=True) for sql in texts], keep_open=not finish, finish=finish)
 
 
@@ -177,13 +243,14 @@ def cacheable(analysis: Analysis) -> bool:
 
 
 def constant_only(analysis: Analysis) -> bool:
-    """True when every call's arguments are constants (no columns, no $n)."""
-    for sites in analysis.sites:
-        for site in sites:
-            candidates, slots = bind(site)
-            if _fold(candidates, slots) is None:
-                return False
-    return True
+    """True when every call's arguments are constants (no columns, no $n, no other pgml call)."""
+    return all(constant_call(site) for sites in analysis.sites for site in sites)
+
+
+def constant_call(site: Site) -> bool:
+    """Whether the call's arguments are all constants under one of its overloads."""
+    candidates, slots = bind(site)
+    return _fold(candidates, slots) is not None
 
 
 def fold_call(candidates: list[Signature], slots: list[Any]) -> tuple[Signature, tuple[Any, ...]] | None:
@@ -219,17 +286,52 @@ def _fold(candidates: list[Signature], slots: list[Any]) -> tuple[Signature, tup
 
 
 def _constant_replacement(site: Site, sig: Signature, result: Any) -> dict[int, ast.Node]:
+    rf = site.range_function
     if not sig.returns_set:
-        return {id(site.call): literal(result, sig.returns)}
+        value = literal(result, sig.returns)
+        if rf is None:
+            return {id(site.call): value}
+        # A call in FROM is a one-row relation whose column is named as PostgreSQL names it.
+        alias, columns = _from_columns(site, sig)
+        targets = [ast.ResTarget(val=value)]
+        if rf.ordinality:
+            targets.append(ast.ResTarget(val=literal(1, "bigint")))
+        select = ast.SelectStmt(targetList=tuple(targets))
+        return {id(rf): ast.RangeSubselect(lateral=False, subquery=_named(select, columns), alias=alias)}
     rows = [] if result is None else [r if isinstance(r, tuple) else (r,) for r in result]
-    if site.range_function is not None:
-        rf = site.range_function
-        if len(rf.functions or ()) != 1 or rf.ordinality:
-            raise FeatureNotSupported(f"pgml.{sig.function}() in ROWS FROM or WITH ORDINALITY")
-        subquery = _rows_select(sig, rows)
-        alias = rf.alias or ast.Alias(aliasname=sig.function)
+    if rf is not None:
+        alias, columns = _from_columns(site, sig)
+        subquery = _named(_rows_select(sig, rows, ordinality=bool(rf.ordinality)), columns)
         return {id(rf): ast.RangeSubselect(lateral=False, subquery=subquery, alias=alias)}
-    return {id(site.call): _unnest(sig, text_const(_array_text(sig, rows)))}
+    return {id(site.call): _unnest(sig, text_const(_array_text(sig, rows)), as_record=site.output)}
+
+
+def _from_columns(site: Site, sig: Signature) -> tuple[ast.Alias, list[str]]:
+    """The FROM item's alias and its column names as PostgreSQL gives them for the original call.
+
+    A function of a base type has one column named by the column alias, else the table alias, else the
+    function; a row type's columns are its declared names, overridden in order by column aliases;
+    ``WITH ORDINALITY`` adds ``ordinality`` (or the next column alias).
+    """
+    rf = site.range_function
+    assert rf is not None
+    if len(rf.functions or ()) != 1:
+        raise FeatureNotSupported(f"pgml.{sig.function}() in ROWS FROM")
+    declared = [name for name, _ in sig.columns] if sig.columns else [sig.function]
+    if rf.ordinality:
+        declared.append("ordinality")
+    given = [str(c.sval) for c in rf.alias.colnames or ()] if rf.alias is not None else []
+    if rf.alias is not None and not given and len(sig.columns) <= 1:
+        given = [str(rf.alias.aliasname)]
+    names = [given[i] if i < len(given) else name for i, name in enumerate(declared)]
+    return ast.Alias(aliasname=rf.alias.aliasname if rf.alias is not None else sig.function), names
+
+
+def _named(select: Any, names: list[str]) -> Any:
+    """Name a generated SELECT's output columns (identifiers set on the AST, never pasted into SQL)."""
+    for target, name in zip(select.targetList, names, strict=True):
+        target.name = name
+    return select
 
 
 def _array_text(sig: Signature, rows: list[tuple[Any, ...]]) -> str:
@@ -239,21 +341,39 @@ def _array_text(sig: Signature, rows: list[tuple[Any, ...]]) -> str:
     return "{" + ",".join(quote_element(to_text(tuple(r), "record")) for r in rows) + "}"
 
 
-def _unnest(sig: Signature, array: ast.Node) -> Any:
-    """A set-returning expression for a SELECT list: ``unnest(array)``, cast back to the column type."""
+def _unnest(sig: Signature, array: ast.Node, as_record: bool = False) -> Any:
+    """A set-returning expression for a SELECT list: ``unnest(array)``, cast back to the column type.
+
+    Row types are ``record`` in a client's output column, as PostgreSQL types a call of a function
+    returning TABLE(…); inside the statement they keep their row type, so ``(x).chunk`` still works.
+    """
     if len(sig.columns) == 1:
         template = f"SELECT CAST(unnest(CAST($1 AS text[])) AS {sig.columns[0][1]})"
+    elif as_record:
+        template = f"SELECT {_row_of(sig, f'CAST($1 AS pgml.{sig.function}_result[])')}"
     else:
         template = f"SELECT unnest(CAST($1 AS pgml.{sig.function}_result[]))"
     return _fill(template, {1: array})
 
 
-def _rows_select(sig: Signature, rows: list[tuple[Any, ...]]) -> Any:
-    names = [name for name, _ in sig.columns]
-    cols = ", ".join(f"CAST(u.c{i} AS {t}) AS {n}" for i, (n, t) in enumerate(sig.columns))
-    arrays = ", ".join(f"CAST(${i + 1} AS text[])" for i in range(len(names)))
-    aliases = ", ".join(f"c{i}" for i in range(len(names)))
-    template = f"SELECT {cols} FROM unnest({arrays}) WITH ORDINALITY AS u({aliases}, ord) ORDER BY u.ord"
+def _row_of(sig: Signature, array: str) -> str:
+    """``ROW((unnest(a)).c1, (unnest(a)).c2, …)``: the rows of a row-type array as type ``record``.
+
+    A cast to ``record`` keeps the row type (PostgreSQL treats it as a no-op); ``ROW(…)`` is ``record``.
+    The unnests run in lockstep, one output row per element.
+    """
+    return "ROW(" + ", ".join(f"(unnest({array})).{name}" for name, _ in sig.columns) + ")"
+
+
+def _rows_select(sig: Signature, rows: list[tuple[Any, ...]], ordinality: bool = False) -> Any:
+    count = len(sig.columns)
+    cols = ", ".join(f"CAST(u.c{i} AS {t})" for i, (_, t) in enumerate(sig.columns))
+    arrays = ", ".join(f"CAST(${i + 1} AS text[])" for i in range(count))
+    aliases = ", ".join(f"c{i}" for i in range(count))
+    ord_column = ", u.ord" if ordinality else ""
+    template = (
+        f"SELECT {cols}{ord_column} FROM unnest({arrays}) WITH ORDINALITY AS u({aliases}, ord) ORDER BY u.ord"
+    )
     arrays_text = {
         i + 1: text_const("{" + ",".join(quote_element(to_text(r[i], t)) for r in rows) + "}")
         for i, (_, t) in enumerate(sig.columns)
@@ -271,7 +391,7 @@ def _fill(template: str, values: Mapping[int, ast.Node], whole: bool = False) ->
             params[id(node)] = values[int(node.number or 0)]
 
     Collect()(stmt)
-    Replacer(params)(stmt)
+    replace_nodes(stmt, params)
     return stmt if whole else stmt.targetList[0].val
 
 
@@ -287,14 +407,18 @@ async def _dependent_replacement(
     given = [i for i, s in enumerate(slots) if s is not DEFAULT and not is_constant(s)]
     if not given:  # constants that fit no overload: report why under the first one
         _fold_strict(candidates[0], slots)
-    gather = gather_statement(site, [slots[i] for i in given])
-    result = await query(port, deparse(gather))
+    gathering = gather.gather_statement(site, [slots[i] for i in given])
+    result = await query(port, deparse(gathering))
     types = [OID_TYPES.get(oid) for _, oid in result.columns]
-    sig = _choose(site, candidates, given, types)
+    sig = _choose(site, candidates, slots, given, [oid for _, oid in result.columns])
     fixed = _fold_strict(sig, slots, skip=set(given))
     decode = functools.partial(_decode_rows, result.rows, fixed, given, types)
     # Thousands of arrays take a while to read: off the event loop, so other sessions are not stalled.
     tuples, texts = await asyncio.to_thread(decode) if len(result.rows) > 500 else decode()
+    if gathering.fromClause is None and len(result.rows) <= 1:
+        # The arguments read no row of the statement (scalar subqueries, CTEs, expressions): a constant call.
+        (value,) = await engine.evaluate(_call(sig, tuples, port)) if tuples else (None,)
+        return _constant_replacement(site, sig, value)
     results = await engine.evaluate(_call(sig, tuples, port)) if tuples else []
     keys = [KEY_TYPES.get(oid, t or "text") for (_, oid), t in zip(result.columns, types, strict=True)]
     name = await _load(port, sig, keys, texts, results)
@@ -304,12 +428,14 @@ async def _dependent_replacement(
     )
     lookup = f"(SELECT v FROM pg_temp.{name} WHERE {conditions})"
     args = {i + 1: slots[g] for i, g in enumerate(given)}
-    if not sig.returns_set:
-        return {id(site.call): _fill(f"SELECT CAST({lookup} AS {sig.returns})", args)}
     if site.range_function is not None:
         return {id(site.range_function): _lateral(site, sig, lookup, args)}
+    if not sig.returns_set:
+        return {id(site.call): _fill(f"SELECT CAST({lookup} AS {sig.returns})", args)}
     if len(sig.columns) == 1:
         return {id(site.call): _fill(f"SELECT CAST(unnest({lookup}) AS {sig.columns[0][1]})", args)}
+    if site.output:
+        return {id(site.call): _fill(f"SELECT {_row_of(sig, lookup)}", args)}
     return {id(site.call): _fill(f"SELECT unnest({lookup})", args)}
 
 
@@ -360,17 +486,24 @@ def _lateral(site: Site, sig: Signature, lookup: str, args: dict[int, ast.Node])
     """``FROM …, pgml.f(…, t.col) AS a`` -> ``LATERAL (SELECT … FROM unnest(<lookup>) …) AS a``."""
     rf = site.range_function
     assert rf is not None
-    if len(sig.columns) == 1:
-        column, sql_type = sig.columns[0]
-        select = f"SELECT CAST(u.e AS {sql_type}) AS {column} FROM unnest({lookup}) WITH ORDINALITY AS u(e, ord)"
-    else:
-        names = [n for n, _ in sig.columns]
+    alias, names = _from_columns(site, sig)
+    ord_column = ", u.ord" if rf.ordinality else ""
+    if not sig.returns_set:
+        select = f"SELECT CAST({lookup} AS {sig.returns}){', 1::bigint' if rf.ordinality else ''}"
+    elif len(sig.columns) == 1:
+        sql_type = sig.columns[0][1]
         select = (
-            f"SELECT {', '.join(f'u.{n}' for n in names)} FROM unnest({lookup})"
-            f" WITH ORDINALITY AS u({', '.join(names)}, ord)"
+            f"SELECT CAST(u.e AS {sql_type}){ord_column} FROM unnest({lookup}) WITH ORDINALITY AS u(e, ord)"
+            " ORDER BY u.ord"
         )
-    subquery = _fill(f"{select} ORDER BY u.ord", args, whole=True)
-    return ast.RangeSubselect(lateral=True, subquery=subquery, alias=rf.alias or ast.Alias(aliasname=sig.function))
+    else:
+        columns = [n for n, _ in sig.columns]
+        select = (
+            f"SELECT {', '.join(f'u.{n}' for n in columns)}{ord_column} FROM unnest({lookup})"
+            f" WITH ORDINALITY AS u({', '.join(columns)}, ord) ORDER BY u.ord"
+        )
+    subquery = _named(_fill(select, args, whole=True), names)
+    return ast.RangeSubselect(lateral=True, subquery=subquery, alias=alias)
 
 
 def _fold_strict(sig: Signature, slots: list[Any], skip: set[int] | None = None) -> list[Any]:
@@ -443,10 +576,26 @@ def _copy_field(value: str | None) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
 
 
-def _choose(site: Site, candidates: list[Signature], given: list[int], types: list[str | None]) -> Signature:
+def _choose(
+    site: Site, candidates: list[Signature], slots: list[Any], given: list[int], oids: list[int]
+) -> Signature:
+    """The overload PostgreSQL would pick for these argument types: every argument matches exactly or by an
+    implicit cast, most exact matches win, the catalogue's order breaks ties (it lists the preferred first).
+
+    ``given`` are the slots read from rows (their type OIDs in ``oids``); the other slots are constants,
+    which must fold under the overload.
+    """
+    types = [SOURCE_TYPES.get(oid) for oid in oids]
+    best: tuple[int, Signature] | None = None
     for sig in candidates:
-        if all(_accepts(sig.params[i].type, t) for i, t in zip(given, types, strict=True)):
-            return sig
+        scores = [_match(sig.params[i].type, t) for i, t in zip(given, types, strict=True)]
+        if any(score is None for score in scores) or not _folds(sig, slots, set(given)):
+            continue
+        exact = sum(score or 0 for score in scores)
+        if best is None or exact > best[0]:
+            best = (exact, sig)
+    if best is not None:
+        return best[1]
     shown = ", ".join(t or "unknown" for t in types)
     raise UndefinedFunction(
         f"function pgml.{site.function}({shown}) does not exist",
@@ -454,14 +603,40 @@ def _choose(site: Site, candidates: list[Signature], given: list[int], types: li
     )
 
 
-def _accepts(param: str, given: str | None) -> bool:
-    if given is None:
+def _folds(sig: Signature, slots: list[Any], skip: set[int]) -> bool:
+    try:
+        _fold_strict(sig, slots, skip)
+    except ProxyError:
         return False
+    return True
+
+
+# Implicit casts among the types pgml's parameters take (PostgreSQL's pg_cast, context 'i'); an array
+# coerces to another implicitly when its elements do. json -> jsonb and float8 -> float4 are assignment
+# casts in PostgreSQL, accepted here (pgml's math is float4 anyway; PostgresML reads json texts as jsonb).
+IMPLICIT = {
+    "smallint": {"integer", "bigint", "real", "double precision", "numeric"},
+    "integer": {"bigint", "real", "double precision", "numeric"},
+    "bigint": {"real", "double precision", "numeric"},
+    "numeric": {"real", "double precision"},
+    "real": {"double precision"},
+    "double precision": {"real"},
+    "varchar": {"text"},
+    "bpchar": {"text"},
+    "name": {"text"},
+    "json": {"jsonb"},
+}
+
+
+def _match(param: str, given: str | None) -> int | None:
+    """1: exactly the parameter's type; 0: by an implicit cast; None: not at all."""
+    if given is None:
+        return None
     if param == given:
-        return True
-    # Integer arrays coerce to real[] implicitly (element casts int -> float4 are implicit); float8 -> float4
-    # is only an assignment cast in PostgreSQL, accepted here because pgml's math is float4 anyway.
-    return param == "real[]" and given in ("double precision[]", "bigint[]")
+        return 1
+    if given.endswith("[]") and param.endswith("[]"):
+        given, param = given[:-2], param[:-2]
+    return 0 if param in IMPLICIT.get(given, ()) else None
 
 
 # --------------------------------------------------------------------------- #
@@ -469,20 +644,64 @@ def _accepts(param: str, given: str | None) -> bool:
 # --------------------------------------------------------------------------- #
 
 
-def _keep_column_names(root: ast.Node, replacements: dict[int, ast.Node]) -> None:
-    """Name SELECT-list columns as PostgreSQL would have named the original call (``embed``, ``chunk``)."""
+def _keep_column_names(root: ast.Node | None, sites: list[Site]) -> None:
+    """Name output columns as PostgreSQL names them for the original expression, before any call is replaced.
 
-    class Names(visitors.Visitor):
-        def visit_ResTarget(self, ancestors: Any, node: ast.ResTarget) -> None:
-            if node.name is None:
-                inner = node.val
-                while isinstance(inner, ast.TypeCast) and isinstance(inner.arg, ast.FuncCall):
-                    inner = inner.arg
-                if isinstance(inner, ast.FuncCall) and id(inner) in replacements:
-                    node.name = inner.funcname[-1].sval  # type: ignore[index]
+    ``SELECT pgml.embed(…)`` is ``embed``, so is ``(pgml.embed(…))[1:3]`` and ``pgml.embed(…)::vector``;
+    the replacement (a cast, a lookup) would otherwise be named after its type. Only SELECT lists and
+    RETURNING lists of statements that hold a call are named; an explicit ``AS`` is never changed.
+    """
+    if root is None or not sites:
+        return
+    holders = {id(site.stmt) for site in sites}
+    calls = {id(site.call) for site in sites}
 
-    if isinstance(root, ast.SelectStmt | ast.UpdateStmt | ast.DeleteStmt | ast.InsertStmt):
-        Names()(root)
+    def name(stmt: Any) -> None:
+        for member in ("targetList", "returningList"):
+            if member == "targetList" and not isinstance(stmt, ast.SelectStmt):
+                continue
+            for target in getattr(stmt, member, None) or ():
+                if not isinstance(target, ast.ResTarget) or target.name is not None or target.val is None:
+                    continue
+                if any(id(c) in calls for c in _calls_under(target.val)):
+                    figured = column_name(target.val)
+                    if figured is not None:
+                        target.name = figured
+
+    def walk(node: Any) -> None:
+        if isinstance(node, tuple | list):
+            for item in node:
+                walk(item)
+            return
+        if not isinstance(node, ast.Node):
+            return
+        if id(node) in holders or isinstance(node, ast.InsertStmt | ast.UpdateStmt | ast.DeleteStmt):
+            name(node)
+        for member in node:
+            walk(getattr(node, member))
+
+    walk(root)
+
+
+def column_name(node: Any) -> str | None:
+    """PostgreSQL's name for an output expression without ``AS`` (``FigureColname``), None for ``?column?``."""
+    match node:
+        case ast.ColumnRef(fields=fields) if fields and isinstance(fields[-1], ast.String):
+            return str(fields[-1].sval)
+        case ast.A_Indirection(arg=arg, indirection=indirection):
+            last = indirection[-1] if indirection else None
+            return str(last.sval) if isinstance(last, ast.String) else column_name(arg)
+        case ast.FuncCall(funcname=names) if names:
+            return str(names[-1].sval)
+        case ast.TypeCast(arg=arg, typeName=type_name):
+            inner = column_name(arg)
+            if inner is not None or type_name is None:
+                return inner
+            spelled = [n.sval for n in type_name.names or () if isinstance(n, ast.String)]
+            return str(spelled[-1]) if spelled else None
+        case ast.CollateClause(arg=arg):
+            return column_name(arg)
+    return None
 
 
 def deparse_all(stmts: tuple[ast.RawStmt, ...]) -> str:

@@ -60,7 +60,8 @@ def model_row(conn: psycopg.Connection, project: str) -> dict[str, object]:
 
 def test_load_dataset_shapes(conn: psycopg.Connection) -> None:
     assert conn.execute("SELECT * FROM pgml.load_dataset('iris')").fetchall() == [("pgml.iris", 150)]
-    assert one(conn, "SELECT pgml.load_dataset('wine', \"limit\" => 10)") == ("(pgml.wine,10)",)
+    # Type record, as PostgreSQL types a TABLE(…) function in a SELECT list: psycopg reads it as a tuple of texts.
+    assert one(conn, "SELECT pgml.load_dataset('wine', \"limit\" => 10)") == (("pgml.wine", "10"),)
     assert one(conn, "SELECT count(*) FROM pgml.wine") == (10,)
     assert conn.execute("SELECT * FROM pgml.load_dataset('digits')").fetchall() == [("pgml.digits", 1797)]
     assert one(conn, "SELECT array_dims(image), pg_typeof(target)::text FROM pgml.digits LIMIT 1") == (
@@ -121,7 +122,7 @@ def test_regression_on_diabetes(conn: psycopg.Connection, datasets: None) -> Non
 def test_binary_classification_on_breast_cancer(conn: psycopg.Connection, datasets: None) -> None:
     row = one(conn, "SELECT pgml.train('Breast Cancer Detection', 'classification', 'pgml.breast_cancer', 'malignant',"
                     " algorithm => 'xgboost')")  # fmt: skip
-    assert row == ('("Breast Cancer Detection",classification,xgboost,t)',)  # a record, as PostgresML shows it
+    assert row == (("Breast Cancer Detection", "classification", "xgboost", "t"),)  # a record, as PostgresML types it
     metrics = model_row(conn, "Breast Cancer Detection")["metrics"]
     assert set(metrics) == CLASSIFICATION_KEYS | {"roc_auc", "log_loss"}  # type: ignore[arg-type]
     assert metrics["f1"] > 0.85  # type: ignore[index]

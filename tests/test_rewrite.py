@@ -140,7 +140,6 @@ def test_fast_path_is_case_insensitive(text: bytes, hit: bool) -> None:
         ("SELECT pgml.embed('m', 'x', nope => '{}')", UndefinedFunction),
         ("SELECT pgml.embed('m', 'x', '{not json')", InvalidTextRepresentation),
         ("SELECT pgml.embed(DISTINCT 'm', 'x')", UndefinedFunction),
-        ("SELECT pgml.embed('m', pgml.version())", FeatureNotSupported),
     ],
 )
 async def test_bad_calls(sql: str, error: type[Exception]) -> None:

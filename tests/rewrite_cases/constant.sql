@@ -41,10 +41,10 @@ SELECT c.chunk FROM pgml.chunk('character', 'x y') AS c;
 -- expect:
 SELECT c.chunk FROM (SELECT CAST(u.c0 AS bigint) AS chunk_index, CAST(u.c1 AS text) AS chunk FROM unnest(CAST('{"1","2"}' AS text[]), CAST('{"x","y"}' AS text[])) WITH ORDINALITY AS u (c0, c1, ord) ORDER BY u.ord) AS c
 
--- case: chunk in the SELECT list becomes rows of pgml.chunk_result
+-- case: chunk in the SELECT list becomes rows of type record, as the server types TABLE(…) functions
 SELECT pgml.chunk('character', 'x y');
 -- expect:
-SELECT unnest(CAST('{"(\"1\",\"x\")","(\"2\",\"y\")"}' AS pgml.chunk_result[])) AS chunk
+SELECT ROW(((unnest(CAST('{"(\"1\",\"x\")","(\"2\",\"y\")"}' AS pgml.chunk_result[])))).chunk_index, ((unnest(CAST('{"(\"1\",\"x\")","(\"2\",\"y\")"}' AS pgml.chunk_result[])))).chunk) AS chunk
 
 -- case: version, and several statements in one string
 SELECT pgml.version(); SELECT 1;
