@@ -1,14 +1,17 @@
 """Rewriting one statement string: evaluate its ``pgml.*`` calls and replace them in the AST.
 
-Owns: choosing the overload, evaluating calls with constant arguments in one
-batch per overload, evaluating calls whose arguments depend on rows through the
-client's own session (gather the distinct argument tuples, one batched engine
-call, COPY the results into a session temp table, look them up), and the
-replacement nodes (typed literals, row sources, lookups).
+Owns: the order of evaluation — statement by statement, and within one statement inside-out in
+rounds (a call waits while its arguments or the rows its arguments read still hold another pgml
+call) —, choosing the overload (exact and implicit type matches, as PostgreSQL resolves the stubs),
+evaluating calls with constant arguments in one batch per overload, evaluating calls whose
+arguments need the server through the client's own session (gather the distinct argument tuples,
+one batched engine call; arguments that read no row make a constant call; otherwise COPY the
+results into a session temp table and look them up), the replacement nodes (typed literals, row
+sources, lookups) and the output column names and types PostgreSQL gives the original statement.
 
 Must not: touch sockets (it talks to the session through :class:`Port`), or
 paste user text into SQL: replacements are AST nodes; the few templates here are
-built only from catalogue names and generated identifiers.
+built only from catalogue names and generated identifiers, and output names are set on the AST.
 """
 
 from __future__ import annotations
@@ -371,9 +374,7 @@ def _rows_select(sig: Signature, rows: list[tuple[Any, ...]], ordinality: bool =
     arrays = ", ".join(f"CAST(${i + 1} AS text[])" for i in range(count))
     aliases = ", ".join(f"c{i}" for i in range(count))
     ord_column = ", u.ord" if ordinality else ""
-    template = (
-        f"SELECT {cols}{ord_column} FROM unnest({arrays}) WITH ORDINALITY AS u({aliases}, ord) ORDER BY u.ord"
-    )
+    template = f"SELECT {cols}{ord_column} FROM unnest({arrays}) WITH ORDINALITY AS u({aliases}, ord) ORDER BY u.ord"
     arrays_text = {
         i + 1: text_const("{" + ",".join(quote_element(to_text(r[i], t)) for r in rows) + "}")
         for i, (_, t) in enumerate(sig.columns)
@@ -576,9 +577,7 @@ def _copy_field(value: str | None) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
 
 
-def _choose(
-    site: Site, candidates: list[Signature], slots: list[Any], given: list[int], oids: list[int]
-) -> Signature:
+def _choose(site: Site, candidates: list[Signature], slots: list[Any], given: list[int], oids: list[int]) -> Signature:
     """The overload PostgreSQL would pick for these argument types: every argument matches exactly or by an
     implicit cast, most exact matches win, the catalogue's order breaks ties (it lists the preferred first).
 
