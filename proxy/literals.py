@@ -450,6 +450,12 @@ def fold(node: ast.Node | None, sql_type: str) -> Any:
         case ast.A_Const(val=ast.Boolean(boolval=flag)):
             return flag if sql_type == "boolean" else NOT_CONSTANT
         case ast.TypeCast(arg=inner, typeName=ast.TypeName() as name) if _castable(name, sql_type):
+            # A cast chain through a string type reads the same text with the outer type's input function:
+            # CAST('{…}'::varchar AS jsonb) (SQLAlchemy's cast(literal(s), JSONB), a bound varchar cast).
+            while isinstance(inner, ast.TypeCast) and inner.typeName is not None and _is_string(inner.typeName):
+                if not isinstance(inner.arg, ast.A_Const | ast.TypeCast):
+                    break
+                inner = inner.arg
             return fold(inner, sql_type)
         case ast.A_ArrayExpr(elements=elements) if sql_type.endswith("[]"):
             values = [fold(e, sql_type[:-2]) for e in elements or ()]
@@ -503,6 +509,11 @@ _SAME = {
     "real": {"float4", "real", "float8", "double precision", "numeric", "int8", "bigint", "int4", "integer", "int2"},
     "double precision": {"float4", "real", "float8", "double precision", "numeric", "int8", "bigint", "int4", "int2"},
 }
+
+
+def _is_string(name: ast.TypeName) -> bool:
+    spelled = name.names[-1].sval if name.names else ""
+    return not name.arrayBounds and spelled in _SAME["text"]
 
 
 def _castable(name: ast.TypeName, sql_type: str) -> bool:

@@ -404,8 +404,13 @@ def _fill(template: str, values: Mapping[int, ast.Node], whole: bool = False) ->
 async def _dependent_replacement(
     site: Site, candidates: list[Signature], slots: list[Any], engine: Engine, port: Port
 ) -> dict[int, ast.Node]:
-    # Constant arguments are read here; only the others are gathered from the rows.
-    given = [i for i, s in enumerate(slots) if s is not DEFAULT and not is_constant(s)]
+    # Constant arguments are read here; only the others are gathered (and constants only the server can
+    # read, such as a cast the proxy does not fold, are computed by the server too).
+    given = [
+        i
+        for i, s in enumerate(slots)
+        if s is not DEFAULT and (not is_constant(s) or not any(_folds_as(s, sig.params[i].type) for sig in candidates))
+    ]
     if not given:  # constants that fit no overload: report why under the first one
         _fold_strict(candidates[0], slots)
     gathering = gather.gather_statement(site, [slots[i] for i in given])
@@ -600,6 +605,14 @@ def _choose(site: Site, candidates: list[Signature], slots: list[Any], given: li
         f"function pgml.{site.function}({shown}) does not exist",
         hint="No function matches the given argument types. You might need to add explicit type casts.",
     )
+
+
+def _folds_as(node: ast.Node, sql_type: str) -> bool:
+    """Whether the proxy reads this constant itself (a constant it reads but rejects counts: its error is ours)."""
+    try:
+        return fold(node, sql_type) is not NOT_CONSTANT
+    except ProxyError:
+        return True
 
 
 def _folds(sig: Signature, slots: list[Any], skip: set[int]) -> bool:

@@ -45,3 +45,8 @@ SELECT ((unnest(CAST('{"(\"1\",\"x\")","(\"2\",\"y\")"}' AS pgml.chunk_result[])
 SELECT (c).chunk_index FROM (SELECT pgml.chunk('character', 'x y') AS c) AS s;
 -- expect:
 SELECT ((c)).chunk_index FROM (SELECT unnest(CAST('{"(\"1\",\"x\")","(\"2\",\"y\")"}' AS pgml.chunk_result[])) AS c) AS s
+
+-- case: a cast chain through varchar folds (SQLAlchemy's cast(literal(s), JSONB))
+SELECT pgml.embed('m', CAST('ab'::varchar AS text), CAST('{}'::varchar AS jsonb));
+-- expect:
+SELECT CAST('{2,0.5}' AS real[]) AS embed
