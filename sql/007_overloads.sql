@@ -7,6 +7,8 @@
 -- fine-tuned text classifiers) now takes untyped parameters (PostgreSQL prefers the string category for an
 -- unknown argument), so the typed overloads come back: psycopg binds a list of floats as float8[], a list
 -- of bools as bool[], JDBC setArray as the element's type, and those must match one exactly.
+-- numeric[] is not one of PostgresML's overloads: it keeps ARRAY[1.5, 2] (numeric[], which casts implicitly
+-- to real[] and double precision[] alike) unambiguous next to a parameter or a column.
 -- ROW(…) features have no stub: PostgresML's "row anyelement" would also accept arrays and make every
 -- ARRAY[…] argument ambiguous, and SQL functions cannot take "record" (the proxy evaluates ROW(…) itself).
 DO $outer$
@@ -19,11 +21,13 @@ BEGIN
         ('predict', 'project_name text, features integer[]', 'real'),
         ('predict', 'project_name text, features bigint[]', 'real'),
         ('predict', 'project_name text, features boolean[]', 'real'),
+        ('predict', 'project_name text, features numeric[]', 'real'),
         ('predict', 'model_id bigint, features double precision[]', 'real'),
         ('predict', 'model_id bigint, features smallint[]', 'real'),
         ('predict', 'model_id bigint, features integer[]', 'real'),
         ('predict', 'model_id bigint, features bigint[]', 'real'),
         ('predict', 'model_id bigint, features boolean[]', 'real'),
+        ('predict', 'model_id bigint, features numeric[]', 'real'),
         ('predict', 'project_name text, inputs text', 'jsonb'),
         ('predict', 'project_name text, inputs text[]', 'jsonb'),
         ('predict_proba', 'project_name text, inputs text', 'jsonb'),
