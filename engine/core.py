@@ -342,7 +342,7 @@ class LocalEngine:
                 )  # fmt: skip
                 return await self._limited(function(call, ctx), job, limit, call)
             assert handler is not None
-            ctx = text.Context(self.config, self.cache, job)
+            ctx = text.Context(self.config, self.cache, job, notices=call.notices)
             future = loop.run_in_executor(self._pool, self._run, handler, list(call.rows), ctx, job, call)
             return await self._limited(future, job, True, call)
         finally:
@@ -394,7 +394,7 @@ class LocalEngine:
         job = self._admit(call.session)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
-        ctx = text.Context(self.config, self.cache, job)
+        ctx = text.Context(self.config, self.cache, job, notices=call.notices)
         task, args, inputs, _cache = call.rows[0]
 
         def produce() -> None:

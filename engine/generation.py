@@ -4,8 +4,9 @@ Owns: loading a tuned model from its stored files (once per model version, throu
 model cache), batched ``model.generate`` returning only new text for causal LMs, and the BLEU / ROUGE
 approximations tune reports.
 
-Must not: know about SQL or the registry (the caller passes the files), or import torch or transformers
-at import time.
+Must not: know about SQL or the registry (the caller passes the files), map client generation args
+(``engine.generation_args`` does: OpenAI-style names as well as Hugging Face ones), or import torch or
+transformers at import time.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from engine import generation_args
 from engine.api import Canceled, EngineError, InvalidArgument, NotSupported
+from engine.generation_args import GenerationArgs
 from engine.models import ModelCache, generation_kwargs, pick_device
 
 if TYPE_CHECKING:
@@ -34,10 +37,12 @@ CANCELED = "canceling statement due to user request"
 
 def generate_all(
     model: Any, tokenizer: Any, kind: str, inputs: list[str], batch: int, cancelled: Callable[[], bool],
-    add_special: bool, **kwargs: Any,
+    add_special: bool, mapped: GenerationArgs | None = None, **kwargs: Any,
 ) -> list[str]:  # fmt: skip
-    """``model.generate(**kwargs)`` per input, in batches: the continuation for causal LMs, the output for seq2seq.
+    """``model.generate(**kwargs)`` per input, in batches: the continuation for causal LMs, the output for seq2seq,
+    cut at its first stop string.
 
+    ``mapped``: a client's args (``generation_args.parse``), else ``kwargs`` (Hugging Face names) are used.
     ``cancelled`` is polled between batches and after every decoding step (a stopping criterion): once it
     says so, Canceled is raised.
     """
@@ -45,8 +50,9 @@ def generate_all(
     from transformers import StoppingCriteriaList
 
     generation_kwargs(kwargs)  # no code-loading generation args
+    args = mapped if mapped is not None else GenerationArgs(kwargs)
     model.eval()
-    kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+    args.kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
     out: list[str] = []
     step = max(1, batch)
     side = "left" if kind == "causal" else "right"  # a causal LM continues from the last column
@@ -57,13 +63,15 @@ def generate_all(
                         padding_side=side, add_special_tokens=add_special)  # fmt: skip
         enc.pop("token_type_ids", None)
         enc = enc.to(model.device)
+        call = args.call_kwargs(model, tokenizer, int(enc["input_ids"].shape[1]))
+        criteria = StoppingCriteriaList([_StopWhen(cancelled), *call.pop("stopping_criteria", ())])
         with torch.inference_mode():
-            generated = model.generate(**enc, stopping_criteria=StoppingCriteriaList([_StopWhen(cancelled)]), **kwargs)
+            generated = model.generate(**enc, stopping_criteria=criteria, **call)
         if cancelled():
             raise Canceled(CANCELED)
         if kind == "causal":
             generated = generated[:, enc["input_ids"].shape[1] :]
-        out.extend(text.strip() for text in tokenizer.batch_decode(generated, skip_special_tokens=True))
+        out.extend(args.cut(text).strip() for text in tokenizer.batch_decode(generated, skip_special_tokens=True))
     return out
 
 
@@ -131,6 +139,7 @@ class Tuned:
 def generate(
     files: dict[str, bytes], key: str, inputs: list[str], config_kwargs: dict[str, Any],
     engine_config: EngineSection, cache: ModelCache, cancelled: threading.Event | None = None,
+    notices: list[str] | None = None,
 ) -> list[str]:  # fmt: skip
     """``model.generate(**config_kwargs)`` per input with the tuned model in ``files`` (cached under ``key``).
 
@@ -138,6 +147,8 @@ def generate(
     ``conversation`` model takes each input as the user's message, formatted as in tuning. Without
     ``max_new_tokens`` / ``max_length`` up to ``MAX_NEW_TOKENS`` are generated. ``cancelled`` (the call's
     cancel flag: cancel, disconnect, call_timeout) stops it at the next decoding step with Canceled.
+    ``config_kwargs`` may use OpenAI-style names (``engine.generation_args``); what they cannot honour is
+    said in ``notices`` (the call's notices channel).
     """
     cached = cache.peek(key)  # the caller sends no files once the model is cached
     if cached is not None:
@@ -151,8 +162,15 @@ def generate(
     if not isinstance(config_kwargs, dict):
         raise InvalidArgument("the generate config must be a JSON object")
     generation_kwargs(config_kwargs)  # before anything is loaded
+    mapped = generation_args.parse(config_kwargs, {"eos_token"})  # OpenAI-style names too
+    if notices is not None:
+        mapped.report(notices)
+    if mapped.sequences > 1:
+        raise InvalidArgument(
+            "pgml.generate returns one text per input", hint="Leave n / num_return_sequences out (or 1)."
+        )
     tuned: Tuned = cache.get(key, lambda: load_tuned(files, manifest, engine_config))
-    kwargs = dict(config_kwargs)
+    kwargs = mapped.kwargs
     if "eos_token" in kwargs:  # as PostgresML's transform: a token text becomes its id
         kwargs["eos_token_id"] = tuned.tokenizer.convert_tokens_to_ids(kwargs.pop("eos_token"))
     if "max_new_tokens" not in kwargs and "max_length" not in kwargs:  # HF's default max_length=20 counts the prompt
@@ -166,7 +184,7 @@ def generate(
     special = tuned.kind == "seq2seq" or tuned.prompt_template is not None  # a chat template has its own
     try:
         return generate_all(tuned.model, tuned.tokenizer, tuned.kind, texts, engine_config.batch_size,
-                             stop, special, **kwargs)  # fmt: skip
+                             stop, special, mapped)  # fmt: skip
     except (TypeError, ValueError) as exc:
         raise InvalidArgument(f"invalid generate config: {exc}") from exc
 

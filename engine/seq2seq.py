@@ -5,7 +5,8 @@ translation, text2text-generation — and the conversational chat form), extract
 ``AutoModelForQuestionAnswering``, and ``transform_stream``'s token streaming (``generate`` in a background
 thread feeding a batched streamer that flushes at word boundaries, as PostgresML's own streamer did).
 
-Must not: load, resolve or cache models, or check permissions (``engine.transform`` does); import ML
+Must not: load, resolve or cache models, or check permissions (``engine.transform`` does); map client
+generation args (``engine.generation_args`` does: functions here take its GenerationArgs); import ML
 libraries at import time. Every function takes an already loaded model and tokenizer.
 """
 
@@ -14,16 +15,21 @@ from __future__ import annotations
 import json
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
+from engine import generation_args
 from engine.api import EngineError, InvalidArgument
 
 if TYPE_CHECKING:
+    from engine.generation_args import GenerationArgs
     from engine.text import Context
 
 # Keyword arguments of the old HF pipelines that are not ``generate`` arguments.
 DECODE_DEFAULTS = {"skip_special_tokens": True, "clean_up_tokenization_spaces": False}
+# The args :func:`generate` and :func:`encode` take themselves (all others go to ``generate``).
+OWN_ARGS = frozenset({"batch_size", "truncation", "add_special_tokens", "src_lang", "tgt_lang", *DECODE_DEFAULTS})
 
 
 class StopWhenSet:
@@ -39,10 +45,11 @@ class StopWhenSet:
         return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
 
-def stopping(*events: threading.Event) -> Any:
+def stopping(*events: threading.Event, more: Iterable[Any] = ()) -> Any:
+    """The stopping criteria of a ``generate`` call: stop once an event is set, and ``more`` (stop strings)."""
     from transformers import StoppingCriteriaList
 
-    return StoppingCriteriaList([StopWhenSet(*events)])
+    return StoppingCriteriaList([StopWhenSet(*events), *more])
 
 
 def _generate_error(exc: Exception) -> EngineError:
@@ -64,38 +71,42 @@ def encode(tokenizer: Any, texts: list[str], kwargs: dict[str, Any], **options: 
 
 
 def generate(
-    model: Any, tokenizer: Any, texts: list[str], kwargs: dict[str, Any], ctx: Context, *, new_only: bool
+    model: Any, tokenizer: Any, texts: list[str], args: GenerationArgs, ctx: Context, *, new_only: bool
 ) -> list[list[str]]:
-    """Per text, its ``num_return_sequences`` decoded outputs; ``new_only`` drops a decoder-only model's prompt.
+    """Per text, its ``num_return_sequences`` decoded outputs, each cut at its first stop string; ``new_only``
+    drops a decoder-only model's prompt.
 
-    Texts go through in batches of ``batch_size`` (kwarg, at most ``[engine] batch_size``); a cancel stops the
-    current batch after its next decoding step.
+    Texts go through in batches of at most ``batch_size`` sequences (kwarg, at most ``[engine] batch_size``;
+    ``n`` sequences per text); a cancel stops the current batch after its next decoding step.
     """
     import torch
 
-    kwargs = dict(kwargs)
-    batch = ctx.batch_size(kwargs.pop("batch_size", None))
+    kwargs = dict(args.kwargs)
+    batch = args.per_call(ctx.batch_size(kwargs.pop("batch_size", None)))
     decode = {key: kwargs.pop(key, value) for key, value in DECODE_DEFAULTS.items()}
     options = {
         "truncation": kwargs.pop("truncation", True),
         "add_special_tokens": kwargs.pop("add_special_tokens", True),
     }
-    count = int(kwargs.get("num_return_sequences", 1))
+    count = args.sequences
     results: list[list[str]] = []
     for start in range(0, len(texts), batch):
         ctx.check()
         part = texts[start : start + batch]
-        call = dict(kwargs)
-        inputs = encode(tokenizer, part, call, **options).to(model.device)
+        own = dict(kwargs)
+        inputs = encode(tokenizer, part, own, **options).to(model.device)
+        mapped = replace(args, kwargs=own)
         try:
+            call = mapped.call_kwargs(model, tokenizer, int(inputs["input_ids"].shape[1]))
+            criteria = stopping(ctx.cancelled, more=call.pop("stopping_criteria", ()))
             with torch.inference_mode():
-                ids = model.generate(**inputs, stopping_criteria=stopping(ctx.cancelled), **call)
+                ids = model.generate(**inputs, stopping_criteria=criteria, **call)
         except (TypeError, ValueError, RuntimeError) as exc:
             raise _generate_error(exc) from exc
         ctx.check()
         if new_only:
             ids = ids[:, inputs["input_ids"].shape[1] :]
-        decoded = tokenizer.batch_decode(ids, **decode)
+        decoded = [args.cut(text) for text in tokenizer.batch_decode(ids, **decode)]
         results.extend(decoded[i * count : (i + 1) * count] for i in range(len(part)))
     return results
 
@@ -214,21 +225,30 @@ class BatchStreamer:
     """A ``generate`` streamer for any number of sequences: puts one list of new text (one per sequence) per step.
 
     Text is flushed at word boundaries (up to the last space), newlines and CJK characters, like
-    PostgresML's streamer; the prompt is either skipped or streamed too. ``None`` on the queue ends it.
+    PostgresML's streamer; the prompt is either skipped or streamed too. With ``stops`` a sequence's text
+    ends before its first stop string (searched after the prompt): text that could begin one is held
+    back until the next tokens tell, and ``finished`` is set once every sequence has met one. ``None``
+    on the queue ends it.
     """
 
-    def __init__(self, tokenizer: Any, skip_prompt: bool) -> None:
+    def __init__(self, tokenizer: Any, skip_prompt: bool, stops: tuple[str, ...] = ()) -> None:
         self.tokenizer = tokenizer
         self.skip_prompt = skip_prompt
+        self.stops = stops
+        self.finished = threading.Event()
         self.queue: queue.Queue[list[str] | None] = queue.Queue()
         self._tokens: list[list[int]] | None = None
         self._sent: list[int] = []
+        self._start: list[int] = []  # where each text's generated part begins (after a streamed prompt)
+        self._done: list[bool] = []
 
     def put(self, value: Any) -> None:
         rows = value.tolist()
         if self._tokens is None:  # the first call carries the prompt (decoder start ids for seq2seq models)
             self._tokens = [[] if self.skip_prompt else list(row) for row in rows]
             self._sent = [0] * len(rows)
+            self._done = [False] * len(rows)
+            self._start = [len(self.tokenizer.decode(tokens, skip_special_tokens=True)) for tokens in self._tokens]
         elif rows and isinstance(rows[0], list):  # several tokens per step (assisted decoding)
             for tokens, row in zip(self._tokens, rows, strict=True):
                 tokens.extend(row)
@@ -246,35 +266,51 @@ class BatchStreamer:
         assert self._tokens is not None
         pieces = []
         for i, tokens in enumerate(self._tokens):
+            if self._done[i]:
+                pieces.append("")
+                continue
             text = self.tokenizer.decode(tokens, skip_special_tokens=True)
             stop = len(text) if final or _flush_all(text) else text.rfind(" ") + 1
+            if self.stops:
+                at = generation_args.first_stop(text, self.stops, self._start[i])
+                if at >= 0:
+                    stop, self._done[i] = at, True
+                elif not final:
+                    stop = min(stop, len(text) - generation_args.held_back(text, self.stops, self._start[i]))
             piece = text[self._sent[i] : stop] if stop > self._sent[i] else ""
             self._sent[i] += len(piece)
             pieces.append(piece)
+        if self._done and all(self._done):
+            self.finished.set()
         if any(pieces):
             self.queue.put(pieces)
 
 
 def stream_generate(
-    model: Any, tokenizer: Any, inputs: Any, kwargs: dict[str, Any], ctx: Context, *, skip_prompt: bool
-) -> Iterator[list[str]]:
+    model: Any, tokenizer: Any, inputs: Any, kwargs: dict[str, Any], ctx: Context, *, skip_prompt: bool,
+    stops: tuple[str, ...] = (),
+) -> Iterator[list[str]]:  # fmt: skip
     """Run ``generate`` on tokenized ``inputs`` (see :func:`encode`) in a thread; yield each new fragment,
-    one string per sequence.
+    one string per sequence, each sequence ending before its first stop string of ``stops``.
 
-    Raises Canceled promptly when ``ctx.cancelled`` is set; closing the iterator stops the generation.
-    Beam search cannot stream (transformers refuses it): that is an InvalidArgument.
+    ``kwargs``: the ``generate`` arguments (``GenerationArgs.call_kwargs``; its stopping criteria are kept).
+    Raises Canceled promptly when
+    ``ctx.cancelled`` is set; closing the iterator stops the generation. Beam search cannot stream
+    (transformers refuses it): that is an InvalidArgument.
     """
     import torch
 
     inputs = inputs.to(model.device)
-    streamer = BatchStreamer(tokenizer, skip_prompt)
+    streamer = BatchStreamer(tokenizer, skip_prompt, stops)
     closed = threading.Event()
     failures: list[Exception] = []
+    kwargs = dict(kwargs)
+    criteria = stopping(ctx.cancelled, closed, streamer.finished, more=kwargs.pop("stopping_criteria", ()))
 
     def run() -> None:
         try:
             with torch.inference_mode():
-                model.generate(**inputs, streamer=streamer, stopping_criteria=stopping(ctx.cancelled, closed), **kwargs)
+                model.generate(**inputs, streamer=streamer, stopping_criteria=criteria, **kwargs)
         except Exception as exc:
             failures.append(exc)
             streamer.queue.put(None)

@@ -6,7 +6,8 @@ with the old pipelines' single-input quirks; the chat form (jsonb[] messages, on
 the prompts of a stream; cross-encoder reranking.
 
 Must not: know SQL or the wire protocol, or import ML libraries at import time. Which model runs and
-loading it are ``engine.tasks``'; generation, question answering and streaming are ``engine.seq2seq``'s.
+loading it are ``engine.tasks``'; generation, question answering and streaming are ``engine.seq2seq``'s;
+what the generation args mean (OpenAI-style and Hugging Face names) is ``engine.generation_args``'.
 
 transform's ``cache`` argument is ignored: like PostgresML, models are always cached (process-wide).
 Calls on one loaded model are serialized (pipelines and fast tokenizers are not thread-safe).
@@ -18,10 +19,12 @@ import json
 import re
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from engine import seq2seq
+from engine import generation_args, seq2seq
 from engine.api import InvalidArgument
+from engine.generation_args import GenerationArgs
 from engine.models import generation_kwargs
 from engine.tasks import PIPELINE_TASKS, SEQ2SEQ_TASKS, Loaded, ModelNotAllowed, TaskSpec, json_object, load, parse_task
 from engine.text import load_sentence_model
@@ -37,6 +40,15 @@ OUTPUT_KEYS = {
     "text2text-generation": "generated_text",
 }
 STREAM_TASKS = SEQ2SEQ_TASKS | {"text-generation", "conversational"}
+GENERATING = STREAM_TASKS  # the tasks whose args are generation args (engine.generation_args)
+# The text-generation pipeline's own call arguments (besides generate's).
+PIPELINE_ARGS = frozenset(
+    {
+        "return_full_text", "return_text", "return_tensors", "clean_up_tokenization_spaces", "prefix",
+        "handle_long_generation", "stop_sequence", "truncation", "continue_final_message", "skip_special_tokens",
+        "add_special_tokens", "padding", "batch_size",
+    }
+)  # fmt: skip
 CHAT_ONLY = "ARRAY[]::JSONB inputs for transform should only be used with a conversational task"
 
 
@@ -85,19 +97,31 @@ def _conversation(inputs: list[Any]) -> list[dict[str, Any]]:
     return [message for message in messages if message is not None]
 
 
+def _generation(spec: TaskSpec, args: dict[str, Any], ctx: Context) -> GenerationArgs:
+    """A generating task's args mapped (OpenAI-style names included), its notices reported."""
+    own = PIPELINE_ARGS if spec.task == "text-generation" else seq2seq.OWN_ARGS
+    if spec.task == "conversational":
+        own = own | {"chat_template"}
+    mapped = generation_args.parse(args, own, prompt_in_output=spec.task == "text-generation")
+    mapped.report(ctx.notices)
+    return mapped
+
+
 def _run(spec: TaskSpec, loaded: Loaded, args: dict[str, Any], batches: list[list[Any]], ctx: Context) -> list[Any]:
     """One result per row (``batches``: each row's inputs), all rows' inputs in one batched call."""
     args = dict(generation_kwargs(args))  # no code-loading generation args, whatever the task
     if "eos_token" in args and loaded.tokenizer is not None:  # PostgresML: eos_token -> eos_token_id
         args["eos_token_id"] = loaded.tokenizer.convert_tokens_to_ids(args.pop("eos_token"))
+    gen = _generation(spec, args, ctx) if spec.family in GENERATING else None
     if spec.task == "conversational":
+        assert gen is not None
         prompts = seq2seq.chat_prompts(
-            loaded.tokenizer, [_conversation(inputs) for inputs in batches], args.pop("chat_template", None)
+            loaded.tokenizer, [_conversation(inputs) for inputs in batches], gen.kwargs.pop("chat_template", None)
         )
-        call = {"add_special_tokens": False, **args}
+        gen.kwargs.setdefault("add_special_tokens", False)
         return _batches(
-            loaded, prompts, _batch(args, ctx), ctx,
-            lambda part: seq2seq.generate(loaded.model, loaded.tokenizer, part, call, ctx, new_only=True),
+            loaded, prompts, _batch(gen, ctx), ctx,
+            lambda part: seq2seq.generate(loaded.model, loaded.tokenizer, part, gen, ctx, new_only=True),
         )  # fmt: skip
     if any(isinstance(value, dict) for inputs in batches for value in inputs):
         raise InvalidArgument(CHAT_ONLY)
@@ -109,10 +133,14 @@ def _run(spec: TaskSpec, loaded: Loaded, args: dict[str, Any], batches: list[lis
             loaded, texts, ctx.config.batch_size, ctx,
             lambda part: seq2seq.answer(loaded.model, loaded.tokenizer, part, args, ctx),
         )  # fmt: skip
+    elif spec.task == "text-generation":
+        assert gen is not None
+        per_input = _text_generation(loaded, texts, gen, ctx)
     elif spec.task in PIPELINE_TASKS:
         per_input = _pipeline(spec.task, loaded, texts, args, ctx)
     else:
-        per_input = _seq2seq(spec, loaded, texts, args, ctx)
+        assert gen is not None
+        per_input = _seq2seq(spec, loaded, texts, gen, ctx)
     results, start = [], 0
     for inputs in batches:
         results.append(_shape(spec.family, per_input[start : start + len(inputs)]))
@@ -120,8 +148,9 @@ def _run(spec: TaskSpec, loaded: Loaded, args: dict[str, Any], batches: list[lis
     return results
 
 
-def _batch(args: dict[str, Any], ctx: Context) -> int:
-    return ctx.batch_size(args.get("batch_size"))
+def _batch(gen: GenerationArgs, ctx: Context) -> int:
+    """Inputs per generate call: at most ``batch_size`` sequences (``n`` per input)."""
+    return gen.per_call(ctx.batch_size(gen.kwargs.get("batch_size")))
 
 
 def _batches(
@@ -167,26 +196,75 @@ def _pipeline(task: str, loaded: Loaded, texts: list[str], args: dict[str, Any],
         raise InvalidArgument(f"{task} inputs must be text")
     args = dict(args)
     batch = ctx.batch_size(args.pop("batch_size", None))
-    step = batch if task == "text-generation" else batch * 8
-    if task == "text-generation":
-        args["stopping_criteria"] = seq2seq.stopping(ctx.cancelled)
-        # transformers 5's pipeline samples by default (do_sample, temperature 0.7); PostgresML's (4.x) and
-        # transform_stream follow the model's own generation config: greedy unless it says otherwise.
-        args.setdefault("do_sample", bool(getattr(loaded.model.generation_config, "do_sample", False)))
     outputs: list[Any] = []
-    for start in range(0, len(texts), step):
+    for start in range(0, len(texts), batch * 8):
         ctx.check()
-        part = texts[start : start + step]
-        try:
-            with loaded.lock:
-                result = loaded.pipe(part, batch_size=batch, **args)
-        except (TypeError, ValueError) as exc:
-            raise InvalidArgument(f"invalid args for {task}: {exc}") from exc
+        part = texts[start : start + batch * 8]
+        result = _call_pipe(task, loaded, part, batch, args)
         if task == "fill-mask" and len(part) == 1:
             result = [result]  # the pipeline unwraps a one-element list
         outputs.extend(_plain(result))
     ctx.check()
     return outputs
+
+
+def _call_pipe(task: str, loaded: Loaded, part: list[str], batch: int, args: dict[str, Any]) -> Any:
+    try:
+        with loaded.lock:
+            return loaded.pipe(part, batch_size=batch, **args)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"invalid args for {task}: {exc}") from exc
+
+
+def _text_generation(loaded: Loaded, texts: list[str], gen: GenerationArgs, ctx: Context) -> list[Any]:
+    """Per input, the text-generation pipeline's ``[{"generated_text": prompt + continuation}, …]`` (one per
+    sequence; the prompt left out with ``return_full_text`` / ``echo`` false), each continuation cut at its
+    first stop string.
+
+    transformers 5's pipeline samples by default (do_sample, temperature 0.7); PostgresML's (4.x) and
+    transform_stream follow the model's own generation config: greedy unless it says otherwise.
+    """
+    if any(not isinstance(text, str) for text in texts):
+        raise InvalidArgument("text-generation inputs must be text")
+    kwargs = dict(gen.kwargs)
+    batch = gen.per_call(ctx.batch_size(kwargs.pop("batch_size", None)))
+    explicit = "return_full_text" in kwargs or gen.echo is not None
+    full = kwargs.pop("return_full_text", True if gen.echo is None else gen.echo)
+    special = bool(kwargs.get("add_special_tokens", False))
+    own = replace(gen, kwargs=kwargs)
+    outputs: list[Any] = []
+    for start in range(0, len(texts), batch):
+        ctx.check()
+        part = texts[start : start + batch]
+
+        def longest(part: list[str] = part) -> int:
+            return max(len(ids) for ids in loaded.tokenizer(part, add_special_tokens=special)["input_ids"])
+
+        try:
+            with loaded.lock:  # the cap tokenizes the prompts
+                call = own.call_kwargs(loaded.model, loaded.tokenizer, longest, pipeline=True)
+                call["stopping_criteria"] = seq2seq.stopping(ctx.cancelled, more=call.pop("stopping_criteria", ()))
+                if gen.stop:
+                    call["return_full_text"] = False  # the prompt is added back after the cut
+                elif explicit:
+                    call["return_full_text"] = full
+                result = _plain(loaded.pipe(part, batch_size=len(part), **call))
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(f"invalid args for text-generation: {exc}") from exc
+        if gen.stop:
+            result = [
+                [_cut(output, prompt if full else "", gen) for output in outs]
+                for prompt, outs in zip(part, result, strict=True)
+            ]
+        outputs.extend(result)
+    ctx.check()
+    return outputs
+
+
+def _cut(output: Any, prompt: str, gen: GenerationArgs) -> Any:
+    if isinstance(output, dict) and isinstance(output.get("generated_text"), str):
+        return {**output, "generated_text": prompt + gen.cut(output["generated_text"])}
+    return output
 
 
 def task_prefix(model: Any, task: str) -> tuple[str, dict[str, Any]]:
@@ -196,19 +274,19 @@ def task_prefix(model: Any, task: str) -> tuple[str, dict[str, Any]]:
     return str(prefix), params
 
 
-def _seq2seq(spec: TaskSpec, loaded: Loaded, texts: list[str], args: dict[str, Any], ctx: Context) -> list[Any]:
+def _seq2seq(spec: TaskSpec, loaded: Loaded, texts: list[str], gen: GenerationArgs, ctx: Context) -> list[Any]:
     """Per input, ``[{translation_text | summary_text | generated_text}, …]`` (one per returned sequence)."""
     if any(not isinstance(text, str) for text in texts):
         raise InvalidArgument(f"{spec.task} inputs must be text")
     prefix, defaults = task_prefix(loaded.model, spec.task)
-    kwargs = {**defaults, **args}
+    gen = gen.with_defaults(defaults)
     languages = re.fullmatch(r"translation_(\w+)_to_(\w+)", spec.task)
     if languages and hasattr(loaded.tokenizer, "_build_translation_inputs"):  # NLLB, M2M100, mBART, as HF did
-        kwargs.setdefault("src_lang", languages[1])
-        kwargs.setdefault("tgt_lang", languages[2])
+        gen.kwargs.setdefault("src_lang", languages[1])
+        gen.kwargs.setdefault("tgt_lang", languages[2])
     outputs = _batches(
-        loaded, [prefix + t for t in texts], _batch(kwargs, ctx), ctx,
-        lambda part: seq2seq.generate(loaded.model, loaded.tokenizer, part, kwargs, ctx, new_only=False),
+        loaded, [prefix + t for t in texts], _batch(gen, ctx), ctx,
+        lambda part: seq2seq.generate(loaded.model, loaded.tokenizer, part, gen, ctx, new_only=False),
     )  # fmt: skip
     key = OUTPUT_KEYS[spec.family]
     return [[{key: text} for text in sequences] for sequences in outputs]
@@ -232,23 +310,39 @@ def stream(task: Any, args: Any, inputs: Any, ctx: Context) -> Iterator[list[str
         return
     args = dict(generation_kwargs(json_object(args, "args")))
     spec, loaded = load(parse_task(task), ctx)
-    if "eos_token" in args:
-        args["eos_token_id"] = loaded.tokenizer.convert_tokens_to_ids(args.pop("eos_token"))
-    texts, skip_prompt = _stream_prompts(spec, loaded, inputs, args)
-    with loaded.lock:  # only the tokenization; generation runs beside other calls
-        prepared = seq2seq.encode(
-            loaded.tokenizer, texts, args, add_special_tokens=args.pop("add_special_tokens", True)
-        )
-    yield from seq2seq.stream_generate(loaded.model, loaded.tokenizer, prepared, args, ctx, skip_prompt=skip_prompt)
-
-
-def _stream_prompts(spec: TaskSpec, loaded: Loaded, inputs: Any, args: dict[str, Any]) -> tuple[list[str], bool]:
-    """The texts to generate from, and whether their tokens are left out of the stream."""
     if spec.family not in STREAM_TASKS:
         raise InvalidArgument(
             f"pgml.transform_stream streams text generation, not {spec.task}",
             hint="Use text-generation, conversational, text2text-generation, summarization or translation.",
         )
+    if "eos_token" in args:
+        args["eos_token_id"] = loaded.tokenizer.convert_tokens_to_ids(args.pop("eos_token"))
+    own = seq2seq.OWN_ARGS - {"batch_size"} - set(seq2seq.DECODE_DEFAULTS)  # generate's args and encode's
+    gen = generation_args.parse(
+        args, own | {"chat_template"} if spec.task == "conversational" else own,
+        prompt_in_output=spec.task == "text-generation",
+    )  # fmt: skip
+    gen.report(ctx.notices)
+    kwargs = gen.kwargs
+    texts, skip_prompt = _stream_prompts(spec, loaded, inputs, kwargs)
+    if gen.echo is not None and spec.task == "text-generation":
+        skip_prompt = not gen.echo
+    options = {"add_special_tokens": kwargs.pop("add_special_tokens", True)}
+    if "truncation" in kwargs:
+        options["truncation"] = kwargs.pop("truncation")
+    with loaded.lock:  # only the tokenization; generation runs beside other calls
+        prepared = seq2seq.encode(loaded.tokenizer, texts, kwargs, **options)
+    try:
+        call = gen.call_kwargs(loaded.model, loaded.tokenizer, int(prepared["input_ids"].shape[1]))
+    except ValueError as exc:
+        raise InvalidArgument(f"invalid generation args: {exc}") from exc
+    yield from seq2seq.stream_generate(
+        loaded.model, loaded.tokenizer, prepared, call, ctx, skip_prompt=skip_prompt, stops=gen.stop
+    )
+
+
+def _stream_prompts(spec: TaskSpec, loaded: Loaded, inputs: Any, args: dict[str, Any]) -> tuple[list[str], bool]:
+    """The texts to generate from, and whether their tokens are left out of the stream."""
     items = inputs if isinstance(inputs, list) else [inputs]
     if spec.task == "conversational":
         args["add_special_tokens"] = False

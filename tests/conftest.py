@@ -100,7 +100,7 @@ def scratch_database(pg: Postgres, prefix: str) -> Iterator[str]:
 def tls_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
     """A second cluster with server TLS on: the system's PostgreSQL 15 (the bundled builds lack OpenSSL)."""
     bin_dir = system_bin_dir(15)
-    assert bin_dir is not None, "the system PostgreSQL 15 server is required (.ci/run installs it)"
+    assert bin_dir is not None, "the system PostgreSQL 15 server is required (make test installs it: make deps)"
     base = tmp_path_factory.mktemp("tlspg")
     cluster = Cluster(bin_dir, base / "data")
     cluster.init()
