@@ -236,6 +236,13 @@ CATALOGUE: tuple[Signature, ...] = (
         cacheable=False,
         procedure=True,
     ),
+    # predict(project, text) on a project tuned for text classification: the label (jsonb: the training label's
+    # own JSON type) or, predict_proba, the class probabilities in label order. Before the array overloads: an
+    # unknown literal ('I love SQL', also '{1,2}') goes to text, as PostgreSQL resolves it (string category first).
+    *(
+        Signature(name, (_p("project_name", "text"), _p("inputs", "text")), "jsonb", cacheable=False)
+        for name in ("predict", "predict_proba")
+    ),
     *(
         Signature("predict", (_p(key, key_type), _p("features", f"{element}[]")), "real", cacheable=False)
         for key, key_type in (("project_name", "text"), ("model_id", "bigint"))
@@ -245,6 +252,11 @@ CATALOGUE: tuple[Signature, ...] = (
         Signature(name, (_p(key, key_type), _p("features", "real[]")), "real[]", cacheable=False)
         for name in ("predict_proba", "predict_joint")
         for key, key_type in (("project_name", "text"), ("model_id", "bigint"))
+    ),
+    # After the number arrays: constant folding reads ARRAY[1, 2] as text[] too, PostgreSQL types it integer[].
+    *(
+        Signature(name, (_p("project_name", "text"), _p("inputs", "text[]")), "jsonb", cacheable=False)
+        for name in ("predict", "predict_proba")
     ),
     *(
         Signature("predict_batch", (_p(key, key_type), _p("features", "real[]")), "real", PREDICT_BATCH, False)

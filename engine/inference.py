@@ -6,7 +6,9 @@ statement, or a model id), loading it from ``pgml.files`` once per process
 once and an old one is never served; only artifacts whose signature verifies
 are ever deserialized), and one vectorised library call per
 model for all the rows of a statement, with PostgresML's value semantics and
-errors.
+errors. A project whose model was tuned by ``pgml.tune`` (algorithm ``transformers``) is
+answered by ``engine.tuning.classify``: ``predict(project, text | text[])`` gives the training
+label (jsonb), ``predict_proba`` the class probabilities in label order (jsonb).
 
 Must not: run model code on the event loop (``Context.work``), or write rows.
 """
@@ -50,16 +52,37 @@ async def predict(call: Call, ctx: Context) -> list[Any]:
         if key is not None and features is not None:  # STRICT: NULL in, NULL out
             by_model.setdefault(key, []).append(i)
     out: list[Any] = [None] * len(call.rows)
+    texts = call.signature.params[-1].type in ("text", "text[]")
     for key, indices in by_model.items():
         row = await (registry.model(db, key) if isinstance(key, int) else registry.deployed_model(db, str(key)))
-        deployed = await _load(db, ctx, row)
         features = [call.rows[i][1] for i in indices]
         values: list[Any] = []
-        for start in range(0, len(features), PREDICT_SLICE):  # one job per slice: other sessions go in between
-            values += await ctx.work(_apply, function, deployed, features[start : start + PREDICT_SLICE])
+        if row.algorithm == "transformers":
+            values = await _tuned(ctx, row, function, features, texts)
+        elif texts:
+            raise InvalidArgument(
+                f"pgml.{function}(project_name, text) classifies texts with a model tuned by pgml.tune;"
+                f" the model of project `{row.project}` is {row.algorithm}",
+                hint="Pass its features as an array, e.g. ARRAY[…] or '{…}'::real[].",
+            )
+        else:
+            deployed = await _load(db, ctx, row)
+            for start in range(0, len(features), PREDICT_SLICE):  # one job per slice: other sessions go in between
+                values += await ctx.work(_apply, function, deployed, features[start : start + PREDICT_SLICE])
         for i, value in zip(indices, values, strict=True):
             out[i] = value
     return out
+
+
+async def _tuned(ctx: Context, row: registry.Model, function: str, inputs: list[Any], texts: bool) -> list[Any]:
+    from engine import tuning
+
+    if not texts and function in ("predict", "predict_proba"):
+        raise InvalidArgument(
+            f"The model of project `{row.project}` was fine-tuned by pgml.tune: pass the text, not features",
+            hint=f"SELECT pgml.{function}('<project>', 'some text'), or an array of texts.",
+        )
+    return await tuning.classify(ctx, row, function, inputs)
 
 
 async def _load(db: Database, ctx: Context, row: registry.Model) -> Deployed:

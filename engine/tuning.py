@@ -1,21 +1,24 @@
 """``pgml.tune`` and ``pgml.generate`` through the client's own session (the fine-tuning itself is ``engine.tune``).
 
 Owns: the database side of a fine-tuning run — project rules as for ``pgml.train``,
-reading the relation with one COPY in the caller's transaction, the split, the
-registry rows written in one batch at the end (model ``transformers``, every model
-file in ``pgml.files``, trainer events in ``pgml.logs``, the automatic deploy) —
-and loading a tuned project's files for ``pgml.generate``.
+``y_column_name`` (the task's *y* column, checked to exist; a reused snapshot's own when NULL),
+reading the relation with one COPY in the caller's transaction (labels keep their SQL type),
+the split, the registry rows written in one batch at the end (model ``transformers``, every
+model file in ``pgml.files``, trainer events in ``pgml.logs``, the automatic deploy) — and
+loading a tuned project's files for ``pgml.generate``, ``pgml.transform`` and ``pgml.predict`` /
+``pgml.predict_proba`` on a tuned text classifier (:func:`classify`, called by ``engine.inference``).
 
 Must not: run Trainer code on the event loop (``Context.work``) or paste values into SQL.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
 from engine import registry, training
-from engine.api import Call, Database, InvalidArgument, Statement, UnknownModel
+from engine.api import Call, Database, InvalidArgument, NotSupported, Statement, UnknownModel
 from engine.deploy import better_or_equal
 
 if TYPE_CHECKING:
@@ -25,8 +28,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 TUNE_TASKS = frozenset(
-    {"text_classification", "text_pair_classification", "conversation", "text2text", "summarization", "translation"}
-)
+    {"text_classification", "text_pair_classification", "conversation", "text_generation", "question_answering",
+     "text2text", "summarization", "translation"}
+)  # fmt: skip
 
 
 async def tune(call: Call, ctx: Context) -> list[Any]:
@@ -53,15 +57,18 @@ async def _tune(row: tuple[Any, ...], ctx: Context) -> tuple[str, str, str, bool
         raise InvalidArgument(f"Project `{args.project_name}` already exists with a different task: `{project.task}`.")
     if model_name is None:
         raise InvalidArgument("pgml.tune needs a `model_name` to fine-tune")
-    source = await training.data_source(db, project, args, "clustering")  # every column is data; y is ignored
-    table, _ = await training.read_rows(db, source, ctx)
+    source = await training.data_source(db, project, args, "clustering")  # y is not required
+    # y_column_name names the task's y role (the label, target, text …); a reused snapshot keeps its own
+    y = next(iter(args.y_column_name or source.y_columns), None)
+    source = dataclasses.replace(source, y_columns=[y] if y else [])
+    table, _ = await training.read_rows(db, source, ctx)  # checks that the y column exists
     train_rows, test_rows = training.split(table.num_rows, source.test_size, source.test_sampling, None)
     from engine import tune as tuner
 
     events: list[dict[str, Any]] = []
     result = await ctx.work(
         tuner.tune, label, model_name, _columns(table, train_rows), _columns(table, test_rows), args.hyperparams,
-        ctx.config, ctx.cancelled.is_set, events.append,
+        ctx.config, ctx.cancelled.is_set, events.append, y,
     )  # fmt: skip
     current = await training.deployed_metrics(db, project)
     deploy = args.automatic_deploy and better_or_equal(label, result.metrics, current)
@@ -71,8 +78,14 @@ async def _tune(row: tuple[Any, ...], ctx: Context) -> tuple[str, str, str, bool
     return (args.project_name, dashed_task(label), "transformers", deploy)
 
 
+_INTEGERS = frozenset({"int2", "int4", "int8"})
+
+
 def _columns(table: Table, rows: Any) -> dict[str, list[Any]]:
-    """Column name -> the values of ``rows`` (text as str, numbers as float)."""
+    """Column name -> the values of ``rows``: text as str, integers as int, booleans as bool, other numbers float.
+
+    Labels keep their type this way (``pgml.predict`` answers with them); array columns are left out.
+    """
     out: dict[str, list[Any]] = {}
     for column in table.columns:
         if column.kind == "text" and not column.array:
@@ -80,7 +93,8 @@ def _columns(table: Table, rows: Any) -> dict[str, list[Any]]:
             out[column.name] = [values[i] for i in rows]
         elif not column.array:
             floats = column.floats
-            out[column.name] = [None if column.nulls[i] else float(floats[i]) for i in rows]
+            cast: Any = bool if column.kind == "bool" else int if column.pg_type in _INTEGERS else float
+            out[column.name] = [None if column.nulls[i] else cast(floats[i]) for i in rows]
     return out
 
 
@@ -187,14 +201,48 @@ async def _has_registry(db: Database) -> bool:
     return bool(found) and found[0][0] == "t"
 
 
+async def classify(ctx: Context, row: registry.Model, function: str, inputs: list[Any]) -> list[Any]:
+    """``pgml.predict`` / ``pgml.predict_proba`` with a project's tuned text classifier.
+
+    Each input is a text (answer: its label, or the class probabilities in label order) or an array of
+    texts (answer: an array of those; NULL elements answer NULL).
+    """
+    from engine import tune as tuner
+    from engine.algorithms import dashed_task
+
+    if row.task != "text_classification" or function not in ("predict", "predict_proba"):
+        raise NotSupported(
+            f"pgml.{function} does not apply to the tuned {dashed_task(row.task)} model of project `{row.project}`",
+            hint="pgml.predict and pgml.predict_proba classify texts with text-classification projects; generate"
+            " text with pgml.generate, or use the project's name as the model of pgml.transform.",
+        )
+    texts = [t for v in inputs for t in ([v] if isinstance(v, str) else v) if t is not None]
+    directory = await _materialize_row(ctx, row)
+    key = f"tuned/{ctx.database_name}/{row.id}/{row.created_at}/classifier"
+    values: list[Any] = []
+    for start in range(0, len(texts), _SLICE):  # one job per slice: other sessions go in between
+        values += await ctx.work(
+            tuner.classify, directory, key, texts[start : start + _SLICE], function == "predict_proba", ctx.config,
+            ctx.cache, ctx.cancelled.is_set,
+        )  # fmt: skip
+    answers = iter(values)
+    return [next(answers) if isinstance(v, str) else [None if t is None else next(answers) for t in v] for v in inputs]
+
+
+_SLICE = 1024  # texts per worker job
+
+
 async def _materialize(ctx: Context, model_id: int) -> str:
     """A local directory with the tuned model's files (written once per model version)."""
+    return await _materialize_row(ctx, await registry.model(ctx.database(), model_id))
+
+
+async def _materialize_row(ctx: Context, row: registry.Model) -> str:
     import os
     from pathlib import Path
 
     from engine import models
 
-    row = await registry.model(ctx.database(), model_id)
     # A private, per-process directory (unguessable name): nothing another OS user or a client planted is reused.
     target = Path(models.owned_dir(f"tuned/{ctx.database_name}/{row.id}/{row.created_at}"))
     if not (target / ".complete").exists():
@@ -202,7 +250,7 @@ async def _materialize(ctx: Context, model_id: int) -> str:
         for path, data in files.items():
             destination = (target / path).resolve()
             if not destination.is_relative_to(target.resolve()):
-                raise InvalidArgument(f"model {model_id} has a file outside its directory: {path}")
+                raise InvalidArgument(f"model {row.id} has a file outside its directory: {path}")
             destination.parent.mkdir(parents=True, exist_ok=True)
             destination.write_bytes(data)
         (target / ".complete").touch()

@@ -458,12 +458,26 @@ def fold(node: ast.Node | None, sql_type: str) -> Any:
                 inner = inner.arg
             return fold(inner, sql_type)
         case ast.A_ArrayExpr(elements=elements) if sql_type.endswith("[]"):
+            # PostgreSQL types ARRAY['1', '2'] as text[] (no implicit cast to a number array).
+            # and ARRAY[1, 2] as integer[] (no implicit cast to text[]).
+            if sql_type[:-2] in _NUMBERS and any(_untyped_string(e) for e in elements or ()):
+                return NOT_CONSTANT
+            if sql_type[:-2] == "text" and any(_number(e) for e in elements or ()):
+                return NOT_CONSTANT
             values = [fold(e, sql_type[:-2]) for e in elements or ()]
             return NOT_CONSTANT if any(v is NOT_CONSTANT for v in values) else values
         case ast.RowExpr(args=args) if sql_type == "record":
             values = [_fold_field(a) for a in args or ()]
             return NOT_CONSTANT if any(v is NOT_CONSTANT for v in values) else tuple(values)
     return NOT_CONSTANT
+
+
+def _untyped_string(node: Any) -> bool:
+    return isinstance(node, ast.A_Const) and isinstance(node.val, ast.String)
+
+
+def _number(node: Any) -> bool:
+    return isinstance(node, ast.A_Const) and isinstance(node.val, ast.Integer | ast.Float)
 
 
 def _fold_field(node: ast.Node | None) -> Any:

@@ -194,10 +194,12 @@ async def test_constant_rewrites_are_cached() -> None:
 
     engine = FakeEngine()
     rewriter = Rewriter(engine)
+    port = NoUpstream()
     rewriter._schema_ready.add("db")  # the schema check needs an upstream; this port has none
-    first = await rewriter.decide(Query("SELECT pgml.embed('m', 'abc')"), NoUpstream())
-    second = await rewriter.decide(Query("SELECT pgml.embed('m', 'abc')"), NoUpstream())
+    rewriter._state(port).checked = True
+    first = await rewriter.decide(Query("SELECT pgml.embed('m', 'abc')"), port)
+    second = await rewriter.decide(Query("SELECT pgml.embed('m', 'abc')"), port)
     assert isinstance(first, Rewritten) and first == second
     assert len(engine.calls) == 1
-    await rewriter.decide(Query("SELECT pgml.embed('m', 'abcd')"), NoUpstream())
+    await rewriter.decide(Query("SELECT pgml.embed('m', 'abcd')"), port)
     assert len(engine.calls) == 2

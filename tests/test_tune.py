@@ -1,19 +1,26 @@
-"""engine.tune: fine-tuning and generation with tiny random-weight models built on the fly (no downloads)."""
+"""pgml.tune: fine-tuning and generation with tiny random-weight models built on the fly (no downloads).
+
+engine.tune directly, then pgml.tune / pgml.predict / pgml.generate through a real proxy with psycopg:
+PostgresML's documented flat hyperparams form and the nested one, y_column_name, predict and
+predict_proba on tuned text classifiers, overload resolution of untyped literals, errors with SQLSTATE.
+"""
 
 from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from engine import tune as T
 from engine.api import Canceled, EngineError, InvalidArgument, NotSupported, PermissionDenied
 from engine.models import ModelCache
 from proxy.config import EngineSection
+from tests.conftest import Postgres, ProxyProcess, scratch_database, start_proxy
 
 CONFIG = EngineSection(device="cpu")  # generate(): tuned models come as files, not by name
 WORDS = (  # noqa: SIM905
@@ -180,7 +187,7 @@ def test_conversation_and_generate(gpt2: str, config: EngineSection) -> None:
     assert len(out) == 3 and all(isinstance(t, str) and len(t.split()) <= 3 for t in out)  # new text only
     again = T.generate(result.files, "conv", ["hi"], {"max_new_tokens": 2, "do_sample": False}, CONFIG, cache)
     assert len(again) == 1 and len(cache) == 1
-    with pytest.raises(InvalidArgument, match="generate config"):
+    with pytest.raises(InvalidArgument, match="no_such_option"):
         T.generate(result.files, "conv", ["hi"], {"no_such_option": 1}, CONFIG, cache)
 
 
@@ -442,6 +449,47 @@ def test_unknown_model_is_not_downloaded(tmp_path: Path, config: EngineSection) 
                lambda: False, lambda e: None)  # fmt: skip
 
 
+def test_flat_and_nested_hyperparams_make_one_set_of_training_arguments() -> None:
+    plan = T._plan(
+        "text-classification",
+        {
+            "learning_rate": 1e-3,
+            "weight_decay": 0.01,
+            "max_length": 32,
+            "training_args": {"max_steps": 2},
+            "model_name": "x",
+            "project_name": "p",
+        },
+    )
+    assert plan.training_args == {"learning_rate": 1e-3, "weight_decay": 0.01, "max_steps": 2}
+    assert plan.max_length == 32
+    renamed = T._plan("question-answering", {"evaluation_strategy": "epoch", "stride": 16})
+    assert renamed.training_args == {"eval_strategy": "epoch"} and renamed.stride == 16
+    lengths = T._plan("summarization", {"max_input_length": 64, "max_summary_length": 8})
+    assert (lengths.max_length, lengths.target_length) == (64, 8)
+
+
+def test_columns_from_y_column_name_and_the_relation() -> None:
+    assert T._plan("translation", {}, ["en", "es"], "es").columns == {"text_column": "en", "target_column": "es"}
+    # more than one unused column: nothing is guessed (the missing column is reported when the rows are read)
+    assert T._plan("translation", {}, ["en", "fr", "es"], "es").columns["text_column"] == "text"
+    named = T._plan("text-classification", {"dataset_args": {"text_column": "body"}}, ["review", "label"], "label")
+    assert named.columns == {"text_column": "body", "class_column": "label"}  # a named column is never replaced
+    assert T._plan("text-classification", {}, ["text", "label"]).columns["class_column"] == "label"
+    assert T._plan("conversation", {}, ["user", "reply"], "reply").columns["assistant_column"] == "reply"
+    assert T._plan("text-generation", {}, ["id", "body"], "body").columns == {"text_column": "body"}
+    with pytest.raises(InvalidArgument, match="name different columns"):
+        T._plan("summarization", {"dataset_args": {"target_column": "a"}}, ["text", "a", "b"], "b")
+
+
+def test_an_evaluation_after_the_last_step_is_reused(bert: str, config: EngineSection) -> None:
+    data: dict[str, list[Any]] = {"text": _sentences(12, 8), "class": [i % 2 for i in range(12)]}
+    result = _run(config, "text-classification", bert, data, data, training_args={**STEPS, "eval_strategy": "steps",
+                                                                                  "eval_steps": 2})  # fmt: skip
+    evaluations = [e for e in result.events if "eval_loss" in e]
+    assert len(evaluations) == 1 and result.metrics["eval_loss"] == evaluations[0]["eval_loss"]
+
+
 def test_bleu_and_rouge() -> None:
     assert T.bleu(["the cat is on the mat"], ["the cat is on the mat"]) == pytest.approx(100.0)
     assert T.bleu(["hello"], ["goodbye world"]) == 0.0
@@ -450,3 +498,302 @@ def test_bleu_and_rouge() -> None:
     p, r, f = T.rouge(["the cat sat"], ["the cat"], 1)
     assert (p, r) == pytest.approx((2 / 3, 1.0)) and f == pytest.approx(0.8)
     assert T.rouge(["a b"], ["c d"], 2) == (0.0, 0.0, 0.0)
+
+
+# --------------------------------------------------------------------------- #
+# Through a real proxy: pgml.tune as PostgresML documents it, predict on the tuned project
+# --------------------------------------------------------------------------- #
+
+JSONB = 3802  # type OID
+
+
+@pytest.fixture(scope="module")
+def tune_proxy(
+    pg: Postgres, model_root: Path, bert: str, gpt2: str, t5: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ProxyProcess]:
+    """A proxy whose model directory holds the tiny ``bert``, ``gpt2`` and ``t5`` built above (named so)."""
+    handle = start_proxy(pg.dsn(), tmp_path_factory.mktemp("tune-proxy"), PGML_PROXY_ENGINE_MODEL_DIRS=str(model_root),
+                         PGML_PROXY_ENGINE_DEVICE="cpu")  # fmt: skip
+    try:
+        yield handle
+    finally:
+        handle.stop()
+
+
+@pytest.fixture(scope="module")
+def tune_db(pg: Postgres) -> Iterator[str]:
+    with scratch_database(pg, "tune") as name:
+        yield name
+
+
+@pytest.fixture
+def conn(tune_proxy: ProxyProcess, tune_db: str) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(tune_proxy.dsn(dbname=tune_db), autocommit=True) as connection:
+        yield connection
+
+
+def _table(conn: psycopg.Connection[Any], name: str, columns: str, rows: list[tuple[Any, ...]]) -> None:
+    conn.execute(f"DROP TABLE IF EXISTS {name}")
+    conn.execute(f"CREATE TABLE {name} ({columns})")
+    with conn.cursor() as cur:
+        cur.executemany(f"INSERT INTO {name} VALUES ({', '.join(['%s'] * len(rows[0]))})", rows)
+
+
+def _model(conn: psycopg.Connection[Any], project: str) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """The deployed model's hyperparams and metrics, and its snapshot's y_column_name."""
+    found = conn.execute(
+        "SELECT m.hyperparams, m.metrics, s.y_column_name FROM pgml.deployed_models d JOIN pgml.models m ON m.id = d.id"
+        " JOIN pgml.snapshots s ON s.id = m.snapshot_id WHERE d.name = %s", [project]
+    ).fetchone()  # fmt: skip
+    assert found is not None, project
+    return found[0], found[1], found[2]
+
+
+def _one(conn: psycopg.Connection[Any], sql: str, params: Any = None) -> tuple[Any, int]:
+    """The single value of ``sql`` and its column's type OID."""
+    cur = conn.execute(sql, params)
+    row = cur.fetchone()
+    assert row is not None and cur.description is not None
+    return row[0], cur.description[0].type_code
+
+
+def _reviews(n: int, seed: int) -> list[tuple[str, int]]:
+    texts = _sentences(n, seed)
+    return [(t, int("good" in t or "great" in t or "love" in t)) for t in texts]
+
+
+# The IMDB example of PostgresML's pgml.tune docs / examples/finetune.sql, verbatim but the names
+DOCS_TUNE = """SELECT * FROM pgml.tune(
+    'IMDB Review Sentiment',
+    task => 'text-classification',
+    relation_name => 'imdb',
+    y_column_name => 'label',
+    model_name => 'bert',
+    hyperparams => '{
+        "learning_rate": 2e-5,
+        "per_device_train_batch_size": 16,
+        "per_device_eval_batch_size": 16,
+        "num_train_epochs": 1,
+        "weight_decay": 0.01
+    }',
+    test_size => 0.5,
+    test_sampling => 'last'
+)"""
+
+
+@pytest.fixture(scope="module")
+def imdb(tune_proxy: ProxyProcess, tune_db: str) -> str:
+    """``IMDB Review Sentiment`` tuned as the docs do it (flat hyperparams, y_column_name 'label', bigint labels)."""
+    with psycopg.connect(tune_proxy.dsn(dbname=tune_db), autocommit=True) as conn:
+        _table(conn, "imdb", "text text, label bigint", [*_reviews(16, 11), ("I love SQL", 1)])
+        row = conn.execute(DOCS_TUNE).fetchone()
+        assert row == ("IMDB Review Sentiment", "text-classification", "transformers", True)
+    return "IMDB Review Sentiment"
+
+
+def test_docs_flat_form_is_read_as_training_arguments(conn: psycopg.Connection[Any], imdb: str) -> None:
+    hyperparams, metrics, y = _model(conn, imdb)
+    args = hyperparams["training_args"]
+    assert {
+        k: args[k] for k in ("learning_rate", "per_device_train_batch_size", "num_train_epochs", "weight_decay")
+    } == {"learning_rate": 2e-5, "per_device_train_batch_size": 16, "num_train_epochs": 1, "weight_decay": 0.01}
+    assert hyperparams["dataset_args"] == {"text_column": "text", "class_column": "label"}  # y_column_name honoured
+    assert y == ["label"] and {"f1", "accuracy"} <= set(metrics)
+    (logged,) = conn.execute(
+        "SELECT count(*) FROM pgml.logs l JOIN pgml.models m ON m.id = l.model_id"
+        " JOIN pgml.deployed_models d ON d.id = m.id WHERE d.name = %s",
+        [imdb],
+    ).fetchone() or (0,)
+    assert logged >= 1  # fmt: skip
+
+
+def test_predict_and_predict_proba_on_the_tuned_project(conn: psycopg.Connection[Any], imdb: str) -> None:
+    """As the docs show: ``pgml.predict('IMDB Review Sentiment', 'I love SQL')`` -> a training label."""
+    labels = sorted(v for (v,) in conn.execute("SELECT DISTINCT label FROM imdb"))
+    label, oid = _one(conn, "SELECT pgml.predict('IMDB Review Sentiment', 'I love SQL') AS sentiment")
+    assert oid == JSONB and type(label) is int and label in labels
+    proba, oid = _one(conn, "SELECT pgml.predict_proba('IMDB Review Sentiment', 'I love SQL') AS sentiment")
+    assert oid == JSONB and len(proba) == len(labels) and sum(proba) == pytest.approx(1.0, abs=1e-5)
+    assert labels[max(range(len(proba)), key=proba.__getitem__)] == label  # probabilities in label order
+    # bound parameters (psycopg sends them untyped), per row, and arrays of texts all agree with the constant form
+    assert _one(conn, "SELECT pgml.predict(%s, %s)", [imdb, "I love SQL"])[0] == label
+    assert _one(conn, "SELECT pgml.predict_proba(%s, %s)", [imdb, "I love SQL"])[0] == proba
+    texts = [t for (t,) in conn.execute("SELECT text FROM imdb ORDER BY text")]
+    rows = conn.execute("SELECT text, pgml.predict(%s, text), pgml.predict_proba(%s, text) FROM imdb ORDER BY text",
+                        [imdb, imdb]).fetchall()  # fmt: skip
+    assert [r[0] for r in rows] == texts and all(r[1] in labels and len(r[2]) == len(labels) for r in rows)
+    assert dict((r[0], r[1]) for r in rows)["I love SQL"] == label
+    many, oid = _one(conn, "SELECT pgml.predict(%s, %s::text[])", [imdb, texts])
+    assert oid == JSONB and many == [r[1] for r in rows]
+    many = _one(conn, "SELECT pgml.predict_proba(%s, ARRAY['I love SQL', NULL, 'I love SQL'])", [imdb])[0]
+    assert many == [proba, None, proba]
+    assert _one(conn, "SELECT pgml.predict(%s, NULL::text)", [imdb])[0] is None  # STRICT
+
+
+def test_unknown_literals_resolve_as_postgresql_resolves_them(conn: psycopg.Connection[Any], imdb: str,
+                                                              pg: Postgres, tune_db: str) -> None:  # fmt: skip
+    """``'I love SQL'`` and even ``'{1,2}'`` are text to PostgreSQL (string category first); ARRAY[1,2] is not."""
+    shapes = {"a": "'I love SQL'", "b": "'{1,2}'", "c": "ARRAY['x', 'y']", "d": "ARRAY[1, 2]"}
+    select = ", ".join(f"pgml.predict('p', {arg}) AS {name}" for name, arg in shapes.items())
+    select += ", pgml.predict_proba('p', 'x') AS pa, pgml.predict_proba('p', '{1,2}'::real[]) AS pb"
+    with psycopg.connect(pg.dsn(dbname=tune_db), autocommit=True) as direct:  # the server, with the stubs
+        direct.execute(f"CREATE OR REPLACE TEMP VIEW resolved AS SELECT {select}")
+        types: dict[str, str] = dict(direct.execute("SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute"
+                                    " WHERE attrelid = 'resolved'::regclass AND attnum > 0").fetchall())  # fmt: skip
+    assert types == {"a": "jsonb", "b": "jsonb", "c": "jsonb", "d": "real", "pa": "jsonb", "pb": "real[]"}
+    # the proxy picks the same overloads: text ones classify, the number array one asks for text
+    assert _one(conn, "SELECT pgml.predict('IMDB Review Sentiment', '{1,2}')")[1] == JSONB
+    assert len(_one(conn, "SELECT pgml.predict('IMDB Review Sentiment', ARRAY['x', 'y'])")[0]) == 2
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="pass the text"):
+        conn.execute("SELECT pgml.predict('IMDB Review Sentiment', ARRAY[1, 2])")
+    assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_text_predict_overloads_are_declared_alike_in_catalogue_and_stubs(conn: psycopg.Connection[Any]) -> None:
+    """The text overloads are declared alike in the stubs (what PostgreSQL resolves with) and the catalogue."""
+    from engine.api import signatures
+
+    conn.execute("SELECT pgml.version()")  # the schema is in place
+    declared: set[tuple[str, str, str]] = set()
+    for name in ("predict", "predict_proba"):
+        for sig in signatures(name):
+            args = ", ".join(f"{p.name} {'anyelement' if p.type == 'record' else p.type}" for p in sig.params)
+            declared.add((name, args, sig.returns))
+    stubs = {(n, a.replace('"', ""), r) for n, a, r in conn.execute(
+        "SELECT proname, pg_get_function_identity_arguments(p.oid), format_type(prorettype, NULL) FROM pg_proc p"
+        " WHERE pronamespace = 'pgml'::regnamespace AND proname IN ('predict', 'predict_proba')")}  # fmt: skip
+    texts = {s for s in declared if s[1].startswith("project_name text, inputs ")}
+    assert texts == {s for s in stubs if s[1].startswith("project_name text, inputs ")}
+    assert {(n, a.split()[-1], t) for n, a, t in texts} == {
+        (name, inputs, "jsonb") for name in ("predict", "predict_proba") for inputs in ("text", "text[]")
+    }
+
+
+def test_nested_form_text_labels_and_y_column_name(conn: psycopg.Connection[Any]) -> None:
+    rows = [(i, t, "good" if label else "bad") for i, (t, label) in enumerate(_reviews(12, 12))]
+    _table(conn, "feedback", "id int, comment text, verdict text", rows)
+    hyper = {"training_args": dict(STEPS), "dataset_args": {"text_column": "comment"}}
+    row = conn.execute("SELECT * FROM pgml.tune('Feedback', 'text-classification', 'feedback', 'verdict', 'bert',"
+                       " %s::jsonb, test_size => 0.25)", [json.dumps(hyper)]).fetchone()  # fmt: skip
+    assert row is not None and row[:3] == ("Feedback", "text-classification", "transformers")
+    hyperparams, _, y = _model(conn, "Feedback")
+    assert hyperparams["dataset_args"] == {"text_column": "comment", "class_column": "verdict"} and y == ["verdict"]
+    assert hyperparams["training_args"]["max_steps"] == 2
+    label, _ = _one(conn, "SELECT pgml.predict('Feedback', 'good movie')")
+    assert label in ("bad", "good")
+    # again without relation_name: the project's snapshot, and its y_column_name, are reused
+    row = conn.execute("SELECT * FROM pgml.tune('Feedback', model_name => 'bert', hyperparams => %s::jsonb)",
+                       [json.dumps(hyper)]).fetchone()  # fmt: skip
+    assert row is not None and row[1] == "text-classification"
+
+
+def test_flat_translation_takes_the_other_column_as_input(conn: psycopg.Connection[Any]) -> None:
+    """finetune.sql's translation: a view (en, es), y_column_name 'es', flat hyperparams with max_length."""
+    sources = _sentences(12, 13)
+    _table(conn, "pairs", "en text, es text", [(s, " ".join(reversed(s.split()))) for s in sources])
+    conn.execute("CREATE OR REPLACE VIEW en_to_es AS SELECT en, es FROM pairs")
+    hyper = {"learning_rate": 2e-5, "per_device_train_batch_size": 4, "per_device_eval_batch_size": 4,
+             "num_train_epochs": 1, "weight_decay": 0.01, "max_length": 16}  # fmt: skip
+    row = conn.execute("SELECT * FROM pgml.tune('Translate', task => 'translation', relation_name => 'en_to_es',"
+                       " y_column_name => 'es', model_name => 't5', hyperparams => %s::jsonb, test_size => 0.5,"
+                       " test_sampling => 'last')", [json.dumps(hyper)]).fetchone()  # fmt: skip
+    assert row is not None and row[1:3] == ("translation", "transformers")
+    hyperparams, metrics, _ = _model(conn, "Translate")
+    assert hyperparams["dataset_args"] == {"text_column": "en", "target_column": "es"}
+    assert hyperparams["max_length"] == 16 and hyperparams["training_args"]["num_train_epochs"] == 1
+    assert {"bleu", "blue", "perplexity"} <= set(metrics)
+    text, _ = _one(conn, "SELECT pgml.generate('Translate', 'the movie', '{\"max_new_tokens\": 3}')")
+    assert isinstance(text, str)
+
+
+def test_flat_summarization_lengths(conn: psycopg.Connection[Any]) -> None:
+    """finetune.sql's summarization: max_input_length / max_summary_length at the top level."""
+    _table(conn, "bills", '"text" text, summary text', [(s + " " + s, s.split()[0]) for s in _sentences(8, 14)])
+    hyper = {"learning_rate": 2e-5, "per_device_train_batch_size": 2, "per_device_eval_batch_size": 2,
+             "num_train_epochs": 1, "weight_decay": 0.01, "max_input_length": 8, "max_summary_length": 4}  # fmt: skip
+    row = conn.execute("SELECT * FROM pgml.tune('Summaries', task => 'summarization', relation_name => 'bills',"
+                       " y_column_name => 'summary', model_name => 't5', hyperparams => %s::jsonb,"
+                       " test_size => 0.01, test_sampling => 'last')", [json.dumps(hyper)]).fetchone()  # fmt: skip
+    assert row is not None and row[1] == "summarization"
+    hyperparams, metrics, _ = _model(conn, "Summaries")
+    assert hyperparams["max_input_length"] == 8 and hyperparams["max_summary_length"] == 4
+    assert hyperparams["dataset_args"] == {"text_column": "text", "target_column": "summary"}
+    assert "rouge_ngram_f1" in metrics
+
+
+def test_text_generation_as_documented(conn: psycopg.Connection[Any]) -> None:
+    _table(conn, "book", "id int, body text", list(enumerate(_sentences(10, 15))))
+    row = conn.execute("SELECT * FROM pgml.tune('GPT Generator', task => 'text-generation', relation_name => 'book',"
+                       " y_column_name => 'body', model_name => 'gpt2',"
+                       " hyperparams => '{\"learning_rate\": 2e-5, \"num_train_epochs\": 1}', test_size => 0.2,"
+                       " test_sampling => 'last')").fetchone()  # fmt: skip
+    assert row is not None and row[1:3] == ("text-generation", "transformers")
+    hyperparams, metrics, _ = _model(conn, "GPT Generator")
+    assert hyperparams["dataset_args"] == {"text_column": "body"} and "perplexity" in metrics
+    text, _ = _one(conn, "SELECT pgml.generate('GPT Generator', 'hello how', '{\"max_new_tokens\": 2}')")
+    assert isinstance(text, str) and len(text.split()) <= 2
+    with pytest.raises(psycopg.errors.FeatureNotSupported, match="text-generation"):
+        conn.execute("SELECT pgml.predict('GPT Generator', 'hello')")
+
+
+def test_question_answering_squad_form(conn: psycopg.Connection[Any]) -> None:
+    """finetune.sql's SQuAD example: answers as SQuAD JSON (some unanswerable), stride and evaluation_strategy."""
+    rows = []
+    for i, sentence in enumerate(_sentences(12, 16)):
+        context = f"the plot is {sentence} and fine"
+        answerable = i % 3 != 0
+        answers = {"text": [sentence.split()[0]] if answerable else [], "answer_start": [12] if answerable else []}
+        rows.append((f"q{i}", "what is the plot", context, json.dumps(answers)))
+    _table(conn, "squad", "id text, question text, context text, answers jsonb", rows)
+    hyper = {"evaluation_strategy": "epoch", "learning_rate": 2e-5, "per_device_train_batch_size": 4,
+             "per_device_eval_batch_size": 4, "num_train_epochs": 1, "max_length": 24, "stride": 4}  # fmt: skip
+    row = conn.execute("SELECT * FROM pgml.tune('SQuAD', 'question-answering', 'squad', 'answers', 'bert',"
+                       " hyperparams => %s::jsonb, test_size => 4, test_sampling => 'last')",
+                       [json.dumps(hyper)]).fetchone()  # fmt: skip
+    assert row is not None and row[1:3] == ("question-answering", "transformers")
+    hyperparams, metrics, _ = _model(conn, "SQuAD")
+    assert hyperparams["training_args"]["eval_strategy"] == "epoch" and hyperparams["stride"] == 4
+    assert 0 <= metrics["f1"] <= 1 and 0 <= metrics["exact_match"] <= 1 and "eval_loss" in metrics
+    task = json.dumps({"task": "question-answering", "model": "SQuAD"})
+    question = json.dumps({"question": "what is the plot", "context": "the plot is good"})
+    found, _ = _one(conn, "SELECT pgml.transform(%s::jsonb, inputs => ARRAY[%s])", [task, question])
+    assert found["answer"] in "the plot is good"
+
+
+BAD_TUNES: list[tuple[str, dict[str, Any], str, str]] = [
+    ("text-classification", {"epochs": 3}, "22023", "unknown hyperparams: epochs"),
+    ("text-classification", {"learning_rate": 1e-3, "training_args": {"learning_rate": 1e-4}}, "22023", "twice"),
+    ("text-classification", {"num_train_epochs": "many"}, "22023", "training_args"),
+    ("text-classification", {"output_dir": "/tmp/elsewhere"}, "22023", "output_dir"),
+    ("text-classification", {"push_to_hub": True}, "22023", "push_to_hub"),
+    ("text-classification", {"accelerator_config": "/etc/hostname"}, "42501", "accelerator_config"),
+    ("text-classification", {"stride": 8}, "22023", "stride"),
+    ("text-classification", {"max_summary_length": 8}, "22023", "max_summary_length"),
+    ("text-classification", {"max_input_length": 1}, "22023", "max_input_length"),
+    ("text-classification", {"dataset_args": {"class_column": "other"}}, "22023", "y_column_name"),
+    ("text-classification", {"lora_config": {"r": 2}}, "0A000", "lora_config"),
+    ("regression", {}, "22023", "regression"),
+]
+
+
+@pytest.mark.parametrize(("task", "hyper", "sqlstate", "match"), BAD_TUNES)
+def test_bad_hyperparams_are_errors_with_sqlstate(
+    conn: psycopg.Connection[Any], task: str, hyper: dict[str, Any], sqlstate: str, match: str
+) -> None:
+    _table(conn, "bad_reviews", "text text, label int", [("good movie", 1), ("bad film", 0)] * 4)
+    with pytest.raises(psycopg.Error, match=match) as caught:
+        conn.execute("SELECT * FROM pgml.tune('Bad', %s, 'bad_reviews', 'label', 'bert', %s::jsonb)",
+                     [task, json.dumps(hyper)])  # fmt: skip
+    assert caught.value.sqlstate == sqlstate
+    assert conn.execute("SELECT count(*) FROM pgml.projects WHERE name = 'Bad'").fetchone() == (0,)
+
+
+def test_y_column_name_must_exist_and_predict_needs_a_tuned_classifier(conn: psycopg.Connection[Any]) -> None:
+    _table(conn, "points", "x real, y int", [(float(i), i % 2) for i in range(10)])
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="nope"):
+        conn.execute("SELECT * FROM pgml.tune('Nope', 'text-classification', 'points', 'nope', 'bert')")
+    conn.execute("SELECT * FROM pgml.train('Points', 'classification', 'points', 'y')")
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match=r"tuned by pgml\.tune") as caught:
+        conn.execute("SELECT pgml.predict('Points', '{1}')")  # text to PostgreSQL: the hint says how to cast
+    assert "real[]" in (caught.value.diag.message_hint or "")
+    assert isinstance(_one(conn, "SELECT pgml.predict('Points', '{1}'::real[])")[0], float)
