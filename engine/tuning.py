@@ -147,7 +147,7 @@ async def generate(call: Call, ctx: Context) -> list[Any]:
         many = isinstance(inputs, list)
         texts = await ctx.work(
             tuner.generate, files, key, inputs if many else [inputs], dict(config), ctx.config, ctx.cache,
-            cancelled=ctx.cancelled,
+            cancelled=ctx.cancelled, notices=ctx.notices,
         )
         out.append(texts if many else texts[0])
     return out
