@@ -8,7 +8,12 @@ the rest of that segment, which is then simply forgotten). Inside a segment, the
 n-th ParseComplete/BindComplete/CloseComplete answers its n-th Parse/Bind/Close:
 that is how the completion of a message the proxy injected is found and hidden.
 Barriers are injected Parses whose completion proves every earlier response of
-the segment has arrived.
+the segment has arrived. A Query that runs statements of the proxy's own (the
+``DO`` block raising a proxy error) marks them by position: the responses that
+end statements and Executes (CommandComplete, EmptyQueryResponse, PortalSuspended)
+are counted, so the ErrorResponse or notice that comes while such a statement runs
+is known to be the proxy's own (the session then shows it without the mechanism),
+whatever its text says.
 
 Must not: do I/O. The session reports what it sends and receives.
 """
@@ -17,9 +22,13 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Collection
 
 ONE, TWO, THREE = ord("1"), ord("2"), ord("3")
-Z, E = ord("Z"), ord("E")
+Z, E, N = ord("Z"), ord("E"), ord("N")
+# Responses that end one statement of a Query or one Execute: how the statement being answered is known.
+ENDS = frozenset(b"CIs")
+_EXECUTE = ord("E")  # a client's Execute (the same byte as a server's ErrorResponse)
 # Client message -> the completion message that answers it.
 ANSWERS = {ord("P"): ONE, ord("B"): TWO, ord("C"): THREE}
 # Client messages answered by ReadyForQuery: each closes a segment.
@@ -30,10 +39,16 @@ _P, _B, _C, _Q, _S, _F = b"PBCQSF"
 class Segment:
     """The messages up to one ReadyForQuery: completions sent/received by kind, and which to hide."""
 
-    __slots__ = ("barriers", "failed", "hidden", "hidden_errors", "received", "sent")
+    __slots__ = (
+        "answered", "barriers", "executes", "failed", "hidden", "hidden_errors", "own", "own_fields", "received", "sent"
+    )  # fmt: skip
 
     def __init__(self) -> None:
         self.sent = {ONE: 0, TWO: 0, THREE: 0}
+        self.executes = 0  # Execute messages sent in this segment (each is ended by one of ENDS, or an error)
+        self.own: frozenset[int] = frozenset()  # statements (counted in ENDS) that are the proxy's own
+        self.answered = 0  # responses in ENDS received: the statement being answered (when ``own`` is set)
+        self.own_fields: tuple[tuple[str, str], ...] = ()  # fields the proxy's own error adds (its position)
         self.received = {ONE: 0, TWO: 0, THREE: 0}
         self.hidden: set[tuple[int, int]] = set()
         self.hidden_errors = 0  # ErrorResponses the proxy provoked on purpose (to make the server skip to Sync)
@@ -57,11 +72,12 @@ class Responses:
     def __init__(self) -> None:
         self.segments: deque[Segment | None] = deque([None])
         self._hidden = 0  # hidden responses not yet seen, over all segments
+        self._marked = 0  # segments not yet closed with statements of the proxy's own
 
     @property
     def busy(self) -> bool:
         """True while some response must be inspected one frame at a time."""
-        return self._hidden > 0
+        return self._hidden > 0 or self._marked > 0
 
     def _current(self) -> Segment:
         current = self.segments[-1]
@@ -78,11 +94,13 @@ class Responses:
             self.segments.extend([None] * closers)
             return
         if closers <= 1 and (closers == 0 or kinds[-1] in CLOSERS):  # the usual chunk: one batch at most
-            if _P in kinds or _B in kinds or _C in kinds:
-                sent = self._current().sent
+            if _P in kinds or _B in kinds or _C in kinds or _EXECUTE in kinds:
+                current = self._current()
+                sent = current.sent
                 sent[ONE] += kinds.count(_P)
                 sent[TWO] += kinds.count(_B)
                 sent[THREE] += kinds.count(_C)
+                current.executes += kinds.count(_EXECUTE)
             if closers:
                 self.segments.append(None)
             return
@@ -90,6 +108,8 @@ class Responses:
             answer = ANSWERS.get(kind)
             if answer is not None:
                 self._current().sent[answer] += 1
+            elif kind == _EXECUTE:
+                self._current().executes += 1
             elif kind in CLOSERS:
                 self.segments.append(None)
 
@@ -110,6 +130,24 @@ class Responses:
         current.hidden.add((answer, ordinal))
         self._hidden += 1
         return ordinal
+
+    def own_statements(self, positions: Collection[int], fields: tuple[tuple[str, str], ...] = ()) -> None:
+        """The Query about to be sent runs statements of the proxy's own at these 0-based positions of its
+        string: an error or notice while one of them runs is the proxy's (see :meth:`own`); ``fields`` are
+        what its ErrorResponse lacks (a position in the client's text)."""
+        current = self._current()
+        if not current.own:
+            self._marked += 1
+        current.own = frozenset(current.executes + position for position in positions)
+        current.own_fields = fields
+
+    def own(self, kind: int) -> tuple[tuple[str, str], ...] | None:
+        """For an ErrorResponse / NoticeResponse not yet passed to :meth:`keep`: None when it is the server's,
+        else the fields the proxy adds to it (none for a notice)."""
+        oldest = self.segments[0]
+        if kind not in (E, N) or oldest is None or oldest.answered not in oldest.own:
+            return None
+        return oldest.own_fields if kind == E else ()
 
     def inject_error(self) -> None:
         """The proxy sends a message that fails on purpose: hide the ErrorResponse."""
@@ -134,6 +172,8 @@ class Responses:
         oldest = self.segments[0]
         if oldest is None:
             return True
+        if kind in ENDS and oldest.own:
+            oldest.answered += 1
         if kind in oldest.received:
             ordinal = oldest.received[kind]
             oldest.received[kind] += 1
@@ -158,5 +198,6 @@ class Responses:
         if oldest is not None:
             oldest.fail_barriers()
             self._hidden -= len(oldest.hidden) + oldest.hidden_errors
+            self._marked -= bool(oldest.own)
         if not self.segments:  # a ReadyForQuery nothing was waiting for (end of authentication)
             self.segments.append(None)

@@ -2,7 +2,8 @@
 
 Owns: :class:`Exchange`, the sans-IO driver of one internal exchange — a run of
 statements sent with extended-protocol messages (private statement and portal,
-Describe, Execute, COPY in both directions), ended by Sync between client batches
+Describe, Execute, COPY in both directions; a :class:`Prepare` is only parsed and
+described, for the parameter types the server infers), ended by Sync between client batches
 or by Flush in the middle of one, so the client's implicit transaction is never
 ended by the proxy — and the :class:`Port` protocol the rewriter uses to run them.
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from engine.api import DatabaseError, Result, Statement
@@ -29,7 +31,26 @@ STATEMENT = "pgml_proxy_s"  # the private statement and portal of internal excha
 PORTAL = "pgml_proxy_p"
 SYNC = pq.encode(b"S", b"")
 
-__all__ = ["Exchange", "Port", "Result", "Statement", "UpstreamError"]
+__all__ = ["Described", "Exchange", "Port", "Prepare", "Result", "Statement", "UpstreamError"]
+
+
+@dataclass(frozen=True)
+class Prepare(Statement):
+    """A statement the server only parses and describes (never executes), with these declared parameter types.
+
+    Its result is a :class:`Described`: the parameter types the server settled on (declared or
+    inferred) and the result columns. A statement that cannot be prepared fails as the client's own
+    Parse of it would (42883 for a call no overload accepts, 42P18 for an undeterminable type …).
+    """
+
+    param_types: tuple[int, ...] = ()
+
+
+@dataclass
+class Described(Result):
+    """The answer to a :class:`Prepare`: its ParameterDescription, and its RowDescription in ``columns``."""
+
+    param_types: tuple[int, ...] = field(default_factory=tuple)
 
 
 class UpstreamError(DatabaseError):
@@ -121,7 +142,13 @@ def _close(kind: bytes, name: str) -> bytes:
 
 
 def statement_frames(statement: Statement) -> list[bytes]:
-    """Parse, Bind, Describe and Execute of one statement on the private statement and portal."""
+    """Parse, Bind, Describe and Execute of one statement on the private statement and portal (a Prepare:
+    Parse and Describe of the statement only)."""
+    if isinstance(statement, Prepare):
+        return [
+            pq.encode_parse(pq.Parse(STATEMENT, statement.sql, statement.param_types)),
+            pq.encode(b"D", b"S" + STATEMENT.encode() + b"\0"),
+        ]
     binary = tuple(int(isinstance(v, bytes)) for v in statement.params)
     values = tuple(v.encode() if isinstance(v, str) else v for v in statement.params)
     return [
@@ -146,7 +173,7 @@ class Exchange:
 
     def __init__(self, statements: Sequence[Statement], *, sync: bool, close_first: Sequence[str] = ()) -> None:
         self.statements = list(statements)
-        self.results = [Result() for _ in self.statements]
+        self.results = [Described() if isinstance(s, Prepare) else Result() for s in self.statements]
         self.error: tuple[tuple[str, str], ...] | None = None
         self.status: str | None = None
         self.forward: list[bytes] = []  # frames the client must still see (notifications, parameter changes)
@@ -191,6 +218,12 @@ class Exchange:
             self.forward.append(frame.raw)  # a statement of the client's own, run here: its answer is theirs
         result = self.results[min(self._index, len(self.results) - 1)] if self.results else Result()
         match kind:
+            case "t" if isinstance(result, Described):
+                (count,) = _H.unpack_from(frame.raw, 5)
+                result.param_types = struct.unpack_from(f"!{count}I", frame.raw, 7)
+            case "T" | "n" if self._index < len(self.statements) and isinstance(self.statements[self._index], Prepare):
+                result.columns = decode_row_description(frame.raw) if kind == "T" else []
+                self._index += 1  # described: a Prepare is never executed
             case "T":
                 result.columns = decode_row_description(frame.raw)
             case "D" if not self.statements[self._index].visible:

@@ -3,9 +3,16 @@
 Owns: the session's own prepared statements and portals — a Parse of ``DECLARE c
 CURSOR FOR SELECT pgml.transform_stream($1, …)`` or of ``FETCH n FROM c`` for a
 proxy-owned cursor, and the Bind, Describe, Execute and Close messages that name
-them (what PostgresML's Korvus SDK sends) — and the response each gets:
-ParseComplete, BindComplete, ParameterDescription, RowDescription / NoData,
-DataRows, CommandComplete, CloseComplete.
+them (what PostgresML's Korvus SDK sends) — the messages that name a proxy-owned
+cursor as a portal (psycopg 3's server-side cursors describe the portal their
+DECLARE made; Execute with a row limit reads it, Close closes it), and the
+response each gets: ParseComplete, BindComplete, ParameterDescription,
+RowDescription / NoData, DataRows, PortalSuspended, CommandComplete, CloseComplete.
+
+The parameter types of an own statement with ``$n`` are the server's: its text is
+parsed and described there (never executed) with the client's declared types, so
+inference, the stubs' overload resolution and its errors (42883 for a varchar where
+only jsonb fits) are PostgreSQL's own.
 
 Must not: touch sockets. The session writes the answers after a barrier (so
 they follow every earlier response of the batch) and forwards Sync, whose
@@ -15,18 +22,23 @@ ReadyForQuery then comes from the server, which saw none of these messages.
 from __future__ import annotations
 
 import struct
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from pglast import ast
-
-from proxy import cursors, extended
+from proxy import cursors, extended, schema
 from proxy import protocol as pq
-from proxy.calls import bind, find_calls
-from proxy.errors import FeatureNotSupported, InvalidCursorName, ProtocolViolation, ProxyError
+from proxy.errors import (
+    DuplicateCursor,
+    FeatureNotSupported,
+    InvalidCursorName,
+    NotInPrerequisiteState,
+    ProtocolViolation,
+    ProxyError,
+)
+from proxy.internal import Described, Port, Prepare
 
 _P, _B, _D, _E, _C = (ord(c) for c in "PBDEC")
-TYPE_OIDS = {"text": 25, "jsonb": 3802, "jsonb[]": 3807, "text[]": 1009, "boolean": 16, "real": 700, "bigint": 20}
 OwnStatement = cursors.StreamSelect | cursors.Declare | cursors.Fetch | cursors.Close
 PARSE_COMPLETE, BIND_COMPLETE, CLOSE_COMPLETE, NO_DATA, PORTAL_SUSPENDED = (
     pq.encode(t, b"") for t in (b"1", b"2", b"3", b"n", b"s")
@@ -51,6 +63,11 @@ class Portal:
     done: bool = False
 
 
+# Parameter types the server gave own statements: (database, SQL, declared types) -> types. Shared by sessions.
+_server_types: OrderedDict[tuple[str, str, tuple[int, ...]], tuple[int, ...]] = OrderedDict()
+_SERVER_TYPES_KEPT = 1024
+
+
 class Owned:
     """One session's own prepared statements and portals."""
 
@@ -73,7 +90,7 @@ class Owned:
     def active(self) -> bool:
         return bool(self.statements or self.portals)
 
-    def claims(self, frame: pq.Frame, open_cursors: dict[str, cursors.Stream]) -> bool:
+    def claims(self, frame: pq.Frame, open_cursors: dict[str, cursors.Cursor]) -> bool:
         """Whether the proxy answers this client message itself.
 
         Never raises: a malformed message is not ours (the server answers it with its own error),
@@ -98,54 +115,70 @@ class Owned:
                     bound = extended.decode_bind(frame)
                 except ProtocolViolation:
                     return False
+                if bound.portal and bound.portal in open_cursors:
+                    return True  # a cursor is a portal: answered with the server's 42P03
                 if bound.statement not in self.statements:
                     self.drop_portal(bound.portal)  # the portal name now means one of the server's
                     return False
                 return True
             case 68 | 67:  # D, C
                 target = _target(frame)
-                return target is not None and target[1] in (self.statements if target[0] == b"S" else self.portals)
+                if target is None:
+                    return False
+                kind, name = target
+                return name in self.statements if kind == b"S" else name in self.portals or name in open_cursors
             case 69:  # E
                 execute = _execute_message(frame)
-                return execute is not None and execute[0] in self.portals
+                return execute is not None and (execute[0] in self.portals or execute[0] in open_cursors)
         return False
 
-    def _prepared(self, parse: pq.Parse, open_cursors: dict[str, cursors.Stream]) -> Prepared | None:
+    def _prepared(self, parse: pq.Parse, open_cursors: dict[str, cursors.Cursor]) -> Prepared | None:
         own = cursors.classify(parse.sql, open_cursors)
         if not isinstance(own, OwnStatement) or (isinstance(own, cursors.Close) and own.name is None):
             return None
-        return Prepared(parse.sql, own, _param_types(own, parse.param_types))
+        return Prepared(parse.sql, own, parse.param_types)
 
-    async def answer(self, frame: pq.Frame, table: cursors.Cursors, tx_status: str, write: Any) -> bytes:
+    async def answer(self, frame: pq.Frame, table: cursors.Cursors, tx_status: str, write: Any, port: Port) -> bytes:
         """The response frames for an own message (raises the error that fails the batch).
 
-        A streaming SELECT writes its DataRows with ``write`` as they are generated.
+        A streaming SELECT writes its DataRows with ``write`` as they are generated. A Parse of a
+        statement with ``$n`` is prepared on the server through ``port`` for its parameter types
+        (an UpstreamError is the server's own answer to it).
         """
         match frame.type:
             case 80:
                 parse = pq.decode_parse(frame)
                 prepared = self._prepared(parse, table.open)
                 assert prepared is not None  # claims() said so
-                self.statements[parse.name] = prepared
+                types = await _server_types_of(prepared, port)
+                self.statements[parse.name] = Prepared(prepared.sql, prepared.own, types)
                 return PARSE_COMPLETE
             case 66:
                 bound = extended.decode_bind(frame)
+                if bound.portal and bound.portal in table.open:
+                    raise DuplicateCursor(f'cursor "{bound.portal}" already exists')
                 binary = bool(bound.result_formats) and bound.result_formats[0] == 1
                 self.drop_portal(bound.portal)
                 self.portals[bound.portal] = Portal(_bound(self.statements[bound.statement], bound), binary)
                 return BIND_COMPLETE
             case 68:
                 kind, name = _target(frame) or (b"", "")  # claims() checked it
+                if kind == b"P" and name not in self.portals:  # a cursor's own portal: text, as DECLARE made it
+                    return cursors.row_description(table.open[name].column)
                 return self._describe(kind, name, table)
             case 69:
                 portal, limit = _execute_message(frame) or ("", 0)
+                if portal not in self.portals:
+                    return await _execute_cursor(portal, limit, table)
                 return await self._execute(portal, limit, table, tx_status, write)
             case _:  # C
                 kind, name = _target(frame) or (b"", "")
                 if kind == b"S":
                     self.statements.pop(name, None)
-                else:
+                elif name in self.portals:
                     self.drop_portal(name)
+                else:
+                    table.close(name)  # Close of a cursor's portal closes the cursor
                 return CLOSE_COMPLETE
 
     def _describe(self, kind: bytes, name: str, table: cursors.Cursors) -> bytes:
@@ -167,8 +200,10 @@ class Owned:
         portal = self.portals[name]
         own = portal.own
         match own:
-            case cursors.StreamSelect() | cursors.Fetch() if portal.done:
+            case cursors.StreamSelect() | cursors.Fetch(move=False) if portal.done:
                 return cursors.command_complete("SELECT 0" if isinstance(own, cursors.StreamSelect) else "FETCH 0")
+            case _ if portal.done:  # a utility statement's portal runs once, as on the server
+                raise NotInPrerequisiteState(f'portal "{name}" cannot be run')
             case cursors.StreamSelect():
                 portal.stream = table.reading = portal.stream or table.open_stream(own.call)
                 try:
@@ -176,24 +211,41 @@ class Owned:
                 finally:
                     table.reading = None
             case cursors.Declare():
+                portal.done = True
                 return table.declare(own, tx_status)
             case cursors.Fetch(move=True):
                 portal.done = True
                 return (await table.fetch(own))[1]
             case cursors.Fetch():
                 if portal.pending is None:
-                    portal.pending = await table.fetch_fragments(own)
-                rows, portal.pending = portal.pending[: limit or None], portal.pending[limit or len(portal.pending) :]
+                    portal.pending = (await table.fetch_fragments(own))[0]
+                rows, portal.pending = _first(portal.pending, limit)
                 body = b"".join(cursors.data_row(f, portal.binary) for f in rows)
-                if portal.pending:
+                if limit > 0 and len(rows) == limit:  # as the server: done only once a run falls short of its limit
                     return body + PORTAL_SUSPENDED
                 portal.done = True
                 return body + cursors.command_complete(f"FETCH {len(rows)}")
             case cursors.Close(name=str(cursor)):
+                portal.done = True
                 if cursor not in table.open:
                     raise InvalidCursorName(f'cursor "{cursor}" does not exist')
                 return table.close(cursor)
         raise FeatureNotSupported("unexpected statement for a pgml-proxy cursor")
+
+
+async def _execute_cursor(name: str, limit: int, table: cursors.Cursors) -> bytes:
+    """Execute of a proxy-owned cursor's portal: its next ``limit`` rows (0: all), text format, as the server
+    runs a cursor portal — PortalSuspended when the limit was reached, else ``SELECT n``."""
+    rows = await table.execute(name, limit)
+    body = b"".join(cursors.data_row(f) for f in rows)
+    if table.open[name].at_end:
+        return body + cursors.command_complete(f"SELECT {len(rows)}")
+    return body + PORTAL_SUSPENDED
+
+
+def _first(rows: list[list[str]], limit: int) -> tuple[list[list[str]], list[list[str]]]:
+    """The first ``limit`` rows (0: all) and the rest."""
+    return (rows[:limit], rows[limit:]) if limit > 0 else (rows, [])
 
 
 def _target(frame: pq.Frame) -> tuple[bytes, str] | None:
@@ -238,19 +290,28 @@ async def _stream_rows(portal: Portal, stream: cursors.Stream, limit: int, write
     return PORTAL_SUSPENDED
 
 
-def _param_types(own: OwnStatement, declared: tuple[int, ...]) -> tuple[int, ...]:
-    """Declared parameter types, else the catalogue type of the argument each ``$n`` stands for."""
-    if not isinstance(own, cursors.Declare | cursors.StreamSelect):
+async def _server_types_of(prepared: Prepared, port: Port) -> tuple[int, ...]:
+    """The parameter types the server gives the statement (its declared ones when it has no ``$n``).
+
+    The statement is parsed and described on the client's session, with the declared types, in
+    front of a Parse of its own (so its errors are the server's answer to the client's Parse);
+    the pgml schema is installed first, as for any pgml statement. Cached per database and text.
+    """
+    own, declared = prepared.own, prepared.param_types
+    if not isinstance(own, cursors.Declare | cursors.StreamSelect) or not extended.referenced_params([own.call]):
         return declared
-    (site,) = find_calls(ast.SelectStmt(targetList=(ast.ResTarget(val=own.call),)))
-    candidates, slots = bind(site)
-    found: dict[int, int] = {}
-    for slot, param in zip(slots, candidates[0].params, strict=True):
-        inner = slot.arg if isinstance(slot, ast.TypeCast) else slot
-        if isinstance(inner, ast.ParamRef):
-            found[int(inner.number or 0)] = TYPE_OIDS.get(param.type, 25)
-    count = max([len(declared), *found])
-    return tuple((declared[i] if i < len(declared) and declared[i] else found.get(i + 1, 25)) for i in range(count))
+    key = (port.database, prepared.sql, declared)
+    if key in _server_types:
+        _server_types.move_to_end(key)
+        return _server_types[key]
+    await schema.ensure(port)
+    (described,) = await port.execute([Prepare(prepared.sql, param_types=declared)])
+    assert isinstance(described, Described)
+    types = described.param_types
+    _server_types[key] = types
+    if len(_server_types) > _SERVER_TYPES_KEPT:
+        _server_types.popitem(last=False)
+    return types
 
 
 def _bound(prepared: Prepared, bound: extended.Bind) -> OwnStatement:

@@ -446,6 +446,12 @@ def encode_error(msg: ErrorResponse, notice: bool = False) -> bytes:
     return encode(b"N" if notice else b"E", body)
 
 
+def replace_fields(frame: Frame, drop: str, add: tuple[tuple[str, str], ...] = ()) -> bytes:
+    """An ErrorResponse / NoticeResponse frame without the fields whose codes are in ``drop``, plus ``add``."""
+    fields = tuple(f for f in decode_error(frame).fields if f[0] not in drop)
+    return encode_error(ErrorResponse(fields + add), notice=frame.type == ord("N"))
+
+
 def encode_backend_key(msg: BackendKeyData) -> bytes:
     return encode(b"K", _I32.pack(msg.pid) + msg.key)
 

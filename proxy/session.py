@@ -6,19 +6,27 @@ decision is pending) and the execution of :mod:`proxy.rewrite` decisions. The cl
 is still read while a decision runs (up to HELD_LIMIT bytes), so that a disconnect or
 a Terminate ends the session at once and cancels its engine work.
 
-Must not: parse SQL (the rewriter does), or open listening sockets (the server
-does). It frames traffic with :mod:`proxy.protocol` but forwards raw bytes and
-decodes only Query/Parse (client) and R/K/Z/E (upstream).
+The proxy's own statements never show as such: the ErrorResponse that answers the
+``DO`` block raising a proxy error (known by its position in the query string, counted
+by :mod:`proxy.accounting`) reaches the client without the block's CONTEXT and the
+RAISE's source location. Messages naming a proxy-owned cursor or prepared cursor
+statement are answered by :mod:`proxy.owned` / :mod:`proxy.cursors`.
+
+Must not: parse SQL (the rewriter does; the session only counts the statements of a
+query string the proxy built itself), or open listening sockets (the server does). It
+frames traffic with :mod:`proxy.protocol` but forwards raw bytes and decodes only
+Query/Parse (client) and R/K/Z/E/N (upstream).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 from collections import deque
 from typing import TYPE_CHECKING
+
+import pglast
 
 from engine.api import EngineError
 from proxy import cursors, extended, rewrite
@@ -32,6 +40,7 @@ from proxy.errors import (
     InternalError,
     ProtocolViolation,
     ProxyError,
+    error_fields,
     from_fields,
     to_error_response,
     warning_notice,
@@ -58,7 +67,7 @@ UPSTREAM_MAX_MESSAGE = (1 << 30) + 5
 HELD_LIMIT = 4 << 20
 
 _Q, _P, _X, _S = ord("Q"), ord("P"), ord("X"), ord("S")
-_Z, _R, _K, _E = ord("Z"), ord("R"), ord("K"), ord("E")
+_Z, _R, _K, _E, _N = ord("Z"), ord("R"), ord("K"), ord("E"), ord("N")
 _p = ord("p")
 _B = ord("B")
 _C = ord("C")
@@ -112,7 +121,7 @@ class Session(OwnTraffic):
         self._barriers: list[str] = []  # barrier statements to deallocate at the next internal query
         self.temp_tables: list[str] = []  # per-row result tables made for the statement being decided
         self.notices: list[str] = []  # engine WARNINGs, sent to the client ahead of the statement's answer
-        self.cursors = cursors.Cursors(server.rewriter.engine, self.session_id)  # pgml.transform_stream cursors
+        self.cursors = cursors.Cursors(server.rewriter.engine)  # pgml.transform_stream cursors
         self.owned = Owned()  # prepared DECLARE / FETCH statements of those cursors (extended protocol)
         self._stale_tables: list[str] = []  # ... and for earlier statements, to drop when idle
         # The proxy ran a Query's first statements itself (extended messages, no Sync yet): the
@@ -224,6 +233,11 @@ class Session(OwnTraffic):
             not self._authenticated
             or ((_Q in kinds or _P in kinds) and rewrite.might_use_pgml(chunk))
             or (self.deferred and (_B in kinds or _P in kinds or _C in kinds))
+            or (
+                (_Q in kinds or _P in kinds)
+                and self.server.rewriter.sql_prepared(self)
+                and rewrite.might_execute(chunk)
+            )
             or (self.deferred and _Q in kinds and rewrite.might_deallocate(chunk))
             or ((self.cursors.open or self.owned.active) and not _DECIDED_KINDS.isdisjoint(kinds))
             or (self._barriers and _S in kinds)
@@ -287,7 +301,9 @@ class Session(OwnTraffic):
         if frame.type in _OWNED_KINDS and self.owned.claims(frame, self.cursors.open):
             return True
         if frame.type in (_Q, _P):
-            return rewrite.might_use_pgml(frame.raw)
+            return rewrite.might_use_pgml(frame.raw) or (
+                self.server.rewriter.sql_prepared(self) and rewrite.might_execute(frame.raw)
+            )
         return frame.type == _B and bool(self.deferred) and extended.bound_statement(frame) in self.deferred
 
     def _forget(self, names: set[str] | None) -> None:
@@ -404,10 +420,13 @@ class Session(OwnTraffic):
             # Mid-batch the last ReadyForQuery is stale (a BEGIN may precede in this batch): the server
             # state is then taken to be "in a transaction" for DECLARE.
             status = self.tx_status if self._last_sent in (_S, _Q) else "T"
-            return rewrite.Respond(await self.owned.answer(frame, self.cursors, status, self.client.write))
+            return rewrite.Respond(await self.owned.answer(frame, self.cursors, status, self.client.write, self))
         except (ProxyError, EngineError) as exc:
             self.owned.failed = True
             return rewrite.Fail(exc)
+        except (UpstreamError, rewrite.BatchFailed):  # preparing it on the server failed: the server's answer
+            self.owned.failed = True
+            raise
 
     async def _apply(self, frame: pq.Frame, decision: rewrite.Decision) -> None:
         assert self.upstream is not None
@@ -417,7 +436,9 @@ class Session(OwnTraffic):
         match decision:
             case rewrite.Forward() | rewrite.DeferToBind():
                 self._forward(frame.type, frame.raw)
-            case rewrite.Rewritten(frames=raw):
+            case rewrite.Rewritten(frames=raw, own=own):
+                if own and frame.type == _Q:
+                    self._responses.own_statements(own)
                 self._forward(frame.type, raw)
             case rewrite.Respond(frames=raw):
                 self.client.write(raw)  # only after the upstream owed nothing (internal query or schema)
@@ -433,14 +454,17 @@ class Session(OwnTraffic):
                 self._last_sent = _B
                 self.upstream.writelines([*leftovers, parse, bind, close])
             case rewrite.Fail(error=error):
-                # The server raises the error itself, so its transaction state matches the client's.
+                # The server raises the error itself, so its transaction state matches the client's; the
+                # client sees it as the proxy's error, without the DO block that raised it (no CONTEXT).
                 if frame.type == _Q and self._opened:  # the first statements ran already: only the error
-                    raised = Statement(rewrite.raise_statement(error), visible=True)
-                    with contextlib.suppress(UpstreamError):
-                        await self.execute([raised], finish=True)
+                    try:
+                        await self.execute([Statement(rewrite.raise_statement(error))], finish=True)
+                    except UpstreamError as exc:
+                        self.client.write(pq.encode_error(pq.ErrorResponse(_as_raised(exc.fields, error))))
                     self.client.write(pq.encode_ready(pq.ReadyForQuery(self.tx_status)))
                 elif frame.type == _Q:
                     sql = rewrite.raise_statement(error, pq.decode_query(frame).sql)
+                    self._responses.own_statements([_statements_before(sql)], _position(error))
                     self._forward(_Q, pq.encode_query(pq.Query(sql)))
                 else:
                     await self._fail_extended(error)
@@ -510,6 +534,7 @@ class Session(OwnTraffic):
                 if exchange.done:
                     self._exchange_done.set()
                 continue
+            own = self._responses.own(kind) if kind in (_E, _N) else None
             keep = self._responses.keep(kind)
             if kind == _Z:
                 self._ready(frame.raw[5])
@@ -517,7 +542,7 @@ class Session(OwnTraffic):
                 continue
             elif kind == _E and frame.raw[5:11] == b"SFATAL":
                 self._upstream_fatal = True
-            out.append(frame.raw)
+            out.append(frame.raw if own is None else pq.replace_fields(frame, MECHANISM, own))
         if out:
             self.client.writelines(out)
 
@@ -547,3 +572,27 @@ class Session(OwnTraffic):
 
 def _close_statement(name: str) -> bytes:
     return pq.encode(b"C", b"S" + name.encode() + b"\0")
+
+
+# ErrorResponse fields that describe the proxy's DO block, not the error: CONTEXT ("PL/pgSQL function
+# inline_code_block line 1 at RAISE") and the server source location of RAISE (file, line, routine).
+MECHANISM = "WFLR"
+
+
+def _statements_before(sql: str) -> int:
+    """How many statements precede the last one (the proxy's DO block) in a query string it built.
+
+    :func:`proxy.rewrite.raise_statement` puts the client's statements before the first pgml call in
+    front of the DO block, as they were sent.
+    """
+    return len(pglast.split(sql)) - 1
+
+
+def _position(error: BaseException) -> tuple[tuple[str, str], ...]:
+    """The error's position in the client's text (a DO block cannot raise one)."""
+    return tuple(f for f in error_fields(error) if f[0] == "P")
+
+
+def _as_raised(fields: tuple[tuple[str, str], ...], error: BaseException) -> tuple[tuple[str, str], ...]:
+    """The server's ErrorResponse for the proxy's DO block, shown as the proxy's error."""
+    return tuple(f for f in fields if f[0] not in MECHANISM) + _position(error)

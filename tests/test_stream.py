@@ -13,9 +13,10 @@ from pathlib import Path
 import psycopg
 import pytest
 from psycopg import errors
+from psycopg.types.string import StrDumper
 
 from proxy import protocol as pq
-from tests.conftest import ProxyProcess
+from tests.conftest import Postgres, ProxyProcess
 from tests.test_wire_pgml import B, E, P, Q, Raw, S
 from tests.tiny_models import tiny_gpt2
 
@@ -305,3 +306,111 @@ def test_execute_row_limit_suspends_the_portal(proxy: ProxyProcess, gpt2: str) -
     assert got == ["1", "2", "D", "D", "s", "D", "D", "s", "D", "D", "s", "C", "ZT"], got
     r.send(Q("ROLLBACK"))
     r.read_until_z(1)
+
+
+# --------------------------------------------------------------------------- #
+# Bound parameter types: pgjdbc binds Java Strings as varchar (issue 10, item 5)
+# --------------------------------------------------------------------------- #
+
+
+class Varchar(StrDumper):
+    """Python str bound as varchar (OID 1043), as pgjdbc binds setString by default."""
+
+    oid = psycopg.adapters.types["varchar"].oid
+
+
+@pytest.fixture
+def varchar_conn(proxy: ProxyProcess, gpt2: str) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(proxy.dsn(), autocommit=True) as connection:
+        connection.adapters.register_dumper(str, Varchar)
+        yield connection
+
+
+CAST_FORMS = {
+    "select-list": "SELECT pgml.transform_stream(%s::jsonb, %s::jsonb, %s)",
+    "from": "SELECT * FROM pgml.transform_stream(%s::jsonb, %s::jsonb, %s) AS s",
+    "named": "SELECT pgml.transform_stream(task => %s::jsonb, input => %s, args => %s::jsonb)",
+}
+
+
+@pytest.mark.parametrize("form", CAST_FORMS)
+def test_varchar_parameters_cast_to_jsonb(varchar_conn: psycopg.Connection, form: str) -> None:
+    values = [TASK, "the cat", args(4)] if form == "named" else [TASK, args(4), "the cat"]
+    expected = varchar_conn.execute(f"SELECT * FROM pgml.transform_stream('{TASK}', '{args(4)}', 'the cat')").fetchall()
+    assert len(expected) == 6
+    assert varchar_conn.execute(CAST_FORMS[form], values).fetchall() == expected
+    with varchar_conn.transaction(), varchar_conn.cursor(name="c") as cur:  # DECLARE … $1::jsonb with varchar types
+        cur.execute(CAST_FORMS[form], values)
+        assert cur.fetchmany(2) + cur.fetchall() == expected
+
+
+def test_varchar_parameters_parse_and_describe_as_the_server(proxy: ProxyProcess, pg: Postgres, gpt2: str) -> None:
+    declare = "DECLARE k CURSOR FOR SELECT pgml.transform_stream($1::jsonb, $2::jsonb, $3)"
+    answers = {}
+    for port in (pg.port, proxy.port):  # the proxy installed the schema (stubs) in this database already
+        r = Raw(port)
+        r.send(Q("BEGIN"), P("s", declare, [1043, 1043, 1043]), pq.encode(b"D", b"Ss\0"), S)
+        answers[port] = r.read_until_z(2), r.seen[-3]  # ParameterDescription: the server's types
+    assert answers[proxy.port] == answers[pg.port]
+    assert answers[pg.port][0] == ["C", "ZT", "1", "t", "n", "ZT"]
+    r = Raw(proxy.port)
+    r.send(Q("BEGIN"), P("s", declare, [1043, 1043, 1043]), S)
+    r.read_until_z(2)
+    values = [TASK.encode(), args(5).encode(), b"the cat"]
+    r.send(B("", "s", values), E(), S, Q("FETCH ALL FROM k"))
+    got = r.read_until_z(2)
+    assert got[:3] == ["2", "C", "ZT"] and got[3] == "T" and got.count("D") == 7 and got[-2:] == ["C", "ZT"], got
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT pgml.transform_stream(%s, %s, %s)",  # varchar where jsonb is wanted: no implicit cast exists
+        "SELECT * FROM pgml.transform_stream(%s::jsonb, %s::jsonb, %s::int)",
+    ],
+)
+def test_parameters_no_overload_accepts_fail_as_on_the_server(
+    varchar_conn: psycopg.Connection, pg: Postgres, sql: str
+) -> None:
+    varchar_conn.execute("SELECT pgml.transform_stream(%s::jsonb, %s::jsonb, %s)", [TASK, args(1), "x"]).fetchall()
+    values = [TASK, args(2), 3] if "int" in sql else [TASK, args(2), "the cat"]
+    errors_seen = []
+    with psycopg.connect(pg.dsn(), autocommit=True) as direct:
+        direct.adapters.register_dumper(str, Varchar)
+        for c in (direct, varchar_conn):
+            with pytest.raises(errors.UndefinedFunction) as caught:
+                c.execute(sql, values)
+            errors_seen.append((caught.value.diag.message_primary, caught.value.diag.message_hint))
+            with pytest.raises(errors.UndefinedFunction), c.transaction(), c.cursor(name="c") as cur:
+                cur.execute(sql, values)  # DECLARE: the same error, at its Parse
+    assert errors_seen[0] == errors_seen[1]
+    assert varchar_conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_varchar_parameter_that_is_not_json(varchar_conn: psycopg.Connection, pg: Postgres) -> None:
+    with psycopg.connect(pg.dsn(), autocommit=True) as direct:
+        direct.adapters.register_dumper(str, Varchar)
+        with pytest.raises(errors.InvalidTextRepresentation):
+            direct.execute("SELECT %s::jsonb", ["{not json"])
+    with pytest.raises(errors.InvalidTextRepresentation):
+        varchar_conn.execute("SELECT pgml.transform_stream(%s::jsonb, %s::jsonb, %s)", [TASK, "{not json", "x"])
+    assert varchar_conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_other_bound_types_cast_as_the_server_casts(conn: psycopg.Connection) -> None:
+    literal = conn.execute(f"SELECT * FROM pgml.transform_stream('{TASK}', '{args(2)}', '42')").fetchall()
+    bound = conn.execute("SELECT * FROM pgml.transform_stream(%s::jsonb, %s::jsonb, %s::text)", [TASK, args(2), 42])
+    assert bound.fetchall() == literal  # an integer parameter cast to text: its text
+    as_text = conn.execute(
+        "SELECT * FROM pgml.transform_stream(%s::text::jsonb, %s::jsonb, %s)", [TASK, args(2), "42"]
+    ).fetchall()
+    assert as_text == literal
+
+
+def test_varchar_parameters_in_other_pgml_calls(varchar_conn: psycopg.Connection) -> None:
+    constant = f"SELECT pgml.transform('{TASK}'::jsonb, '{args(2)}'::jsonb, ARRAY['the cat', 'a dog'])"
+    expected = varchar_conn.execute(constant).fetchone()
+    bound = varchar_conn.execute(  # varchar cast to jsonb, varchar[] for inputs (to text[]: an implicit cast)
+        "SELECT pgml.transform(%s::jsonb, %s::jsonb, %s)", [TASK, args(2), ["the cat", "a dog"]]
+    )
+    assert bound.fetchone() == expected and expected is not None
