@@ -12,6 +12,7 @@ name counts.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,6 +93,19 @@ def _walk(
     for member in node:
         joined = in_join or (isinstance(node, ast.JoinExpr) and member == "quals")
         _walk(getattr(node, member), stmt, clause, ctes, rf, enclosing, joined, sites)
+
+
+def nodes_under(node: Any) -> Iterator[ast.Node]:
+    """Every node under ``node`` (itself included; tuples and lists of nodes walked), depth first."""
+    if isinstance(node, tuple | list):
+        for item in node:
+            yield from nodes_under(item)
+        return
+    if not isinstance(node, ast.Node):
+        return
+    yield node
+    for member in node:
+        yield from nodes_under(getattr(node, member))
 
 
 def bind(site: Site) -> tuple[list[Signature], list[Any]]:

@@ -22,7 +22,7 @@ from typing import Any
 
 from pglast import ast, visitors
 
-from proxy.calls import STATEMENTS, Site, bind
+from proxy.calls import STATEMENTS, Site, bind, nodes_under
 from proxy.errors import FeatureNotSupported
 
 
@@ -157,16 +157,9 @@ def _with_clause(site: Site, query: ast.SelectStmt) -> ast.WithClause | None:
 
 def _unqualified_relations(node: Any) -> Iterator[str]:
     """Names of schema-less relations referenced anywhere under ``node`` (candidates for CTE references)."""
-    if isinstance(node, tuple | list):
-        for item in node:
-            yield from _unqualified_relations(item)
-        return
-    if not isinstance(node, ast.Node):
-        return
-    if isinstance(node, ast.RangeVar) and node.schemaname is None and node.relname:
-        yield node.relname
-    for member in node:
-        yield from _unqualified_relations(getattr(node, member))
+    for item in nodes_under(node):
+        if isinstance(item, ast.RangeVar) and item.schemaname is None and item.relname:
+            yield item.relname
 
 
 def gather_statement(site: Site, args: list[ast.Node]) -> ast.SelectStmt:

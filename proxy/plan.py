@@ -21,7 +21,7 @@ import functools
 import itertools
 import struct
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,7 @@ from pglast.stream import RawStream
 
 from engine.api import Call, Engine, Signature
 from proxy import gather
-from proxy.calls import DEFAULT, Site, bind, find_calls
+from proxy.calls import DEFAULT, Site, bind, find_calls, nodes_under
 from proxy.errors import FeatureNotSupported, ProxyError, UndefinedFunction
 from proxy.internal import Port, Statement, query
 from proxy.literals import NOT_CONSTANT, fold, from_text, is_constant, literal, quote_element, text_const, to_text
@@ -167,17 +167,8 @@ def _waits(site: Site, pending: list[Site]) -> bool:
     return any(id(node) in others for node in _calls_under(regions))
 
 
-def _calls_under(node: Any) -> Any:
-    if isinstance(node, tuple | list):
-        for item in node:
-            yield from _calls_under(item)
-        return
-    if not isinstance(node, ast.Node):
-        return
-    if isinstance(node, ast.FuncCall):
-        yield node
-    for member in node:
-        yield from _calls_under(getattr(node, member))
+def _calls_under(node: Any) -> Iterator[ast.FuncCall]:
+    return (item for item in nodes_under(node) if isinstance(item, ast.FuncCall))
 
 
 async def _evaluate(
@@ -680,19 +671,9 @@ def _keep_column_names(root: ast.Node | None, sites: list[Site]) -> None:
                     if figured is not None:
                         target.name = figured
 
-    def walk(node: Any) -> None:
-        if isinstance(node, tuple | list):
-            for item in node:
-                walk(item)
-            return
-        if not isinstance(node, ast.Node):
-            return
+    for node in nodes_under(root):
         if id(node) in holders or isinstance(node, ast.InsertStmt | ast.UpdateStmt | ast.DeleteStmt):
             name(node)
-        for member in node:
-            walk(getattr(node, member))
-
-    walk(root)
 
 
 def column_name(node: Any) -> str | None:
