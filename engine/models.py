@@ -302,6 +302,26 @@ def pick_device(setting: str) -> str:
     return "cpu"
 
 
+def usable_device(requested: Any, setting: str) -> tuple[Any, str | None]:
+    """A device a client asked for (``"device": "cuda"``), or — when this host has no such device — the
+    ``[engine] device`` choice instead, with a warning for the client (PostgresML's examples ask for CUDA;
+    a CPU-only proxy host still runs them)."""
+    if not isinstance(requested, str):
+        return requested, None
+    kind = requested.split(":", 1)[0].lower()
+    if kind not in ("cuda", "mps"):
+        return requested, None
+    import torch
+
+    if kind == "cuda" and torch.cuda.is_available():
+        return requested, None
+    mps = getattr(torch.backends, "mps", None)
+    if kind == "mps" and mps is not None and mps.is_available():
+        return requested, None
+    fallback = pick_device(setting)
+    return fallback, f'device "{requested}" is not available on the pgml-proxy host; using "{fallback}" instead'
+
+
 def model_bytes(model: Any) -> int:
     """Parameter + buffer bytes of a torch module, or a model's own ``nbytes`` (0 when unknown)."""
     if isinstance(getattr(model, "nbytes", None), int):

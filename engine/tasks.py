@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from engine.api import EngineError, InvalidArgument, NotSupported, UnknownModel
-from engine.models import ModelCache, confine_kwargs, model_bytes, pick_device, resolve
+from engine.models import ModelCache, confine_kwargs, model_bytes, pick_device, resolve, usable_device
 from engine.text import ModelLock
 
 if TYPE_CHECKING:
@@ -162,6 +162,12 @@ def _permit(name: str, init: dict[str, Any], ctx: Context) -> dict[str, Any]:
     # unless [engine] trust_remote_code: then model_kwargs' flag counts for the whole pipeline.
     init = confine_kwargs(init, ctx.config)
     nested = dict(init["model_kwargs"]) if isinstance(init.get("model_kwargs"), dict) else None
+    for flag in ("load_in_4bit", "load_in_8bit"):  # transformers 5 takes them only as a BitsAndBytesConfig
+        if init.get(flag) or (nested and nested.get(flag)):
+            raise NotSupported(
+                f'"{flag}": quantized loading with bitsandbytes is not supported by pgml-proxy',
+                hint="Remove the flag to load the model in full precision, or use a pre-quantized model.",
+            )
     wants = bool(init.pop("trust_remote_code", False)) or bool(nested and nested.pop("trust_remote_code", False))
     if nested is not None:
         init["model_kwargs"] = nested
@@ -171,6 +177,9 @@ def _permit(name: str, init: dict[str, Any], ctx: Context) -> dict[str, Any]:
         init.pop("torch_dtype", None)
     if "device_map" not in init:
         init.setdefault("device", pick_device(ctx.config.device))
+        init["device"], note = usable_device(init["device"], ctx.config.device)
+        if note is not None:
+            ctx.notices.append(note)
     return init
 
 

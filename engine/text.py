@@ -20,7 +20,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from engine.api import Canceled, EngineError, InvalidArgument, NotSupported
-from engine.models import ModelCache, confine_kwargs, pick_device, resolve
+from engine.models import ModelCache, confine_kwargs, pick_device, resolve, usable_device
 
 if TYPE_CHECKING:
     from engine.api import Database
@@ -175,6 +175,9 @@ def load_sentence_model(cls_name: str, name: str, init: dict[str, Any], ctx: Con
 
     ``init`` goes through :func:`confine_kwargs` first (locations, trust_remote_code at any depth)."""
     init = {"device": pick_device(ctx.config.device), **confine_kwargs(init, ctx.config)}
+    init["device"], note = usable_device(init["device"], ctx.config.device)
+    if note is not None:
+        ctx.notices.append(note)
     path = ctx.cache.resolved.get(name) or resolve(name, ctx.config)
     ctx.cache.resolved[name] = path
 

@@ -402,3 +402,16 @@ def test_psycopg_parameters_and_pipeline(proxy: ProxyProcess, docs: str) -> None
         with pytest.raises(psycopg.errors.UndefinedObject):
             conn.execute("SELECT pgml.embed(%s, 'x')", ["no-such/model"])
         assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
+
+
+def test_requested_device_missing_on_this_host_falls_back_with_a_warning(conn: psycopg.Connection) -> None:
+    """PostgresML's examples ask for "device": "cuda"; a proxy host without it computes on its own device."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this host has CUDA: the requested device is used")
+    warnings: list[str] = []
+    conn.add_notice_handler(lambda d: warnings.append(f"{d.severity} {d.message_primary}"))
+    row = conn.execute(f"SELECT pgml.embed('{MINILM}', 'hi mom', '{{\"device\": \"cuda\"}}')").fetchone()
+    assert row is not None and cosine(list(row[0]), embed_one(conn, "hi mom")) > 0.9999
+    assert any(w.startswith("WARNING") and '"cuda" is not available' in w for w in warnings), warnings
