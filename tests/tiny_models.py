@@ -1,4 +1,5 @@
-"""Tiny random-weight models built on the fly (no hub): a GPT-2 (word-level, chat template), a BERT classifier.
+"""Tiny random-weight models built on the fly (no hub): a GPT-2 (word-level, chat template), a BERT classifier,
+a BERT cross-encoder (one relevance score per pair); ``tiny_gpt2_no_eos`` always generates exactly the tokens asked for.
 
 Generation with random weights produces arbitrary tokens, so tests check shapes, counts and order only.
 """
@@ -70,4 +71,21 @@ def tiny_bert_classifier(directory: Path, labels: tuple[str, ...] = ("negative",
     )  # fmt: skip
     BertForSequenceClassification(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+    return directory
+
+
+def tiny_cross_encoder(directory: Path) -> Path:
+    """A 1-layer BERT with one output (``num_labels=1``): a random reranking cross-encoder, saved to ``directory``."""
+    return tiny_bert_classifier(directory, labels=("LABEL_0",))
+
+
+def tiny_gpt2_no_eos(directory: Path) -> Path:
+    """``tiny_gpt2`` whose generation never ends early (``<eos>``, ``<pad>``, ``<unk>`` suppressed in its generation
+    config): every generation yields exactly the requested number of new tokens, one word each."""
+    from transformers import GenerationConfig
+
+    tiny_gpt2(directory)
+    config = GenerationConfig.from_pretrained(directory)
+    config.suppress_tokens = [0, 1, 2]  # <unk>, <eos>, <pad> in tiny_gpt2's vocabulary
+    config.save_pretrained(directory)
     return directory
