@@ -27,7 +27,11 @@ DEFAULT: Any = object()  # an optional argument left out
 
 @dataclass(eq=False)
 class Site:
-    """One pgml call: the node, its innermost statement and clause, and its FROM wrapper if any."""
+    """One pgml call: the node, its innermost statement and clause, and its FROM wrapper if any.
+
+    ``range_function`` is the FROM item when the call is that item's function (replaced as a whole);
+    ``from_item`` is the FROM function item it is in at any depth (``unnest(pgml.embed(…))``).
+    """
 
     call: ast.FuncCall
     function: str
@@ -39,6 +43,7 @@ class Site:
     in_join: bool = False
     recursive: bool = False  # a visible WITH is WITH RECURSIVE (its CTEs may read themselves)
     output: bool = False  # the whole expression of an output column of the outermost SELECT (set by the planner)
+    from_item: ast.RangeFunction | None = None  # the FROM function item the call is in, itself or in its arguments
 
 
 def pgml_function(call: ast.FuncCall) -> str | None:
@@ -70,6 +75,8 @@ def _walk(
     in_join: bool,
     sites: list[Site],
 ) -> None:
+    """``ctes``: the CTEs visible here, in scope order (a later one of the same name shadows an earlier one),
+    and whether a WITH RECURSIVE is among them; ``range_function``: the FROM function item ``node`` is in."""
     if isinstance(node, tuple):
         for item in node:
             _walk(item, stmt, clause, ctes, range_function, enclosing, in_join, sites)
@@ -79,20 +86,34 @@ def _walk(
     if isinstance(node, STATEMENTS):
         with_clause = getattr(node, "withClause", None)
         if with_clause is not None and with_clause.ctes:
-            ctes = ([*ctes[0], *with_clause.ctes], ctes[1] or bool(with_clause.recursive))
+            outer, recursive = ctes
+            here = tuple(with_clause.ctes)
+            ctes = ([*outer, *here], recursive or bool(with_clause.recursive))
+            for index, cte in enumerate(here):
+                # A CTE of a plain WITH sees the ones before it; of a WITH RECURSIVE, all of them.
+                scope = ctes if with_clause.recursive else ([*outer, *here[:index]], recursive)
+                _walk(cte.ctequery, node, "withClause", scope, None, enclosing, False, sites)
         for member in node:
-            _walk(getattr(node, member), node, member, ctes, None, enclosing, False, sites)
+            if member != "withClause":
+                _walk(getattr(node, member), node, member, ctes, None, enclosing, False, sites)
         return
     if isinstance(node, ast.FuncCall):
         function = pgml_function(node)
         if function is not None:
-            site = Site(node, function, stmt, clause, range_function, ctes[0], enclosing, in_join, ctes[1])
+            # The FROM item itself only when the call is one of its functions (not inside one's arguments).
+            direct = range_function if _is_item_function(range_function, node) else None
+            site = Site(node, function, stmt, clause, direct, ctes[0], enclosing, in_join, ctes[1])
+            site.from_item = range_function
             sites.append(site)
             enclosing = site
     rf = node if isinstance(node, ast.RangeFunction) else range_function
     for member in node:
         joined = in_join or (isinstance(node, ast.JoinExpr) and member == "quals")
         _walk(getattr(node, member), stmt, clause, ctes, rf, enclosing, joined, sites)
+
+
+def _is_item_function(rf: ast.RangeFunction | None, call: ast.FuncCall) -> bool:
+    return rf is not None and any(isinstance(item, tuple) and item and item[0] is call for item in rf.functions or ())
 
 
 def nodes_under(node: Any) -> Iterator[ast.Node]:

@@ -22,7 +22,7 @@ from typing import Any
 
 from pglast import ast, visitors
 
-from proxy.calls import STATEMENTS, Site, bind, nodes_under
+from proxy.calls import STATEMENTS, Site, bind, nodes_under, pgml_function
 from proxy.errors import FeatureNotSupported
 
 
@@ -63,25 +63,30 @@ def _visible_name(table: ast.RangeVar) -> str | None:
 
 
 def _gather_lateral(site: Site, targets: tuple[ast.ResTarget, ...]) -> ast.SelectStmt:
-    """A set-returning call in FROM whose arguments come from the other FROM items (implicitly LATERAL).
-
-    With no other FROM item (``FROM pgml.chunk((SELECT …), (SELECT …))``) the arguments read no row: one row.
+    """A call that is, or is inside, a FROM function item: its arguments come from the FROM items before it
+    (what LATERAL sees). With none before it (``FROM pgml.chunk((SELECT …), (SELECT …))``) they read no row.
     """
-    stmt, rf = site.stmt, site.range_function
+    stmt, rf = site.stmt, site.from_item
     items = getattr(stmt, "fromClause", None) or ()
-    if not isinstance(stmt, ast.SelectStmt) or not any(item is rf for item in items):
+    position = next((i for i, item in enumerate(items) if item is rf), None)
+    if not isinstance(stmt, ast.SelectStmt) or position is None:
         raise FeatureNotSupported(
-            f"pgml.{site.function}() with column arguments in FROM must be a plain item of the FROM list",
+            f"pgml.{site.function}() with column arguments in FROM must be in a plain item of the FROM list",
             hint="Write FROM t, pgml.f(…, t.col) AS x, or call it in the SELECT list.",
         )
-    if rf is not None and (len(rf.functions or ()) != 1 or rf.ordinality):
-        raise FeatureNotSupported(f"pgml.{site.function}() in ROWS FROM or WITH ORDINALITY")
-    others = tuple(item for item in items if item is not rf)
-    if not others:
+    before, after = tuple(items[:position]), items[position + 1 :]
+    if not before:
         return _select(site, targets)
-    # The WHERE clause narrows the rows unless it refers to the call's own output (then: all rows, a superset).
-    where = stmt.whereClause if not _mentions_output(stmt.whereClause, site) else None
-    return _select(site, targets, from_clause=others, where=where)
+    # The WHERE clause narrows the rows when it can be read with the items before the call alone: no later
+    # item, no other pgml call, no reference to the call's own output. Otherwise all their rows (a superset).
+    where = stmt.whereClause
+    if after or site.range_function is None or _has_pgml_call(where) or _mentions_output(where, site):
+        where = None
+    return _select(site, targets, from_clause=before, where=where)
+
+
+def _has_pgml_call(node: Any) -> bool:
+    return any(isinstance(n, ast.FuncCall) and pgml_function(n) is not None for n in nodes_under(node))
 
 
 def _mentions_output(node: ast.Node | None, site: Site) -> bool:
@@ -91,6 +96,8 @@ def _mentions_output(node: ast.Node | None, site: Site) -> bool:
     rf = site.range_function
     alias = rf.alias.aliasname if rf is not None and rf.alias is not None else site.function
     columns = {name for name, _ in _output_columns(site)}
+    if rf is not None and rf.alias is not None:
+        columns |= {str(c.sval) for c in rf.alias.colnames or ()}
     found = False
 
     class Refs(visitors.Visitor):
@@ -130,29 +137,37 @@ def _select(
 
 
 def _with_clause(site: Site, query: ast.SelectStmt) -> ast.WithClause | None:
-    """The visible CTEs ``query`` reads, directly or through each other, in their original order."""
-    by_name = {cte.ctename: cte for cte in site.ctes}  # later definitions (inner WITH) shadow outer ones
-    needed: dict[str, ast.CommonTableExpr] = {}
-    todo = list(_unqualified_relations(query))
+    """The visible CTEs ``query`` reads, directly or through each other, in their original order.
+
+    Names resolve as PostgreSQL resolves them: the latest visible definition wins, and a CTE's own
+    query sees only the CTEs visible before it (all of them in a WITH RECURSIVE).
+    """
+    ctes = site.ctes
+
+    def resolve(name: str, limit: int) -> int | None:
+        return next((i for i in range(limit - 1, -1, -1) if ctes[i].ctename == name), None)
+
+    needed: dict[int, ast.CommonTableExpr] = {}
+    todo = [(name, len(ctes)) for name in _unqualified_relations(query)]
     while todo:
-        name = todo.pop()
-        cte = by_name.get(name)
-        if cte is None or name in needed:
+        name, limit = todo.pop()
+        index = resolve(name, limit)
+        if index is None or index in needed:
             continue
-        needed[name] = cte
-        todo.extend(_unqualified_relations(cte.ctequery))
+        needed[index] = ctes[index]
+        scope = len(ctes) if site.recursive else index
+        todo.extend((inner, scope) for inner in _unqualified_relations(ctes[index].ctequery))
     if not needed:
         return None
-    for name, cte in needed.items():
+    for cte in needed.values():
         if not isinstance(cte.ctequery, ast.SelectStmt):
             raise FeatureNotSupported(
                 f"pgml.{site.function}() with arguments read from the RETURNING rows of the data-modifying"
-                f' WITH query "{name}"',
+                f' WITH query "{cte.ctename}"',
                 hint="Those rows exist only once the statement ran: run the data-modifying statement first"
                 " (RETURNING into a temporary table, or a separate statement), then call pgml on its rows.",
             )
-    ordered = tuple(cte for cte in site.ctes if needed.get(cte.ctename or "") is cte)
-    return ast.WithClause(ctes=ordered, recursive=site.recursive)
+    return ast.WithClause(ctes=tuple(needed[i] for i in sorted(needed)), recursive=site.recursive)
 
 
 def _unqualified_relations(node: Any) -> Iterator[str]:
@@ -170,15 +185,18 @@ def gather_statement(site: Site, args: list[ast.Node]) -> ast.SelectStmt:
     """
     stmt, clause = site.stmt, site.clause
     targets = tuple(ast.ResTarget(val=a) for a in args)
-    if site.range_function is not None:
+    if site.from_item is not None:
         return _gather_lateral(site, targets)
     if site.in_join:
         return _gather_join(site, targets, args)
     match stmt:
         case ast.SelectStmt(valuesLists=values) if values:
             return _select(site, targets)
-        case None:
-            return _select(site, targets)
+        case None:  # outside any query (a generated column, MERGE): there are no rows to read here
+            raise FeatureNotSupported(
+                f"pgml.{site.function}() with column arguments is not supported in this statement",
+                hint="Call it in a SELECT, INSERT, UPDATE or DELETE statement.",
+            )
         case ast.SelectStmt():
             # A call in WHERE is evaluated for the rows of FROM; one in GROUP BY for those rows too; one in
             # HAVING for the groups; one in the SELECT list, ORDER BY or DISTINCT ON for the groups that pass.
@@ -190,7 +208,7 @@ def gather_statement(site: Site, args: list[ast.Node]) -> ast.SelectStmt:
                 targets,
                 from_clause=stmt.fromClause,
                 where=None if skip_where else stmt.whereClause,
-                group=None if skip_group else stmt.groupClause,
+                group=None if skip_group else _group_items(stmt),
                 having=None if skip_having else stmt.havingClause,
             )
         case ast.UpdateStmt() if clause in ("targetList", "whereClause"):
@@ -203,6 +221,20 @@ def gather_statement(site: Site, args: list[ast.Node]) -> ast.SelectStmt:
         f"pgml.{site.function}() with column arguments is not supported in this part of a statement ({clause})",
         hint="Compute the value in a SELECT list (a subquery or CTE) and refer to it here.",
     )
+
+
+def _group_items(stmt: ast.SelectStmt) -> tuple[ast.Node, ...] | None:
+    """GROUP BY as the gather query must spell it: ordinals (``GROUP BY 1``) are the statement's own targets."""
+    if not stmt.groupClause:
+        return None
+    targets = stmt.targetList or ()
+    items = []
+    for item in stmt.groupClause:
+        number = item.val.ival if isinstance(item, ast.A_Const) and isinstance(item.val, ast.Integer) else None
+        if number is not None and 0 < number <= len(targets):
+            item = targets[number - 1].val
+        items.append(item)
+    return tuple(items)
 
 
 def reads(site: Site, args: list[ast.Node]) -> Iterator[ast.Node]:

@@ -449,6 +449,10 @@ def fold(node: ast.Node | None, sql_type: str) -> Any:
             return from_text(number, sql_type) if sql_type != "text" else number
         case ast.A_Const(val=ast.Boolean(boolval=flag)):
             return flag if sql_type == "boolean" else NOT_CONSTANT
+        case ast.TypeCast(arg=ast.A_Const(val=ast.Float()), typeName=ast.TypeName(names=names)) if (
+            names and names[-1].sval in _INTEGER_SPELLINGS
+        ):
+            return NOT_CONSTANT  # 0.3::integer is 0: rounding is the server's
         case ast.TypeCast(arg=inner, typeName=ast.TypeName() as name) if _castable(name, sql_type):
             # A cast chain through a string type reads the same text with the outer type's input function:
             # CAST('{…}'::varchar AS jsonb) (SQLAlchemy's cast(literal(s), JSONB), a bound varchar cast).
@@ -525,14 +529,23 @@ _SAME = {
 }
 
 
+_INTEGER_SPELLINGS = frozenset({"int8", "bigint", "int4", "integer", "int2", "smallint"})
+
+
 def _is_string(name: ast.TypeName) -> bool:
     spelled = name.names[-1].sval if name.names else ""
     return not name.arrayBounds and spelled in _SAME["text"]
 
 
 def _castable(name: ast.TypeName, sql_type: str) -> bool:
-    """A cast we can fold: to the parameter's own type family (``'…'::jsonb`` for a jsonb arg)."""
+    """A cast we can fold: to the parameter's own type family (``'…'::jsonb`` for a jsonb arg).
+
+    Not one that changes the value: a length or precision (``varchar(3)``, ``numeric(5, 2)``) or blank-padded
+    ``char``: the server computes those (and ``0.3::integer``, refused by :func:`fold`).
+    """
     spelled = name.names[-1].sval if name.names else ""
+    if name.typmods or spelled in ("bpchar", "character", "char"):
+        return False
     is_array = bool(name.arrayBounds)
     base = sql_type[:-2] if sql_type.endswith("[]") else sql_type
     if is_array != sql_type.endswith("[]"):

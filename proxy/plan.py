@@ -195,6 +195,8 @@ async def _evaluate(
         dependent.append((site, candidates, slots))
     # Procedures (train, deploy, load_dataset…) first, one call at a time in statement order:
     # what they change (a deployment, a table) is what the other calls of the statement see.
+    if any(not signature_of[k].cacheable for k in constant):
+        await before_query()  # they read the database (a model, a table): after the string's earlier statements
     procedures = [(signature_of[k], e) for k, entries in constant.items() for e in entries if signature_of[k].procedure]
     for sig, (site, values) in sorted(procedures, key=lambda p: _order(p[1][0])):
         (result,) = await engine.evaluate(_call(sig, [values], port))
@@ -405,6 +407,11 @@ async def _dependent_replacement(
     if not given:  # constants that fit no overload: report why under the first one
         _fold_strict(candidates[0], slots)
     gathering = gather.gather_statement(site, [slots[i] for i in given])
+    if find_calls(gathering):  # what evaluating inside-out cannot untangle (a call in a recursive CTE's term)
+        raise FeatureNotSupported(
+            f"pgml.{site.function}() reads rows that another pgml call in the same statement produces this way",
+            hint="Compute the inner call in an earlier statement (a temporary table), then call pgml on its rows.",
+        )
     result = await query(port, deparse(gathering))
     types = [OID_TYPES.get(oid) for _, oid in result.columns]
     sig = _choose(site, candidates, slots, given, [oid for _, oid in result.columns])
@@ -678,23 +685,39 @@ def _keep_column_names(root: ast.Node | None, sites: list[Site]) -> None:
 
 def column_name(node: Any) -> str | None:
     """PostgreSQL's name for an output expression without ``AS`` (``FigureColname``), None for ``?column?``."""
+    name, strength = _figure(node)
+    return name if strength > 0 else None
+
+
+def _figure(node: Any) -> tuple[str | None, int]:
+    """``FigureColnameInternal``: a name and its strength (2: from a column or function, 1: a fallback)."""
     match node:
         case ast.ColumnRef(fields=fields) if fields and isinstance(fields[-1], ast.String):
-            return str(fields[-1].sval)
+            return str(fields[-1].sval), 2
         case ast.A_Indirection(arg=arg, indirection=indirection):
-            last = indirection[-1] if indirection else None
-            return str(last.sval) if isinstance(last, ast.String) else column_name(arg)
+            names = [i for i in indirection or () if isinstance(i, ast.String)]
+            return (str(names[-1].sval), 2) if names else _figure(arg)
         case ast.FuncCall(funcname=names) if names:
-            return str(names[-1].sval)
+            return str(names[-1].sval), 2
         case ast.TypeCast(arg=arg, typeName=type_name):
-            inner = column_name(arg)
-            if inner is not None or type_name is None:
-                return inner
-            spelled = [n.sval for n in type_name.names or () if isinstance(n, ast.String)]
-            return str(spelled[-1]) if spelled else None
+            inner, strength = _figure(arg)
+            if strength <= 1 and type_name is not None:
+                spelled = [n.sval for n in type_name.names or () if isinstance(n, ast.String)]
+                if spelled:
+                    return str(spelled[-1]), 1
+            return inner, strength
         case ast.CollateClause(arg=arg):
-            return column_name(arg)
-    return None
+            return _figure(arg)
+        case ast.CaseExpr(defresult=default):
+            inner, strength = _figure(default)
+            return (inner, strength) if strength > 1 else ("case", 1)
+        case ast.CoalesceExpr():
+            return "coalesce", 2
+        case ast.A_ArrayExpr():
+            return "array", 2
+        case ast.RowExpr():
+            return "row", 2
+    return None, 0
 
 
 def deparse_all(stmts: tuple[ast.RawStmt, ...]) -> str:

@@ -328,7 +328,8 @@ class Rewriter:
                 return Respond(protocol.encode_ready(protocol.ReadyForQuery(port.tx_status)))
             return Rewritten(protocol.encode_query(Query(rewritten)), own)
         rewritten = await plan.rewrite(analysis, self.engine, port, dependent_ok=False)
-        assert rewritten is not None  # constants only: nothing runs on the session
+        if rewritten is None:  # a call reading the database after the string's first statement: all ran here
+            return Respond(protocol.encode_ready(protocol.ReadyForQuery(port.tx_status)))
         if not changed and plan.cacheable(analysis):
             self._remember(key, rewritten)
         return _rewritten_message(message, rewritten, own)

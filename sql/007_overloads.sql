@@ -38,3 +38,16 @@ BEGIN
     END LOOP;
 END
 $outer$;
+
+-- pgml.embed(transformer, inputs text[]) returns SETOF real[] as in PostgresML (003 declared TABLE(embed
+-- real[]), whose one OUT column would name the column "embed" even under a table alias: FROM pgml.embed(…) AS e
+-- names it "e" in PostgresML, and in the proxy's own rewrite).
+DO $$
+BEGIN
+    DROP FUNCTION IF EXISTS pgml.embed(text, text[], jsonb);
+    CREATE FUNCTION pgml.embed(transformer text, inputs text[], kwargs jsonb DEFAULT '{}') RETURNS SETOF real[]
+        LANGUAGE sql AS $body$ SELECT pgml._proxy_only('embed')::real[] $body$;
+EXCEPTION WHEN dependent_objects_still_exist THEN
+    NULL;  -- a view of the user's depends on the old stub: it stays (only its describe differs)
+END
+$$;

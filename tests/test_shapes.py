@@ -267,3 +267,78 @@ def test_statement_after_an_insert_sees_its_rows(conn: psycopg.Connection) -> No
         assert cur.nextset()
         row = cur.fetchone()
     assert row is not None and close(list(row[0]), embed(conn, "fresh"))
+
+
+def test_calls_inside_from_functions(conn: psycopg.Connection, embedded: None) -> None:
+    """A call in the arguments of another FROM function is replaced as a value, not as the FROM item."""
+    assert conn.execute("SELECT count(*) FROM unnest(pgml.embed(%s, 'hello'))", (MINILM,)).fetchone() == (384,)
+    chunks = conn.execute("SELECT count(*) FROM chunks").fetchone()
+    assert chunks is not None
+    rows = conn.execute("SELECT count(*) FROM chunks c, unnest(pgml.embed(%s, c.chunk)) AS e", (MINILM,)).fetchone()
+    assert rows == (384 * chunks[0],)
+
+
+def test_cte_names_resolve_as_postgresql_resolves_them(conn: psycopg.Connection, embedded: None) -> None:
+    total = conn.execute("SELECT count(*) FROM chunks").fetchone()
+    # A later CTE named like the table does not change what an earlier one reads.
+    later = conn.execute(
+        "WITH a AS (SELECT pgml.embed(%s, chunk) AS e FROM chunks), chunks AS (SELECT 'zzz' AS chunk)"
+        " SELECT count(*) FROM a WHERE e IS NOT NULL",
+        (MINILM,),
+    ).fetchone()
+    # A CTE that shadows the table it reads.
+    shadow = conn.execute(
+        "WITH chunks AS (SELECT pgml.embed(%s, chunk) AS e FROM chunks)"
+        " SELECT count(*) FROM chunks WHERE e IS NOT NULL",
+        (MINILM,),
+    ).fetchone()
+    assert later == shadow == total
+
+
+def test_several_calls_in_from(conn: psycopg.Connection, embedded: None) -> None:
+    total = conn.execute("SELECT count(*) FROM chunks").fetchone()
+    two = conn.execute(
+        "SELECT count(*) FROM chunks d, pgml.embed(%s, d.chunk) AS e, pgml.embed(%s, d.chunk || '!') AS f"
+        " WHERE e IS NOT NULL AND f IS NOT NULL",
+        (MINILM, MINILM),
+    ).fetchone()
+    assert two == total
+    chained = conn.execute(
+        "SELECT c.chunk, e FROM docs d, pgml.chunk('character', d.document #>> '{text}') AS c,"
+        " pgml.embed(%s, c.chunk) AS e WHERE d.id = 3",
+        (MINILM,),
+    ).fetchall()
+    assert chained and all(close(list(e), embed(conn, chunk)) for chunk, e in chained)
+
+
+def test_group_by_ordinals(conn: psycopg.Connection, embedded: None) -> None:
+    grouped = conn.execute(
+        "SELECT document_id, pgml.embed(%s, string_agg(chunk, ' ' ORDER BY chunk_index)) FROM chunks GROUP BY 1"
+        " ORDER BY 1",
+        (MINILM,),
+    ).fetchall()
+    texts = conn.execute(
+        "SELECT document_id, string_agg(chunk, ' ' ORDER BY chunk_index) FROM chunks GROUP BY 1 ORDER BY 1"
+    ).fetchall()
+    assert [g[0] for g in grouped] == [t[0] for t in texts]
+    assert all(close(list(g[1]), embed(conn, t[1])) for g, t in zip(grouped, texts, strict=True))
+
+
+def test_more_output_names_and_folding(conn: psycopg.Connection, embedded: None) -> None:
+    cur = conn.execute("SELECT CASE WHEN false THEN NULL ELSE pgml.embed(%s, chunk) END FROM chunks LIMIT 1", (MINILM,))
+    assert cur.description is not None and cur.description[0].name == "embed"
+    cut = conn.execute("SELECT pgml.embed(%s, CAST('abcdef' AS varchar(3)))", (MINILM,)).fetchone()
+    assert cut is not None and close(list(cut[0]), embed(conn, "abc"))
+    numbered = conn.execute("SELECT * FROM pgml.chunk((SELECT 'character'), 'a b') WITH ORDINALITY").fetchall()
+    assert numbered == [(1, "a b", 1)]
+
+
+def test_constant_procedure_after_the_statement_that_makes_its_table(conn: psycopg.Connection) -> None:
+    """In a query string, a training call reads the table the statement before it created."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "CREATE TEMP TABLE fresh AS SELECT i::float8 AS a, i % 2 AS y FROM generate_series(1, 40) i;"
+            " SELECT * FROM pgml.train('shapes string', 'classification', 'fresh', 'y', 'linear')"
+        )
+        assert cur.nextset()
+        assert cur.fetchone() == ("shapes string", "classification", "linear", True)
