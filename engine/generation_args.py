@@ -59,16 +59,7 @@ SAMPLING_DEFAULTS: dict[str, Any] = {
     "top_h": None,
 }
 # What the sampling parameters are set to when the seeded sampler applies them itself: no effect in generate.
-NEUTRAL_SAMPLING: dict[str, Any] = {
-    "temperature": 1.0,
-    "top_k": 0,
-    "top_p": 1.0,
-    "min_p": None,
-    "typical_p": 1.0,
-    "epsilon_cutoff": 0.0,
-    "eta_cutoff": 0.0,
-    "top_h": None,
-}
+NEUTRAL_SAMPLING: dict[str, Any] = {**SAMPLING_DEFAULTS, "top_k": 0}
 
 
 @functools.cache
