@@ -55,9 +55,11 @@ SOURCE_TYPES = {
 KEY_TYPES = {
     25: "text", 1043: "varchar", 1042: "bpchar", 19: "name", 705: "text", 114: "jsonb", 21: "smallint",
     23: "integer", 1005: "smallint[]", 1007: "integer[]", 1700: "numeric", 1231: "numeric[]", 2249: "text",
-    199: "jsonb[]",
+    199: "jsonb[]", 700: "text", 701: "text", 1021: "text", 1022: "text",
 }  # fmt: skip
-RECORD_OID = 2249  # records have no equality a table column can hold: their text is the key
+# Keyed on their text, in the gather as in the lookup: records have no equality a table column can hold, and
+# floats printed under a client's extra_float_digits <= 0 do not read back to the same value.
+TEXT_KEYED = frozenset({2249, 700, 701, 1021, 1022})
 _temp_ids = itertools.count(1)
 
 
@@ -427,7 +429,7 @@ async def _dependent_replacement(
     keys = [KEY_TYPES.get(oid, t or "text") for (_, oid), t in zip(result.columns, types, strict=True)]
     name = await _load(port, sig, keys, texts, results)
     conditions = " AND ".join(
-        f"k{i} = CAST(${i + 1} AS text)" if oid == RECORD_OID else f"k{i} = ${i + 1}"
+        f"k{i} = CAST(${i + 1} AS text)" if oid in TEXT_KEYED else f"k{i} = ${i + 1}"
         for i, (_, oid) in enumerate(result.columns)
     )
     lookup = f"(SELECT v FROM pg_temp.{name} WHERE {conditions})"

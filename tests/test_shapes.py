@@ -255,6 +255,12 @@ def test_feature_arrays_of_every_type(conn: psycopg.Connection) -> None:
         ("SELECT pgml.predict(m.id, ARRAY[f.a, f.b]) FROM feats f, (SELECT %s::bigint AS id) m WHERE a = 3", model),
     ]:
         assert conn.execute(sql, params).fetchone() == expected, sql
+    # Under extra_float_digits = 0 floats print rounded: the lookup must still find every row's result.
+    conn.execute("SET extra_float_digits = 0")
+    conn.execute("UPDATE feats SET a = a / 3")
+    rounded = conn.execute("SELECT count(pgml.predict('shapes types', ARRAY[a, b])) FROM feats").fetchone()
+    conn.execute("RESET extra_float_digits")
+    assert rounded == (60,)
     flags = conn.execute("SELECT pgml.predict('shapes types', %s)", ([True, False],)).fetchone()
     assert flags == conn.execute("SELECT pgml.predict('shapes types', ARRAY[1, 0]::real[])").fetchone()
 
