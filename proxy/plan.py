@@ -346,11 +346,11 @@ def _unnest(sig: Signature, array: ast.Node, as_record: bool = False) -> Any:
     returning TABLE(…); inside the statement they keep their row type, so ``(x).chunk`` still works.
     """
     if len(sig.columns) == 1:
-        template = f"SELECT CAST(unnest(CAST($1 AS text[])) AS {sig.columns[0][1]})"
+        template = f"SELECT CAST(pg_catalog.unnest(CAST($1 AS text[])) AS {sig.columns[0][1]})"
     elif as_record:
         template = f"SELECT {_row_of(sig, f'CAST($1 AS pgml.{sig.function}_result[])')}"
     else:
-        template = f"SELECT unnest(CAST($1 AS pgml.{sig.function}_result[]))"
+        template = f"SELECT pg_catalog.unnest(CAST($1 AS pgml.{sig.function}_result[]))"
     return _fill(template, {1: array})
 
 
@@ -360,16 +360,19 @@ def _row_of(sig: Signature, array: str) -> str:
     A cast to ``record`` keeps the row type (PostgreSQL treats it as a no-op); ``ROW(…)`` is ``record``.
     The unnests run in lockstep, one output row per element.
     """
-    return "ROW(" + ", ".join(f"(unnest({array})).{name}" for name, _ in sig.columns) + ")"
+    return "ROW(" + ", ".join(f"(pg_catalog.unnest({array})).{name}" for name, _ in sig.columns) + ")"
 
 
 def _rows_select(sig: Signature, rows: list[tuple[Any, ...]], ordinality: bool = False) -> Any:
     count = len(sig.columns)
     cols = ", ".join(f"CAST(u.c{i} AS {t})" for i, (_, t) in enumerate(sig.columns))
-    arrays = ", ".join(f"CAST(${i + 1} AS text[])" for i in range(count))
+    # ROWS FROM of one-array unnests: the several-array form is only the unqualified name's syntax.
+    arrays = ", ".join(f"pg_catalog.unnest(CAST(${i + 1} AS text[]))" for i in range(count))
     aliases = ", ".join(f"c{i}" for i in range(count))
     ord_column = ", u.ord" if ordinality else ""
-    template = f"SELECT {cols}{ord_column} FROM unnest({arrays}) WITH ORDINALITY AS u({aliases}, ord) ORDER BY u.ord"
+    template = (
+        f"SELECT {cols}{ord_column} FROM ROWS FROM ({arrays}) WITH ORDINALITY AS u({aliases}, ord) ORDER BY u.ord"
+    )
     arrays_text = {
         i + 1: text_const("{" + ",".join(quote_element(to_text(r[i], t)) for r in rows) + "}")
         for i, (_, t) in enumerate(sig.columns)
@@ -429,7 +432,9 @@ async def _dependent_replacement(
     keys = [KEY_TYPES.get(oid, t or "text") for (_, oid), t in zip(result.columns, types, strict=True)]
     name = await _load(port, sig, keys, texts, results)
     conditions = " AND ".join(
-        f"k{i} = CAST(${i + 1} AS text)" if oid in TEXT_KEYED else f"k{i} = ${i + 1}"
+        f"k{i} OPERATOR(pg_catalog.=) CAST(${i + 1} AS text)"
+        if oid in TEXT_KEYED
+        else f"k{i} OPERATOR(pg_catalog.=) ${i + 1}"
         for i, (_, oid) in enumerate(result.columns)
     )
     lookup = f"(SELECT v FROM pg_temp.{name} WHERE {conditions})"
@@ -439,10 +444,10 @@ async def _dependent_replacement(
     if not sig.returns_set:
         return {id(site.call): _fill(f"SELECT CAST({lookup} AS {sig.returns})", args)}
     if len(sig.columns) == 1:
-        return {id(site.call): _fill(f"SELECT CAST(unnest({lookup}) AS {sig.columns[0][1]})", args)}
+        return {id(site.call): _fill(f"SELECT CAST(pg_catalog.unnest({lookup}) AS {sig.columns[0][1]})", args)}
     if site.output:
         return {id(site.call): _fill(f"SELECT {_row_of(sig, lookup)}", args)}
-    return {id(site.call): _fill(f"SELECT unnest({lookup})", args)}
+    return {id(site.call): _fill(f"SELECT pg_catalog.unnest({lookup})", args)}
 
 
 def _decode_rows(
@@ -489,7 +494,7 @@ async def _load(
 
 
 def _lateral(site: Site, sig: Signature, lookup: str, args: dict[int, ast.Node]) -> ast.Node:
-    """``FROM …, pgml.f(…, t.col) AS a`` -> ``LATERAL (SELECT … FROM unnest(<lookup>) …) AS a``."""
+    """``FROM …, pgml.f(…, t.col) AS a`` -> ``LATERAL (SELECT … FROM pg_catalog.unnest(<lookup>) …) AS a``."""
     rf = site.range_function
     assert rf is not None
     alias, names = _from_columns(site, sig)
@@ -499,13 +504,13 @@ def _lateral(site: Site, sig: Signature, lookup: str, args: dict[int, ast.Node])
     elif len(sig.columns) == 1:
         sql_type = sig.columns[0][1]
         select = (
-            f"SELECT CAST(u.e AS {sql_type}){ord_column} FROM unnest({lookup}) WITH ORDINALITY AS u(e, ord)"
+            f"SELECT CAST(u.e AS {sql_type}){ord_column} FROM pg_catalog.unnest({lookup}) WITH ORDINALITY AS u(e, ord)"
             " ORDER BY u.ord"
         )
     else:
         columns = [n for n, _ in sig.columns]
         select = (
-            f"SELECT {', '.join(f'u.{n}' for n in columns)}{ord_column} FROM unnest({lookup})"
+            f"SELECT {', '.join(f'u.{n}' for n in columns)}{ord_column} FROM pg_catalog.unnest({lookup})"
             f" WITH ORDINALITY AS u({', '.join(columns)}, ord) ORDER BY u.ord"
         )
     subquery = _named(_fill(select, args, whole=True), names)

@@ -382,7 +382,10 @@ class Rewriter:
         results = await port.execute(
             [
                 Statement(prepare),
-                Statement(f"SELECT parameter_types::oid[]::text FROM pg_prepared_statements WHERE name = '{name}'"),
+                Statement(
+                    "SELECT parameter_types::oid[]::text FROM pg_catalog.pg_prepared_statements"
+                    f" WHERE name OPERATOR(pg_catalog.=) '{name}'"
+                ),
                 Statement(f"DEALLOCATE {name}"),
             ]
         )
@@ -624,7 +627,7 @@ def raise_statement(error: BaseException, original: str | None = None) -> str:
     fields = dict(error_fields(error))
 
     def text(value: str) -> str:
-        return f"convert_from('\\x{value.encode().hex()}'::bytea, 'UTF8')"
+        return f"pg_catalog.convert_from('\\x{value.encode().hex()}'::bytea, 'UTF8')"
 
     code = fields["C"] if re.fullmatch(r"[0-9A-Z]{5}", fields["C"]) else "XX000"
     options = [f"ERRCODE = '{code}'", f"MESSAGE = {text(fields['M'])}"]

@@ -84,7 +84,11 @@ def script(applied: set[int], in_transaction: bool) -> str | None:
     if not missing:
         return None
     parts = [] if in_transaction else ["BEGIN;"]
-    parts += [f"SELECT pg_advisory_xact_lock({LOCK_KEY});", "CREATE SCHEMA IF NOT EXISTS pgml;", CREATE_TABLE + ";"]
+    parts += [
+        f"SELECT pg_catalog.pg_advisory_xact_lock({LOCK_KEY}::pg_catalog.int8);",
+        "CREATE SCHEMA IF NOT EXISTS pgml;",
+        CREATE_TABLE + ";",
+    ]
     for m in missing:
         parts.append(m.sql)
         parts.append(f"INSERT INTO {TABLE} (version, name) VALUES ({m.version}, '{m.name}') ON CONFLICT DO NOTHING;")
@@ -93,7 +97,7 @@ def script(applied: set[int], in_transaction: bool) -> str | None:
     return "\n".join(parts)
 
 
-APPLIED_QUERY = f"SELECT CASE WHEN to_regclass('{TABLE}') IS NULL THEN NULL ELSE 'present' END"
+APPLIED_QUERY = f"SELECT CASE WHEN pg_catalog.to_regclass('{TABLE}') IS NULL THEN NULL ELSE 'present' END"
 
 
 async def ensure(port: Port) -> bool:
@@ -137,7 +141,9 @@ def init(dsn: str) -> int:
 # Where a DO statement run by the proxy itself reports which answer it reached (a transaction-local setting).
 OUTCOME_SETTING = "pgml_proxy.extension"
 # ... and whether the client gets NOTICEs at all (the server sends none below its client_min_messages).
-OUTCOME_QUERY = f"SELECT current_setting('{OUTCOME_SETTING}', true), current_setting('client_min_messages')"
+OUTCOME_QUERY = (
+    f"SELECT pg_catalog.current_setting('{OUTCOME_SETTING}', true), pg_catalog.current_setting('client_min_messages')"
+)
 NOTICE_LEVELS = frozenset({"debug5", "debug4", "debug3", "debug2", "debug1", "debug", "log", "notice"})
 _QUIET_LEVELS = ", ".join(f"'{level}'" for level in sorted(NOTICE_LEVELS))
 
@@ -209,7 +215,7 @@ class ExtensionCommand:
         def say(answer: Answer) -> str:
             answers.append(answer)
             if report:
-                return f"PERFORM set_config('{OUTCOME_SETTING}', '{len(answers) - 1}', true); RETURN;"
+                return f"PERFORM pg_catalog.set_config('{OUTCOME_SETTING}', '{len(answers) - 1}', true); RETURN;"
             options = [f"ERRCODE = '{answer.code}'", f"MESSAGE = {_text(answer.message)}"]
             if answer.hint:
                 options.append(f"HINT = {_text(answer.hint)}")
@@ -217,11 +223,11 @@ class ExtensionCommand:
             return f"RAISE {level} USING {', '.join(options)};"
 
         steps = self._steps(say)
-        prologue = f"PERFORM set_config('{OUTCOME_SETTING}', '', true);" if report else ""
+        prologue = f"PERFORM pg_catalog.set_config('{OUTCOME_SETTING}', '', true);" if report else ""
         body = (
             "DECLARE present boolean; quiet text; BEGIN "
-            f"{prologue} PERFORM pg_advisory_xact_lock({LOCK_KEY}); "
-            f"present := to_regclass('{TABLE}') IS NOT NULL; {steps} END"
+            f"{prologue} PERFORM pg_catalog.pg_advisory_xact_lock({LOCK_KEY}::pg_catalog.int8); "
+            f"present := pg_catalog.to_regclass('{TABLE}') IS NOT NULL; {steps} END"
         )
         return ast.DoStmt(args=(ast.DefElem(defname="as", arg=ast.String(sval=body)),))
 
@@ -313,7 +319,7 @@ def _update(node: ast.AlterExtensionStmt) -> ExtensionCommand:
             )
         versions = ", ".join(str(m.version) for m in migrations())
         parts.append(
-            f"IF NOT EXISTS (SELECT FROM unnest(ARRAY[{versions}]) AS v"
+            f"IF NOT EXISTS (SELECT FROM pg_catalog.unnest(ARRAY[{versions}]) AS v"
             f" WHERE v NOT IN (SELECT version FROM {TABLE})) THEN {say(UP_TO_DATE)} RETURN; END IF;"
         )
         parts.append(_apply())
@@ -356,8 +362,9 @@ def _no_version(version: str) -> Answer:
 def _apply() -> str:
     """PL/pgSQL applying every missing migration, with the server's "already exists, skipping" notices muted."""
     parts = [
-        f"IF current_setting('client_min_messages') IN ({_QUIET_LEVELS}) THEN",
-        "quiet := current_setting('client_min_messages'); PERFORM set_config('client_min_messages', 'warning', true);",
+        f"IF pg_catalog.current_setting('client_min_messages') IN ({_QUIET_LEVELS}) THEN",
+        "quiet := pg_catalog.current_setting('client_min_messages');",
+        "PERFORM pg_catalog.set_config('client_min_messages', 'warning', true);",
         "END IF;",
         f"EXECUTE {_text('CREATE SCHEMA IF NOT EXISTS pgml')};",
         f"EXECUTE {_text(CREATE_TABLE)};",
@@ -368,14 +375,15 @@ def _apply() -> str:
             f" INSERT INTO {TABLE} (version, name) VALUES ({m.version}, '{m.name}') ON CONFLICT DO NOTHING; END IF;"
         )
     parts.append(
-        "IF quiet IS NOT NULL THEN PERFORM set_config('client_min_messages', quiet, true); quiet := NULL; END IF;"
+        "IF quiet IS NOT NULL THEN PERFORM pg_catalog.set_config('client_min_messages', quiet, true);"
+        " quiet := NULL; END IF;"
     )
     return " ".join(parts)
 
 
 def _text(value: str) -> str:
     """A PL/pgSQL text expression for ``value``: hex-encoded, so no quoting of any text is ever involved."""
-    return f"convert_from('\\x{value.encode().hex()}'::bytea, 'UTF8')"
+    return f"pg_catalog.convert_from('\\x{value.encode().hex()}'::bytea, 'UTF8')"
 
 
 def _deparse(node: ast.Node) -> str:

@@ -348,3 +348,34 @@ def test_constant_procedure_after_the_statement_that_makes_its_table(conn: psyco
         )
         assert cur.nextset()
         assert cur.fetchone() == ("shapes string", "classification", "linear", True)
+
+
+def test_generated_sql_ignores_functions_planted_on_the_search_path(conn: psycopg.Connection, embedded: None) -> None:
+    """The proxy's own SQL names pg_catalog's functions and operators: a better-matching overload someone
+    created in a schema on the client's search_path (public) is never what it runs."""
+    trap = "LANGUAGE plpgsql AS $$BEGIN RAISE EXCEPTION 'hijacked'; END$$"
+    planted = [
+        ("FUNCTION public.convert_from(bytea, text)", f"RETURNS text {trap}"),
+        ("FUNCTION public.unnest(text[])", f"RETURNS SETOF text {trap}"),
+        ("FUNCTION public.pg_advisory_xact_lock(integer)", f"RETURNS void {trap}"),
+        ("FUNCTION public.to_regclass(text)", f"RETURNS regclass {trap}"),
+        ("FUNCTION public.hijack_eq(varchar, varchar)", f"RETURNS boolean {trap}"),
+    ]
+    try:
+        for name, body in planted:
+            conn.execute(f"CREATE {name} {body}")
+        conn.execute("CREATE OPERATOR public.= (LEFTARG = varchar, RIGHTARG = varchar, FUNCTION = public.hijack_eq)")
+        with pytest.raises(psycopg.Error) as info:  # a proxy error, raised by its DO block
+            conn.execute("SELECT pgml.embed('no/such-model', 'x')")
+        assert "hijacked" not in str(info.value)
+        assert conn.execute("SELECT pgml.chunk('character', 'a b')").fetchone() == (("1", "a b"),)
+        assert conn.execute("SELECT count(*) FROM pgml.chunk('character', 'a b')").fetchone() == (1,)
+        per_row = conn.execute(
+            "SELECT count(pgml.embed(%s, CAST(chunk AS varchar))) FROM chunks", (MINILM,)
+        ).fetchone()
+        assert per_row == conn.execute("SELECT count(*) FROM chunks").fetchone()
+        conn.execute("CREATE EXTENSION IF NOT EXISTS pgml")
+    finally:
+        conn.execute("DROP OPERATOR IF EXISTS public.= (varchar, varchar)")
+        for name, _ in planted:
+            conn.execute(f"DROP {name.replace('FUNCTION', 'FUNCTION IF EXISTS')}")

@@ -34,17 +34,17 @@ UPDATE docs SET emb = CAST('{4,0.5}' AS real[]) WHERE id = 1
 -- case: set-returning embed in FROM keeps the column name embed
 SELECT embed FROM pgml.embed('m', ARRAY['a', 'bb']);
 -- expect:
-SELECT embed FROM (SELECT CAST(u.c0 AS real[]) AS embed FROM unnest(CAST('{"{1,0.5}","{2,0.5}"}' AS text[])) WITH ORDINALITY AS u (c0, ord) ORDER BY u.ord) AS embed
+SELECT embed FROM (SELECT CAST(u.c0 AS real[]) AS embed FROM ROWS FROM (pg_catalog.unnest(CAST('{"{1,0.5}","{2,0.5}"}' AS text[]))) WITH ORDINALITY AS u (c0, ord) ORDER BY u.ord) AS embed
 
 -- case: chunk in FROM with an alias
 SELECT c.chunk FROM pgml.chunk('character', 'x y') AS c;
 -- expect:
-SELECT c.chunk FROM (SELECT CAST(u.c0 AS bigint) AS chunk_index, CAST(u.c1 AS text) AS chunk FROM unnest(CAST('{"1","2"}' AS text[]), CAST('{"x","y"}' AS text[])) WITH ORDINALITY AS u (c0, c1, ord) ORDER BY u.ord) AS c
+SELECT c.chunk FROM (SELECT CAST(u.c0 AS bigint) AS chunk_index, CAST(u.c1 AS text) AS chunk FROM ROWS FROM (pg_catalog.unnest(CAST('{"1","2"}' AS text[])), pg_catalog.unnest(CAST('{"x","y"}' AS text[]))) WITH ORDINALITY AS u (c0, c1, ord) ORDER BY u.ord) AS c
 
 -- case: chunk in the SELECT list becomes rows of type record, as the server types TABLE(…) functions
 SELECT pgml.chunk('character', 'x y');
 -- expect:
-SELECT ROW(((unnest(CAST('{"(\"1\",\"x\")","(\"2\",\"y\")"}' AS pgml.chunk_result[])))).chunk_index, ((unnest(CAST('{"(\"1\",\"x\")","(\"2\",\"y\")"}' AS pgml.chunk_result[])))).chunk) AS chunk
+SELECT ROW(((pg_catalog.unnest(CAST('{"(\"1\",\"x\")","(\"2\",\"y\")"}' AS pgml.chunk_result[])))).chunk_index, ((pg_catalog.unnest(CAST('{"(\"1\",\"x\")","(\"2\",\"y\")"}' AS pgml.chunk_result[])))).chunk) AS chunk
 
 -- case: version, and several statements in one string
 SELECT pgml.version(); SELECT 1;
@@ -59,4 +59,4 @@ SELECT CAST(NULL AS real[]) AS embed
 -- case: quoting inside results
 SELECT * FROM pgml.chunk('character', 'it''s "quoted" \ text');
 -- expect:
-SELECT * FROM (SELECT CAST(u.c0 AS bigint) AS chunk_index, CAST(u.c1 AS text) AS chunk FROM unnest(CAST('{"1","2","3","4"}' AS text[]), CAST('{"it''s","\"quoted\"","\\","text"}' AS text[])) WITH ORDINALITY AS u (c0, c1, ord) ORDER BY u.ord) AS chunk
+SELECT * FROM (SELECT CAST(u.c0 AS bigint) AS chunk_index, CAST(u.c1 AS text) AS chunk FROM ROWS FROM (pg_catalog.unnest(CAST('{"1","2","3","4"}' AS text[])), pg_catalog.unnest(CAST('{"it''s","\"quoted\"","\\","text"}' AS text[]))) WITH ORDINALITY AS u (c0, c1, ord) ORDER BY u.ord) AS chunk

@@ -34,17 +34,17 @@ SELECT t.v FROM (SELECT CAST('{2,0.5}' AS real[]) AS v) AS t
 -- case: a row-returning call in FROM with column aliases and ordinality
 SELECT * FROM pgml.chunk('character', 'x y') WITH ORDINALITY AS c (i, body, n);
 -- expect:
-SELECT * FROM (SELECT CAST(u.c0 AS bigint) AS i, CAST(u.c1 AS text) AS body, u.ord AS n FROM unnest(CAST('{"1","2"}' AS text[]), CAST('{"x","y"}' AS text[])) WITH ORDINALITY AS u (c0, c1, ord) ORDER BY u.ord) AS c
+SELECT * FROM (SELECT CAST(u.c0 AS bigint) AS i, CAST(u.c1 AS text) AS body, u.ord AS n FROM ROWS FROM (pg_catalog.unnest(CAST('{"1","2"}' AS text[])), pg_catalog.unnest(CAST('{"x","y"}' AS text[]))) WITH ORDINALITY AS u (c0, c1, ord) ORDER BY u.ord) AS c
 
 -- case: field selection on a chunk keeps its row type
 SELECT (pgml.chunk('character', 'x y')).chunk;
 -- expect:
-SELECT ((unnest(CAST('{"(\"1\",\"x\")","(\"2\",\"y\")"}' AS pgml.chunk_result[])))).chunk AS chunk
+SELECT ((pg_catalog.unnest(CAST('{"(\"1\",\"x\")","(\"2\",\"y\")"}' AS pgml.chunk_result[])))).chunk AS chunk
 
 -- case: inside a subquery the row type stays (no record cast)
 SELECT (c).chunk_index FROM (SELECT pgml.chunk('character', 'x y') AS c) AS s;
 -- expect:
-SELECT ((c)).chunk_index FROM (SELECT unnest(CAST('{"(\"1\",\"x\")","(\"2\",\"y\")"}' AS pgml.chunk_result[])) AS c) AS s
+SELECT ((c)).chunk_index FROM (SELECT pg_catalog.unnest(CAST('{"(\"1\",\"x\")","(\"2\",\"y\")"}' AS pgml.chunk_result[])) AS c) AS s
 
 -- case: a cast chain through varchar folds (SQLAlchemy's cast(literal(s), JSONB))
 SELECT pgml.embed('m', CAST('ab'::varchar AS text), CAST('{}'::varchar AS jsonb));
