@@ -640,8 +640,22 @@ def raise_statement(error: BaseException, original: str | None = None) -> str:
     return "; ".join([*_before_first_call(original), raising]) if original else raising
 
 
+_EXECUTE = re.compile(r"(?i)\bexecute\b")
+
+
+def _rewritten_here(stmt: ast.Node) -> bool:
+    """A statement the proxy rewrites, so one its errors can come from: a pgml call, an EXECUTE (of a pgml
+    PREPARE), a CREATE / ALTER / DROP EXTENSION pgml."""
+    if isinstance(stmt, ast.ExecuteStmt) or (
+        isinstance(stmt, ast.CreateTableAsStmt) and isinstance(stmt.query, ast.ExecuteStmt)
+    ):
+        return True
+    return bool(find_calls(stmt)) or schema.extension_command(stmt) is not None
+
+
 def _before_first_call(sql: str) -> list[str]:
-    """The statements of ``sql`` before the first one calling ``pgml.*`` (or too complex to walk), as sent.
+    """The statements of ``sql`` before the first one the proxy rewrites (:func:`_rewritten_here`; or one too
+    complex to walk), as sent.
 
     Split by the parser without building trees; only statements that mention pgml are parsed, one by
     one (a long one is taken to be the call: it is not parsed again on the event loop). Empty when no
@@ -652,11 +666,11 @@ def _before_first_call(sql: str) -> list[str]:
     except pglast.parser.ParseError:
         return []
     for index, text in enumerate(texts):
-        if _PGML.search(text.encode()) is None:
+        if _PGML.search(text.encode()) is None and _EXECUTE.search(text) is None:
             continue
         if len(text) <= THREAD_PARSE_CHARS:
             try:
-                if not any(find_calls(raw.stmt) for raw in pglast.parse_sql(text) if raw.stmt is not None):
+                if not any(_rewritten_here(raw.stmt) for raw in pglast.parse_sql(text) if raw.stmt is not None):
                     continue
             except pglast.parser.ParseError:
                 continue

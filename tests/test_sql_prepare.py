@@ -204,3 +204,18 @@ def test_asyncpg(proxy: ProxyProcess, db: str) -> None:
             await conn.close()
 
     assert asyncio.run(run()) == [["abcd", "efgh"], ["abcd", "efgh"], ["ABCD EFGH"]]
+
+
+def test_an_error_in_an_execute_keeps_the_statements_before_it(through: psycopg.Connection[Any]) -> None:
+    """BEGIN; INSERT …; EXECUTE p(bad): the EXECUTE's error is answered inside the transaction BEGIN opened
+    (the INSERT ran, the transaction is aborted), and a COMMIT before it commits, as without the proxy."""
+    conn = through
+    conn.execute("CREATE TEMP TABLE kept (x int)")
+    conn.execute("PREPARE bad_p(text, text) AS SELECT pgml.embed($1, $2)")
+    with pytest.raises(psycopg.Error):
+        conn.execute("BEGIN; INSERT INTO kept VALUES (2); EXECUTE bad_p('no/such-model', 'x')")
+    assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR
+    conn.execute("ROLLBACK")
+    with pytest.raises(psycopg.Error):
+        conn.execute("BEGIN; INSERT INTO kept VALUES (3); COMMIT; EXECUTE bad_p('no/such-model', 'x')")
+    assert conn.execute("SELECT x FROM kept").fetchall() == [(3,)]  # committed before the EXECUTE failed
