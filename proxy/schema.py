@@ -225,9 +225,8 @@ class ExtensionCommand:
         steps = self._steps(say)
         prologue = f"PERFORM pg_catalog.set_config('{OUTCOME_SETTING}', '', true);" if report else ""
         body = (
-            "DECLARE present boolean; quiet text; BEGIN "
-            f"{prologue} PERFORM pg_catalog.pg_advisory_xact_lock({LOCK_KEY}::pg_catalog.int8); "
-            f"present := pg_catalog.to_regclass('{TABLE}') IS NOT NULL; {steps} END"
+            "DECLARE present boolean; quiet text; needed boolean := false; BEGIN "
+            f"{prologue} present := pg_catalog.to_regclass('{TABLE}') IS NOT NULL; {steps} END"
         )
         return ast.DoStmt(args=(ast.DefElem(defname="as", arg=ast.String(sval=body)),))
 
@@ -360,8 +359,22 @@ def _no_version(version: str) -> Answer:
 
 
 def _apply() -> str:
-    """PL/pgSQL applying every missing migration, with the server's "already exists, skipping" notices muted."""
+    """PL/pgSQL applying every missing migration, with the server's "already exists, skipping" notices muted.
+
+    The advisory lock that serializes installers is taken only when a migration is missing (an installed,
+    current schema takes no lock, so ``BEGIN; CREATE EXTENSION IF NOT EXISTS pgml`` holds none for the
+    rest of the client's transaction); each migration is checked again under it.
+    """
+    versions = ", ".join(str(m.version) for m in migrations())
+    check = (
+        f"IF present THEN IF EXISTS (SELECT FROM pg_catalog.unnest(ARRAY[{versions}]) AS v"
+        f" WHERE v NOT IN (SELECT version FROM {TABLE})) THEN needed := true; END IF;"
+        " ELSE needed := true; END IF;"
+    )
     parts = [
+        check,
+        "IF needed THEN",
+        f"PERFORM pg_catalog.pg_advisory_xact_lock({LOCK_KEY}::pg_catalog.int8);",
         f"IF pg_catalog.current_setting('client_min_messages') IN ({_QUIET_LEVELS}) THEN",
         "quiet := pg_catalog.current_setting('client_min_messages');",
         "PERFORM pg_catalog.set_config('client_min_messages', 'warning', true);",
@@ -378,6 +391,7 @@ def _apply() -> str:
         "IF quiet IS NOT NULL THEN PERFORM pg_catalog.set_config('client_min_messages', quiet, true);"
         " quiet := NULL; END IF;"
     )
+    parts.append("END IF;")
     return " ".join(parts)
 
 

@@ -421,3 +421,19 @@ def test_drop_extension_of_pgml_and_a_real_one(direct: Conn, through: Conn) -> N
     assert installed(direct)
     error = through.error("DROP EXTENSION pgml, vector")  # vector is gone now: the server's own error
     assert (error.sqlstate, error.diag.message_primary) == ("42704", 'extension "vector" does not exist')
+
+
+def test_create_extension_if_not_exists_on_a_current_schema_takes_no_lock(
+    proxy: ProxyProcess, db: str, through: Conn
+) -> None:
+    """An open transaction that ran CREATE EXTENSION IF NOT EXISTS pgml (nothing to apply) does not make
+    other sessions' extension commands wait (PostgreSQL's own IF NOT EXISTS takes no such lock)."""
+    through.run("CREATE EXTENSION IF NOT EXISTS pgml")  # installed and current
+    holder = connect(proxy.dsn(dbname=db))
+    with holder.conn:
+        holder.run("BEGIN")
+        holder.run("CREATE EXTENSION IF NOT EXISTS pgml")
+        through.run("SET lock_timeout = '2s'")
+        through.run("CREATE EXTENSION IF NOT EXISTS pgml")  # would wait for the holder's advisory lock
+        through.run("ALTER EXTENSION pgml UPDATE")
+        holder.run("ROLLBACK")
