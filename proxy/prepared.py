@@ -29,6 +29,7 @@ from pglast import ast, enums, visitors
 
 from proxy import literals
 from proxy.calls import find_calls
+from proxy.errors import ProgramLimitExceeded
 from proxy.extended import referenced_params
 from proxy.internal import Port, Statement
 
@@ -121,7 +122,10 @@ async def lookup(port: Port, name: str, parse: Parser) -> Prepared | None:
     if not result.rows:
         return None
     text, from_sql, type_names = result.rows[0]
-    parsed = await parse(text or "")
+    try:
+        parsed = await parse(text or "")
+    except ProgramLimitExceeded:  # a huge string it was prepared from: not one the proxy would rewrite
+        return None
     if parsed is None:
         return None
     if from_sql == "t":  # the text is the whole query string that held the PREPARE: the last one of that name

@@ -330,7 +330,8 @@ class Rewriter:
         rewritten = await plan.rewrite(analysis, self.engine, port, dependent_ok=False)
         if rewritten is None:  # a call reading the database after the string's first statement: all ran here
             return Respond(protocol.encode_ready(protocol.ReadyForQuery(port.tx_status)))
-        if not changed and plan.cacheable(analysis):
+        # Not a string with an EXECUTE: what it means depends on the session's prepared statements.
+        if not changed and plan.cacheable(analysis) and not any(_executes(raw.stmt) for raw in stmts):
             self._remember(key, rewritten)
         return _rewritten_message(message, rewritten, own)
 
@@ -643,12 +644,16 @@ def raise_statement(error: BaseException, original: str | None = None) -> str:
 _EXECUTE = re.compile(r"(?i)\bexecute\b")
 
 
+def _executes(stmt: ast.Node | None) -> bool:
+    return isinstance(stmt, ast.ExecuteStmt) or (
+        isinstance(stmt, ast.CreateTableAsStmt) and isinstance(stmt.query, ast.ExecuteStmt)
+    )
+
+
 def _rewritten_here(stmt: ast.Node) -> bool:
     """A statement the proxy rewrites, so one its errors can come from: a pgml call, an EXECUTE (of a pgml
     PREPARE), a CREATE / ALTER / DROP EXTENSION pgml."""
-    if isinstance(stmt, ast.ExecuteStmt) or (
-        isinstance(stmt, ast.CreateTableAsStmt) and isinstance(stmt.query, ast.ExecuteStmt)
-    ):
+    if _executes(stmt):
         return True
     return bool(find_calls(stmt)) or schema.extension_command(stmt) is not None
 

@@ -411,7 +411,8 @@ class Session(OwnTraffic):
         if self.owned.failed or not await self._barrier():
             self.owned.failed = True
             return rewrite.Respond(b"")  # skipped until Sync, as the server skips after an error
-        if self.tx_status == "E" and self._last_sent in (_S, _Q):
+        # Close is accepted in an aborted transaction, as the server accepts it (no abort check in Close).
+        if self.tx_status == "E" and self._last_sent in (_S, _Q) and frame.type != _C:
             self.owned.failed = True
             return rewrite.Fail(
                 InFailedTransaction("current transaction is aborted, commands ignored until end of transaction block")
