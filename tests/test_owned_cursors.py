@@ -282,6 +282,8 @@ def portal_script(source: str) -> list[tuple[bytes, ...]]:
         (Q("ROLLBACK"), Q("BEGIN")),
         (Q(f"DECLARE b BINARY CURSOR FOR SELECT * FROM {source} AS g"), Q("FETCH 1 FROM b")),
         (describe(b"P", "b"), execute("b", 1), S),  # the portal itself answers in text, as DECLARE made it
+        (Q(f"DECLARE x CURSOR FOR SELECT * FROM {source} AS g"), Q("SELECT 1/0")),  # the transaction fails
+        (close(b"P", "x"), describe(b"P", "x"), S),  # Close is accepted there; Describe is not (25P02)
         (Q("COMMIT"),),
         (Q(f"DECLARE h CURSOR WITH HOLD FOR SELECT * FROM {source} AS g"),),
         (describe(b"P", "h"), execute("h", 2), close(b"P", "h"), S),
