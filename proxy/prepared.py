@@ -53,7 +53,7 @@ def prepares_pgml(stmts: Sequence[ast.RawStmt]) -> bool:
 
 
 def executes(stmts: Sequence[ast.RawStmt]) -> bool:
-    return any(_execute_of(raw.stmt) is not None for raw in stmts)
+    return any(execute_of(raw.stmt) is not None for raw in stmts)
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ async def expand(stmts: tuple[ast.RawStmt, ...], port: Port, parse: Parser) -> t
             case ast.DeallocateStmt(name=str(name)):
                 in_string[name] = None
                 continue
-        execute = _execute_of(node)
+        execute = execute_of(node)
         if execute is None or execute.name is None:
             continue
         if execute.name in in_string:
@@ -221,7 +221,8 @@ def _calls_pgml(node: ast.Node | None) -> bool:
     return node is not None and bool(find_calls(node))
 
 
-def _execute_of(node: ast.Node | None) -> ast.ExecuteStmt | None:
+def execute_of(node: ast.Node | None) -> ast.ExecuteStmt | None:
+    """The EXECUTE of ``EXECUTE p(…)`` or ``CREATE TABLE … AS EXECUTE p(…)``, else None."""
     match node:
         case ast.ExecuteStmt():
             return node

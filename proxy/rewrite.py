@@ -331,7 +331,7 @@ class Rewriter:
         if rewritten is None:  # a call reading the database after the string's first statement: all ran here
             return Respond(protocol.encode_ready(protocol.ReadyForQuery(port.tx_status)))
         # Not a string with an EXECUTE: what it means depends on the session's prepared statements.
-        if not changed and plan.cacheable(analysis) and not any(_executes(raw.stmt) for raw in stmts):
+        if not changed and plan.cacheable(analysis) and not prepared.executes(stmts):
             self._remember(key, rewritten)
         return _rewritten_message(message, rewritten, own)
 
@@ -644,16 +644,10 @@ def raise_statement(error: BaseException, original: str | None = None) -> str:
 _EXECUTE = re.compile(r"(?i)\bexecute\b")
 
 
-def _executes(stmt: ast.Node | None) -> bool:
-    return isinstance(stmt, ast.ExecuteStmt) or (
-        isinstance(stmt, ast.CreateTableAsStmt) and isinstance(stmt.query, ast.ExecuteStmt)
-    )
-
-
 def _rewritten_here(stmt: ast.Node) -> bool:
     """A statement the proxy rewrites, so one its errors can come from: a pgml call, an EXECUTE (of a pgml
     PREPARE), a CREATE / ALTER / DROP EXTENSION pgml."""
-    if _executes(stmt):
+    if prepared.execute_of(stmt) is not None:
         return True
     return bool(find_calls(stmt)) or schema.extension_command(stmt) is not None
 
