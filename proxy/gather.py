@@ -22,7 +22,7 @@ from typing import Any
 
 from pglast import ast, visitors
 
-from proxy.calls import STATEMENTS, Site, bind, nodes_under, pgml_function
+from proxy.calls import STATEMENTS, Site, bind, find_calls, nodes_under
 from proxy.errors import FeatureNotSupported
 
 
@@ -80,13 +80,11 @@ def _gather_lateral(site: Site, targets: tuple[ast.ResTarget, ...]) -> ast.Selec
     # The WHERE clause narrows the rows when it can be read with the items before the call alone: no later
     # item, no other pgml call, no reference to the call's own output. Otherwise all their rows (a superset).
     where = stmt.whereClause
-    if after or site.range_function is None or _has_pgml_call(where) or _mentions_output(where, site):
+    if where is not None and (
+        after or site.range_function is None or find_calls(where) or _mentions_output(where, site)
+    ):
         where = None
     return _select(site, targets, from_clause=before, where=where)
-
-
-def _has_pgml_call(node: Any) -> bool:
-    return any(isinstance(n, ast.FuncCall) and pgml_function(n) is not None for n in nodes_under(node))
 
 
 def _mentions_output(node: ast.Node | None, site: Site) -> bool:
