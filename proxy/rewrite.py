@@ -626,10 +626,7 @@ def raise_statement(error: BaseException, original: str | None = None) -> str:
     quoting of client-influenced text is ever involved; pglast quotes the body.
     """
     fields = dict(error_fields(error))
-
-    def text(value: str) -> str:
-        return f"pg_catalog.convert_from('\\x{value.encode().hex()}'::bytea, 'UTF8')"
-
+    text = schema.text_expression
     code = fields["C"] if re.fullmatch(r"[0-9A-Z]{5}", fields["C"]) else "XX000"
     options = [f"ERRCODE = '{code}'", f"MESSAGE = {text(fields['M'])}"]
     if "D" in fields:

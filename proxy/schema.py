@@ -216,9 +216,9 @@ class ExtensionCommand:
             answers.append(answer)
             if report:
                 return f"PERFORM pg_catalog.set_config('{OUTCOME_SETTING}', '{len(answers) - 1}', true); RETURN;"
-            options = [f"ERRCODE = '{answer.code}'", f"MESSAGE = {_text(answer.message)}"]
+            options = [f"ERRCODE = '{answer.code}'", f"MESSAGE = {text_expression(answer.message)}"]
             if answer.hint:
-                options.append(f"HINT = {_text(answer.hint)}")
+                options.append(f"HINT = {text_expression(answer.hint)}")
             level = "EXCEPTION" if answer.severity == "ERROR" else "NOTICE"
             return f"RAISE {level} USING {', '.join(options)};"
 
@@ -286,7 +286,7 @@ def _create(node: ast.CreateExtensionStmt) -> ExtensionCommand:
             checks.append(say(_no_version(version)))
         if isinstance(target, str):
             missing = Answer("ERROR", "3F000", f'schema "{target}" does not exist')
-            checks.append(f"IF NOT EXISTS (SELECT FROM pg_namespace WHERE nspname = {_text(target)}) THEN")
+            checks.append(f"IF NOT EXISTS (SELECT FROM pg_namespace WHERE nspname = {text_expression(target)}) THEN")
             checks.append(f"{say(missing)} END IF;")
             if target != SCHEMA and not cascade:
                 checks.append(say(WRONG_SCHEMA))
@@ -345,7 +345,7 @@ def _drop(node: ast.DropStmt) -> ExtensionCommand:
         missing = say(DOES_NOT_EXIST_SKIPPING if node.missing_ok else DOES_NOT_EXIST)
         parts = [f"IF NOT present THEN {missing} END IF;"]
         if other_sql is not None:
-            parts.append(f"EXECUTE {_text(other_sql)};")
+            parts.append(f"EXECUTE {text_expression(other_sql)};")
         parts.append(f"IF present THEN {say(KEPT)} END IF;")
         return " ".join(parts)
 
@@ -379,12 +379,12 @@ def _apply() -> str:
         "quiet := pg_catalog.current_setting('client_min_messages');",
         "PERFORM pg_catalog.set_config('client_min_messages', 'warning', true);",
         "END IF;",
-        f"EXECUTE {_text('CREATE SCHEMA IF NOT EXISTS pgml')};",
-        f"EXECUTE {_text(CREATE_TABLE)};",
+        f"EXECUTE {text_expression('CREATE SCHEMA IF NOT EXISTS pgml')};",
+        f"EXECUTE {text_expression(CREATE_TABLE)};",
     ]
     for m in migrations():
         parts.append(
-            f"IF NOT EXISTS (SELECT FROM {TABLE} WHERE version = {m.version}) THEN EXECUTE {_text(m.sql)};"
+            f"IF NOT EXISTS (SELECT FROM {TABLE} WHERE version = {m.version}) THEN EXECUTE {text_expression(m.sql)};"
             f" INSERT INTO {TABLE} (version, name) VALUES ({m.version}, '{m.name}') ON CONFLICT DO NOTHING; END IF;"
         )
     parts.append(
@@ -395,7 +395,7 @@ def _apply() -> str:
     return " ".join(parts)
 
 
-def _text(value: str) -> str:
+def text_expression(value: str) -> str:
     """A PL/pgSQL text expression for ``value``: hex-encoded, so no quoting of any text is ever involved."""
     return f"pg_catalog.convert_from('\\x{value.encode().hex()}'::bytea, 'UTF8')"
 
