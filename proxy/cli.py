@@ -26,7 +26,7 @@ from proxy import PGML_API_LEVEL, __version__, schema
 from proxy.config import Config, ConfigError, load
 from proxy.dsn import parse_dsn
 from proxy.embedded import Cluster, ClusterError, find_bin_dir
-from proxy.rewrite import Rewriter
+from proxy.rewrite.decide import Rewriter
 from proxy.server import Server, UpstreamTarget
 
 log = logging.getLogger("pgml-proxy")

@@ -110,7 +110,7 @@ class DatatypeMismatch(ProxyError, code="42804"):
 
 
 class ProgramLimitExceeded(ProxyError, code="54000"):
-    """An input beyond the proxy's documented size limits (``proxy.literals`` MAX_*)."""
+    """An input beyond the proxy's documented size limits (``proxy.rewrite.literals`` MAX_*)."""
 
 
 class StatementTooComplex(ProxyError, code="54001"):
@@ -182,7 +182,7 @@ def error_fields(exc: BaseException, severity: str = "ERROR") -> tuple[tuple[str
 
 def to_error_response(exc: BaseException, severity: str = "ERROR") -> bytes:
     """The wire ErrorResponse for ``exc`` (``severity`` FATAL when the connection then closes)."""
-    from proxy.protocol import ErrorResponse, encode_error  # protocol imports this module
+    from proxy.wire.messages import ErrorResponse, encode_error  # protocol imports this module
 
     return encode_error(ErrorResponse(error_fields(exc, severity)))
 
@@ -198,7 +198,7 @@ def from_fields(fields: tuple[tuple[str, str], ...]) -> ProxyError:
 
 def warning_notice(message: str) -> bytes:
     """A NoticeResponse of severity WARNING (SQLSTATE 01000)."""
-    from proxy.protocol import ErrorResponse, encode_error
+    from proxy.wire.messages import ErrorResponse, encode_error
 
     fields = (("S", "WARNING"), ("V", "WARNING"), ("C", "01000"), ("M", message))
     return encode_error(ErrorResponse(fields), notice=True)

@@ -29,7 +29,7 @@ import pglast
 from pglast import ast, enums
 
 from proxy import PGML_API_LEVEL
-from proxy.internal import Port, Statement, query
+from proxy.session.exchange import Port, Statement, query
 
 # pg_advisory_xact_lock key: concurrent first connections serialize on it.
 LOCK_KEY = 0x70676D6C  # "pgml"

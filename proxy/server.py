@@ -21,8 +21,8 @@ from proxy.config import Config
 from proxy.dsn import DSN
 from proxy.errors import TooManyConnections
 from proxy.link import Link
-from proxy.rewrite import Rewriter
-from proxy.session import Session
+from proxy.rewrite.decide import Rewriter
+from proxy.session.shell import Session
 from proxy.upstream import send_cancel
 
 log = logging.getLogger(__name__)

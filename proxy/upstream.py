@@ -11,10 +11,10 @@ import asyncio
 import logging
 import ssl
 
-from proxy import protocol
 from proxy.dsn import DSN
 from proxy.errors import ProtocolViolation, UnableToConnect
 from proxy.link import Link
+from proxy.wire import messages as protocol
 
 log = logging.getLogger(__name__)
 

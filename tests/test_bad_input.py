@@ -27,9 +27,9 @@ import pytest
 from psycopg.adapt import Dumper
 
 from engine.api import signatures
-from proxy import literals
-from proxy import protocol as pq
 from proxy.errors import InvalidParameterValue, InvalidTextRepresentation
+from proxy.rewrite import literals
+from proxy.wire import messages as pq
 from tests.conftest import MINILM, Postgres, ProxyProcess
 
 pytestmark = pytest.mark.pg_matrix

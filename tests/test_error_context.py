@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from psycopg import errors
 
-from proxy import protocol as pq
+from proxy.wire import messages as pq
 from tests.conftest import Postgres, ProxyProcess
 from tests.test_wire_pgml import B, E, P, Q, Raw, S
 

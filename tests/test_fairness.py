@@ -27,7 +27,7 @@ import psycopg
 import pytest
 from psycopg import errors
 
-from proxy import protocol as pq
+from proxy.wire import messages as pq
 from tests.conftest import MINILM, Postgres, ProxyProcess, start_proxy
 from tests.tiny_models import tiny_gpt2
 

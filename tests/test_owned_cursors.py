@@ -23,7 +23,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from proxy import protocol as pq
+from proxy.wire import messages as pq
 from tests.conftest import Postgres, ProxyProcess
 from tests.test_stream import args
 from tests.test_wire_pgml import B, E, P, Q, Raw, S

@@ -6,8 +6,8 @@ import struct
 
 import pytest
 
-from proxy import protocol as pq
 from proxy.errors import ProtocolViolation
+from proxy.wire import messages as pq
 
 # (message, its exact bytes, decoder) -- the single source for encode and decode tests.
 TYPED_CASES: list[tuple[object, bytes]] = [

@@ -33,7 +33,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from proxy import protocol as pq
+from proxy.wire import messages as pq
 from tests.conftest import Postgres, ProxyProcess, start_proxy
 from tests.test_bad_input import (
     FLUSH,

@@ -16,11 +16,11 @@ import pytest
 from pglast import parse_sql
 
 from engine.api import Call
-from proxy import plan
-from proxy.calls import find_calls
 from proxy.errors import FeatureNotSupported, InvalidTextRepresentation, UndefinedFunction
-from proxy.internal import Result, Statement
-from proxy.rewrite import might_use_pgml, raise_statement
+from proxy.rewrite import plan
+from proxy.rewrite.calls import find_calls
+from proxy.rewrite.decide import might_use_pgml, raise_statement
+from proxy.session.exchange import Result, Statement
 
 CASES = Path(__file__).parent / "rewrite_cases"
 
@@ -189,8 +189,8 @@ def test_raise_statement_carries_code_and_hex_text() -> None:
 
 
 async def test_constant_rewrites_are_cached() -> None:
-    from proxy.protocol import Query
-    from proxy.rewrite import Rewriter, Rewritten
+    from proxy.rewrite.decide import Rewriter, Rewritten
+    from proxy.wire.messages import Query
 
     engine = FakeEngine()
     rewriter = Rewriter(engine)

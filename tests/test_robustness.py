@@ -11,8 +11,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from proxy import protocol as pq
 from proxy.embedded import Cluster, find_bin_dir, free_port
+from proxy.wire import messages as pq
 from tests.conftest import Postgres, ProxyProcess, start_proxy
 
 pytestmark = pytest.mark.pg_matrix

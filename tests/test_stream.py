@@ -15,7 +15,7 @@ import pytest
 from psycopg import errors
 from psycopg.types.string import StrDumper
 
-from proxy import protocol as pq
+from proxy.wire import messages as pq
 from tests.conftest import Postgres, ProxyProcess
 from tests.test_wire_pgml import B, E, P, Q, Raw, S
 from tests.tiny_models import tiny_gpt2

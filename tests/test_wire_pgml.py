@@ -12,7 +12,7 @@ import struct
 import psycopg
 import pytest
 
-from proxy import protocol as pq
+from proxy.wire import messages as pq
 
 pytestmark = pytest.mark.pg_matrix
 

@@ -10,7 +10,7 @@ any statement. The PREPARE itself goes to the server unchanged: it checks it aga
 signatures, and the statement then exists there (``pg_prepared_statements`` shows it).
 
 Must not: keep copies of prepared statements from one statement string to the next, evaluate
-pgml calls (the rewriter and :mod:`proxy.plan` do, on the statement returned), or answer for the
+pgml calls (the rewriter and :mod:`proxy.rewrite.plan` do, on the statement returned), or answer for the
 server: an EXECUTE that cannot be substituted exactly (no such statement, a wrong number of
 arguments, a subquery, column, aggregate or parameter in an argument — the server evaluates EXECUTE's
 arguments without the Bind's parameters) is left as it is, for the server to run or to refuse with
@@ -27,11 +27,11 @@ from typing import Any
 
 from pglast import ast, enums, visitors
 
-from proxy import literals
-from proxy.calls import find_calls
 from proxy.errors import ProgramLimitExceeded
-from proxy.extended import referenced_params
-from proxy.internal import Port, Statement
+from proxy.rewrite import literals
+from proxy.rewrite.calls import find_calls
+from proxy.rewrite.params import referenced_params
+from proxy.session.exchange import Port, Statement
 
 _EXECUTE = re.compile(rb"(?i)execute")
 # The session's own prepared statements: their source text (the whole query string of a SQL PREPARE) and

@@ -29,9 +29,6 @@ import pglast
 from pglast import ast, enums
 
 from engine.api import Call, Engine, EngineError
-from proxy import protocol as pq
-from proxy import rewrite
-from proxy.calls import bind, find_calls
 from proxy.errors import (
     DuplicateCursor,
     FeatureNotSupported,
@@ -40,7 +37,10 @@ from proxy.errors import (
     NotInPrerequisiteState,
     ProxyError,
 )
-from proxy.plan import fold_call
+from proxy.rewrite import decide as rewrite
+from proxy.rewrite.calls import bind, find_calls
+from proxy.rewrite.plan import fold_call
+from proxy.wire import messages as pq
 
 FUNCTION = "transform_stream"
 _stream_keys = itertools.count(1)

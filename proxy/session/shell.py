@@ -2,19 +2,19 @@
 
 Owns: the per-session state (startup phase, transaction status from the last
 ReadyForQuery, responses still owed by the upstream, queued client frames while a
-decision is pending) and the execution of :mod:`proxy.rewrite` decisions. The client
+decision is pending) and the execution of :mod:`proxy.rewrite.decide` decisions. The client
 is still read while a decision runs (up to HELD_LIMIT bytes), so that a disconnect or
 a Terminate ends the session at once and cancels its engine work.
 
 The proxy's own statements never show as such: the ErrorResponse that answers the
 ``DO`` block raising a proxy error (known by its position in the query string, counted
-by :mod:`proxy.accounting`) reaches the client without the block's CONTEXT and the
+by :mod:`proxy.session.ledger`) reaches the client without the block's CONTEXT and the
 RAISE's source location. Messages naming a proxy-owned cursor or prepared cursor
-statement are answered by :mod:`proxy.owned` / :mod:`proxy.cursors`.
+statement are answered by :mod:`proxy.streams.owned` / :mod:`proxy.streams.cursors`.
 
 Must not: parse SQL (the rewriter does; the session only counts the statements of a
 query string the proxy built itself), or open listening sockets (the server does). It
-frames traffic with :mod:`proxy.protocol` but forwards raw bytes and decodes only
+frames traffic with :mod:`proxy.wire.messages` but forwards raw bytes and decodes only
 Query/Parse (client) and R/K/Z/E/N (upstream).
 """
 
@@ -29,9 +29,6 @@ from typing import TYPE_CHECKING
 import pglast
 
 from engine.api import EngineError
-from proxy import cursors, extended, rewrite
-from proxy import protocol as pq
-from proxy.accounting import ONE, THREE, Responses
 from proxy.errors import (
     AdminShutdown,
     ConnectionFailure,
@@ -45,12 +42,17 @@ from proxy.errors import (
     to_error_response,
     warning_notice,
 )
-from proxy.internal import SYNC, Exchange, Statement, UpstreamError
 from proxy.link import Link
-from proxy.owned import Owned
-from proxy.startup import AuthWatch, negotiate
-from proxy.traffic import OwnTraffic
+from proxy.rewrite import decide as rewrite
+from proxy.rewrite import params as extended
+from proxy.session.exchange import SYNC, Exchange, Statement, UpstreamError
+from proxy.session.ledger import ONE, THREE, Responses
+from proxy.session.startup import AuthWatch, negotiate
+from proxy.session.traffic import OwnTraffic
+from proxy.streams import cursors
+from proxy.streams.owned import Owned
 from proxy.upstream import open_link
+from proxy.wire import messages as pq
 
 if TYPE_CHECKING:
     from proxy.server import Server
@@ -583,7 +585,7 @@ MECHANISM = "WFLR"
 def _statements_before(sql: str) -> int:
     """How many statements precede the last one (the proxy's DO block) in a query string it built.
 
-    :func:`proxy.rewrite.raise_statement` puts the client's statements before the first pgml call in
+    :func:`proxy.rewrite.decide.raise_statement` puts the client's statements before the first pgml call in
     front of the DO block, as they were sent.
     """
     return len(pglast.split(sql)) - 1

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from engine.api import DatabaseError, Result, Statement
-from proxy import extended
-from proxy import protocol as pq
 from proxy.errors import ProtocolViolation
+from proxy.rewrite import params as extended
+from proxy.wire import messages as pq
 
 _H = struct.Struct("!h")
 _I = struct.Struct("!i")

@@ -3,7 +3,7 @@
 Owns: the :class:`Bind` message (decode/encode), turning bound parameter bytes
 (text or binary format) into Python values by type OID — with the server's own
 SQLSTATE for bytes that do not fit (22021 not UTF-8, 22P03 bad binary data, 54000
-beyond :mod:`proxy.literals`' limits) — and replacing ``$n`` references inside
+beyond :mod:`proxy.rewrite.literals`' limits) — and replacing ``$n`` references inside
 ``pgml.*`` call arguments with typed literals so the call becomes constant. A ``$n``
 under an explicit cast (``$1::jsonb`` with ``$1`` bound as varchar, as pgjdbc binds
 strings) becomes a literal of the cast's type, the value converted as the server's
@@ -22,7 +22,6 @@ from typing import Any
 
 from pglast import ast, visitors
 
-from proxy import protocol as pq
 from proxy.errors import (
     DatatypeMismatch,
     FeatureNotSupported,
@@ -33,7 +32,8 @@ from proxy.errors import (
     ProtocolViolation,
     ProxyError,
 )
-from proxy.literals import MAX_ARRAY_ELEMENTS, check_length, decode_utf8, from_text, literal, parse_json
+from proxy.rewrite.literals import MAX_ARRAY_ELEMENTS, check_length, decode_utf8, from_text, literal, parse_json
+from proxy.wire import messages as pq
 
 # Type OID -> (SQL type name used for the literal, catalogue type for decoding).
 PARAM_TYPES: dict[int, str] = {
@@ -274,7 +274,7 @@ def substitute_params(roots: Sequence[ast.Node], values: dict[int, tuple[Any, in
 
 
 # The target of an explicit cast, spelled as the parser leaves it (``pg_catalog.int4``), in the type names
-# of :mod:`proxy.literals`. Types with a modifier (``varchar(3)`` truncates) and other types are left alone.
+# of :mod:`proxy.rewrite.literals`. Types with a modifier (``varchar(3)`` truncates) and other types are left alone.
 _CAST_TARGETS = {
     "text": "text", "varchar": "text", "jsonb": "jsonb", "int8": "bigint", "int4": "integer", "int2": "smallint",
     "float4": "real", "float8": "double precision", "bool": "boolean",
@@ -285,7 +285,7 @@ NOT_CAST: Any = object()  # a conversion cast_value leaves to the server
 
 
 def cast_target(name: ast.TypeName | None) -> str | None:
-    """The type of ``CAST(x AS name)`` in :mod:`proxy.literals`' names (None: one not handled here)."""
+    """The type of ``CAST(x AS name)`` in :mod:`proxy.rewrite.literals`' names (None: one not handled here)."""
     if name is None or name.typmods or name.setof or name.pct_type:
         return None
     names = [n.sval for n in name.names or () if isinstance(n, ast.String)]

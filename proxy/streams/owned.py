@@ -26,8 +26,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from proxy import cursors, extended, schema
-from proxy import protocol as pq
+from proxy import schema
 from proxy.errors import (
     DuplicateCursor,
     FeatureNotSupported,
@@ -36,7 +35,10 @@ from proxy.errors import (
     ProtocolViolation,
     ProxyError,
 )
-from proxy.internal import Described, Port, Prepare
+from proxy.rewrite import params as extended
+from proxy.session.exchange import Described, Port, Prepare
+from proxy.streams import cursors
+from proxy.wire import messages as pq
 
 _P, _B, _D, _E, _C = (ord(c) for c in "PBDEC")
 OwnStatement = cursors.StreamSelect | cursors.Declare | cursors.Fetch | cursors.Close

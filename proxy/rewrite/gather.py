@@ -22,8 +22,8 @@ from typing import Any
 
 from pglast import ast, visitors
 
-from proxy.calls import STATEMENTS, Site, bind, find_calls, nodes_under
 from proxy.errors import FeatureNotSupported
+from proxy.rewrite.calls import STATEMENTS, Site, bind, find_calls, nodes_under
 
 
 def _gather_join(site: Site, targets: tuple[ast.ResTarget, ...], args: list[ast.Node]) -> ast.SelectStmt:

@@ -16,9 +16,9 @@ import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from proxy import protocol as pq
 from proxy.errors import InvalidAuthorization, ProtocolViolation, ProxyError
 from proxy.link import Link
+from proxy.wire import messages as pq
 
 _R, _K, _Z, _p = ord("R"), ord("K"), ord("Z"), ord("p")
 _SCRAM_PLUS = "SCRAM-SHA-256-PLUS"

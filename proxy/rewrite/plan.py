@@ -29,11 +29,20 @@ from pglast import ast, parse_sql, visitors
 from pglast.stream import RawStream
 
 from engine.api import Call, Engine, Signature
-from proxy import gather
-from proxy.calls import DEFAULT, Site, bind, find_calls, nodes_under
 from proxy.errors import FeatureNotSupported, ProxyError, UndefinedFunction
-from proxy.internal import Port, Statement, query
-from proxy.literals import NOT_CONSTANT, fold, from_text, is_constant, literal, quote_element, text_const, to_text
+from proxy.rewrite import gather
+from proxy.rewrite.calls import DEFAULT, Site, bind, find_calls, nodes_under
+from proxy.rewrite.literals import (
+    NOT_CONSTANT,
+    fold,
+    from_text,
+    is_constant,
+    literal,
+    quote_element,
+    text_const,
+    to_text,
+)
+from proxy.session.exchange import Port, Statement, query
 
 # Type OIDs of gathered arguments -> how their text is read (the catalogue's type names) ...
 OID_TYPES = {

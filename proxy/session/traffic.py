@@ -7,7 +7,7 @@ extended messages ending with Flush mid-batch or Sync between batches), and fail
 purpose so the server's state matches the client's (:meth:`OwnTraffic._fail_extended`).
 
 Must not: decide anything (the rewriter does) or read the client's socket; it is a part of
-:class:`proxy.session.Session`, which owns the state these methods use.
+:class:`proxy.session.shell.Session`, which owns the state these methods use.
 """
 
 from __future__ import annotations
@@ -16,18 +16,18 @@ import asyncio
 import itertools
 from collections.abc import Sequence
 
-from proxy import protocol as pq
-from proxy import rewrite
-from proxy.accounting import Responses
 from proxy.errors import ConnectionFailure, to_error_response
-from proxy.internal import Exchange, Result, Statement, UpstreamError
 from proxy.link import Link
+from proxy.rewrite import decide as rewrite
+from proxy.session.exchange import Exchange, Result, Statement, UpstreamError
+from proxy.session.ledger import Responses
+from proxy.wire import messages as pq
 
 _Q, _P, _S, _E = ord("Q"), ord("P"), ord("S"), ord("E")
 
 
 class OwnTraffic:
-    """The session's own messages upstream (mixed into :class:`proxy.session.Session`)."""
+    """The session's own messages upstream (mixed into :class:`proxy.session.shell.Session`)."""
 
     upstream: Link | None
     client: Link

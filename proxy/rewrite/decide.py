@@ -3,9 +3,9 @@
 Owns: the cheap ``pgml`` pre-check (a frame the proxy cannot decode is the server's
 to answer), the :class:`Decision` values a session acts on (forward as is / forward
 rewritten frames / answer the client / fail), the decision itself (session checks;
-SQL EXECUTE of a pgml statement replaced by it (:mod:`proxy.prepared`); CREATE /
+SQL EXECUTE of a pgml statement replaced by it (:mod:`proxy.rewrite.sql_prepare`); CREATE /
 ALTER / DROP EXTENSION pgml (:mod:`proxy.schema`); the schema check; then
-:mod:`proxy.plan` — long statements parsed off the event loop, nesting too deep for
+:mod:`proxy.rewrite.plan` — long statements parsed off the event loop, nesting too deep for
 Python refused with 54001), when the ``pgml`` schema is checked (before any statement
 naming something in it: at a session's first, then whenever no session has seen it
 complete for SCHEMA_RECHECK_SECONDS; at once after a statement that drops or changes
@@ -15,7 +15,7 @@ session), and the statement that makes the server raise a proxy error (so both s
 agree on the transaction).
 
 Must not: write to sockets. The session executes decisions; this module only
-decides, talking to the upstream through :class:`proxy.internal.Port`.
+decides, talking to the upstream through :class:`proxy.session.exchange.Port`.
 """
 
 from __future__ import annotations
@@ -34,8 +34,7 @@ import pglast
 from pglast import ast, enums, visitors
 
 from engine.api import DatabaseError, Engine, EngineError
-from proxy import extended, literals, plan, prepared, protocol, schema
-from proxy.calls import find_calls
+from proxy import schema
 from proxy.errors import (
     FeatureNotSupported,
     ProgramLimitExceeded,
@@ -45,8 +44,13 @@ from proxy.errors import (
     error_fields,
     from_fields,
 )
-from proxy.internal import Port, Statement, UpstreamError
-from proxy.protocol import Parse, Query
+from proxy.rewrite import literals, plan
+from proxy.rewrite import params as extended
+from proxy.rewrite import sql_prepare as prepared
+from proxy.rewrite.calls import find_calls
+from proxy.session.exchange import Port, Statement, UpstreamError
+from proxy.wire import messages as protocol
+from proxy.wire.messages import Parse, Query
 
 # Case-insensitive and allocation-free on the raw frame. A false positive costs a
 # parse; a false negative would be a bug, so the check is on the whole text.
@@ -66,7 +70,7 @@ def might_use_pgml(raw: bytes) -> bool:
 
 
 def undecodable(raw: bytes) -> bool:
-    """One complete Query/Parse frame that :mod:`proxy.protocol` cannot decode (a chunk of several: False)."""
+    """One complete Query/Parse frame that :mod:`proxy.wire.messages` cannot decode (a chunk of several: False)."""
     if len(raw) < 5 or raw[0] not in (_QUERY, _PARSE) or int.from_bytes(raw[1:5], "big") + 1 != len(raw):
         return False
     frame = protocol.Frame(raw[0], raw)
@@ -227,7 +231,7 @@ class Rewriter:
         """Whether this session PREPAREd a statement calling ``pgml.*``: its EXECUTEs must come here.
 
         The session asks this for Query/Parse frames that do not mention ``pgml`` but may hold an
-        EXECUTE (:func:`proxy.prepared.might_execute`).
+        EXECUTE (:func:`proxy.rewrite.sql_prepare.might_execute`).
         """
         state = self._sessions.get(port)
         return state is not None and state.prepares
@@ -523,7 +527,7 @@ async def _off_loop(long: bool, walk: Callable[[tuple[ast.RawStmt, ...]], _T], s
 
 
 def _analysis(stmts: tuple[ast.RawStmt, ...]) -> plan.Analysis | None:
-    """:class:`proxy.plan.Analysis` of parsed statements; None when no statement calls an engine function.
+    """:class:`proxy.rewrite.plan.Analysis` of parsed statements; None when no statement calls an engine function.
 
     The body of a PREPARE is not evaluated (it runs at each EXECUTE, where the proxy substitutes it):
     the PREPARE goes to the server as written.
