@@ -21,6 +21,7 @@ import itertools
 import json
 import re
 import struct
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -50,19 +51,29 @@ FETCH_ALL = 9223372036854775807  # FETCH ALL: LONG_MAX in the grammar
 _T = TypeVar("_T")
 
 
+# Fragments a stream holds before generation pauses until a reader takes some: from DECLARE on, a cursor nobody
+# FETCHes from must not grow without bound (each fragment is a few words per sequence; 256 of them is a
+# couple of FETCH 100s ahead, enough that a reader never waits on a generation that had time to run).
+STREAM_BUFFER = 256
+
+
 @dataclass
 class Stream:
-    """One running generation: fragments arrive in ``ready``; ``done`` once it ended (or failed)."""
+    """One running generation: fragments arrive in ``ready`` (at most ``capacity``: generation pauses while it
+    is full — backpressure up to the engine's worker); ``done`` once it ended (or failed)."""
 
     source: AsyncIterator[list[str]]
-    ready: list[list[str]] = field(default_factory=list)
+    ready: deque[list[str]] = field(default_factory=deque)
     done: bool = False
     error: BaseException | None = None
     key: int = 0  # the engine's cancel key of this generation (not the session's: idle cursors survive a cancel)
+    capacity: int = STREAM_BUFFER
     _arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    _space: asyncio.Event = field(default_factory=asyncio.Event)
     _task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
+        self._space.set()
         self._task = asyncio.ensure_future(self._pump())
 
     async def _pump(self) -> None:
@@ -70,6 +81,9 @@ class Stream:
             async for fragment in self.source:
                 self.ready.append(fragment)
                 self._arrived.set()
+                while len(self.ready) >= self.capacity:  # the engine's iterator is not pulled: its worker waits
+                    self._space.clear()
+                    await self._space.wait()
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # reported to whoever reads next
@@ -79,13 +93,20 @@ class Stream:
             self._arrived.set()
 
     async def take(self, count: int) -> list[list[str]]:
-        """Up to ``count`` fragments: as soon as that many exist, or all that remain once generation ended."""
-        while len(self.ready) < count and not self.done:
+        """Up to ``count`` fragments: as soon as that many exist (or the buffer is full), or all that remain once
+        generation ended."""
+        taken: list[list[str]] = []
+        while len(taken) < count:
+            while self.ready and len(taken) < count:
+                taken.append(self.ready.popleft())
+            self._space.set()
+            if len(taken) == count or (self.done and not self.ready):
+                break
             self._arrived.clear()
             await self._arrived.wait()
-        if self.error is not None and len(self.ready) < count:
+        if self.error is not None and len(taken) < count:
+            self.ready.extendleft(reversed(taken))
             raise self.error  # PostgreSQL fails the whole FETCH
-        taken, self.ready = self.ready[:count], self.ready[count:]
         return taken
 
     def stop(self) -> None:
