@@ -630,7 +630,7 @@ def pglast_calls(result: dict[str, Any]) -> str:
 def print_runs(title: str, texts: list[str], results: list[dict[str, Any]], path: bool) -> None:
     """The run with the fewest module entries (a periodic check, such as the proxy's schema re-check once a
     second, can fall into one run), with every run's totals."""
-    totals = [len(result["entries"]) for result in results]
+    totals = [sum(kind == "call" for _, _, kind, _ in result["entries"]) for result in results]
     best = totals.index(min(totals))
     print_path(f"{title}: {texts[best]}  [entries in the {len(totals)} runs: {totals}]", results[best], path)
 
