@@ -139,7 +139,7 @@ def _columns(frame: Frame) -> list[tuple[str, int]]:
 
 
 def _text_row(frame: Frame) -> tuple[str | None, ...]:
-    return tuple(None if value is None else value.decode() for value in DataRow.decode(frame).values)
+    return tuple([None if value is None else value.decode() for value in DataRow.decode(frame).values])
 
 
 def copy_frames(data: bytes) -> list[bytes]:

@@ -285,7 +285,7 @@ class FrameReader:
         kinds = bytearray()
         pos, end, last_z = 0, len(buf), -1
         allowed, limit = self._allowed, self._max
-        ready, terminate = _Z, _X  # locals: read once per message
+        ready, terminate = _Z, _X  # plain local ints in the loop
         need = 5  # bytes of the message begun at ``pos``: its header, then all of it
         while end - pos >= 5:
             code = buf[pos]

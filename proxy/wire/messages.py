@@ -486,20 +486,27 @@ class DataRow(_Message):
 
     @classmethod
     def decode(cls, frame: Frame) -> DataRow:
+        # The one decoder run per row (of the proxy's own queries): local names, bounds checked once per value.
         raw = frame.raw
-        end = len(raw)
-        count = _I16.unpack_from(raw, 5)[0] if end >= 7 else -1
-        pos, values = 7, []
-        for _ in range(count):
-            if end - pos < 4:
-                break
-            (length,) = _I32.unpack_from(raw, pos)
-            pos += 4
-            if length < -1 or pos + length > end:
-                break
-            values.append(None if length == -1 else raw[pos : pos + length])
-            pos += max(length, 0)
-        if count < 0 or len(values) != count or pos != end:
+        end, unpack, values = len(raw), _I32.unpack_from, []
+        append = values.append
+        count, pos = -1, -1
+        try:
+            (count,) = _I16.unpack_from(raw, 5)
+            pos = 7
+            for _ in range(count):
+                (length,) = unpack(raw, pos)
+                pos += 4
+                if length == -1:
+                    append(None)
+                elif 0 <= length <= end - pos:
+                    append(raw[pos : pos + length])
+                    pos += length
+                else:
+                    break
+        except struct.error:  # a length word beyond the message
+            pos = -1
+        if len(values) != count or pos != end:
             raise ProtocolViolation("malformed DataRow message")
         return cls(tuple(values))
 
