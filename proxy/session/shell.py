@@ -13,9 +13,9 @@ RAISE's source location. Messages naming a proxy-owned cursor or prepared cursor
 statement are answered by :mod:`proxy.streams.owned` / :mod:`proxy.streams.cursors`.
 
 Must not: parse SQL (the rewriter does; the session only counts the statements of a
-query string the proxy built itself), or open listening sockets (the server does). It
-frames traffic with :mod:`proxy.wire.messages` but forwards raw bytes and decodes only
-Query/Parse (client) and R/K/Z/E/N (upstream).
+query string the proxy built itself), open listening sockets (the server does), or
+build or pick apart messages itself: it frames traffic with :mod:`proxy.wire.frames`,
+forwards raw bytes, and decodes with :mod:`proxy.wire.messages` only what it decides on.
 """
 
 from __future__ import annotations
@@ -542,14 +542,14 @@ class Session(OwnTraffic):
             if exchange is not None and not exchange.done:
                 self.upstream.writelines(exchange.feed(frame))
                 if kind == _Z:
-                    self._ready(frame.raw[5])
+                    self._ready(ord(pq.ReadyForQuery.decode(frame).status))
                 if exchange.done:
                     self._exchange_done.set()
                 continue
             own = self._responses.own(kind) if kind in (_E, _N) else None
             keep = self._responses.keep(kind)
             if kind == _Z:
-                self._ready(frame.raw[5])
+                self._ready(ord(pq.ReadyForQuery.decode(frame).status))
             if not keep:
                 continue
             elif kind == _E and pq.is_fatal(frame):
