@@ -488,7 +488,8 @@ class DataRow(_Message):
     def decode(cls, frame: Frame) -> DataRow:
         # The one decoder run per row (of the proxy's own queries): local names, bounds checked once per value.
         raw = frame.raw
-        end, unpack, values = len(raw), _I32.unpack_from, []
+        end, unpack = len(raw), _I32.unpack_from
+        values: list[bytes | None] = []
         append = values.append
         count, pos = -1, -1
         try:
