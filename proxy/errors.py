@@ -1,10 +1,12 @@
-"""Exceptions that carry a PostgreSQL SQLSTATE, and their one conversion to ErrorResponse.
+"""Exceptions that carry a PostgreSQL SQLSTATE, and their one conversion to ErrorResponse fields.
 
 Owns: the ``ProxyError`` hierarchy (each subclass names its SQLSTATE once, through
-``__init_subclass__``) and :func:`to_error_response`.
+``__init_subclass__``), :func:`error_fields` (any exception -> the fields of its
+ErrorResponse) and :func:`from_fields` (the server's fields -> an error to raise).
 
-Must not: do I/O, or inspect message text to decide anything (messages are for
-people; codes are for programs).
+Must not: do I/O, encode messages (:mod:`proxy.wire.messages` does, and imports this
+module: it must not import the codec), or inspect message text to decide anything
+(messages are for people; codes are for programs).
 """
 
 from __future__ import annotations
@@ -180,13 +182,6 @@ def error_fields(exc: BaseException, severity: str = "ERROR") -> tuple[tuple[str
     return tuple(fields)
 
 
-def to_error_response(exc: BaseException, severity: str = "ERROR") -> bytes:
-    """The wire ErrorResponse for ``exc`` (``severity`` FATAL when the connection then closes)."""
-    from proxy.wire.messages import ErrorResponse, encode_error  # protocol imports this module
-
-    return encode_error(ErrorResponse(error_fields(exc, severity)))
-
-
 def from_fields(fields: tuple[tuple[str, str], ...]) -> ProxyError:
     """The server's own ErrorResponse (from an internal statement) as an error to raise again, code kept."""
     found = dict(fields)
@@ -194,11 +189,3 @@ def from_fields(fields: tuple[tuple[str, str], ...]) -> ProxyError:
     error = error_class(code)(found.get("M", "upstream error"), detail=found.get("D"), hint=found.get("H"))
     error.sqlstate = code  # type: ignore[misc]
     return error
-
-
-def warning_notice(message: str) -> bytes:
-    """A NoticeResponse of severity WARNING (SQLSTATE 01000)."""
-    from proxy.wire.messages import ErrorResponse, encode_error
-
-    fields = (("S", "WARNING"), ("V", "WARNING"), ("C", "01000"), ("M", message))
-    return encode_error(ErrorResponse(fields), notice=True)

@@ -14,7 +14,7 @@ import ssl
 from proxy.dsn import DSN
 from proxy.errors import ProtocolViolation, UnableToConnect
 from proxy.link import Link
-from proxy.wire import messages as protocol
+from proxy.wire.frames import SSL_ACCEPT, SSL_REFUSE, CancelRequest, SSLRequest, encode_startup
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +55,12 @@ async def _open(dsn: DSN, sslmode: str, sslrootcert: str) -> Link:
     ctx = tls_context(sslmode, sslrootcert)
     if ctx is None:
         return link
-    link.write(protocol.encode_startup(protocol.SSLRequest()))
+    link.write(encode_startup(SSLRequest()))
     answer = await link.recv()
-    if answer == protocol.SSL_ACCEPT:
+    if answer == SSL_ACCEPT:
         await link.start_tls(ctx, server_side=False, server_hostname=dsn.host)
         return link
-    if answer == protocol.SSL_REFUSE:
+    if answer == SSL_REFUSE:
         if sslmode == "prefer":
             return link
         link.close()
@@ -79,7 +79,7 @@ async def send_cancel(dsn: DSN, sslmode: str, sslrootcert: str, timeout: float, 
     except Exception as exc:  # a failed cancel must not hurt anything else
         log.warning("could not forward cancel request: %s", exc)
         return
-    link.write(protocol.encode_startup(protocol.CancelRequest(pid, key)))
+    link.write(encode_startup(CancelRequest(pid, key)))
     try:
         await asyncio.wait_for(link.closed, timeout)
     except TimeoutError:

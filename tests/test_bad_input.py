@@ -30,6 +30,7 @@ from engine.api import signatures
 from proxy.errors import InvalidParameterValue, InvalidTextRepresentation
 from proxy.rewrite import literals
 from proxy.wire import messages as pq
+from proxy.wire.frames import Frame, Frontend, StartupMessage, encode_startup, pack
 from tests.conftest import MINILM, Postgres, ProxyProcess
 
 pytestmark = pytest.mark.pg_matrix
@@ -42,12 +43,12 @@ Message = tuple[str, bytes]
 
 
 def query(sql: str | bytes) -> bytes:
-    return pq.encode(b"Q", (sql.encode() if isinstance(sql, str) else sql) + b"\0")
+    return pack(Frontend.QUERY, (sql.encode() if isinstance(sql, str) else sql) + b"\0")
 
 
 def parse(sql: str | bytes, name: str = "", oids: Sequence[int] = ()) -> bytes:
     text = sql.encode() if isinstance(sql, str) else sql
-    return pq.encode(b"P", name.encode() + b"\0" + text + b"\0" + struct.pack(f"!h{len(oids)}I", len(oids), *oids))
+    return pack(Frontend.PARSE, name.encode() + b"\0" + text + b"\0" + struct.pack(f"!h{len(oids)}I", len(oids), *oids))
 
 
 def bind(
@@ -67,24 +68,24 @@ def bind(
     for value in params:
         parts.append(struct.pack("!i", -1) if value is None else struct.pack("!i", len(value)) + value)
     parts.append(struct.pack(f"!h{len(result_formats)}h", len(result_formats), *result_formats))
-    return pq.encode(b"B", b"".join(parts))
+    return pack(Frontend.BIND, b"".join(parts))
 
 
 def describe(name: str = "", kind: bytes = b"P") -> bytes:
-    return pq.encode(b"D", kind + name.encode() + b"\0")
+    return pack(Frontend.DESCRIBE, kind + name.encode() + b"\0")
 
 
 def execute(portal: str = "", limit: int = 0) -> bytes:
-    return pq.encode(b"E", portal.encode() + b"\0" + struct.pack("!i", limit))
+    return pack(Frontend.EXECUTE, portal.encode() + b"\0" + struct.pack("!i", limit))
 
 
-SYNC = pq.encode(b"S", b"")
-FLUSH = pq.encode(b"H", b"")
-TERMINATE = pq.encode(b"X", b"")
+SYNC = pack(Frontend.SYNC, b"")
+FLUSH = pack(Frontend.FLUSH, b"")
+TERMINATE = pack(Frontend.TERMINATE, b"")
 
 
 def startup_packet(user: str = "postgres", database: str = "postgres") -> bytes:
-    return pq.encode_startup(pq.StartupMessage(3, 0, (("user", user), ("database", database))))
+    return encode_startup(StartupMessage(3, 0, (("user", user), ("database", database))))
 
 
 class Wire:
@@ -138,7 +139,7 @@ class Wire:
 
 
 def fields(raw: bytes) -> dict[str, str]:
-    return dict(pq.decode_error(pq.Frame(raw[0], raw)).fields)
+    return dict(pq.ErrorResponse.decode(Frame(raw[0], raw)).fields)
 
 
 def codes(messages: Sequence[Message]) -> list[str]:

@@ -16,6 +16,7 @@ import pytest
 from psycopg import errors
 
 from proxy.wire import messages as pq
+from proxy.wire.frames import Frame
 from tests.conftest import Postgres, ProxyProcess
 from tests.test_wire_pgml import B, E, P, Q, Raw, S
 
@@ -41,7 +42,7 @@ def error_fields(port: int, *frames: bytes, syncs: int = 1) -> list[dict[str, st
     for _ in range(syncs):
         while (m := r._msg())[:1] != b"Z":
             if m[:1] == b"E":
-                found.append(dict(pq.decode_error(pq.Frame(m[0], m)).fields))
+                found.append(dict(pq.ErrorResponse.decode(Frame(m[0], m)).fields))
     return found
 
 

@@ -192,7 +192,7 @@ def test_stopping_a_session_frees_the_worker(fair_proxy: ProxyProcess, baseline:
         if raw is None:
             thread.start()
         else:
-            raw.sendall(pq.encode_query(pq.Query(BIG)))
+            raw.sendall(pq.Query(BIG).encode())
         busy = cpu.rate(baseline.window)  # A's batch is running
         assert busy > 4 * baseline.idle_cpu + 0.2, f"A's batch is not running ({busy:.2f} vs {baseline.idle_cpu:.2f})"
         stopped_at = time.perf_counter()
@@ -202,7 +202,7 @@ def test_stopping_a_session_frees_the_worker(fair_proxy: ProxyProcess, baseline:
             raw.close()
         elif how == "terminate":  # Terminate while the statement runs; the socket stays open
             assert raw is not None
-            raw.sendall(pq.TERMINATE)
+            raw.sendall(pq.Terminate().encode())
         else:
             a.cancel()
         # Another session's call is answered within about a mini-batch ...

@@ -24,6 +24,7 @@ import psycopg
 import pytest
 
 from proxy.wire import messages as pq
+from proxy.wire.frames import Frame, Frontend, pack
 from tests.conftest import Postgres, ProxyProcess
 from tests.test_stream import args
 from tests.test_wire_pgml import B, E, P, Q, Raw, S
@@ -222,7 +223,7 @@ class Tagged(Raw):
             m = self._msg()
             kind = chr(m[0])
             if kind == "E":
-                out.append("E:" + dict(pq.decode_error(pq.Frame(m[0], m)).fields).get("C", ""))
+                out.append("E:" + dict(pq.ErrorResponse.decode(Frame(m[0], m)).fields).get("C", ""))
             elif kind == "Z":
                 out.append("Z" + chr(m[5]))
                 count -= 1
@@ -237,20 +238,21 @@ class Tagged(Raw):
 
 
 def describe(kind: bytes, name: str) -> bytes:
-    return pq.encode(b"D", kind + name.encode() + b"\0")
+    return pack(Frontend.DESCRIBE, kind + name.encode() + b"\0")
 
 
 def close(kind: bytes, name: str) -> bytes:
-    return pq.encode(b"C", kind + name.encode() + b"\0")
+    return pack(Frontend.CLOSE, kind + name.encode() + b"\0")
 
 
 def execute(portal: str, limit: int) -> bytes:
-    return pq.encode(b"E", portal.encode() + b"\0" + struct.pack("!i", limit))
+    return pack(Frontend.EXECUTE, portal.encode() + b"\0" + struct.pack("!i", limit))
 
 
 def bind(portal: str, statement: str, result_format: int) -> bytes:
-    return pq.encode(
-        b"B", portal.encode() + b"\0" + statement.encode() + b"\0" + struct.pack("!hhhh", 0, 0, 1, result_format)
+    return pack(
+        Frontend.BIND,
+        portal.encode() + b"\0" + statement.encode() + b"\0" + struct.pack("!hhhh", 0, 0, 1, result_format),
     )
 
 

@@ -33,7 +33,16 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from proxy.wire import messages as pq
+from proxy.wire.frames import (
+    CANCEL_REQUEST_CODE,
+    FRONTEND_TYPES,
+    SSL_REFUSE,
+    FrameReader,
+    Frontend,
+    SSLRequest,
+    encode_startup,
+    pack,
+)
 from tests.conftest import Postgres, ProxyProcess, start_proxy
 from tests.test_bad_input import (
     FLUSH,
@@ -56,8 +65,8 @@ pytestmark = pytest.mark.pg_matrix
 
 SEED = 20260901
 MAX_MESSAGE = 1 << 20  # the fuzz proxy's max_message_bytes: oversized lengths are cheap to produce
-FRONTEND = sorted(pq.FRONTEND_TYPES)
-NOT_FRONTEND = [t for t in range(256) if t not in pq.FRONTEND_TYPES]
+FRONTEND = sorted(FRONTEND_TYPES)
+NOT_FRONTEND = [t for t in range(256) if t not in FRONTEND_TYPES]
 RELAYED = [t for t in FRONTEND if chr(t) not in "Xpdcf"]
 ROLE = "pgml_fuzz"  # an ordinary role: a random FunctionCall cannot reach superuser-only functions
 
@@ -68,7 +77,7 @@ ROLE = "pgml_fuzz"  # an ordinary role: a random FunctionCall cannot reach super
 
 
 def frame(kind: bytes, body: bytes) -> bytes:
-    return pq.encode(kind, body)
+    return pack(kind[0], body)
 
 
 class Frames:
@@ -184,9 +193,9 @@ class Frames:
             body = rng.choice([b"user\0", b"user\0postgres", b"user\0postgres\0database\0", b"\xff\xfe\0x\0\0"])
             return "params", struct.pack("!ii", 8 + len(body), 196608) + body
         if choice == 4:
-            return "cancel", struct.pack("!ii", rng.choice([12, 300]), pq.CANCEL_REQUEST_CODE) + self.garbage(4, 8)
+            return "cancel", struct.pack("!ii", rng.choice([12, 300]), CANCEL_REQUEST_CODE) + self.garbage(4, 8)
         if choice == 5:
-            return "after-ssl", pq.encode_startup(pq.SSLRequest()) + startup_packet()
+            return "after-ssl", encode_startup(SSLRequest()) + startup_packet()
         return "http", b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + self.garbage()
 
 
@@ -215,9 +224,9 @@ def closed_answer(sock: socket.socket, *, complete: bool, ssl: bool = False) -> 
             if not chunk:
                 break
             data += chunk
-    if ssl and data[:1] == pq.SSL_REFUSE:
+    if ssl and data[:1] == SSL_REFUSE:
         data = data[1:]
-    frames = pq.FrameReader(1 << 24).feed(data)
+    frames = FrameReader(1 << 24).feed(data)
     return [(chr(f.type), f.raw) for f in frames]
 
 
@@ -446,13 +455,13 @@ def test_frame_reader_large_message_in_many_reads() -> None:
     (Joining the buffer again at every read made a 64 MiB message cost seconds of the event loop,
     every session's.) Relative timing only: reading it in 512 pieces against joining those pieces once.
     """
-    message = pq.encode(b"Q", b"x" * (32 << 20) + b"\0")
+    message = pack(Frontend.QUERY, b"x" * (32 << 20) + b"\0")
     step = len(message) // 512 + 1
     pieces = [message[i : i + step] for i in range(0, len(message), step)]
     assert len(pieces) == 512
 
     def read() -> float:
-        reader = pq.FrameReader(1 << 30, pq.FRONTEND_TYPES)
+        reader = FrameReader(1 << 30, FRONTEND_TYPES)
         start = time.perf_counter()
         got = [reader.scan(piece)[0] for piece in pieces]
         elapsed = time.perf_counter() - start

@@ -13,6 +13,7 @@ import pytest
 
 from proxy.embedded import Cluster, find_bin_dir, free_port
 from proxy.wire import messages as pq
+from proxy.wire.frames import FrameReader, SSLRequest, StartupMessage, encode_startup
 from tests.conftest import Postgres, ProxyProcess, start_proxy
 
 pytestmark = pytest.mark.pg_matrix
@@ -33,14 +34,14 @@ def read_until_closed(sock: socket.socket, timeout: float = 10) -> bytes:
 
 
 def errors_in(data: bytes) -> list[pq.ErrorResponse]:
-    frames = pq.FrameReader(1 << 24).feed(data)
-    return [pq.decode_error(f) for f in frames if f.type == ord("E")]
+    frames = FrameReader(1 << 24).feed(data)
+    return [pq.ErrorResponse.decode(f) for f in frames if f.type == ord("E")]
 
 
 def startup(sock: socket.socket) -> None:
     """Complete a trust-auth startup as user postgres; return once ReadyForQuery arrives."""
-    sock.sendall(pq.encode_startup(pq.StartupMessage(3, 0, (("user", "postgres"), ("database", "postgres")))))
-    reader, deadline = pq.FrameReader(1 << 24), time.monotonic() + 10
+    sock.sendall(encode_startup(StartupMessage(3, 0, (("user", "postgres"), ("database", "postgres")))))
+    reader, deadline = FrameReader(1 << 24), time.monotonic() + 10
     while time.monotonic() < deadline:
         if any(f.type == ord("Z") for f in reader.feed(sock.recv(65536))):
             return
@@ -77,7 +78,7 @@ def test_garbage_before_startup(proxy: ProxyProcess, garbage: bytes) -> None:
 
 def test_data_injected_after_ssl_request_is_refused(proxy: ProxyProcess) -> None:
     with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
-        sock.sendall(pq.encode_startup(pq.SSLRequest()) + pq.encode_query(pq.Query("SELECT 1")))
+        sock.sendall(encode_startup(SSLRequest()) + pq.Query("SELECT 1").encode())
         answer = read_until_closed(sock)
     assert [e.get("C") for e in errors_in(answer)] == ["08P01"]
 
@@ -95,7 +96,7 @@ def test_data_injected_after_ssl_request_is_refused(proxy: ProxyProcess) -> None
 def test_malformed_frame_after_startup(proxy: ProxyProcess, frame: bytes) -> None:
     with psycopg.connect(proxy.dsn()) as bystander, socket.create_connection(("127.0.0.1", proxy.port)) as sock:
         startup(sock)
-        sock.sendall(frame + pq.TERMINATE)  # a session that survives ends with the Terminate
+        sock.sendall(frame + pq.Terminate().encode())  # a session that survives ends with the Terminate
         answer = read_until_closed(sock)
         codes = [e.get("C") for e in errors_in(answer)]
         # Malformed framing is caught by the proxy (08P01); a well-framed but invalid
@@ -109,7 +110,7 @@ def test_abrupt_client_disconnect_mid_transaction(proxy: ProxyProcess, pg: Postg
         admin.execute("DROP TABLE IF EXISTS abrupt; CREATE TABLE abrupt (i int)")
     with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
         startup(sock)
-        sock.sendall(pq.encode_query(pq.Query("BEGIN; INSERT INTO abrupt VALUES (1); SELECT pg_sleep(0.2)")))
+        sock.sendall(pq.Query("BEGIN; INSERT INTO abrupt VALUES (1); SELECT pg_sleep(0.2)").encode())
         sock.recv(1)
     time.sleep(0.5)
     with psycopg.connect(pg.dsn()) as admin:

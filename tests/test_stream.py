@@ -16,6 +16,7 @@ from psycopg import errors
 from psycopg.types.string import StrDumper
 
 from proxy.wire import messages as pq
+from proxy.wire.frames import Frontend, pack
 from tests.conftest import Postgres, ProxyProcess
 from tests.test_wire_pgml import B, E, P, Q, Raw, S
 from tests.tiny_models import tiny_gpt2
@@ -100,10 +101,10 @@ def test_cursor_extended_protocol_like_korvus(proxy: ProxyProcess, gpt2: str) ->
     assert r.read_until_z(1) == ["C", "ZT"]
     declare = "DECLARE k CURSOR FOR SELECT pgml.transform_stream(task => $1, input => $2, args => $3)"
     # sqlx: Parse + Describe statement + Sync, then Bind + Execute + Sync
-    r.send(P("s1", declare, [3802, 25, 3802]), pq.encode(b"D", b"Ss1\0"), S)
+    r.send(P("s1", declare, [3802, 25, 3802]), pack(Frontend.DESCRIBE, b"Ss1\0"), S)
     assert r.read_until_z(1) == ["1", "t", "n", "ZT"]
-    bind = pq.encode(
-        b"B",
+    bind = pack(
+        Frontend.BIND,
         b"\0s1\0" + struct.pack("!h", 3) + struct.pack("!hhh", 1, 0, 1) + struct.pack("!h", 3)
         + struct.pack("!i", len(_jsonb(TASK))) + _jsonb(TASK)
         + struct.pack("!i", 7) + b"the cat"
@@ -112,7 +113,7 @@ def test_cursor_extended_protocol_like_korvus(proxy: ProxyProcess, gpt2: str) ->
     )  # fmt: skip
     r.send(bind, E(), S)
     assert r.read_until_z(1) == ["2", "C", "ZT"]
-    r.send(P("s2", "FETCH 3 FROM k"), pq.encode(b"D", b"Ss2\0"), S)
+    r.send(P("s2", "FETCH 3 FROM k"), pack(Frontend.DESCRIBE, b"Ss2\0"), S)
     assert r.read_until_z(1) == ["1", "t", "T", "ZT"]
     r.send(B("", "s2"), E(), S)
     got = r.read_until_z(1)
@@ -236,7 +237,7 @@ def test_failed_own_message_then_lone_sync_does_not_block_next_batch(proxy: Prox
     r = Raw(proxy.port)
     _declare(r, "d")
     declare_again = f"DECLARE d CURSOR FOR SELECT pgml.transform_stream('{TASK}', '{args(2)}', 'the')"
-    r.send(P("", declare_again), B(), E(), pq.FLUSH, S)
+    r.send(P("", declare_again), B(), E(), pq.Flush().encode(), S)
     got = r.read_until_z(1)
     assert got[-2].startswith("E:42P03") and got[-1] == "ZE", got
     r.send(Q("ROLLBACK"))
@@ -300,7 +301,7 @@ def test_execute_row_limit_suspends_the_portal(proxy: ProxyProcess, gpt2: str) -
     r.send(Q("BEGIN"))
     r.read_until_z(1)
     select = f"SELECT pgml.transform_stream('{TASK}', '{args(4)}', 'the cat')"
-    limited = pq.encode(b"E", b"\0" + struct.pack("!i", 2))
+    limited = pack(Frontend.EXECUTE, b"\0" + struct.pack("!i", 2))
     r.send(P("", select), B(), limited, limited, limited, limited, S)
     got = r.read_until_z(1)
     assert got == ["1", "2", "D", "D", "s", "D", "D", "s", "D", "D", "s", "C", "ZT"], got
@@ -349,7 +350,7 @@ def test_varchar_parameters_parse_and_describe_as_the_server(proxy: ProxyProcess
     answers = {}
     for port in (pg.port, proxy.port):  # the proxy installed the schema (stubs) in this database already
         r = Raw(port)
-        r.send(Q("BEGIN"), P("s", declare, [1043, 1043, 1043]), pq.encode(b"D", b"Ss\0"), S)
+        r.send(Q("BEGIN"), P("s", declare, [1043, 1043, 1043]), pack(Frontend.DESCRIBE, b"Ss\0"), S)
         answers[port] = r.read_until_z(2), r.seen[-3]  # ParameterDescription: the server's types
     assert answers[proxy.port] == answers[pg.port]
     assert answers[pg.port][0] == ["C", "ZT", "1", "t", "n", "ZT"]

@@ -13,6 +13,7 @@ import psycopg
 import pytest
 
 from proxy.wire import messages as pq
+from proxy.wire.frames import Frame, Frontend, pack
 
 pytestmark = pytest.mark.pg_matrix
 
@@ -51,7 +52,7 @@ class Raw:
             m = self._msg()
             t = chr(m[0])
             if t == "E":
-                fields = dict(pq.decode_error(pq.Frame(m[0], m)).fields)
+                fields = dict(pq.ErrorResponse.decode(Frame(m[0], m)).fields)
                 out.append("E:" + fields.get("C", "") + ":" + fields.get("M", "")[:60])
             elif t == "Z":
                 out.append("Z" + chr(m[5]))
@@ -64,7 +65,7 @@ class Raw:
 
 
 def P(name, sql, types=()):
-    return pq.encode_parse(pq.Parse(name, sql, tuple(types)))
+    return pq.Parse(name, sql, tuple(types)).encode()
 
 
 def B(portal="", stmt="", params=()):
@@ -72,18 +73,18 @@ def B(portal="", stmt="", params=()):
     for p in params:
         parts.append(struct.pack("!i", -1) if p is None else struct.pack("!i", len(p)) + p)
     parts.append(struct.pack("!h", 0))
-    return pq.encode(b"B", b"".join(parts))
+    return pack(Frontend.BIND, b"".join(parts))
 
 
 def E(portal=""):
-    return pq.encode(b"E", portal.encode() + b"\0" + b"\0\0\0\0")
+    return pack(Frontend.EXECUTE, portal.encode() + b"\0" + b"\0\0\0\0")
 
 
-S = pq.encode(b"S", b"")
+S = pack(Frontend.SYNC, b"")
 
 
 def Q(sql):
-    return pq.encode_query(pq.Query(sql))
+    return pq.Query(sql).encode()
 
 
 def prime(proxy):
@@ -122,7 +123,7 @@ def test_stale_tx_status_rollback_then_pgml(proxy):
 def test_pipelined_rebound_after_slow_batch(proxy):
     prime(proxy)
     r = Raw(proxy.port)
-    r.send(P("s1", "SELECT pgml.chunk('character', $1)"), pq.encode(b"D", b"Ss1\0"), S)
+    r.send(P("s1", "SELECT pgml.chunk('character', $1)"), pack(Frontend.DESCRIBE, b"Ss1\0"), S)
     r.read_until_z(1)
     r.send(P("", "SELECT pg_sleep(0.5)"), B(), E(), S, B("", "s1", [b"hello"]), E(), S)
     got = r.read_until_z(2)
@@ -145,8 +146,8 @@ def test_function_call_owes_ready_for_query(proxy, pg):
     prime(proxy)
     r = Raw(proxy.port)
     # FunctionCall lo_creat(-1) (OID 957): format codes 0, 1 arg (int4 binary), result text
-    F = pq.encode(
-        b"F",
+    F = pack(
+        Frontend.FUNCTION_CALL,
         struct.pack("!ih", 957, 1)
         + struct.pack("!h", 1)
         + struct.pack("!h", 1)

@@ -50,7 +50,9 @@ from proxy.rewrite import sql_prepare as prepared
 from proxy.rewrite.calls import find_calls
 from proxy.session.exchange import Port, Statement, UpstreamError
 from proxy.wire import messages as protocol
-from proxy.wire.messages import Parse, Query
+from proxy.wire.frames import Frame
+from proxy.wire.messages import Bind, Parse, Query
+from proxy.wire.params import PARAM_TYPES, bound_values
 
 # Case-insensitive and allocation-free on the raw frame. A false positive costs a
 # parse; a false negative would be a bug, so the check is on the whole text.
@@ -73,9 +75,9 @@ def undecodable(raw: bytes) -> bool:
     """One complete Query/Parse frame that :mod:`proxy.wire.messages` cannot decode (a chunk of several: False)."""
     if len(raw) < 5 or raw[0] not in (_QUERY, _PARSE) or int.from_bytes(raw[1:5], "big") + 1 != len(raw):
         return False
-    frame = protocol.Frame(raw[0], raw)
+    frame = Frame(raw[0], raw)
     try:
-        protocol.decode_query(frame) if raw[0] == _QUERY else protocol.decode_parse(frame)
+        Query.decode(frame) if raw[0] == _QUERY else Parse.decode(frame)
     except ProtocolViolation:
         return True
     return False
@@ -329,11 +331,11 @@ class Rewriter:
                 return DeferToBind(await self._param_types(message, analysis, port))
             rewritten = await plan.rewrite(analysis, self.engine, port, dependent_ok=True)
             if rewritten is None:  # run on the session already: only ReadyForQuery is left to send
-                return Respond(protocol.encode_ready(protocol.ReadyForQuery(port.tx_status)))
-            return Rewritten(protocol.encode_query(Query(rewritten)), own)
+                return Respond(protocol.ReadyForQuery(port.tx_status).encode())
+            return Rewritten(Query(rewritten).encode(), own)
         rewritten = await plan.rewrite(analysis, self.engine, port, dependent_ok=False)
         if rewritten is None:  # a call reading the database after the string's first statement: all ran here
-            return Respond(protocol.encode_ready(protocol.ReadyForQuery(port.tx_status)))
+            return Respond(protocol.ReadyForQuery(port.tx_status).encode())
         # Not a string with an EXECUTE: what it means depends on the session's prepared statements.
         if not changed and plan.cacheable(analysis) and not prepared.executes(stmts):
             self._remember(key, rewritten)
@@ -351,9 +353,9 @@ class Rewriter:
             raise from_fields(answer.fields())
         frames = b""
         if answer is not None and level in schema.NOTICE_LEVELS:
-            frames = protocol.encode_error(protocol.ErrorResponse(answer.fields()), notice=True)
-        frames += protocol.encode(b"C", command.tag.encode() + b"\0")
-        return Respond(frames + protocol.encode_ready(protocol.ReadyForQuery(port.tx_status)))
+            frames = protocol.NoticeResponse(answer.fields()).encode()
+        frames += protocol.CommandComplete(command.tag).encode()
+        return Respond(frames + protocol.ReadyForQuery(port.tx_status).encode())
 
     def _remember(self, key: tuple[str, str], sql: str) -> None:
         size = len(sql) + len(key[1])
@@ -380,9 +382,7 @@ class Rewriter:
         if isinstance(stmt, ast.DeclareCursorStmt):  # PREPARE takes the cursor's query (same $n numbering)
             stmt = stmt.query
         # Undeclared (0) or unfamiliar types stay "unknown" for the server to infer; declared ones win below.
-        types = tuple(
-            literals.type_name(extended.PARAM_TYPES.get(oid, "unknown") if oid else "unknown") for oid in declared
-        )
+        types = tuple(literals.type_name(PARAM_TYPES.get(oid, "unknown") if oid else "unknown") for oid in declared)
         prepare = plan.deparse(ast.PrepareStmt(name=name, argtypes=types or None, query=stmt))
         results = await port.execute(
             [
@@ -402,9 +402,7 @@ class Rewriter:
             self._param_types_cache.popitem(last=False)
         return oids
 
-    async def decide_bind(
-        self, bind: extended.Bind, sql: str, types: tuple[int, ...], port: Port, private_id: int
-    ) -> Decision:
+    async def decide_bind(self, bind: Bind, sql: str, types: tuple[int, ...], port: Port, private_id: int) -> Decision:
         """Rewrite a deferred statement with this Bind's values into a private statement."""
         try:
             return await self._decide_bind(bind, sql, types, port, private_id)
@@ -414,9 +412,7 @@ class Rewriter:
             self._forget_missing_schema(exc, port)
             raise
 
-    async def _decide_bind(
-        self, bind: extended.Bind, sql: str, types: tuple[int, ...], port: Port, private_id: int
-    ) -> Decision:
+    async def _decide_bind(self, bind: Bind, sql: str, types: tuple[int, ...], port: Port, private_id: int) -> Decision:
         assert self.engine is not None
         if port.tx_status == "E":
             return FORWARD
@@ -433,7 +429,7 @@ class Rewriter:
         if analysis is None:
             return FORWARD
         oids = list(types) + [0] * (len(bind.params) - len(types))
-        values, problems = extended.bound_values(bind, oids)
+        values, problems = bound_values(bind, oids)
         calls = [site.call for sites in analysis.sites for site in sites]
         for number in extended.referenced_params(calls):
             if number in problems:
@@ -449,9 +445,9 @@ class Rewriter:
         assert new_sql is not None  # one statement: rewritten, never run here
         private = f"pgml_proxy_stmt_{port.session_id}_{private_id}"
         return Rebound(
-            parse=protocol.encode_parse(Parse(private, new_sql, tuple(oids))),
-            bind=extended.encode_bind(dataclasses.replace(bind, statement=private)),
-            close=protocol.encode(b"C", b"S" + private.encode() + b"\0"),
+            parse=Parse(private, new_sql, tuple(oids)).encode(),
+            bind=dataclasses.replace(bind, statement=private).encode(),
+            close=protocol.Close(protocol.Target.STATEMENT, private).encode(),
             name=private,
         )
 
@@ -538,8 +534,8 @@ def _analysis(stmts: tuple[ast.RawStmt, ...]) -> plan.Analysis | None:
 
 def _rewritten_message(message: Query | Parse, sql: str, own: tuple[int, ...] = ()) -> Rewritten:
     if isinstance(message, Parse):
-        return Rewritten(protocol.encode_parse(Parse(message.name, sql, message.param_types)))
-    return Rewritten(protocol.encode_query(Query(sql)), own)
+        return Rewritten(Parse(message.name, sql, message.param_types).encode())
+    return Rewritten(Query(sql).encode(), own)
 
 
 def _require_rewritable(port: Port) -> None:

@@ -1,4 +1,4 @@
-"""The proxy's own statements on a client's upstream session: building and decoding them.
+"""The proxy's own statements on a client's upstream session: the messages that run them, and their answers.
 
 Owns: :class:`Exchange`, the sans-IO driver of one internal exchange — a run of
 statements sent with extended-protocol messages (private statement and portal,
@@ -7,29 +7,60 @@ described, for the parameter types the server infers), ended by Sync between cli
 or by Flush in the middle of one, so the client's implicit transaction is never
 ended by the proxy — and the :class:`Port` protocol the rewriter uses to run them.
 
-Must not: write to sockets. The session sends what an exchange asks for and
-feeds frames in; it starts an exchange only once every response owed to the
-client has arrived, so every frame until the exchange is done is ours.
+Must not: write to sockets, or encode and decode messages itself (:mod:`proxy.wire.messages`
+does). The session sends what an exchange asks for and feeds frames in; it starts an
+exchange only once every response owed to the client has arrived, so every frame until
+the exchange is done is ours.
 """
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from engine.api import DatabaseError, Result, Statement
 from proxy.errors import ProtocolViolation
-from proxy.rewrite import params as extended
-from proxy.wire import messages as pq
+from proxy.wire.frames import Backend, Frame
+from proxy.wire.messages import (
+    Bind,
+    Close,
+    CommandComplete,
+    CopyData,
+    CopyDone,
+    CopyFail,
+    DataRow,
+    Describe,
+    ErrorResponse,
+    Execute,
+    Flush,
+    ParameterDescription,
+    Parse,
+    ReadyForQuery,
+    RowDescription,
+    Sync,
+    Target,
+)
 
-_H = struct.Struct("!h")
-_I = struct.Struct("!i")
 _COPY_CHUNK = 256 * 1024
 STATEMENT = "pgml_proxy_s"  # the private statement and portal of internal exchanges
 PORTAL = "pgml_proxy_p"
-SYNC = pq.encode(b"S", b"")
+SYNC = Sync().encode()
+FLUSH = Flush().encode()
+# The answers of a visible statement (one of the client's own, run here): they are the client's.
+_VISIBLE = frozenset(
+    {
+        Backend.ROW_DESCRIPTION, Backend.DATA_ROW, Backend.COMMAND_COMPLETE, Backend.EMPTY_QUERY_RESPONSE,
+        Backend.NOTICE_RESPONSE, Backend.ERROR_RESPONSE,
+    }
+)  # fmt: skip
+# Answers that need nothing here: completions, COPY TO framing, notices of the proxy's own statements.
+_IGNORED = frozenset(
+    {
+        Backend.PARSE_COMPLETE, Backend.BIND_COMPLETE, Backend.NO_DATA, Backend.COPY_OUT_RESPONSE, Backend.COPY_DONE,
+        Backend.NOTICE_RESPONSE,
+    }
+)  # fmt: skip
 
 __all__ = ["Described", "Exchange", "Port", "Prepare", "Result", "Statement", "UpstreamError"]
 
@@ -103,42 +134,23 @@ async def query(port: Port, sql: str, copy_data: bytes | None = None) -> Result:
     return (await port.execute([Statement(sql, copy_data=copy_data)]))[0]
 
 
-def decode_row_description(raw: bytes) -> list[tuple[str, int]]:
-    (count,) = _H.unpack_from(raw, 5)
-    pos, columns = 7, []
-    for _ in range(count):
-        nul = raw.index(b"\0", pos)
-        name = raw[pos:nul].decode()
-        type_oid = _I.unpack_from(raw, nul + 7)[0]
-        columns.append((name, type_oid))
-        pos = nul + 19
-    return columns
+def _columns(frame: Frame) -> list[tuple[str, int]]:
+    return [(column.name, column.type_oid) for column in RowDescription.decode(frame).columns]
 
 
-def decode_data_row(raw: bytes) -> tuple[str | None, ...]:
-    (count,) = _H.unpack_from(raw, 5)
-    pos = 7
-    values: list[str | None] = []
-    for _ in range(count):
-        (length,) = _I.unpack_from(raw, pos)
-        pos += 4
-        if length < 0:
-            values.append(None)
-        else:
-            values.append(raw[pos : pos + length].decode())
-            pos += length
-    return tuple(values)
+def _text_row(frame: Frame) -> tuple[str | None, ...]:
+    return tuple([None if value is None else value.decode() for value in DataRow.decode(frame).values])
 
 
 def copy_frames(data: bytes) -> list[bytes]:
     """CopyData messages for ``data`` followed by CopyDone."""
-    frames = [pq.encode(b"d", data[i : i + _COPY_CHUNK]) for i in range(0, len(data), _COPY_CHUNK)]
-    frames.append(pq.encode(b"c", b""))
+    frames = [CopyData(data[i : i + _COPY_CHUNK]).encode() for i in range(0, len(data), _COPY_CHUNK)]
+    frames.append(CopyDone().encode())
     return frames
 
 
-def _close(kind: bytes, name: str) -> bytes:
-    return pq.encode(b"C", kind + name.encode() + b"\0")
+def _close_statement(name: str) -> bytes:
+    return Close(Target.STATEMENT, name).encode()
 
 
 def statement_frames(statement: Statement) -> list[bytes]:
@@ -146,20 +158,20 @@ def statement_frames(statement: Statement) -> list[bytes]:
     Parse and Describe of the statement only)."""
     if isinstance(statement, Prepare):
         return [
-            pq.encode_parse(pq.Parse(STATEMENT, statement.sql, statement.param_types)),
-            pq.encode(b"D", b"S" + STATEMENT.encode() + b"\0"),
+            Parse(STATEMENT, statement.sql, statement.param_types).encode(),
+            Describe(Target.STATEMENT, STATEMENT).encode(),
         ]
     binary = tuple(int(isinstance(v, bytes)) for v in statement.params)
     values = tuple(v.encode() if isinstance(v, str) else v for v in statement.params)
     return [
-        pq.encode_parse(pq.Parse(STATEMENT, statement.sql, ())),
-        extended.encode_bind(extended.Bind(PORTAL, STATEMENT, binary, values, ())),
-        pq.encode(b"D", b"P" + PORTAL.encode() + b"\0"),
-        pq.encode(b"E", PORTAL.encode() + b"\0\0\0\0\0"),
+        Parse(STATEMENT, statement.sql, ()).encode(),
+        Bind(PORTAL, STATEMENT, binary, values, ()).encode(),
+        Describe(Target.PORTAL, PORTAL).encode(),
+        Execute(PORTAL, 0).encode(),
     ]
 
 
-CLOSE_BOTH = [_close(b"P", PORTAL), _close(b"S", STATEMENT)]
+CLOSE_BOTH = [Close(Target.PORTAL, PORTAL).encode(), _close_statement(STATEMENT)]
 
 
 class Exchange:
@@ -180,7 +192,7 @@ class Exchange:
         self._sync = sync
         # Closing the private statement and portal first is a no-op unless an earlier exchange failed
         # between its Parse and Close (the server then skipped the Close): names are free again.
-        self._first = [_close(b"S", name) for name in close_first] + CLOSE_BOTH
+        self._first = [_close_statement(name) for name in close_first] + CLOSE_BOTH
         self._closes_left = len(self._first) + 2 * len(self.statements)
         self._index = 0  # the statement being answered
         self._next = 0  # the first statement not yet sent
@@ -202,61 +214,63 @@ class Exchange:
             self._next += 1
             out += statement_frames(statement)
             if statement.copy_data is not None:
-                return [*out, pq.FLUSH]
+                return [*out, FLUSH]
             out += CLOSE_BOTH
         return [*out, *self._end()]
 
     def _end(self) -> list[bytes]:
         if not self._sync:
-            return [pq.FLUSH]
+            return [FLUSH]
         self._synced = True
         return [SYNC]
 
-    def feed(self, frame: pq.Frame) -> list[bytes]:
-        kind = chr(frame.type)
-        if self._index < len(self.statements) and self.statements[self._index].visible and kind in "TDCINE":
+    def feed(self, frame: Frame) -> list[bytes]:
+        kind = frame.type
+        if self._index < len(self.statements) and self.statements[self._index].visible and kind in _VISIBLE:
             self.forward.append(frame.raw)  # a statement of the client's own, run here: its answer is theirs
         result = self.results[min(self._index, len(self.results) - 1)] if self.results else Result()
-        match kind:
-            case "t" if isinstance(result, Described):
-                (count,) = _H.unpack_from(frame.raw, 5)
-                result.param_types = struct.unpack_from(f"!{count}I", frame.raw, 7)
-            case "T" | "n" if self._index < len(self.statements) and isinstance(self.statements[self._index], Prepare):
-                result.columns = decode_row_description(frame.raw) if kind == "T" else []
+        match kind:  # the frequent kinds first: each case looks its member up
+            case Backend.DATA_ROW:
+                if not self.statements[self._index].visible:
+                    result.rows.append(_text_row(frame))
+            case Backend.COPY_DATA:
+                self._copy_parts.append(frame.body)  # one frame per row: joined once, at CommandComplete
+            case Backend.PARAMETER_DESCRIPTION if isinstance(result, Described):
+                result.param_types = ParameterDescription.decode(frame).types
+            case Backend.ROW_DESCRIPTION | Backend.NO_DATA if self._describing():
+                result.columns = _columns(frame) if kind == Backend.ROW_DESCRIPTION else []
                 self._index += 1  # described: a Prepare is never executed
-            case "T":
-                result.columns = decode_row_description(frame.raw)
-            case "D" if not self.statements[self._index].visible:
-                result.rows.append(decode_data_row(frame.raw))
-            case "D":
-                pass
-            case "d":
-                self._copy_parts.append(frame.raw[5:])  # one frame per row: joined once, at CommandComplete
-            case "C" | "I":
-                result.command = frame.raw[5:-1].decode()
+            case Backend.ROW_DESCRIPTION:
+                result.columns = _columns(frame)
+            case Backend.COMMAND_COMPLETE | Backend.EMPTY_QUERY_RESPONSE:
+                result.command = CommandComplete.decode(frame).tag if kind == Backend.COMMAND_COMPLETE else ""
                 if self._copy_parts:
                     result.copy, self._copy_parts = b"".join(self._copy_parts), []
                 self._index += 1
-            case "3":
+            case Backend.CLOSE_COMPLETE:
                 self._closes_left -= 1
-            case "E":
-                self.error = self.error or pq.decode_error(frame).fields
+            case Backend.ERROR_RESPONSE:
+                self.error = self.error or ErrorResponse.decode(frame).fields
                 if self._sync and not self._synced:  # the server now skips to a Sync that is not sent yet
                     return self._end()
-            case "G":
+            case Backend.COPY_IN_RESPONSE:
                 return self._copy_in()
-            case "A" | "S":
+            case Backend.NOTIFICATION_RESPONSE | Backend.PARAMETER_STATUS:
                 self.forward.append(frame.raw)
-            case "Z":
-                self.status = chr(frame.raw[5])
-            case "1" | "2" | "n" | "H" | "c" | "N":
-                pass  # completions, COPY TO framing, notices of our own statements
+            case Backend.READY_FOR_QUERY:
+                self.status = ReadyForQuery.decode(frame).status
+            case _ if kind in _IGNORED:
+                pass
             case _:
-                raise ProtocolViolation(f"unexpected message {kind!r} in an internal exchange")
+                raise ProtocolViolation(f"unexpected message {chr(kind)!r} in an internal exchange")
         return []
+
+    def _describing(self) -> bool:
+        """The statement being answered is a Prepare: described, never executed."""
+        return self._index < len(self.statements) and isinstance(self.statements[self._index], Prepare)
 
     def _copy_in(self) -> list[bytes]:
         data = self.statements[self._index].copy_data if self._index < len(self.statements) else None
         if data is None:
-            return [pq.encode(b"f", b"pgml-proxy sent no COPY data\0"), *self._end()]
+            return [CopyFail("pgml-proxy sent no COPY data").encode(), *self._end()]
         return [*copy_frames(data), *CLOSE_BOTH, *self._send_more()]

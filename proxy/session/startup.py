@@ -18,9 +18,20 @@ from dataclasses import dataclass
 
 from proxy.errors import InvalidAuthorization, ProtocolViolation, ProxyError
 from proxy.link import Link
-from proxy.wire import messages as pq
+from proxy.wire.frames import (
+    SSL_ACCEPT,
+    SSL_REFUSE,
+    Backend,
+    CancelRequest,
+    Frame,
+    Frontend,
+    GSSENCRequest,
+    SSLRequest,
+    StartupMessage,
+    StartupReader,
+)
+from proxy.wire.messages import AUTH_SASL, Authentication, BackendKeyData, sasl_initial_gs2_flag
 
-_R, _K, _Z, _p = ord("R"), ord("K"), ord("Z"), ord("p")
 _SCRAM_PLUS = "SCRAM-SHA-256-PLUS"
 # SCRAM's downgrade protection: a TLS client that saw no -PLUS offer says so ("y"),
 # and a TLS server that does support binding then refuses. The binding data would
@@ -36,7 +47,7 @@ CHANNEL_BINDING_ERROR = InvalidAuthorization(
 class Negotiated:
     """The StartupMessage (None: the client left or sent a CancelRequest), bytes after it, TLS or not."""
 
-    startup: pq.StartupMessage | None
+    startup: StartupMessage | None
     early: bytes = b""
     tls: bool = False
 
@@ -45,7 +56,7 @@ async def negotiate(
     client: Link, tls: ssl.SSLContext | None, cancel: Callable[[int, bytes], Awaitable[None]]
 ) -> Negotiated:
     """SSLRequest / GSSENCRequest / CancelRequest handling until the StartupMessage."""
-    reader = pq.StartupReader()
+    reader = StartupReader()
     encrypted = False
     while True:
         packet = reader.next_packet()
@@ -56,19 +67,19 @@ async def negotiate(
             reader.feed(data)
             continue
         match packet:
-            case pq.SSLRequest() | pq.GSSENCRequest() if reader.pending:
+            case SSLRequest() | GSSENCRequest() if reader.pending:
                 # Bytes sent before our answer would bypass encryption (CVE-2021-23214).
                 raise ProtocolViolation("received unencrypted data after SSL request")
-            case pq.SSLRequest() if tls is not None and not encrypted:
-                client.write(pq.SSL_ACCEPT)
+            case SSLRequest() if tls is not None and not encrypted:
+                client.write(SSL_ACCEPT)
                 await client.start_tls(tls, server_side=True)
                 encrypted = True
-            case pq.SSLRequest() | pq.GSSENCRequest():
-                client.write(pq.SSL_REFUSE)
-            case pq.CancelRequest(pid=pid, key=key):
+            case SSLRequest() | GSSENCRequest():
+                client.write(SSL_REFUSE)
+            case CancelRequest(pid=pid, key=key):
                 await cancel(pid, key)
                 return Negotiated(None)
-            case pq.StartupMessage():
+            case StartupMessage():
                 return Negotiated(packet, reader.take_rest(), encrypted)  # the rest is relayed later
 
 
@@ -80,28 +91,28 @@ class AuthWatch:
         self.backend_key: tuple[int, bytes] | None = None
         self.done = False
 
-    def upstream(self, frames: list[pq.Frame]) -> list[pq.Frame]:
+    def upstream(self, frames: list[Frame]) -> list[Frame]:
         """Upstream frames during authentication, with the -PLUS mechanism taken out of a SASL offer."""
         out = []
         for frame in frames:
-            if frame.type == _R:
-                auth = pq.decode_authentication(frame)
-                if auth.code == pq.AUTH_SASL and _SCRAM_PLUS in pq.sasl_mechanisms(auth):
+            if frame.type == Backend.AUTHENTICATION:
+                auth = Authentication.decode(frame)
+                if auth.code == AUTH_SASL and _SCRAM_PLUS in auth.mechanisms():
                     # Channel binding ties SCRAM to one TLS connection; the client's
                     # TLS ends here, so the upstream's binding can never match.
-                    mechanisms = [m for m in pq.sasl_mechanisms(auth) if m != _SCRAM_PLUS]
+                    mechanisms = [m for m in auth.mechanisms() if m != _SCRAM_PLUS]
                     self.bound_upstream = True
-                    frame = pq.Frame(_R, pq.encode_sasl(mechanisms))
-            elif frame.type == _K:
-                key = pq.decode_backend_key(frame)
+                    frame = Frame(Backend.AUTHENTICATION, Authentication.sasl(mechanisms).encode())
+            elif frame.type == Backend.BACKEND_KEY_DATA:
+                key = BackendKeyData.decode(frame)
                 self.backend_key = (key.pid, key.key)
-            elif frame.type == _Z:
+            elif frame.type == Backend.READY_FOR_QUERY:
                 self.done = True
             out.append(frame)
         return out
 
-    def client(self, frame: pq.Frame) -> ProxyError | None:
+    def client(self, frame: Frame) -> ProxyError | None:
         """The error to end the connection with, for a client frame that cannot be relayed."""
-        if frame.type == _p and self.bound_upstream and pq.sasl_initial_gs2_flag(frame) == "y":
+        if frame.type == Frontend.PASSWORD and self.bound_upstream and sasl_initial_gs2_flag(frame) == "y":
             return CHANNEL_BINDING_ERROR
         return None

@@ -16,14 +16,15 @@ import asyncio
 import itertools
 from collections.abc import Sequence
 
-from proxy.errors import ConnectionFailure, to_error_response
+from proxy.errors import ConnectionFailure
 from proxy.link import Link
 from proxy.rewrite import decide as rewrite
 from proxy.session.exchange import Exchange, Result, Statement, UpstreamError
 from proxy.session.ledger import Responses
 from proxy.wire import messages as pq
+from proxy.wire.frames import Backend, Frontend
 
-_Q, _P, _S, _E = ord("Q"), ord("P"), ord("S"), ord("E")
+_Q, _P, _S = Frontend.QUERY, Frontend.PARSE, Frontend.SYNC
 
 
 class OwnTraffic:
@@ -66,10 +67,10 @@ class OwnTraffic:
         assert self.upstream is not None
         if not await self._barrier():
             return  # the batch already failed: the server skips this message anyway
-        self.client.write(to_error_response(error))
+        self.client.write(pq.ErrorResponse.of(error).encode())
         self._responses.inject_error()
         self._last_sent = _P
-        self.upstream.writelines([pq.encode_parse(pq.Parse("pgml_proxy_abort", "pgml-proxy: abort", ())), pq.FLUSH])
+        self.upstream.writelines([pq.Parse("pgml_proxy_abort", "pgml-proxy: abort", ()).encode(), pq.Flush().encode()])
 
     async def _barrier(self) -> bool:
         """Wait until every response owed before this point has reached the client (False: the batch failed)."""
@@ -81,7 +82,7 @@ class OwnTraffic:
         waiter = self._responses.barrier()
         if waiter.done():  # the batch already failed: the server answers nothing more before Sync
             return False
-        self.upstream.writelines([pq.encode_parse(pq.Parse(name, "SELECT 1", ())), pq.FLUSH])
+        self.upstream.writelines([pq.Parse(name, "SELECT 1", ()).encode(), pq.Flush().encode()])
         if await waiter:
             self._barriers.append(name)
             return True
@@ -135,10 +136,11 @@ class OwnTraffic:
             self.client.writelines(exchange.forward)
         if exchange.error is not None:
             fields = tuple((k, v) for k, v in exchange.error if k not in "Pq")  # positions in our own SQL
-            shown = any(f[0] == _E for f in exchange.forward)  # a visible statement's error: the client has it
+            # A visible statement's error: the client has it.
+            shown = any(f[0] == Backend.ERROR_RESPONSE for f in exchange.forward)
             if flush:  # the server now skips to the next Sync: this error answers the client's message
-                self._responses.keep(_E)
+                self._responses.keep(Backend.ERROR_RESPONSE)
                 if not shown:
-                    self.client.write(pq.encode_error(pq.ErrorResponse(fields)))
+                    self.client.write(pq.ErrorResponse(fields).encode())
             raise UpstreamError(fields, exchange.status or self.tx_status, delivered=flush or shown)
         return exchange.results[len(prefix) :]

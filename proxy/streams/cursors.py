@@ -20,7 +20,6 @@ import asyncio
 import itertools
 import json
 import re
-import struct
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from proxy.errors import (
 from proxy.rewrite import decide as rewrite
 from proxy.rewrite.calls import bind, find_calls
 from proxy.rewrite.plan import fold_call
-from proxy.wire import messages as pq
+from proxy.wire.messages import Column, CommandComplete, DataRow, ReadyForQuery, RowDescription
 
 FUNCTION = "transform_stream"
 _stream_keys = itertools.count(1)
@@ -252,18 +251,17 @@ def start(call_node: ast.FuncCall, engine: Engine) -> Stream:
 
 
 def row_description(column: str, binary: bool = False) -> bytes:
-    fields = struct.pack("!ihIhih", 0, 0, JSONB_OID, -1, -1, int(binary))
-    return pq.encode(b"T", struct.pack("!h", 1) + column.encode() + b"\0" + fields)
+    return RowDescription((Column(column, JSONB_OID, format=int(binary)),)).encode()
 
 
 def data_row(fragment: list[str], binary: bool = False) -> bytes:
     """One fragment as a jsonb value (binary format: version byte 1, then the text)."""
     value = (b"\x01" if binary else b"") + json.dumps(fragment, ensure_ascii=False).encode()
-    return pq.encode(b"D", struct.pack("!hi", 1, len(value)) + value)
+    return DataRow((value,)).encode()
 
 
 def command_complete(tag: str) -> bytes:
-    return pq.encode(b"C", tag.encode() + b"\0")
+    return CommandComplete(tag).encode()
 
 
 def failure(error: BaseException) -> ProxyError | EngineError:
@@ -425,7 +423,7 @@ class Cursors:
 
     async def answer(self, own: Own, tx_status: str, write: Any) -> rewrite.Decision:
         """Answer ``own`` (a simple Query), writing frames with ``write``; returns the decision left to apply."""
-        ready = pq.encode_ready(pq.ReadyForQuery(tx_status))
+        ready = ReadyForQuery(tx_status).encode()
         try:
             match own:
                 case StreamSelect(call=call, column=column):

@@ -21,7 +21,6 @@ ReadyForQuery then comes from the server, which saw none of these messages.
 
 from __future__ import annotations
 
-import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -32,18 +31,32 @@ from proxy.errors import (
     FeatureNotSupported,
     InvalidCursorName,
     NotInPrerequisiteState,
-    ProtocolViolation,
     ProxyError,
 )
-from proxy.rewrite import params as extended
+from proxy.rewrite.params import referenced_params, substitute_params
 from proxy.session.exchange import Described, Port, Prepare
 from proxy.streams import cursors
-from proxy.wire import messages as pq
+from proxy.wire.frames import Frame, Frontend
+from proxy.wire.messages import (
+    Bind,
+    BindComplete,
+    Close,
+    CloseComplete,
+    Describe,
+    Execute,
+    NoData,
+    ParameterDescription,
+    Parse,
+    ParseComplete,
+    PortalSuspended,
+    Target,
+    try_decode,
+)
+from proxy.wire.params import bound_values
 
-_P, _B, _D, _E, _C = (ord(c) for c in "PBDEC")
 OwnStatement = cursors.StreamSelect | cursors.Declare | cursors.Fetch | cursors.Close
 PARSE_COMPLETE, BIND_COMPLETE, CLOSE_COMPLETE, NO_DATA, PORTAL_SUSPENDED = (
-    pq.encode(t, b"") for t in (b"1", b"2", b"3", b"n", b"s")
+    m.encode() for m in (ParseComplete(), BindComplete(), CloseComplete(), NoData(), PortalSuspended())
 )
 
 
@@ -92,17 +105,16 @@ class Owned:
     def active(self) -> bool:
         return bool(self.statements or self.portals)
 
-    def claims(self, frame: pq.Frame, open_cursors: dict[str, cursors.Cursor]) -> bool:
+    def claims(self, frame: Frame, open_cursors: dict[str, cursors.Cursor]) -> bool:
         """Whether the proxy answers this client message itself.
 
         Never raises: a malformed message is not ours (the server answers it with its own error),
         and a statement of ours that cannot be prepared is answered with its error.
         """
         match frame.type:
-            case 80:  # P
-                try:
-                    parse = pq.decode_parse(frame)
-                except ProtocolViolation:
+            case Frontend.PARSE:
+                parse = try_decode(Parse, frame)
+                if parse is None:
                     return False
                 try:
                     prepared = self._prepared(parse, open_cursors)
@@ -112,10 +124,9 @@ class Owned:
                     self.statements.pop(parse.name, None)  # the name now means a statement of the server's
                     return False
                 return True
-            case 66:  # B
-                try:
-                    bound = extended.decode_bind(frame)
-                except ProtocolViolation:
+            case Frontend.BIND:
+                bound = try_decode(Bind, frame)
+                if bound is None:
                     return False
                 if bound.portal and bound.portal in open_cursors:
                     return True  # a cursor is a portal: answered with the server's 42P03
@@ -123,24 +134,26 @@ class Owned:
                     self.drop_portal(bound.portal)  # the portal name now means one of the server's
                     return False
                 return True
-            case 68 | 67:  # D, C
+            case Frontend.DESCRIBE | Frontend.CLOSE:
                 target = _target(frame)
                 if target is None:
                     return False
                 kind, name = target
-                return name in self.statements if kind == b"S" else name in self.portals or name in open_cursors
-            case 69:  # E
-                execute = _execute_message(frame)
-                return execute is not None and (execute[0] in self.portals or execute[0] in open_cursors)
+                if kind == Target.STATEMENT:
+                    return name in self.statements
+                return name in self.portals or name in open_cursors
+            case Frontend.EXECUTE:
+                execute = try_decode(Execute, frame)
+                return execute is not None and (execute.portal in self.portals or execute.portal in open_cursors)
         return False
 
-    def _prepared(self, parse: pq.Parse, open_cursors: dict[str, cursors.Cursor]) -> Prepared | None:
+    def _prepared(self, parse: Parse, open_cursors: dict[str, cursors.Cursor]) -> Prepared | None:
         own = cursors.classify(parse.sql, open_cursors)
         if not isinstance(own, OwnStatement) or (isinstance(own, cursors.Close) and own.name is None):
             return None
         return Prepared(parse.sql, own, parse.param_types)
 
-    async def answer(self, frame: pq.Frame, table: cursors.Cursors, tx_status: str, write: Any, port: Port) -> bytes:
+    async def answer(self, frame: Frame, table: cursors.Cursors, tx_status: str, write: Any, port: Port) -> bytes:
         """The response frames for an own message (raises the error that fails the batch).
 
         A streaming SELECT writes its DataRows with ``write`` as they are generated. A Parse of a
@@ -148,34 +161,34 @@ class Owned:
         (an UpstreamError is the server's own answer to it).
         """
         match frame.type:
-            case 80:
-                parse = pq.decode_parse(frame)
+            case Frontend.PARSE:
+                parse = Parse.decode(frame)
                 prepared = self._prepared(parse, table.open)
                 assert prepared is not None  # claims() said so
                 types = await _server_types_of(prepared, port)
                 self.statements[parse.name] = Prepared(prepared.sql, prepared.own, types)
                 return PARSE_COMPLETE
-            case 66:
-                bound = extended.decode_bind(frame)
+            case Frontend.BIND:
+                bound = Bind.decode(frame)
                 if bound.portal and bound.portal in table.open:
                     raise DuplicateCursor(f'cursor "{bound.portal}" already exists')
                 binary = bool(bound.result_formats) and bound.result_formats[0] == 1
                 self.drop_portal(bound.portal)
                 self.portals[bound.portal] = Portal(_bound(self.statements[bound.statement], bound), binary)
                 return BIND_COMPLETE
-            case 68:
-                kind, name = _target(frame) or (b"", "")  # claims() checked it
-                if kind == b"P" and name not in self.portals:  # a cursor's own portal: text, as DECLARE made it
+            case Frontend.DESCRIBE:
+                kind, name = _target(frame) or (Target.STATEMENT, "")  # claims() checked it
+                if kind == Target.PORTAL and name not in self.portals:  # a cursor's portal: text, as DECLARE made it
                     return cursors.row_description(table.open[name].column)
                 return self._describe(kind, name, table)
-            case 69:
-                portal, limit = _execute_message(frame) or ("", 0)
-                if portal not in self.portals:
-                    return await _execute_cursor(portal, limit, table)
-                return await self._execute(portal, limit, table, tx_status, write)
-            case _:  # C
-                kind, name = _target(frame) or (b"", "")
-                if kind == b"S":
+            case Frontend.EXECUTE:
+                execute = try_decode(Execute, frame) or Execute("", 0)  # claims() checked it
+                if execute.portal not in self.portals:
+                    return await _execute_cursor(execute.portal, execute.max_rows, table)
+                return await self._execute(execute.portal, execute.max_rows, table, tx_status, write)
+            case _:  # Close
+                kind, name = _target(frame) or (Target.STATEMENT, "")
+                if kind == Target.STATEMENT:
                     self.statements.pop(name, None)
                 elif name in self.portals:
                     self.drop_portal(name)
@@ -183,9 +196,9 @@ class Owned:
                     table.close(name)  # Close of a cursor's portal closes the cursor
                 return CLOSE_COMPLETE
 
-    def _describe(self, kind: bytes, name: str, table: cursors.Cursors) -> bytes:
-        own = self.statements[name].own if kind == b"S" else self.portals[name].own
-        binary = kind == b"P" and self.portals[name].binary
+    def _describe(self, kind: Target, name: str, table: cursors.Cursors) -> bytes:
+        own = self.statements[name].own if kind == Target.STATEMENT else self.portals[name].own
+        binary = kind == Target.PORTAL and self.portals[name].binary
         rows = NO_DATA
         if isinstance(own, cursors.StreamSelect):
             rows = cursors.row_description(own.column, binary)
@@ -193,10 +206,9 @@ class Owned:
             rows = cursors.row_description(table.open[own.name].column, binary)
         elif isinstance(own, cursors.Fetch) and not own.move:
             rows = cursors.row_description(cursors.FUNCTION, binary)
-        if kind != b"S":
+        if kind != Target.STATEMENT:
             return rows
-        types = self.statements[name].param_types
-        return pq.encode(b"t", struct.pack(f"!h{len(types)}I", len(types), *types)) + rows
+        return ParameterDescription(self.statements[name].param_types).encode() + rows
 
     async def _execute(self, name: str, limit: int, table: cursors.Cursors, tx_status: str, write: Any) -> bytes:
         portal = self.portals[name]
@@ -250,28 +262,10 @@ def _first(rows: list[list[str]], limit: int) -> tuple[list[list[str]], list[lis
     return (rows[:limit], rows[limit:]) if limit > 0 else (rows, [])
 
 
-def _target(frame: pq.Frame) -> tuple[bytes, str] | None:
-    """Describe/Close: ``(b"S" or b"P", name)``, None when malformed."""
-    raw = frame.raw
-    kind = raw[5:6]
-    if kind not in (b"S", b"P") or len(raw) < 7 or raw.find(b"\0", 6) != len(raw) - 1:
-        return None
-    try:
-        return kind, raw[6:-1].decode()
-    except UnicodeDecodeError:
-        return None
-
-
-def _execute_message(frame: pq.Frame) -> tuple[str, int] | None:
-    """Execute: ``(portal, row limit)``, None when malformed."""
-    raw = frame.raw
-    end = raw.find(b"\0", 5)
-    if end < 0 or len(raw) != end + 5:
-        return None
-    try:
-        return raw[5:end].decode(), struct.unpack_from("!i", raw, end + 1)[0]
-    except UnicodeDecodeError:
-        return None
+def _target(frame: Frame) -> tuple[Target, str] | None:
+    """Describe/Close: what it names, None when malformed (the server answers it with its own error)."""
+    message = try_decode(Describe if frame.type == Frontend.DESCRIBE else Close, frame)
+    return None if message is None else (message.target, message.name)
 
 
 async def _stream_rows(portal: Portal, stream: cursors.Stream, limit: int, write: Any) -> bytes:
@@ -300,7 +294,7 @@ async def _server_types_of(prepared: Prepared, port: Port) -> tuple[int, ...]:
     the pgml schema is installed first, as for any pgml statement. Cached per database and text.
     """
     own, declared = prepared.own, prepared.param_types
-    if not isinstance(own, cursors.Declare | cursors.StreamSelect) or not extended.referenced_params([own.call]):
+    if not isinstance(own, cursors.Declare | cursors.StreamSelect) or not referenced_params([own.call]):
         return declared
     key = (port.database, prepared.sql, declared)
     if key in _server_types:
@@ -316,7 +310,7 @@ async def _server_types_of(prepared: Prepared, port: Port) -> tuple[int, ...]:
     return types
 
 
-def _bound(prepared: Prepared, bound: extended.Bind) -> OwnStatement:
+def _bound(prepared: Prepared, bound: Bind) -> OwnStatement:
     """The statement with this Bind's values in place of its ``$n``."""
     own = prepared.own
     if not isinstance(own, cursors.Declare | cursors.StreamSelect):
@@ -325,9 +319,9 @@ def _bound(prepared: Prepared, bound: extended.Bind) -> OwnStatement:
     assert isinstance(fresh, cursors.Declare | cursors.StreamSelect)
     types = prepared.param_types
     oids = [types[i] if i < len(types) else 25 for i in range(len(bound.params))]
-    values, problems = extended.bound_values(bound, oids)
-    for number in extended.referenced_params([fresh.call]):
+    values, problems = bound_values(bound, oids)
+    for number in referenced_params([fresh.call]):
         if number in problems:
             raise problems[number]
-    extended.substitute_params([fresh.call], values)
+    substitute_params([fresh.call], values)
     return fresh

@@ -1,12 +1,15 @@
-"""PostgreSQL v3 wire protocol codec: bytes <-> messages, and nothing else.
+"""PostgreSQL v3 messages: every message the proxy reads or writes, decoded and encoded here.
 
-Owns: framing of the startup phase (untyped, length-prefixed packets) and of the
-typed phase (1 type byte + int32 length), decoding of the few messages the proxy
-must understand, and ``encode_*`` functions that build frames.
+Owns: one frozen dataclass per message, named as in the PostgreSQL documentation
+("Message Formats"), each with its type byte (``TYPE``), its decoder
+(``Message.decode(frame)``) and its encoder (``message.encode()``, the whole frame);
+the tables of message classes by type byte for each direction (:data:`FRONTEND`,
+:data:`BACKEND`: the same byte means different messages in each); and the few
+helpers that build or rebuild part of a message (SASL offers, ErrorResponse fields).
 
-Must not: import asyncio or sockets, keep per-connection state beyond its input
-buffer, or decode messages it has no use for (DataRow, Bind, ... travel as raw
-bytes so that the relay costs little).
+Must not: import asyncio or sockets, keep per-connection state, or be called for
+messages the proxy only relays — those travel as raw frames (:mod:`proxy.wire.frames`),
+so the relay costs little.
 
 Every decoder raises :class:`proxy.errors.ProtocolViolation` (SQLSTATE 08P01) on
 malformed input; any other exception escaping from here is a bug.
@@ -16,25 +19,13 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import NamedTuple
+from enum import StrEnum
+from typing import ClassVar, Protocol, Self, TypeVar
 
-from proxy.errors import ProtocolViolation
+from proxy.errors import ProtocolViolation, error_fields
+from proxy.wire.frames import Backend, Frame, Frontend, pack
 
-# Request codes sent in place of a protocol version in the startup packet.
-SSL_REQUEST_CODE = 80877103
-GSSENC_REQUEST_CODE = 80877104
-CANCEL_REQUEST_CODE = 80877102
-PROTOCOL_MAJOR_3 = 3
-
-# A startup packet holds a handful of parameters; libpq caps it at 10 000 bytes
-# and so does the server (MAX_STARTUP_PACKET_LENGTH in pqcomm.h).
-MAX_STARTUP_PACKET = 10_000
-
-# Message types a frontend may send once startup is over (protocol.html,
-# "Message Formats"). Anything else is a protocol violation.
-FRONTEND_TYPES = frozenset(b"BCcdDEfFHpPQSX")
-
-# Authentication request codes (AuthenticationXXX, type 'R').
+# Authentication request codes (the int32 after the type byte of an Authentication message).
 AUTH_OK = 0
 AUTH_CLEARTEXT = 3
 AUTH_MD5 = 5
@@ -42,352 +33,599 @@ AUTH_SASL = 10
 AUTH_SASL_CONTINUE = 11
 AUTH_SASL_FINAL = 12
 
+_I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")
-_HEADER = struct.Struct("!ci")
-_STARTUP_HEADER = struct.Struct("!ii")
+_COLUMN = struct.Struct("!IhIhih")  # table OID, attribute number, type OID, type size, type modifier, format
 
 
-# --------------------------------------------------------------------------- #
-# Startup-phase messages (client -> server, no type byte)
-# --------------------------------------------------------------------------- #
-
-
-@dataclass(frozen=True, slots=True)
-class SSLRequest:
-    """The client asks to switch to TLS before the startup message."""
-
-
-@dataclass(frozen=True, slots=True)
-class GSSENCRequest:
-    """The client asks for GSSAPI encryption; the proxy always declines."""
-
-
-@dataclass(frozen=True, slots=True)
-class CancelRequest:
-    """Out-of-band cancel: backend pid and secret key (4 bytes in 3.0, up to 256 in 3.2)."""
-
-    pid: int
-    key: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class StartupMessage:
-    """Protocol version plus the connection parameters (user, database, ...)."""
-
-    major: int
-    minor: int
-    params: tuple[tuple[str, str], ...]
-
-    def get(self, name: str, default: str | None = None) -> str | None:
-        for key, value in self.params:
-            if key == name:
-                return value
-        return default
-
-
-StartupPacket = SSLRequest | GSSENCRequest | CancelRequest | StartupMessage
-
-
-class StartupReader:
-    """Incremental reader of one untyped startup packet at a time."""
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-
-    def feed(self, data: bytes) -> None:
-        self._buf += data
-
-    @property
-    def pending(self) -> int:
-        """Bytes buffered beyond what has been returned so far."""
-        return len(self._buf)
-
-    def take_rest(self) -> bytes:
-        """Hand over whatever is buffered (the typed phase continues with it)."""
-        rest = bytes(self._buf)
-        self._buf.clear()
-        return rest
-
-    def next_packet(self) -> StartupPacket | None:
-        """Return the next complete packet, or None when more bytes are needed."""
-        if len(self._buf) < 8:
-            return None
-        length, code = _STARTUP_HEADER.unpack_from(self._buf, 0)
-        if length < 8 or length > MAX_STARTUP_PACKET:
-            raise ProtocolViolation(f"invalid length of startup packet: {length}")
-        if len(self._buf) < length:
-            return None
-        body = bytes(self._buf[8:length])
-        del self._buf[:length]
-        return decode_startup(code, body)
-
-
-def decode_startup(code: int, body: bytes) -> StartupPacket:
-    """Decode a startup packet given its 4-byte code and the bytes after it."""
-    if code == SSL_REQUEST_CODE and not body:
-        return SSLRequest()
-    if code == GSSENC_REQUEST_CODE and not body:
-        return GSSENCRequest()
-    if code == CANCEL_REQUEST_CODE:
-        if len(body) < 8 or len(body) > 260:
-            raise ProtocolViolation("invalid length of cancel request packet")
-        return CancelRequest(pid=_I32.unpack_from(body, 0)[0], key=body[4:])
-    major, minor = code >> 16, code & 0xFFFF
-    if major != PROTOCOL_MAJOR_3:
-        raise ProtocolViolation(f"unsupported frontend protocol {major}.{minor}")
-    return StartupMessage(major=major, minor=minor, params=_decode_params(body))
-
-
-def _decode_params(body: bytes) -> tuple[tuple[str, str], ...]:
-    if not body.endswith(b"\0"):
-        raise ProtocolViolation("invalid startup packet layout: expected terminator as last byte")
-    # name\0value\0 ... \0: every string is NUL-terminated, then one final NUL.
-    parts = body[:-1].split(b"\0")[:-1] if len(body) > 1 else []
-    if len(body) > 1 and not body[:-1].endswith(b"\0"):
-        raise ProtocolViolation("invalid startup packet layout: expected terminator as last byte")
-    if len(parts) % 2:
-        raise ProtocolViolation("invalid startup packet layout: unpaired parameter")
-    try:
-        texts = [p.decode("utf-8") for p in parts]
-    except UnicodeDecodeError as exc:
-        raise ProtocolViolation("invalid byte sequence in startup packet") from exc
-    return tuple(zip(texts[0::2], texts[1::2], strict=True))
-
-
-def encode_startup(msg: StartupPacket) -> bytes:
-    """Encode any startup-phase packet (used to talk to the upstream)."""
-    match msg:
-        case SSLRequest():
-            return _STARTUP_HEADER.pack(8, SSL_REQUEST_CODE)
-        case GSSENCRequest():
-            return _STARTUP_HEADER.pack(8, GSSENC_REQUEST_CODE)
-        case CancelRequest(pid=pid, key=key):
-            return _STARTUP_HEADER.pack(12 + len(key), CANCEL_REQUEST_CODE) + _I32.pack(pid) + key
-        case StartupMessage(major=major, minor=minor, params=params):
-            body = b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in params) + b"\0"
-            return _STARTUP_HEADER.pack(8 + len(body), (major << 16) | minor) + body
-
-
-# --------------------------------------------------------------------------- #
-# Typed phase: framing
-# --------------------------------------------------------------------------- #
-
-
-class Frame(NamedTuple):
-    """One typed message: its type byte (as int) and its whole raw frame."""
-
-    type: int
-    raw: bytes
-
-    @property
-    def body(self) -> bytes:
-        return self.raw[5:]
-
-
-class FrameReader:
-    """Incremental splitter of typed messages (``type byte + int32 length + body``).
-
-    ``allowed`` restricts the type bytes accepted (the frontend set for client
-    traffic); ``max_bytes`` bounds one message so a hostile length cannot make
-    us buffer without limit. On client traffic, nothing after a Terminate is
-    read (as the server reads nothing more): bytes behind it are dropped, not
-    judged.
-    """
-
-    __slots__ = ("_allowed", "_ended", "_have", "_max", "_need", "_parts")
-
-    def __init__(self, max_bytes: int, allowed: frozenset[int] | None = None) -> None:
-        # An incomplete message waits in pieces until ``_need`` bytes are there: joined once, so a
-        # large message arriving in many reads costs linear time, not a copy of the buffer per read.
-        self._parts: list[bytes] = []
-        self._have = 0
-        self._need = 0
-        self._max = max_bytes
-        self._allowed = allowed
-        self._ended = False
-
-    @property
-    def pending(self) -> int:
-        return self._have
-
-    def scan(self, data: bytes) -> tuple[bytes, bytearray, int]:
-        """Add bytes; return the complete messages as one chunk, their type bytes, and the last ReadyForQuery status.
-
-        This is the relay's hot path: no per-message objects, so a chunk that
-        needs no change is forwarded as the very bytes that arrived. The status
-        is the byte of the last 'Z' in the chunk (-1 when there is none).
-        """
-        if self._ended:
-            return b"", bytearray(), -1
-        if self._parts:
-            self._parts.append(data)
-            self._have += len(data)
-            if self._have < self._need:
-                return b"", bytearray(), -1
-            buf = b"".join(self._parts)
-            self._parts, self._have = [], 0
-        else:
-            buf = data
-        kinds = bytearray()
-        pos, end, last_z = 0, len(buf), -1
-        allowed, limit = self._allowed, self._max
-        need = 5  # bytes of the message begun at ``pos``: its header, then all of it
-        while end - pos >= 5:
-            code = buf[pos]
-            length = (buf[pos + 1] << 24) | (buf[pos + 2] << 16) | (buf[pos + 3] << 8) | buf[pos + 4]
-            if allowed is not None and code not in allowed:
-                raise ProtocolViolation(f"invalid frontend message type {code}")
-            if length < 4 or length > limit:
-                raise ProtocolViolation(f"invalid message length {length} for message type {chr(code)!r}")
-            stop = pos + 1 + length
-            if stop > end:
-                need = 1 + length
-                break
-            kinds.append(code)
-            if code == 90 and length == 5:  # 'Z'
-                last_z = buf[pos + 5]
-            pos = stop
-            if code == 88 and allowed is not None:  # 'X' from a client: the rest is never read
-                self._ended = True
-                return buf[:pos], kinds, last_z
-        if pos == end:
-            return buf, kinds, last_z
-        rest = buf[pos:]
-        self._parts, self._have, self._need = [rest], len(rest), need
-        return buf[:pos], kinds, last_z
-
-    def feed(self, data: bytes) -> list[Frame]:
-        """Add bytes and return every message they complete, in order."""
-        return split_frames(self.scan(data)[0])
-
-
-def split_frames(chunk: bytes) -> list[Frame]:
-    """Split a chunk of complete, already validated messages (from :meth:`FrameReader.scan`)."""
-    frames: list[Frame] = []
-    pos, end = 0, len(chunk)
-    while pos < end:
-        stop = pos + 1 + _I32.unpack_from(chunk, pos + 1)[0]
-        frames.append(Frame(chunk[pos], chunk[pos:stop]))
-        pos = stop
-    return frames
-
-
-# --------------------------------------------------------------------------- #
-# Typed messages the proxy decodes
-# --------------------------------------------------------------------------- #
-
-
-@dataclass(frozen=True, slots=True)
-class Query:
-    """Simple-protocol query ('Q')."""
-
-    sql: str
-
-
-@dataclass(frozen=True, slots=True)
-class Parse:
-    """Extended-protocol Parse ('P'): statement name, SQL and declared parameter type OIDs."""
-
-    name: str
-    sql: str
-    param_types: tuple[int, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Authentication:
-    """AuthenticationXXX ('R'): the request code and whatever follows it."""
-
-    code: int
-    payload: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class BackendKeyData:
-    """The cancel key of the backend ('K')."""
-
-    pid: int
-    key: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class ReadyForQuery:
-    """'Z': transaction status 'I' (idle), 'T' (in transaction) or 'E' (failed transaction)."""
-
-    status: str
-
-
-@dataclass(frozen=True, slots=True)
-class ErrorResponse:
-    """'E' (or 'N' for NoticeResponse): the field code -> value pairs."""
-
-    fields: tuple[tuple[str, str], ...]
-
-    def get(self, code: str) -> str | None:
-        for key, value in self.fields:
-            if key == code:
-                return value
-        return None
-
-
-def _cstring(body: bytes, pos: int) -> tuple[str, int]:
-    nul = body.find(b"\0", pos)
+def _cstring(raw: bytes, pos: int) -> tuple[str, int]:
+    """The NUL-terminated UTF-8 string at ``pos``, and the position after it."""
+    nul = raw.find(b"\0", pos)
     if nul < 0:
         raise ProtocolViolation("unterminated string in message")
     try:
-        return body[pos:nul].decode("utf-8"), nul + 1
+        return raw[pos:nul].decode("utf-8"), nul + 1
     except UnicodeDecodeError as exc:
         raise ProtocolViolation("invalid UTF-8 in message") from exc
 
 
-def decode_query(frame: Frame) -> Query:
-    sql, pos = _cstring(frame.raw, 5)
+def _z(text: str) -> bytes:
+    return text.encode() + b"\0"
+
+
+def _strings(frame: Frame, count: int, what: str) -> list[str]:
+    """A body of exactly ``count`` strings (``what``: the message, for the error)."""
+    out, pos = [], 5
+    for _ in range(count):
+        text, pos = _cstring(frame.raw, pos)
+        out.append(text)
     if pos != len(frame.raw):
-        raise ProtocolViolation("malformed Query message")
-    return Query(sql)
+        raise ProtocolViolation(f"malformed {what} message")
+    return out
 
 
-def decode_parse(frame: Frame) -> Parse:
-    raw = frame.raw
-    name, pos = _cstring(raw, 5)
-    sql, pos = _cstring(raw, pos)
-    if len(raw) - pos < 2:
-        raise ProtocolViolation("malformed Parse message")
-    (count,) = struct.unpack_from("!h", raw, pos)
-    pos += 2
-    if count < 0 or len(raw) - pos != 4 * count:
-        raise ProtocolViolation("malformed Parse message")
-    types = struct.unpack_from(f"!{count}I", raw, pos) if count else ()
-    return Parse(name, sql, tuple(types))
+def _oids(types: tuple[int, ...]) -> bytes:
+    return struct.pack(f"!h{len(types)}I", len(types), *types)
 
 
-def decode_authentication(frame: Frame) -> Authentication:
-    if len(frame.raw) < 9:
-        raise ProtocolViolation("malformed authentication message")
-    return Authentication(_I32.unpack_from(frame.raw, 5)[0], frame.raw[9:])
+class _Message:
+    """Common to every message: the frame is the type byte, the length and :meth:`body`."""
+
+    __slots__ = ()
+    TYPE: ClassVar[int]
+
+    def body(self) -> bytes:
+        return b""
+
+    def encode(self) -> bytes:
+        return pack(self.TYPE, self.body())
 
 
-def decode_backend_key(frame: Frame) -> BackendKeyData:
-    if len(frame.raw) < 13:
-        raise ProtocolViolation("malformed BackendKeyData message")
-    return BackendKeyData(_I32.unpack_from(frame.raw, 5)[0], frame.raw[9:])
+class _Empty(_Message):
+    """A message with no body."""
+
+    __slots__ = ()
+
+    @classmethod
+    def decode(cls, frame: Frame) -> Self:
+        if len(frame.raw) != 5:
+            raise ProtocolViolation(f"malformed {cls.__name__} message")
+        return cls()
 
 
-def decode_ready(frame: Frame) -> ReadyForQuery:
-    if len(frame.raw) != 6 or frame.raw[5:6] not in (b"I", b"T", b"E"):
-        raise ProtocolViolation("malformed ReadyForQuery message")
-    return ReadyForQuery(chr(frame.raw[5]))
+class Target(StrEnum):
+    """What a Describe or Close names: a prepared statement or a portal."""
+
+    STATEMENT = "S"
+    PORTAL = "P"
 
 
-def decode_error(frame: Frame) -> ErrorResponse:
-    fields: list[tuple[str, str]] = []
-    raw, pos = frame.raw, 5
-    while pos < len(raw) and raw[pos] != 0:
-        code = chr(raw[pos])
-        value, pos = _cstring(raw, pos + 1)
-        fields.append((code, value))
-    if pos != len(raw) - 1:
-        raise ProtocolViolation("malformed ErrorResponse message")
-    return ErrorResponse(tuple(fields))
+@dataclass(frozen=True, slots=True)
+class _Named(_Message):
+    """Describe and Close: a target kind and its name."""
+
+    target: Target
+    name: str
+
+    def body(self) -> bytes:
+        return self.target.encode() + _z(self.name)
+
+    @classmethod
+    def decode(cls, frame: Frame) -> Self:
+        raw = frame.raw
+        if raw[5:6] not in (b"S", b"P"):
+            raise ProtocolViolation(f"invalid {cls.__name__} message subtype {raw[5:6]!r}")
+        name, pos = _cstring(raw, 6)
+        if pos != len(raw):
+            raise ProtocolViolation(f"malformed {cls.__name__} message")
+        return cls(Target(chr(raw[5])), name)
+
+
+# --------------------------------------------------------------------------- #
+# Frontend messages
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True, slots=True)
+class Query(_Message):
+    """A simple-protocol query string."""
+
+    sql: str
+    TYPE = Frontend.QUERY
+
+    def body(self) -> bytes:
+        return _z(self.sql)
+
+    @classmethod
+    def decode(cls, frame: Frame) -> Query:
+        return cls(*_strings(frame, 1, cls.__name__))
+
+
+@dataclass(frozen=True, slots=True)
+class Parse(_Message):
+    """Statement name, SQL and the declared parameter type OIDs (0: unspecified)."""
+
+    name: str
+    sql: str
+    param_types: tuple[int, ...]
+    TYPE = Frontend.PARSE
+
+    def body(self) -> bytes:
+        return _z(self.name) + _z(self.sql) + _oids(self.param_types)
+
+    @classmethod
+    def decode(cls, frame: Frame) -> Parse:
+        raw = frame.raw
+        name, pos = _cstring(raw, 5)
+        sql, pos = _cstring(raw, pos)
+        count = _I16.unpack_from(raw, pos)[0] if len(raw) - pos >= 2 else -1
+        if count < 0 or len(raw) - pos - 2 != 4 * count:
+            raise ProtocolViolation("malformed Parse message")
+        return cls(name, sql, struct.unpack_from(f"!{count}I", raw, pos + 2))
+
+
+@dataclass(frozen=True, slots=True)
+class Bind(_Message):
+    """A portal over a prepared statement: parameter format codes and values (None: NULL), result formats."""
+
+    portal: str
+    statement: str
+    formats: tuple[int, ...]
+    params: tuple[bytes | None, ...]
+    result_formats: tuple[int, ...]
+    TYPE = Frontend.BIND
+
+    def format_of(self, index: int) -> int:
+        """The format code of parameter ``index`` (none given: text; one: that one for all)."""
+        if not self.formats:
+            return 0
+        return self.formats[0] if len(self.formats) == 1 else self.formats[index]
+
+    def body(self) -> bytes:
+        formats, results = self.formats, self.result_formats
+        parts = [_z(self.portal), _z(self.statement), struct.pack(f"!h{len(formats)}h", len(formats), *formats)]
+        parts.append(_I16.pack(len(self.params)))
+        for value in self.params:
+            parts.append(_I32.pack(-1) if value is None else _I32.pack(len(value)) + value)
+        parts.append(struct.pack(f"!h{len(results)}h", len(results), *results))
+        return b"".join(parts)
+
+    @classmethod
+    def decode(cls, frame: Frame) -> Bind:
+        """Malformed: ProtocolViolation with the server's own message where it has one."""
+        raw = frame.raw
+        try:
+            nul = raw.index(b"\0", 5)
+            portal = raw[5:nul].decode()
+            end = raw.index(b"\0", nul + 1)
+            statement = raw[nul + 1 : end].decode()
+            pos = end + 1
+            (count,) = _I16.unpack_from(raw, pos)
+            formats = struct.unpack_from(f"!{count}h", raw, pos + 2)
+            pos += 2 + 2 * count
+            (nparams,) = _I16.unpack_from(raw, pos)
+            pos += 2
+            if nparams < 0 or count not in (0, 1, nparams):
+                raise ProtocolViolation(f"bind message has {count} parameter formats but {nparams} parameters")
+            params: list[bytes | None] = []
+            for _ in range(nparams):
+                (length,) = _I32.unpack_from(raw, pos)
+                pos += 4
+                if length == -1:
+                    params.append(None)
+                elif length < 0 or pos + length > len(raw):
+                    raise ProtocolViolation("insufficient data left in message")
+                else:
+                    params.append(raw[pos : pos + length])
+                    pos += length
+            (rcount,) = _I16.unpack_from(raw, pos)
+            result_formats = struct.unpack_from(f"!{rcount}h", raw, pos + 2)
+            if pos + 2 + 2 * rcount != len(raw):
+                raise ProtocolViolation("invalid message format")
+        except (ValueError, struct.error, UnicodeDecodeError) as exc:
+            raise ProtocolViolation("malformed Bind message") from exc
+        return cls(portal, statement, formats, tuple(params), result_formats)
+
+
+@dataclass(frozen=True, slots=True)
+class Describe(_Named):
+    TYPE = Frontend.DESCRIBE
+
+
+@dataclass(frozen=True, slots=True)
+class Execute(_Message):
+    """Run a portal for at most ``max_rows`` rows (0: all)."""
+
+    portal: str
+    max_rows: int
+    TYPE = Frontend.EXECUTE
+
+    def body(self) -> bytes:
+        return _z(self.portal) + _I32.pack(self.max_rows)
+
+    @classmethod
+    def decode(cls, frame: Frame) -> Execute:
+        portal, pos = _cstring(frame.raw, 5)
+        if len(frame.raw) != pos + 4:
+            raise ProtocolViolation("malformed Execute message")
+        return cls(portal, _I32.unpack_from(frame.raw, pos)[0])
+
+
+@dataclass(frozen=True, slots=True)
+class Close(_Named):
+    TYPE = Frontend.CLOSE
+
+
+@dataclass(frozen=True, slots=True)
+class Sync(_Empty):
+    TYPE = Frontend.SYNC
+
+
+@dataclass(frozen=True, slots=True)
+class Flush(_Empty):
+    TYPE = Frontend.FLUSH
+
+
+@dataclass(frozen=True, slots=True)
+class Terminate(_Empty):
+    TYPE = Frontend.TERMINATE
+
+
+@dataclass(frozen=True, slots=True)
+class CopyData(_Message):
+    """A piece of COPY data (the same message in both directions)."""
+
+    data: bytes
+    TYPE = Frontend.COPY_DATA
+
+    def body(self) -> bytes:
+        return self.data
+
+    @classmethod
+    def decode(cls, frame: Frame) -> CopyData:
+        return cls(frame.raw[5:])
+
+
+@dataclass(frozen=True, slots=True)
+class CopyDone(_Empty):
+    """The end of COPY data (the same message in both directions)."""
+
+    TYPE = Frontend.COPY_DONE
+
+
+@dataclass(frozen=True, slots=True)
+class CopyFail(_Message):
+    message: str
+    TYPE = Frontend.COPY_FAIL
+
+    def body(self) -> bytes:
+        return _z(self.message)
+
+    @classmethod
+    def decode(cls, frame: Frame) -> CopyFail:
+        return cls(*_strings(frame, 1, cls.__name__))
+
+
+# --------------------------------------------------------------------------- #
+# Backend messages
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True, slots=True)
+class Authentication(_Message):
+    """AuthenticationXXX: the request code (``AUTH_*``) and whatever follows it."""
+
+    code: int
+    payload: bytes
+    TYPE = Backend.AUTHENTICATION
+
+    def body(self) -> bytes:
+        return _I32.pack(self.code) + self.payload
+
+    @classmethod
+    def decode(cls, frame: Frame) -> Authentication:
+        if len(frame.raw) < 9:
+            raise ProtocolViolation("malformed authentication message")
+        return cls(_I32.unpack_from(frame.raw, 5)[0], frame.raw[9:])
+
+    @classmethod
+    def sasl(cls, mechanisms: list[str]) -> Authentication:
+        """AuthenticationSASL offering these mechanisms."""
+        return cls(AUTH_SASL, b"".join(_z(m) for m in mechanisms) + b"\0")
+
+    def mechanisms(self) -> list[str]:
+        """The mechanism names an AuthenticationSASL offers."""
+        return [n.decode("ascii", "replace") for n in self.payload.split(b"\0") if n]
+
+
+@dataclass(frozen=True, slots=True)
+class BackendKeyData(_Message):
+    """The cancel key of the backend."""
+
+    pid: int
+    key: bytes
+    TYPE = Backend.BACKEND_KEY_DATA
+
+    def body(self) -> bytes:
+        return _I32.pack(self.pid) + self.key
+
+    @classmethod
+    def decode(cls, frame: Frame) -> BackendKeyData:
+        if len(frame.raw) < 13:
+            raise ProtocolViolation("malformed BackendKeyData message")
+        return cls(_I32.unpack_from(frame.raw, 5)[0], frame.raw[9:])
+
+
+@dataclass(frozen=True, slots=True)
+class ParameterStatus(_Message):
+    name: str
+    value: str
+    TYPE = Backend.PARAMETER_STATUS
+
+    def body(self) -> bytes:
+        return _z(self.name) + _z(self.value)
+
+    @classmethod
+    def decode(cls, frame: Frame) -> ParameterStatus:
+        return cls(*_strings(frame, 2, cls.__name__))
+
+
+@dataclass(frozen=True, slots=True)
+class ReadyForQuery(_Message):
+    """Transaction status 'I' (idle), 'T' (in transaction) or 'E' (failed transaction)."""
+
+    status: str
+    TYPE = Backend.READY_FOR_QUERY
+
+    def body(self) -> bytes:
+        return self.status.encode()
+
+    @classmethod
+    def decode(cls, frame: Frame) -> ReadyForQuery:
+        if len(frame.raw) != 6 or frame.raw[5:6] not in (b"I", b"T", b"E"):
+            raise ProtocolViolation("malformed ReadyForQuery message")
+        return cls(chr(frame.raw[5]))
+
+
+@dataclass(frozen=True, slots=True)
+class _Fields(_Message):
+    """ErrorResponse and NoticeResponse: the field code -> value pairs (S, V, C, M, D, H, P, ...), in order."""
+
+    fields: tuple[tuple[str, str], ...]
+
+    def body(self) -> bytes:
+        return b"".join(k.encode() + _z(v) for k, v in self.fields) + b"\0"
+
+    @classmethod
+    def decode(cls, frame: Frame) -> Self:
+        fields: list[tuple[str, str]] = []
+        raw, pos = frame.raw, 5
+        while pos < len(raw) and raw[pos] != 0:
+            code = chr(raw[pos])
+            value, pos = _cstring(raw, pos + 1)
+            fields.append((code, value))
+        if pos != len(raw) - 1:
+            raise ProtocolViolation("malformed ErrorResponse message")
+        return cls(tuple(fields))
+
+    def get(self, code: str) -> str | None:
+        return next((value for key, value in self.fields if key == code), None)
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorResponse(_Fields):
+    TYPE = Backend.ERROR_RESPONSE
+
+    @classmethod
+    def of(cls, exc: BaseException, severity: str = "ERROR") -> ErrorResponse:
+        """The ErrorResponse for ``exc`` (:func:`proxy.errors.error_fields`; FATAL when the connection closes)."""
+        return cls(error_fields(exc, severity))
+
+
+@dataclass(frozen=True, slots=True)
+class NoticeResponse(_Fields):
+    TYPE = Backend.NOTICE_RESPONSE
+
+    @classmethod
+    def warning(cls, message: str) -> NoticeResponse:
+        """A notice of severity WARNING (SQLSTATE 01000)."""
+        return cls((("S", "WARNING"), ("V", "WARNING"), ("C", "01000"), ("M", message)))
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    """One field of a RowDescription (``attribute``: the column's number in its table, 0 for none)."""
+
+    name: str
+    type_oid: int
+    table_oid: int = 0
+    attribute: int = 0
+    type_size: int = -1
+    type_modifier: int = -1
+    format: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RowDescription(_Message):
+    columns: tuple[Column, ...]
+    TYPE = Backend.ROW_DESCRIPTION
+
+    def body(self) -> bytes:
+        return _I16.pack(len(self.columns)) + b"".join(
+            _z(c.name) + _COLUMN.pack(c.table_oid, c.attribute, c.type_oid, c.type_size, c.type_modifier, c.format)
+            for c in self.columns
+        )
+
+    @classmethod
+    def decode(cls, frame: Frame) -> RowDescription:
+        raw = frame.raw
+        count = _I16.unpack_from(raw, 5)[0] if len(raw) >= 7 else -1
+        pos, columns = 7, []
+        for _ in range(count):
+            name, pos = _cstring(raw, pos)
+            if len(raw) - pos < _COLUMN.size:
+                break
+            table, attribute, oid, size, modifier, fmt = _COLUMN.unpack_from(raw, pos)
+            columns.append(Column(name, oid, table, attribute, size, modifier, fmt))
+            pos += _COLUMN.size
+        if count < 0 or len(columns) != count or pos != len(raw):
+            raise ProtocolViolation("malformed RowDescription message")
+        return cls(tuple(columns))
+
+
+@dataclass(frozen=True, slots=True)
+class DataRow(_Message):
+    """Column values as sent (in the format the portal asked for); None is NULL."""
+
+    values: tuple[bytes | None, ...]
+    TYPE = Backend.DATA_ROW
+
+    def body(self) -> bytes:
+        values = self.values
+        return _I16.pack(len(values)) + b"".join(_I32.pack(-1) if v is None else _I32.pack(len(v)) + v for v in values)
+
+    @classmethod
+    def decode(cls, frame: Frame) -> DataRow:
+        # The one decoder run per row (of the proxy's own queries): local names, bounds checked once per value.
+        raw = frame.raw
+        end, unpack = len(raw), _I32.unpack_from
+        values: list[bytes | None] = []
+        append = values.append
+        count, pos = -1, -1
+        try:
+            (count,) = _I16.unpack_from(raw, 5)
+            pos = 7
+            for _ in range(count):
+                (length,) = unpack(raw, pos)
+                pos += 4
+                if length == -1:
+                    append(None)
+                elif 0 <= length <= end - pos:
+                    append(raw[pos : pos + length])
+                    pos += length
+                else:
+                    break
+        except struct.error:  # a length word beyond the message
+            pos = -1
+        if len(values) != count or pos != end:
+            raise ProtocolViolation("malformed DataRow message")
+        return cls(tuple(values))
+
+
+@dataclass(frozen=True, slots=True)
+class CommandComplete(_Message):
+    tag: str
+    TYPE = Backend.COMMAND_COMPLETE
+
+    def body(self) -> bytes:
+        return _z(self.tag)
+
+    @classmethod
+    def decode(cls, frame: Frame) -> CommandComplete:
+        return cls(*_strings(frame, 1, cls.__name__))
+
+
+@dataclass(frozen=True, slots=True)
+class EmptyQueryResponse(_Empty):
+    TYPE = Backend.EMPTY_QUERY_RESPONSE
+
+
+@dataclass(frozen=True, slots=True)
+class ParameterDescription(_Message):
+    types: tuple[int, ...]
+    TYPE = Backend.PARAMETER_DESCRIPTION
+
+    def body(self) -> bytes:
+        return _oids(self.types)
+
+    @classmethod
+    def decode(cls, frame: Frame) -> ParameterDescription:
+        raw = frame.raw
+        count = _I16.unpack_from(raw, 5)[0] if len(raw) >= 7 else -1
+        if count < 0 or len(raw) != 7 + 4 * count:
+            raise ProtocolViolation("malformed ParameterDescription message")
+        return cls(struct.unpack_from(f"!{count}I", raw, 7))
+
+
+@dataclass(frozen=True, slots=True)
+class ParseComplete(_Empty):
+    TYPE = Backend.PARSE_COMPLETE
+
+
+@dataclass(frozen=True, slots=True)
+class BindComplete(_Empty):
+    TYPE = Backend.BIND_COMPLETE
+
+
+@dataclass(frozen=True, slots=True)
+class CloseComplete(_Empty):
+    TYPE = Backend.CLOSE_COMPLETE
+
+
+@dataclass(frozen=True, slots=True)
+class NoData(_Empty):
+    TYPE = Backend.NO_DATA
+
+
+@dataclass(frozen=True, slots=True)
+class PortalSuspended(_Empty):
+    TYPE = Backend.PORTAL_SUSPENDED
+
+
+FrontendMessage = (
+    Query | Parse | Bind | Describe | Execute | Close | Sync | Flush | Terminate | CopyData | CopyDone | CopyFail
+)
+BackendMessage = (
+    Authentication | BackendKeyData | ParameterStatus | ReadyForQuery | ErrorResponse | NoticeResponse
+    | RowDescription | DataRow | CommandComplete | EmptyQueryResponse | ParameterDescription | ParseComplete
+    | BindComplete | CloseComplete | NoData | PortalSuspended | CopyData | CopyDone
+)  # fmt: skip
+Message = FrontendMessage | BackendMessage
+
+# Message classes by type byte, per direction (a byte means different messages in each).
+FRONTEND: dict[int, type[FrontendMessage]] = {
+    cls.TYPE: cls
+    for cls in (Query, Parse, Bind, Describe, Execute, Close, Sync, Flush, Terminate, CopyData, CopyDone, CopyFail)
+}
+BACKEND: dict[int, type[BackendMessage]] = {
+    Backend.COPY_DATA: CopyData,
+    Backend.COPY_DONE: CopyDone,
+    **{
+        cls.TYPE: cls
+        for cls in (
+            Authentication, BackendKeyData, ParameterStatus, ReadyForQuery, ErrorResponse, NoticeResponse,
+            RowDescription, DataRow, CommandComplete, EmptyQueryResponse, ParameterDescription, ParseComplete,
+            BindComplete, CloseComplete, NoData, PortalSuspended,
+        )
+    },
+}  # fmt: skip
+
+
+class _Decodable(Protocol):
+    @classmethod
+    def decode(cls, frame: Frame) -> Self: ...
+
+
+_M = TypeVar("_M", bound=_Decodable)
+
+
+def try_decode(kind: type[_M], frame: Frame) -> _M | None:
+    """``kind.decode(frame)``, None when the frame is malformed (the server then answers it with its own error)."""
+    try:
+        return kind.decode(frame)
+    except ProtocolViolation:
+        return None
+
+
+def is_fatal(frame: Frame) -> bool:
+    """An ErrorResponse of severity FATAL (the server sends the severity first); the frame is not decoded."""
+    return frame.raw[5:11] == b"SFATAL"
+
+
+def replace_fields(frame: Frame, drop: str, add: tuple[tuple[str, str], ...] = ()) -> bytes:
+    """An ErrorResponse / NoticeResponse frame without the fields whose codes are in ``drop``, plus ``add``."""
+    kind = NoticeResponse if frame.type == Backend.NOTICE_RESPONSE else ErrorResponse
+    return kind(tuple(f for f in kind.decode(frame).fields if f[0] not in drop) + add).encode()
 
 
 def sasl_initial_gs2_flag(frame: Frame) -> str | None:
@@ -401,62 +639,3 @@ def sasl_initial_gs2_flag(frame: Frame) -> str | None:
         return None
     flag = raw[nul + 5 : nul + 6]
     return flag.decode("ascii") if flag in (b"n", b"y", b"p") else None
-
-
-def sasl_mechanisms(auth: Authentication) -> list[str]:
-    """The mechanism names listed in an AuthenticationSASL payload."""
-    names = auth.payload.split(b"\0")
-    return [n.decode("ascii", "replace") for n in names if n]
-
-
-# --------------------------------------------------------------------------- #
-# Encoders
-# --------------------------------------------------------------------------- #
-
-
-def encode(mtype: bytes, body: bytes) -> bytes:
-    """Frame ``body`` as a typed message."""
-    return _HEADER.pack(mtype, len(body) + 4) + body
-
-
-def encode_query(msg: Query) -> bytes:
-    return encode(b"Q", msg.sql.encode() + b"\0")
-
-
-def encode_parse(msg: Parse) -> bytes:
-    types = struct.pack(f"!h{len(msg.param_types)}I", len(msg.param_types), *msg.param_types)
-    return encode(b"P", msg.name.encode() + b"\0" + msg.sql.encode() + b"\0" + types)
-
-
-def encode_authentication(msg: Authentication) -> bytes:
-    return encode(b"R", _I32.pack(msg.code) + msg.payload)
-
-
-def encode_sasl(mechanisms: list[str]) -> bytes:
-    payload = b"".join(m.encode() + b"\0" for m in mechanisms) + b"\0"
-    return encode_authentication(Authentication(AUTH_SASL, payload))
-
-
-def encode_ready(msg: ReadyForQuery) -> bytes:
-    return encode(b"Z", msg.status.encode())
-
-
-def encode_error(msg: ErrorResponse, notice: bool = False) -> bytes:
-    body = b"".join(k.encode() + v.encode() + b"\0" for k, v in msg.fields) + b"\0"
-    return encode(b"N" if notice else b"E", body)
-
-
-def replace_fields(frame: Frame, drop: str, add: tuple[tuple[str, str], ...] = ()) -> bytes:
-    """An ErrorResponse / NoticeResponse frame without the fields whose codes are in ``drop``, plus ``add``."""
-    fields = tuple(f for f in decode_error(frame).fields if f[0] not in drop)
-    return encode_error(ErrorResponse(fields + add), notice=frame.type == ord("N"))
-
-
-def encode_backend_key(msg: BackendKeyData) -> bytes:
-    return encode(b"K", _I32.pack(msg.pid) + msg.key)
-
-
-TERMINATE = encode(b"X", b"")
-FLUSH = encode(b"H", b"")
-SSL_ACCEPT = b"S"
-SSL_REFUSE = b"N"
