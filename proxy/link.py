@@ -4,7 +4,10 @@ Owns: the transport, flow control (a full write buffer on one link pauses
 reading on its peer), an awaitable ``recv`` for the startup phase, and TLS
 upgrade of the transport in place.
 
-Must not: frame, decode or decide anything; bytes go to ``handler`` untouched.
+Must not: frame, decode or decide anything; bytes go to ``handler`` untouched. When tracing is on
+(:meth:`Link.trace`, ``log.trace_protocol`` or ``log.level = debug``), the bytes read and written also go
+to :class:`proxy.wire.trace.Tracer` objects, which describe each message for the log; off, the hot path
+pays nothing (the traced methods replace the plain ones on that instance only).
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import asyncio
 import ssl
 from collections.abc import Callable
 from typing import cast
+
+from proxy.wire.trace import Tracer
 
 Handler = Callable[[bytes], None]
 
@@ -28,6 +33,7 @@ class Link(asyncio.Protocol):
         self._inbox: list[bytes] = []
         self._arrived: asyncio.Event = asyncio.Event()
         self.closed: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+        self._received: Tracer | None = None
 
     # -- asyncio.Protocol ------------------------------------------------- #
 
@@ -108,12 +114,37 @@ class Link(asyncio.Protocol):
         relay's hot path.
         """
         self.handler = handler
+        received = self._received
+        if received is not None:
+
+            def traced(data: bytes) -> None:
+                received.feed(data)
+                handler(data)
+
+            handler = traced
         self.data_received = handler  # type: ignore[method-assign,assignment]
         if self.transport is not None and not self.transport.is_closing():
             self.transport.set_protocol(self)
         pending = self.take_inbox()
         if pending:
             handler(pending)
+
+    def trace(self, received: Tracer, sent: Tracer) -> None:
+        """Describe every message read and written from now on (call before :meth:`set_handler`)."""
+        self._received = received
+        plain_write, plain_writelines = self.write, self.writelines
+
+        def write(data: bytes) -> None:
+            sent.feed(data)
+            plain_write(data)
+
+        def writelines(chunks: list[bytes]) -> None:
+            for chunk in chunks:
+                sent.feed(chunk)
+            plain_writelines(chunks)
+
+        self.write = write  # type: ignore[method-assign]
+        self.writelines = writelines  # type: ignore[method-assign]
 
     async def start_tls(
         self, context: ssl.SSLContext, *, server_side: bool, server_hostname: str | None = None
