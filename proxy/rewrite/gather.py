@@ -23,7 +23,8 @@ from typing import Any
 from pglast import ast, visitors
 
 from proxy.errors import FeatureNotSupported
-from proxy.rewrite.calls import STATEMENTS, Site, bind, find_calls, nodes_under
+from proxy.rewrite.calls import STATEMENTS, Site, bind, find_calls
+from proxy.rewrite.tree import nodes_under
 
 
 def _gather_join(site: Site, targets: tuple[ast.ResTarget, ...], args: list[ast.Node]) -> ast.SelectStmt:
