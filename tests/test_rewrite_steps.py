@@ -22,8 +22,8 @@ import pytest
 
 from engine.api import Result
 from proxy import schema
-from proxy.rewrite import per_row
 from proxy.rewrite import params as extended
+from proxy.rewrite import per_row
 from proxy.rewrite.decide import DeferToBind, Forward, Rebound, Respond, Rewriter, Rewritten
 from proxy.rewrite.schema_check import SessionState
 from proxy.rewrite.steps import Compute, Evaluate, Facts, Look, Request, Run, Settle, replay
@@ -70,7 +70,8 @@ class Script:
 
     def _run(self, request: Run, step: dict[str, Any]) -> list[Result]:
         statements = [s.sql for s in request.statements]
-        expected = [*pglast.split(schema.script(set(), self.facts.in_transaction) or "")] if step.get("install") else step.get("run")
+        install = step.get("install") and list(pglast.split(schema.script(set(), self.facts.in_transaction) or ""))
+        expected = install or step.get("run")
         assert expected is not None, f"{request} where the case has {step}"
         assert len(statements) == len(expected), f"{statements} where the case has {expected}"
         for sql, want in zip(statements, expected, strict=True):
@@ -80,9 +81,17 @@ class Script:
         assert list(request.temp_tables) == step.get("temp_tables", [])
         if "error" in step:
             fields = tuple(sorted({"S": "ERROR", **step["error"]}.items()))
-            raise UpstreamError(fields, step.get("status", self.facts.tx_status), delivered=step.get("delivered", False))
+            status = step.get("status", self.facts.tx_status)
+            raise UpstreamError(fields, status, delivered=step.get("delivered", False))
         answers = step.get("answer", [{}] * len(statements))
-        return [Result(columns=[tuple(c) for c in a.get("columns", [])], rows=[tuple(r) for r in a.get("rows", [])]) for a in answers]
+        return [_result(answer) for answer in answers]
+
+
+def _result(answer: dict[str, Any]) -> Result:
+    """A recorded Result: columns as (name, type OID), rows as text values."""
+    return Result(
+        columns=[tuple(c) for c in answer.get("columns", [])], rows=[tuple(r) for r in answer.get("rows", [])]
+    )
 
 
 def _plain(value: Any) -> Any:
@@ -134,7 +143,7 @@ def decided(outcome: Any) -> dict[str, Any]:
 def outcome_of(run: Any) -> Any:
     try:
         return run()
-    except Exception as error:  # noqa: BLE001 - an error is a decision the case may expect
+    except Exception as error:
         return error
 
 

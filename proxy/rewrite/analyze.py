@@ -28,8 +28,8 @@ from proxy.errors import ProgramLimitExceeded, StatementTooComplex
 from proxy.rewrite import sql_prepare as prepared
 from proxy.rewrite.calls import Site, bind, find_calls
 from proxy.rewrite.extension import extension_command
-from proxy.rewrite.literals import MAX_ARRAY_ELEMENTS
 from proxy.rewrite.steps import Steps, off_loop
+from proxy.rewrite.text_format import MAX_ARRAY_ELEMENTS
 from proxy.rewrite.tree import clone
 
 # Case-insensitive and allocation-free on the raw frame. A false positive costs a

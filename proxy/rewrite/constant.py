@@ -20,7 +20,8 @@ from engine.api import Signature
 from proxy.errors import ProxyError, UndefinedFunction
 from proxy.rewrite.calls import DEFAULT, Site, bind
 from proxy.rewrite.columns import from_columns, named
-from proxy.rewrite.literals import NOT_CONSTANT, fold, literal, quote_element, text_const, to_text
+from proxy.rewrite.literals import NOT_CONSTANT, fold, literal, text_const
+from proxy.rewrite.text_format import quote_element, to_text
 from proxy.rewrite.tree import fill
 
 Folded = tuple[Signature, tuple[Any, ...]]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from pglast import ast
 
-from proxy.rewrite import analyze, constant, evaluate, literals
+from proxy.rewrite import analyze, constant, evaluate, literals, text_format
 from proxy.rewrite import params as extended
 from proxy.rewrite import sql_prepare as prepared
 from proxy.rewrite.analyze import THREAD_PARSE_CHARS, Analysis, SchemaUse
@@ -95,7 +95,7 @@ class Deferred:
             )
         )
         result = results[1]
-        inferred = literals.from_text(result.rows[0][0], "bigint[]") if result.rows else []
+        inferred = text_format.from_text(result.rows[0][0], "bigint[]") if result.rows else []
         oids = tuple(d or int(i or 0) for d, i in zip(declared, inferred + [0] * count, strict=False))
         self._types.put(key, oids)
         return oids

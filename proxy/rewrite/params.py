@@ -32,7 +32,8 @@ from proxy.errors import (
     ProtocolViolation,
     ProxyError,
 )
-from proxy.rewrite.literals import MAX_ARRAY_ELEMENTS, check_length, decode_utf8, from_text, literal, parse_json
+from proxy.rewrite.literals import literal
+from proxy.rewrite.text_format import MAX_ARRAY_ELEMENTS, check_length, decode_utf8, from_text, parse_json
 from proxy.wire import messages as pq
 
 # Type OID -> (SQL type name used for the literal, catalogue type for decoding).

@@ -25,9 +25,10 @@ from proxy.errors import FeatureNotSupported
 from proxy.rewrite import constant, gather
 from proxy.rewrite.calls import DEFAULT, Site, find_calls
 from proxy.rewrite.columns import from_columns, named
-from proxy.rewrite.literals import from_text, is_constant, to_text
+from proxy.rewrite.literals import is_constant
 from proxy.rewrite.overloads import OID_TYPES, choose, read_here
 from proxy.rewrite.steps import LOOK, Compute, Evaluate, Run, Steps, off_loop, run
+from proxy.rewrite.text_format import from_text, to_text
 from proxy.rewrite.tree import TABLE, deparse, fill
 from proxy.session.exchange import Statement
 
