@@ -79,6 +79,8 @@ class Script:
         assert [s.visible for s in request.statements] == [step.get("visible", False)] * len(statements)
         assert (request.keep_open, request.finish) == (step.get("keep_open", False), step.get("finish", False))
         assert list(request.temp_tables) == step.get("temp_tables", [])
+        if "params" in step:
+            assert [list(s.params) for s in request.statements] == [step["params"]]
         if "error" in step:
             fields = tuple(sorted({"S": "ERROR", **step["error"]}.items()))
             status = step.get("status", self.facts.tx_status)
@@ -88,10 +90,11 @@ class Script:
 
 
 def _result(answer: dict[str, Any]) -> Result:
-    """A recorded Result: columns as (name, type OID), rows as text values."""
-    return Result(
-        columns=[tuple(c) for c in answer.get("columns", [])], rows=[tuple(r) for r in answer.get("rows", [])]
-    )
+    """A recorded Result: columns as (name, type OID), rows as text values ("@migrations": every version applied)."""
+    rows = answer.get("rows", [])
+    if rows == "@migrations":
+        rows = [[str(m.version)] for m in schema.migrations()]
+    return Result(columns=[tuple(c) for c in answer.get("columns", [])], rows=[tuple(r) for r in rows])
 
 
 def _plain(value: Any) -> Any:
@@ -150,7 +153,7 @@ def outcome_of(run: Any) -> Any:
 @pytest.mark.parametrize("case", load_cases())
 def test_case(case: dict[str, Any]) -> None:
     rewriter = Rewriter(Unused())
-    state = SessionState(checked=case.get("schema_checked", True))
+    state = SessionState(checked=case.get("schema_checked", True), prepares=case.get("prepares", False))
     facts = _facts(case)
     if state.checked:
         rewriter.schema.ready.add(facts.database)

@@ -67,7 +67,7 @@ class Site:
     nested_in: Site | None = None
     in_join: bool = False
     recursive: bool = False  # a visible WITH is WITH RECURSIVE (its CTEs may read themselves)
-    output: bool = False  # the whole expression of an output column of the outermost SELECT (set by the planner)
+    output: bool = False  # the whole expression of an output column of the outermost SELECT (set when evaluated)
     from_item: ast.RangeFunction | None = None  # the FROM function item the call is in, itself or in its arguments
     binding: Binding = field(init=False)  # its arguments matched to the overloads, once
 

@@ -45,8 +45,9 @@ class Kept:
 
     @staticmethod
     def keepable(stmts: tuple[ast.RawStmt, ...], use: SchemaUse) -> bool:
-        """Not an EXECUTE (expanded anew at each Bind), nor a string that changes schema pgml."""
-        return not prepared.executes(stmts) and not (use.drops or use.commands)
+        """Not an EXECUTE (expanded anew at each Bind) nor a PREPARE calling pgml (the session must note it),
+        nor a string that changes schema pgml: each Parse of such a text is decided in full."""
+        return not (prepared.executes(stmts) or prepared.prepares_pgml(stmts) or use.drops or use.commands)
 
 
 class Deferred:

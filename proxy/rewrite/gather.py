@@ -23,7 +23,7 @@ from typing import Any
 from pglast import ast, visitors
 
 from proxy.errors import FeatureNotSupported
-from proxy.rewrite.calls import STATEMENTS, Site, bind, find_calls
+from proxy.rewrite.calls import Site, bind, find_calls
 from proxy.rewrite.tree import nodes_under
 
 
@@ -243,5 +243,3 @@ def reads(site: Site, args: list[ast.Node]) -> Iterator[ast.Node]:
     except FeatureNotSupported:  # reported when the call is evaluated
         yield from args
 
-
-__all__ = ["STATEMENTS", "gather_statement", "reads"]

@@ -43,6 +43,8 @@ def clone(value: Any, copies: dict[int, Any]) -> Any:
     """
     if isinstance(value, tuple):
         return tuple([clone(item, copies) for item in value])
+    if isinstance(value, list):
+        return [clone(item, copies) for item in value]
     if isinstance(value, ast.Node):
         done = copies.get(id(value))
         if done is not None:
