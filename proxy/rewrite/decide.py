@@ -279,7 +279,7 @@ class Rewriter:
             # The same text was deferred before: its analysis is kept.
             if kept.use.references:
                 yield from self.schema.ensure(state)
-            return DeferToBind((yield from self.deferred.param_types(message, kept.analysis)))
+            return DeferToBind((yield from self.deferred.param_types(message, kept)))
         stmts = yield from analyze.parse(message.sql)
         if stmts is None:
             return FORWARD
@@ -331,9 +331,10 @@ class Rewriter:
         """The decision for statements that call pgml: deferred to Bind, rewritten, or run here."""
         if not constant.all_constant(analysis.sites):
             if isinstance(message, Parse):
-                types = yield from self.deferred.param_types(message, analysis)
+                kept = Kept.of(analysis, use)
+                types = yield from self.deferred.param_types(message, kept)
                 if not changed and Kept.keepable(analysis.stmts, use):
-                    self.deferred.keep(message.sql, Kept(analysis, use))
+                    self.deferred.keep(message.sql, kept)
                 return DeferToBind(types)
             rewritten = yield from evaluate.rewrite(analysis, dependent_ok=True)
             if rewritten is None:  # run on the session already: only ReadyForQuery is left to send

@@ -38,10 +38,22 @@ KEPT_TYPES = 1024  # parameter types of deferred statements (a PREPARE round tri
 
 @dataclass(frozen=True)
 class Kept:
-    """A deferred statement text's analysis (never rewritten itself: each use copies it) and its schema use."""
+    """A deferred statement text's analysis (never rewritten itself: each use copies it), its schema use,
+    and the ``$n`` its calls read and its statements read (the same for every Bind)."""
 
     analysis: Analysis
     use: SchemaUse
+    in_calls: frozenset[int]
+    in_statements: frozenset[int]
+
+    @staticmethod
+    def of(analysis: Analysis, use: SchemaUse) -> Kept:
+        """``analysis`` before any value is put in (the ``$n`` are read from its tree)."""
+        calls = [site.call for sites in analysis.sites for site in sites]
+        roots = [raw.stmt for raw in analysis.stmts if raw.stmt is not None]
+        return Kept(
+            analysis, use, frozenset(extended.referenced_params(calls)), frozenset(extended.referenced_params(roots))
+        )
 
     @staticmethod
     def keepable(stmts: tuple[ast.RawStmt, ...], use: SchemaUse) -> bool:
@@ -65,9 +77,9 @@ class Deferred:
         """The analysis of a deferred statement ``sql`` kept at an earlier Parse (None: not kept)."""
         return self._kept.get(sql)
 
-    def param_types(self, message: Parse, analysis: Analysis) -> Steps[tuple[int, ...]]:
+    def param_types(self, message: Parse, kept: Kept) -> Steps[tuple[int, ...]]:
         """Parameter type OIDs: declared in the Parse, else inferred by the server (PREPARE, read back)."""
-        count = max(extended.referenced_params([raw.stmt for raw in analysis.stmts if raw.stmt is not None]) | {0})
+        count = max(kept.in_statements | {0})
         declared = list(message.param_types) + [0] * (count - len(message.param_types))
         if all(declared):
             return tuple(declared)
@@ -77,7 +89,7 @@ class Deferred:
         if known is not None:
             return known
         name = f"pgml_proxy_probe_{facts.session_id}"
-        stmt = analysis.stmts[0].stmt
+        stmt = kept.analysis.stmts[0].stmt
         if isinstance(stmt, ast.DeclareCursorStmt):  # PREPARE takes the cursor's query (same $n numbering)
             stmt = stmt.query
         # Undeclared (0) or unfamiliar types stay "unknown" for the server to infer; declared ones win below.
@@ -110,51 +122,50 @@ class Deferred:
             return None
         require_utf8(facts)
         long = len(sql) > THREAD_PARSE_CHARS
-        analysis = yield from self._analysis(sql, long)
-        if analysis is None:  # an EXECUTE of a statement that is gone or changed: the server runs it itself
+        found = yield from self._analysis(sql, long)
+        if found is None:  # an EXECUTE of a statement that is gone or changed: the server runs it itself
             return None
+        analysis, kept = found
         yield from self._schema.ensure(state)
         if not analysis.calls:
             return None
         oids = list(types) + [0] * (len(bind.params) - len(types))
-        _substitute(analysis, bind, oids)
+        _substitute(analysis, kept, bind, oids)
         new_sql = yield from evaluate.rewrite(analysis, dependent_ok=True)
         assert new_sql is not None  # one statement: rewritten, never run here
         return new_sql, tuple(oids)
 
-    def _analysis(self, sql: str, long: bool) -> Steps[Analysis | None]:
-        """A fresh analysis of ``sql`` to rewrite: a copy of the kept one, else of a new parse (None: forward)."""
+    def _analysis(self, sql: str, long: bool) -> Steps[tuple[Analysis, Kept] | None]:
+        """A fresh analysis of ``sql`` to rewrite — a copy of the kept one, else of a new parse — and what is
+        kept of it (None: forward the Bind)."""
         kept = self._kept.get(sql)
-        if kept is not None:
-            copied: Analysis = yield from off_loop(long, kept.analysis.copy)
-            return copied
-        stmts = yield from analyze.parse(sql)
-        assert stmts is not None  # parsed when its Parse was decided
-        if prepared.executes(stmts):  # EXECUTE of a SQL-prepared statement: what it names now
-            expanded = yield from prepared.expand(stmts, analyze.parse)
-            if expanded is None:
-                return None
-            stmts = expanded
-        elif Kept.keepable(stmts, use := analyze.schema_use(stmts)):
+        if kept is None:
+            stmts = yield from analyze.parse(sql)
+            assert stmts is not None  # parsed when its Parse was decided
+            use = analyze.schema_use(stmts)
+            if prepared.executes(stmts):  # EXECUTE of a SQL-prepared statement: what it names now
+                expanded = yield from prepared.expand(stmts, analyze.parse)
+                if expanded is None:
+                    return None
+                fresh = yield from off_loop(long, functools.partial(analyze.of, expanded))
+                return fresh, Kept.of(fresh, use)  # not kept: expanded anew at the next Bind
             fresh = yield from off_loop(long, functools.partial(analyze.of, stmts))
-            self._kept.put(sql, Kept(fresh, use))
-            copied = yield from off_loop(long, fresh.copy)
-            return copied
-        result: Analysis = yield from off_loop(long, functools.partial(analyze.of, stmts))
-        return result
+            kept = Kept.of(fresh, use)
+            if Kept.keepable(stmts, use):
+                self._kept.put(sql, kept)
+        copied: Analysis = yield from off_loop(long, kept.analysis.copy)
+        return copied, kept
 
 
-def _substitute(analysis: Analysis, bind: extended.Bind, oids: list[int]) -> None:
+def _substitute(analysis: Analysis, kept: Kept, bind: extended.Bind, oids: list[int]) -> None:
     """This Bind's values in place of the ``$n`` the calls read (and all of them when a call needs the server)."""
     values, problems = extended.bound_values(bind, oids)
-    calls = [site.call for sites in analysis.sites for site in sites]
-    for number in extended.referenced_params(calls):
+    for number in sorted(kept.in_calls):
         if number in problems:
             raise problems[number]
-    extended.substitute_params(calls, values)
+    extended.substitute_params([site.call for sites in analysis.sites for site in sites], values)
     if not constant.all_constant(analysis.sites):  # the gather query runs as plain SQL: no $n may remain
-        roots = [raw.stmt for raw in analysis.stmts if raw.stmt is not None]
-        for number in extended.referenced_params(roots):
+        for number in sorted(kept.in_statements):
             if number in problems:
                 raise problems[number]
-        extended.substitute_params(roots, values)
+        extended.substitute_params([raw.stmt for raw in analysis.stmts if raw.stmt is not None], values)
