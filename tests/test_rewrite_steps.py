@@ -24,7 +24,7 @@ from engine.api import Result
 from proxy import schema
 from proxy.rewrite import params as extended
 from proxy.rewrite import per_row
-from proxy.rewrite.decide import DeferToBind, Forward, Rebound, Respond, Rewriter, Rewritten
+from proxy.rewrite.decide import BatchFailed, DeferToBind, Forward, Rebound, Respond, Rewriter, Rewritten
 from proxy.rewrite.schema_check import SessionState
 from proxy.rewrite.steps import Compute, Evaluate, Facts, Look, Request, Run, Settle, replay
 from proxy.session.exchange import UpstreamError
@@ -81,6 +81,8 @@ class Script:
         assert list(request.temp_tables) == step.get("temp_tables", [])
         if "params" in step:
             assert [list(s.params) for s in request.statements] == [step["params"]]
+        if step.get("batch_failed"):
+            raise BatchFailed()
         if "error" in step:
             fields = tuple(sorted({"S": "ERROR", **step["error"]}.items()))
             status = step.get("status", self.facts.tx_status)

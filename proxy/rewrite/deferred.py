@@ -32,7 +32,7 @@ from proxy.session.exchange import Statement
 from proxy.wire.messages import Parse
 
 KEPT_ANALYSES = 512  # texts of deferred statements whose analysis is kept ...
-KEPT_TEXT = 16 * 1024 * 1024  # ... with this many characters of SQL in all
+KEPT_TEXT = 2 * 1024 * 1024  # ... with this many characters of SQL in all (a tree takes ~25 bytes a character)
 KEPT_TYPES = 1024  # parameter types of deferred statements (a PREPARE round trip each time otherwise)
 
 
