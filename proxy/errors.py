@@ -112,7 +112,7 @@ class DatatypeMismatch(ProxyError, code="42804"):
 
 
 class ProgramLimitExceeded(ProxyError, code="54000"):
-    """An input beyond the proxy's documented size limits (``proxy.rewrite.literals`` MAX_*)."""
+    """An input beyond the proxy's documented size limits (``proxy.rewrite.text_format`` MAX_*)."""
 
 
 class StatementTooComplex(ProxyError, code="54001"):

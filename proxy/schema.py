@@ -1,17 +1,11 @@
-"""The ``pgml`` schema the proxy installs: versioned, idempotent migrations from ``sql/``, and what
-``CREATE`` / ``ALTER`` / ``DROP EXTENSION pgml`` mean for it.
+"""The ``pgml`` schema the proxy installs: versioned, idempotent migrations from ``sql/``.
 
 Owns: finding the migration files, building the script that applies the missing
 ones under an advisory lock, applying it either through a client's session
-(first use) or through a direct connection (``pgml-proxy init``, embedded start);
-and the extension statements naming ``pgml`` (:func:`extension_command`): the
-server's own answer for each case (command tag, NOTICE, ERROR with its SQLSTATE)
-and the ``DO`` statement that carries one out on the server, at the point of the
-statement string where the client wrote it, in the client's transaction.
-
-The schema counts as the installed extension when ``pgml.schema_migrations``
-exists. ``DROP EXTENSION pgml`` drops nothing (the extension owns no objects)
-and says so; ``DROP SCHEMA pgml CASCADE`` removes the schema.
+(first use: :func:`install` yields the statements to run there, :mod:`proxy.rewrite.steps`) or
+through a direct connection (``pgml-proxy init``, embedded start). The schema counts as the
+installed extension when ``pgml.schema_migrations`` exists (what ``CREATE EXTENSION pgml`` and
+its kin mean for it: :mod:`proxy.rewrite.extension`).
 
 Must not: decide when to run (the rewriter and the CLI do), or keep global state.
 """
@@ -20,16 +14,15 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import pglast
-from pglast import ast, enums
+import psycopg
 
-from proxy import PGML_API_LEVEL
-from proxy.session.exchange import Port, Statement, query
+from proxy.rewrite.steps import LOOK, Steps, drive, run
+from proxy.session.exchange import Port
 
 # pg_advisory_xact_lock key: concurrent first connections serialize on it.
 LOCK_KEY = 0x70676D6C  # "pgml"
@@ -100,28 +93,32 @@ def script(applied: set[int], in_transaction: bool) -> str | None:
 APPLIED_QUERY = f"SELECT CASE WHEN pg_catalog.to_regclass('{TABLE}') IS NULL THEN NULL ELSE 'present' END"
 
 
-async def ensure(port: Port) -> bool:
-    """Apply missing migrations through ``port`` (the client's own session and privileges).
+def install() -> Steps[bool]:
+    """Apply missing migrations through the client's own session (its privileges, its transaction).
 
-    True when something was applied, False when the schema was found complete.
+    Returns True when something was applied, False when the schema was found complete.
     """
-    present = await query(port, APPLIED_QUERY)
+    (present,) = yield run(APPLIED_QUERY)
     applied: set[int] = set()
     if present.rows and present.rows[0][0] is not None:
-        versions = await query(port, f"SELECT version FROM {TABLE}")
+        (versions,) = yield run(f"SELECT version FROM {TABLE}")
         applied = {int(v) for (v,) in versions.rows if v is not None}
-    sql = script(applied, port.in_transaction)
+    facts = yield LOOK
+    sql = script(applied, facts.in_transaction)
     if sql is None:
         return False
     # One statement per message: the extended protocol takes no multi-statement strings.
-    await port.execute([Statement(s) for s in pglast.split(sql)])
+    yield run(*pglast.split(sql))
     return True
+
+
+async def ensure(port: Port) -> bool:
+    """:func:`install` on ``port`` (for callers that hold a Port rather than yield steps)."""
+    return await drive(install(), port, None)
 
 
 def init(dsn: str) -> int:
     """Apply missing migrations over a direct connection; returns how many were applied."""
-    import psycopg
-
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("SET client_min_messages = warning")
         exists = conn.execute(APPLIED_QUERY).fetchone()
@@ -132,275 +129,3 @@ def init(dsn: str) -> int:
         if sql is not None:
             conn.execute(sql.encode())
         return len([m for m in migrations() if m.version not in applied])
-
-
-# --------------------------------------------------------------------------- #
-# CREATE / ALTER / DROP EXTENSION pgml
-# --------------------------------------------------------------------------- #
-
-# Where a DO statement run by the proxy itself reports which answer it reached (a transaction-local setting).
-OUTCOME_SETTING = "pgml_proxy.extension"
-# ... and whether the client gets NOTICEs at all (the server sends none below its client_min_messages).
-OUTCOME_QUERY = (
-    f"SELECT pg_catalog.current_setting('{OUTCOME_SETTING}', true), pg_catalog.current_setting('client_min_messages')"
-)
-NOTICE_LEVELS = frozenset({"debug5", "debug4", "debug3", "debug2", "debug1", "debug", "log", "notice"})
-_QUIET_LEVELS = ", ".join(f"'{level}'" for level in sorted(NOTICE_LEVELS))
-
-
-@dataclass(frozen=True)
-class Answer:
-    """What the server says besides the command tag: a NOTICE, or the ERROR the statement fails with."""
-
-    severity: str  # "NOTICE" or "ERROR"
-    code: str
-    message: str
-    hint: str | None = None
-
-    def fields(self) -> tuple[tuple[str, str], ...]:
-        fields = [("S", self.severity), ("V", self.severity), ("C", self.code), ("M", self.message)]
-        return tuple(fields + ([("H", self.hint)] if self.hint else []))
-
-
-ALREADY_EXISTS = Answer("ERROR", "42710", 'extension "pgml" already exists')
-SKIPPING = Answer("NOTICE", "42710", 'extension "pgml" already exists, skipping')
-DOES_NOT_EXIST = Answer("ERROR", "42704", 'extension "pgml" does not exist')
-DOES_NOT_EXIST_SKIPPING = Answer("NOTICE", "00000", 'extension "pgml" does not exist, skipping')
-UP_TO_DATE = Answer("NOTICE", "00000", f'version "{PGML_API_LEVEL}" of extension "pgml" is already installed')
-KEPT = Answer(
-    "NOTICE",
-    "00000",
-    'extension "pgml" owns no objects under pgml-proxy: its schema "pgml" is left in place',
-    hint="DROP SCHEMA pgml CASCADE removes it with every project, model and deployment;"
-    " pgml-proxy installs it again at the next pgml call.",
-)
-NO_SET_SCHEMA = Answer("ERROR", "0A000", 'extension "pgml" does not support SET SCHEMA')
-NO_MEMBERS = Answer(
-    "ERROR",
-    "0A000",
-    'extension "pgml" has no members under pgml-proxy: ALTER EXTENSION pgml ADD/DROP is not supported',
-    hint="Objects of your own may live in schema pgml without being members of the extension.",
-)
-WRONG_SCHEMA = Answer(
-    "ERROR",
-    "0A000",
-    'extension "pgml" must be installed in schema "pgml"',
-    hint="Leave out WITH SCHEMA: the pgml functions, types and registry always live in schema pgml.",
-)
-
-
-@dataclass(frozen=True)
-class ExtensionCommand:
-    """One statement about extension ``pgml``: its command tag, and the DO statement carrying it out.
-
-    The DO runs on the server where the statement stood (its checks see what the
-    statements before it did) and answers as the server would: with ``report``
-    False it raises the NOTICE or ERROR itself; with ``report`` True it only records
-    which answer applies in ``OUTCOME_SETTING`` (read by ``OUTCOME_QUERY`` in the
-    same transaction) so that the proxy can send that answer with the right tag.
-    """
-
-    tag: str
-    _steps: Callable[[Callable[[Answer], str]], str]
-    _others: str | None = None  # DROP EXTENSION of other extensions in the same statement
-
-    @property
-    def alone(self) -> bool:
-        """The statement names no other extension (the proxy can answer it by itself)."""
-        return self._others is None
-
-    def statement(self, *, report: bool) -> ast.DoStmt:
-        answers: list[Answer] = []
-
-        def say(answer: Answer) -> str:
-            answers.append(answer)
-            if report:
-                return f"PERFORM pg_catalog.set_config('{OUTCOME_SETTING}', '{len(answers) - 1}', true); RETURN;"
-            options = [f"ERRCODE = '{answer.code}'", f"MESSAGE = {text_expression(answer.message)}"]
-            if answer.hint:
-                options.append(f"HINT = {text_expression(answer.hint)}")
-            level = "EXCEPTION" if answer.severity == "ERROR" else "NOTICE"
-            return f"RAISE {level} USING {', '.join(options)};"
-
-        steps = self._steps(say)
-        prologue = f"PERFORM pg_catalog.set_config('{OUTCOME_SETTING}', '', true);" if report else ""
-        body = (
-            "DECLARE present boolean; quiet text; needed boolean := false; BEGIN "
-            f"{prologue} present := pg_catalog.to_regclass('{TABLE}') IS NOT NULL; {steps} END"
-        )
-        return ast.DoStmt(args=(ast.DefElem(defname="as", arg=ast.String(sval=body)),))
-
-    def answer(self, reported: str | None) -> Answer | None:
-        """The answer a ``report`` run recorded (None: just the command tag)."""
-        if not reported:
-            return None
-        answers: list[Answer] = []
-
-        def collect(answer: Answer) -> str:
-            answers.append(answer)
-            return ""
-
-        self._steps(collect)
-        return answers[int(reported)]
-
-
-def extension_command(node: ast.Node | None) -> ExtensionCommand | None:
-    """The command when ``node`` is CREATE / ALTER / DROP EXTENSION naming ``pgml`` (None otherwise)."""
-    match node:
-        case ast.CreateExtensionStmt(extname="pgml"):
-            return _create(node)
-        case ast.AlterExtensionStmt(extname="pgml"):
-            return _update(node)
-        case ast.DropStmt(removeType=enums.ObjectType.OBJECT_EXTENSION, objects=objects) if any(
-            isinstance(o, ast.String) and o.sval == SCHEMA for o in objects or ()
-        ):
-            return _drop(node)
-        case ast.AlterObjectSchemaStmt(objectType=enums.ObjectType.OBJECT_EXTENSION, object=ast.String(sval="pgml")):
-            return ExtensionCommand("ALTER EXTENSION", lambda say: _exists_or(say, DOES_NOT_EXIST, NO_SET_SCHEMA))
-        case ast.AlterExtensionContentsStmt(extname="pgml"):
-            return ExtensionCommand("ALTER EXTENSION", lambda say: _exists_or(say, DOES_NOT_EXIST, NO_MEMBERS))
-    return None
-
-
-def _exists_or(say: Callable[[Answer], str], missing: Answer, present: Answer) -> str:
-    return f"IF NOT present THEN {say(missing)} END IF; {say(present)}"
-
-
-def _options(node: ast.CreateExtensionStmt | ast.AlterExtensionStmt) -> dict[str, object]:
-    found: dict[str, object] = {}
-    for option in node.options or ():
-        if isinstance(option, ast.DefElem) and option.defname is not None:
-            arg = option.arg
-            found[option.defname] = arg.sval if isinstance(arg, ast.String) else getattr(arg, "boolval", True)
-    return found
-
-
-def _create(node: ast.CreateExtensionStmt) -> ExtensionCommand:
-    """CREATE EXTENSION [IF NOT EXISTS] pgml [WITH] [SCHEMA s] [VERSION v] [CASCADE], checked in the server's order."""
-    options = _options(node)
-    version, target, cascade = options.get("new_version"), options.get("schema"), bool(options.get("cascade"))
-
-    def steps(say: Callable[[Answer], str]) -> str:
-        checks = []
-        if isinstance(version, str) and version != PGML_API_LEVEL:
-            checks.append(say(_no_version(version)))
-        if isinstance(target, str):
-            missing = Answer("ERROR", "3F000", f'schema "{target}" does not exist')
-            checks.append(f"IF NOT EXISTS (SELECT FROM pg_namespace WHERE nspname = {text_expression(target)}) THEN")
-            checks.append(f"{say(missing)} END IF;")
-            if target != SCHEMA and not cascade:
-                checks.append(say(WRONG_SCHEMA))
-        # The server checks for the extension first: an installed one is all IF NOT EXISTS looks at.
-        exists = "" if node.if_not_exists else say(ALREADY_EXISTS)
-        parts = [f"IF present THEN {exists} ELSE {' '.join(checks)} END IF;", _apply()]
-        if node.if_not_exists:
-            parts.append(f"IF present THEN {say(SKIPPING)} END IF;")  # missing migrations applied all the same
-        return " ".join(parts)
-
-    return ExtensionCommand("CREATE EXTENSION", steps)
-
-
-def _update(node: ast.AlterExtensionStmt) -> ExtensionCommand:
-    """ALTER EXTENSION pgml UPDATE [TO v]: applies missing migrations, or says the version is installed."""
-    version = _options(node).get("new_version")
-
-    def steps(say: Callable[[Answer], str]) -> str:
-        parts = [f"IF NOT present THEN {say(DOES_NOT_EXIST)} END IF;"]
-        if isinstance(version, str) and version != PGML_API_LEVEL:
-            parts.append(
-                say(
-                    Answer(
-                        "ERROR",
-                        "22023",
-                        f'extension "pgml" has no update path from version "{PGML_API_LEVEL}" to version "{version}"',
-                    )
-                )
-            )
-        versions = ", ".join(str(m.version) for m in migrations())
-        parts.append(
-            f"IF NOT EXISTS (SELECT FROM pg_catalog.unnest(ARRAY[{versions}]) AS v"
-            f" WHERE v NOT IN (SELECT version FROM {TABLE})) THEN {say(UP_TO_DATE)} RETURN; END IF;"
-        )
-        parts.append(_apply())
-        return " ".join(parts)
-
-    return ExtensionCommand("ALTER EXTENSION", steps)
-
-
-def _drop(node: ast.DropStmt) -> ExtensionCommand:
-    """DROP EXTENSION [IF EXISTS] pgml [, other …] [CASCADE]: the others are dropped, pgml's schema is kept."""
-    others = tuple(o for o in node.objects or () if not (isinstance(o, ast.String) and o.sval == SCHEMA))
-    other_sql = None
-    if others:
-        rest = ast.DropStmt(
-            objects=others,
-            removeType=node.removeType,
-            behavior=node.behavior,
-            missing_ok=node.missing_ok,
-            concurrent=node.concurrent,
-        )
-        other_sql = _deparse(rest)
-
-    def steps(say: Callable[[Answer], str]) -> str:
-        missing = say(DOES_NOT_EXIST_SKIPPING if node.missing_ok else DOES_NOT_EXIST)
-        parts = [f"IF NOT present THEN {missing} END IF;"]
-        if other_sql is not None:
-            parts.append(f"EXECUTE {text_expression(other_sql)};")
-        parts.append(f"IF present THEN {say(KEPT)} END IF;")
-        return " ".join(parts)
-
-    return ExtensionCommand("DROP EXTENSION", steps, other_sql)
-
-
-def _no_version(version: str) -> Answer:
-    return Answer(
-        "ERROR", "22023", f'extension "pgml" has no installation script nor update path for version "{version}"'
-    )
-
-
-def _apply() -> str:
-    """PL/pgSQL applying every missing migration, with the server's "already exists, skipping" notices muted.
-
-    The advisory lock that serializes installers is taken only when a migration is missing (an installed,
-    current schema takes no lock, so ``BEGIN; CREATE EXTENSION IF NOT EXISTS pgml`` holds none for the
-    rest of the client's transaction); each migration is checked again under it.
-    """
-    versions = ", ".join(str(m.version) for m in migrations())
-    check = (
-        f"IF present THEN IF EXISTS (SELECT FROM pg_catalog.unnest(ARRAY[{versions}]) AS v"
-        f" WHERE v NOT IN (SELECT version FROM {TABLE})) THEN needed := true; END IF;"
-        " ELSE needed := true; END IF;"
-    )
-    parts = [
-        check,
-        "IF needed THEN",
-        f"PERFORM pg_catalog.pg_advisory_xact_lock({LOCK_KEY}::pg_catalog.int8);",
-        f"IF pg_catalog.current_setting('client_min_messages') IN ({_QUIET_LEVELS}) THEN",
-        "quiet := pg_catalog.current_setting('client_min_messages');",
-        "PERFORM pg_catalog.set_config('client_min_messages', 'warning', true);",
-        "END IF;",
-        f"EXECUTE {text_expression('CREATE SCHEMA IF NOT EXISTS pgml')};",
-        f"EXECUTE {text_expression(CREATE_TABLE)};",
-    ]
-    for m in migrations():
-        parts.append(
-            f"IF NOT EXISTS (SELECT FROM {TABLE} WHERE version = {m.version}) THEN EXECUTE {text_expression(m.sql)};"
-            f" INSERT INTO {TABLE} (version, name) VALUES ({m.version}, '{m.name}') ON CONFLICT DO NOTHING; END IF;"
-        )
-    parts.append(
-        "IF quiet IS NOT NULL THEN PERFORM pg_catalog.set_config('client_min_messages', quiet, true);"
-        " quiet := NULL; END IF;"
-    )
-    parts.append("END IF;")
-    return " ".join(parts)
-
-
-def text_expression(value: str) -> str:
-    """A PL/pgSQL text expression for ``value``: hex-encoded, so no quoting of any text is ever involved."""
-    return f"pg_catalog.convert_from('\\x{value.encode().hex()}'::bytea, 'UTF8')"
-
-
-def _deparse(node: ast.Node) -> str:
-    from pglast.stream import RawStream
-
-    return str(RawStream()(node))

@@ -1,50 +1,76 @@
 """Call detection and AST rewriting, without a database: golden cases, negatives, reparse checks.
 
-The engine here is a deterministic stand-in (the real one is tested end to end);
-statements with constant arguments never touch the upstream, so the port refuses
-every query.
+The engine here is a deterministic stand-in (the real one is tested end to end), answering the
+rewriter's Evaluate requests; statements with constant arguments never touch the upstream, so
+every Run request is refused.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pglast import parse_sql
 
-from engine.api import Call
+from engine.api import Signature
 from proxy.errors import FeatureNotSupported, InvalidTextRepresentation, UndefinedFunction
-from proxy.rewrite import plan
+from proxy.rewrite import analyze, evaluate
+from proxy.rewrite.analyze import Analysis
 from proxy.rewrite.calls import find_calls
-from proxy.rewrite.decide import might_use_pgml, raise_statement
-from proxy.session.exchange import Result, Statement
+from proxy.rewrite.decide import Rewriter, Rewritten, might_use_pgml, raise_statement
+from proxy.rewrite.schema_check import SessionState
+from proxy.rewrite.steps import Compute, Evaluate, Facts, Look, Request, replay
+from proxy.rewrite.tree import deparse_all
+from proxy.wire.messages import Query
 
 CASES = Path(__file__).parent / "rewrite_cases"
+FACTS = Facts(
+    session_id=1, database="db", tx_status="I", in_transaction=False, standard_strings=True, client_encoding="UTF8"
+)
+
+
+def fake_results(signature: Signature, rows: tuple[tuple[Any, ...], ...]) -> list[Any]:
+    out: list[Any] = []
+    for row in rows:
+        match signature.function, row:
+            case "version", _:
+                out.append("v")
+            case "embed", (_, None, _):
+                out.append(None)
+            case "embed", (_, list() as texts, _):
+                out.append([[float(len(t)), 0.5] for t in texts])
+            case "embed", (_, str() as text, _):
+                out.append([float(len(text)), 0.5])
+            case "chunk", (_, str() as text, _):
+                out.append([(i + 1, w) for i, w in enumerate(text.split())])
+    return out
 
 
 class FakeEngine:
-    def __init__(self) -> None:
-        self.calls: list[Call] = []
+    """A deterministic stand-in answering Evaluate requests; any other request but Look must not come."""
 
-    async def evaluate(self, call: Call) -> list[Any]:
-        self.calls.append(call)
-        out: list[Any] = []
-        for row in call.rows:
-            match call.signature.function, row:
-                case "version", _:
-                    out.append("v")
-                case "embed", (_, None, _):
-                    out.append(None)
-                case "embed", (_, list() as texts, _):
-                    out.append([[float(len(t)), 0.5] for t in texts])
-                case "embed", (_, str() as text, _):
-                    out.append([float(len(text)), 0.5])
-                case "chunk", (_, str() as text, _):
-                    out.append([(i + 1, w) for i, w in enumerate(text.split())])
-        return out
+    def __init__(self) -> None:
+        self.calls: list[Evaluate] = []
+
+    def __call__(self, request: Request) -> Any:
+        match request:
+            case Evaluate(signature=signature, rows=rows):
+                self.calls.append(request)
+                return fake_results(signature, rows)
+            case Look():
+                return FACTS
+            case Compute(function=function):
+                return function()
+        raise AssertionError(f"constant rewrites must not query the upstream: {request}")
+
+
+class Unused:
+    """An engine the rewriter holds but never calls: its requests are answered by a FakeEngine."""
+
+    async def evaluate(self, call: Any) -> list[Any]:
+        raise AssertionError("the engine is asked through Evaluate requests")
 
     def cancel(self, session: int) -> None:
         pass
@@ -53,31 +79,19 @@ class FakeEngine:
         pass
 
 
-class NoUpstream:
-    session_id = 1
-    tx_status = "I"
-    database = "db"
-    standard_strings = True
-    client_encoding = "UTF8"
-
-    def __init__(self) -> None:
-        self.temp_tables: list[str] = []
-        self.notices: list[str] = []
-
-    async def settled(self) -> None:
-        pass
-
-    in_transaction = False
-
-    async def execute(self, statements: Sequence[Statement]) -> list[Result]:
-        raise AssertionError(f"constant rewrites must not query the upstream: {statements}")
+def analysis_of(sql: str) -> Analysis | None:
+    stmts = replay(analyze.parse(sql), FakeEngine())
+    if stmts is None:
+        return None
+    analysis = analyze.of(stmts)
+    return analysis if analysis.calls else None
 
 
 async def rewrite(sql: str, dependent_ok: bool = True) -> str | None:
-    analysis = plan.analyze(sql)
+    analysis = analysis_of(sql)
     if analysis is None:
         return None
-    return await plan.rewrite(analysis, FakeEngine(), NoUpstream(), dependent_ok=dependent_ok)
+    return replay(evaluate.rewrite(analysis, dependent_ok=dependent_ok), FakeEngine())
 
 
 def load_cases() -> list[Any]:
@@ -95,7 +109,7 @@ async def test_golden_rewrite(sql: str, expected: str) -> None:
     out = await rewrite(sql)
     assert out == expected
     # parse -> deparse -> reparse: the output is valid SQL that deparses to itself
-    assert plan.deparse_all(parse_sql(out)) == out
+    assert deparse_all(parse_sql(out)) == out
 
 
 def test_golden_cases_are_loaded() -> None:
@@ -122,7 +136,7 @@ async def test_no_evaluated_call_means_forward(sql: str) -> None:
 
 
 def test_unparsable_sql_is_forwarded() -> None:
-    assert plan.analyze("SELEC pgml.embed('m', 'x')") is None
+    assert analysis_of("SELEC pgml.embed('m', 'x')") is None
 
 
 @pytest.mark.parametrize(
@@ -156,9 +170,9 @@ async def test_per_row_calls_refused_where_not_supported() -> None:
 
 async def test_one_engine_call_per_overload() -> None:
     engine = FakeEngine()
-    analysis = plan.analyze("SELECT pgml.embed('m', 'a'), pgml.embed('m', 'bb'), pgml.embed('m', ARRAY['c'])")
+    analysis = analysis_of("SELECT pgml.embed('m', 'a'), pgml.embed('m', 'bb'), pgml.embed('m', ARRAY['c'])")
     assert analysis is not None
-    await plan.rewrite(analysis, engine, NoUpstream(), dependent_ok=True)
+    replay(evaluate.rewrite(analysis, dependent_ok=True), engine)
     assert [(c.signature.params[1].type, len(c.rows)) for c in engine.calls] == [("text", 2), ("text[]", 1)]
 
 
@@ -189,17 +203,13 @@ def test_raise_statement_carries_code_and_hex_text() -> None:
 
 
 async def test_constant_rewrites_are_cached() -> None:
-    from proxy.rewrite.decide import Rewriter, Rewritten
-    from proxy.wire.messages import Query
-
     engine = FakeEngine()
-    rewriter = Rewriter(engine)
-    port = NoUpstream()
-    rewriter._schema_ready.add("db")  # the schema check needs an upstream; this port has none
-    rewriter._state(port).checked = True
-    first = await rewriter.decide(Query("SELECT pgml.embed('m', 'abc')"), port)
-    second = await rewriter.decide(Query("SELECT pgml.embed('m', 'abc')"), port)
+    rewriter = Rewriter(Unused())
+    state = SessionState(checked=True)
+    rewriter.schema.ready.add("db")  # the schema check needs an upstream; these answers have none
+    first = replay(rewriter.deciding(Query("SELECT pgml.embed('m', 'abc')"), state), engine)
+    second = replay(rewriter.deciding(Query("SELECT pgml.embed('m', 'abc')"), state), engine)
     assert isinstance(first, Rewritten) and first == second
     assert len(engine.calls) == 1
-    await rewriter.decide(Query("SELECT pgml.embed('m', 'abcd')"), port)
+    replay(rewriter.deciding(Query("SELECT pgml.embed('m', 'abcd')"), state), engine)
     assert len(engine.calls) == 2

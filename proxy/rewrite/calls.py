@@ -3,7 +3,10 @@
 Owns: the walk over a pglast tree that records every ``FuncCall`` named
 ``pgml.<f>`` for an engine-evaluated ``f`` — where it sits (innermost statement,
 clause, FROM item), which CTEs are visible — and binding its positional and
-named arguments to a catalogue signature.
+named arguments to the catalogue's overloads: once, when the call is found
+(:class:`Binding` keeps argument positions, not nodes, so a copy of the tree
+shares it); :func:`bind` reads it, raising the server's error for arguments
+no overload takes where the call is evaluated, as the server does.
 
 Must not: evaluate anything or change the tree. ``pgml`` inside strings,
 comments, identifiers or another schema never matches: only the parsed function
@@ -12,7 +15,6 @@ name counts.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +25,29 @@ from proxy.errors import StatementTooComplex, UndefinedFunction
 
 STATEMENTS = (ast.SelectStmt, ast.UpdateStmt, ast.DeleteStmt, ast.InsertStmt)
 DEFAULT: Any = object()  # an optional argument left out
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """Which overloads one call's arguments fit, and which argument fills each parameter.
+
+    ``places``: per parameter of the first fitting overload, the index of its argument in the call's
+    ``args`` (a named one's value is that NamedArgExpr's ``arg``), or None for a left-out optional one.
+    No fitting overload, or a call written as an aggregate: :func:`bind` raises (42883).
+    """
+
+    fitting: tuple[Signature, ...]
+    places: tuple[int | None, ...]
+    aggregate: bool = False
+
+    def slots(self, call: ast.FuncCall) -> list[Any]:
+        """The argument nodes the call holds now, in parameter order (DEFAULT where left out)."""
+        args = call.args or ()
+        out = []
+        for place in self.places:
+            arg = DEFAULT if place is None else args[place]
+            out.append(arg.arg if isinstance(arg, ast.NamedArgExpr) else arg)
+        return out
 
 
 @dataclass(eq=False)
@@ -42,8 +67,12 @@ class Site:
     nested_in: Site | None = None
     in_join: bool = False
     recursive: bool = False  # a visible WITH is WITH RECURSIVE (its CTEs may read themselves)
-    output: bool = False  # the whole expression of an output column of the outermost SELECT (set by the planner)
+    output: bool = False  # the whole expression of an output column of the outermost SELECT (set when evaluated)
     from_item: ast.RangeFunction | None = None  # the FROM function item the call is in, itself or in its arguments
+    binding: Binding = field(init=False)  # its arguments matched to the overloads, once
+
+    def __post_init__(self) -> None:
+        self.binding = match_arguments(self.call, self.function)
 
 
 def pgml_function(call: ast.FuncCall) -> str | None:
@@ -116,47 +145,44 @@ def _is_item_function(rf: ast.RangeFunction | None, call: ast.FuncCall) -> bool:
     return rf is not None and any(isinstance(item, tuple) and item and item[0] is call for item in rf.functions or ())
 
 
-def nodes_under(node: Any) -> Iterator[ast.Node]:
-    """Every node under ``node`` (itself included; tuples and lists of nodes walked), depth first."""
-    if isinstance(node, tuple | list):
-        for item in node:
-            yield from nodes_under(item)
-        return
-    if not isinstance(node, ast.Node):
-        return
-    yield node
-    for member in node:
-        yield from nodes_under(getattr(node, member))
+def match_arguments(call: ast.FuncCall, function: str) -> Binding:
+    """The overloads of ``pgml.<function>`` whose parameters the call's positional and named arguments fill.
 
-
-def bind(site: Site) -> tuple[list[Signature], list[Any]]:
-    """Match the call's arguments to parameter slots; returns candidate overloads and the slots.
-
-    Slots hold the argument nodes in parameter order (DEFAULT where left out).
-    Overloads that differ only in parameter types are all returned; the caller
-    picks one once argument types are known.
+    Overloads that differ only in parameter types all fit; the caller picks one once argument types are known.
     """
-    candidates = signatures(site.function)
-    args = list(site.call.args or ())
-    positional = [a for a in args if not isinstance(a, ast.NamedArgExpr)]
-    named = {a.name: a.arg for a in args if isinstance(a, ast.NamedArgExpr)}
-    if site.call.agg_star or site.call.agg_distinct or site.call.over is not None or site.call.agg_order:
-        raise UndefinedFunction(f"pgml.{site.function} is not an aggregate or window function")
+    aggregate = bool(call.agg_star or call.agg_distinct or call.over is not None or call.agg_order)
+    args = list(call.args or ())
+    positional = [i for i, a in enumerate(args) if not isinstance(a, ast.NamedArgExpr)]
+    named = {a.name: i for i, a in enumerate(args) if isinstance(a, ast.NamedArgExpr)}
     fitting = []
-    for sig in candidates:
+    for sig in signatures(function):
         names = [p.name for p in sig.params]
         if len(positional) > len(names) or any(n not in names[len(positional) :] for n in named):
             continue
-        slots = positional + [named.get(p.name, DEFAULT) for p in sig.params[len(positional) :]]
-        if all(s is not DEFAULT or p.optional for s, p in zip(slots, sig.params, strict=True)):
+        places: list[int | None] = [*positional, *(named.get(p.name) for p in sig.params[len(positional) :])]
+        if all(place is not None or p.optional for place, p in zip(places, sig.params, strict=True)):
             fitting.append(sig)
     if not fitting:
+        return Binding((), (), aggregate)
+    names = [p.name for p in fitting[0].params]
+    return Binding(tuple(fitting), (*positional, *(named.get(n) for n in names[len(positional) :])), aggregate)
+
+
+def bind(site: Site) -> tuple[list[Signature], list[Any]]:
+    """The call's fitting overloads and its arguments in parameter order (DEFAULT where left out).
+
+    Overloads that differ only in parameter types are all returned; the caller
+    picks one once argument types are known.
+    """
+    binding = site.binding
+    if binding.aggregate:
+        raise UndefinedFunction(f"pgml.{site.function} is not an aggregate or window function")
+    if not binding.fitting:
+        args = site.call.args or ()
         described = ", ".join(f"{a.name} => …" if isinstance(a, ast.NamedArgExpr) else "…" for a in args)
         raise UndefinedFunction(
             f"function pgml.{site.function}({described}) does not exist",
             hint="No function matches the given name and argument types. See the PostgresML API reference.",
             position=site.call.location + 1 if site.call.location is not None else None,
         )
-    names = [p.name for p in fitting[0].params]
-    slots = positional + [named.get(n, DEFAULT) for n in names[len(positional) :]]
-    return fitting, slots
+    return list(binding.fitting), binding.slots(site.call)

@@ -23,7 +23,8 @@ from typing import Any
 from pglast import ast, visitors
 
 from proxy.errors import FeatureNotSupported
-from proxy.rewrite.calls import STATEMENTS, Site, bind, find_calls, nodes_under
+from proxy.rewrite.calls import Site, bind, find_calls
+from proxy.rewrite.tree import nodes_under
 
 
 def _gather_join(site: Site, targets: tuple[ast.ResTarget, ...], args: list[ast.Node]) -> ast.SelectStmt:
@@ -242,5 +243,3 @@ def reads(site: Site, args: list[ast.Node]) -> Iterator[ast.Node]:
     except FeatureNotSupported:  # reported when the call is evaluated
         yield from args
 
-
-__all__ = ["STATEMENTS", "gather_statement", "reads"]

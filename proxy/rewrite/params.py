@@ -21,7 +21,8 @@ from typing import Any
 from pglast import ast, visitors
 
 from proxy.errors import NumericValueOutOfRange
-from proxy.rewrite.literals import from_text, literal
+from proxy.rewrite.literals import literal
+from proxy.rewrite.text_format import from_text
 from proxy.wire.params import PARAM_TYPES
 
 

@@ -9,29 +9,30 @@ type>)`` as AST nodes (columns named as EXECUTE's would be), for the rewriter to
 any statement. The PREPARE itself goes to the server unchanged: it checks it against the stub
 signatures, and the statement then exists there (``pg_prepared_statements`` shows it).
 
-Must not: keep copies of prepared statements from one statement string to the next, evaluate
-pgml calls (the rewriter and :mod:`proxy.rewrite.plan` do, on the statement returned), or answer for the
-server: an EXECUTE that cannot be substituted exactly (no such statement, a wrong number of
-arguments, a subquery, column, aggregate or parameter in an argument — the server evaluates EXECUTE's
-arguments without the Bind's parameters) is left as it is, for the server to run or to refuse with
-its own error.
+Must not: run anything itself (it yields :mod:`proxy.rewrite.steps` requests: the catalogue
+reads), keep copies of prepared statements from one statement string to the next, evaluate
+pgml calls (the rewriter does, on the statement returned), or answer for the server: an EXECUTE
+that cannot be substituted exactly (no such statement, a wrong number of arguments, a subquery,
+column, aggregate or parameter in an argument — the server evaluates EXECUTE's arguments without
+the Bind's parameters) is left as it is, for the server to run or to refuse with its own error.
 """
 
 from __future__ import annotations
 
-import copy
 import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from pglast import ast, enums, visitors
 
 from proxy.errors import ProgramLimitExceeded
-from proxy.rewrite import literals
+from proxy.rewrite import literals, text_format
 from proxy.rewrite.calls import find_calls
 from proxy.rewrite.params import referenced_params
-from proxy.session.exchange import Port, Statement
+from proxy.rewrite.steps import LOOK, Run, Steps
+from proxy.rewrite.tree import clone, deparse
+from proxy.session.exchange import Statement
 
 _EXECUTE = re.compile(rb"(?i)execute")
 # The session's own prepared statements: their source text (the whole query string of a SQL PREPARE) and
@@ -39,7 +40,7 @@ _EXECUTE = re.compile(rb"(?i)execute")
 LOOKUP = "SELECT statement, from_sql, parameter_types::text[] FROM pg_prepared_statements WHERE name = $1"
 UNNAMED_COLUMN = "?column?"  # what PostgreSQL names an output column that is a bare parameter
 
-Parser = Callable[[str], Awaitable[tuple[ast.RawStmt, ...] | None]]
+Parser = Callable[[str], Steps[tuple[ast.RawStmt, ...] | None]]
 
 
 def might_execute(raw: bytes) -> bool:
@@ -69,7 +70,7 @@ class Prepared:
     complete: bool = True
 
 
-async def expand(stmts: tuple[ast.RawStmt, ...], port: Port, parse: Parser) -> tuple[ast.RawStmt, ...] | None:
+def expand(stmts: tuple[ast.RawStmt, ...], parse: Parser) -> Steps[tuple[ast.RawStmt, ...] | None]:
     """``stmts`` with each EXECUTE of a statement calling ``pgml.*`` replaced by that statement (None: none)."""
     in_string: dict[str, Prepared | None] = {}  # PREPAREs before this point of the string (None: deallocated)
     cleared = False  # DEALLOCATE ALL / DISCARD ALL before this point: the catalogue's statements are gone
@@ -93,11 +94,11 @@ async def expand(stmts: tuple[ast.RawStmt, ...], port: Port, parse: Parser) -> t
         if execute.name in in_string:
             target = in_string[execute.name]
         else:
-            target = None if cleared else await lookup(port, execute.name, parse)
+            target = None if cleared else (yield from lookup(execute.name, parse))
         if target is None or not _calls_pgml(target.query):
             continue
         if not target.complete and max(referenced_params([target.query]) | {0}) > len(target.types):
-            target = await _inferred(port, target)
+            target = yield from _inferred(target)
         replaced = substitute(target, tuple(execute.params or ()))
         if replaced is None:
             continue
@@ -116,14 +117,14 @@ async def expand(stmts: tuple[ast.RawStmt, ...], port: Port, parse: Parser) -> t
     return tuple(out) if changed else None
 
 
-async def lookup(port: Port, name: str, parse: Parser) -> Prepared | None:
+def lookup(name: str, parse: Parser) -> Steps[Prepared | None]:
     """The session's prepared statement ``name`` from ``pg_prepared_statements`` (None: there is none)."""
-    (result,) = await port.execute([Statement(LOOKUP, params=(name,))])
+    (result,) = yield Run((Statement(LOOKUP, params=(name,)),))
     if not result.rows:
         return None
     text, from_sql, type_names = result.rows[0]
     try:
-        parsed = await parse(text or "")
+        parsed = yield from parse(text or "")
     except ProgramLimitExceeded:  # a huge string it was prepared from: not one the proxy would rewrite
         return None
     if parsed is None:
@@ -139,27 +140,28 @@ async def lookup(port: Port, name: str, parse: Parser) -> Prepared | None:
         query = parsed[0].stmt if len(parsed) == 1 else None
     if query is None:
         return None
-    names = literals.from_text(type_names, "text[]") if type_names else []
+    names = text_format.from_text(type_names, "text[]") if type_names else []
     return Prepared(query, tuple(_type_name(str(t)) for t in names))
 
 
-async def _inferred(port: Port, target: Prepared) -> Prepared:
+def _inferred(target: Prepared) -> Steps[Prepared]:
     """A PREPARE of this string with undeclared parameters: the types the server infers for them.
 
     The statement is prepared under a private name, its types read back and the name released,
     exactly as the client's PREPARE will be (an error here is the one that PREPARE would raise).
     """
-    name = f"pgml_proxy_probe_{port.session_id}"
+    facts = yield LOOK
+    name = f"pgml_proxy_probe_{facts.session_id}"
     prepare = ast.PrepareStmt(name=name, argtypes=target.types or None, query=target.query)
-    results = await port.execute(
-        [
-            Statement(_deparse(prepare)),
+    results = yield Run(
+        (
+            Statement(deparse(prepare)),
             Statement("SELECT parameter_types::text[] FROM pg_prepared_statements WHERE name = $1", params=(name,)),
             Statement(f"DEALLOCATE {name}"),
-        ]
+        )
     )
     rows = results[1].rows
-    names = literals.from_text(rows[0][0], "text[]") if rows and rows[0][0] else []
+    names = text_format.from_text(rows[0][0], "text[]") if rows and rows[0][0] else []
     return Prepared(target.query, tuple(_type_name(str(t)) for t in names))
 
 
@@ -167,7 +169,7 @@ def substitute(target: Prepared, args: tuple[ast.Node, ...]) -> ast.Node | None:
     """The prepared query with ``$n`` -> ``CAST(args[n-1] AS type n)`` (None: leave EXECUTE to the server)."""
     if len(args) != len(target.types) or any(_refused(arg) for arg in args):
         return None
-    query: Any = copy.deepcopy(target.query)
+    query: Any = clone(target.query, {})
     types = target.types
 
     class Names(visitors.Visitor):
@@ -180,7 +182,7 @@ def substitute(target: Prepared, args: tuple[ast.Node, ...]) -> ast.Node | None:
             number = int(node.number or 0)
             if not 0 < number <= len(types):
                 return None  # no such parameter: the server's own error, from the statement as written
-            return ast.TypeCast(arg=copy.deepcopy(args[number - 1]), typeName=copy.deepcopy(types[number - 1]))
+            return ast.TypeCast(arg=clone(args[number - 1], {}), typeName=clone(types[number - 1], {}))
 
     Names()(query)
     Swap()(query)
@@ -233,10 +235,4 @@ def execute_of(node: ast.Node | None) -> ast.ExecuteStmt | None:
 
 def _type_name(spelled: str) -> ast.TypeName:
     """A type as ``regtype`` spells it (``character varying``, ``pgml.task``, ``"char"``) -> its TypeName."""
-    return copy.deepcopy(literals.type_name(spelled))
-
-
-def _deparse(node: ast.Node) -> str:
-    from pglast.stream import RawStream
-
-    return str(RawStream()(node))
+    return clone(literals.type_name(spelled), {})  # type: ignore[no-any-return]

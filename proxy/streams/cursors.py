@@ -39,7 +39,7 @@ from proxy.errors import (
 )
 from proxy.rewrite import decide as rewrite
 from proxy.rewrite.calls import bind, find_calls
-from proxy.rewrite.plan import fold_call
+from proxy.rewrite.constant import fold_call
 from proxy.wire.messages import Column, CommandComplete, DataRow, ReadyForQuery, RowDescription
 
 FUNCTION = "transform_stream"

@@ -4,7 +4,7 @@ Owns: the type OIDs a parameter of a pgml call may have (:data:`PARAM_TYPES`, wi
 SQL type each is read as), and reading a parameter's bytes in text or binary format
 (``array_recv``'s layout for arrays) — with the server's own SQLSTATE for bytes that do
 not fit: 22021 for text that is not UTF-8, 22P03 for bad binary data, 54000 beyond
-:mod:`proxy.rewrite.literals`' limits, 0A000 for a type the proxy does not read.
+:mod:`proxy.rewrite.text_format`' limits, 0A000 for a type the proxy does not read.
 
 Must not: do I/O, or decide where a value goes (:mod:`proxy.rewrite.params` puts it
 into the statement).
@@ -24,7 +24,7 @@ from proxy.errors import (
     ProgramLimitExceeded,
     ProxyError,
 )
-from proxy.rewrite.literals import MAX_ARRAY_ELEMENTS, check_length, decode_utf8, from_text, parse_json
+from proxy.rewrite.text_format import MAX_ARRAY_ELEMENTS, check_length, decode_utf8, from_text, parse_json
 from proxy.wire.messages import Bind
 
 # Type OID -> (SQL type name used for the literal, catalogue type for decoding).

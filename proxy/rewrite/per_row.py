@@ -1,0 +1,224 @@
+"""Calls whose arguments need the server: gather, evaluate, load into a temp table, look up.
+
+Owns: the replacement of one call with column (or otherwise server-computed) arguments — the
+distinct argument tuples gathered through the client's own session (:mod:`proxy.rewrite.gather`
+builds the query), one batched engine call for them, then either a constant (arguments that read
+no row) or a session temp table of (argument keys -> result), filled by COPY, and a lookup in its
+place; the key types the lookup compares, and the COPY text and binary rows that fill the table.
+
+Must not: run anything itself: it yields :mod:`proxy.rewrite.steps` requests (run the gather query,
+evaluate, create and fill the table) and is resumed with their answers. Templates hold catalogue
+names and generated identifiers only; the client's argument nodes go into the AST.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import struct
+from typing import Any
+
+from pglast import ast
+
+from engine.api import Signature
+from proxy.errors import FeatureNotSupported
+from proxy.rewrite import constant, gather
+from proxy.rewrite.calls import DEFAULT, Site, find_calls
+from proxy.rewrite.columns import from_columns, named
+from proxy.rewrite.literals import is_constant
+from proxy.rewrite.overloads import OID_TYPES, choose, read_here
+from proxy.rewrite.steps import LOOK, Compute, Evaluate, Run, Steps, off_loop, run
+from proxy.rewrite.text_format import from_text, to_text
+from proxy.rewrite.tree import TABLE, deparse, fill
+from proxy.session.exchange import Statement
+
+# Key columns keep the argument's own type, so the lookup compares like with like.
+KEY_TYPES = {
+    25: "text", 1043: "varchar", 1042: "bpchar", 19: "name", 705: "text", 114: "jsonb", 21: "smallint",
+    23: "integer", 1005: "smallint[]", 1007: "integer[]", 1700: "numeric", 1231: "numeric[]", 2249: "text",
+    199: "jsonb[]", 700: "text", 701: "text", 1021: "text", 1022: "text",
+}  # fmt: skip
+# Keyed on their text, in the gather as in the lookup: records have no equality a table column can hold, and
+# floats printed under a client's extra_float_digits <= 0 do not read back to the same value.
+TEXT_KEYED = frozenset({2249, 700, 701, 1021, 1022})
+_temp_ids = itertools.count(1)
+
+
+def replacement(site: Site, candidates: list[Signature], slots: list[Any]) -> Steps[dict[int, ast.Node]]:
+    """The node in place of the call: a constant, or a lookup in a temp table of its results."""
+    # Constant arguments are read here; only the others are gathered (and constants only the server can
+    # read, such as a cast the proxy does not fold, are computed by the server too).
+    given = [
+        i
+        for i, s in enumerate(slots)
+        if s is not DEFAULT and (not is_constant(s) or not any(read_here(s, sig.params[i].type) for sig in candidates))
+    ]
+    if not given:  # constants that fit no overload: report why under the first one
+        constant.fold_strict(candidates[0], slots)
+    gathering = gather.gather_statement(site, [slots[i] for i in given])
+    if find_calls(gathering):  # what evaluating inside-out cannot untangle (a call in a recursive CTE's term)
+        raise FeatureNotSupported(
+            f"pgml.{site.function}() reads rows that another pgml call in the same statement produces this way",
+            hint="Compute the inner call in an earlier statement (a temporary table), then call pgml on its rows.",
+        )
+    (result,) = yield run(deparse(gathering))
+    types = [OID_TYPES.get(oid) for _, oid in result.columns]
+    sig = choose(site, candidates, slots, given, [oid for _, oid in result.columns])
+    fixed = constant.fold_strict(sig, slots, skip=set(given))
+    decode = functools.partial(_decode_rows, result.rows, fixed, given, types)
+    # Thousands of arrays take a while to read: off the event loop, so other sessions are not stalled.
+    tuples, texts = yield from off_loop(len(result.rows) > 500, decode)
+    if gathering.fromClause is None and len(result.rows) <= 1:
+        # The arguments read no row of the statement (scalar subqueries, CTEs, expressions): a constant call.
+        (value,) = (yield Evaluate(sig, tuple(tuples))) if tuples else (None,)
+        return constant.replacement(site, sig, value)
+    results = (yield Evaluate(sig, tuple(tuples))) if tuples else []
+    keys = [KEY_TYPES.get(oid, t or "text") for (_, oid), t in zip(result.columns, types, strict=True)]
+    name = yield from _load(sig, keys, texts, results)
+    conditions = " AND ".join(
+        f"k{i} OPERATOR(pg_catalog.=) CAST(${i + 1} AS text)"
+        if oid in TEXT_KEYED
+        else f"k{i} OPERATOR(pg_catalog.=) ${i + 1}"
+        for i, (_, oid) in enumerate(result.columns)
+    )
+    return {_replaced(site): _lookup(site, sig, conditions, {i + 1: slots[g] for i, g in enumerate(given)}, name)}
+
+
+def _replaced(site: Site) -> int:
+    return id(site.range_function if site.range_function is not None else site.call)
+
+
+def _lookup(site: Site, sig: Signature, conditions: str, args: dict[int, ast.Node], table: str) -> ast.Node:
+    """The expression (or FROM item) reading the call's result for its arguments from ``table``."""
+    lookup = f"(SELECT v FROM pg_temp.{TABLE} WHERE {conditions})"
+    if site.range_function is not None:
+        return _lateral(site, sig, lookup, args, table)
+    if not sig.returns_set:
+        return fill(f"SELECT CAST({lookup} AS {sig.returns})", args, table=table)  # type: ignore[no-any-return]
+    if len(sig.columns) == 1:
+        template = f"SELECT CAST(pg_catalog.unnest({lookup}) AS {sig.columns[0][1]})"
+    elif site.output:
+        template = f"SELECT {constant.row_of(sig, lookup)}"
+    else:
+        template = f"SELECT pg_catalog.unnest({lookup})"
+    return fill(template, args, table=table)  # type: ignore[no-any-return]
+
+
+def _decode_rows(
+    rows: list[tuple[str | None, ...]], fixed: list[Any], given: list[int], types: list[str | None]
+) -> tuple[list[tuple[Any, ...]], list[tuple[str | None, ...]]]:
+    """Gathered argument rows -> full argument tuples (constants filled in) and their key texts."""
+    tuples, texts = [], []
+    for row in rows:
+        if any(v is None for v in row):
+            continue  # STRICT: a NULL argument gives NULL, no lookup row needed
+        values = list(fixed)
+        for i, text, kind in zip(given, row, types, strict=True):
+            values[i] = from_text(text, kind or "text")
+        tuples.append(tuple(values))
+        texts.append(row)
+    return tuples, texts
+
+
+def _load(sig: Signature, keys: list[str], texts: list[tuple[str | None, ...]], results: list[Any]) -> Steps[str]:
+    """A session temp table of (argument keys -> result), filled by COPY; returns its name."""
+    facts = yield LOOK
+    name = f"pgml_proxy_{facts.session_id}_{next(_temp_ids)}"
+    value_type = _value_type(sig)
+    columns = ", ".join(f"k{i} {t}" for i, t in enumerate(keys))
+    on_commit = " ON COMMIT DROP" if facts.tx_status == "T" else ""
+    # Formatting thousands of vectors is CPU work: off the event loop, so other sessions are not stalled.
+    binary = value_type == "real[]" and all(k in TEXT_KEYS for k in keys)
+    copy = yield Compute(functools.partial(_copy_binary if binary else _copy_text, texts, results, sig))
+    options = " WITH (FORMAT binary)" if binary else ""
+    keys_list = ", ".join(f"k{i}" for i in range(len(keys)))
+    statements = (
+        Statement(f"CREATE TEMP TABLE {name} ({columns}, v {value_type}){on_commit}"),
+        Statement(f"CREATE INDEX ON {name} USING hash (k{len(keys) - 1})"),
+        Statement(f"COPY {name} FROM STDIN{options}", copy_data=copy),
+        # Statistics of the keys are all the lookup needs; analysing the vectors would cost ~1 s per 10k rows.
+        Statement(f"ANALYZE {name} ({keys_list})"),
+    )
+    # Not dropped at commit: the session drops it once the statement has run.
+    yield Run(statements, temp_tables=() if on_commit else (name,))
+    return name
+
+
+def _lateral(site: Site, sig: Signature, lookup: str, args: dict[int, ast.Node], table: str) -> ast.Node:
+    """``FROM …, pgml.f(…, t.col) AS a`` -> ``LATERAL (SELECT … FROM pg_catalog.unnest(<lookup>) …) AS a``."""
+    rf = site.range_function
+    assert rf is not None
+    alias, names = from_columns(site, sig)
+    ord_column = ", u.ord" if rf.ordinality else ""
+    if not sig.returns_set:
+        select = f"SELECT CAST({lookup} AS {sig.returns}){', 1::bigint' if rf.ordinality else ''}"
+    elif len(sig.columns) == 1:
+        sql_type = sig.columns[0][1]
+        select = (
+            f"SELECT CAST(u.e AS {sql_type}){ord_column} FROM pg_catalog.unnest({lookup}) WITH ORDINALITY AS u(e, ord)"
+            " ORDER BY u.ord"
+        )
+    else:
+        columns = [n for n, _ in sig.columns]
+        select = (
+            f"SELECT {', '.join(f'u.{n}' for n in columns)}{ord_column} FROM pg_catalog.unnest({lookup})"
+            f" WITH ORDINALITY AS u({', '.join(columns)}, ord) ORDER BY u.ord"
+        )
+    subquery = named(fill(select, args, whole=True, table=table), names)
+    return ast.RangeSubselect(lateral=True, subquery=subquery, alias=alias)
+
+
+def _value_type(sig: Signature) -> str:
+    if not sig.returns_set:
+        return sig.returns
+    return "text[]" if len(sig.columns) == 1 else f"pgml.{sig.function}_result[]"
+
+
+def _copy_text(rows: list[tuple[str | None, ...]], results: list[Any], sig: Signature) -> bytes:
+    """COPY text format: tab-separated, backslash escapes, \\N for NULL."""
+    lines = []
+    for keys, result in zip(rows, results, strict=True):
+        if result is None:
+            value = None
+        elif not sig.returns_set:
+            value = to_text(result, sig.returns)
+        else:
+            out = [r if isinstance(r, tuple) else (r,) for r in result]
+            value = constant.array_text(sig, out)
+        lines.append("\t".join(_copy_field(v) for v in (*keys, value)))
+    return ("\n".join(lines) + "\n").encode() if lines else b""
+
+
+TEXT_KEYS = frozenset({"text", "varchar", "bpchar", "name"})
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\0" + struct.pack("!ii", 0, 0)
+_REAL_OID = 700
+
+
+def _copy_binary(rows: list[tuple[str | None, ...]], results: list[Any], sig: Signature) -> bytes:
+    """COPY binary format for text keys and real[] values: the vectors are packed by numpy, not printed."""
+    import numpy as np  # loaded on the first vector table: a heavy import that no other path of the proxy needs
+
+    ncols = struct.pack("!h", len(rows[0]) + 1) if rows else b""
+    parts = [_COPY_HEADER]
+    for keys, vector in zip(rows, results, strict=True):
+        parts.append(ncols)
+        for key in keys:
+            data = (key or "").encode()
+            parts.append(struct.pack("!i", len(data)) + data)
+        if vector is None:
+            parts.append(b"\xff\xff\xff\xff")
+            continue
+        values = np.asarray(vector, dtype=np.float32)
+        pairs = np.empty(len(values), dtype=[("size", ">i4"), ("value", ">f4")])
+        pairs["size"], pairs["value"] = 4, values
+        # array header: 1 dimension, no NULLs, element type float4, length, lower bound 1
+        body = struct.pack("!iiIii", 1, 0, _REAL_OID, len(values), 1) + pairs.tobytes()
+        parts.append(struct.pack("!i", len(body)) + body)
+    parts.append(b"\xff\xff")  # trailer
+    return b"".join(parts)
+
+
+def _copy_field(value: str | None) -> str:
+    if value is None:
+        return "\\N"
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")

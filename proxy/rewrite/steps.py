@@ -1,0 +1,180 @@
+"""What rewriting asks of the client's session, and the one driver that answers it.
+
+Owns: the requests a rewrite yields — :class:`Run` statements on the client's session,
+:class:`Settle` until every answer owed has arrived, :class:`Look` at the session's
+:class:`Facts`, :class:`Evaluate` a batch of engine calls, :class:`Compute` CPU-heavy work off
+the event loop — and :func:`drive`, which answers them against a
+:class:`~proxy.session.exchange.Port` and the engine and resumes the rewrite with each answer, or
+with the exception that answering raised (thrown in where the request was yielded, so the rewrite
+handles :class:`~proxy.session.exchange.UpstreamError` as if it had awaited the call itself);
+:func:`replay` runs one from answers given at once (recorded ones, in tests).
+
+Must not: decide anything. Decision code (:mod:`proxy.rewrite.decide` and the modules it uses)
+yields these requests and is resumed with their answers; it never calls the Port nor awaits, so a
+decision runs from recorded answers in tests, the way psycopg 3's generators run without sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from engine.api import Call, Engine, Signature
+from proxy.session.exchange import Port, Statement
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """What a rewrite may know of the client's session at one moment (answer to Look and Settle)."""
+
+    session_id: int
+    database: str
+    tx_status: str  # of the last ReadyForQuery: "I", "T" or "E"
+    in_transaction: bool  # inside BEGIN or an extended-protocol batch: what runs now commits with the client's work
+    standard_strings: bool
+    client_encoding: str
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """Run ``statements`` as one internal exchange on the client's session; answered with their Results.
+
+    ``keep_open`` / ``finish``: as :meth:`proxy.session.exchange.Port.execute`. ``temp_tables``: session
+    temp tables these statements create, for the session to drop once the client's statement has run.
+    """
+
+    statements: tuple[Statement, ...]
+    keep_open: bool = False
+    finish: bool = False
+    temp_tables: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Settle:
+    """Wait until every ReadyForQuery owed has arrived; answered with the Facts then."""
+
+
+@dataclass(frozen=True, slots=True)
+class Look:
+    """The session's Facts now."""
+
+
+@dataclass(frozen=True, slots=True)
+class Evaluate:
+    """Evaluate one overload for each argument tuple of ``rows`` in the engine; answered with the results.
+
+    The call runs for the client's session: it is cancelled with it, and reads and writes tables through it.
+    """
+
+    signature: Signature
+    rows: tuple[tuple[Any, ...], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Compute:
+    """``function()``, in a worker thread (pure CPU work on a large input: other sessions are not stalled)."""
+
+    function: Callable[[], Any]
+
+
+Request = Run | Settle | Look | Evaluate | Compute
+# A rewrite step: yields requests, is sent each one's answer, returns its outcome.
+Steps = Generator[Request, Any, T]
+LOOK, SETTLE = Look(), Settle()
+
+
+def run(*sql: str) -> Run:
+    """A Run of plain statements (no parameters, no COPY data)."""
+    return Run(tuple(Statement(text) for text in sql))
+
+
+def off_loop(long: bool, function: Callable[[], T]) -> Steps[T]:
+    """``function()``: in a worker thread when the input is ``long``, else here."""
+    if long:
+        result: T = yield Compute(function)
+        return result
+    return function()
+
+
+async def drive(steps: Steps[T], port: Port, engine: Engine | None) -> T:
+    """Run ``steps`` to its end, answering each request on ``port`` and ``engine``; returns its outcome.
+
+    An exception raised while answering is thrown into ``steps`` at its ``yield``; one ``steps`` does not
+    catch comes out of here. Cancelled, ``steps`` is closed (its ``finally`` blocks run).
+    """
+    answer: Any = None
+    failure: Exception | None = None
+    try:
+        while True:
+            try:
+                request = steps.send(answer) if failure is None else steps.throw(failure)
+            except StopIteration as done:
+                outcome: T = done.value
+                return outcome
+            answer, failure = None, None
+            try:
+                answer = await _answer(request, port, engine)
+            except Exception as exc:  # the rewrite's to handle, as if it had awaited the call itself
+                failure = exc
+    finally:
+        steps.close()
+
+
+def replay(steps: Steps[T], answer: Callable[[Request], Any]) -> T:
+    """Run ``steps`` to its end with ``answer(request)`` for each request, at once: recorded answers, no
+    session (how the tests run decisions). What ``answer`` raises is thrown into ``steps``, as in :func:`drive`.
+    """
+    reply: Any = None
+    failure: Exception | None = None
+    while True:
+        try:
+            request = steps.send(reply) if failure is None else steps.throw(failure)
+        except StopIteration as done:
+            outcome: T = done.value
+            return outcome
+        reply, failure = None, None
+        try:
+            reply = answer(request)
+        except Exception as exc:  # the rewrite's to handle, as in drive()
+            failure = exc
+
+
+async def _answer(request: Request, port: Port, engine: Engine | None) -> Any:
+    match request:
+        case Run(statements=statements, keep_open=keep_open, finish=finish, temp_tables=tables):
+            port.temp_tables.extend(tables)
+            return await port.execute(list(statements), keep_open=keep_open, finish=finish)
+        case Look():
+            return facts(port)
+        case Settle():
+            await port.settled()
+            return facts(port)
+        case Evaluate(signature=signature, rows=rows):
+            assert engine is not None
+            call = Call(
+                signature,
+                list(rows),
+                session=port.session_id,
+                db=port,
+                database=port.database,
+                notices=port.notices,
+            )
+            return await engine.evaluate(call)
+        case Compute(function=function):
+            return await asyncio.to_thread(function)
+    raise TypeError(f"not a rewrite request: {request!r}")
+
+
+def facts(port: Port) -> Facts:
+    return Facts(
+        session_id=port.session_id,
+        database=port.database,
+        tx_status=port.tx_status,
+        in_transaction=port.in_transaction,
+        standard_strings=port.standard_strings,
+        client_encoding=port.client_encoding,
+    )

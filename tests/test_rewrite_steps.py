@@ -1,0 +1,181 @@
+"""Rewrite decisions without sockets or a session: each case's requests answered from recorded results.
+
+A case (``tests/rewrite_cases/*.json``) gives a Query, or a Parse and then Binds of it, and the
+requests the rewriter must yield in order — the statements it runs on the client's session, with
+the server's recorded answer (or error), and the engine calls, with the stand-in engine's results —
+then the decision. Look, Settle and Compute requests are answered here (the session's facts, the
+computation itself) and not listed. Run steps list their SQL; one ending in ``...`` matches by prefix;
+``{"install": true}`` is the schema installation script.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import pglast
+import pytest
+
+from engine.api import Result
+from proxy import schema
+from proxy.rewrite import per_row
+from proxy.rewrite.decide import BatchFailed, DeferToBind, Forward, Rebound, Respond, Rewriter, Rewritten
+from proxy.rewrite.schema_check import SessionState
+from proxy.rewrite.steps import Compute, Evaluate, Facts, Look, Request, Run, Settle, replay
+from proxy.session.exchange import UpstreamError
+from proxy.wire import messages as pq
+from proxy.wire.frames import split_frames
+from tests.test_rewrite import Unused, fake_results
+
+CASES = Path(__file__).parent / "rewrite_cases"
+
+
+def load_cases() -> list[Any]:
+    cases = []
+    for path in sorted(CASES.glob("*.json")):
+        for case in json.loads(path.read_text()):
+            cases.append(pytest.param(case, id=f"{path.stem}: {case['case']}"))
+    return cases
+
+
+@dataclass
+class Script:
+    """Answers a rewrite's requests from one case's recorded steps, checking each request against its step."""
+
+    steps: list[dict[str, Any]]
+    facts: Facts
+    seen: list[Request] = field(default_factory=list)
+
+    def __call__(self, request: Request) -> Any:
+        self.seen.append(request)
+        match request:
+            case Look() | Settle():
+                return self.facts
+            case Compute(function=function):
+                return function()
+        assert self.steps, f"an unexpected request after the last step: {request}"
+        step = self.steps.pop(0)
+        match request:
+            case Run():
+                return self._run(request, step)
+            case Evaluate(signature=signature, rows=rows):
+                assert step.get("evaluate") == signature.function, f"{request} where the case has {step}"
+                assert _plain(rows) == step["rows"]
+                return step["answer"] if "answer" in step else fake_results(signature, rows)
+        raise AssertionError(f"not a rewrite request: {request}")
+
+    def _run(self, request: Run, step: dict[str, Any]) -> list[Result]:
+        statements = [s.sql for s in request.statements]
+        install = step.get("install") and list(pglast.split(schema.script(set(), self.facts.in_transaction) or ""))
+        expected = install or step.get("run")
+        assert expected is not None, f"{request} where the case has {step}"
+        assert len(statements) == len(expected), f"{statements} where the case has {expected}"
+        for sql, want in zip(statements, expected, strict=True):
+            assert sql.startswith(want[:-3]) if want.endswith("...") else sql == want, f"{sql!r} is not {want!r}"
+        assert [s.visible for s in request.statements] == [step.get("visible", False)] * len(statements)
+        assert (request.keep_open, request.finish) == (step.get("keep_open", False), step.get("finish", False))
+        assert list(request.temp_tables) == step.get("temp_tables", [])
+        if "params" in step:
+            assert [list(s.params) for s in request.statements] == [step["params"]]
+        if step.get("batch_failed"):
+            raise BatchFailed()
+        if "error" in step:
+            fields = tuple(sorted({"S": "ERROR", **step["error"]}.items()))
+            status = step.get("status", self.facts.tx_status)
+            raise UpstreamError(fields, status, delivered=step.get("delivered", False))
+        answers = step.get("answer", [{}] * len(statements))
+        return [_result(answer) for answer in answers]
+
+
+def _result(answer: dict[str, Any]) -> Result:
+    """A recorded Result: columns as (name, type OID), rows as text values ("@migrations": every version applied)."""
+    rows = answer.get("rows", [])
+    if rows == "@migrations":
+        rows = [[str(m.version)] for m in schema.migrations()]
+    return Result(columns=[tuple(c) for c in answer.get("columns", [])], rows=[tuple(r) for r in rows])
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, as JSON spells them."""
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _facts(case: dict[str, Any]) -> Facts:
+    facts = Facts(1, "db", "I", False, True, "UTF8")
+    return replace(facts, **case.get("facts", {}))
+
+
+@pytest.fixture(autouse=True)
+def _temp_names(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setattr(per_row, "_temp_ids", itertools.count(1))  # the case files name pgml_proxy_1_1, …
+    yield
+
+
+def decided(outcome: Any) -> dict[str, Any]:
+    """A decision as a case spells it."""
+    match outcome:
+        case Forward():
+            return {"forward": True}
+        case DeferToBind(param_types=types):
+            return {"defer": list(types)}
+        case Rewritten(frames=frames):
+            (frame,) = split_frames(frames)
+            sql = pq.Query.decode(frame).sql if frame.type == ord("Q") else pq.Parse.decode(frame).sql
+            return {"rewritten": sql}
+        case Respond(frames=frames):
+            return {"respond": [chr(frame.type) for frame in split_frames(frames)]}
+        case Rebound(parse=parse, bind=bind):
+            (parsed,) = split_frames(parse)
+            message = pq.Parse.decode(parsed)
+            bound = pq.Bind.decode(split_frames(bind)[0])
+            assert bound.statement == message.name
+            return {"rebound": message.sql, "types": list(message.param_types)}
+        case UpstreamError(fields=fields):
+            return {"error": dict(fields)["C"]}
+        case Exception() as error:
+            return {"error": getattr(error, "sqlstate", type(error).__name__)}
+    raise AssertionError(f"not a decision: {outcome!r}")
+
+
+def outcome_of(run: Any) -> Any:
+    try:
+        return run()
+    except Exception as error:
+        return error
+
+
+@pytest.mark.parametrize("case", load_cases())
+def test_case(case: dict[str, Any]) -> None:
+    rewriter = Rewriter(Unused())
+    state = SessionState(checked=case.get("schema_checked", True), prepares=case.get("prepares", False))
+    facts = _facts(case)
+    if state.checked:
+        rewriter.schema.ready.add(facts.database)
+    if "query" in case:
+        message: pq.Query | pq.Parse = pq.Query(case["query"])
+    else:
+        message = pq.Parse("s", case["parse"]["sql"], tuple(case["parse"].get("types", ())))
+    script = Script(list(case["steps"]), facts)
+    outcome = outcome_of(lambda: replay(rewriter.deciding(message, state), script))
+    assert decided(outcome) == case["decision"]
+    assert not script.steps, f"steps the rewriter did not take: {script.steps}"
+    for number, bind_case in enumerate(case.get("binds", []), 1):
+        assert isinstance(outcome, DeferToBind)
+        values = tuple(None if v is None else str(v).encode() for v in bind_case["values"])
+        bind = pq.Bind("", "s", (), values, ())
+        script = Script(list(bind_case["steps"]), facts)
+        steps = rewriter.binding(bind, message.sql, outcome.param_types, number, state)
+        assert decided(outcome_of(lambda: replay(steps, script))) == bind_case["decision"]  # noqa: B023
+        assert not script.steps, f"steps the rewriter did not take: {script.steps}"
+
+
+def test_cases_are_loaded() -> None:
+    assert len(load_cases()) >= 10
