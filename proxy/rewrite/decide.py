@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import re
 import weakref
 from dataclasses import dataclass
@@ -49,10 +50,11 @@ from proxy.rewrite.steps import LOOK, SETTLE, Steps, drive, off_loop
 from proxy.rewrite.tree import deparse, deparse_all
 from proxy.session.exchange import Port, UpstreamError
 from proxy.wire import messages as protocol
-from proxy.wire.frames import Frame
+from proxy.wire.frames import Frame, Frontend
 from proxy.wire.messages import Bind, Parse, Query
 
-_QUERY, _PARSE = ord("Q"), ord("P")
+log = logging.getLogger(__name__)
+_QUERY, _PARSE = int(Frontend.QUERY), int(Frontend.PARSE)
 
 
 def might_use_pgml(raw: bytes) -> bool:
@@ -248,6 +250,8 @@ class Rewriter:
         new_sql, oids = rewritten
         facts = yield LOOK
         private = f"pgml_proxy_stmt_{facts.session_id}_{private_id}"
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("rewrite of a Bind of %r as %r: %s", bind.statement, private, new_sql)
         return Rebound(
             parse=Parse(private, new_sql, oids).encode(),
             bind=dataclasses.replace(bind, statement=private).encode(),
@@ -339,6 +343,7 @@ class Rewriter:
             rewritten = yield from evaluate.rewrite(analysis, dependent_ok=True)
             if rewritten is None:  # run on the session already: only ReadyForQuery is left to send
                 return (yield from _ready())
+            _log_rewrite(message, rewritten)
             return Rewritten(Query(rewritten).encode(), own)
         rewritten = yield from evaluate.rewrite(analysis, dependent_ok=False)
         if rewritten is None:  # a call reading the database after the string's first statement: all ran here
@@ -354,6 +359,13 @@ class Rewriter:
             self.engine.cancel(session)
 
 
+def _log_rewrite(message: Query | Parse, sql: str) -> None:
+    """SQL in and out, at debug only (SQL may quote data: never at info)."""
+    if log.isEnabledFor(logging.DEBUG):
+        kind = f"Parse {message.name!r}" if isinstance(message, Parse) else "Query"
+        log.debug("rewrite of a %s: %s\n  -> %s", kind, message.sql, sql)
+
+
 def _ready() -> Steps[Decision]:
     """Only ReadyForQuery left to send: the statements ran on the session, their answers went to the client."""
     facts = yield LOOK
@@ -361,6 +373,7 @@ def _ready() -> Steps[Decision]:
 
 
 def _rewritten_message(message: Query | Parse, sql: str, own: tuple[int, ...] = ()) -> Rewritten:
+    _log_rewrite(message, sql)
     if isinstance(message, Parse):
         return Rewritten(Parse(message.name, sql, message.param_types).encode())
     return Rewritten(Query(sql).encode(), own)

@@ -15,6 +15,7 @@ the exchange is done is ours.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -42,6 +43,7 @@ from proxy.wire.messages import (
     Target,
 )
 
+log = logging.getLogger(__name__)
 _COPY_CHUNK = 256 * 1024
 STATEMENT = "pgml_proxy_s"  # the private statement and portal of internal exchanges
 PORTAL = "pgml_proxy_p"
@@ -185,6 +187,9 @@ class Exchange:
 
     def __init__(self, statements: Sequence[Statement], *, sync: bool, close_first: Sequence[str] = ()) -> None:
         self.statements = list(statements)
+        if log.isEnabledFor(logging.DEBUG):  # the proxy's own statements on the client's session (SQL: debug only)
+            for statement in self.statements:
+                log.debug("own statement (%s): %s", type(statement).__name__, statement.sql)
         self.results = [Described() if isinstance(s, Prepare) else Result() for s in self.statements]
         self.error: tuple[tuple[str, str], ...] | None = None
         self.status: str | None = None
