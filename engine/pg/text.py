@@ -177,18 +177,22 @@ def parse_array_literal(text: str) -> tuple[list[str | None], tuple[int, ...]]:
     if "{" not in body[1:]:  # one dimension: the fast reader
         elements = parse_array(body)
         return elements, (len(elements),) if elements else (0,)
+    flat, shape = _nested(body, text)
+    check_elements(len(flat))
+    return flat, shape if flat else (0,)
+
+
+def _nested(body: str, text: str) -> tuple[list[str | None], tuple[int, ...]]:
+    """The elements and shape of a literal with sub-arrays (``body``: ``text`` without bounds)."""
     flat: list[str | None] = []
     shape: dict[int, int] = {}  # depth -> size of the first array completed at that depth
     opened: list[int] = []  # where each open array's "{" is
     children: list[int | None] = []  # per open array: its sub-arrays so far (None: none, so far)
-    last = ""  # the previous structural token at an outer level
-    mark = 0  # where the text after the previous structural token begins
+    last, mark = "", 0  # the previous structural token at an outer level, and where the text after it begins
     for match in _STRUCTURE.finditer(body):
-        token = match.group()
-        if token[0] == '"':
-            continue
-        nested = bool(children) and children[-1] is not None
-        gap = body[mark : match.start()]
+        token, gap = match.group(), body[mark : match.start()]
+        if token[0] == '"' or (token == "," and children and children[-1] is None):
+            continue  # an innermost array's element or comma: parse_array's
         if token == "{":
             if children:
                 if gap.strip() or last not in ("{", ","):  # a sub-array after elements, or without a comma
@@ -196,31 +200,21 @@ def parse_array_literal(text: str) -> tuple[list[str | None], tuple[int, ...]]:
                 children[-1] = (children[-1] or 0) + 1
             opened.append(match.start())
             children.append(None)
-        elif not children:
-            raise _malformed(text)
-        elif token == ",":
-            if nested and (gap.strip() or last != "}"):
-                raise _malformed(text)
-            if not nested:
-                continue  # between the elements of an innermost array: parse_array's
-        else:  # "}"
-            start, count = opened.pop(), children.pop()
-            if count is None:
+        elif not children or (children[-1] is not None and (gap.strip() or last != "}")):
+            raise _malformed(text)  # outside any array, or a comma or "}" not right after a sub-array
+        elif token == "}":
+            start, size = opened.pop(), children.pop()
+            if size is None:  # an innermost array
                 elements = parse_array(body[start : match.end()])
                 flat.extend(elements)
                 size = len(elements)
-            elif gap.strip() or last != "}":
-                raise _malformed(text)
-            else:
-                size = count
             shape.setdefault(len(opened), size)
             if not opened and body[match.end() :].strip():
                 raise _malformed(text)
         last, mark = token, match.end()
     if opened:
         raise _malformed(text)
-    check_elements(len(flat))
-    return flat, tuple(shape[d] for d in sorted(shape)) if flat else (0,)
+    return flat, tuple(shape[depth] for depth in sorted(shape))
 
 
 def _malformed(text: str) -> InvalidTextRepresentation:
