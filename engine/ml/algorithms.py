@@ -7,8 +7,8 @@ table), the names it rejects per task, ``train_joint``'s MultiOutputRegressor
 wrapping, hyperparameter-name checking, library defaults PostgresML sets, the
 default algorithm of a task and the runtime PostgresML would record.
 
-Must not: fit, score or serialise anything (``engine.metrics`` and
-``engine.artifacts`` do), nor import an ML library at import time: classes are
+Must not: fit, score or serialise anything (``engine.ml.metrics`` and
+``engine.ml.artifacts`` do), nor import an ML library at import time: classes are
 imported on first use, so importing this module stays cheap.
 """
 

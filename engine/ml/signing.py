@@ -14,7 +14,7 @@ group may read, is refused (PostgreSQL's rule for its TLS key); group-readable
 is accepted with a warning. A key is read once per path and process: rotating it
 means restarting the proxy (see ``pgml-proxy resign``).
 
-Must not: touch the database (``engine.registry`` stores signatures,
+Must not: touch the database (``engine.pg.registry`` stores signatures,
 ``proxy.cli`` re-signs) or log a key.
 """
 

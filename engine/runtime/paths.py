@@ -5,7 +5,7 @@ followed), and the two questions asked of a path: does its text name something u
 of them, and does it — every link resolved — really lie under one.
 
 Must not: open, list or create anything (``os.path.realpath`` only resolves links), or
-decide what a refusal says (``engine.datasets`` and ``engine.models`` do, each alike for
+decide what a refusal says (``engine.ml.datasets.files`` and ``engine.runtime.locate`` do, each alike for
 existing and missing paths).
 """
 

@@ -99,7 +99,7 @@ def generate_tuned(
     ``conversation`` model takes each input as the user's message, formatted as in tuning. Without
     ``max_new_tokens`` / ``max_length`` up to ``MAX_NEW_TOKENS`` are generated. ``cancelled`` (the call's
     cancel flag: cancel, disconnect, call_timeout) stops it at the next decoding step with Canceled.
-    ``config_kwargs`` may use OpenAI-style names (``engine.generation_args``); what they cannot honour is
+    ``config_kwargs`` may use OpenAI-style names (``engine.nlp.generation_args``); what they cannot honour is
     said in ``notices`` (the call's notices channel).
     """
     cached = cache.peek(key)  # the caller sends no files once the model is cached
