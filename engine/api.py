@@ -10,7 +10,8 @@ and the value-format errors of :mod:`engine.pg`).
 Must not: import any other engine module (everything else depends on this one), build
 an engine (the composition root, ``proxy.cli``, does), or import an ML library (the
 relay path imports this module and must stay light). The proxy imports this module
-and :mod:`engine.pg`'s value formats; only the composition root imports more.
+and :mod:`engine.pg`'s value formats; only its composition root (``proxy.cli``) imports
+more (the executor it builds, the artifact key file's functions).
 """
 
 from __future__ import annotations

@@ -4,10 +4,10 @@ Owns: the one mapping every generating path uses (``pgml.transform`` for text-ge
 tasks and the chat form, ``pgml.transform_stream``, ``pgml.generate``): the OpenAI names Korvus and hosted
 PostgresML send (``max_tokens``, ``stop``, ``n``, ``temperature``, ``top_p``, ``presence_penalty``,
 ``frequency_penalty``, ``seed``, ``logit_bias``, ``echo``, …) turned into Hugging Face ones, native Hugging
-Face names passed as they are, and 22023 for a name neither knows (listing the accepted ones); the logits
-processors behind what HF has no argument for (OpenAI's additive presence / frequency penalties, a seeded
-sampler with its own ``torch.Generator``); cutting a text at its first stop string (OpenAI leaves the stop
-text out); capping ``max_new_tokens`` at the room left in the model's context.
+Face names passed as they are, and 22023 for a name neither knows (listing the accepted ones); which logits
+processors and stopping criteria carry what HF has no argument for (OpenAI's additive presence / frequency
+penalties, a seeded sampler with its own ``torch.Generator``, stop strings); cutting a text at its first stop
+string (OpenAI leaves the stop text out); capping ``max_new_tokens`` at the room left in the model's context.
 
 Must not: load models, run ``generate``, know SQL, or import ML libraries at import time (the processors
 themselves are ``engine.nlp.decoding``'s).

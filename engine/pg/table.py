@@ -15,15 +15,14 @@ types from the data (the caller passes ``format_type()`` of every column).
 
 from __future__ import annotations
 
+import functools
+import importlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 import numpy as np
-import pyarrow as pa  # type: ignore[import-untyped]
-import pyarrow.compute as pc  # type: ignore[import-untyped]
-import pyarrow.csv as pcsv  # type: ignore[import-untyped]
 from numpy.typing import NDArray
 
 from engine.api import EngineError, InvalidArgument
@@ -124,6 +123,17 @@ class Table:
         raise KeyError(name)
 
 
+@functools.cache
+def _arrow() -> tuple[Any, Any, Any]:
+    """pyarrow and its compute and csv modules, imported on first use: half a second to import, and only
+    reading a relation (pgml.train, pgml.snapshot, pgml.tune) needs them."""
+    return (
+        importlib.import_module("pyarrow"),
+        importlib.import_module("pyarrow.compute"),
+        importlib.import_module("pyarrow.csv"),
+    )
+
+
 def pg_type_of(type_name: str) -> tuple[str, Kind, bool]:
     """``format_type()`` spelling -> (PostgresML pg_type, element kind, is array).
 
@@ -162,6 +172,7 @@ def decode_copy_text(data: bytes, columns: Sequence[tuple[str, str]]) -> Table:
 
 def _read_fields(data: bytes, names: list[str]) -> list[Any]:
     """Split into one arrow string array per column, with COPY's ``\\N`` as null."""
+    pa, _, pcsv = _arrow()
     if not names:
         return []
     if data.endswith(END_OF_DATA):  # only sent by very old servers
@@ -226,6 +237,7 @@ def _decode_column(name: str, type_name: str, field: Any) -> Column:
 
 
 def _to_float(name: str, strings: Any) -> FloatArray:
+    pa, pc, _ = _arrow()
     try:
         floats = pc.cast(strings, pa.float64())
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
@@ -235,6 +247,7 @@ def _to_float(name: str, strings: Any) -> FloatArray:
 
 def _bools(strings: Any) -> FloatArray:
     """``t``/``f`` -> 1.0/0.0, NULL -> NaN."""
+    _, pc, _ = _arrow()
     return _writable(pc.if_else(pc.equal(strings, "t"), 1.0, 0.0).to_numpy(zero_copy_only=False))
 
 
@@ -245,6 +258,7 @@ def _writable(values: Any) -> FloatArray:
 
 def _number_arrays(name: str, kind: Kind, strings: Any) -> tuple[FloatArray, int]:
     """Numeric/boolean array literals -> (rows, width) floats, NaN for NULL rows and elements."""
+    pa, pc, _ = _arrow()
     fast = not pc.any(pc.match_substring_regex(strings, r'^\[|"|\\')).as_py()
     if not fast:  # bounds decoration, quotes or escapes: the full parser, row by row
         rows = [None if v is None else parse_array_literal(unescape(v))[0] for v in strings.to_pylist()]
@@ -267,6 +281,7 @@ def _number_arrays(name: str, kind: Kind, strings: Any) -> tuple[FloatArray, int
 
 
 def _text_arrays(name: str, strings: Any) -> tuple[list[TextArrayRow | None], int]:
+    pa, _, _ = _arrow()
     rows = [None if v is None else parse_array_literal(unescape(v))[0] for v in strings.to_pylist()]
     lengths = pa.array([None if r is None else len(r) for r in rows], pa.int64())
     return rows, _common_width(name, lengths)
@@ -274,6 +289,7 @@ def _text_arrays(name: str, strings: Any) -> tuple[list[TextArrayRow | None], in
 
 def _common_width(name: str, lengths: Any) -> int:
     """The one flattened length of all non-NULL arrays (0 when all are NULL)."""
+    _, pc, _ = _arrow()
     valid = lengths.drop_null()
     if len(valid) == 0:
         return 0

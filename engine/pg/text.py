@@ -32,7 +32,8 @@ from engine.pg.scalars import (
     shown,
 )
 
-_NUMBERS = frozenset({"bigint", "integer", "smallint", "real", "double precision", "boolean"})
+# Element types whose arrays read at C speed, any dimensions flattened (and that constant folding keeps apart).
+NUMBER_TYPES = frozenset({"bigint", "integer", "smallint", "real", "double precision", "boolean"})
 _ARRAY_SPECIAL = frozenset('{}",\\ \t\n\r\v\f')  # what array_out quotes an element for (with "" and NULL)
 
 # --------------------------------------------------------------------------- #
@@ -303,7 +304,7 @@ def from_text(text: str | None, sql_type: str) -> Any:
             return parse_float(text, sql_type)
         case _ if sql_type.endswith("[]"):
             element = sql_type[:-2]
-            if element in _NUMBERS and '"' not in text:  # numbers (any dimensions, flattened): a plain split
+            if element in NUMBER_TYPES and '"' not in text:  # numbers (any dimensions, flattened): a plain split
                 return _numbers(text, element)
             return [from_text(v, element) for v in parse_array(text)]
     raise InvalidArgument(f"cannot read a value of type {sql_type}")
