@@ -20,9 +20,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.api import Call, signatures
-from engine.core import LocalEngine
-from proxy.config import EngineSection
+from engine.api import Call, EngineConfig, signatures
+from engine.runtime.executor import LocalEngine
 
 
 def tiny_encoder(directory: Path) -> Path:
@@ -44,7 +43,7 @@ def tiny_encoder(directory: Path) -> Path:
 
 
 async def run(device: str, model: str, texts: list[str]) -> tuple[list[Any], float, str]:
-    engine = LocalEngine(EngineSection(device=device, model_dirs=()))
+    engine = LocalEngine(EngineConfig(device=device, model_dirs=()))
     sig = next(s for s in signatures("embed") if s.params[1].type == "text")
     rows = [(model, t, {}) for t in texts]
     await engine.evaluate(Call(sig, rows[:2]))  # load

@@ -148,7 +148,7 @@ _LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ [\w.-]+: (.
 
 
 def train_breakdown(log: Path, spans: list[tuple[datetime, datetime]]) -> list[dict[str, float]]:
-    """Per proxy training run, from engine.training's INFO lines: read, fit, score, the rest before/after."""
+    """Per proxy training run, from engine.ml.train's INFO lines: read, fit, score, the rest before/after."""
     lines = []
     for line in log.read_text().splitlines():
         match = _LOG_LINE.match(line)
@@ -179,7 +179,7 @@ def train_breakdown(log: Path, spans: list[tuple[datetime, datetime]]) -> list[d
 
 def deployed_estimator(direct: str) -> Any:
     """The XGBRegressor the proxy deployed for the project, read back from pgml.files."""
-    from engine import artifacts
+    from engine.ml import artifacts
 
     with psycopg.connect(direct, autocommit=True) as conn:
         model_id = conn.execute(

@@ -1,23 +1,54 @@
 """The one seam between the proxy and the model engine.
 
 Owns: the catalogue of proxy-evaluated ``pgml.*`` functions (argument names,
-SQL types, defaults, result shape), the request type (:class:`Call`), the
-:class:`Engine` protocol, engine errors carrying a SQLSTATE, and the factory
-:func:`create_engine`.
+SQL types, defaults, result shape), the engine's own configuration
+(:class:`EngineConfig`, the ``[engine]`` section), the request and result types
+(:class:`Call`, :class:`Statement`, :class:`Result`), the :class:`Engine` and
+:class:`Database` protocols, and the errors carrying a SQLSTATE (engine failures
+and the value-format errors of :mod:`engine.pg`).
 
-Must not: import torch, transformers or any ML library at import time (the relay
-path imports this module and must stay light). The proxy imports nothing else
-from ``engine``.
+Must not: import any other engine module (everything else depends on this one), build
+an engine (the composition root, ``proxy.cli``, does), or import an ML library (the
+relay path imports this module and must stay light). The proxy imports this module
+and :mod:`engine.pg`'s value formats; only its composition root (``proxy.cli``) imports
+more (the executor it builds, the artifact key file's functions).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
-if TYPE_CHECKING:
-    from proxy.config import EngineSection
+# --------------------------------------------------------------------------- #
+# Configuration
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The ``[engine]`` section of ``config.toml`` (loaded and validated by ``proxy.config``)."""
+
+    model_dirs: tuple[str, ...] = ()
+    allow_downloads: bool = False
+    device: str = "auto"
+    workers: int = 1
+    # Calls waiting for a worker beyond this many get 53000 instead of queueing without bound.
+    max_queue: int = 64
+    # Seconds one batched engine call may take before the statement fails with 57014.
+    call_timeout: float = 600.0
+    # Texts per forward pass of an embedding model.
+    batch_size: int = 32
+    # Loaded models kept in memory (all connections share them), least recently used evicted first.
+    cache_bytes: int = 8 * 1024**3
+    trust_remote_code: bool = False
+    # Models pgml.transform / transform_stream may load (empty: any); PostgresML's pgml.huggingface_whitelist.
+    allowed_models: tuple[str, ...] = ()
+    # The only directories pgml.load_dataset may read local files from (empty: none).
+    data_dirs: tuple[str, ...] = ()
+    # Secret key that signs model artifacts (HMAC-SHA256). Empty: the default location, resolved at
+    # start-up (next to the embedded data directory, else the user's config directory), created with 0600.
+    artifact_key_file: str = ""
 
 
 # --------------------------------------------------------------------------- #
@@ -58,6 +89,9 @@ class Canceled(EngineError):
     sqlstate = "57014"  # query_canceled
 
 
+CANCELED = "canceling statement due to user request"  # the server's own message for a canceled statement
+
+
 class Overloaded(EngineError):
     sqlstate = "53000"  # insufficient_resources: the work queue is full
 
@@ -68,6 +102,41 @@ class UntrustedArtifact(EngineError):
 
 class PermissionDenied(EngineError):
     sqlstate = "42501"  # insufficient_privilege: another role's project, a file outside the allowed directories
+
+
+# Value-format errors (engine.pg): the server's own SQLSTATE for text or bytes that do not fit their type.
+
+
+class InvalidTextRepresentation(EngineError):
+    sqlstate = "22P02"  # a value that does not parse as its type (bad JSON, malformed array)
+
+
+class InvalidBinaryRepresentation(EngineError):
+    sqlstate = "22P03"  # binary data that does not fit its type
+
+
+class CharacterNotInRepertoire(EngineError):
+    sqlstate = "22021"  # text that is not valid UTF-8 (or holds a NUL byte), as the server's encoding check says
+
+
+class UntranslatableCharacter(EngineError):
+    sqlstate = "22P05"  # a JSON \u0000 escape: jsonb cannot hold it
+
+
+class NumericValueOutOfRange(EngineError):
+    sqlstate = "22003"  # a number outside its type's range
+
+
+class DatatypeMismatch(EngineError):
+    sqlstate = "42804"  # e.g. a binary array whose element type is not the array's
+
+
+class ProgramLimitExceeded(EngineError):
+    sqlstate = "54000"  # a value beyond the documented size limits (engine.pg.scalars MAX_*)
+
+
+class StatementTooComplex(EngineError):
+    sqlstate = "54001"  # nesting deeper than evaluated (JSON depth), like the server's stack limit
 
 
 # --------------------------------------------------------------------------- #
@@ -359,10 +428,3 @@ class Engine(Protocol):
     async def close(self) -> None:
         """Stop workers and free models."""
         ...
-
-
-def create_engine(config: EngineSection) -> Engine:
-    """The local engine (sentence-transformers & co.), imported only now."""
-    from engine.core import LocalEngine
-
-    return LocalEngine(config)

@@ -1,7 +1,8 @@
 """Command line: ``pgml-proxy [--config PATH] [--listen HOST:PORT] [--upstream DSN] [--log-level L] [run|init|resign]``.
 
-Owns: argument parsing, logging setup, choosing the upstream (configured DSN or an
-embedded cluster), the artifact signing key file (resolved and created at start-up,
+Owns: argument parsing, logging setup, building the engine (the composition root: no
+other proxy module imports ``engine.runtime``), choosing the upstream (configured DSN or
+an embedded cluster), the artifact signing key file (resolved and created at start-up,
 its path handed to the engine), running the server until SIGTERM/SIGINT, and
 ``resign``: re-signing the registry's artifacts with a new key (rotation) or signing
 unsigned ones an administrator has checked, directly on the upstream database.
@@ -20,8 +21,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from engine import signing
-from engine.api import EngineError, create_engine
+from engine.api import EngineError
+from engine.ml import signing
+from engine.runtime.executor import LocalEngine
 from proxy import PGML_API_LEVEL, __version__, schema
 from proxy.config import Config, ConfigError, load
 from proxy.dsn import parse_dsn
@@ -181,7 +183,7 @@ async def _run(config: Config) -> int:
         await asyncio.to_thread(cluster.start)
         await asyncio.to_thread(schema.init, cluster.dsn())
         target = UpstreamTarget(parse_dsn(cluster.dsn()), "disable", "", config.upstream.connect_timeout)
-    engine = create_engine(config.engine)
+    engine = LocalEngine(config.engine)  # the composition root: the one place that builds the engine
     try:
         server = Server(config, target, Rewriter(engine))
         await server.start()

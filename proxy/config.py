@@ -1,7 +1,8 @@
 """The one configuration object: ``config.toml`` < ``PGML_PROXY_*`` env < CLI flags.
 
-Owns: the frozen dataclasses, their defaults, loading, coercion and validation.
-Every error names the offending key (``ConfigError``).
+Owns: the frozen dataclasses (the ``[engine]`` section is the engine's own type,
+``engine.api.EngineConfig``, embedded here), their defaults, loading, coercion and
+validation. Every error names the offending key (``ConfigError``).
 
 Must not: keep a module-level instance (the config is passed explicitly), or read
 anything but the files/env/flags handed to :func:`load`.
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.api import EngineConfig
 from proxy.dsn import DSNError, parse_dsn
 
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
@@ -70,30 +72,6 @@ class UpstreamSection:
 
 
 @dataclass(frozen=True)
-class EngineSection:
-    model_dirs: tuple[str, ...] = ()
-    allow_downloads: bool = False
-    device: str = "auto"
-    workers: int = 1
-    # Calls waiting for a worker beyond this many get 53000 instead of queueing without bound.
-    max_queue: int = 64
-    # Seconds one batched engine call may take before the statement fails with 57014.
-    call_timeout: float = 600.0
-    # Texts per forward pass of an embedding model.
-    batch_size: int = 32
-    # Loaded models kept in memory (all connections share them), least recently used evicted first.
-    cache_bytes: int = 8 * 1024**3
-    trust_remote_code: bool = False
-    # Models pgml.transform / transform_stream may load (empty: any); PostgresML's pgml.huggingface_whitelist.
-    allowed_models: tuple[str, ...] = ()
-    # The only directories pgml.load_dataset may read local files from (empty: none).
-    data_dirs: tuple[str, ...] = ()
-    # Secret key that signs model artifacts (HMAC-SHA256). Empty: the default location, resolved at
-    # start-up (next to the embedded data directory, else the user's config directory), created with 0600.
-    artifact_key_file: str = ""
-
-
-@dataclass(frozen=True)
 class LogSection:
     level: str = "info"
 
@@ -102,7 +80,7 @@ class LogSection:
 class Config:
     proxy: ProxySection = field(default_factory=ProxySection)
     upstream: UpstreamSection = field(default_factory=UpstreamSection)
-    engine: EngineSection = field(default_factory=EngineSection)
+    engine: EngineConfig = field(default_factory=EngineConfig)  # the engine's own type (engine.api)
     log: LogSection = field(default_factory=LogSection)
 
 

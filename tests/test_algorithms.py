@@ -1,4 +1,4 @@
-"""engine.algorithms: the 45 algorithm names per task, rejections, hyperparameters, joint wrapping, runtimes."""
+"""engine.ml.algorithms: the 45 algorithm names per task, rejections, hyperparameters, joint wrapping, runtimes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_diabetes, load_iris
 
-from engine.algorithms import (
+from engine.api import InvalidArgument, NotSupported
+from engine.ml.algorithms import (
     ALGORITHMS,
     JOINT_WRAPPED,
     TASKS,
@@ -21,7 +22,6 @@ from engine.algorithms import (
     resolve_runtime,
     supported_tasks,
 )
-from engine.api import InvalidArgument, NotSupported
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 

@@ -1,4 +1,4 @@
-"""engine.artifacts: pickle-free round trips for every library, the adapter, refusing untrusted content
+"""engine.ml.artifacts: pickle-free round trips for every library, the adapter, refusing untrusted content
 (the exact skops allow-list, crafted payloads that would run code)."""
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ import skops.io
 from sklearn.datasets import load_diabetes, load_digits, load_iris
 from sklearn.preprocessing import FunctionTransformer
 
-from engine.algorithms import ALGORITHMS, estimator, supported_tasks
 from engine.api import EngineError, NotSupported, UntrustedArtifact
-from engine.artifacts import MAGIC, EstimatorModel, LoadedModel, dump, load, skops_allowed_types, wrap
+from engine.ml.algorithms import ALGORITHMS, estimator, supported_tasks
+from engine.ml.artifacts import MAGIC, EstimatorModel, LoadedModel, dump, load, wrap
+from engine.ml.skops import skops_allowed_types
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 

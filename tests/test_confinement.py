@@ -20,10 +20,11 @@ import psycopg
 import pytest
 from psycopg import errors, sql
 
-from engine.api import EngineError, InvalidArgument, PermissionDenied, UnknownModel
-from engine.datasets import load
-from engine.models import ModelCache, confine_kwargs, owned_dir, resolve
-from proxy.config import EngineSection
+from engine.api import EngineConfig, EngineError, InvalidArgument, PermissionDenied, UnknownModel
+from engine.ml.datasets.load import load
+from engine.runtime.cache import ModelCache
+from engine.runtime.confine import confine_kwargs
+from engine.runtime.locate import owned_dir, resolve
 from tests.conftest import MINILM, Postgres, ProxyProcess, start_proxy
 from tests.tiny_models import tiny_bert_classifier
 
@@ -330,7 +331,7 @@ def test_engine_load_refuses_alike(area: Area) -> None:
 
 
 def test_engine_resolve_confines_paths(area: Area) -> None:
-    config = EngineSection(model_dirs=(str(area.models),))
+    config = EngineConfig(model_dirs=(str(area.models),))
     with pytest.raises(UnknownModel) as info:
         resolve("no/such-model", config)
     missing = engine_answer(info.value, "no/such-model")
@@ -344,11 +345,11 @@ def test_engine_resolve_confines_paths(area: Area) -> None:
     assert resolve(str(area.models / "tiny-bert"), config) == inside
     assert resolve(MINILM, config).endswith("model")  # hub ids still resolve (the packaged copy)
     with pytest.raises(UnknownModel):  # the same path without model_dirs
-        resolve(str(area.models / "tiny-bert"), EngineSection())
+        resolve(str(area.models / "tiny-bert"), EngineConfig())
 
 
 def test_engine_owned_directories(area: Area) -> None:
-    config = EngineSection()
+    config = EngineConfig()
     first, second = owned_dir("tuned/db/1/x"), owned_dir("tuned/db/2/x")
     assert first != second and os.path.dirname(first) == os.path.dirname(second)
     assert owned_dir("tuned/db/1/x") == first  # stable within the process
@@ -361,7 +362,7 @@ def test_engine_owned_directories(area: Area) -> None:
 
 
 def test_engine_confine_kwargs(area: Area) -> None:
-    config = EngineSection(model_dirs=(str(area.models),))
+    config = EngineConfig(model_dirs=(str(area.models),))
     for init in ({"cache_dir": "/tmp/x"}, {"model_kwargs": {"cache_dir": "/tmp/x"}}, {"proxies": {"https": "x"}}):
         with pytest.raises(PermissionDenied):
             confine_kwargs(init, config)
@@ -380,12 +381,12 @@ def test_engine_confine_kwargs(area: Area) -> None:
 
 
 def test_engine_tune_resolves_through_the_model_dirs(area: Area) -> None:
-    from engine import tune
+    from engine.nlp.finetune import trainer
 
     data = {"text": ["good", "bad"], "class": ["a", "b"]}
     for name in ("/etc", "escape", str(area.outside / "model")):
         with pytest.raises(UnknownModel):
-            tune.tune("text-classification", name, data, {}, {}, EngineSection(model_dirs=(str(area.models),)),
+            trainer.fine_tune("text-classification", name, data, {}, {}, EngineConfig(model_dirs=(str(area.models),)),
                       lambda: False, lambda e: None)  # fmt: skip
 
 
@@ -393,7 +394,7 @@ def test_model_cache_log_lines_name_the_model_only(caplog: pytest.LogCaptureFixt
     import numpy as np
 
     cache = ModelCache(1)  # one byte: the second model evicts the first
-    with caplog.at_level(logging.INFO, logger="engine.models"):
+    with caplog.at_level(logging.INFO, logger="engine.runtime.cache"):
         cache.get(
             ModelCache.key("transform:text-classification", "/models/m1", {"token": "hf_secret1"}), lambda: np.zeros(4)
         )

@@ -19,7 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from engine.api import EngineError, InvalidArgument, UnknownModel
-from engine.datasets import BREAST_CANCER_FEATURES, TableData, encode_copy, load, quote_ident
+from engine.ml.datasets.builtins import BREAST_CANCER_FEATURES
+from engine.ml.datasets.load import load
+from engine.ml.datasets.table import TableData, encode_copy
+from engine.pg.text import quote_ident
 from tests.conftest import Postgres
 
 WINE_COLUMNS = (

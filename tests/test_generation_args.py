@@ -2,7 +2,7 @@
 
 Through a real proxy with psycopg (and Korvus itself): ``pgml.transform`` (text-generation and the chat form),
 ``pgml.transform_stream`` through a cursor as Korvus reads it; ``pgml.generate`` on the engine with a tuned
-model's files; and the mapping (``engine.generation_args``) on its own. A tiny random GPT-2
+model's files; and the mapping (``engine.nlp.generation_args``) on its own. A tiny random GPT-2
 (tests/tiny_models.py) generates: tests compare outputs of one model under different args (token counts,
 equal or cut texts), never generated text fixed in advance. Its special tokens (<unk>, <eos>, <pad>: ids 0-2)
 are suppressed where a test counts tokens, so every generated token is a word.
@@ -22,11 +22,11 @@ import pytest
 from psycopg import errors
 from psycopg.types.json import Jsonb
 
-from engine import generation, generation_args
-from engine.api import InvalidArgument
-from engine.generation_args import GenerationArgs, cut, first_stop, held_back, parse
-from engine.models import ModelCache
-from proxy.config import EngineSection
+from engine.api import EngineConfig, InvalidArgument
+from engine.nlp import decoding, generation_args
+from engine.nlp.finetune import tuned
+from engine.nlp.generation_args import GenerationArgs, cut, first_stop, held_back, parse
+from engine.runtime.cache import ModelCache
 from tests.conftest import ProxyProcess
 from tests.tiny_models import WORDS, tiny_gpt2
 
@@ -355,11 +355,11 @@ async def test_korvus_transformer_pipeline_and_open_source_ai(proxy: ProxyProces
 
 def test_pgml_generate_takes_openai_args(gpt2: Path, tokenizer: Any) -> None:
     files = {str(p.relative_to(gpt2)): p.read_bytes() for p in gpt2.rglob("*") if p.is_file()}
-    files[generation.MANIFEST] = json.dumps({"kind": "causal", "task": "text-generation"}).encode()
-    config, cache = EngineSection(device="cpu"), ModelCache(1 << 30)
+    files[tuned.MANIFEST] = json.dumps({"kind": "causal", "task": "text-generation"}).encode()
+    config, cache = EngineConfig(device="cpu"), ModelCache(1 << 30)
 
     def run(args: dict[str, Any], notices: list[str] | None = None) -> str:
-        [text] = generation.generate(files, "tuned", [PROMPT], args, config, cache, threading.Event(), notices)
+        [text] = tuned.generate_tuned(files, "tuned", [PROMPT], args, config, cache, threading.Event(), notices)
         return text
 
     assert tokens(tokenizer, run({"max_tokens": 5, **WORDS_ONLY})) == 5
@@ -484,7 +484,7 @@ def test_call_kwargs_seeded_sampling_owns_the_sampling_parameters() -> None:
     model = _model(64)
     call = parse({"temperature": 0.5, "top_p": 0.8, "seed": 3}).call_kwargs(model, None, 1)
     [sampler] = call["logits_processor"]
-    assert isinstance(sampler, generation_args.SeededSampler)
+    assert isinstance(sampler, decoding.SeededSampler)
     assert (sampler.sampling["temperature"], sampler.sampling["top_p"], sampler.sampling["top_k"]) == (0.5, 0.8, 50)
     assert (call["temperature"], call["top_p"], call["top_k"], call["do_sample"]) == (1.0, 1.0, 0, True)
     assert "logits_processor" not in parse({"temperature": 0, "seed": 3}).call_kwargs(model, None, 1)  # greedy
@@ -501,7 +501,7 @@ def test_seeded_sampler_draws_alike_for_a_seed() -> None:
     ids = torch.zeros(3, 5, dtype=torch.long)
 
     def draws(seed: int) -> list[list[int]]:
-        sampler = generation_args.SeededSampler(seed, {"temperature": 1.5, "top_k": 30})
+        sampler = decoding.SeededSampler(seed, {"temperature": 1.5, "top_k": 30})
         out = []
         for step in range(6):  # one generation: the input grows by a token per step
             result = sampler(torch.cat([ids, torch.zeros(3, step, dtype=torch.long)], dim=1), scores.clone())
@@ -516,7 +516,7 @@ def test_seeded_sampler_draws_alike_for_a_seed() -> None:
 def test_openai_penalties_formula() -> None:
     import torch
 
-    penalties = generation_args.OpenAIPenalties(presence=0.5, frequency=0.25)
+    penalties = decoding.OpenAIPenalties(presence=0.5, frequency=0.25)
     prompt = torch.tensor([[3, 3, 4]])
     scores = torch.zeros(1, 6)
     assert torch.equal(penalties(prompt, scores), scores)  # the prompt's tokens are not penalized
@@ -531,7 +531,7 @@ def test_openai_penalties_formula() -> None:
 def test_stop_criterion_ends_a_sequence_at_its_stop(tokenizer: Any) -> None:
     import torch
 
-    criterion = generation_args.StopAtStrings(tokenizer, ("dog",))
+    criterion = decoding.StopAtStrings(tokenizer, ("dog",))
     vocab = tokenizer.get_vocab()
     prompt = [vocab["the"], vocab["dog"]]  # the prompt's "dog" does not count
     rows = torch.tensor([[*prompt, vocab["cat"]], [*prompt, vocab["mat"]]])

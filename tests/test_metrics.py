@@ -1,4 +1,4 @@
-"""engine.metrics: key metrics, the stored metric sets, and the grid / random search."""
+"""engine.ml.metrics, engine.ml.search: key metrics, the stored metric sets, and the grid / random search."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_diabetes, load_iris
 
-from engine.algorithms import TASKS, estimator
 from engine.api import Canceled, InvalidArgument, NotSupported
-from engine.metrics import evaluate, f32, key_metric, search
+from engine.ml.algorithms import TASKS, estimator
+from engine.ml.metrics import evaluate, key_metric
+from engine.ml.search import search
+from engine.ml.statistics import f32
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 

@@ -188,7 +188,7 @@ def tiny_model(directory: Path, kind: str, words: list[str], labels: tuple[str, 
         path.write_text(json.dumps(config_json, indent=2))
 
 
-# Hub id -> (architecture:head, labels). The task defaults are those of engine.tasks.DEFAULT_MODELS.
+# Hub id -> (architecture:head, labels). The task defaults are those of engine.nlp.tasks.DEFAULT_MODELS.
 TINY_MODELS: dict[str, tuple[str, tuple[str, ...]]] = {
     # finetune.sql
     "Helsinki-NLP/opus-mt-en-es": ("marian", ()),
@@ -476,7 +476,7 @@ def check_binary(conn: psycopg.Connection[Any], out: str) -> None:
 
 
 def breast_cancer_features() -> tuple[str, ...]:
-    from engine.datasets import BREAST_CANCER_FEATURES
+    from engine.ml.datasets.builtins import BREAST_CANCER_FEATURES
 
     return BREAST_CANCER_FEATURES
 

@@ -1,4 +1,4 @@
-"""Snapshots and preprocessing (engine.snapshot / engine.preprocess): statistics, encodings, replay, JSON."""
+"""Snapshots and preprocessing (engine.ml.snapshot / engine.ml.preprocess): statistics, encodings, replay, JSON."""
 
 from __future__ import annotations
 
@@ -10,10 +10,7 @@ import numpy as np
 import pytest
 
 from engine.api import InvalidArgument, NotSupported
-from engine.preprocess import (
-    NULL_CATEGORY_KEY,
-    Snapshot,
-    analyze,
+from engine.ml.preprocess import (
     feature_names,
     features,
     labels,
@@ -21,9 +18,10 @@ from engine.preprocess import (
     num_features,
     replay_row,
     replay_rows,
-    statistics,
 )
-from engine.tabular import Table, decode_copy_text
+from engine.ml.snapshot import NULL_CATEGORY_KEY, Snapshot, analyze
+from engine.ml.statistics import statistics
+from engine.pg.table import Table, decode_copy_text
 
 COLUMN_KEYS = ["name", "pg_type", "nullable", "label", "position", "size", "array", "preprocessor", "statistics"]
 STAT_KEYS = ["min", "max", "max_abs", "mean", "median", "mode", "variance", "std_dev", "missing", "distinct"]

@@ -17,12 +17,13 @@ from typing import Any
 
 import pytest
 
-from engine import generation
-from engine.api import Canceled, EngineError, InvalidArgument, UnknownModel
-from engine.models import ModelCache, confine_kwargs, generation_kwargs
-from engine.text import embed
-from engine.transform import rank, stream
-from proxy.config import EngineSection
+from engine.api import Canceled, EngineConfig, EngineError, InvalidArgument, UnknownModel
+from engine.nlp.embed import embed
+from engine.nlp.finetune import tuned
+from engine.nlp.rank import rank
+from engine.nlp.stream import stream
+from engine.runtime.cache import ModelCache
+from engine.runtime.confine import confine_kwargs, generation_kwargs
 from tests.test_transform import MODEL_DIRS, make_ctx, models, one
 from tests.tiny_models import tiny_bert_classifier, tiny_gpt2
 
@@ -118,7 +119,7 @@ def test_configured_trust_remote_code_runs_the_code(evil: Evil) -> None:
 
 
 def test_unsafe_loading_overrides_are_refused(evil: Evil) -> None:
-    config = EngineSection(model_dirs=tuple(MODEL_DIRS))
+    config = EngineConfig(model_dirs=tuple(MODEL_DIRS))
     for init in (
         {"weights_only": False},
         {"model_kwargs": {"weights_only": False}},
@@ -129,7 +130,7 @@ def test_unsafe_loading_overrides_are_refused(evil: Evil) -> None:
             confine_kwargs(init, config)
     assert confine_kwargs({}, config) == {"trust_remote_code": False}  # explicitly off, never a library default
     assert confine_kwargs({"model_kwargs": {"trust_remote_code": False}}, config)["trust_remote_code"] is False
-    allowed = EngineSection(model_dirs=tuple(MODEL_DIRS), trust_remote_code=True)
+    allowed = EngineConfig(model_dirs=tuple(MODEL_DIRS), trust_remote_code=True)
     assert confine_kwargs({"trust_remote_code": True}, allowed)["trust_remote_code"] is True
     assert confine_kwargs({"use_safetensors": True}, config)["use_safetensors"] is True
 
@@ -174,15 +175,15 @@ def test_generation_args_that_load_code_are_refused_in_transform_stream(evil: Ev
 
 def tuned_files(directory: Path) -> dict[str, bytes]:
     files = {str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
-    files[generation.MANIFEST] = json.dumps({"kind": "causal", "task": "text-generation"}).encode()
+    files[tuned.MANIFEST] = json.dumps({"kind": "causal", "task": "text-generation"}).encode()
     return files
 
 
 def test_generation_args_that_load_code_are_refused_in_generate(evil: Evil) -> None:
     files = tuned_files(evil.root / "evil-gpt2")
-    config = EngineSection(device="cpu")
+    config = EngineConfig(device="cpu")
     for args in code_args(evil):
-        refused(lambda args=args: generation.generate(files, "evil", ["hi"], args, config, ModelCache(1 << 30)), evil)
+        refused(lambda args=args: tuned.generate_tuned(files, "evil", ["hi"], args, config, ModelCache(1 << 30)), evil)
 
 
 def test_generation_kwargs_pass_plain_args() -> None:
@@ -199,13 +200,13 @@ def test_generation_kwargs_pass_plain_args() -> None:
 
 def test_cancel_stops_pgml_generate(evil: Evil, tmp_path: Path) -> None:
     files = tuned_files(tiny_gpt2(tmp_path / "gpt2"))
-    cache, config = ModelCache(1 << 30), EngineSection(device="cpu")
-    generation.generate(files, "tuned", ["hi"], {"max_new_tokens": 1}, config, cache)  # loaded and warm
+    cache, config = ModelCache(1 << 30), EngineConfig(device="cpu")
+    tuned.generate_tuned(files, "tuned", ["hi"], {"max_new_tokens": 1}, config, cache)  # loaded and warm
     cancelled = threading.Event()
     timer = threading.Timer(0.3, cancelled.set)
     timer.start()
     with pytest.raises(Canceled):  # 8000 tokens: far longer than the timer, unless the cancel stops it
-        generation.generate(files, "tuned", ["hi"], {"max_new_tokens": 8000, "min_new_tokens": 8000}, config, cache,
+        tuned.generate_tuned(files, "tuned", ["hi"], {"max_new_tokens": 8000, "min_new_tokens": 8000}, config, cache,
                             cancelled=cancelled)  # fmt: skip
     timer.cancel()
 
@@ -224,7 +225,7 @@ class CountingEncoder:
 
 
 def test_client_batch_size_never_exceeds_the_configured_one(models: dict[str, str]) -> None:
-    from engine.text import _encode
+    from engine.nlp.embed import _encode
 
     ctx = make_ctx(batch_size=4)
     encoder = CountingEncoder()

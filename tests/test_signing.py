@@ -1,4 +1,4 @@
-"""Signed model artifacts: engine.signing's keys and signatures, and the whole path through real proxies.
+"""Signed model artifacts: engine.ml.signing's keys and signatures, and the whole path through real proxies.
 
 Every database-backed test gets a database of its own (``pgml resign`` works on a whole database)
 on the session's throwaway cluster; artifacts are tampered with as the superuser, directly on the
@@ -20,8 +20,8 @@ import psycopg
 import pytest
 from psycopg import errors
 
-from engine import signing
 from engine.api import UntrustedArtifact
+from engine.ml import signing
 from proxy import schema
 from proxy.embedded import free_port
 from tests.conftest import Postgres, ProxyProcess, scratch_database, start_proxy
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 HINT = "pgml-proxy resign --trust-unsigned"
 
 # --------------------------------------------------------------------------- #
-# engine.signing
+# engine.ml.signing
 # --------------------------------------------------------------------------- #
 
 KEY = bytes(range(32))

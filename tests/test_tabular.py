@@ -1,4 +1,4 @@
-"""COPY TEXT decoding (engine.tabular): types, escapes, NULLs, array literals, speed, real server output."""
+"""COPY TEXT decoding (engine.pg.table): types, escapes, NULLs, array literals, speed, real server output."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import psycopg
 import pytest
 
 from engine.api import EngineError, InvalidArgument
-from engine.tabular import decode_copy_text, parse_array_literal, pg_type_of
+from engine.pg.table import decode_copy_text, pg_type_of
+from engine.pg.text import parse_array_literal
 
 NAN = math.nan
 

@@ -16,12 +16,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from engine.api import Canceled, InvalidArgument, NotSupported, UnknownModel
-from engine.models import ModelCache
-from engine.tasks import canonical_task, parse_task
-from engine.text import Context
-from engine.transform import ModelNotAllowed, rank, stream, transform
-from proxy.config import EngineSection
+from engine.api import Canceled, EngineConfig, InvalidArgument, NotSupported, UnknownModel
+from engine.nlp.rank import rank
+from engine.nlp.stream import stream
+from engine.nlp.tasks import ModelNotAllowed, canonical_task, parse_task
+from engine.nlp.transform import transform_rows
+from engine.runtime.cache import ModelCache
+from engine.runtime.context import Context
 from tests.conftest import MINILM
 
 CORPUS = [
@@ -156,7 +157,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 def make_ctx(**config: Any) -> Context:
     model_dirs = (*config.pop("model_dirs", ()), *MODEL_DIRS)
-    return Context(EngineSection(device="cpu", model_dirs=model_dirs, **config), ModelCache(1 << 30), threading.Event())
+    return Context(EngineConfig(device="cpu", model_dirs=model_dirs, **config), ModelCache(1 << 30), threading.Event())
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +166,7 @@ def ctx(models: dict[str, str]) -> Context:
 
 
 def one(ctx: Context, task: Any, inputs: list[Any], args: dict[str, Any] | None = None) -> Any:
-    [result] = transform([(task, args or {}, inputs, False)], ctx)
+    [result] = transform_rows([(task, args or {}, inputs, False)], ctx)
     json.dumps(result)  # JSON-ready
     return result
 
@@ -190,7 +191,7 @@ def test_text_classification_batches_rows_and_shares_the_model(models: dict[str,
         (task, None, ["x"], False),
         ("text-classification", {}, None, False),
     ]
-    first, second, null_args, null_inputs = transform(rows, ctx)
+    first, second, null_args, null_inputs = transform_rows(rows, ctx)
     assert len(first) == 3 and len(second) == 1 and null_args is None and null_inputs is None
     for item in first + second:
         assert set(item) == {"label", "score"} and item["label"] in ("NEGATIVE", "POSITIVE")
@@ -439,7 +440,7 @@ def test_rank() -> None:
 
 def test_rank_of_many_documents_is_sliced_and_equals_one_rank() -> None:
     """Ranked in slices (a checkpoint between them): the same scores, order and top_k as one rank call."""
-    from engine.transform import _cross_encoder
+    from engine.nlp.rank import _cross_encoder
 
     ctx = make_ctx()
     words = "paris france dog cat postgres hello world capital lazy love".split()  # noqa: SIM905

@@ -1,6 +1,6 @@
 """pgml.tune: fine-tuning and generation with tiny random-weight models built on the fly (no downloads).
 
-engine.tune directly, then pgml.tune / pgml.predict / pgml.generate through a real proxy with psycopg:
+engine.nlp.finetune directly, then pgml.tune / pgml.predict / pgml.generate through a real proxy with psycopg:
 PostgresML's documented flat hyperparams form and the nested one, y_column_name, predict and
 predict_proba on tuned text classifiers, overload resolution of untyped literals, errors with SQLSTATE.
 """
@@ -16,13 +16,15 @@ from typing import Any
 import psycopg
 import pytest
 
-from engine import tune as T
-from engine.api import Canceled, EngineError, InvalidArgument, NotSupported, PermissionDenied
-from engine.models import ModelCache
-from proxy.config import EngineSection
+from engine.api import Canceled, EngineConfig, EngineError, InvalidArgument, NotSupported, PermissionDenied
+from engine.nlp.finetune import trainer, tuned
+from engine.nlp.finetune.plan import build_plan, check_template, training_args
+from engine.nlp.finetune.rows import chat_prompt, conversation_row
+from engine.nlp.finetune.scores import bleu, rouge
+from engine.runtime.cache import ModelCache
 from tests.conftest import Postgres, ProxyProcess, scratch_database, start_proxy
 
-CONFIG = EngineSection(device="cpu")  # generate(): tuned models come as files, not by name
+CONFIG = EngineConfig(device="cpu")  # generate(): tuned models come as files, not by name
 WORDS = (  # noqa: SIM905
     "good bad great awful movie film plot the a is was fine terrible love hate hello hi how are you thanks "
     "bonjour salut chat chien le la est bon mauvais merci"
@@ -49,8 +51,8 @@ def model_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def config(model_root: Path) -> EngineSection:
-    return EngineSection(device="cpu", model_dirs=(str(model_root),))
+def config(model_root: Path) -> EngineConfig:
+    return EngineConfig(device="cpu", model_dirs=(str(model_root),))
 
 
 @pytest.fixture(scope="module")
@@ -115,11 +117,11 @@ def _sentences(n: int, seed: int) -> list[str]:
 
 
 def _run(
-    config: EngineSection, task: str, model: str, train: dict[str, list[Any]], test: dict[str, list[Any]], **hyper: Any
+    config: EngineConfig, task: str, model: str, train: dict[str, list[Any]], test: dict[str, list[Any]], **hyper: Any
 ) -> Any:
     logged: list[dict[str, Any]] = []
     hyperparams = {"training_args": dict(STEPS), **hyper}
-    result = T.tune(task, model, train, test, hyperparams, config, lambda: False, logged.append)
+    result = trainer.fine_tune(task, model, train, test, hyperparams, config, lambda: False, logged.append)
     assert result.events == logged and result.events
     assert all("step" in e and "epoch" in e for e in result.events)
     assert any(isinstance(e.get("loss"), float) for e in result.events)
@@ -130,13 +132,13 @@ def _run(
 
 def _check_files(files: dict[str, bytes]) -> dict[str, Any]:
     assert "config.json" in files and "model.safetensors" in files
-    assert "tokenizer.json" in files and "tokenizer_config.json" in files and T.MANIFEST in files
+    assert "tokenizer.json" in files and "tokenizer_config.json" in files and tuned.MANIFEST in files
     assert "training_args.bin" not in files
     config: dict[str, Any] = json.loads(files["config.json"])
     return config
 
 
-def test_text_classification(bert: str, config: EngineSection) -> None:
+def test_text_classification(bert: str, config: EngineConfig) -> None:
     texts = _sentences(24, 1)
     labels = ["good" if "good" in t or "great" in t else "bad" for t in texts]
     train = {"text": texts[:18], "class": labels[:18], "unused": list(range(18))}
@@ -151,12 +153,12 @@ def test_text_classification(bert: str, config: EngineSection) -> None:
     args = result.hyperparams["training_args"]
     assert args["max_steps"] == 2 and args["report_to"] == "none" and args["save_strategy"] == "no"
     assert args["use_cpu"] is True and "output_dir" not in args
-    assert json.loads(result.files[T.MANIFEST])["labels"] == ["bad", "good"]
+    assert json.loads(result.files[tuned.MANIFEST])["labels"] == ["bad", "good"]
     with pytest.raises(NotSupported, match="text-classification"):
-        T.generate(result.files, "cls", ["hello"], {}, CONFIG, ModelCache(1 << 30))
+        tuned.generate_tuned(result.files, "cls", ["hello"], {}, CONFIG, ModelCache(1 << 30))
 
 
-def test_text_pair_classification_int_labels_and_columns(bert: str, config: EngineSection) -> None:
+def test_text_pair_classification_int_labels_and_columns(bert: str, config: EngineConfig) -> None:
     first, second = _sentences(20, 2), _sentences(20, 3)
     labels = [i % 3 for i in range(20)]
     train = {"premise": first[:15], "hypothesis": second[:15], "label": labels[:15]}
@@ -174,7 +176,7 @@ def _chat(n: int) -> dict[str, list[Any]]:
             "assistant": [f"thanks {u.split()[0]}" for u in users]}  # fmt: skip
 
 
-def test_conversation_and_generate(gpt2: str, config: EngineSection) -> None:
+def test_conversation_and_generate(gpt2: str, config: EngineConfig) -> None:
     data = _chat(20)
     train = {k: v[:16] for k, v in data.items()}
     test = {k: v[16:] for k, v in data.items()}
@@ -183,28 +185,30 @@ def test_conversation_and_generate(gpt2: str, config: EngineSection) -> None:
     assert {"loss", "perplexity", "bleu", "eval_loss"} <= set(result.metrics)
     cache = ModelCache(1 << 30)
     prompts = ["hello how are you thanks", "hi", "bad movie"]
-    out = T.generate(result.files, "conv", prompts, {"max_new_tokens": 3}, CONFIG, cache)
+    out = tuned.generate_tuned(result.files, "conv", prompts, {"max_new_tokens": 3}, CONFIG, cache)
     assert len(out) == 3 and all(isinstance(t, str) and len(t.split()) <= 3 for t in out)  # new text only
-    again = T.generate(result.files, "conv", ["hi"], {"max_new_tokens": 2, "do_sample": False}, CONFIG, cache)
+    again = tuned.generate_tuned(result.files, "conv", ["hi"], {"max_new_tokens": 2, "do_sample": False}, CONFIG, cache)
     assert len(again) == 1 and len(cache) == 1
     with pytest.raises(InvalidArgument, match="no_such_option"):
-        T.generate(result.files, "conv", ["hi"], {"no_such_option": 1}, CONFIG, cache)
+        tuned.generate_tuned(result.files, "conv", ["hi"], {"no_such_option": 1}, CONFIG, cache)
 
 
-def test_conversation_prompt_template_without_system_column(gpt2: str, config: EngineSection) -> None:
+def test_conversation_prompt_template_without_system_column(gpt2: str, config: EngineConfig) -> None:
     data = {k: v for k, v in _chat(12).items() if k != "system"}
     template = "{system} question: {user} answer: {assistant}{eos_token}"
     result = _run(config, "conversation", gpt2, data, {}, prompt_template=template)
     assert result.hyperparams["prompt_template"] == template and "bleu" in result.metrics
-    assert json.loads(result.files[T.MANIFEST])["prompt_template"] == template
-    out = T.generate(result.files, "tpl", ["hello you"], {"max_new_tokens": 2}, CONFIG, ModelCache(1 << 30))
+    assert json.loads(result.files[tuned.MANIFEST])["prompt_template"] == template
+    out = tuned.generate_tuned(result.files, "tpl", ["hello you"], {"max_new_tokens": 2}, CONFIG, ModelCache(1 << 30))
     assert len(out) == 1 and len(out[0].split()) <= 2
     # generate checks the stored template too: the manifest comes from pgml.files, anyone may have written it
     for stored, match in (("{assistant}{user:>30}", "format specs"), (5, "must be text")):
-        forged = {**result.files, T.MANIFEST: json.dumps({"task": "conversation", "kind": "causal",
+        forged = {**result.files, tuned.MANIFEST: json.dumps({"task": "conversation", "kind": "causal",
                                                           "prompt_template": stored}).encode()}  # fmt: skip
         with pytest.raises(InvalidArgument, match=match):
-            T.generate(forged, f"forged-{stored}", ["hello you"], {"max_new_tokens": 2}, CONFIG, ModelCache(1 << 30))
+            tuned.generate_tuned(
+                forged, f"forged-{stored}", ["hello you"], {"max_new_tokens": 2}, CONFIG, ModelCache(1 << 30)
+            )
 
 
 def test_conversation_loss_covers_the_reply_only(gpt2: str) -> None:
@@ -212,20 +216,20 @@ def test_conversation_loss_covers_the_reply_only(gpt2: str) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(gpt2)
     tokenizer.pad_token = tokenizer.eos_token
-    prompt, full = T.chat_prompt(tokenizer, None, "be fine", "hello how are you", "fine thanks")
+    prompt, full = chat_prompt(tokenizer, None, "be fine", "hello how are you", "fine thanks")
     assert full.startswith(prompt) and prompt.endswith("<|assistant|> ")
-    plan = T._plan("conversation", {})
-    row = T._conversation_row(plan, tokenizer, 64, "be fine", "hello how are you", "fine thanks")
+    plan = build_plan("conversation", {})
+    row = conversation_row(plan, tokenizer, 64, "be fine", "hello how are you", "fine thanks")
     supervised = [t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label != -100]
     assert tokenizer.decode(supervised) == "fine thanks <|endoftext|>"
-    templated = T._plan("conversation", {"prompt_template": "{system} {user} {assistant}{eos_token}"})
-    row = T._conversation_row(templated, tokenizer, 64, None, "hi", "thanks")
+    templated = build_plan("conversation", {"prompt_template": "{system} {user} {assistant}{eos_token}"})
+    row = conversation_row(templated, tokenizer, 64, None, "hi", "thanks")
     assert tokenizer.decode([t for t, lab in zip(row["input_ids"], row["labels"], strict=True) if lab != -100]) == (
         "thanks <|endoftext|>"
     )
 
 
-def test_translation_and_generate(t5: str, config: EngineSection) -> None:
+def test_translation_and_generate(t5: str, config: EngineConfig) -> None:
     sources = _sentences(20, 5)
     targets = [" ".join(reversed(s.split())) for s in sources]
     train = {"en": sources[:16], "fr": targets[:16]}
@@ -233,17 +237,19 @@ def test_translation_and_generate(t5: str, config: EngineSection) -> None:
     result = _run(config, "translation", t5, train, test, dataset_args={"text_column": "en", "target_column": "fr"})
     _check_files(result.files)
     assert {"loss", "perplexity", "bleu", "blue", "rouge_ngram_f1", "rouge_bigram_recall"} <= set(result.metrics)
-    out = T.generate(result.files, "t5", ["hello you", "the movie"], {"max_new_tokens": 4}, CONFIG, ModelCache(1 << 30))
+    out = tuned.generate_tuned(
+        result.files, "t5", ["hello you", "the movie"], {"max_new_tokens": 4}, CONFIG, ModelCache(1 << 30)
+    )
     assert len(out) == 2 and all(isinstance(t, str) for t in out)
 
 
-def test_text2text_scores_train_rows_without_test(t5: str, config: EngineSection) -> None:
+def test_text2text_scores_train_rows_without_test(t5: str, config: EngineConfig) -> None:
     sources = _sentences(12, 6)
     result = _run(config, "text2text", t5, {"text": sources, "target": sources}, {"text": [], "target": []})
     assert "perplexity" in result.metrics and "blue" not in result.metrics
 
 
-def test_cancel_stops_training(bert: str, config: EngineSection) -> None:
+def test_cancel_stops_training(bert: str, config: EngineConfig) -> None:
     texts = _sentences(20, 7)
     calls = 0
 
@@ -256,14 +262,14 @@ def test_cancel_stops_training(bert: str, config: EngineSection) -> None:
     hyper = {"training_args": {**STEPS, "max_steps": 200}}
     data = {"text": texts, "class": [i % 2 for i in range(20)]}
     with pytest.raises(Canceled):
-        T.tune("text-classification", bert, data, {}, hyper, config, cancelled, events.append)
+        trainer.fine_tune("text-classification", bert, data, {}, hyper, config, cancelled, events.append)
     assert all(e["step"] <= 1 for e in events)
 
 
-def test_cancel_while_waiting_for_another_run(bert: str, config: EngineSection) -> None:
+def test_cancel_while_waiting_for_another_run(bert: str, config: EngineConfig) -> None:
     data = {"text": ["good movie", "bad film"], "class": ["pos", "neg"]}
-    with T._ONE_RUN, pytest.raises(Canceled):
-        T.tune("text-classification", bert, data, {}, {}, config, lambda: True, lambda e: None)
+    with trainer._ONE_RUN, pytest.raises(Canceled):
+        trainer.fine_tune("text-classification", bert, data, {}, {}, config, lambda: True, lambda e: None)
 
 
 Case = tuple[str, dict[str, Any], type[Exception], str]
@@ -322,11 +328,11 @@ BAD: list[Case] = [
 
 @pytest.mark.parametrize(("task", "hyper", "error", "match"), BAD)
 def test_rejected(
-    bert: str, task: str, hyper: dict[str, Any], error: type[Exception], match: str, config: EngineSection
+    bert: str, task: str, hyper: dict[str, Any], error: type[Exception], match: str, config: EngineConfig
 ) -> None:
     data = {"text": ["good movie", "bad film"] * 4, "class": ["pos", "neg"] * 4}
     with pytest.raises(error, match=match):
-        T.tune(task, bert, data, data, hyper, config, lambda: False, lambda e: None)
+        trainer.fine_tune(task, bert, data, data, hyper, config, lambda: False, lambda e: None)
 
 
 def _dict_fields() -> list[str]:
@@ -347,7 +353,7 @@ def _refusal(call: Callable[[], Any]) -> tuple[str, str | None, str | None]:
     return error.message, error.detail, error.hint
 
 
-def test_config_file_fields_give_one_answer_whatever_the_path(bert: str, config: EngineSection, tmp_path: Path) -> None:
+def test_config_file_fields_give_one_answer_whatever_the_path(bert: str, config: EngineConfig, tmp_path: Path) -> None:
     """No probe of the proxy host's files: a missing path, a directory, any file, JSON text, all answer alike."""
     valid = tmp_path / "accelerate.json"
     valid.write_text(json.dumps({"even_batches": True}))
@@ -360,10 +366,10 @@ def test_config_file_fields_give_one_answer_whatever_the_path(bert: str, config:
         for text in texts:
             given = {field: text, **({"fsdp": "full_shard"} if field == "fsdp_config" else {})}
             hyper = {"training_args": given}
-            answers.add(_refusal(lambda: T.tune("text-classification", bert, data, {}, hyper, config,  # noqa: B023
+            answers.add(_refusal(lambda: trainer.fine_tune("text-classification", bert, data, {}, hyper, config,  # noqa: B023
                                                 lambda: False, lambda e: None)))  # fmt: skip
             # the check when TrainingArguments is built covers every dict field of the installed transformers
-            answers.add(_refusal(lambda: T._training_args(given, str(tmp_path / "out"), "cpu")))  # noqa: B023
+            answers.add(_refusal(lambda: training_args(given, str(tmp_path / "out"), "cpu")))  # noqa: B023
         assert len(answers) == 1 and field in next(iter(answers))[0], answers
     assert not list(tmp_path.glob("out*"))
 
@@ -371,7 +377,7 @@ def test_config_file_fields_give_one_answer_whatever_the_path(bert: str, config:
 def test_config_fields_take_objects(tmp_path: Path) -> None:
     given = {"accelerator_config": {"even_batches": False}, "lr_scheduler_kwargs": {}, "push_to_hub": False,
              "hub_private_repo": None}  # fmt: skip
-    args, used = T._training_args(given, str(tmp_path), "cpu")
+    args, used = training_args(given, str(tmp_path), "cpu")
     assert args.accelerator_config.even_batches is False and args.push_to_hub is False
     assert used["accelerator_config"] == {"even_batches": False} and "hub_private_repo" not in used
 
@@ -402,17 +408,17 @@ BAD_TEMPLATES = [
 
 @pytest.mark.parametrize("template", GOOD_TEMPLATES)
 def test_prompt_template_accepted(template: str) -> None:
-    assert T.check_template(template) == template
-    assert T._plan("conversation", {"prompt_template": template}).prompt_template == template
+    assert check_template(template) == template
+    assert build_plan("conversation", {"prompt_template": template}).prompt_template == template
 
 
 @pytest.mark.parametrize(("template", "match"), BAD_TEMPLATES)
 def test_prompt_template_rejected(template: Any, match: str) -> None:
     with pytest.raises(InvalidArgument, match=match):
-        T.check_template(template)
+        check_template(template)
     if template is not None:
         with pytest.raises(InvalidArgument, match=match):
-            T._plan("conversation", {"prompt_template": template})
+            build_plan("conversation", {"prompt_template": template})
 
 
 def test_chat_prompt_checks_the_template(gpt2: str) -> None:
@@ -420,15 +426,15 @@ def test_chat_prompt_checks_the_template(gpt2: str) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gpt2)
-    prompt, full = T.chat_prompt(tokenizer, "{system}|{user}|{assistant}{eos_token}", None, "hi", "thanks")
+    prompt, full = chat_prompt(tokenizer, "{system}|{user}|{assistant}{eos_token}", None, "hi", "thanks")
     assert (prompt, full) == ("|hi|", "|hi|thanks<|endoftext|>")
     for template, match in BAD_TEMPLATES[:4]:
         with pytest.raises(InvalidArgument, match=match):
-            T.chat_prompt(tokenizer, template, None, "hi", "thanks")
+            chat_prompt(tokenizer, template, None, "hi", "thanks")
 
 
-def test_rejected_values(bert: str, config: EngineSection) -> None:
-    run: Callable[[dict[str, list[Any]]], Any] = lambda data: T.tune(  # noqa: E731
+def test_rejected_values(bert: str, config: EngineConfig) -> None:
+    run: Callable[[dict[str, list[Any]]], Any] = lambda data: trainer.fine_tune(  # noqa: E731
         "text-classification", bert, data, {}, {}, config, lambda: False, lambda e: None
     )
     with pytest.raises(InvalidArgument, match="NULL"):
@@ -441,16 +447,16 @@ def test_rejected_values(bert: str, config: EngineSection) -> None:
         run({"text": [], "class": []})
 
 
-def test_unknown_model_is_not_downloaded(tmp_path: Path, config: EngineSection) -> None:
+def test_unknown_model_is_not_downloaded(tmp_path: Path, config: EngineConfig) -> None:
     from engine.api import UnknownModel
 
     with pytest.raises(UnknownModel):
-        T.tune("text-classification", "nobody/no-such-model", {"text": ["a"], "class": [1]}, {}, {}, config,
+        trainer.fine_tune("text-classification", "nobody/no-such-model", {"text": ["a"], "class": [1]}, {}, {}, config,
                lambda: False, lambda e: None)  # fmt: skip
 
 
 def test_flat_and_nested_hyperparams_make_one_set_of_training_arguments() -> None:
-    plan = T._plan(
+    plan = build_plan(
         "text-classification",
         {
             "learning_rate": 1e-3,
@@ -463,26 +469,26 @@ def test_flat_and_nested_hyperparams_make_one_set_of_training_arguments() -> Non
     )
     assert plan.training_args == {"learning_rate": 1e-3, "weight_decay": 0.01, "max_steps": 2}
     assert plan.max_length == 32
-    renamed = T._plan("question-answering", {"evaluation_strategy": "epoch", "stride": 16})
+    renamed = build_plan("question-answering", {"evaluation_strategy": "epoch", "stride": 16})
     assert renamed.training_args == {"eval_strategy": "epoch"} and renamed.stride == 16
-    lengths = T._plan("summarization", {"max_input_length": 64, "max_summary_length": 8})
+    lengths = build_plan("summarization", {"max_input_length": 64, "max_summary_length": 8})
     assert (lengths.max_length, lengths.target_length) == (64, 8)
 
 
 def test_columns_from_y_column_name_and_the_relation() -> None:
-    assert T._plan("translation", {}, ["en", "es"], "es").columns == {"text_column": "en", "target_column": "es"}
+    assert build_plan("translation", {}, ["en", "es"], "es").columns == {"text_column": "en", "target_column": "es"}
     # more than one unused column: nothing is guessed (the missing column is reported when the rows are read)
-    assert T._plan("translation", {}, ["en", "fr", "es"], "es").columns["text_column"] == "text"
-    named = T._plan("text-classification", {"dataset_args": {"text_column": "body"}}, ["review", "label"], "label")
+    assert build_plan("translation", {}, ["en", "fr", "es"], "es").columns["text_column"] == "text"
+    named = build_plan("text-classification", {"dataset_args": {"text_column": "body"}}, ["review", "label"], "label")
     assert named.columns == {"text_column": "body", "class_column": "label"}  # a named column is never replaced
-    assert T._plan("text-classification", {}, ["text", "label"]).columns["class_column"] == "label"
-    assert T._plan("conversation", {}, ["user", "reply"], "reply").columns["assistant_column"] == "reply"
-    assert T._plan("text-generation", {}, ["id", "body"], "body").columns == {"text_column": "body"}
+    assert build_plan("text-classification", {}, ["text", "label"]).columns["class_column"] == "label"
+    assert build_plan("conversation", {}, ["user", "reply"], "reply").columns["assistant_column"] == "reply"
+    assert build_plan("text-generation", {}, ["id", "body"], "body").columns == {"text_column": "body"}
     with pytest.raises(InvalidArgument, match="name different columns"):
-        T._plan("summarization", {"dataset_args": {"target_column": "a"}}, ["text", "a", "b"], "b")
+        build_plan("summarization", {"dataset_args": {"target_column": "a"}}, ["text", "a", "b"], "b")
 
 
-def test_an_evaluation_after_the_last_step_is_reused(bert: str, config: EngineSection) -> None:
+def test_an_evaluation_after_the_last_step_is_reused(bert: str, config: EngineConfig) -> None:
     data: dict[str, list[Any]] = {"text": _sentences(12, 8), "class": [i % 2 for i in range(12)]}
     result = _run(config, "text-classification", bert, data, data, training_args={**STEPS, "eval_strategy": "steps",
                                                                                   "eval_steps": 2})  # fmt: skip
@@ -491,13 +497,13 @@ def test_an_evaluation_after_the_last_step_is_reused(bert: str, config: EngineSe
 
 
 def test_bleu_and_rouge() -> None:
-    assert T.bleu(["the cat is on the mat"], ["the cat is on the mat"]) == pytest.approx(100.0)
-    assert T.bleu(["hello"], ["goodbye world"]) == 0.0
-    assert 0 < T.bleu(["the cat sat on the mat"], ["the cat is on the mat"]) < 100
-    assert T.rouge(["the cat"], ["the cat"], 1) == pytest.approx((1.0, 1.0, 1.0))
-    p, r, f = T.rouge(["the cat sat"], ["the cat"], 1)
+    assert bleu(["the cat is on the mat"], ["the cat is on the mat"]) == pytest.approx(100.0)
+    assert bleu(["hello"], ["goodbye world"]) == 0.0
+    assert 0 < bleu(["the cat sat on the mat"], ["the cat is on the mat"]) < 100
+    assert rouge(["the cat"], ["the cat"], 1) == pytest.approx((1.0, 1.0, 1.0))
+    p, r, f = rouge(["the cat sat"], ["the cat"], 1)
     assert (p, r) == pytest.approx((2 / 3, 1.0)) and f == pytest.approx(0.8)
-    assert T.rouge(["a b"], ["c d"], 2) == (0.0, 0.0, 0.0)
+    assert rouge(["a b"], ["c d"], 2) == (0.0, 0.0, 0.0)
 
 
 # --------------------------------------------------------------------------- #

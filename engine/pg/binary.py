@@ -1,0 +1,177 @@
+"""The binary form of PostgreSQL values, and the field layout of a row (DataRow, binary COPY tuple).
+
+Owns: reading a value sent in binary format by type OID (``*_recv``: text, json/jsonb, integers, floats,
+booleans, one-dimensional arrays of those) with the server's own SQLSTATE for bytes that do not fit;
+writing the binary form the engine sends (text, ``real[]`` packed by numpy); the fields of a row — a
+16-bit count, then per field a 32-bit length (-1: NULL) and its bytes — as DataRow messages and binary
+COPY tuples carry them; and the columns (name, type OID) of a RowDescription.
+
+Must not: frame protocol messages or COPY streams (``proxy.wire`` and ``engine.pg.copy`` do): functions
+here take a message's bytes and where its body starts.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from engine.api import DatatypeMismatch, InvalidBinaryRepresentation, NotSupported, ProgramLimitExceeded
+from engine.pg import types
+from engine.pg.scalars import MAX_ARRAY_ELEMENTS, decode_utf8, parse_json
+
+MAX_DIMENSIONS = 6  # PostgreSQL's MAXDIM
+_H = struct.Struct("!h")
+_I = struct.Struct("!i")
+NULL_FIELD = b"\xff\xff\xff\xff"  # the length -1 of a NULL field
+
+
+# --------------------------------------------------------------------------- #
+# Values
+# --------------------------------------------------------------------------- #
+
+
+def binary_value(data: bytes, type_oid: int) -> Any:
+    """The Python value of ``data``, a value of type ``type_oid`` in binary format.
+
+    Raises ``struct.error`` when the bytes are too short or too long for the type (the caller names the
+    value: ``incorrect binary data format in bind parameter n``, 22P03), and the server's own error
+    otherwise: 22021 for text that is not UTF-8, 22P03 / 42804 / 54000 for bad arrays, 0A000 for a type
+    without a binary reader here.
+    """
+    match type_oid:
+        case types.TEXT | types.VARCHAR | types.BPCHAR | types.NAME | types.UNKNOWN | types.UNSPECIFIED:
+            return decode_utf8(data)
+        case types.JSON:
+            return parse_json(decode_utf8(data))
+        case types.JSONB:
+            if data[:1] != b"\1":
+                raise InvalidBinaryRepresentation(f"unsupported jsonb version number {data[0] if data else 0}")
+            return parse_json(decode_utf8(data[1:]))  # version byte 1, then the text
+        case types.INT8:
+            return struct.unpack("!q", data)[0]
+        case types.INT4:
+            return struct.unpack("!i", data)[0]
+        case types.INT2:
+            return struct.unpack("!h", data)[0]
+        case types.BOOL:
+            return struct.unpack("!?", data)[0]
+        case types.FLOAT4:
+            return struct.unpack("!f", data)[0]
+        case types.FLOAT8:
+            return struct.unpack("!d", data)[0]
+        case _ if type_oid in types.ELEMENTS:
+            return binary_array(data, types.ELEMENTS[type_oid])
+    raise NotSupported(f"pgml-proxy cannot read a binary parameter of type OID {type_oid}")
+
+
+def binary_array(data: bytes, expected: int) -> list[Any]:
+    """A one-dimensional array in array_recv's format (dimensions, flags, element type, (length, lower
+    bound) per dimension, elements) whose elements are of type ``expected``; errors as :func:`binary_value`."""
+    ndim, flags, element = struct.unpack_from("!iiI", data, 0)
+    if ndim < 0:
+        raise InvalidBinaryRepresentation(f"invalid number of dimensions: {ndim}")
+    if ndim > MAX_DIMENSIONS:
+        raise ProgramLimitExceeded(
+            f"number of array dimensions ({ndim}) exceeds the maximum allowed ({MAX_DIMENSIONS})"
+        )
+    if flags not in (0, 1):
+        raise InvalidBinaryRepresentation("invalid array flags")
+    if element != expected:
+        raise DatatypeMismatch(f"binary data has array element type {element} instead of expected {expected}")
+    if ndim == 0:
+        if len(data) != 12:
+            raise struct.error("trailing bytes")
+        return []
+    if ndim != 1:
+        raise NotSupported("multidimensional array parameters in pgml calls")
+    (length, _lower) = struct.unpack_from("!ii", data, 12)
+    if length < 0:
+        raise InvalidBinaryRepresentation(f"invalid array length: {length}")
+    if length > MAX_ARRAY_ELEMENTS:
+        raise ProgramLimitExceeded(
+            f"a pgml argument array has more than the pgml-proxy limit of {MAX_ARRAY_ELEMENTS} elements"
+        )
+    if length > (len(data) - 20) // 4:  # each element has at least its length word
+        raise struct.error("array shorter than its length")
+    pos = 20
+    out: list[Any] = []
+    for _ in range(length):
+        (size,) = struct.unpack_from("!i", data, pos)
+        pos += 4
+        if size == -1:
+            out.append(None)
+        elif size < 0 or pos + size > len(data):
+            raise struct.error("element beyond the data")
+        else:
+            out.append(binary_value(data[pos : pos + size], element))
+            pos += size
+    if pos != len(data):
+        raise struct.error("trailing bytes")
+    return out
+
+
+def send_text(value: str) -> bytes:
+    """text_send: the UTF-8 bytes."""
+    return value.encode()
+
+
+def send_real_array(values: Any) -> bytes:
+    """array_send of a one-dimensional ``real[]`` without NULLs: the vector packed by numpy, not printed."""
+    floats = np.asarray(values, dtype=np.float32)
+    pairs = np.empty(len(floats), dtype=[("size", ">i4"), ("value", ">f4")])
+    pairs["size"], pairs["value"] = 4, floats
+    # array header: 1 dimension, no NULLs, element type float4, length, lower bound 1
+    return struct.pack("!iiIii", 1, 0, types.FLOAT4, len(floats), 1) + pairs.tobytes()
+
+
+# --------------------------------------------------------------------------- #
+# Rows
+# --------------------------------------------------------------------------- #
+
+
+def encode_fields(fields: Sequence[bytes | None]) -> bytes:
+    """A row's fields: the count, then each field's length (-1: NULL) and bytes."""
+    parts = [_H.pack(len(fields))]
+    for field in fields:
+        parts.append(NULL_FIELD if field is None else _I.pack(len(field)) + field)
+    return b"".join(parts)
+
+
+def decode_fields(data: bytes, pos: int = 0) -> tuple[list[bytes | None], int]:
+    """The fields of the row at ``data[pos:]`` and where it ends (``struct.error`` when it is cut short)."""
+    (count,) = _H.unpack_from(data, pos)
+    pos += 2
+    fields: list[bytes | None] = []
+    for _ in range(count):
+        (length,) = _I.unpack_from(data, pos)
+        pos += 4
+        if length < 0:
+            fields.append(None)
+        else:
+            if pos + length > len(data):
+                raise struct.error("field beyond the data")
+            fields.append(data[pos : pos + length])
+            pos += length
+    return fields, pos
+
+
+def decode_data_row(raw: bytes) -> tuple[str | None, ...]:
+    """A whole DataRow message (type byte and length first) -> its values in text format."""
+    fields, _ = decode_fields(raw, 5)
+    return tuple(None if field is None else field.decode() for field in fields)
+
+
+def decode_row_description(raw: bytes) -> list[tuple[str, int]]:
+    """A whole RowDescription message (type byte and length first) -> (column name, type OID) per column."""
+    (count,) = _H.unpack_from(raw, 5)
+    pos, columns = 7, []
+    for _ in range(count):
+        nul = raw.index(b"\0", pos)
+        name = raw[pos:nul].decode()
+        type_oid = _I.unpack_from(raw, nul + 7)[0]
+        columns.append((name, type_oid))
+        pos = nul + 19
+    return columns

@@ -1,0 +1,122 @@
+"""What a client's loading kwargs and generation args may say.
+
+Owns: :func:`confine_kwargs` (locations the proxy owns refused, other models named in kwargs resolved
+and confined like the model, ``trust_remote_code`` at any depth only with ``[engine] trust_remote_code``,
+pickle-loading overrides refused) and :func:`generation_kwargs` (no ``generate`` argument that loads or
+runs code, models or files).
+
+Must not: load models or decide where a model is (``engine.runtime.locate`` does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from engine.api import EngineConfig, InvalidArgument, PermissionDenied
+from engine.runtime.locate import plain_name, resolve
+
+# Loading kwargs (pipeline, from_pretrained, sentence-transformers) that name the proxy's own cache, offload
+# and download locations or its network: a client never chooses them.
+OWNED_KWARGS = frozenset({"cache_dir", "cache_folder", "offload_folder", "local_dir", "proxies"})
+# Loading kwargs that name another model (its tokenizer, config …): resolved and confined like the model.
+MODEL_KWARGS = frozenset({"tokenizer", "config", "feature_extractor", "image_processor", "processor"})
+# Loading kwargs naming a file or folder inside the model: plain names only (no way out of it).
+INNER_KWARGS = frozenset({"subfolder", "gguf_file"})
+NESTED_KWARGS = frozenset({"model_kwargs", "tokenizer_kwargs", "config_kwargs", "processor_kwargs"})
+
+
+REMOTE_CODE_HINT = "Set [engine] trust_remote_code = true to run code shipped with models."
+
+
+def _unsafe_loading(key: str, value: Any) -> bool:
+    """An override that lets a pickle-based loader run (``weights_only`` anything but true,
+    ``use_safetensors`` false)."""
+    if key == "weights_only":
+        return value is not True
+    return key == "use_safetensors" and value is not None and not value
+
+
+def confine_kwargs(init: dict[str, Any], config: EngineConfig) -> dict[str, Any]:
+    """``init`` with every location in it checked: owned ones refused (42501), model names resolved;
+    ``trust_remote_code`` at any depth refused (22023) unless ``[engine] trust_remote_code``, and passed
+    explicitly at the top (never left to a library default); pickle-loading overrides refused (22023)."""
+    _refuse_unsafe(init, config.trust_remote_code)
+    out = _confine(init, config)
+    out["trust_remote_code"] = bool(init.get("trust_remote_code", False))
+    return out
+
+
+def _items(value: Any) -> Iterator[tuple[Any, Any]]:
+    """Every (key, value) pair of the dicts in ``value``, at any depth of dicts and lists."""
+    if isinstance(value, list):
+        for item in value:
+            yield from _items(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield key, item
+            yield from _items(item)
+
+
+def _refuse_unsafe(value: Any, remote_code: bool) -> None:
+    """Refuse code-loading and pickle-loading kwargs anywhere in ``value``."""
+    for key, item in _items(value):
+        if key == "trust_remote_code" and item not in (None, False) and not remote_code:
+            raise InvalidArgument("trust_remote_code is not allowed", hint=REMOTE_CODE_HINT)
+        if _unsafe_loading(key, item):
+            raise InvalidArgument(
+                f'the kwarg "{key}" cannot be overridden',
+                detail="pgml-proxy loads model weights only from formats that cannot run code.",
+                hint=f'Remove "{key}" from the kwargs.',
+            )
+
+
+def _confine(init: dict[str, Any], config: EngineConfig) -> dict[str, Any]:
+    out = dict(init)
+    for key, value in init.items():
+        if key in OWNED_KWARGS:
+            raise PermissionDenied(
+                f'the kwarg "{key}" is not allowed',
+                detail="pgml-proxy owns its model cache, offload and download locations.",
+                hint=f'Remove "{key}" from the kwargs.',
+            )
+        if key in MODEL_KWARGS and isinstance(value, str):
+            out[key] = resolve(value, config)
+        elif key in INNER_KWARGS and value is not None and not (isinstance(value, str) and plain_name(value)):
+            raise InvalidArgument(f'"{key}" must name a file or folder inside the model (no path syntax)')
+        elif key in NESTED_KWARGS and isinstance(value, dict):
+            out[key] = _confine(value, config)
+    return out
+
+
+# ``generate()`` arguments a client never passes: they load and run code or files (custom_generate, a
+# deprecated decoding method's hub repo with trust_remote_code, an assistant model), or are objects the
+# engine passes itself (streamer, stopping criteria, tokenizers, processors, a generation config).
+GENERATE_REFUSED = frozenset(
+    {
+        "custom_generate",
+        "trust_remote_code",
+        "assistant_model",
+        "assistant_tokenizer",
+        "tokenizer",
+        "generation_config",
+        "streamer",
+        "stopping_criteria",
+        "logits_processor",
+        "prefix_allowed_tokens_fn",
+        "synced_gpus",
+    }
+)
+
+
+def generation_kwargs(args: dict[str, Any]) -> dict[str, Any]:
+    """``args`` for ``generate`` (or a generating pipeline), once no key of :data:`GENERATE_REFUSED` is in it
+    at any depth (22023); every generate path of the engine passes its client args through this."""
+    for key, _ in _items(args):
+        if key in GENERATE_REFUSED:
+            raise InvalidArgument(
+                f'the generation arg "{key}" is not allowed',
+                detail="Generation args cannot load code, models or files.",
+                hint=f'Remove "{key}" from the args.',
+            )
+    return args

@@ -1,0 +1,124 @@
+"""What a handler runs with: :class:`Context` (config, model cache, cancel flag, the client's session),
+and :class:`ModelLock`, the lock of one loaded model that steps aside from the engine's compute turn.
+
+Owns: the cancel checkpoint (``Context.check``), the mini-batch size rule (``Context.batch_size``), running
+model code in a worker from a procedure (``Context.work``), and how a worker thread waiting for a model's
+lock gives up its compute turn meanwhile (``step_aside_with``, installed by ``engine.runtime.turns``).
+
+Must not: know about SQL, the wire protocol or any ``pgml.*`` function; schedule work (the executor does).
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
+from typing import Any, TypeVar
+
+from engine.api import CANCELED, Canceled, Database, EngineConfig, InvalidArgument, NotSupported
+from engine.runtime.cache import ModelCache
+
+T = TypeVar("T")
+
+_held = threading.local()  # this thread's way to step aside from its compute turn (set by engine.runtime.turns)
+
+
+class ModelLock:
+    """The lock of one loaded model (pipelines and fast tokenizers are not thread-safe).
+
+    A thread that must wait for it steps aside from its engine compute turn while it waits
+    (``engine.runtime.turns`` installs how, per worker thread): the holder may have handed its turn to
+    this thread's job at a checkpoint and needs a turn back to finish and release the lock.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> ModelLock:
+        if self._lock.acquire(blocking=False):
+            return self
+        aside: Callable[[], AbstractContextManager[None]] | None = getattr(_held, "aside", None)
+        if aside is None:
+            self._lock.acquire()
+            return self
+        got = False
+        try:
+            with aside():  # others compute meanwhile; the turn is taken again after (Canceled if canceled)
+                self._lock.acquire()
+                got = True
+        except BaseException:
+            if got:
+                self._lock.release()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+def step_aside_with(aside: Callable[[], AbstractContextManager[None]] | None) -> None:
+    """Install (or with None remove) this worker thread's way to give up its turn while it waits for a model."""
+    _held.aside = aside
+
+
+class Context:
+    """What a handler may use: config, the shared model cache, its cancel flag.
+
+    Procedures (train, deploy, predict…) run on the event loop and also get the
+    client's session (``database()``) and ``work()``, which runs model code in the
+    engine's worker threads.
+
+    ``check()`` (and ``cancelled.is_set()``) between mini-batches is where a call
+    stops once canceled; with the engine's flag (``engine.runtime.turns.Job``) it is also
+    where a long call lets other sessions' calls take their turn.
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        cache: ModelCache,
+        cancelled: threading.Event,
+        db: Database | None = None,
+        work: Callable[..., Awaitable[Any]] | None = None,
+        database_name: str = "",
+        notices: list[str] | None = None,
+    ) -> None:
+        self.config = config
+        self.cache = cache
+        self.cancelled = cancelled
+        self.db = db
+        self._work = work
+        self.database_name = database_name
+        self.notices = notices if notices is not None else []
+
+    def check(self) -> None:
+        """Raise Canceled once the call was canceled (a checkpoint: may first wait for another session's turn)."""
+        if self.cancelled.is_set():
+            raise Canceled(CANCELED)
+
+    def batch_size(self, requested: Any = None) -> int:
+        """The mini-batch size for a client's ``batch_size`` kwarg: it may ask for less than
+        ``[engine] batch_size``, never more (a batch holds the engine's turn until it is done)."""
+        limit = max(1, int(self.config.batch_size))
+        if requested is None:
+            return limit
+        if isinstance(requested, bool) or not isinstance(requested, (int, float, str)):
+            raise InvalidArgument("batch_size must be a positive integer")
+        try:
+            size = int(requested)
+        except ValueError as exc:
+            raise InvalidArgument("batch_size must be a positive integer") from exc
+        return max(1, min(size, limit))
+
+    def database(self) -> Database:
+        if self.db is None:
+            raise NotSupported("this pgml function needs the client's database session")
+        return self.db
+
+    async def work(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``fn(*args, **kwargs)`` in an engine worker thread (the event loop goes on)."""
+        if self._work is None:
+            return fn(*args, **kwargs)
+        result: T = await self._work(functools.partial(fn, *args, **kwargs))
+        return result
