@@ -30,6 +30,7 @@ from proxy.dsn import parse_dsn
 from proxy.embedded import Cluster, ClusterError, find_bin_dir
 from proxy.rewrite.decide import Rewriter
 from proxy.server import Server, UpstreamTarget
+from proxy.wire import trace
 
 log = logging.getLogger("pgml-proxy")
 
@@ -46,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--listen", help="HOST:PORT to accept clients on (proxy.listen)")
     parser.add_argument("--upstream", help="libpq URI of the real PostgreSQL (upstream.dsn); empty = embedded")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="log.level")
+    parser.add_argument(
+        "--trace-protocol",
+        action="store_true",
+        help="log each protocol message: direction, type, length, statement and portal names, never values "
+        "(log.trace_protocol; on at log.level = debug)",
+    )
     parser.add_argument(
         "command",
         nargs="?",
@@ -101,7 +108,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load(
             config_path(args.config),
             os.environ,
-            {"proxy.listen": args.listen, "upstream.dsn": args.upstream, "log.level": args.log_level},
+            {
+                "proxy.listen": args.listen,
+                "upstream.dsn": args.upstream,
+                "log.level": args.log_level,
+                "log.trace_protocol": True if args.trace_protocol else None,
+            },
         )
     except ConfigError as exc:
         print(f"pgml-proxy: configuration error: {exc}", file=sys.stderr)
@@ -109,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=config.log.level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    if config.log.trace_protocol:
+        logging.getLogger(trace.LOGGER).setLevel(logging.DEBUG)
     try:
         import uvloop
 

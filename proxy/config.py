@@ -74,6 +74,7 @@ class UpstreamSection:
 @dataclass(frozen=True)
 class LogSection:
     level: str = "info"
+    trace_protocol: bool = False  # each protocol message in the log (names and counts, never data)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,8 @@ from proxy.wire.messages import (
 
 # The session bounds what it accepts; the tracer only sees what passed (the server's own limit: 1 GiB).
 _TRACE_MAX = (1 << 30) + 5
+# The logger the session writes these lines to (at debug; ``log.trace_protocol`` turns it on alone).
+LOGGER = "pgml-proxy.protocol"
 _COUNT = struct.Struct("!h")
 
 
