@@ -4,7 +4,9 @@ Owns: the responses the upstream still owes, grouped in *segments* — the
 messages up to and including one message answered by ReadyForQuery (Query, Sync,
 FunctionCall). Responses arrive in order, so the oldest open segment is the one
 being answered, and its ReadyForQuery closes it (after an error the server skips
-the rest of that segment, which is then simply forgotten). Inside a segment, the
+the rest of that segment, which is then simply forgotten; whether that error failed
+the batch still being sent is :attr:`Responses.answering_current`, and the failure
+itself is the connection's phase, :mod:`proxy.session.state`). Inside a segment, the
 n-th ParseComplete/BindComplete/CloseComplete answers its n-th Parse/Bind/Close:
 that is how the completion of a message the proxy injected is found and hidden.
 Barriers are injected Parses whose completion proves every earlier response of
@@ -15,7 +17,7 @@ are counted, so the ErrorResponse or notice that comes while such a statement ru
 is known to be the proxy's own (the session then shows it without the mechanism),
 whatever its text says.
 
-Must not: do I/O. The session reports what it sends and receives.
+Must not: do I/O, or keep the connection's phase. The core reports what it sends and receives.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class Segment:
     """The messages up to one ReadyForQuery: completions sent/received by kind, and which to hide."""
 
     __slots__ = (
-        "answered", "barriers", "executes", "failed", "hidden", "hidden_errors", "own", "own_fields", "received", "sent"
+        "answered", "barriers", "executes", "hidden", "hidden_errors", "own", "own_fields", "received", "sent"
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -53,7 +55,6 @@ class Segment:
         self.hidden: set[tuple[int, int]] = set()
         self.hidden_errors = 0  # ErrorResponses the proxy provoked on purpose (to make the server skip to Sync)
         self.barriers: dict[int, asyncio.Future[bool]] = {}
-        self.failed = False  # an ErrorResponse arrived: the server skips the rest of the segment
 
     def fail_barriers(self) -> None:
         for waiter in self.barriers.values():
@@ -73,6 +74,11 @@ class Responses:
         self.segments: deque[Segment | None] = deque([None])
         self._hidden = 0  # hidden responses not yet seen, over all segments
         self._marked = 0  # segments not yet closed with statements of the proxy's own
+
+    @property
+    def answering_current(self) -> bool:
+        """True when the responses arriving now answer the messages still being sent (no batch end is owed)."""
+        return len(self.segments) == 1
 
     @property
     def busy(self) -> bool:
@@ -155,11 +161,9 @@ class Responses:
         self._hidden += 1
 
     def barrier(self) -> asyncio.Future[bool]:
-        """An injected Parse is about to be sent: the future tells whether it completed (True)."""
+        """An injected Parse is about to be sent: the future tells whether it completed (True; False: an error
+        came first, and the server skips the rest of the batch)."""
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        if self._current().failed:  # nothing more is answered before the client's Sync
-            future.set_result(False)
-            return future
         ordinal = self.inject(ONE)
         self._current().barriers[ordinal] = future
         return future
@@ -185,7 +189,6 @@ class Responses:
                     waiter.set_result(True)
                 return False
         elif kind == E:
-            oldest.failed = True
             oldest.fail_barriers()  # the server now skips the rest of this segment
             if oldest.hidden_errors:
                 oldest.hidden_errors -= 1
