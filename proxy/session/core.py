@@ -39,6 +39,7 @@ HELD_LIMIT = 4 << 20
 
 _X, _Z, _E, _N, _S = b"XZENS"
 _IDLE = ord("I")
+_AUTHENTICATING = Phase.AUTHENTICATING  # a global: an Enum member read from its class is a slow lookup on 3.11
 
 
 class Shell(Protocol):
@@ -107,6 +108,8 @@ class Connection:
         self.traffic = Traffic(self.state, upstream, client, session_id, database)
         self.decider = Decider(rewriter, self.traffic)
         self.router = Router(self.state, self.decider, self.traffic, rewriter)
+        # The hot paths' objects, one attribute away.
+        self._ledger, self._upstream, self._client = self.traffic.ledger, upstream, client
         self._rewriter = rewriter
         self._shell = shell
         self._held = Held(client)
@@ -117,7 +120,7 @@ class Connection:
 
     def start(self, startup: pq.StartupMessage) -> None:
         """The upstream is connected: the client's startup packet goes there; authentication is relayed."""
-        self.traffic.upstream.write(pq.encode_startup(startup))
+        self._upstream.write(pq.encode_startup(startup))
         self.state.owe()  # the ReadyForQuery that ends authentication
         self.state.fire(Event.CONNECTED)
 
@@ -158,9 +161,8 @@ class Connection:
                 return
             self._held.add(pq.split_frames(chunk))
         elif self.router.plain(chunk, kinds):  # hot path: nothing to look at, forward the bytes as they came
-            self.state.sent(kinds)
-            self.traffic.ledger.sent(kinds)
-            self.traffic.upstream.write(chunk)
+            self._ledger.sent(kinds, self.state.sent(kinds))
+            self._upstream.write(chunk)
         else:
             self._relay(pq.split_frames(chunk))
 
@@ -171,12 +173,12 @@ class Connection:
             kind, route = self.router.route(frame)
             if route is Route.DECIDE or route is Route.ANSWER:
                 if out:
-                    self.traffic.upstream.writelines(out)
+                    self._upstream.writelines(out)
                 self._decide(frame, kind, frames[i + 1 :])
                 return
             if not self._pass(frame, route, out):
                 return
-        self.traffic.upstream.writelines(out)
+        self._upstream.writelines(out)
 
     def _pass(self, frame: pq.Frame, route: Route, out: list[bytes]) -> bool:
         """Add a relayed frame (and what its route puts before it) to ``out``; False: the connection ended."""
@@ -189,8 +191,7 @@ class Connection:
             return False
         out.append(frame.raw)
         kind = bytes((frame.type,))
-        self.state.sent(kind)
-        self.traffic.ledger.sent(kind)
+        self._ledger.sent(kind, self.state.sent(kind))
         return True
 
     def _decide(self, frame: pq.Frame, kind: Kind, rest: list[pq.Frame]) -> None:
@@ -202,13 +203,13 @@ class Connection:
 
     def _terminate_early(self) -> None:
         """Terminate behind a statement still being decided: the client wants no answer; its engine work stops."""
-        self.traffic.upstream.write(pq.TERMINATE)
+        self._upstream.write(pq.TERMINATE)
         self.state.fire(Event.TERMINATE)
         self._shell.close()
 
     async def _drain(self, frame: pq.Frame, kind: Kind) -> None:
         """Run the decision for ``frame``, then route the held frames in order (decisions one at a time)."""
-        upstream = self.traffic.upstream
+        upstream = self._upstream
         try:
             await self.decider.run(frame, kind is Kind.OWNED)
             out: list[bytes] = []
@@ -249,17 +250,17 @@ class Connection:
         if not kinds:
             return
         traffic = self.traffic
-        if self.state.phase is Phase.AUTHENTICATING:
+        if self.state.phase is _AUTHENTICATING:
             chunk = b"".join(f.raw for f in self._authenticating(pq.split_frames(chunk)))
-        if traffic.exchange is not None or traffic.ledger.busy:
+        if traffic.exchange is not None or self._ledger.busy:
             self._route(pq.split_frames(chunk))
             return
-        traffic.ledger.received(kinds)
+        self._ledger.received(kinds)
         if last_z >= 0:
             self._ready(last_z, kinds.count(_Z))
         if _E in kinds or _S in kinds:
             self._inspect(chunk, kinds)
-        traffic.client.write(chunk)
+        self._client.write(chunk)
 
     def _inspect(self, chunk: bytes, kinds: bytearray) -> None:
         """ErrorResponse / ParameterStatus on the hot path: FATAL, a failed batch, settings the rewriter uses."""
@@ -268,18 +269,18 @@ class Connection:
                 self.state.fire(Event.FATAL)
             elif frame.type == _S:
                 self.traffic.parameter_status(frame)
-        if kinds.rfind(_E) > kinds.rfind(_Z) and self.traffic.ledger.answering_current:
+        if kinds.rfind(_E) > kinds.rfind(_Z) and self._ledger.answering_current:
             self.state.fire(Event.ERROR)
 
     def _ready(self, status: int, count: int = 1) -> None:
         """ReadyForQuery: the batch is over; nothing else is owed for it."""
         self.state.ready(status, count)
-        if status == _IDLE:  # a transaction ended, however
+        if status == _IDLE and (self.decider.cursors.open or self.decider.owned.portals):  # a transaction ended
             self.decider.transaction_ended()
 
     def _route(self, frames: list[pq.Frame]) -> None:
         """Slow path: frames of an internal exchange, or responses to hide or show without the mechanism."""
-        traffic, ledger = self.traffic, self.traffic.ledger
+        traffic, ledger = self.traffic, self._ledger
         out: list[bytes] = []
         for frame in frames:
             kind = frame.type
@@ -301,7 +302,7 @@ class Connection:
                 self.state.fire(Event.FATAL)
             out.append(frame.raw if own is None else pq.replace_fields(frame, MECHANISM, own))
         if out:
-            traffic.client.writelines(out)
+            self._client.writelines(out)
 
     def _authenticating(self, frames: list[pq.Frame]) -> list[pq.Frame]:
         """Authentication relay: the watch strips channel binding; note the cancel key and the end."""

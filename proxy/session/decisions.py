@@ -169,9 +169,8 @@ class Decider:
 
     def transaction_ended(self) -> None:
         """ReadyForQuery 'I': the proxy's cursors (all but WITH HOLD ones) and portals are gone."""
-        if self.cursors.open or self.owned.portals:
-            self.cursors.stop_all(keep_holdable=True)
-            self.owned.clear_portals()
+        self.cursors.stop_all(keep_holdable=True)
+        self.owned.clear_portals()
 
     def stop(self) -> None:
         """The connection ends: every generation stops."""

@@ -26,6 +26,8 @@ import asyncio
 from collections import deque
 from collections.abc import Collection
 
+from proxy.session.state import BATCH_ENDS
+
 ONE, TWO, THREE = ord("1"), ord("2"), ord("3")
 Z, E, N = ord("Z"), ord("E"), ord("N")
 # Responses that end one statement of a Query or one Execute: how the statement being answered is known.
@@ -33,9 +35,7 @@ ENDS = frozenset(b"CIs")
 _EXECUTE = ord("E")  # a client's Execute (the same byte as a server's ErrorResponse)
 # Client message -> the completion message that answers it.
 ANSWERS = {ord("P"): ONE, ord("B"): TWO, ord("C"): THREE}
-# Client messages answered by ReadyForQuery: each closes a segment.
-CLOSERS = frozenset(b"QSF")
-_P, _B, _C, _Q, _S, _F = b"PBCQSF"
+_P, _B, _C = b"PBC"
 
 
 class Segment:
@@ -91,15 +91,18 @@ class Responses:
             current = self.segments[-1] = Segment()
         return current
 
-    def sent(self, kinds: bytes | bytearray) -> None:
-        """Client messages forwarded (their type bytes, in order)."""
-        closers = kinds.count(_Q) + kinds.count(_S) + kinds.count(_F)
-        if self.segments[-1] is None and kinds[-1] in CLOSERS:
+    def sent(self, kinds: bytes | bytearray, closers: int) -> None:
+        """Client messages forwarded (their type bytes, in order), ``closers`` of them batch ends (each closes a
+        segment: :data:`proxy.session.state.BATCH_ENDS`, counted by :meth:`proxy.session.state.State.sent`)."""
+        if self.segments[-1] is None and kinds[-1] in BATCH_ENDS:
             # Whole batches (the hot path): nothing was injected into them and nothing can be
             # any more, so their completions need no counting.
-            self.segments.extend([None] * closers)
+            if closers == 1:
+                self.segments.append(None)
+            else:
+                self.segments.extend([None] * closers)
             return
-        if closers <= 1 and (closers == 0 or kinds[-1] in CLOSERS):  # the usual chunk: one batch at most
+        if closers <= 1 and (closers == 0 or kinds[-1] in BATCH_ENDS):  # the usual chunk: one batch at most
             if _P in kinds or _B in kinds or _C in kinds or _EXECUTE in kinds:
                 current = self._current()
                 sent = current.sent
@@ -116,7 +119,7 @@ class Responses:
                 self._current().sent[answer] += 1
             elif kind == _EXECUTE:
                 self._current().executes += 1
-            elif kind in CLOSERS:
+            elif kind in BATCH_ENDS:
                 self.segments.append(None)
 
     def received(self, kinds: bytes | bytearray) -> None:

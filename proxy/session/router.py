@@ -17,6 +17,7 @@ and starts decisions; :meth:`Owned.claims` forgets the names a message takes bac
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 
 from proxy.rewrite import decide, params
 from proxy.rewrite.decide import Rewriter
@@ -29,6 +30,8 @@ from proxy.wire.messages import Frame
 class Kind(enum.Enum):
     """What a client message is, as far as the proxy is concerned (:data:`TYPES`: the type bytes it can have)."""
 
+    __hash__ = object.__hash__  # identity, as for Phase
+
     OWNED = "owned"  # P/B/D/E/C naming a proxy-owned statement, portal or cursor
     STATEMENT = "statement"  # Q/P the rewriter must see: pgml, an EXECUTE of a pgml PREPARE, a proxy cursor's FETCH
     DEFERRED_BIND = "deferred-bind"  # B of a statement whose pgml calls wait for their $n values
@@ -39,6 +42,10 @@ class Kind(enum.Enum):
 
 
 class Route(enum.Enum):
+    """What happens to a client message."""
+
+    __hash__ = object.__hash__  # identity, as for Phase
+
     RELAY = "relay"  # forward the frame as it came
     DECIDE = "decide"  # the rewriter decides (the frame and all after it wait)
     ANSWER = "answer"  # the proxy answers it itself, after every earlier response (the frames after it wait)
@@ -47,6 +54,9 @@ class Route(enum.Enum):
     CHECK = "check"  # relay it unless the authentication watch refuses it (the connection then ends)
 
 
+# Kinds a frame can be only while the proxy owns something on the connection: deferred statements, cursors, its
+# own prepared statements or portals, barrier statements (:meth:`Router.quiet`: none).
+OWNING = frozenset({Kind.OWNED, Kind.DEFERRED_BIND, Kind.REDEFINING, Kind.BARRIER_SYNC})
 ORDER = (Kind.OWNED, Kind.STATEMENT, Kind.DEFERRED_BIND, Kind.REDEFINING, Kind.BARRIER_SYNC, Kind.PASSWORD)
 TYPES: dict[Kind, frozenset[int]] = {
     Kind.OWNED: frozenset(b"PBDEC"),
@@ -76,12 +86,10 @@ ROUTES: dict[Phase, dict[Kind, Route]] = {
     Phase.UPSTREAM_FAILED: {},
     Phase.CLOSED: {},
 }
-# Per phase, the kinds it routes other than RELAY, in ORDER, with their type bytes.
-_LOOKS: dict[Phase, tuple[tuple[Kind, frozenset[int]], ...]] = {
-    phase: tuple((kind, TYPES[kind]) for kind in ORDER if kind in routes) for phase, routes in ROUTES.items()
-}
 _Q, _P, _C = ord("Q"), ord("P"), ord("C")
 _PLAIN = (Kind.PLAIN, Route.RELAY)
+_ChunkTests = tuple[tuple[frozenset[int], Callable[[bytes, bytearray], bool]], ...]
+_FrameTests = tuple[tuple[frozenset[int], Callable[[Frame], bool], Kind, Route], ...]
 
 
 class Router:
@@ -92,63 +100,107 @@ class Router:
         self._decider = decider
         self._traffic = traffic
         self._rewriter = rewriter
+        chunk_tests: dict[Kind, Callable[[bytes, bytearray], bool]] = {
+            Kind.OWNED: self._may_be_owned,
+            Kind.STATEMENT: self._may_be_statement,
+            Kind.DEFERRED_BIND: self._may_be_deferred_bind,
+            Kind.REDEFINING: self._may_be_redefining,
+            Kind.BARRIER_SYNC: self._barriers_wait,
+            Kind.PASSWORD: _always,
+        }
+        frame_tests: dict[Kind, Callable[[Frame], bool]] = {
+            Kind.OWNED: self._is_owned,
+            Kind.STATEMENT: self._is_statement,
+            Kind.DEFERRED_BIND: self._is_deferred_bind,
+            Kind.REDEFINING: self._is_redefining,
+            Kind.BARRIER_SYNC: self._barriers_wait_for,
+            Kind.PASSWORD: _always,
+        }
+        # Per phase, the kinds it routes other than RELAY, in ORDER, with their types and tests (and routes).
+        self._chunk_tests: dict[Phase, _ChunkTests] = {
+            phase: tuple((TYPES[kind], chunk_tests[kind]) for kind in ORDER if kind in routes)
+            for phase, routes in ROUTES.items()
+        }
+        self._quiet_tests: dict[Phase, _ChunkTests] = {
+            phase: tuple((TYPES[kind], chunk_tests[kind]) for kind in ORDER if kind in routes and kind not in OWNING)
+            for phase, routes in ROUTES.items()
+        }
+        self._frame_tests: dict[Phase, _FrameTests] = {
+            phase: tuple((TYPES[kind], frame_tests[kind], kind, routes[kind]) for kind in ORDER if kind in routes)
+            for phase, routes in ROUTES.items()
+        }
 
     def plain(self, chunk: bytes, kinds: bytearray) -> bool:
         """True when no frame of the chunk can be of a kind the phase routes: the hot path relays it as it came."""
-        for kind, types in _LOOKS[self._state.phase]:
-            if not types.isdisjoint(kinds) and self._may_be(kind, chunk, kinds):
+        decider = self._decider  # quiet (see below), inline: this runs for every chunk
+        owning = decider.deferred or decider.cursors.open or self._traffic.barriers or decider.owned.active
+        for types, may_be in (self._chunk_tests if owning else self._quiet_tests)[self._state.phase]:
+            if not types.isdisjoint(kinds) and may_be(chunk, kinds):
                 return False
         return True
 
+    @property
+    def quiet(self) -> bool:
+        """The proxy owns nothing on the connection: no frame can be of an OWNING kind."""
+        decider = self._decider
+        return not (decider.deferred or decider.cursors.open or decider.owned.active or self._traffic.barriers)
+
     def route(self, frame: Frame) -> tuple[Kind, Route]:
         """The frame's kind and what happens to it now."""
-        phase = self._state.phase
-        for kind, types in _LOOKS[phase]:
-            if frame.type in types and self._is(kind, frame):
-                return kind, ROUTES[phase][kind]
+        for types, is_, kind, route in self._frame_tests[self._state.phase]:
+            if frame.type in types and is_(frame):
+                return kind, route
         return _PLAIN
 
-    def _may_be(self, kind: Kind, chunk: bytes, kinds: bytearray) -> bool:
-        """Whether frames of ``kind``'s types in this chunk may be of that kind (cheap, never a false "no")."""
-        decider = self._decider
-        match kind:
-            case Kind.OWNED:  # a Parse of a new own statement mentions pgml: STATEMENT's test catches it
-                return bool(decider.cursors.open) or decider.owned.active
-            case Kind.STATEMENT:
-                return (
-                    decide.might_use_pgml(chunk)
-                    or (bool(decider.cursors.open) and _Q in kinds)
-                    or (self._rewriter.sql_prepared(self._traffic) and decide.might_execute(chunk))
-                )
-            case Kind.DEFERRED_BIND:
-                return bool(decider.deferred)
-            case Kind.REDEFINING:
-                return bool(decider.deferred) and (_P in kinds or _C in kinds or decide.might_deallocate(chunk))
-            case Kind.BARRIER_SYNC:
-                return bool(self._traffic.barriers)
-        return True  # PASSWORD
+    # -- chunk tests: may frames of the kind's types in this chunk be of that kind? (never a false "no") -- #
 
-    def _is(self, kind: Kind, frame: Frame) -> bool:
-        decider, raw = self._decider, frame.raw
-        match kind:
-            case Kind.OWNED:
-                return decider.owned.claims(frame, decider.cursors.open)
-            case Kind.STATEMENT:
-                if frame.type == _Q and decider.cursors.open and not decide.undecodable(raw):
-                    return True  # FETCH / CLOSE / COMMIT may concern a proxy-owned cursor
-                return decide.might_use_pgml(raw) or (
-                    self._rewriter.sql_prepared(self._traffic) and decide.might_execute(raw)
-                )
-            case Kind.DEFERRED_BIND:
-                return bool(decider.deferred) and params.bound_statement(frame) in decider.deferred
-            case Kind.REDEFINING:
-                if not decider.deferred:
-                    return False
-                if frame.type == _Q:
-                    return decide.might_deallocate(raw)
-                if frame.type == _P:
-                    return not decide.undecodable(raw)
-                return raw[5:6] == b"S"  # Close of a statement
-            case Kind.BARRIER_SYNC:
-                return bool(self._traffic.barriers)
-        return True  # PASSWORD
+    def _may_be_owned(self, chunk: bytes, kinds: bytearray) -> bool:
+        # A Parse of a new own statement mentions pgml: the STATEMENT test catches that one.
+        return bool(self._decider.cursors.open) or self._decider.owned.active
+
+    def _may_be_statement(self, chunk: bytes, kinds: bytearray) -> bool:
+        return (
+            decide.might_use_pgml(chunk)
+            or (bool(self._decider.cursors.open) and _Q in kinds)
+            or (self._rewriter.sql_prepared(self._traffic) and decide.might_execute(chunk))
+        )
+
+    def _may_be_deferred_bind(self, chunk: bytes, kinds: bytearray) -> bool:
+        return bool(self._decider.deferred)
+
+    def _may_be_redefining(self, chunk: bytes, kinds: bytearray) -> bool:
+        return bool(self._decider.deferred) and (_P in kinds or _C in kinds or decide.might_deallocate(chunk))
+
+    def _barriers_wait(self, chunk: bytes, kinds: bytearray) -> bool:
+        return bool(self._traffic.barriers)
+
+    # -- frame tests ---------------------------------------------------------------------------------- #
+
+    def _is_owned(self, frame: Frame) -> bool:
+        return self._decider.owned.claims(frame, self._decider.cursors.open)
+
+    def _is_statement(self, frame: Frame) -> bool:
+        raw = frame.raw
+        if frame.type == _Q and self._decider.cursors.open and not decide.undecodable(raw):
+            return True  # FETCH / CLOSE / COMMIT may concern a proxy-owned cursor
+        return decide.might_use_pgml(raw) or (self._rewriter.sql_prepared(self._traffic) and decide.might_execute(raw))
+
+    def _is_deferred_bind(self, frame: Frame) -> bool:
+        deferred = self._decider.deferred
+        return bool(deferred) and params.bound_statement(frame) in deferred
+
+    def _is_redefining(self, frame: Frame) -> bool:
+        if not self._decider.deferred:
+            return False
+        if frame.type == _Q:
+            return decide.might_deallocate(frame.raw)
+        if frame.type == _P:
+            return not decide.undecodable(frame.raw)
+        return frame.raw[5:6] == b"S"  # Close of a statement
+
+    def _barriers_wait_for(self, frame: Frame) -> bool:
+        return bool(self._traffic.barriers)
+
+
+def _always(*_: object) -> bool:
+    return True

@@ -26,6 +26,9 @@ import enum
 class Phase(enum.Enum):
     """Where the connection stands, seen from the messages that went upstream."""
 
+    # Members are singletons: identity is their hash (Enum's own hashes the name, a Python call per lookup).
+    __hash__ = object.__hash__
+
     STARTUP = "startup"  # the shell negotiates with the client (SSL, startup packet) and connects upstream
     AUTHENTICATING = "authenticating"  # the server authenticates the client (relayed) until its first ReadyForQuery
     READY = "ready"  # between batches: the last batch end (Query, Sync, FunctionCall) went upstream
@@ -39,6 +42,8 @@ class Phase(enum.Enum):
 
 class Event(enum.Enum):
     """What moves the phase."""
+
+    __hash__ = object.__hash__
 
     CONNECTED = "connected"  # the shell sent the startup packet upstream
     AUTHENTICATED = "authenticated"  # the ReadyForQuery that ends authentication arrived
@@ -86,6 +91,8 @@ CLIENT_EVENTS: dict[int, Event] = {
     ord("X"): Event.TERMINATE,
 }
 BATCH_ENDS = frozenset(b"QSF")
+# The hot path's transition (a chunk ending with a batch end), looked up without building a key.
+_AFTER_END = {phase: TRANSITIONS.get((phase, Event.BATCH_END), phase) for phase in Phase}
 _END, _EXTENDED, _TERMINATE = b"s", b"x", b"t"
 _CODE_OF = {Event.BATCH_END: _END[0], Event.EXTENDED: _EXTENDED[0], Event.TERMINATE: _TERMINATE[0]}
 # bytes.translate table: client type byte -> one-letter event code (messages without an event are deleted).
@@ -129,8 +136,9 @@ class State:
         if self.owed == 0:
             self.idle.set()
 
-    def sent(self, kinds: bytes | bytearray) -> None:
-        """Client messages went upstream (their type bytes, in order): what they owe, and the phase after them.
+    def sent(self, kinds: bytes | bytearray) -> int:
+        """Client messages went upstream (their type bytes, in order): what they owe (returned: how many batch
+        ends they hold), and the phase after them.
 
         The same as firing :data:`CLIENT_EVENTS` one message at a time (a test checks it), in a few
         C-level passes: a batch end takes every active phase to READY whatever came before it, an
@@ -138,10 +146,11 @@ class State:
         """
         ends = kinds.count(81) + kinds.count(83) + kinds.count(70)  # Q, S, F
         if ends:
-            self.owe(ends)
+            self.owed += ends
+            self.idle.clear()
         if kinds[-1] in BATCH_ENDS:  # the usual chunk: whole batches or Queries
-            self.fire(Event.BATCH_END)
-            return
+            self.phase = _AFTER_END[self.phase]
+            return ends
         codes = kinds.translate(_CODES, _NO_EVENT)
         last_end = codes.rfind(_END)
         if last_end >= 0:
@@ -150,3 +159,4 @@ class State:
             self.fire(Event.EXTENDED)
         if codes.endswith(_TERMINATE):
             self.fire(Event.TERMINATE)
+        return ends

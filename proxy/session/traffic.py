@@ -90,8 +90,7 @@ class Traffic:
     def forward(self, kind: int, raw: bytes) -> None:
         """A decided client message (``kind``) goes upstream as ``raw`` (itself or its rewritten frames)."""
         one = bytes((kind,))
-        self.state.sent(one)
-        self.ledger.sent(one)
+        self.ledger.sent(one, self.state.sent(one))
         self.upstream.write(raw)
 
     def rebind(self, parse: bytes, bind: bytes, close: bytes, name: str) -> None:
@@ -101,7 +100,7 @@ class Traffic:
         for _ in leftovers:
             self.ledger.inject(THREE)
         self.ledger.inject(ONE)
-        self.ledger.sent(b"B")
+        self.ledger.sent(b"B", 0)
         self.ledger.inject(THREE)
         self._private_open = [name]
         self.state.fire(Event.EXTENDED)
