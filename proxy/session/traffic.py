@@ -206,7 +206,9 @@ class Traffic:
         exchange = self.exchange
         if exchange is None or exchange.done:
             return False
-        self.upstream.writelines(exchange.feed(frame))
+        reply = exchange.feed(frame)
+        if reply:
+            self.upstream.writelines(reply)
         if exchange.done:
             self._exchange_done.set()
         return True
