@@ -25,7 +25,7 @@ from proxy.rewrite.decide import Rewriter
 from proxy.session.decisions import MECHANISM, Decider
 from proxy.session.router import Kind, Route, Router
 from proxy.session.startup import AuthWatch
-from proxy.session.state import Event, Phase, State
+from proxy.session.state import ACTIVE, ENDING, Event, Phase, State
 from proxy.session.traffic import Sink, Traffic
 from proxy.wire import messages as pq
 
@@ -134,14 +134,14 @@ class Connection:
         if self._task is not None and not self._task.done():
             self._task.cancel()
         self.decider.stop()
-        goodbye = self.state.phase in (Phase.READY, Phase.IN_BATCH, Phase.OWN_BATCH, Phase.SKIP_TO_SYNC)
+        goodbye = self.state.phase in ACTIVE  # authenticated, and neither side said goodbye yet
         self.state.fire(Event.CLOSE)
         return goodbye
 
     def upstream_lost(self) -> bool:
         """The upstream connection closed; True when the client should be told (it did not see it coming)."""
         self.traffic.upstream_lost()
-        return self.state.phase not in (Phase.TERMINATING, Phase.UPSTREAM_FAILED, Phase.CLOSED)
+        return self.state.phase not in ENDING
 
     # ------------------------------------------------------------------ #
     # Client -> upstream

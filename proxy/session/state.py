@@ -90,7 +90,7 @@ CLIENT_EVENTS: dict[int, Event] = {
     **dict.fromkeys(b"PBDEC", Event.EXTENDED),
     ord("X"): Event.TERMINATE,
 }
-BATCH_ENDS = frozenset(b"QSF")
+BATCH_ENDS = frozenset(kind for kind, event in CLIENT_EVENTS.items() if event is Event.BATCH_END)
 # The hot path's transition (a chunk ending with a batch end), looked up without building a key.
 _AFTER_END = {phase: TRANSITIONS.get((phase, Event.BATCH_END), phase) for phase in Phase}
 _END, _EXTENDED, _TERMINATE = b"s", b"x", b"t"
