@@ -56,6 +56,8 @@ class Shell(Protocol):
 
 
 class ClientSink(Sink, Protocol):
+    """The client's sink: reading from it pauses while too much waits behind a decision."""
+
     def pause_reading(self) -> None: ...
 
     def resume_reading(self) -> None: ...
