@@ -1,2 +1,3 @@
-"""One client connection: its state and transitions, the routing of messages, the response ledger, the
-proxy's own exchanges on the client's upstream session, start-up, and the I/O shell that drives them."""
+"""One client connection: its phase and transitions (state), the routing table (router), the response ledger,
+the decisions and what they leave behind (decisions), the proxy's own traffic and exchanges on the client's
+upstream session (traffic, exchange), start-up, the sans-IO core joining them (core), and the I/O shell (shell)."""

@@ -104,12 +104,16 @@ class Port(Protocol):
     """What the rewriter may do on the client's own upstream session."""
 
     session_id: int
-    tx_status: str
     database: str
     standard_strings: bool
     client_encoding: str
     temp_tables: list[str]  # per-row result tables created for the statement being decided
     notices: list[str]  # WARNINGs from the engine for the client, sent with the decision
+
+    @property
+    def tx_status(self) -> str:
+        """The server's transaction status from its last ReadyForQuery."""
+        ...
 
     @property
     def in_transaction(self) -> bool:

@@ -4,7 +4,9 @@ Owns: the responses the upstream still owes, grouped in *segments* — the
 messages up to and including one message answered by ReadyForQuery (Query, Sync,
 FunctionCall). Responses arrive in order, so the oldest open segment is the one
 being answered, and its ReadyForQuery closes it (after an error the server skips
-the rest of that segment, which is then simply forgotten). Inside a segment, the
+the rest of that segment, which is then simply forgotten; whether that error failed
+the batch still being sent is :attr:`Responses.answering_current`, and the failure
+itself is the connection's phase, :mod:`proxy.session.state`). Inside a segment, the
 n-th ParseComplete/BindComplete/CloseComplete answers its n-th Parse/Bind/Close:
 that is how the completion of a message the proxy injected is found and hidden.
 Barriers are injected Parses whose completion proves every earlier response of
@@ -15,7 +17,7 @@ are counted, so the ErrorResponse or notice that comes while such a statement ru
 is known to be the proxy's own (the session then shows it without the mechanism),
 whatever its text says.
 
-Must not: do I/O. The session reports what it sends and receives.
+Must not: do I/O, or keep the connection's phase. The core reports what it sends and receives.
 """
 
 from __future__ import annotations
@@ -24,27 +26,24 @@ import asyncio
 from collections import deque
 from collections.abc import Collection
 
+from proxy.session.state import BATCH_ENDS
 from proxy.wire.frames import Backend, Frontend
 
-# Plain module names for the type bytes tested per message (an enum member lookup costs ~0.2 µs).
-ONE, TWO, THREE = (int(k) for k in (Backend.PARSE_COMPLETE, Backend.BIND_COMPLETE, Backend.CLOSE_COMPLETE))
-Z, E, N = (int(k) for k in (Backend.READY_FOR_QUERY, Backend.ERROR_RESPONSE, Backend.NOTICE_RESPONSE))
+ONE, TWO, THREE = int(Backend.PARSE_COMPLETE), int(Backend.BIND_COMPLETE), int(Backend.CLOSE_COMPLETE)
+Z, E, N = int(Backend.READY_FOR_QUERY), int(Backend.ERROR_RESPONSE), int(Backend.NOTICE_RESPONSE)
 # Responses that end one statement of a Query or one Execute: how the statement being answered is known.
-ENDS = frozenset({Backend.COMMAND_COMPLETE, Backend.EMPTY_QUERY_RESPONSE, Backend.PORTAL_SUSPENDED})
-_EXECUTE = Frontend.EXECUTE  # a client's Execute (the same byte as a server's ErrorResponse)
+ENDS = frozenset(b"CIs")
+_EXECUTE = int(Frontend.EXECUTE)  # a client's Execute (the same byte as a server's ErrorResponse)
 # Client message -> the completion message that answers it.
-ANSWERS: dict[int, int] = {Frontend.PARSE: ONE, Frontend.BIND: TWO, Frontend.CLOSE: THREE}
-# Client messages answered by ReadyForQuery: each closes a segment.
-CLOSERS = frozenset({Frontend.QUERY, Frontend.SYNC, Frontend.FUNCTION_CALL})
-_P, _B, _C = Frontend.PARSE, Frontend.BIND, Frontend.CLOSE
-_Q, _S, _F = Frontend.QUERY, Frontend.SYNC, Frontend.FUNCTION_CALL
+ANSWERS = {int(Frontend.PARSE): ONE, int(Frontend.BIND): TWO, int(Frontend.CLOSE): THREE}
+_P, _B, _C = b"PBC"
 
 
 class Segment:
     """The messages up to one ReadyForQuery: completions sent/received by kind, and which to hide."""
 
     __slots__ = (
-        "answered", "barriers", "executes", "failed", "hidden", "hidden_errors", "own", "own_fields", "received", "sent"
+        "answered", "barriers", "executes", "hidden", "hidden_errors", "own", "own_fields", "received", "sent"
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -57,7 +56,6 @@ class Segment:
         self.hidden: set[tuple[int, int]] = set()
         self.hidden_errors = 0  # ErrorResponses the proxy provoked on purpose (to make the server skip to Sync)
         self.barriers: dict[int, asyncio.Future[bool]] = {}
-        self.failed = False  # an ErrorResponse arrived: the server skips the rest of the segment
 
     def fail_barriers(self) -> None:
         for waiter in self.barriers.values():
@@ -79,6 +77,11 @@ class Responses:
         self._marked = 0  # segments not yet closed with statements of the proxy's own
 
     @property
+    def answering_current(self) -> bool:
+        """True when the responses arriving now answer the messages still being sent (no batch end is owed)."""
+        return len(self.segments) == 1
+
+    @property
     def busy(self) -> bool:
         """True while some response must be inspected one frame at a time."""
         return self._hidden > 0 or self._marked > 0
@@ -89,15 +92,18 @@ class Responses:
             current = self.segments[-1] = Segment()
         return current
 
-    def sent(self, kinds: bytes | bytearray) -> None:
-        """Client messages forwarded (their type bytes, in order)."""
-        closers = kinds.count(_Q) + kinds.count(_S) + kinds.count(_F)
-        if self.segments[-1] is None and kinds[-1] in CLOSERS:
+    def sent(self, kinds: bytes | bytearray, closers: int) -> None:
+        """Client messages forwarded (their type bytes, in order), ``closers`` of them batch ends (each closes a
+        segment: :data:`proxy.session.state.BATCH_ENDS`, counted by :meth:`proxy.session.state.State.sent`)."""
+        if self.segments[-1] is None and kinds[-1] in BATCH_ENDS:
             # Whole batches (the hot path): nothing was injected into them and nothing can be
             # any more, so their completions need no counting.
-            self.segments.extend([None] * closers)
+            if closers == 1:
+                self.segments.append(None)
+            else:
+                self.segments.extend([None] * closers)
             return
-        if closers <= 1 and (closers == 0 or kinds[-1] in CLOSERS):  # the usual chunk: one batch at most
+        if closers <= 1 and (closers == 0 or kinds[-1] in BATCH_ENDS):  # the usual chunk: one batch at most
             if _P in kinds or _B in kinds or _C in kinds or _EXECUTE in kinds:
                 current = self._current()
                 sent = current.sent
@@ -114,7 +120,7 @@ class Responses:
                 self._current().sent[answer] += 1
             elif kind == _EXECUTE:
                 self._current().executes += 1
-            elif kind in CLOSERS:
+            elif kind in BATCH_ENDS:
                 self.segments.append(None)
 
     def received(self, kinds: bytes | bytearray) -> None:
@@ -159,11 +165,9 @@ class Responses:
         self._hidden += 1
 
     def barrier(self) -> asyncio.Future[bool]:
-        """An injected Parse is about to be sent: the future tells whether it completed (True)."""
+        """An injected Parse is about to be sent: the future tells whether it completed (True; False: an error
+        came first, and the server skips the rest of the batch)."""
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        if self._current().failed:  # nothing more is answered before the client's Sync
-            future.set_result(False)
-            return future
         ordinal = self.inject(ONE)
         self._current().barriers[ordinal] = future
         return future
@@ -189,7 +193,6 @@ class Responses:
                     waiter.set_result(True)
                 return False
         elif kind == E:
-            oldest.failed = True
             oldest.fail_barriers()  # the server now skips the rest of this segment
             if oldest.hidden_errors:
                 oldest.hidden_errors -= 1

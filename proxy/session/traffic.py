@@ -1,13 +1,15 @@
 """The proxy's own traffic on a client's upstream session, between the client's messages.
 
-Owns: what the session sends upstream of its own accord and how it stays invisible to the
-client — forwarding with response accounting, barriers (an injected Parse whose completion proves
-every earlier response reached the client), internal exchanges (:meth:`OwnTraffic.execute`:
-extended messages ending with Flush mid-batch or Sync between batches), and failing a batch on
-purpose so the server's state matches the client's (:meth:`OwnTraffic._fail_extended`).
+Owns: :class:`Traffic`, the component that sends upstream of the proxy's own accord and keeps
+that invisible to the client — forwarding decided frames with response accounting (the
+:class:`proxy.session.ledger.Responses` it holds), barriers (an injected Parse whose completion
+proves every earlier response reached the client), private statements of rewritten Binds,
+internal exchanges (:meth:`Traffic.execute`: extended messages ending with Flush mid-batch or Sync
+between batches), and failing a batch on purpose so the server's state matches the client's
+(:meth:`Traffic.fail_extended`). It is the rewriter's :class:`proxy.session.exchange.Port`.
 
-Must not: decide anything (the rewriter does) or read the client's socket; it is a part of
-:class:`proxy.session.shell.Session`, which owns the state these methods use.
+Must not: decide anything (the rewriter does), read sockets, or route client messages (the core
+does); it writes only through the two sinks it is given.
 """
 
 from __future__ import annotations
@@ -15,48 +17,105 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections.abc import Sequence
+from typing import Protocol
 
 from proxy.errors import ConnectionFailure
-from proxy.link import Link
-from proxy.rewrite import decide as rewrite
-from proxy.session.exchange import Exchange, Result, Statement, UpstreamError
-from proxy.session.ledger import Responses
+from proxy.rewrite.decide import BatchFailed
+from proxy.session.exchange import FLUSH, Exchange, Result, Statement, UpstreamError
+from proxy.session.ledger import ONE, THREE, Responses
+from proxy.session.state import Event, Phase, State
 from proxy.wire import messages as pq
-from proxy.wire.frames import Backend, Frontend
+from proxy.wire.frames import Backend, Frame
 
-_Q, _P, _S = Frontend.QUERY, Frontend.PARSE, Frontend.SYNC
+_E = int(Backend.ERROR_RESPONSE)
+ABORT = pq.Parse("pgml_proxy_abort", "pgml-proxy: abort", ()).encode()  # a Parse that cannot succeed
 
 
-class OwnTraffic:
-    """The session's own messages upstream (mixed into :class:`proxy.session.shell.Session`)."""
+class Sink(Protocol):
+    """Where bytes for one side go (a :class:`proxy.link.Link`, or a recorder in tests)."""
 
-    upstream: Link | None
-    client: Link
-    tx_status: str
-    _owed: int
-    _idle: asyncio.Event
-    _responses: Responses
-    _last_sent: int
-    _exchange: Exchange | None
-    _exchange_done: asyncio.Event
-    _barriers: list[str]
-    _stale_tables: list[str]
-    _private_ids: itertools.count[int]
-    _opened: bool
+    @property
+    def is_closed(self) -> bool: ...
 
-    def _owe(self) -> None:
-        self._owed += 1
-        self._idle.clear()
+    def write(self, data: bytes) -> None: ...
 
-    def _forward(self, kind: int, raw: bytes) -> None:
-        assert self.upstream is not None
-        if kind in (_Q, _S):
-            self._owe()
-        self._responses.sent(bytes((kind,)))
-        self._last_sent = kind
+    def writelines(self, chunks: list[bytes]) -> None: ...
+
+
+def close_statement(name: str) -> bytes:
+    return pq.Close(pq.Target.STATEMENT, name).encode()
+
+
+class Traffic:
+    """The session's own messages upstream, and what the rewriter may do there (its Port)."""
+
+    def __init__(self, state: State, upstream: Sink, client: Sink, session_id: int, database: str) -> None:
+        self.state = state
+        self.ledger = Responses()
+        self.upstream = upstream
+        self.client = client
+        self.session_id = session_id
+        self.database = database
+        self.standard_strings = True  # standard_conforming_strings, from the server's ParameterStatus
+        self.client_encoding = "UTF8"  # client_encoding, from the server's ParameterStatus
+        self.temp_tables: list[str] = []  # per-row result tables made for the statement being decided
+        self.notices: list[str] = []  # engine WARNINGs, sent to the client ahead of the statement's answer
+        self.barriers: list[str] = []  # barrier statements to close at the batch's Sync (or the next exchange)
+        self.exchange: Exchange | None = None
+        self._exchange_done = asyncio.Event()
+        self._ids = itertools.count(1)
+        self._private_open: list[str] = []  # private statements of rewritten Binds whose Close may have been skipped
+        self._stale_tables: list[str] = []  # per-row tables of earlier statements, to drop when idle
+
+    # -- what the rewriter sees (Port) -------------------------------------- #
+
+    @property
+    def tx_status(self) -> str:
+        return self.state.tx_status
+
+    @property
+    def in_transaction(self) -> bool:
+        """Inside BEGIN, or in the middle of an extended-protocol batch (its implicit transaction)."""
+        return self.state.in_transaction
+
+    async def settled(self) -> None:
+        """Until every ReadyForQuery owed has arrived (the transaction status is then current)."""
+        await self.state.idle.wait()
+
+    def private_id(self) -> int:
+        """A number for a private statement or barrier name, unique on this session."""
+        return next(self._ids)
+
+    # -- sending ----------------------------------------------------------- #
+
+    def forward(self, kind: int, raw: bytes) -> None:
+        """A decided client message (``kind``) goes upstream as ``raw`` (itself or its rewritten frames)."""
+        one = bytes((kind,))
+        self.ledger.sent(one, self.state.sent(one))
         self.upstream.write(raw)
 
-    async def _fail_extended(self, error: BaseException) -> None:
+    def rebind(self, parse: bytes, bind: bytes, close: bytes, name: str) -> None:
+        """In place of a Bind: Parse of a private statement, the Bind, its Close (their completions hidden but
+        the BindComplete). Private statements whose Close was skipped (their Bind failed) are closed first."""
+        leftovers = [close_statement(n) for n in self._private_open]
+        for _ in leftovers:
+            self.ledger.inject(THREE)
+        self.ledger.inject(ONE)
+        self.ledger.sent(b"B", 0)
+        self.ledger.inject(THREE)
+        self._private_open = [name]
+        self.state.fire(Event.EXTENDED)
+        self.upstream.writelines([*leftovers, parse, bind, close])
+
+    def close_barriers(self) -> list[bytes]:
+        """Closes of the batch's barrier statements, to go just before its Sync (their answers hidden)."""
+        closes = [close_statement(name) for name in self.barriers]
+        for _ in closes:
+            self.ledger.inject(THREE)
+        self.barriers = []
+        return closes
+
+    async def fail_extended(self, error: BaseException) -> None:
         """In place of a failed Parse or Bind: the client gets ``error``, and the server fails too.
 
         A barrier first lets every earlier response of the batch reach the client. Then
@@ -64,38 +123,28 @@ class OwnTraffic:
         error hidden) puts the server into the same state as the client: transaction
         aborted inside BEGIN, messages skipped until Sync.
         """
-        assert self.upstream is not None
-        if not await self._barrier():
+        if not await self.barrier():
             return  # the batch already failed: the server skips this message anyway
         self.client.write(pq.ErrorResponse.of(error).encode())
-        self._responses.inject_error()
-        self._last_sent = _P
-        self.upstream.writelines([pq.Parse("pgml_proxy_abort", "pgml-proxy: abort", ()).encode(), pq.Flush().encode()])
+        self.ledger.inject_error()
+        self.state.fire(Event.FAILED)
+        self.upstream.writelines([ABORT, FLUSH])
 
-    async def _barrier(self) -> bool:
+    async def barrier(self) -> bool:
         """Wait until every response owed before this point has reached the client (False: the batch failed)."""
-        assert self.upstream is not None
-        await self._idle.wait()
-        if self._last_sent in (_S, _Q):
+        state = self.state
+        await state.idle.wait()
+        if state.phase is Phase.READY:
             return True
-        name = f"pgml_proxy_barrier_{next(self._private_ids)}"
-        waiter = self._responses.barrier()
-        if waiter.done():  # the batch already failed: the server answers nothing more before Sync
-            return False
-        self.upstream.writelines([pq.Parse(name, "SELECT 1", ()).encode(), pq.Flush().encode()])
+        if state.phase is Phase.SKIP_TO_SYNC:
+            return False  # the server answers nothing more before the batch's end
+        name = f"pgml_proxy_barrier_{self.private_id()}"
+        waiter = self.ledger.barrier()
+        self.upstream.writelines([pq.Parse(name, "SELECT 1", ()).encode(), FLUSH])
         if await waiter:
-            self._barriers.append(name)
+            self.barriers.append(name)
             return True
         return False
-
-    async def settled(self) -> None:
-        """Until every ReadyForQuery owed has arrived (the transaction status is then current)."""
-        await self._idle.wait()
-
-    @property
-    def in_transaction(self) -> bool:
-        """Inside BEGIN, or in the middle of an extended-protocol batch (its implicit transaction)."""
-        return self.tx_status != "I" or self._last_sent not in (_S, _Q)
 
     async def execute(
         self, statements: Sequence[Statement], keep_open: bool = False, finish: bool = False
@@ -108,39 +157,70 @@ class OwnTraffic:
         batch's implicit transaction goes on. An error there is the batch's answer:
         it goes to the client, and the server skips the rest until the client's Sync.
         """
-        assert self.upstream is not None
-        mid_batch = self._last_sent not in (_S, _Q)
-        if not await self._barrier():
-            raise rewrite.BatchFailed()
+        state = self.state
+        mid_batch = state.in_batch
+        if not await self.barrier():
+            raise BatchFailed()
         flush = (mid_batch or keep_open) and not finish  # finish: end what keep_open began, with a Sync
         prefix: list[Statement] = []
-        if not mid_batch and self._stale_tables and self.tx_status == "I":  # per-row tables of earlier statements
+        if not mid_batch and self._stale_tables and state.tx_status == "I":  # per-row tables of earlier statements
             prefix.append(Statement(f"DROP TABLE IF EXISTS {', '.join('pg_temp.' + t for t in self._stale_tables)}"))
             self._stale_tables.clear()
-        exchange = Exchange([*prefix, *statements], sync=not flush, close_first=self._barriers)
-        self._barriers = []
-        self._exchange = exchange
+        exchange = Exchange([*prefix, *statements], sync=not flush, close_first=self.barriers)
+        self.barriers = []
+        self.exchange = exchange
         self._exchange_done.clear()
-        if not flush:
-            self._owe()
-        self._last_sent = _P if flush else _S
-        self._opened = self._opened or (keep_open and not mid_batch)
+        if flush:
+            state.fire(Event.OWN_FLUSH)
+        else:
+            state.owe()
+            state.fire(Event.BATCH_END)
         self.upstream.writelines(exchange.start())
         try:
             await self._exchange_done.wait()
         finally:
-            self._exchange = None
+            self.exchange = None
         if self.upstream.is_closed and not exchange.done:
             raise ConnectionFailure("the upstream connection closed during an internal query")
         if exchange.forward:
             self.client.writelines(exchange.forward)
         if exchange.error is not None:
             fields = tuple((k, v) for k, v in exchange.error if k not in "Pq")  # positions in our own SQL
-            # A visible statement's error: the client has it.
-            shown = any(f[0] == Backend.ERROR_RESPONSE for f in exchange.forward)
+            shown = any(f[0] == _E for f in exchange.forward)  # a visible statement's error: the client has it
             if flush:  # the server now skips to the next Sync: this error answers the client's message
-                self._responses.keep(Backend.ERROR_RESPONSE)
+                self.ledger.keep(_E)
+                state.fire(Event.ERROR)
                 if not shown:
                     self.client.write(pq.ErrorResponse(fields).encode())
-            raise UpstreamError(fields, exchange.status or self.tx_status, delivered=flush or shown)
+            raise UpstreamError(fields, exchange.status or state.tx_status, delivered=flush or shown)
         return exchange.results[len(prefix) :]
+
+    def decided(self) -> None:
+        """A decision was applied: its per-row tables become stale (dropped at the next exchange when idle)."""
+        self.temp_tables, self._stale_tables = [], self._stale_tables + self.temp_tables
+        self.state.fire(Event.DECIDED)
+
+    # -- receiving ----------------------------------------------------------- #
+
+    def feed(self, frame: Frame) -> bool:
+        """An upstream frame during an internal exchange: True when it was the exchange's (answered here)."""
+        exchange = self.exchange
+        if exchange is None or exchange.done:
+            return False
+        reply = exchange.feed(frame)
+        if reply:
+            self.upstream.writelines(reply)
+        if exchange.done:
+            self._exchange_done.set()
+        return True
+
+    def parameter_status(self, frame: Frame) -> None:
+        status = pq.ParameterStatus.decode(frame)
+        if status.name == "standard_conforming_strings":
+            # Literals the rewriter deparses assume backslashes are ordinary characters.
+            self.standard_strings = status.value == "on"
+        elif status.name == "client_encoding":
+            self.client_encoding = status.value
+
+    def upstream_lost(self) -> None:
+        self._exchange_done.set()  # an internal query waiting for its answer gives up

@@ -89,7 +89,6 @@ class Owned:
     def __init__(self) -> None:
         self.statements: dict[str, Prepared] = {}
         self.portals: dict[str, Portal] = {}
-        self.failed = False  # an own message failed: the rest of the batch is skipped until Sync
 
     def drop_portal(self, name: str) -> None:
         portal = self.portals.pop(name, None)
