@@ -114,15 +114,7 @@ class Link(asyncio.Protocol):
         relay's hot path.
         """
         self.handler = handler
-        received = self._received
-        if received is not None:
-
-            def traced(data: bytes) -> None:
-                received.feed(data)
-                handler(data)
-
-            handler = traced
-        self.data_received = handler  # type: ignore[method-assign,assignment]
+        self.data_received = handler if self._received is None else _traced(self._received, handler)  # type: ignore[method-assign,assignment]
         if self.transport is not None and not self.transport.is_closing():
             self.transport.set_protocol(self)
         pending = self.take_inbox()
@@ -164,3 +156,13 @@ class Link(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None:
             self.transport.abort()
+
+
+def _traced(tracer: Tracer, handler: Handler) -> Handler:
+    """``handler``, with every chunk shown to ``tracer`` first."""
+
+    def traced(data: bytes) -> None:
+        tracer.feed(data)
+        handler(data)
+
+    return traced

@@ -122,6 +122,14 @@ def log_proxies(pg: Postgres, model_dir: Path, tmp_path_factory: pytest.TempPath
     debug.stop()
 
 
+@pytest.fixture(scope="module")
+def traced_proxy(pg: Postgres, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    base = tmp_path_factory.mktemp("trace")
+    proxy = start_proxy(pg.dsn(), base, PGML_PROXY_ENGINE_MODEL_DIRS=str(model_dir), PGML_PROXY_LOG_TRACE_PROTOCOL="1")
+    yield proxy
+    proxy.stop()
+
+
 async def test_no_secrets_in_the_log_at_the_default_level(log_proxies: tuple[ProxyProcess, ProxyProcess]) -> None:
     default, _ = log_proxies
     answers = run_calls(default)
@@ -141,4 +149,29 @@ async def test_debug_level_does_log_the_marker(log_proxies: tuple[ProxyProcess, 
     run_calls(debug)
     await run_asyncpg(debug)
     debug.stop()
-    assert MARKER in debug.log_text()
+    log = debug.log_text()
+    assert MARKER in log
+    assert "rewrite of a " in log and "own statement (" in log  # each rewrite, the proxy's own SQL
+    assert " client>proxy Parse len=" in log and " proxy>server Sync len=4" in log  # protocol messages too
+
+
+async def test_protocol_trace_names_every_message_and_no_data(traced_proxy: ProxyProcess) -> None:
+    """``log.trace_protocol`` at the default level: each message in both directions, never a value or SQL."""
+    answers = run_calls(traced_proxy)
+    await run_asyncpg(traced_proxy)
+    assert answers.count(None) >= 2, answers
+    traced_proxy.stop()
+    log = traced_proxy.log_text()
+    for line in (
+        "client>proxy StartupMessage version=3.0 params=",
+        "client>proxy Query len=",
+        'portal="" statement="s" params=3 formats=ttt',
+        "proxy>server Parse len=",
+        "server>proxy ErrorResponse len=",
+        "proxy>client ReadyForQuery len=5 status=I",
+        "proxy>client RowDescription len=",
+    ):
+        assert line in log, line
+    assert "rewrite of a" not in log  # SQL stays at debug
+    leaks = [line for line in log.splitlines() if MARKER in line]
+    assert not leaks, "\n".join(leaks[:20])

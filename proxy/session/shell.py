@@ -22,11 +22,13 @@ from proxy.session.startup import negotiate
 from proxy.upstream import open_link
 from proxy.wire import messages as pq
 from proxy.wire.frames import StartupMessage
+from proxy.wire.trace import LOGGER, Tracer, describe_startup
 
 if TYPE_CHECKING:
     from proxy.server import Server
 
 log = logging.getLogger(__name__)
+trace_log = logging.getLogger(LOGGER)
 
 # Seconds a client gets to complete SSL negotiation and send its startup packet
 # (PostgreSQL's authentication_timeout defaults to 60 s as well).
@@ -91,6 +93,8 @@ class Session:
         upstream.on_lost = self._on_upstream_lost
         self.client.on_lost = self._on_client_lost
         core.start(startup)
+        if trace_log.isEnabledFor(logging.DEBUG):  # log.trace_protocol, or log.level = debug
+            self._trace(startup, upstream, early)
         upstream.set_handler(core.upstream_data)
         if early:
             core.client_data(early)
@@ -105,6 +109,16 @@ class Session:
         if not self.client.is_closed:
             self.client.write(pq.ErrorResponse.of(exc, "FATAL").encode())
         self.close()
+
+    def _trace(self, startup: StartupMessage, upstream: Link, early: bytes) -> None:
+        """Describe every message of this connection in the log from now on (names and counts, never data)."""
+        emit, tag = trace_log.debug, f"session {self.session_id}"
+        emit("%s client>proxy %s", tag, describe_startup(startup))
+        received = Tracer(emit, f"{tag} client>proxy", frontend=True)
+        received.feed(early)  # bytes that came with the startup packet (they skip the link's handler)
+        self.client.trace(received, Tracer(emit, f"{tag} proxy>client", frontend=False))
+        sent = Tracer(emit, f"{tag} proxy>server", frontend=True)
+        upstream.trace(Tracer(emit, f"{tag} server>proxy", frontend=False), sent)
 
     def close(self) -> None:
         """Close both sides (idempotent)."""
