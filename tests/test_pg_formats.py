@@ -28,9 +28,7 @@ from engine.api import (
 from engine.pg import types
 from engine.pg.binary import (
     binary_value,
-    decode_data_row,
     decode_fields,
-    decode_row_description,
     encode_fields,
     send_real_array,
     send_text,
@@ -56,6 +54,8 @@ from engine.pg.text import (
     quote_ident,
     to_text,
 )
+from proxy.wire.frames import Frame
+from proxy.wire.messages import DataRow, RowDescription
 
 # --------------------------------------------------------------------------- #
 # Type OIDs
@@ -229,13 +229,16 @@ def test_rows_of_fields() -> None:
     assert decode_fields(b"xx" + encoded, 2) == (fields, len(encoded) + 2)
     with pytest.raises(struct.error):
         decode_fields(encoded[:-1])
-    data_row = b"D" + struct.pack("!i", 4 + len(encoded)) + encoded
-    assert decode_data_row(data_row) == ("a", None, "", "é")
+    data_row = b"D" + struct.pack("!i", 4 + len(encoded)) + encoded  # a DataRow carries a row's fields
+    assert DataRow.decode(Frame(data_row[0], data_row)).values == tuple(fields)
     columns = b"".join(
         name + b"\0" + struct.pack("!IhIhih", 0, 0, oid, -1, -1, 0) for name, oid in ((b"k", 25), (b"v", 1021))
     )
     description = b"T" + struct.pack("!ih", 6 + len(columns), 2) + columns
-    assert decode_row_description(description) == [("k", 25), ("v", 1021)]
+    assert [(c.name, c.type_oid) for c in RowDescription.decode(Frame(description[0], description)).columns] == [
+        ("k", 25),
+        ("v", 1021),
+    ]
 
 
 # --------------------------------------------------------------------------- #

@@ -29,6 +29,7 @@ import pglast
 from pglast import ast, enums
 
 from engine.api import Call, Engine, EngineError
+from engine.pg import types
 from proxy.errors import (
     DuplicateCursor,
     FeatureNotSupported,
@@ -45,7 +46,6 @@ from proxy.wire.messages import Column, CommandComplete, DataRow, ReadyForQuery,
 FUNCTION = "transform_stream"
 _stream_keys = itertools.count(1)
 _STREAM = re.compile(FUNCTION, re.IGNORECASE)
-JSONB_OID = 3802
 FETCH_ALL = 9223372036854775807  # FETCH ALL: LONG_MAX in the grammar
 _T = TypeVar("_T")
 
@@ -251,7 +251,7 @@ def start(call_node: ast.FuncCall, engine: Engine) -> Stream:
 
 
 def row_description(column: str, binary: bool = False) -> bytes:
-    return RowDescription((Column(column, JSONB_OID, format=int(binary)),)).encode()
+    return RowDescription((Column(column, types.JSONB, format=int(binary)),)).encode()
 
 
 def data_row(fragment: list[str], binary: bool = False) -> bytes:
