@@ -30,6 +30,7 @@ from engine.pg.binary import (
     binary_value,
     decode_fields,
     encode_fields,
+    send_jsonb,
     send_real_array,
     send_text,
 )
@@ -199,6 +200,7 @@ def _array(element: int, values: list[bytes | None], ndim: int = 1, flags: int =
 def test_binary_values() -> None:
     assert binary_value(b"caf\xc3\xa9", types.VARCHAR) == "café"
     assert binary_value(b'\x01{"a": 1}', types.JSONB) == {"a": 1} and binary_value(b"[1]", types.JSON) == [1]
+    assert send_jsonb('["é"]') == b'\x01["\xc3\xa9"]' and binary_value(send_jsonb('["é"]'), types.JSONB) == ["é"]
     assert binary_value(struct.pack("!q", -5), types.INT8) == -5 and binary_value(b"\x01", types.BOOL) is True
     assert binary_value(struct.pack("!f", 1.5), types.FLOAT4) == 1.5
     floats = _array(types.FLOAT4, [struct.pack("!f", 0.5), None])

@@ -2,7 +2,7 @@
 
 Owns: reading a value sent in binary format by type OID (``*_recv``: text, json/jsonb, integers, floats,
 booleans, one-dimensional arrays of those) with the server's own SQLSTATE for bytes that do not fit;
-writing the binary form the engine sends (text, ``real[]`` packed by numpy); and the fields of a row
+writing the binary form the engine sends (text, jsonb, ``real[]`` packed by numpy); and the fields of a row
 — a 16-bit count, then per field a 32-bit length (-1: NULL) and its bytes — as binary COPY tuples (and
 DataRow messages) carry them.
 
@@ -26,6 +26,7 @@ MAX_DIMENSIONS = 6  # PostgreSQL's MAXDIM
 _H = struct.Struct("!h")
 _I = struct.Struct("!i")
 NULL_FIELD = b"\xff\xff\xff\xff"  # the length -1 of a NULL field
+_JSONB_VERSION = b"\x01"  # jsonb_send: this byte, then the text
 
 
 # --------------------------------------------------------------------------- #
@@ -47,7 +48,7 @@ def binary_value(data: bytes, type_oid: int) -> Any:
         case types.JSON:
             return parse_json(decode_utf8(data))
         case types.JSONB:
-            if data[:1] != b"\1":
+            if data[:1] != _JSONB_VERSION:
                 raise InvalidBinaryRepresentation(f"unsupported jsonb version number {data[0] if data else 0}")
             return parse_json(decode_utf8(data[1:]))  # version byte 1, then the text
         case types.INT8:
@@ -116,6 +117,11 @@ def binary_array(data: bytes, expected: int) -> list[Any]:
 def send_text(value: str) -> bytes:
     """text_send: the UTF-8 bytes."""
     return value.encode()
+
+
+def send_jsonb(text: str) -> bytes:
+    """jsonb_send of a JSON text: the version byte 1, then the text."""
+    return _JSONB_VERSION + text.encode()
 
 
 def send_real_array(values: Any) -> bytes:

@@ -30,6 +30,7 @@ from pglast import ast, enums
 
 from engine.api import Call, Engine, EngineError
 from engine.pg import types
+from engine.pg.binary import send_jsonb
 from proxy.errors import (
     DuplicateCursor,
     FeatureNotSupported,
@@ -255,9 +256,9 @@ def row_description(column: str, binary: bool = False) -> bytes:
 
 
 def data_row(fragment: list[str], binary: bool = False) -> bytes:
-    """One fragment as a jsonb value (binary format: version byte 1, then the text)."""
-    value = (b"\x01" if binary else b"") + json.dumps(fragment, ensure_ascii=False).encode()
-    return DataRow((value,)).encode()
+    """One fragment as a jsonb value, in text or binary format."""
+    text = json.dumps(fragment, ensure_ascii=False)
+    return DataRow((send_jsonb(text) if binary else text.encode(),)).encode()
 
 
 def command_complete(tag: str) -> bytes:
