@@ -87,36 +87,12 @@ class UndefinedFunction(ProxyError, code="42883"):
     """An unknown ``pgml.*`` function or overload."""
 
 
-class InvalidTextRepresentation(ProxyError, code="22P02"):
-    """A value that does not parse as its type (bad JSON, malformed array)."""
-
-
-class InvalidBinaryRepresentation(ProxyError, code="22P03"):
-    """A bound parameter in binary format whose bytes do not fit its type."""
-
-
-class CharacterNotInRepertoire(ProxyError, code="22021"):
-    """Text that is not valid UTF-8 (or holds a NUL byte), as the server's encoding check reports it."""
-
-
-class UntranslatableCharacter(ProxyError, code="22P05"):
-    """A JSON ``\\u0000`` escape: jsonb cannot hold it, as in PostgreSQL."""
-
-
-class NumericValueOutOfRange(ProxyError, code="22003"):
-    """A number outside its type's range."""
-
-
-class DatatypeMismatch(ProxyError, code="42804"):
-    """E.g. a binary array parameter whose element type is not the array's."""
-
-
 class ProgramLimitExceeded(ProxyError, code="54000"):
-    """An input beyond the proxy's documented size limits (``proxy.rewrite.text_format`` MAX_*)."""
+    """An input beyond the proxy's documented size limits (statement size: ``proxy.rewrite.analyze``)."""
 
 
 class StatementTooComplex(ProxyError, code="54001"):
-    """Nesting deeper than the proxy evaluates (JSON depth, expression trees), like the server's stack limit."""
+    """Nesting deeper than the proxy evaluates (expression trees), like the server's stack limit."""
 
     @classmethod
     def nesting(cls) -> StatementTooComplex:

@@ -26,9 +26,9 @@ import psycopg
 import pytest
 from psycopg.adapt import Dumper
 
-from engine.api import signatures
-from proxy.errors import InvalidParameterValue, InvalidTextRepresentation
-from proxy.rewrite import text_format
+from engine.api import InvalidArgument, InvalidTextRepresentation, signatures
+from engine.pg import scalars
+from engine.pg.text import parse_array
 from proxy.wire import messages as pq
 from proxy.wire.frames import Frame, Frontend, StartupMessage, encode_startup, pack
 from tests.conftest import MINILM, Postgres, ProxyProcess
@@ -318,7 +318,7 @@ def nested(depth: int) -> str:
     return "[" * depth + "]" * depth
 
 
-@pytest.mark.parametrize("depth", [text_format.MAX_JSON_DEPTH + 1, 1000, 100_000])
+@pytest.mark.parametrize("depth", [scalars.MAX_JSON_DEPTH + 1, 1000, 100_000])
 def test_deep_json_kwargs(proxy: ProxyProcess, pg: Postgres, depth: int) -> None:
     deep = nested(depth)
     with connect(pg.dsn()) as direct:
@@ -341,9 +341,9 @@ def test_deep_json_kwargs(proxy: ProxyProcess, pg: Postgres, depth: int) -> None
 def test_json_within_the_depth_limit_is_read(proxy: ProxyProcess) -> None:
     """At the limit the value is read and handed on: the splitter itself refuses the unknown argument."""
     with connect(proxy.dsn()) as conn:
-        kwargs = json.dumps({"unused": json.loads(nested(text_format.MAX_JSON_DEPTH - 1))})
+        kwargs = json.dumps({"unused": json.loads(nested(scalars.MAX_JSON_DEPTH - 1))})
         assert sqlstate(conn, "SELECT * FROM pgml.chunk('character', 'a b', %s::jsonb)", [kwargs]) == "22023"
-        too_deep = json.dumps({"unused": json.loads(nested(text_format.MAX_JSON_DEPTH))})
+        too_deep = json.dumps({"unused": json.loads(nested(scalars.MAX_JSON_DEPTH))})
         assert sqlstate(conn, "SELECT * FROM pgml.chunk('character', 'a b', %s::jsonb)", [too_deep]) == "54001"
 
 
@@ -379,7 +379,7 @@ def test_deep_expression_tree(proxy: ProxyProcess, pg: Postgres) -> None:
 
 
 def test_huge_text_parameter(proxy: ProxyProcess) -> None:
-    huge = "x" * (text_format.MAX_VALUE_LENGTH + 1)
+    huge = "x" * (scalars.MAX_VALUE_LENGTH + 1)
     with connect(proxy.dsn()) as conn:
         assert sqlstate(conn, EMBED, [MINILM, huge]) == "54000"
         assert_usable(conn)
@@ -388,7 +388,7 @@ def test_huge_text_parameter(proxy: ProxyProcess) -> None:
 
 
 def test_huge_arrays(proxy: ProxyProcess) -> None:
-    many = text_format.MAX_ARRAY_ELEMENTS + 1
+    many = scalars.MAX_ARRAY_ELEMENTS + 1
     with connect(proxy.dsn()) as conn:
         assert sqlstate(conn, "SELECT pgml.embed(%s, %s::text[])", [MINILM, ["x"] * many]) == "54000"
         assert_usable(conn)
@@ -407,7 +407,7 @@ def test_huge_arrays(proxy: ProxyProcess) -> None:
 
 def test_huge_array_literal_in_sql(proxy: ProxyProcess) -> None:
     """A literal ARRAY of more elements than the limit is refused before pglast builds its tree."""
-    many = ",".join(["1"] * (text_format.MAX_ARRAY_ELEMENTS + 1))
+    many = ",".join(["1"] * (scalars.MAX_ARRAY_ELEMENTS + 1))
     wire = Wire(proxy.port)
     wire.send(query(f"BEGIN; SELECT pgml.predict('nope', ARRAY[{many}])"))
     got = wire.until_ready()
@@ -700,7 +700,7 @@ def test_array_literals_read_as_the_server_reads_them(pg: Postgres, text: str) -
         except psycopg.errors.InvalidTextRepresentation:
             server = None
     try:
-        ours: list[str | None] | None = text_format.parse_array(text)
-    except (InvalidTextRepresentation, InvalidParameterValue):
+        ours: list[str | None] | None = parse_array(text)
+    except (InvalidTextRepresentation, InvalidArgument):
         ours = None
     assert ours == server

@@ -28,10 +28,9 @@ from engine.api import (
 from engine.pg import types
 from engine.pg.binary import (
     binary_value,
-    decode_data_row,
     decode_fields,
-    decode_row_description,
     encode_fields,
+    send_jsonb,
     send_real_array,
     send_text,
 )
@@ -56,6 +55,8 @@ from engine.pg.text import (
     quote_ident,
     to_text,
 )
+from proxy.wire.frames import Frame
+from proxy.wire.messages import DataRow, RowDescription
 
 # --------------------------------------------------------------------------- #
 # Type OIDs
@@ -199,6 +200,7 @@ def _array(element: int, values: list[bytes | None], ndim: int = 1, flags: int =
 def test_binary_values() -> None:
     assert binary_value(b"caf\xc3\xa9", types.VARCHAR) == "café"
     assert binary_value(b'\x01{"a": 1}', types.JSONB) == {"a": 1} and binary_value(b"[1]", types.JSON) == [1]
+    assert send_jsonb('["é"]') == b'\x01["\xc3\xa9"]' and binary_value(send_jsonb('["é"]'), types.JSONB) == ["é"]
     assert binary_value(struct.pack("!q", -5), types.INT8) == -5 and binary_value(b"\x01", types.BOOL) is True
     assert binary_value(struct.pack("!f", 1.5), types.FLOAT4) == 1.5
     floats = _array(types.FLOAT4, [struct.pack("!f", 0.5), None])
@@ -229,13 +231,16 @@ def test_rows_of_fields() -> None:
     assert decode_fields(b"xx" + encoded, 2) == (fields, len(encoded) + 2)
     with pytest.raises(struct.error):
         decode_fields(encoded[:-1])
-    data_row = b"D" + struct.pack("!i", 4 + len(encoded)) + encoded
-    assert decode_data_row(data_row) == ("a", None, "", "é")
+    data_row = b"D" + struct.pack("!i", 4 + len(encoded)) + encoded  # a DataRow carries a row's fields
+    assert DataRow.decode(Frame(data_row[0], data_row)).values == tuple(fields)
     columns = b"".join(
         name + b"\0" + struct.pack("!IhIhih", 0, 0, oid, -1, -1, 0) for name, oid in ((b"k", 25), (b"v", 1021))
     )
     description = b"T" + struct.pack("!ih", 6 + len(columns), 2) + columns
-    assert decode_row_description(description) == [("k", 25), ("v", 1021)]
+    assert [(c.name, c.type_oid) for c in RowDescription.decode(Frame(description[0], description)).columns] == [
+        ("k", 25),
+        ("v", 1021),
+    ]
 
 
 # --------------------------------------------------------------------------- #

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from pglast import parse_sql
 
-from engine.api import Signature
-from proxy.errors import FeatureNotSupported, InvalidTextRepresentation, UndefinedFunction
+from engine.api import InvalidTextRepresentation, Signature
+from proxy.errors import FeatureNotSupported, UndefinedFunction
 from proxy.rewrite import analyze, evaluate
 from proxy.rewrite.analyze import Analysis
 from proxy.rewrite.calls import find_calls

@@ -2,12 +2,12 @@
 
 Owns: reading a value sent in binary format by type OID (``*_recv``: text, json/jsonb, integers, floats,
 booleans, one-dimensional arrays of those) with the server's own SQLSTATE for bytes that do not fit;
-writing the binary form the engine sends (text, ``real[]`` packed by numpy); the fields of a row — a
-16-bit count, then per field a 32-bit length (-1: NULL) and its bytes — as DataRow messages and binary
-COPY tuples carry them; and the columns (name, type OID) of a RowDescription.
+writing the binary form the engine sends (text, jsonb, ``real[]`` packed by numpy); and the fields of a row
+— a 16-bit count, then per field a 32-bit length (-1: NULL) and its bytes — as binary COPY tuples (and
+DataRow messages) carry them.
 
-Must not: frame protocol messages or COPY streams (``proxy.wire`` and ``engine.pg.copy`` do): functions
-here take a message's bytes and where its body starts.
+Must not: frame or decode protocol messages (``proxy.wire.messages`` decodes DataRow and RowDescription)
+or COPY streams (``engine.pg.copy``): functions here take bytes and where the fields start.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ MAX_DIMENSIONS = 6  # PostgreSQL's MAXDIM
 _H = struct.Struct("!h")
 _I = struct.Struct("!i")
 NULL_FIELD = b"\xff\xff\xff\xff"  # the length -1 of a NULL field
+_JSONB_VERSION = b"\x01"  # jsonb_send: this byte, then the text
 
 
 # --------------------------------------------------------------------------- #
@@ -47,7 +48,7 @@ def binary_value(data: bytes, type_oid: int) -> Any:
         case types.JSON:
             return parse_json(decode_utf8(data))
         case types.JSONB:
-            if data[:1] != b"\1":
+            if data[:1] != _JSONB_VERSION:
                 raise InvalidBinaryRepresentation(f"unsupported jsonb version number {data[0] if data else 0}")
             return parse_json(decode_utf8(data[1:]))  # version byte 1, then the text
         case types.INT8:
@@ -118,6 +119,11 @@ def send_text(value: str) -> bytes:
     return value.encode()
 
 
+def send_jsonb(text: str) -> bytes:
+    """jsonb_send of a JSON text: the version byte 1, then the text."""
+    return _JSONB_VERSION + text.encode()
+
+
 def send_real_array(values: Any) -> bytes:
     """array_send of a one-dimensional ``real[]`` without NULLs: the vector packed by numpy, not printed."""
     floats = np.asarray(values, dtype=np.float32)
@@ -156,22 +162,3 @@ def decode_fields(data: bytes, pos: int = 0) -> tuple[list[bytes | None], int]:
             fields.append(data[pos : pos + length])
             pos += length
     return fields, pos
-
-
-def decode_data_row(raw: bytes) -> tuple[str | None, ...]:
-    """A whole DataRow message (type byte and length first) -> its values in text format."""
-    fields, _ = decode_fields(raw, 5)
-    return tuple(None if field is None else field.decode() for field in fields)
-
-
-def decode_row_description(raw: bytes) -> list[tuple[str, int]]:
-    """A whole RowDescription message (type byte and length first) -> (column name, type OID) per column."""
-    (count,) = _H.unpack_from(raw, 5)
-    pos, columns = 7, []
-    for _ in range(count):
-        nul = raw.index(b"\0", pos)
-        name = raw[pos:nul].decode()
-        type_oid = _I.unpack_from(raw, nul + 7)[0]
-        columns.append((name, type_oid))
-        pos = nul + 19
-    return columns

@@ -5,6 +5,7 @@ use) -> ``evaluate`` (order of evaluation) -> ``constant`` (constant calls to li
 ``per_row`` (gather, temp table, lookup; ``gather`` builds the query, ``overloads`` picks the
 overload); ``deferred`` (statements whose calls read ``$n``: analysed once, rewritten per Bind),
 ``sql_prepare`` (SQL EXECUTE), ``extension`` (CREATE / ALTER / DROP EXTENSION pgml),
-``schema_check``; ``calls``, ``columns``, ``literals``, ``text_format``, ``params``, ``tree`` are
-their parts. ``steps`` holds the requests and the one driver that answers them on a session.
+``schema_check``; ``calls``, ``columns``, ``literals``, ``params``, ``tree`` are
+their parts (values' text is ``engine.pg.text``'s). ``steps`` holds the requests and the one driver
+that answers them on a session.
 """

@@ -23,13 +23,13 @@ from typing import Any
 import pglast
 from pglast import ast, enums, visitors
 
+from engine.pg.scalars import MAX_ARRAY_ELEMENTS
 from proxy import schema
 from proxy.errors import ProgramLimitExceeded, StatementTooComplex
 from proxy.rewrite import sql_prepare as prepared
 from proxy.rewrite.calls import Site, bind, find_calls
 from proxy.rewrite.extension import extension_command
 from proxy.rewrite.steps import Steps, off_loop
-from proxy.rewrite.text_format import MAX_ARRAY_ELEMENTS
 from proxy.rewrite.tree import clone
 
 # Case-insensitive and allocation-free on the raw frame. A false positive costs a

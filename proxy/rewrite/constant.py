@@ -16,12 +16,12 @@ from typing import Any
 
 from pglast import ast
 
-from engine.api import Signature
+from engine.api import EngineError, Signature
+from engine.pg.text import quote_element, to_text
 from proxy.errors import ProxyError, UndefinedFunction
 from proxy.rewrite.calls import DEFAULT, Site, bind
 from proxy.rewrite.columns import from_columns, named
 from proxy.rewrite.literals import NOT_CONSTANT, fold, literal, text_const
-from proxy.rewrite.text_format import quote_element, to_text
 from proxy.rewrite.tree import fill
 
 Folded = tuple[Signature, tuple[Any, ...]]
@@ -39,7 +39,7 @@ def fold_call(candidates: list[Signature], slots: list[Any]) -> Folded | None:
                 break  # PostgreSQL has no implicit number -> text cast: pgml.predict(7, …) is the model-id form
             try:
                 value = fold(slot, param.type)
-            except ProxyError:
+            except (ProxyError, EngineError):
                 break
             if value is NOT_CONSTANT:
                 break

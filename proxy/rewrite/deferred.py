@@ -19,7 +19,9 @@ from dataclasses import dataclass
 
 from pglast import ast
 
-from proxy.rewrite import analyze, constant, evaluate, literals, text_format
+from engine.pg.text import from_text
+from engine.pg.types import PARAM_TYPES
+from proxy.rewrite import analyze, constant, evaluate, literals
 from proxy.rewrite import params as extended
 from proxy.rewrite import sql_prepare as prepared
 from proxy.rewrite.analyze import THREAD_PARSE_CHARS, Analysis, SchemaUse
@@ -30,7 +32,7 @@ from proxy.rewrite.steps import LOOK, Run, Steps, off_loop
 from proxy.rewrite.tree import deparse
 from proxy.session.exchange import Statement
 from proxy.wire.messages import Bind, Parse
-from proxy.wire.params import PARAM_TYPES, bound_values
+from proxy.wire.params import bound_values
 
 KEPT_ANALYSES = 512  # texts of deferred statements whose analysis is kept ...
 KEPT_TEXT = 2 * 1024 * 1024  # ... with this many characters of SQL in all (a tree takes ~25 bytes a character)
@@ -109,7 +111,7 @@ class Deferred:
             )
         )
         result = results[1]
-        inferred = text_format.from_text(result.rows[0][0], "bigint[]") if result.rows else []
+        inferred = from_text(result.rows[0][0], "bigint[]") if result.rows else []
         oids = tuple(d or int(i or 0) for d, i in zip(declared, inferred + [0] * count, strict=False))
         self._types.put(key, oids)
         return oids

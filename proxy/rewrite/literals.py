@@ -1,7 +1,7 @@
 """Values in the tree: typed literal nodes, and constant argument nodes read into Python values.
 
 Owns: building ``CAST('…' AS type)`` nodes (literals always carry their type; their text is
-PostgreSQL's for the value, :mod:`proxy.rewrite.text_format`), and folding constant argument nodes
+PostgreSQL's for the value, :mod:`engine.pg.text`), and folding constant argument nodes
 (``'x'``, ``ARRAY['a']``, ``'{…}'::jsonb``, ``NULL``, casts the server would read with the same
 input function) into Python values — everything else (columns, parameters, expressions, casts
 that change a value) is not constant, for the server to compute.
@@ -18,7 +18,7 @@ from typing import Any
 import pglast
 from pglast import ast
 
-from proxy.rewrite.text_format import NUMBER_TYPES, from_text, to_text
+from engine.pg.text import NUMBER_TYPES, from_text, to_text
 
 
 class _NotConstant:

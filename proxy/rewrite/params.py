@@ -20,10 +20,11 @@ from typing import Any
 
 from pglast import ast, visitors
 
-from proxy.errors import NumericValueOutOfRange
+from engine.api import NumericValueOutOfRange
+from engine.pg.scalars import INTEGER_RANGES
+from engine.pg.text import from_text
+from engine.pg.types import PARAM_TYPES
 from proxy.rewrite.literals import literal
-from proxy.rewrite.text_format import from_text
-from proxy.wire.params import PARAM_TYPES
 
 
 def substitute_params(roots: Sequence[ast.Node], values: dict[int, tuple[Any, int]]) -> None:
@@ -74,7 +75,6 @@ _CAST_TARGETS = {
     "text": "text", "varchar": "text", "jsonb": "jsonb", "int8": "bigint", "int4": "integer", "int2": "smallint",
     "float4": "real", "float8": "double precision", "bool": "boolean",
 }  # fmt: skip
-_INTEGERS = {"bigint": 1 << 63, "integer": 1 << 31, "smallint": 1 << 15}
 _FLOATS = ("real", "double precision")
 NOT_CAST: Any = object()  # a conversion cast_value leaves to the server
 
@@ -104,35 +104,35 @@ def cast_value(value: Any, source: str, target: str) -> Any:
     """
     if value is None:
         return None
-    if source == target or (source in _INTEGERS and target in _INTEGERS):
+    if source == target or (source in INTEGER_RANGES and target in INTEGER_RANGES):
         return _checked(value, target)
     if source == "text":
         return from_text(value, target)  # the cast of text to any type is the type's input function
     if source.endswith("[]") and target.endswith("[]"):
         elements = [cast_value(v, source[:-2], target[:-2]) for v in value]
         return NOT_CAST if any(v is NOT_CAST for v in elements) else elements
-    if target == "text" and source in _INTEGERS:
+    if target == "text" and source in INTEGER_RANGES:
         return str(value)
     if target == "text" and source == "boolean":
         return "true" if value else "false"
-    if source in _INTEGERS and target in _FLOATS:
+    if source in INTEGER_RANGES and target in _FLOATS:
         return _checked(float(value), target)
-    if source in _FLOATS and target in _INTEGERS:
+    if source in _FLOATS and target in INTEGER_RANGES:
         if value != value or value in (float("inf"), float("-inf")):
             raise NumericValueOutOfRange(f"{target} out of range")
         return _checked(round(value), target)
     if source in _FLOATS and target in _FLOATS:
         return _checked(value, target)
-    if source in _INTEGERS and target == "boolean":  # only int4 has this cast: the server let the statement through
+    if source in INTEGER_RANGES and target == "boolean":  # only int4 has it: the server let the statement through
         return value != 0
-    if source == "boolean" and target in _INTEGERS:
+    if source == "boolean" and target in INTEGER_RANGES:
         return int(value)
     return NOT_CAST
 
 
 def _checked(value: Any, sql_type: str) -> Any:
     """``value`` within the range of ``sql_type`` (22003 beyond, as the server's casts report it)."""
-    if sql_type in _INTEGERS and not -_INTEGERS[sql_type] <= value < _INTEGERS[sql_type]:
+    if sql_type in INTEGER_RANGES and not INTEGER_RANGES[sql_type][0] <= value <= INTEGER_RANGES[sql_type][1]:
         raise NumericValueOutOfRange(f"{sql_type} out of range")
     if sql_type == "real" and isinstance(value, float) and value == value and abs(value) != float("inf"):
         try:

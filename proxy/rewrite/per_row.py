@@ -15,32 +15,34 @@ from __future__ import annotations
 
 import functools
 import itertools
-import struct
 from typing import Any
 
 from pglast import ast
 
 from engine.api import Signature
+from engine.pg import copy, types
+from engine.pg.binary import send_real_array, send_text
+from engine.pg.text import from_text, to_text
 from proxy.errors import FeatureNotSupported
 from proxy.rewrite import constant, gather
 from proxy.rewrite.calls import DEFAULT, Site, find_calls
 from proxy.rewrite.columns import from_columns, named
 from proxy.rewrite.literals import is_constant
-from proxy.rewrite.overloads import OID_TYPES, choose, read_here
+from proxy.rewrite.overloads import choose, read_here
 from proxy.rewrite.steps import LOOK, Compute, Evaluate, Run, Steps, off_loop, run
-from proxy.rewrite.text_format import from_text, to_text
 from proxy.rewrite.tree import TABLE, deparse, fill
 from proxy.session.exchange import Statement
 
 # Key columns keep the argument's own type, so the lookup compares like with like.
-KEY_TYPES = {
-    25: "text", 1043: "varchar", 1042: "bpchar", 19: "name", 705: "text", 114: "jsonb", 21: "smallint",
-    23: "integer", 1005: "smallint[]", 1007: "integer[]", 1700: "numeric", 1231: "numeric[]", 2249: "text",
-    199: "jsonb[]", 700: "text", 701: "text", 1021: "text", 1022: "text",
-}  # fmt: skip
 # Keyed on their text, in the gather as in the lookup: records have no equality a table column can hold, and
 # floats printed under a client's extra_float_digits <= 0 do not read back to the same value.
-TEXT_KEYED = frozenset({2249, 700, 701, 1021, 1022})
+TEXT_KEYED = frozenset({types.RECORD, types.FLOAT4, types.FLOAT8, types.FLOAT4_ARRAY, types.FLOAT8_ARRAY})
+KEY_TYPES = {
+    types.TEXT: "text", types.VARCHAR: "varchar", types.BPCHAR: "bpchar", types.NAME: "name", types.UNKNOWN: "text",
+    types.JSON: "jsonb", types.JSON_ARRAY: "jsonb[]", types.INT2: "smallint", types.INT4: "integer",
+    types.INT2_ARRAY: "smallint[]", types.INT4_ARRAY: "integer[]", types.NUMERIC: "numeric",
+    types.NUMERIC_ARRAY: "numeric[]", **dict.fromkeys(TEXT_KEYED, "text"),
+}  # fmt: skip
 _temp_ids = itertools.count(1)
 
 
@@ -62,10 +64,10 @@ def replacement(site: Site, candidates: list[Signature], slots: list[Any]) -> St
             hint="Compute the inner call in an earlier statement (a temporary table), then call pgml on its rows.",
         )
     (result,) = yield run(deparse(gathering))
-    types = [OID_TYPES.get(oid) for _, oid in result.columns]
+    kinds = [types.READ_AS.get(oid) for _, oid in result.columns]
     sig = choose(site, candidates, slots, given, [oid for _, oid in result.columns])
     fixed = constant.fold_strict(sig, slots, skip=set(given))
-    decode = functools.partial(_decode_rows, result.rows, fixed, given, types)
+    decode = functools.partial(_decode_rows, result.rows, fixed, given, kinds)
     # Thousands of arrays take a while to read: off the event loop, so other sessions are not stalled.
     tuples, texts = yield from off_loop(len(result.rows) > 500, decode)
     if gathering.fromClause is None and len(result.rows) <= 1:
@@ -73,7 +75,7 @@ def replacement(site: Site, candidates: list[Signature], slots: list[Any]) -> St
         (value,) = (yield Evaluate(sig, tuple(tuples))) if tuples else (None,)
         return constant.replacement(site, sig, value)
     results = (yield Evaluate(sig, tuple(tuples))) if tuples else []
-    keys = [KEY_TYPES.get(oid, t or "text") for (_, oid), t in zip(result.columns, types, strict=True)]
+    keys = [KEY_TYPES.get(oid, t or "text") for (_, oid), t in zip(result.columns, kinds, strict=True)]
     name = yield from _load(sig, keys, texts, results)
     conditions = " AND ".join(
         f"k{i} OPERATOR(pg_catalog.=) CAST(${i + 1} AS text)"
@@ -105,7 +107,7 @@ def _lookup(site: Site, sig: Signature, conditions: str, args: dict[int, ast.Nod
 
 
 def _decode_rows(
-    rows: list[tuple[str | None, ...]], fixed: list[Any], given: list[int], types: list[str | None]
+    rows: list[tuple[str | None, ...]], fixed: list[Any], given: list[int], kinds: list[str | None]
 ) -> tuple[list[tuple[Any, ...]], list[tuple[str | None, ...]]]:
     """Gathered argument rows -> full argument tuples (constants filled in) and their key texts."""
     tuples, texts = [], []
@@ -113,7 +115,7 @@ def _decode_rows(
         if any(v is None for v in row):
             continue  # STRICT: a NULL argument gives NULL, no lookup row needed
         values = list(fixed)
-        for i, text, kind in zip(given, row, types, strict=True):
+        for i, text, kind in zip(given, row, kinds, strict=True):
             values[i] = from_text(text, kind or "text")
         tuples.append(tuple(values))
         texts.append(row)
@@ -129,13 +131,13 @@ def _load(sig: Signature, keys: list[str], texts: list[tuple[str | None, ...]], 
     on_commit = " ON COMMIT DROP" if facts.tx_status == "T" else ""
     # Formatting thousands of vectors is CPU work: off the event loop, so other sessions are not stalled.
     binary = value_type == "real[]" and all(k in TEXT_KEYS for k in keys)
-    copy = yield Compute(functools.partial(_copy_binary if binary else _copy_text, texts, results, sig))
+    data = yield Compute(functools.partial(_copy_binary if binary else _copy_text, texts, results, sig))
     options = " WITH (FORMAT binary)" if binary else ""
     keys_list = ", ".join(f"k{i}" for i in range(len(keys)))
     statements = (
         Statement(f"CREATE TEMP TABLE {name} ({columns}, v {value_type}){on_commit}"),
         Statement(f"CREATE INDEX ON {name} USING hash (k{len(keys) - 1})"),
-        Statement(f"COPY {name} FROM STDIN{options}", copy_data=copy),
+        Statement(f"COPY {name} FROM STDIN{options}", copy_data=data),
         # Statistics of the keys are all the lookup needs; analysing the vectors would cost ~1 s per 10k rows.
         Statement(f"ANALYZE {name} ({keys_list})"),
     )
@@ -175,50 +177,24 @@ def _value_type(sig: Signature) -> str:
 
 
 def _copy_text(rows: list[tuple[str | None, ...]], results: list[Any], sig: Signature) -> bytes:
-    """COPY text format: tab-separated, backslash escapes, \\N for NULL."""
-    lines = []
-    for keys, result in zip(rows, results, strict=True):
-        if result is None:
-            value = None
-        elif not sig.returns_set:
-            value = to_text(result, sig.returns)
-        else:
-            out = [r if isinstance(r, tuple) else (r,) for r in result]
-            value = constant.array_text(sig, out)
-        lines.append("\t".join(_copy_field(v) for v in (*keys, value)))
-    return ("\n".join(lines) + "\n").encode() if lines else b""
+    """The table's rows as COPY TEXT: the key texts as gathered, then the result's text."""
+    return copy.encode_text((*keys, _value_text(result, sig)) for keys, result in zip(rows, results, strict=True))
+
+
+def _value_text(result: Any, sig: Signature) -> str | None:
+    if result is None:
+        return None
+    if not sig.returns_set:
+        return to_text(result, sig.returns)
+    return constant.array_text(sig, [r if isinstance(r, tuple) else (r,) for r in result])
 
 
 TEXT_KEYS = frozenset({"text", "varchar", "bpchar", "name"})
-_COPY_HEADER = b"PGCOPY\n\xff\r\n\0" + struct.pack("!ii", 0, 0)
-_REAL_OID = 700
 
 
 def _copy_binary(rows: list[tuple[str | None, ...]], results: list[Any], sig: Signature) -> bytes:
-    """COPY binary format for text keys and real[] values: the vectors are packed by numpy, not printed."""
-    import numpy as np  # loaded on the first vector table: a heavy import that no other path of the proxy needs
-
-    ncols = struct.pack("!h", len(rows[0]) + 1) if rows else b""
-    parts = [_COPY_HEADER]
-    for keys, vector in zip(rows, results, strict=True):
-        parts.append(ncols)
-        for key in keys:
-            data = (key or "").encode()
-            parts.append(struct.pack("!i", len(data)) + data)
-        if vector is None:
-            parts.append(b"\xff\xff\xff\xff")
-            continue
-        values = np.asarray(vector, dtype=np.float32)
-        pairs = np.empty(len(values), dtype=[("size", ">i4"), ("value", ">f4")])
-        pairs["size"], pairs["value"] = 4, values
-        # array header: 1 dimension, no NULLs, element type float4, length, lower bound 1
-        body = struct.pack("!iiIii", 1, 0, _REAL_OID, len(values), 1) + pairs.tobytes()
-        parts.append(struct.pack("!i", len(body)) + body)
-    parts.append(b"\xff\xff")  # trailer
-    return b"".join(parts)
-
-
-def _copy_field(value: str | None) -> str:
-    if value is None:
-        return "\\N"
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+    """COPY BINARY for text keys and real[] values: the vectors are packed by numpy, not printed."""
+    return copy.encode_binary(
+        [*(None if key is None else send_text(key) for key in keys), None if v is None else send_real_array(v)]
+        for keys, v in zip(rows, results, strict=True)
+    )

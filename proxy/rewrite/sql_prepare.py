@@ -26,8 +26,9 @@ from typing import Any
 
 from pglast import ast, enums, visitors
 
+from engine.pg.text import from_text
 from proxy.errors import ProgramLimitExceeded
-from proxy.rewrite import literals, text_format
+from proxy.rewrite import literals
 from proxy.rewrite.calls import find_calls
 from proxy.rewrite.params import referenced_params
 from proxy.rewrite.steps import LOOK, Run, Steps
@@ -140,7 +141,7 @@ def lookup(name: str, parse: Parser) -> Steps[Prepared | None]:
         query = parsed[0].stmt if len(parsed) == 1 else None
     if query is None:
         return None
-    names = text_format.from_text(type_names, "text[]") if type_names else []
+    names = from_text(type_names, "text[]") if type_names else []
     return Prepared(query, tuple(_type_name(str(t)) for t in names))
 
 
@@ -161,7 +162,7 @@ def _inferred(target: Prepared) -> Steps[Prepared]:
         )
     )
     rows = results[1].rows
-    names = text_format.from_text(rows[0][0], "text[]") if rows and rows[0][0] else []
+    names = from_text(rows[0][0], "text[]") if rows and rows[0][0] else []
     return Prepared(target.query, tuple(_type_name(str(t)) for t in names))
 
 

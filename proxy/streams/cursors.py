@@ -29,6 +29,8 @@ import pglast
 from pglast import ast, enums
 
 from engine.api import Call, Engine, EngineError
+from engine.pg import types
+from engine.pg.binary import send_jsonb
 from proxy.errors import (
     DuplicateCursor,
     FeatureNotSupported,
@@ -45,7 +47,6 @@ from proxy.wire.messages import Column, CommandComplete, DataRow, ReadyForQuery,
 FUNCTION = "transform_stream"
 _stream_keys = itertools.count(1)
 _STREAM = re.compile(FUNCTION, re.IGNORECASE)
-JSONB_OID = 3802
 FETCH_ALL = 9223372036854775807  # FETCH ALL: LONG_MAX in the grammar
 _T = TypeVar("_T")
 
@@ -251,13 +252,13 @@ def start(call_node: ast.FuncCall, engine: Engine) -> Stream:
 
 
 def row_description(column: str, binary: bool = False) -> bytes:
-    return RowDescription((Column(column, JSONB_OID, format=int(binary)),)).encode()
+    return RowDescription((Column(column, types.JSONB, format=int(binary)),)).encode()
 
 
 def data_row(fragment: list[str], binary: bool = False) -> bytes:
-    """One fragment as a jsonb value (binary format: version byte 1, then the text)."""
-    value = (b"\x01" if binary else b"") + json.dumps(fragment, ensure_ascii=False).encode()
-    return DataRow((value,)).encode()
+    """One fragment as a jsonb value, in text or binary format."""
+    text = json.dumps(fragment, ensure_ascii=False)
+    return DataRow((send_jsonb(text) if binary else text.encode(),)).encode()
 
 
 def command_complete(tag: str) -> bytes:

@@ -25,6 +25,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from engine.pg.types import TEXT
 from proxy import schema
 from proxy.errors import (
     DuplicateCursor,
@@ -317,7 +318,7 @@ def _bound(prepared: Prepared, bound: Bind) -> OwnStatement:
     fresh = cursors.classify(prepared.sql, {})  # a new tree: the values go into it
     assert isinstance(fresh, cursors.Declare | cursors.StreamSelect)
     types = prepared.param_types
-    oids = [types[i] if i < len(types) else 25 for i in range(len(bound.params))]
+    oids = [types[i] if i < len(types) else TEXT for i in range(len(bound.params))]
     values, problems = bound_values(bound, oids)
     for number in referenced_params([fresh.call]):
         if number in problems:
