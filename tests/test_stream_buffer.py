@@ -1,16 +1,18 @@
 """The proxy-owned stream buffer is bounded: generation pauses while nobody reads (issue 11).
 
-Sans-IO: a :class:`proxy.streams.cursors.Stream` over an async source that counts how far it was pulled.
+Sans-IO: a :class:`proxy.streams.stream.Stream` over an async source that counts how far it was pulled.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 
 import pytest
 
-from proxy.streams.cursors import Stream
+from engine.nlp.stream import FRAGMENTS_AHEAD, BatchStreamer
+from proxy.streams.stream import Stream
 
 
 class Source:
@@ -66,3 +68,27 @@ async def test_error_fails_the_fetch_and_keeps_what_was_generated() -> None:
         await stream.take(10)
     assert [f[0] for f in stream.ready] == ["1", "2", "3", "4", "5"]  # as before: a failed FETCH consumes nothing
     assert await stream.take(5) == [[str(i)] for i in range(1, 6)]
+
+
+def test_generation_waits_for_its_reader_and_stops_when_the_reader_closes() -> None:
+    """The engine side: ``generate``'s streamer hands fragments through a bounded queue (no reader: it waits)."""
+    streamer = BatchStreamer(tokenizer=None, skip_prompt=True)
+    handed: list[int] = []
+
+    def generate() -> None:  # what transformers' generate does with a streamer: hand on each step's text
+        for step in range(10 * FRAGMENTS_AHEAD):
+            streamer.hand([f"w{step} "])
+            if streamer.closed.is_set():
+                return
+            handed.append(step)
+
+    thread = threading.Thread(target=generate, daemon=True)
+    thread.start()
+    thread.join(timeout=0.5)
+    assert thread.is_alive() and streamer.queue.qsize() == FRAGMENTS_AHEAD  # waiting: the queue is full
+    assert [streamer.queue.get()[0] for _ in range(3)] == ["w0 ", "w1 ", "w2 "]
+    thread.join(timeout=0.3)
+    assert thread.is_alive() and streamer.queue.qsize() == FRAGMENTS_AHEAD  # three more handed, waiting again
+    streamer.closed.set()  # the reader is gone
+    thread.join(timeout=2)
+    assert not thread.is_alive() and len(handed) <= FRAGMENTS_AHEAD + 4

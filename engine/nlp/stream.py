@@ -25,6 +25,9 @@ from engine.nlp.transform import CHAT_ONLY, STREAM_TASKS, conversation, task_pre
 from engine.runtime.confine import generation_kwargs
 from engine.runtime.context import Context
 
+# Fragments ``generate`` may run ahead of its reader before it waits (each a few words per sequence).
+FRAGMENTS_AHEAD = 16
+
 
 def stream(task: Any, args: Any, inputs: Any, ctx: Context) -> Iterator[list[str]]:
     """``pgml.transform_stream``: each new text fragment as a list of strings, one per generated sequence.
@@ -116,7 +119,9 @@ class BatchStreamer:
         self.skip_prompt = skip_prompt
         self.stops = stops
         self.finished = threading.Event()
-        self.queue: queue.Queue[list[str] | None] = queue.Queue()
+        self.closed = threading.Event()  # the reader is gone: nothing more is handed over
+        # Bounded: while the reader does not take fragments, ``generate`` waits in :meth:`put` (no CPU, no memory).
+        self.queue: queue.Queue[list[str] | None] = queue.Queue(maxsize=FRAGMENTS_AHEAD)
         self._tokens: list[list[int]] | None = None
         self._sent: list[int] = []
         self._start: list[int] = []  # where each text's generated part begins (after a streamed prompt)
@@ -140,7 +145,16 @@ class BatchStreamer:
     def end(self) -> None:
         if self._tokens is not None:
             self._emit(final=True)
-        self.queue.put(None)
+        self.hand(None)
+
+    def hand(self, item: list[str] | None) -> None:
+        """Put ``item`` on the queue, waiting while it is full, unless the reader closed meanwhile."""
+        while not self.closed.is_set():
+            try:
+                self.queue.put(item, timeout=0.05)
+                return
+            except queue.Full:
+                continue
 
     def _emit(self, final: bool) -> None:
         assert self._tokens is not None
@@ -163,7 +177,7 @@ class BatchStreamer:
         if self._done and all(self._done):
             self.finished.set()
         if any(pieces):
-            self.queue.put(pieces)
+            self.hand(pieces)
 
 
 def stream_generate(
@@ -180,7 +194,7 @@ def stream_generate(
     """
     inputs = inputs.to(model.device)
     streamer = BatchStreamer(tokenizer, skip_prompt, stops)
-    closed = threading.Event()
+    closed = streamer.closed
     failures: list[Exception] = []
 
     def run() -> None:
@@ -190,7 +204,7 @@ def stream_generate(
             )
         except Exception as exc:
             failures.append(exc)
-            streamer.queue.put(None)
+            streamer.hand(None)
 
     thread = threading.Thread(target=run, name="pgml-transform-stream", daemon=True)
     thread.start()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +49,9 @@ from engine.runtime.turns import Job, Turns
 
 log = logging.getLogger(__name__)
 _END = object()  # the end of a stream
+# Fragments of a stream handed to the event loop and not yet read before its worker waits (its turn given up):
+# with the proxy's own bounded buffer, what an unread cursor holds stays small, whatever its max_new_tokens.
+STREAM_AHEAD = 32
 PGML_API_LEVEL = "2.10.0"
 
 
@@ -243,11 +247,13 @@ class LocalEngine:
         ctx = Context(self.config, self.cache, job, notices=call.notices)
         task, args, inputs, _cache = call.rows[0]
 
+        room = threading.Semaphore(STREAM_AHEAD)
+
         def produce() -> None:
             try:
                 with self._turns.held(job):
                     for fragment in stream.stream(task, args or {}, inputs, ctx):
-                        if job.is_set():  # also a checkpoint between fragments
+                        if job.is_set() or not self._room(room, job):  # also a checkpoint between fragments
                             break
                         loop.call_soon_threadsafe(queue.put_nowait, fragment)
                 loop.call_soon_threadsafe(queue.put_nowait, _END)
@@ -266,11 +272,23 @@ class LocalEngine:
                     raise item
                 if isinstance(item, BaseException):
                     raise _as_engine_error("stream", call, item) from item
+                room.release()
                 yield item
             if job.canceled():
                 raise Canceled(CANCELED)
         finally:
             job.set()  # the worker stops at its next fragment
+
+    def _room(self, room: threading.Semaphore, job: Job) -> bool:
+        """Until the reader has room for one more fragment (False: canceled or closed meanwhile). Waiting, the
+        worker gives its compute turn up: a cursor nobody reads holds neither a turn nor a growing queue."""
+        if room.acquire(blocking=False):
+            return True
+        with self._turns.aside(job):
+            while not room.acquire(timeout=0.05):
+                if job.canceled():
+                    return False
+        return True
 
     def cancel(self, session: int) -> None:
         for job in list(self._flags.get(session, ())):

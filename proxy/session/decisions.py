@@ -28,7 +28,7 @@ from proxy.rewrite.decide import BatchFailed, Decision, Rewriter
 from proxy.session.exchange import SYNC, Statement, UpstreamError
 from proxy.session.state import Phase
 from proxy.session.traffic import Traffic
-from proxy.streams import cursors
+from proxy.streams import classify, cursors
 from proxy.streams.owned import Owned
 from proxy.wire import messages as pq
 from proxy.wire.frames import Frame
@@ -79,7 +79,7 @@ class Decider:
             sql, types = self.deferred[bind.statement]
             return await self.rewriter.decide_bind(bind, sql, types, traffic, traffic.private_id())
         message = pq.Query.decode(frame) if frame.type == _Q else pq.Parse.decode(frame)
-        if isinstance(message, pq.Query) and (own := cursors.classify(message.sql, self.cursors.open)) is not None:
+        if isinstance(message, pq.Query) and (own := classify.classify(message.sql, self.cursors.open)) is not None:
             await traffic.settled()  # proxy answers go out only after everything owed before them
             if traffic.tx_status == "E":
                 return decide.FORWARD  # an aborted transaction rejects the statement itself (25P02)

@@ -1,9 +1,7 @@
-"""Streams the proxy owns: ``pgml.transform_stream`` as a plain SELECT and behind ``DECLARE … CURSOR``.
+"""The session's proxy-owned cursors over ``pgml.transform_stream``, and answering its stream statements.
 
-Owns: recognising the statements that start, read and end such a stream
-(``SELECT pgml.transform_stream(…)``, ``DECLARE c CURSOR FOR SELECT
-pgml.transform_stream(…)``, ``FETCH``/``MOVE``, ``CLOSE``, transaction end), the
-per-session table of proxy-owned cursors with the fragments generated so far and
+Owns: the per-session table of proxy-owned cursors (statements recognised by :mod:`proxy.streams.classify`,
+generations run by :mod:`proxy.streams.stream`) with the fragments generated so far and
 each cursor's position (moved by PostgreSQL's own portal rules: every FETCH/MOVE
 direction, SCROLL / NO SCROLL and the default scrollability of a function scan),
 and the response frames the client gets for them (RowDescription, DataRow,
@@ -16,21 +14,13 @@ produces the fragments (``Engine.stream``) in a worker, never on the event loop.
 
 from __future__ import annotations
 
-import asyncio
-import itertools
-import json
-import re
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import pglast
 from pglast import ast, enums
 
-from engine.api import Call, Engine, EngineError
-from engine.pg import types
-from engine.pg.binary import send_jsonb
+from engine.api import Engine, EngineError
 from proxy.errors import (
     DuplicateCursor,
     FeatureNotSupported,
@@ -40,235 +30,12 @@ from proxy.errors import (
     ProxyError,
 )
 from proxy.rewrite import decide as rewrite
-from proxy.rewrite.calls import bind, find_calls
-from proxy.rewrite.constant import fold_call
-from proxy.wire.messages import Column, CommandComplete, DataRow, ReadyForQuery, RowDescription
+from proxy.streams.classify import FUNCTION, Close, Declare, Fetch, Own, Refuse, StreamSelect
+from proxy.streams.stream import Stream, command_complete, data_row, failure, row_description, start
+from proxy.wire.messages import ReadyForQuery
 
-FUNCTION = "transform_stream"
-_stream_keys = itertools.count(1)
-_STREAM = re.compile(FUNCTION, re.IGNORECASE)
 FETCH_ALL = 9223372036854775807  # FETCH ALL: LONG_MAX in the grammar
 _T = TypeVar("_T")
-
-
-# Fragments a stream holds before generation pauses until a reader takes some: from DECLARE on, a cursor nobody
-# FETCHes from must not grow without bound (each fragment is a few words per sequence; 256 of them is a
-# couple of FETCH 100s ahead, enough that a reader never waits on a generation that had time to run).
-STREAM_BUFFER = 256
-
-
-@dataclass
-class Stream:
-    """One running generation: fragments arrive in ``ready`` (at most ``capacity``: generation pauses while it
-    is full — backpressure up to the engine's worker); ``done`` once it ended (or failed)."""
-
-    source: AsyncIterator[list[str]]
-    ready: deque[list[str]] = field(default_factory=deque)
-    done: bool = False
-    error: BaseException | None = None
-    key: int = 0  # the engine's cancel key of this generation (not the session's: idle cursors survive a cancel)
-    capacity: int = STREAM_BUFFER
-    _arrived: asyncio.Event = field(default_factory=asyncio.Event)
-    _space: asyncio.Event = field(default_factory=asyncio.Event)
-    _task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._space.set()
-        self._task = asyncio.ensure_future(self._pump())
-
-    async def _pump(self) -> None:
-        try:
-            async for fragment in self.source:
-                self.ready.append(fragment)
-                self._arrived.set()
-                while len(self.ready) >= self.capacity:  # the engine's iterator is not pulled: its worker waits
-                    self._space.clear()
-                    await self._space.wait()
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:  # reported to whoever reads next
-            self.error = exc
-        finally:
-            self.done = True
-            self._arrived.set()
-
-    async def take(self, count: int) -> list[list[str]]:
-        """Up to ``count`` fragments: as soon as that many exist (or the buffer is full), or all that remain once
-        generation ended."""
-        taken: list[list[str]] = []
-        while len(taken) < count:
-            while self.ready and len(taken) < count:
-                taken.append(self.ready.popleft())
-            self._space.set()
-            if len(taken) == count or (self.done and not self.ready):
-                break
-            self._arrived.clear()
-            await self._arrived.wait()
-        if self.error is not None and len(taken) < count:
-            self.ready.extendleft(reversed(taken))
-            raise self.error  # PostgreSQL fails the whole FETCH
-        return taken
-
-    def stop(self) -> None:
-        """Stop generating and free the worker (CLOSE, transaction end, disconnect)."""
-        if self._task is not None and not self._task.done():
-            self._task.cancel()  # thrown into the engine's iterator, whose cleanup stops the worker
-
-
-# --------------------------------------------------------------------------- #
-# Recognising the statements
-# --------------------------------------------------------------------------- #
-
-
-@dataclass(frozen=True)
-class StreamSelect:
-    """``SELECT pgml.transform_stream(…) [AS c]`` or ``SELECT * FROM pgml.transform_stream(…) [AS c]``."""
-
-    call: ast.FuncCall
-    column: str
-
-
-@dataclass(frozen=True)
-class Declare:
-    name: str
-    call: ast.FuncCall
-    column: str
-    hold: bool
-    scroll: bool  # SCROLL, or neither SCROLL nor NO SCROLL over a function scan (FROM), as PostgreSQL decides
-    binary: bool  # DECLARE … BINARY CURSOR: a simple-protocol FETCH answers in binary format
-
-
-@dataclass(frozen=True)
-class Fetch:
-    """``FETCH``/``MOVE`` ``[direction] [count] FROM name`` (count as PostgreSQL's grammar leaves it)."""
-
-    name: str
-    count: int
-    move: bool
-    direction: int = enums.FetchDirection.FETCH_FORWARD
-
-
-@dataclass(frozen=True)
-class Close:
-    name: str | None  # None: CLOSE ALL
-
-
-@dataclass(frozen=True)
-class Refuse:
-    """A statement about a proxy cursor that PostgreSQL would reject: the error to answer with."""
-
-    error: ProxyError
-
-
-Own = StreamSelect | Declare | Fetch | Close | Refuse
-
-
-def parse_one(sql: str) -> ast.Node | None:
-    try:
-        statements = pglast.parse_sql(sql)
-    except pglast.parser.ParseError:
-        return None
-    return statements[0].stmt if len(statements) == 1 else None
-
-
-def classify(sql: str, cursors: dict[str, Cursor]) -> Own | None:
-    """What the proxy does itself with this statement (None: not a stream statement)."""
-    if not cursors and _STREAM.search(sql) is None:  # the usual case: no parse (pgml statements are parsed once)
-        return None
-    match parse_one(sql):
-        case ast.SelectStmt() as select if (found := _stream_call(select)) is not None:
-            return StreamSelect(found[0], found[1])
-        case ast.DeclareCursorStmt(portalname=str(name), query=ast.SelectStmt() as select, options=options) if (
-            found := _stream_call(select)
-        ) is not None:
-            flags = int(options or 0)
-            scroll = bool(flags & _CURSOR_OPT_SCROLL) or (not flags & _CURSOR_OPT_NO_SCROLL and found[2])
-            return Declare(name, found[0], found[1], bool(flags & _CURSOR_OPT_HOLD), scroll, bool(flags & 1))
-        case ast.DeclareCursorStmt(portalname=str(name)) if name in cursors:
-            return Refuse(DuplicateCursor(f'cursor "{name}" already exists'))
-        case ast.FetchStmt(portalname=str(name), howMany=count, ismove=move, direction=direction) if name in cursors:
-            return Fetch(name, int(count or 0), bool(move), int(direction or 0))
-        case ast.ClosePortalStmt(portalname=name) if name is None or name in cursors:
-            return Close(name)
-    return None
-
-
-_CURSOR_OPT_BINARY, _CURSOR_OPT_SCROLL, _CURSOR_OPT_NO_SCROLL, _CURSOR_OPT_HOLD = 0x0001, 0x0002, 0x0004, 0x0020
-
-
-def _stream_call(select: ast.SelectStmt) -> tuple[ast.FuncCall, str, bool] | None:
-    """The transform_stream call when it is the whole statement (else it is evaluated like any SRF).
-
-    Also whether it is in FROM: a function scan, which PostgreSQL can scan backward (a cursor over it
-    is scrollable unless declared NO SCROLL), where the call in the SELECT list is not.
-    """
-    if select.whereClause or select.groupClause or select.sortClause or select.limitCount or select.withClause:
-        return None
-    targets, sources = select.targetList or (), select.fromClause or ()
-    if len(targets) != 1:
-        return None
-    target = targets[0]
-    if not sources and isinstance(target.val, ast.FuncCall) and _is_stream(target.val):
-        return target.val, target.name or FUNCTION, False
-    if len(sources) == 1 and isinstance(sources[0], ast.RangeFunction) and _star(target):
-        rf = sources[0]
-        functions = rf.functions or ()
-        if len(functions) == 1 and not rf.ordinality and _is_stream(functions[0][0]):
-            alias = str(rf.alias.aliasname) if rf.alias is not None else FUNCTION
-            names = rf.alias.colnames if rf.alias is not None and rf.alias.colnames else None
-            return functions[0][0], str(names[0].sval) if names else alias, True
-    return None
-
-
-def _is_stream(node: Any) -> bool:
-    names = [n.sval for n in getattr(node, "funcname", None) or () if isinstance(n, ast.String)]
-    return names == ["pgml", FUNCTION]
-
-
-def _star(target: ast.ResTarget) -> bool:
-    return isinstance(target.val, ast.ColumnRef) and isinstance((target.val.fields or (None,))[-1], ast.A_Star)
-
-
-# --------------------------------------------------------------------------- #
-# Starting a stream and answering for it
-# --------------------------------------------------------------------------- #
-
-
-def start(call_node: ast.FuncCall, engine: Engine) -> Stream:
-    """Evaluate the call's constant arguments and start generating."""
-    (site,) = [s for s in find_calls(ast.SelectStmt(targetList=(ast.ResTarget(val=call_node),)))]
-    candidates, slots = bind(site)
-    folded = fold_call(candidates, slots)
-    if folded is None:
-        raise FeatureNotSupported(
-            "pgml.transform_stream() arguments must be constants or parameters when it streams",
-            hint="Compute the arguments in a previous statement.",
-        )
-    signature, values = folded
-    key = -next(_stream_keys)
-    stream = Stream(engine.stream(Call(signature, [values], session=key)), key=key)
-    stream.start()
-    return stream
-
-
-def row_description(column: str, binary: bool = False) -> bytes:
-    return RowDescription((Column(column, types.JSONB, format=int(binary)),)).encode()
-
-
-def data_row(fragment: list[str], binary: bool = False) -> bytes:
-    """One fragment as a jsonb value, in text or binary format."""
-    text = json.dumps(fragment, ensure_ascii=False)
-    return DataRow((send_jsonb(text) if binary else text.encode(),)).encode()
-
-
-def command_complete(tag: str) -> bytes:
-    return CommandComplete(tag).encode()
-
-
-def failure(error: BaseException) -> ProxyError | EngineError:
-    if isinstance(error, ProxyError | EngineError):
-        return error
-    return EngineError(f"{type(error).__name__}: {error}")
 
 
 # --------------------------------------------------------------------------- #

@@ -36,7 +36,8 @@ from proxy.errors import (
 )
 from proxy.rewrite.params import referenced_params, substitute_params
 from proxy.session.exchange import Described, Port, Prepare
-from proxy.streams import cursors
+from proxy.streams import classify, cursors
+from proxy.streams.stream import Stream, command_complete, data_row, failure, row_description
 from proxy.wire.frames import Frame, Frontend
 from proxy.wire.messages import (
     Bind,
@@ -55,7 +56,7 @@ from proxy.wire.messages import (
 )
 from proxy.wire.params import bound_values
 
-OwnStatement = cursors.StreamSelect | cursors.Declare | cursors.Fetch | cursors.Close
+OwnStatement = classify.StreamSelect | classify.Declare | classify.Fetch | classify.Close
 PARSE_COMPLETE, BIND_COMPLETE, CLOSE_COMPLETE, NO_DATA, PORTAL_SUSPENDED = (
     m.encode() for m in (ParseComplete(), BindComplete(), CloseComplete(), NoData(), PortalSuspended())
 )
@@ -74,7 +75,7 @@ class Portal:
 
     own: OwnStatement
     binary: bool  # results in binary format (asyncpg asks for it)
-    stream: cursors.Stream | None = None  # a streaming SELECT's generation, once executed
+    stream: Stream | None = None  # a streaming SELECT's generation, once executed
     pending: list[list[str]] | None = None  # a FETCH's rows not sent yet
     done: bool = False
 
@@ -148,8 +149,8 @@ class Owned:
         return False
 
     def _prepared(self, parse: Parse, open_cursors: dict[str, cursors.Cursor]) -> Prepared | None:
-        own = cursors.classify(parse.sql, open_cursors)
-        if not isinstance(own, OwnStatement) or (isinstance(own, cursors.Close) and own.name is None):
+        own = classify.classify(parse.sql, open_cursors)
+        if not isinstance(own, OwnStatement) or (isinstance(own, classify.Close) and own.name is None):
             return None
         return Prepared(parse.sql, own, parse.param_types)
 
@@ -179,7 +180,7 @@ class Owned:
             case Frontend.DESCRIBE:
                 kind, name = _target(frame) or (Target.STATEMENT, "")  # claims() checked it
                 if kind == Target.PORTAL and name not in self.portals:  # a cursor's portal: text, as DECLARE made it
-                    return cursors.row_description(table.open[name].column)
+                    return row_description(table.open[name].column)
                 return self._describe(kind, name, table)
             case Frontend.EXECUTE:
                 execute = try_decode(Execute, frame) or Execute("", 0)  # claims() checked it
@@ -200,12 +201,12 @@ class Owned:
         own = self.statements[name].own if kind == Target.STATEMENT else self.portals[name].own
         binary = kind == Target.PORTAL and self.portals[name].binary
         rows = NO_DATA
-        if isinstance(own, cursors.StreamSelect):
-            rows = cursors.row_description(own.column, binary)
-        elif isinstance(own, cursors.Fetch) and not own.move and own.name in table.open:
-            rows = cursors.row_description(table.open[own.name].column, binary)
-        elif isinstance(own, cursors.Fetch) and not own.move:
-            rows = cursors.row_description(cursors.FUNCTION, binary)
+        if isinstance(own, classify.StreamSelect):
+            rows = row_description(own.column, binary)
+        elif isinstance(own, classify.Fetch) and not own.move and own.name in table.open:
+            rows = row_description(table.open[own.name].column, binary)
+        elif isinstance(own, classify.Fetch) and not own.move:
+            rows = row_description(classify.FUNCTION, binary)
         if kind != Target.STATEMENT:
             return rows
         return ParameterDescription(self.statements[name].param_types).encode() + rows
@@ -214,32 +215,32 @@ class Owned:
         portal = self.portals[name]
         own = portal.own
         match own:
-            case cursors.StreamSelect() | cursors.Fetch(move=False) if portal.done:
-                return cursors.command_complete("SELECT 0" if isinstance(own, cursors.StreamSelect) else "FETCH 0")
+            case classify.StreamSelect() | classify.Fetch(move=False) if portal.done:
+                return command_complete("SELECT 0" if isinstance(own, classify.StreamSelect) else "FETCH 0")
             case _ if portal.done:  # a utility statement's portal runs once, as on the server
                 raise NotInPrerequisiteState(f'portal "{name}" cannot be run')
-            case cursors.StreamSelect():
+            case classify.StreamSelect():
                 portal.stream = table.reading = portal.stream or table.open_stream(own.call)
                 try:
                     return await _stream_rows(portal, portal.stream, limit, write)
                 finally:
                     table.reading = None
-            case cursors.Declare():
+            case classify.Declare():
                 portal.done = True
                 return table.declare(own, tx_status)
-            case cursors.Fetch(move=True):
+            case classify.Fetch(move=True):
                 portal.done = True
                 return (await table.fetch(own))[1]
-            case cursors.Fetch():
+            case classify.Fetch():
                 if portal.pending is None:
                     portal.pending = (await table.fetch_fragments(own))[0]
                 rows, portal.pending = _first(portal.pending, limit)
-                body = b"".join(cursors.data_row(f, portal.binary) for f in rows)
+                body = b"".join(data_row(f, portal.binary) for f in rows)
                 if limit > 0 and len(rows) == limit:  # as the server: done only once a run falls short of its limit
                     return body + PORTAL_SUSPENDED
                 portal.done = True
-                return body + cursors.command_complete(f"FETCH {len(rows)}")
-            case cursors.Close(name=str(cursor)):
+                return body + command_complete(f"FETCH {len(rows)}")
+            case classify.Close(name=str(cursor)):
                 portal.done = True
                 if cursor not in table.open:
                     raise InvalidCursorName(f'cursor "{cursor}" does not exist')
@@ -251,9 +252,9 @@ async def _execute_cursor(name: str, limit: int, table: cursors.Cursors) -> byte
     """Execute of a proxy-owned cursor's portal: its next ``limit`` rows (0: all), text format, as the server
     runs a cursor portal — PortalSuspended when the limit was reached, else ``SELECT n``."""
     rows = await table.execute(name, limit)
-    body = b"".join(cursors.data_row(f) for f in rows)
+    body = b"".join(data_row(f) for f in rows)
     if table.open[name].at_end:
-        return body + cursors.command_complete(f"SELECT {len(rows)}")
+        return body + command_complete(f"SELECT {len(rows)}")
     return body + PORTAL_SUSPENDED
 
 
@@ -268,7 +269,7 @@ def _target(frame: Frame) -> tuple[Target, str] | None:
     return None if message is None else (message.target, message.name)
 
 
-async def _stream_rows(portal: Portal, stream: cursors.Stream, limit: int, write: Any) -> bytes:
+async def _stream_rows(portal: Portal, stream: Stream, limit: int, write: Any) -> bytes:
     """Up to ``limit`` rows (0: all) of a streaming SELECT, each written as it is generated."""
     count = 0
     try:
@@ -277,12 +278,12 @@ async def _stream_rows(portal: Portal, stream: cursors.Stream, limit: int, write
             if not fragments:
                 portal.done = True
                 stream.stop()
-                return cursors.command_complete(f"SELECT {count}")
-            write(cursors.data_row(fragments[0], portal.binary))
+                return command_complete(f"SELECT {count}")
+            write(data_row(fragments[0], portal.binary))
             count += 1
     except Exception as exc:
         stream.stop()
-        raise cursors.failure(exc) from exc
+        raise failure(exc) from exc
     return PORTAL_SUSPENDED
 
 
@@ -294,7 +295,7 @@ async def _server_types_of(prepared: Prepared, port: Port) -> tuple[int, ...]:
     the pgml schema is installed first, as for any pgml statement. Cached per database and text.
     """
     own, declared = prepared.own, prepared.param_types
-    if not isinstance(own, cursors.Declare | cursors.StreamSelect) or not referenced_params([own.call]):
+    if not isinstance(own, classify.Declare | classify.StreamSelect) or not referenced_params([own.call]):
         return declared
     key = (port.database, prepared.sql, declared)
     if key in _server_types:
@@ -313,10 +314,10 @@ async def _server_types_of(prepared: Prepared, port: Port) -> tuple[int, ...]:
 def _bound(prepared: Prepared, bound: Bind) -> OwnStatement:
     """The statement with this Bind's values in place of its ``$n``."""
     own = prepared.own
-    if not isinstance(own, cursors.Declare | cursors.StreamSelect):
+    if not isinstance(own, classify.Declare | classify.StreamSelect):
         return own
-    fresh = cursors.classify(prepared.sql, {})  # a new tree: the values go into it
-    assert isinstance(fresh, cursors.Declare | cursors.StreamSelect)
+    fresh = classify.classify(prepared.sql, {})  # a new tree: the values go into it
+    assert isinstance(fresh, classify.Declare | classify.StreamSelect)
     types = prepared.param_types
     oids = [types[i] if i < len(types) else TEXT for i in range(len(bound.params))]
     values, problems = bound_values(bound, oids)
