@@ -23,10 +23,10 @@ import pytest
 from engine.api import Result
 from proxy import schema
 from proxy.rewrite import per_row
-from proxy.rewrite.decide import BatchFailed, DeferToBind, Forward, Rebound, Respond, Rewriter, Rewritten
+from proxy.rewrite.decide import DeferToBind, Forward, Rebound, Respond, Rewriter, Rewritten
 from proxy.rewrite.schema_check import SessionState
 from proxy.rewrite.steps import Compute, Evaluate, Facts, Look, Request, Run, Settle, replay
-from proxy.session.exchange import UpstreamError
+from proxy.session.exchange import BatchFailed, UpstreamError
 from proxy.wire import messages as pq
 from proxy.wire.frames import split_frames
 from tests.test_rewrite import Unused, fake_results

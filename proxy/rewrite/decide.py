@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import pglast
 from pglast import ast, enums
 
-from engine.api import DatabaseError, Engine, EngineError
+from engine.api import Engine, EngineError
 from proxy.errors import (
     ProtocolViolation,
     ProxyError,
@@ -162,10 +162,6 @@ class Rebound:
     bind: bytes
     close: bytes
     name: str
-
-
-class BatchFailed(DatabaseError):
-    """The extended-protocol batch already failed upstream; the server skips messages until Sync."""
 
 
 Decision = Forward | Rewritten | Respond | Fail | DeferToBind | Rebound

@@ -24,8 +24,8 @@ import pglast
 from engine.api import EngineError
 from proxy.errors import InFailedTransaction, ProxyError, error_fields, from_fields
 from proxy.rewrite import decide
-from proxy.rewrite.decide import BatchFailed, Decision, Rewriter
-from proxy.session.exchange import SYNC, Statement, UpstreamError
+from proxy.rewrite.decide import Decision, Rewriter
+from proxy.session.exchange import SYNC, BatchFailed, Statement, UpstreamError
 from proxy.session.state import Phase
 from proxy.session.traffic import Traffic
 from proxy.streams import classify, cursors

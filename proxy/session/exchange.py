@@ -86,6 +86,11 @@ class Described(Result):
     param_types: tuple[int, ...] = field(default_factory=tuple)
 
 
+class BatchFailed(DatabaseError):
+    """The extended-protocol batch already failed upstream; the server skips messages until Sync (the
+    session's skip-to-sync phase): the proxy's own statements cannot run in it."""
+
+
 class UpstreamError(DatabaseError):
     """The server rejected an internal statement; ``fields`` is its ErrorResponse, ``status`` the Z after it.
 

@@ -20,8 +20,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from proxy.errors import ConnectionFailure
-from proxy.rewrite.decide import BatchFailed
-from proxy.session.exchange import FLUSH, Exchange, Result, Statement, UpstreamError
+from proxy.session.exchange import FLUSH, BatchFailed, Exchange, Result, Statement, UpstreamError
 from proxy.session.ledger import ONE, THREE, Responses
 from proxy.session.state import Event, Phase, State
 from proxy.wire import messages as pq
