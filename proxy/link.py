@@ -119,7 +119,7 @@ class Link(asyncio.Protocol):
             self.transport.set_protocol(self)
         pending = self.take_inbox()
         if pending:
-            handler(pending)
+            self.data_received(pending)  # traced too, when tracing is on
 
     def trace(self, received: Tracer, sent: Tracer) -> None:
         """Describe every message read and written from now on (call before :meth:`set_handler`)."""

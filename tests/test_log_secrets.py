@@ -148,8 +148,15 @@ async def test_debug_level_does_log_the_marker(log_proxies: tuple[ProxyProcess, 
     _, debug = log_proxies
     run_calls(debug)
     await run_asyncpg(debug)
+    bound = f"B0UND{secrets.token_hex(6)}"  # sent only as bound parameter values: never logged, even at debug
+    with connect(debug.dsn()) as conn:
+        assert conn.execute("SELECT * FROM pgml.chunk('character', %s)", [f"ok {bound}"]).fetchall()
+        assert conn.execute("SELECT pgml.embed(%s, %s)", [MINILM, f"x {bound}"]).fetchone()
+        rows = conn.execute("SELECT pgml.embed(%s, t) FROM (VALUES (%s), ('b')) AS v(t)", [MINILM, bound]).fetchall()
+        assert len(rows) == 2  # per-row: the gather query and the temp table hold the value too
     debug.stop()
     log = debug.log_text()
+    assert bound not in log
     assert MARKER in log
     assert "rewrite of a " in log and "own statement (" in log  # each rewrite, the proxy's own SQL
     assert " client>proxy Parse len=" in log and " proxy>server Sync len=4" in log  # protocol messages too
@@ -165,7 +172,7 @@ async def test_protocol_trace_names_every_message_and_no_data(traced_proxy: Prox
     for line in (
         "client>proxy StartupMessage version=3.0 params=",
         "client>proxy Query len=",
-        'portal="" statement="s" params=3 formats=ttt',
+        "portal='' statement='s' params=3 formats=ttt",
         "proxy>server Parse len=",
         "server>proxy ErrorResponse len=",
         "proxy>client ReadyForQuery len=5 status=I",

@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 
+from engine.api import Call, EngineConfig, signatures
 from engine.nlp.stream import FRAGMENTS_AHEAD, BatchStreamer
+from engine.runtime import executor
+from engine.runtime.executor import STREAM_AHEAD, LocalEngine
 from proxy.streams.stream import Stream
 
 
@@ -92,3 +96,58 @@ def test_generation_waits_for_its_reader_and_stops_when_the_reader_closes() -> N
     streamer.closed.set()  # the reader is gone
     thread.join(timeout=2)
     assert not thread.is_alive() and len(handed) <= FRAGMENTS_AHEAD + 4
+
+
+async def test_stopping_a_full_stream_closes_the_generation_at_once() -> None:
+    """CLOSE of a cursor whose buffer is full: the engine's generator is closed (its worker stops) right away."""
+    closed: list[bool] = []
+
+    async def generation() -> AsyncIterator[list[str]]:
+        try:
+            for i in range(100):
+                yield [str(i)]
+        finally:
+            closed.append(True)
+
+    stream = Stream(generation(), capacity=2)
+    stream.start()
+    await settle()
+    assert len(stream.ready) == 2 and not closed  # full: generation waits
+    stream.stop()
+    await settle()
+    assert closed == [True]
+
+
+async def test_an_unread_engine_stream_gives_its_worker_and_queue_place_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A generation nobody reads: its worker stops after STREAM_AHEAD fragments, holding no thread and no place in
+    max_queue; reading on starts the next run; closing the reader closes the generation (its thread stops)."""
+    made: list[int] = []
+    closed = threading.Event()
+
+    def generation(task: Any, args: Any, inputs: Any, ctx: Any) -> Iterator[list[str]]:
+        try:
+            for i in range(100_000):
+                made.append(i)
+                yield [f"w{i} "]
+        finally:
+            closed.set()
+
+    monkeypatch.setattr(executor.stream, "stream", generation)  # the model's part; the scheduling is real
+    engine = LocalEngine(EngineConfig(max_queue=1))
+    signature = signatures("transform_stream")[0]
+    fragments = engine.stream(Call(signature, [("task", {}, "prompt", False)], session=-424242))
+    assert await anext(fragments) == ["w0 "]
+    for _ in range(200):  # the run ends by itself once it made STREAM_AHEAD fragments nobody read
+        if engine._pending == 0:
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.2)
+    assert engine._pending == 0 and len(made) == STREAM_AHEAD  # paused: no worker, no place in max_queue
+    other = engine.stream(Call(signature, [("task", {}, "other", False)], session=-424243))
+    assert await anext(other)  # max_queue=1, and the paused stream holds no place in it: no 53000
+    await other.aclose()
+    more = [await anext(fragments) for _ in range(2 * STREAM_AHEAD)]  # the next runs start as the reader asks
+    assert more == [[f"w{i} "] for i in range(1, 2 * STREAM_AHEAD + 1)]
+    await fragments.aclose()
+    assert await asyncio.to_thread(closed.wait, 5)  # the generation was closed in a worker
+    await engine.close()

@@ -50,9 +50,9 @@ def test_client_messages_named_with_their_names_and_counts_never_values() -> Non
     assert [line.split()[1] for line in lines] == [
         "Query", "Parse", "Bind", "Describe", "Execute", "Close", "Sync", "PasswordMessage",
     ]  # fmt: skip
-    assert 'statement="s1" param_types=1' in lines[1]
-    assert 'portal="p1" statement="s1" params=1 formats=b result_formats=1' in lines[2]
-    assert 'portal="p1"' in lines[3] and "max_rows=10" in lines[4] and 'statement="s1"' in lines[5]
+    assert "statement='s1' param_types=1" in lines[1]
+    assert "portal='p1' statement='s1' params=1 formats=b result_formats=1" in lines[2]
+    assert "portal='p1'" in lines[3] and "max_rows=10" in lines[4] and "statement='s1'" in lines[5]
     assert all(line.startswith("C>P ") for line in lines)
     assert not any(SECRET in line or "hunter2" in line for line in lines)
 
@@ -85,3 +85,8 @@ def test_malformed_frames_are_said_and_tracing_stops_without_raising() -> None:
 def test_startup_lists_parameter_names_only() -> None:
     line = describe_startup(StartupMessage(3, 0, (("user", "alice"), ("options", f"-c secret={SECRET}"))))
     assert line == "StartupMessage version=3.0 params=user,options"
+
+
+def test_names_are_quoted_so_a_client_cannot_forge_log_lines() -> None:
+    (line,) = traced([Parse("x\nsession 1 proxy>server Query len=9", "SELECT 1", ()).encode()], frontend=True)
+    assert "\n" not in line and "statement='x\\nsession 1" in line

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 from engine.api import InvalidArgument
@@ -29,7 +29,7 @@ from engine.runtime.context import Context
 FRAGMENTS_AHEAD = 16
 
 
-def stream(task: Any, args: Any, inputs: Any, ctx: Context) -> Iterator[list[str]]:
+def stream(task: Any, args: Any, inputs: Any, ctx: Context) -> Generator[list[str], None, None]:
     """``pgml.transform_stream``: each new text fragment as a list of strings, one per generated sequence.
 
     ``inputs``: the prompt (text; a list of prompts also works) or, for ``conversational``, one conversation

@@ -18,6 +18,7 @@ its next checkpoint.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
@@ -49,8 +50,9 @@ from engine.runtime.turns import Job, Turns
 
 log = logging.getLogger(__name__)
 _END = object()  # the end of a stream
-# Fragments of a stream handed to the event loop and not yet read before its worker waits (its turn given up):
-# with the proxy's own bounded buffer, what an unread cursor holds stays small, whatever its max_new_tokens.
+_PAUSED = object()  # a stream's worker made STREAM_AHEAD fragments and stopped until they are read
+# Fragments one run of a stream's worker makes before it stops and waits for the reader: with the proxy's own
+# bounded buffer, what an unread cursor holds stays small, whatever its max_new_tokens.
 STREAM_AHEAD = 32
 PGML_API_LEVEL = "2.10.0"
 
@@ -173,7 +175,19 @@ class LocalEngine:
         return job
 
     def _forget(self, job: Job) -> None:
+        self._ran()
+        self._unflag(job)
+
+    def _ran(self) -> None:
         self._pending -= 1
+
+    def _in_worker(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` in a worker thread, not waiting for it (nothing, once the engine is closed)."""
+        with contextlib.suppress(RuntimeError):  # the pool was shut down: the process is ending
+            self._pool.submit(fn)
+
+    def _unflag(self, job: Job) -> None:
+        """``job`` can no longer be canceled: its call is over."""
         self._flags[job.session].discard(job)
         if not self._flags[job.session]:
             del self._flags[job.session]
@@ -240,55 +254,77 @@ class LocalEngine:
                 raise _as_engine_error("work", call, exc) from exc
 
     async def stream(self, call: Call) -> AsyncIterator[list[str]]:
-        """Fragments of one generation, produced in a worker thread and handed over through a queue."""
+        """Fragments of one generation, produced in engine workers and handed over through a queue.
+
+        A worker produces at most ``STREAM_AHEAD`` fragments the reader has not asked for, then stops
+        (``_PAUSED``), giving back its thread, its compute turn and its place in ``max_queue``; the reader
+        starts the next run once it has read them. A cursor nobody reads holds none of those, and no growing
+        queue (the generation's own thread waits in its bounded streamer, ``engine.nlp.stream``).
+        """
         job = self._admit(call.session)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         ctx = Context(self.config, self.cache, job, notices=call.notices)
         task, args, inputs, _cache = call.rows[0]
-
-        room = threading.Semaphore(STREAM_AHEAD)
+        fragments = stream.stream(task, args or {}, inputs, ctx)  # a generator: nothing runs before next()
 
         def produce() -> None:
+            """One run: up to STREAM_AHEAD fragments, then _PAUSED — or _END, an error, or (canceled) closed."""
             try:
                 with self._turns.held(job):
-                    for fragment in stream.stream(task, args or {}, inputs, ctx):
-                        if job.is_set() or not self._room(room, job):  # also a checkpoint between fragments
+                    item: Any = _PAUSED
+                    for _ in range(STREAM_AHEAD):
+                        if job.is_set():  # canceled, or the reader is gone (also a checkpoint between fragments)
+                            item = _END
                             break
-                        loop.call_soon_threadsafe(queue.put_nowait, fragment)
-                loop.call_soon_threadsafe(queue.put_nowait, _END)
+                        item = next(fragments, _END)
+                        if item is _END:
+                            break
+                        loop.call_soon_threadsafe(queue.put_nowait, item)
+                        item = _PAUSED
+                loop.call_soon_threadsafe(queue.put_nowait, item)
             except BaseException as exc:  # handed to the reader
                 loop.call_soon_threadsafe(queue.put_nowait, exc)
 
+        closing = threading.Lock()
+
+        def close() -> None:  # in a worker: stops the generation's thread and joins it (once, whoever asks)
+            with closing:
+                fragments.close()
+
+        def ended(_: object) -> None:  # a run ended: its place in max_queue is free
+            self._ran()
+            if job.canceled():
+                self._in_worker(close)
+
+        def run() -> asyncio.Future[None]:
+            future = loop.run_in_executor(self._pool, produce)
+            future.add_done_callback(ended)
+            return future
+
         try:
-            running = loop.run_in_executor(self._pool, produce)
+            running = run()
         except BaseException:
             self._forget(job)
             raise
-        running.add_done_callback(lambda _: self._forget(job))  # admitted while the generation runs
         try:
             while (item := await queue.get()) is not _END:
+                if item is _PAUSED:  # everything the last run made was read, and the reader wants more
+                    self._pending += 1
+                    running = run()
+                    continue
                 if isinstance(item, EngineError):
                     raise item
                 if isinstance(item, BaseException):
                     raise _as_engine_error("stream", call, item) from item
-                room.release()
                 yield item
             if job.canceled():
                 raise Canceled(CANCELED)
         finally:
-            job.set()  # the worker stops at its next fragment
-
-    def _room(self, room: threading.Semaphore, job: Job) -> bool:
-        """Until the reader has room for one more fragment (False: canceled or closed meanwhile). Waiting, the
-        worker gives its compute turn up: a cursor nobody reads holds neither a turn nor a growing queue."""
-        if room.acquire(blocking=False):
-            return True
-        with self._turns.aside(job):
-            while not room.acquire(timeout=0.05):
-                if job.canceled():
-                    return False
-        return True
+            job.set()  # a running worker stops at its next fragment; its end closes the generation
+            self._unflag(job)
+            if running.done():  # paused: no worker holds the generation
+                self._in_worker(close)
 
     def cancel(self, session: int) -> None:
         for job in list(self._flags.get(session, ())):

@@ -246,8 +246,8 @@ class Rewriter:
         new_sql, oids = rewritten
         facts = yield LOOK
         private = f"pgml_proxy_stmt_{facts.session_id}_{private_id}"
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug("rewrite of a Bind of %r as %r: %s", bind.statement, private, new_sql)
+        if log.isEnabledFor(logging.DEBUG):  # its SQL holds the bound values: never logged
+            log.debug("rewrite of a Bind of %r as %r (%d parameters)", bind.statement, private, len(bind.params))
         return Rebound(
             parse=Parse(private, new_sql, oids).encode(),
             bind=dataclasses.replace(bind, statement=private).encode(),

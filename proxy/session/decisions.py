@@ -77,7 +77,11 @@ class Decider:
         if frame.type == _B:
             bind = pq.Bind.decode(frame)
             sql, types = self.deferred[bind.statement]
-            return await self.rewriter.decide_bind(bind, sql, types, traffic, traffic.private_id())
+            traffic.binding = True  # the statements run for it hold the bound values: not logged
+            try:
+                return await self.rewriter.decide_bind(bind, sql, types, traffic, traffic.private_id())
+            finally:
+                traffic.binding = False
         message = pq.Query.decode(frame) if frame.type == _Q else pq.Parse.decode(frame)
         if isinstance(message, pq.Query) and (own := classify.classify(message.sql, self.cursors.open)) is not None:
             await traffic.settled()  # proxy answers go out only after everything owed before them

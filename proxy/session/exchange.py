@@ -194,11 +194,14 @@ class Exchange:
     error, after which the server skips the client's batch until its Sync.
     """
 
-    def __init__(self, statements: Sequence[Statement], *, sync: bool, close_first: Sequence[str] = ()) -> None:
+    def __init__(
+        self, statements: Sequence[Statement], *, sync: bool, close_first: Sequence[str] = (), show: bool = True
+    ) -> None:
         self.statements = list(statements)
-        if log.isEnabledFor(logging.DEBUG):  # the proxy's own statements on the client's session (SQL: debug only)
-            for statement in self.statements:
-                log.debug("own statement (%s): %s", type(statement).__name__, statement.sql)
+        if log.isEnabledFor(logging.DEBUG):  # the proxy's own statements on the client's session (SQL: debug only;
+            for statement in self.statements:  # not ``show``: it holds a Bind's values, which are never logged)
+                sql = statement.sql if show else f"({len(statement.sql)} characters with bound values, not shown)"
+                log.debug("own statement (%s): %s", type(statement).__name__, sql)
         self.results = [Described() if isinstance(s, Prepare) else Result() for s in self.statements]
         self.error: tuple[tuple[str, str], ...] | None = None
         self.status: str | None = None

@@ -5,7 +5,9 @@ answer / forget / inject / check), :data:`ROUTES` (the table; a kind a phase doe
 relayed as it is), and :class:`Router`, which tells one connection's frames apart — per chunk,
 cheaply, for the hot path (:meth:`Router.plain`: may any frame here be of a kind the phase routes?),
 and per frame (:meth:`Router.route`). Both read the same table and the same kinds in the same
-order, so they cannot disagree; the chunk test may only say "look" more often, never less.
+order, and the chunk test takes the phase a Sync inside the chunk leads to (a chunk's frames are routed
+one at a time, each in the phase the frames before it left): the chunk test may only say "look" more
+often than the frame tests, never less.
 
 A frame is of the first kind in :data:`ORDER` that it matches among the kinds its phase routes.
 Proxy-owned statements, portals and cursors (:meth:`proxy.streams.owned.Owned.claims`) come first.
@@ -22,7 +24,7 @@ from collections.abc import Callable
 from proxy.rewrite import decide
 from proxy.rewrite.decide import Rewriter
 from proxy.session.decisions import Decider
-from proxy.session.state import Phase, State
+from proxy.session.state import BATCH_ENDS, Phase, State
 from proxy.session.traffic import Traffic
 from proxy.wire import messages as pq
 from proxy.wire.frames import Frame, Frontend
@@ -56,7 +58,7 @@ class Route(enum.Enum):
 
 
 # Kinds a frame can be only while the proxy owns something on the connection: deferred statements, cursors, its
-# own prepared statements or portals, barrier statements (:meth:`Router.quiet`: none).
+# own prepared statements or portals, barrier statements (with none, :meth:`Router.plain` tests only the others).
 OWNING = frozenset({Kind.OWNED, Kind.DEFERRED_BIND, Kind.REDEFINING, Kind.BARRIER_SYNC})
 ORDER = (Kind.OWNED, Kind.STATEMENT, Kind.DEFERRED_BIND, Kind.REDEFINING, Kind.BARRIER_SYNC, Kind.PASSWORD)
 TYPES: dict[Kind, frozenset[int]] = {
@@ -87,6 +89,7 @@ ROUTES: dict[Phase, dict[Kind, Route]] = {
     Phase.UPSTREAM_FAILED: {},
     Phase.CLOSED: {},
 }
+_SKIP_TO_SYNC, _READY = Phase.SKIP_TO_SYNC, Phase.READY
 _Q, _P, _C = int(Frontend.QUERY), int(Frontend.PARSE), int(Frontend.CLOSE)
 _PLAIN = (Kind.PLAIN, Route.RELAY)
 _ChunkTests = tuple[tuple[frozenset[int], Callable[[bytes, bytearray], bool]], ...]
@@ -132,19 +135,20 @@ class Router:
         }
 
     def plain(self, chunk: bytes, kinds: bytearray) -> bool:
-        """True when no frame of the chunk can be of a kind the phase routes: the hot path relays it as it came."""
-        decider = self._decider  # quiet (see below), inline: this runs for every chunk
+        """True when no frame of the chunk can be of a kind the phase routes: the hot path relays it as it came.
+
+        The chunk's frames may move the phase on: a Sync in it ends skip-to-sync, and the frames after it are
+        routed as in READY (whose tests include skip-to-sync's), so a chunk holding a batch end is tested so.
+        """
+        decider = self._decider  # inline (this runs for every chunk): does the proxy own anything here?
         owning = decider.deferred or decider.cursors.open or self._traffic.barriers or decider.owned.active
-        for types, may_be in (self._chunk_tests if owning else self._quiet_tests)[self._state.phase]:
+        phase = self._state.phase
+        if phase is _SKIP_TO_SYNC and not BATCH_ENDS.isdisjoint(kinds):
+            phase = _READY
+        for types, may_be in (self._chunk_tests if owning else self._quiet_tests)[phase]:
             if not types.isdisjoint(kinds) and may_be(chunk, kinds):
                 return False
         return True
-
-    @property
-    def quiet(self) -> bool:
-        """The proxy owns nothing on the connection: no frame can be of an OWNING kind."""
-        decider = self._decider
-        return not (decider.deferred or decider.cursors.open or decider.owned.active or self._traffic.barriers)
 
     def route(self, frame: Frame) -> tuple[Kind, Route]:
         """The frame's kind and what happens to it now."""

@@ -59,6 +59,7 @@ class Traffic:
         self.client_encoding = "UTF8"  # client_encoding, from the server's ParameterStatus
         self.temp_tables: list[str] = []  # per-row result tables made for the statement being decided
         self.notices: list[str] = []  # engine WARNINGs, sent to the client ahead of the statement's answer
+        self.binding = False  # a Bind's decision runs: its own statements' SQL holds bound values (never logged)
         self.barriers: list[str] = []  # barrier statements to close at the batch's Sync (or the next exchange)
         self.exchange: Exchange | None = None
         self._exchange_done = asyncio.Event()
@@ -165,7 +166,7 @@ class Traffic:
         if not mid_batch and self._stale_tables and state.tx_status == "I":  # per-row tables of earlier statements
             prefix.append(Statement(f"DROP TABLE IF EXISTS {', '.join('pg_temp.' + t for t in self._stale_tables)}"))
             self._stale_tables.clear()
-        exchange = Exchange([*prefix, *statements], sync=not flush, close_first=self.barriers)
+        exchange = Exchange([*prefix, *statements], sync=not flush, close_first=self.barriers, show=not self.binding)
         self.barriers = []
         self.exchange = exchange
         self._exchange_done.clear()

@@ -71,10 +71,15 @@ class Stream:
         finally:
             self.done = True
             self._arrived.set()
+            # Stopped while full, the engine's generator waits at a ``yield``, not in an await the cancel reaches:
+            # closing it runs its cleanup now (its worker stops), not whenever the garbage collector gets to it.
+            close = getattr(self.source, "aclose", None)
+            if close is not None:
+                await close()
 
     async def take(self, count: int) -> list[list[str]]:
-        """Up to ``count`` fragments: as soon as that many exist (or the buffer is full), or all that remain once
-        generation ended."""
+        """Up to ``count`` fragments, in order: once that many were taken (reading on while the buffer refills,
+        for a ``count`` beyond its capacity), or all that remain once generation ended."""
         taken: list[list[str]] = []
         while len(taken) < count:
             while self.ready and len(taken) < count:
@@ -92,7 +97,7 @@ class Stream:
     def stop(self) -> None:
         """Stop generating and free the worker (CLOSE, transaction end, disconnect)."""
         if self._task is not None and not self._task.done():
-            self._task.cancel()  # thrown into the engine's iterator, whose cleanup stops the worker
+            self._task.cancel()  # the pump closes the engine's iterator, whose cleanup stops the worker
 
 
 def start(call_node: ast.FuncCall, engine: Engine) -> Stream:

@@ -56,20 +56,20 @@ def _frontend_details(frame: Frame) -> str:
         return ""  # the SQL is logged by the rewriter at debug, never here
     if kind == Frontend.PARSE:
         parse = Parse.decode(frame)
-        return f' statement="{parse.name}" param_types={len(parse.param_types)}'
+        return f" statement={parse.name!r} param_types={len(parse.param_types)}"
     if kind == Frontend.BIND:
         bind = Bind.decode(frame)
         formats = "".join("b" if f else "t" for f in bind.formats) or "t"
         return (
-            f' portal="{bind.portal}" statement="{bind.statement}" params={len(bind.params)} formats={formats}'
+            f" portal={bind.portal!r} statement={bind.statement!r} params={len(bind.params)} formats={formats}"
             f" result_formats={len(bind.result_formats)}"
         )
     if kind in (Frontend.DESCRIBE, Frontend.CLOSE):
         target = (Describe if kind == Frontend.DESCRIBE else Close).decode(frame)
-        return f' {target.target.name.lower()}="{target.name}"'
+        return f" {target.target.name.lower()}={target.name!r}"
     if kind == Frontend.EXECUTE:
         execute = Execute.decode(frame)
-        return f' portal="{execute.portal}" max_rows={execute.max_rows}'
+        return f" portal={execute.portal!r} max_rows={execute.max_rows}"
     return ""
 
 
