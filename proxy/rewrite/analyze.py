@@ -26,7 +26,7 @@ from pglast import ast, enums, visitors
 from engine.pg.scalars import MAX_ARRAY_ELEMENTS
 from proxy import schema
 from proxy.errors import ProgramLimitExceeded, StatementTooComplex
-from proxy.rewrite import sql_prepare as prepared
+from proxy.rewrite import sql_prepare
 from proxy.rewrite.calls import Site, bind, find_calls
 from proxy.rewrite.extension import extension_command
 from proxy.rewrite.steps import Steps, off_loop
@@ -181,7 +181,7 @@ def _object_names(node: Any) -> Any:
 def _rewritten_here(stmt: ast.Node) -> bool:
     """A statement the proxy rewrites, so one its errors can come from: a pgml call, an EXECUTE (of a pgml
     PREPARE), a CREATE / ALTER / DROP EXTENSION pgml."""
-    if prepared.execute_of(stmt) is not None:
+    if sql_prepare.execute_of(stmt) is not None:
         return True
     return bool(find_calls(stmt)) or extension_command(stmt) is not None
 

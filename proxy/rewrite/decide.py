@@ -39,8 +39,7 @@ from proxy.errors import (
     StatementTooComplex,
     error_fields,
 )
-from proxy.rewrite import analyze, constant, evaluate, extension
-from proxy.rewrite import sql_prepare as prepared
+from proxy.rewrite import analyze, constant, evaluate, extension, sql_prepare
 from proxy.rewrite.analyze import THREAD_PARSE_CHARS, Analysis
 from proxy.rewrite.deferred import Deferred, Kept
 from proxy.rewrite.memo import Memo
@@ -49,7 +48,7 @@ from proxy.rewrite.settings import require_rewritable
 from proxy.rewrite.steps import LOOK, SETTLE, Steps, drive, off_loop
 from proxy.rewrite.tree import deparse, deparse_all
 from proxy.session.exchange import Port, UpstreamError
-from proxy.wire import messages as protocol
+from proxy.wire import messages
 from proxy.wire.frames import Frame, Frontend
 from proxy.wire.messages import Bind, Parse, Query
 
@@ -84,7 +83,7 @@ def might_execute(raw: bytes) -> bool:
 
     False for one Query/Parse frame that does not decode (the server answers it itself).
     """
-    return prepared.might_execute(raw) and not undecodable(raw)
+    return sql_prepare.might_execute(raw) and not undecodable(raw)
 
 
 _DEALLOCATE = re.compile(rb"(?i)dealloc|discard")
@@ -251,7 +250,7 @@ class Rewriter:
         return Rebound(
             parse=Parse(private, new_sql, oids).encode(),
             bind=dataclasses.replace(bind, statement=private).encode(),
-            close=protocol.Close(protocol.Target.STATEMENT, private).encode(),
+            close=messages.Close(messages.Target.STATEMENT, private).encode(),
             name=private,
         )
 
@@ -291,9 +290,9 @@ class Rewriter:
         """The decision for parsed statements: EXECUTEs expanded, extension commands, then their calls."""
         changed = False
         own: tuple[int, ...] = ()
-        state.prepares = state.prepares or prepared.prepares_pgml(stmts)
-        if state.prepares and prepared.executes(stmts):
-            expanded = yield from prepared.expand(stmts, analyze.parse)
+        state.prepares = state.prepares or sql_prepare.prepares_pgml(stmts)
+        if state.prepares and sql_prepare.executes(stmts):
+            expanded = yield from sql_prepare.expand(stmts, analyze.parse)
             if expanded is not None:
                 require_rewritable((yield LOOK))
                 if isinstance(message, Parse):  # substituted again at each Bind: what the name means then
@@ -311,7 +310,7 @@ class Rewriter:
             if isinstance(message, Query) and alone is not None and alone.alone:
                 frames = yield from extension.carry_out(alone)
                 facts = yield LOOK
-                return Respond(frames + protocol.ReadyForQuery(facts.tx_status).encode())
+                return Respond(frames + messages.ReadyForQuery(facts.tx_status).encode())
             stmts, own = extension.in_place(stmts)
             changed = True
         if use.references and not use.installs:  # CREATE EXTENSION in the string: the client installs it
@@ -345,7 +344,7 @@ class Rewriter:
         if rewritten is None:  # a call reading the database after the string's first statement: all ran here
             return (yield from _ready())
         # Not a string with an EXECUTE: what it means depends on the session's prepared statements.
-        if not changed and analysis.cacheable() and not prepared.executes(analysis.stmts):
+        if not changed and analysis.cacheable() and not sql_prepare.executes(analysis.stmts):
             facts = yield LOOK
             self._rewritten.put((facts.database, message.sql), rewritten)
         return _rewritten_message(message, rewritten, own)
@@ -365,7 +364,7 @@ def _log_rewrite(message: Query | Parse, sql: str) -> None:
 def _ready() -> Steps[Decision]:
     """Only ReadyForQuery left to send: the statements ran on the session, their answers went to the client."""
     facts = yield LOOK
-    return Respond(protocol.ReadyForQuery(facts.tx_status).encode())
+    return Respond(messages.ReadyForQuery(facts.tx_status).encode())
 
 
 def _rewritten_message(message: Query | Parse, sql: str, own: tuple[int, ...] = ()) -> Rewritten:

@@ -21,9 +21,7 @@ from pglast import ast
 
 from engine.pg.text import from_text
 from engine.pg.types import PARAM_TYPES
-from proxy.rewrite import analyze, constant, evaluate, literals
-from proxy.rewrite import params as extended
-from proxy.rewrite import sql_prepare as prepared
+from proxy.rewrite import analyze, constant, evaluate, literals, params, sql_prepare
 from proxy.rewrite.analyze import THREAD_PARSE_CHARS, Analysis, SchemaUse
 from proxy.rewrite.memo import Memo
 from proxy.rewrite.schema_check import SchemaCheck, SessionState
@@ -55,14 +53,14 @@ class Kept:
         calls = [site.call for sites in analysis.sites for site in sites]
         roots = [raw.stmt for raw in analysis.stmts if raw.stmt is not None]
         return Kept(
-            analysis, use, frozenset(extended.referenced_params(calls)), frozenset(extended.referenced_params(roots))
+            analysis, use, frozenset(params.referenced_params(calls)), frozenset(params.referenced_params(roots))
         )
 
     @staticmethod
     def keepable(stmts: tuple[ast.RawStmt, ...], use: SchemaUse) -> bool:
         """Not an EXECUTE (expanded anew at each Bind) nor a PREPARE calling pgml (the session must note it),
         nor a string that changes schema pgml: each Parse of such a text is decided in full."""
-        return not (prepared.executes(stmts) or prepared.prepares_pgml(stmts) or use.drops or use.commands)
+        return not (sql_prepare.executes(stmts) or sql_prepare.prepares_pgml(stmts) or use.drops or use.commands)
 
 
 class Deferred:
@@ -146,8 +144,8 @@ class Deferred:
             stmts = yield from analyze.parse(sql)
             assert stmts is not None  # parsed when its Parse was decided
             use = analyze.schema_use(stmts)
-            if prepared.executes(stmts):  # EXECUTE of a SQL-prepared statement: what it names now
-                expanded = yield from prepared.expand(stmts, analyze.parse)
+            if sql_prepare.executes(stmts):  # EXECUTE of a SQL-prepared statement: what it names now
+                expanded = yield from sql_prepare.expand(stmts, analyze.parse)
                 if expanded is None:
                     return None
                 fresh = yield from off_loop(long, functools.partial(analyze.of, expanded))
@@ -166,9 +164,9 @@ def _substitute(analysis: Analysis, kept: Kept, bind: Bind, oids: list[int]) -> 
     for number in sorted(kept.in_calls):
         if number in problems:
             raise problems[number]
-    extended.substitute_params([site.call for sites in analysis.sites for site in sites], values)
+    params.substitute_params([site.call for sites in analysis.sites for site in sites], values)
     if not constant.all_constant(analysis.sites):  # the gather query runs as plain SQL: no $n may remain
         for number in sorted(kept.in_statements):
             if number in problems:
                 raise problems[number]
-        extended.substitute_params([raw.stmt for raw in analysis.stmts if raw.stmt is not None], values)
+        params.substitute_params([raw.stmt for raw in analysis.stmts if raw.stmt is not None], values)

@@ -22,7 +22,7 @@ from proxy import PGML_API_LEVEL, schema
 from proxy.errors import from_fields
 from proxy.rewrite.steps import Steps, run
 from proxy.rewrite.tree import deparse
-from proxy.wire import messages as protocol
+from proxy.wire import messages
 
 # Where a DO statement run by the proxy itself reports which answer it reached (a transaction-local setting).
 OUTCOME_SETTING = "pgml_proxy.extension"
@@ -297,8 +297,8 @@ def carry_out(command: ExtensionCommand) -> Steps[bytes]:
         raise from_fields(answer.fields())
     frames = b""
     if answer is not None and level in NOTICE_LEVELS:
-        frames = protocol.NoticeResponse(answer.fields()).encode()
-    return frames + protocol.CommandComplete(command.tag).encode()
+        frames = messages.NoticeResponse(answer.fields()).encode()
+    return frames + messages.CommandComplete(command.tag).encode()
 
 
 def in_place(stmts: tuple[ast.RawStmt, ...]) -> tuple[tuple[ast.RawStmt, ...], tuple[int, ...]]:

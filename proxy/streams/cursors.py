@@ -29,7 +29,7 @@ from proxy.errors import (
     NotInPrerequisiteState,
     ProxyError,
 )
-from proxy.rewrite import decide as rewrite
+from proxy.rewrite import decide
 from proxy.streams.classify import FUNCTION, Close, Declare, Fetch, Own, Refuse, StreamSelect
 from proxy.streams.stream import Stream, command_complete, data_row, failure, row_description, start
 from proxy.wire.messages import ReadyForQuery
@@ -189,7 +189,7 @@ class Cursors:
                 cursor.stream.stop()
                 del self.open[name]
 
-    async def answer(self, own: Own, tx_status: str, write: Any) -> rewrite.Decision:
+    async def answer(self, own: Own, tx_status: str, write: Any) -> decide.Decision:
         """Answer ``own`` (a simple Query), writing frames with ``write``; returns the decision left to apply."""
         ready = ReadyForQuery(tx_status).encode()
         try:
@@ -197,21 +197,21 @@ class Cursors:
                 case StreamSelect(call=call, column=column):
                     return await self._select(call, column, ready, write)
                 case Declare():
-                    return rewrite.Respond(self.declare(own, tx_status) + ready)
+                    return decide.Respond(self.declare(own, tx_status) + ready)
                 case Fetch(name=name, move=move):
                     binary = name in self.open and self.open[name].binary  # a BINARY cursor, read by a simple FETCH
                     rows, tag = await self.fetch(own, binary)
                     described = b"" if move else row_description(self.open[name].column, binary)
-                    return rewrite.Respond(described + rows + tag + ready)
+                    return decide.Respond(described + rows + tag + ready)
                 case Close(name=str(name)):
-                    return rewrite.Respond(self.close(name) + ready)
+                    return decide.Respond(self.close(name) + ready)
                 case Close():
                     self.stop_all()  # CLOSE ALL: the server closes its own
                 case Refuse(error=error):
-                    return rewrite.Fail(error)
+                    return decide.Fail(error)
         except (ProxyError, EngineError) as exc:
-            return rewrite.Fail(exc)
-        return rewrite.FORWARD
+            return decide.Fail(exc)
+        return decide.FORWARD
 
     def declare(self, own: Declare, tx_status: str) -> bytes:
         """Start the cursor's generation; its CommandComplete."""
@@ -264,12 +264,12 @@ class Cursors:
         self.open.pop(name).stream.stop()
         return command_complete("CLOSE CURSOR")
 
-    async def _select(self, call: ast.FuncCall, column: str, ready: bytes, write: Any) -> rewrite.Decision:
+    async def _select(self, call: ast.FuncCall, column: str, ready: bytes, write: Any) -> decide.Decision:
         write(row_description(column))
         try:
-            return rewrite.Respond(await self.select_rows(call, write) + ready)
+            return decide.Respond(await self.select_rows(call, write) + ready)
         except (ProxyError, EngineError) as exc:  # rows already sent stay; the server raises the error
-            return rewrite.Fail(exc)
+            return decide.Fail(exc)
 
     async def select_rows(self, call: ast.FuncCall, write: Any, binary: bool = False) -> bytes:
         """Generate, writing one DataRow per fragment as it arrives; the CommandComplete."""
