@@ -106,18 +106,17 @@ async def drive(steps: Steps[T], port: Port, engine: Engine | None) -> T:
     An exception raised while answering is thrown into ``steps`` at its ``yield``; one ``steps`` does not
     catch comes out of here. Cancelled, ``steps`` is closed (its ``finally`` blocks run).
     """
-    answer: Any = None
+    reply: Any = None
     failure: Exception | None = None
     try:
         while True:
-            try:
-                request = steps.send(answer) if failure is None else steps.throw(failure)
-            except StopIteration as done:
-                outcome: T = done.value
+            ended, value = _resume(steps, reply, failure)
+            if ended:
+                outcome: T = value
                 return outcome
-            answer, failure = None, None
+            reply, failure = None, None
             try:
-                answer = await _answer(request, port, engine)
+                reply = await _answer(value, port, engine)
             except Exception as exc:  # the rewrite's to handle, as if it had awaited the call itself
                 failure = exc
     finally:
@@ -131,16 +130,24 @@ def replay(steps: Steps[T], answer: Callable[[Request], Any]) -> T:
     reply: Any = None
     failure: Exception | None = None
     while True:
-        try:
-            request = steps.send(reply) if failure is None else steps.throw(failure)
-        except StopIteration as done:
-            outcome: T = done.value
+        ended, value = _resume(steps, reply, failure)
+        if ended:
+            outcome: T = value
             return outcome
         reply, failure = None, None
         try:
-            reply = answer(request)
+            reply = answer(value)
         except Exception as exc:  # the rewrite's to handle, as in drive()
             failure = exc
+
+
+def _resume(steps: Steps[Any], reply: Any, failure: Exception | None) -> tuple[bool, Any]:
+    """Resume ``steps`` with ``reply`` (or throw ``failure`` in at its ``yield``): ``(True, outcome)`` once it
+    ended, else ``(False, next request)`` — the one step :func:`drive` and :func:`replay` both take."""
+    try:
+        return False, (steps.send(reply) if failure is None else steps.throw(failure))
+    except StopIteration as done:
+        return True, done.value
 
 
 async def _answer(request: Request, port: Port, engine: Engine | None) -> Any:
