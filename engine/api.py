@@ -135,6 +135,10 @@ class ProgramLimitExceeded(EngineError):
     sqlstate = "54000"  # a value beyond the documented size limits (engine.pg.scalars MAX_*)
 
 
+class DataException(EngineError):
+    sqlstate = "22000"  # a value the type rejects (pgvector: a vector of the wrong dimension count)
+
+
 class StatementTooComplex(EngineError):
     sqlstate = "54001"  # nesting deeper than evaluated (JSON depth), like the server's stack limit
 

@@ -199,7 +199,7 @@ async def _run(config: Config) -> int:
         target = UpstreamTarget(parse_dsn(cluster.dsn()), "disable", "", config.upstream.connect_timeout)
     engine = LocalEngine(config.engine)  # the composition root: the one place that builds the engine
     try:
-        server = Server(config, target, Rewriter(engine))
+        server = Server(config, target, Rewriter(engine, stream=config.proxy.stream_outputs))
         await server.start()
         server.install_signal_handlers()
         user = target.dsn.user or "postgres"

@@ -46,6 +46,9 @@ class ProxySection:
     tls_key: str = ""
     # Seconds that open sessions get to finish after SIGTERM.
     shutdown_grace: float = 30.0
+    # Per-row pgml calls that are whole output columns of a SELECT are computed on its result rows as they
+    # arrive (only the rows it returns); false: every per-row call goes through a session temp table.
+    stream_outputs: bool = True
 
     @property
     def host(self) -> str:

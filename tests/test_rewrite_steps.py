@@ -25,8 +25,8 @@ from proxy import schema
 from proxy.rewrite import per_row
 from proxy.rewrite.decide import DeferToBind, Forward, Rebound, Respond, Rewriter, Rewritten
 from proxy.rewrite.schema_check import SessionState
-from proxy.rewrite.steps import Compute, Evaluate, Facts, Look, Request, Run, Settle, replay
-from proxy.session.exchange import BatchFailed, UpstreamError
+from proxy.rewrite.steps import Begin, Compute, Emit, Evaluate, Facts, Look, Request, Run, Settle, Wait, replay
+from proxy.session.exchange import BatchFailed, Described, Portion, Prepare, Rows, Statement, UpstreamError
 from proxy.wire import messages as pq
 from proxy.wire.frames import split_frames
 from tests.test_rewrite import Unused, fake_results
@@ -57,11 +57,21 @@ class Script:
                 return self.facts
             case Compute(function=function):
                 return function()
+            case Wait(handle=handle):  # a Begin's results, answered from its step when it began
+                return handle
         assert self.steps, f"an unexpected request after the last step: {request}"
         step = self.steps.pop(0)
         match request:
             case Run():
                 return self._run(request, step)
+            case Begin(run=run):
+                assert step.get("begin"), f"{request} where the case has {step}"
+                return self._run(run, step)
+            case Emit(frames=frames):
+                frames_ = split_frames(frames)
+                emitted = [pq.DataRow.decode(f).values if f.type == ord("D") else bytes([f.type]) for f in frames_]
+                assert _plain(emitted) == _plain(_bytes(step["emit"])), f"{emitted} where the case has {step}"
+                return None
             case Evaluate(signature=signature, rows=rows):
                 assert step.get("evaluate") == signature.function, f"{request} where the case has {step}"
                 assert _plain(rows) == step["rows"]
@@ -88,15 +98,32 @@ class Script:
             status = step.get("status", self.facts.tx_status)
             raise UpstreamError(fields, status, delivered=step.get("delivered", False))
         answers = step.get("answer", [{}] * len(statements))
-        return [_result(answer) for answer in answers]
+        return [_result(answer, statement) for answer, statement in zip(answers, request.statements, strict=True)]
 
 
-def _result(answer: dict[str, Any]) -> Result:
-    """A recorded Result: columns as (name, type OID), rows as text values ("@migrations": every version applied)."""
+def _result(answer: dict[str, Any], statement: Statement) -> Result:
+    """A recorded Result: columns as (name, type OID), rows as text values ("@migrations": every version applied);
+    for a Rows statement raw values (strings as their UTF-8 bytes) and whether the portal was suspended."""
     rows = answer.get("rows", [])
     if rows == "@migrations":
         rows = [[str(m.version)] for m in schema.migrations()]
-    return Result(columns=[tuple(c) for c in answer.get("columns", [])], rows=[tuple(r) for r in rows])
+    columns = [tuple(c) for c in answer.get("columns", [])]
+    if isinstance(statement, Rows):
+        description = pq.RowDescription(tuple(pq.Column(name, oid) for name, oid in columns)) if columns else None
+        raw = [tuple(_bytes(r)) for r in rows]
+        return Portion(columns=columns, raw=raw, description=description, suspended=answer.get("suspended", False))
+    if isinstance(statement, Prepare):
+        return Described(columns=columns)
+    return Result(columns=columns, rows=[tuple(r) for r in rows])
+
+
+def _bytes(value: Any) -> Any:
+    """Strings in a recorded stream as the bytes sent."""
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, list):
+        return [_bytes(v) for v in value]
+    return value
 
 
 def _plain(value: Any) -> Any:
@@ -154,7 +181,7 @@ def outcome_of(run: Any) -> Any:
 
 @pytest.mark.parametrize("case", load_cases())
 def test_case(case: dict[str, Any]) -> None:
-    rewriter = Rewriter(Unused())
+    rewriter = Rewriter(Unused(), stream=case.get("stream", False))  # the other cases are the temp-table path
     state = SessionState(checked=case.get("schema_checked", True), prepares=case.get("prepares", False))
     facts = _facts(case)
     if state.checked:
@@ -179,3 +206,4 @@ def test_case(case: dict[str, Any]) -> None:
 
 def test_cases_are_loaded() -> None:
     assert len(load_cases()) >= 10
+    assert any(case.values[0].get("stream") for case in load_cases())

@@ -1,7 +1,8 @@
 """The binary form of PostgreSQL values, and the field layout of a row (DataRow, binary COPY tuple).
 
 Owns: reading a value sent in binary format by type OID (``*_recv``: text, json/jsonb, integers, floats,
-booleans, one-dimensional arrays of those) with the server's own SQLSTATE for bytes that do not fit;
+booleans, one-dimensional arrays of those) with the server's own SQLSTATE for bytes that do not fit, and
+many same-shaped numeric arrays at once into one numpy matrix (:func:`numeric_matrix`);
 writing the binary form the engine sends (text, jsonb, ``real[]`` packed by numpy); and the fields of a row
 — a 16-bit count, then per field a 32-bit length (-1: NULL) and its bytes — as binary COPY tuples (and
 DataRow messages) carry them.
@@ -112,6 +113,32 @@ def binary_array(data: bytes, expected: int) -> list[Any]:
     if pos != len(data):
         raise struct.error("trailing bytes")
     return out
+
+
+# Element types whose arrays :func:`numeric_matrix` reads, with their big-endian numpy types.
+NUMERIC_ELEMENTS = {types.FLOAT4: ">f4", types.FLOAT8: ">f8", types.INT2: ">i2", types.INT4: ">i4", types.INT8: ">i8"}
+
+
+def numeric_matrix(values: Sequence[bytes], array_oid: int) -> np.ndarray | None:
+    """Binary one-dimensional numeric arrays of one length, without NULLs, as the rows of one native-endian
+    matrix, read by numpy in one pass (None: another shape — ragged, NULL elements, empty, not numeric —
+    for :func:`binary_value` to read one by one, with its errors)."""
+    element = types.ELEMENTS.get(array_oid)
+    big = NUMERIC_ELEMENTS.get(element) if element is not None else None
+    if big is None or not values:
+        return None
+    size = len(values[0])
+    width = np.dtype(big).itemsize
+    count, rest = divmod(size - 20, 4 + width)
+    if count <= 0 or rest or any(len(v) != size for v in values):
+        return None
+    layout = np.dtype([("head", ">i4", 5), ("items", [("size", ">i4"), ("value", big)], count)])
+    data = np.frombuffer(b"".join(values), dtype=layout)
+    head = data["head"]
+    expected = np.array([1, 0, element, count, head[0, 4]], dtype=np.int64)  # 1 dimension, no NULLs, lower bound
+    if not (head == expected).all() or not (data["items"]["size"] == width).all():
+        return None
+    return data["items"]["value"].astype(big[1:])
 
 
 def send_text(value: str) -> bytes:

@@ -170,8 +170,9 @@ FORWARD = Forward()
 class Rewriter:
     """Decides what happens to a statement that mentions ``pgml``; one per server, shared by sessions."""
 
-    def __init__(self, engine: Engine | None = None, cache_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(self, engine: Engine | None = None, cache_bytes: int = 64 * 1024 * 1024, stream: bool = True) -> None:
         self.engine = engine
+        self.stream = stream  # per-row output calls of a Query computed on its result stream
         self.schema = SchemaCheck()
         self._sessions: weakref.WeakKeyDictionary[Port, SessionState] = weakref.WeakKeyDictionary()
         # Statements whose calls all have constant arguments rewrite to the same SQL every time
@@ -335,7 +336,7 @@ class Rewriter:
                 if not changed and Kept.keepable(analysis.stmts, use):
                     self.deferred.keep(message.sql, kept)
                 return DeferToBind(types)
-            rewritten = yield from evaluate.rewrite(analysis, dependent_ok=True)
+            rewritten = yield from evaluate.rewrite(analysis, dependent_ok=True, stream=self.stream)
             if rewritten is None:  # run on the session already: only ReadyForQuery is left to send
                 return (yield from _ready())
             _log_rewrite(message, rewritten)

@@ -4,7 +4,8 @@ Owns: statement by statement, and within one statement inside-out in rounds (a c
 its arguments, or the rows its arguments read, still hold another pgml call); within a round,
 procedures one at a time in statement order, then one engine batch per overload of the calls with
 constant arguments (:mod:`proxy.rewrite.constant`), then the per-row calls
-(:mod:`proxy.rewrite.per_row`); and running the string's earlier statements visibly on the
+(:mod:`proxy.rewrite.per_row`), unless every per-row call left stands in the statement's output: then
+the statement streams (:mod:`proxy.rewrite.streaming`); and running the string's earlier statements visibly on the
 session first when a later one needs the server (a call reading the database must see them).
 
 Must not: run anything itself — it yields :mod:`proxy.rewrite.steps` requests — or paste text
@@ -23,7 +24,7 @@ from pglast import ast
 
 from engine.api import Signature
 from proxy.errors import FeatureNotSupported
-from proxy.rewrite import constant, gather, per_row
+from proxy.rewrite import constant, gather, outputs, per_row, streaming
 from proxy.rewrite.analyze import Analysis
 from proxy.rewrite.calls import DEFAULT, Site, bind
 from proxy.rewrite.columns import keep_column_names
@@ -33,12 +34,15 @@ from proxy.rewrite.tree import deparse, deparse_all, nodes_under, replace_nodes
 from proxy.session.exchange import Statement
 
 
-def rewrite(analysis: Analysis, *, dependent_ok: bool) -> Steps[str | None]:
+def rewrite(analysis: Analysis, *, dependent_ok: bool, stream: bool = False) -> Steps[str | None]:
     """Evaluate every call and return the rewritten SQL (the analysis' tree is changed in place).
 
     Calls are evaluated inside-out, in rounds: a call waits while its arguments, or the rows its
     arguments are read from (a WHERE, a CTE, a derived table), still contain another pgml call; so
     no query the proxy sends contains one. The statements of a string are taken in order.
+
+    ``stream``: a statement whose remaining calls all stand in its output (:mod:`proxy.rewrite.outputs`)
+    runs here with its calls computed on its rows as they arrive (:mod:`proxy.rewrite.streaming`).
 
     None: the statements were run here already (a call after the first statement of a query string
     needed the server: the statements before it ran first, with their answers going to the client);
@@ -48,20 +52,31 @@ def rewrite(analysis: Analysis, *, dependent_ok: bool) -> Steps[str | None]:
     for raw, sites in zip(stmts, analysis.sites, strict=True):
         keep_column_names(raw.stmt, sites)
         top = raw.stmt.targetList if isinstance(raw.stmt, ast.SelectStmt) else None
-        outputs = {id(t.val) for t in top or ()}
+        columns = {id(t.val) for t in top or ()}
         for site in sites:
-            site.output = id(site.call) in outputs
+            site.output = id(site.call) in columns
     visible = _Visible(stmts)
     for index, (raw, sites) in enumerate(zip(stmts, analysis.sites, strict=True)):
         pending = list(sites)
+        streamed = False
         while pending:
             ready = [site for site in pending if not _waits(site, pending)]
             if not ready:
                 raise FeatureNotSupported("pgml calls whose arguments depend on each other's results")
+            if stream:  # constant calls first, on their own: what is left may then stream
+                constants = [site for site in ready if constant.folded(site) is not None]
+                if not constants and (plan := outputs.plan(raw.stmt, pending)) is not None:
+                    yield from visible.before(index)  # the statements before it ran first, as for any server read
+                    streamed = yield from streaming.run(plan, finish=index == len(stmts) - 1)
+                    if streamed:
+                        break
+                ready = constants or ready
             replacements = yield from _round(ready, dependent_ok, functools.partial(visible.before, index))
             raw.stmt = replace_nodes(raw.stmt, replacements)
             pending = [site for site in pending if site not in ready]
-        if visible.ran:
+        if streamed:  # it ran, its rows went to the client: the statements after it run here too
+            visible.ran = index + 1
+        elif visible.ran:
             yield from visible.run((raw,), finish=index == len(stmts) - 1)
             visible.ran = index + 1
     return None if visible.ran else deparse_all(stmts)

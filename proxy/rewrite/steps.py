@@ -3,7 +3,9 @@
 Owns: the requests a rewrite yields — :class:`Run` statements on the client's session,
 :class:`Settle` until every answer owed has arrived, :class:`Look` at the session's
 :class:`Facts`, :class:`Evaluate` a batch of engine calls, :class:`Compute` CPU-heavy work off
-the event loop — and :func:`drive`, which answers them against a
+the event loop, :class:`Begin` a Run without waiting and :class:`Wait` for it (the next part of a
+stream is read while the rows before it are computed), :class:`Emit` answer frames to the client —
+and :func:`drive`, which answers them against a
 :class:`~proxy.session.exchange.Port` and the engine and resumes the rewrite with each answer, or
 with the exception that answering raised (thrown in where the request was yielded, so the rewrite
 handles :class:`~proxy.session.exchange.UpstreamError` as if it had awaited the call itself);
@@ -81,7 +83,29 @@ class Compute:
     function: Callable[[], Any]
 
 
-Request = Run | Settle | Look | Evaluate | Compute
+@dataclass(frozen=True, slots=True)
+class Begin:
+    """Start ``run`` and answer at once with a handle for :class:`Wait` (the session runs exchanges one at a
+    time: an engine query in between waits for it)."""
+
+    run: Run
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """The Results of a :class:`Begin`'s run (its failure, raised here)."""
+
+    handle: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Emit:
+    """Write these frames to the client now: answers of its own statement that the proxy computed."""
+
+    frames: bytes
+
+
+Request = Run | Settle | Look | Evaluate | Compute | Begin | Wait | Emit
 # A rewrite step: yields requests, is sent each one's answer, returns its outcome.
 Steps = Generator[Request, Any, T]
 LOOK, SETTLE = Look(), Settle()
@@ -173,6 +197,13 @@ async def _answer(request: Request, port: Port, engine: Engine | None) -> Any:
             return await engine.evaluate(call)
         case Compute(function=function):
             return await asyncio.to_thread(function)
+        case Begin(run=run):
+            return asyncio.ensure_future(_answer(run, port, engine))
+        case Wait(handle=handle):
+            return await handle
+        case Emit(frames=frames):
+            port.emit(frames)
+            return None
     raise TypeError(f"not a rewrite request: {request!r}")
 
 

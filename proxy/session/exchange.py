@@ -64,7 +64,7 @@ _IGNORED = frozenset(
     }
 )  # fmt: skip
 
-__all__ = ["Described", "Exchange", "Port", "Prepare", "Result", "Statement", "UpstreamError"]
+__all__ = ["Described", "Exchange", "Port", "Portion", "Prepare", "Result", "Rows", "Statement", "UpstreamError"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,37 @@ class Described(Result):
     """The answer to a :class:`Prepare`: its ParameterDescription, and its RowDescription in ``columns``."""
 
     param_types: tuple[int, ...] = field(default_factory=tuple)
+
+
+ROWS_STATEMENT = "pgml_proxy_rows_s"  # the statement and portal a stream of rows is read from, part by part
+ROWS_PORTAL = "pgml_proxy_rows"
+
+
+@dataclass(frozen=True)
+class Rows(Statement):
+    """Up to ``limit`` rows (0: all) of the proxy's row portal, answered with a :class:`Portion`.
+
+    ``opens``: Parse ``sql``, Bind the portal with result ``formats`` (one code per column), Describe it,
+    then Execute; otherwise Execute the portal a previous Rows left suspended. ``executes`` False: no
+    Execute (only ``closes``). ``closes``: Close the portal and its statement after. The portal lives in
+    the transaction, so the exchanges that read it must end with Flush until the last one.
+    """
+
+    formats: tuple[int, ...] = ()
+    limit: int = 0
+    opens: bool = True
+    executes: bool = True
+    closes: bool = False
+
+
+@dataclass
+class Portion(Result):
+    """The answer to a :class:`Rows`: the rows as sent (bytes in the requested formats), the RowDescription
+    (once it opened the portal), and whether the portal was suspended at the limit (more rows follow)."""
+
+    raw: list[tuple[bytes | None, ...]] = field(default_factory=list)
+    description: RowDescription | None = None
+    suspended: bool = False
 
 
 class BatchFailed(DatabaseError):
@@ -136,7 +167,12 @@ class Port(Protocol):
 
         ``keep_open``: end with Flush even between batches, so the implicit transaction goes on into
         the statements that follow; ``finish``: end with Sync even so (the last part of such a run).
+        Exchanges run one at a time: a second waits for the first to end.
         """
+        ...
+
+    def emit(self, frames: bytes) -> None:
+        """Answer frames of the client's own statement, written to the client now (rows the proxy computed)."""
         ...
 
 
@@ -153,6 +189,12 @@ def _text_row(frame: Frame) -> tuple[str | None, ...]:
     return tuple([None if value is None else value.decode() for value in DataRow.decode(frame).values])
 
 
+def _result(statement: Statement) -> Result:
+    if isinstance(statement, Rows):
+        return Portion()
+    return Described() if isinstance(statement, Prepare) else Result()
+
+
 def copy_frames(data: bytes) -> list[bytes]:
     """CopyData messages for ``data`` followed by CopyDone."""
     frames = [CopyData(data[i : i + _COPY_CHUNK]).encode() for i in range(0, len(data), _COPY_CHUNK)]
@@ -167,6 +209,8 @@ def _close_statement(name: str) -> bytes:
 def statement_frames(statement: Statement) -> list[bytes]:
     """Parse, Bind, Describe and Execute of one statement on the private statement and portal (a Prepare:
     Parse and Describe of the statement only)."""
+    if isinstance(statement, Rows):
+        return _rows_frames(statement)
     if isinstance(statement, Prepare):
         return [
             Parse(STATEMENT, statement.sql, statement.param_types).encode(),
@@ -183,6 +227,28 @@ def statement_frames(statement: Statement) -> list[bytes]:
 
 
 CLOSE_BOTH = [Close(Target.PORTAL, PORTAL).encode(), _close_statement(STATEMENT)]
+_CLOSE_ROWS = [Close(Target.PORTAL, ROWS_PORTAL).encode(), _close_statement(ROWS_STATEMENT)]
+
+
+def _rows_frames(rows: Rows) -> list[bytes]:
+    out = []
+    if rows.opens:  # its statement is closed first: a no-op unless an earlier stream failed before its Close
+        out += [
+            _close_statement(ROWS_STATEMENT),
+            Parse(ROWS_STATEMENT, rows.sql, ()).encode(),
+            Bind(ROWS_PORTAL, ROWS_STATEMENT, (), (), rows.formats).encode(),
+            Describe(Target.PORTAL, ROWS_PORTAL).encode(),
+        ]
+    if rows.executes:
+        out.append(Execute(ROWS_PORTAL, rows.limit).encode())
+    return out + (_CLOSE_ROWS if rows.closes else [])
+
+
+def _closes(statement: Statement) -> int:
+    """CloseCompletes the frames of ``statement`` (and the closes after it) bring."""
+    if isinstance(statement, Rows):
+        return int(statement.opens) + 2 * int(statement.closes)
+    return 2
 
 
 class Exchange:
@@ -202,7 +268,7 @@ class Exchange:
             for statement in self.statements:  # not ``show``: it holds a Bind's values, which are never logged)
                 sql = statement.sql if show else f"({len(statement.sql)} characters with bound values, not shown)"
                 log.debug("own statement (%s): %s", type(statement).__name__, sql)
-        self.results = [Described() if isinstance(s, Prepare) else Result() for s in self.statements]
+        self.results = [_result(s) for s in self.statements]
         self.error: tuple[tuple[str, str], ...] | None = None
         self.status: str | None = None
         self.forward: list[bytes] = []  # frames the client must still see (notifications, parameter changes)
@@ -210,15 +276,20 @@ class Exchange:
         # Closing the private statement and portal first is a no-op unless an earlier exchange failed
         # between its Parse and Close (the server then skipped the Close): names are free again.
         self._first = [_close_statement(name) for name in close_first] + CLOSE_BOTH
-        self._closes_left = len(self._first) + 2 * len(self.statements)
+        self._closes_left = len(self._first) + sum(_closes(s) for s in self.statements)
         self._index = 0  # the statement being answered
+        self._answers = sum(not isinstance(s, Rows) or s.executes for s in self.statements)  # statements answered
         self._next = 0  # the first statement not yet sent
         self._synced = False
         self._copy_parts: list[bytes] = []
 
     @property
     def done(self) -> bool:
-        return self.status is not None or (not self._sync and (self.error is not None or self._closes_left == 0))
+        if self.status is not None:
+            return True
+        # Flush-ended: at an error, or once every close and every statement's answer arrived (a Rows leaves its
+        # portal open, so its answer can come after the closes that precede it).
+        return not self._sync and (self.error is not None or (self._closes_left == 0 and self._index >= self._answers))
 
     def start(self) -> list[bytes]:
         return self._first + self._send_more()
@@ -232,7 +303,8 @@ class Exchange:
             out += statement_frames(statement)
             if statement.copy_data is not None:
                 return [*out, FLUSH]
-            out += CLOSE_BOTH
+            if not isinstance(statement, Rows):  # its portal stays open for the next part
+                out += CLOSE_BOTH
         return [*out, *self._end()]
 
     def _end(self) -> list[bytes]:
@@ -248,7 +320,9 @@ class Exchange:
         result = self.results[min(self._index, len(self.results) - 1)] if self.results else Result()
         match kind:  # the frequent kinds first: each case looks its member up
             case Backend.DATA_ROW:
-                if not self.statements[self._index].visible:
+                if isinstance(result, Portion):
+                    result.raw.append(DataRow.decode(frame).values)
+                elif not self.statements[self._index].visible:
                     result.rows.append(_text_row(frame))
             case Backend.COPY_DATA:
                 self._copy_parts.append(frame.body)  # one frame per row: joined once, at CommandComplete
@@ -259,6 +333,12 @@ class Exchange:
                 self._index += 1  # described: a Prepare is never executed
             case Backend.ROW_DESCRIPTION:
                 result.columns = _columns(frame)
+                if isinstance(result, Portion):
+                    result.description = RowDescription.decode(frame)
+            case Backend.PORTAL_SUSPENDED:
+                if isinstance(result, Portion):
+                    result.suspended = True
+                self._index += 1
             case Backend.COMMAND_COMPLETE | Backend.EMPTY_QUERY_RESPONSE:
                 result.command = CommandComplete.decode(frame).tag if kind == Backend.COMMAND_COMPLETE else ""
                 if self._copy_parts:

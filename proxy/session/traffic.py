@@ -63,6 +63,7 @@ class Traffic:
         self.barriers: list[str] = []  # barrier statements to close at the batch's Sync (or the next exchange)
         self.exchange: Exchange | None = None
         self._exchange_done = asyncio.Event()
+        self._one_at_a_time = asyncio.Lock()  # a stream's next part may be on its way while the engine queries
         self._ids = itertools.count(1)
         self._private_open: list[str] = []  # private statements of rewritten Binds whose Close may have been skipped
         self._stale_tables: list[str] = []  # per-row tables of earlier statements, to drop when idle
@@ -134,8 +135,8 @@ class Traffic:
         """Wait until every response owed before this point has reached the client (False: the batch failed)."""
         state = self.state
         await state.idle.wait()
-        if state.phase is Phase.READY:
-            return True
+        if state.phase is Phase.READY or state.phase is Phase.OWN_BATCH:
+            return True  # nothing in flight: the proxy's own exchanges (run one at a time) opened the batch
         if state.phase is Phase.SKIP_TO_SYNC:
             return False  # the server answers nothing more before the batch's end
         name = f"pgml_proxy_barrier_{self.private_id()}"
@@ -157,6 +158,13 @@ class Traffic:
         batch's implicit transaction goes on. An error there is the batch's answer:
         it goes to the client, and the server skips the rest until the client's Sync.
         """
+        async with self._one_at_a_time:
+            return await self._execute(statements, keep_open, finish)
+
+    def emit(self, frames: bytes) -> None:
+        self.client.write(frames)
+
+    async def _execute(self, statements: Sequence[Statement], keep_open: bool, finish: bool) -> list[Result]:
         state = self.state
         mid_batch = state.in_batch
         if not await self.barrier():

@@ -1,0 +1,103 @@
+"""Values as the server sends them in a result column: the text (typoutput) and binary (typsend) forms.
+
+Owns: a batch of one column's values, of a type pgml functions return (``real[]``, ``real``,
+``double precision``, ``text``, ``jsonb``) — optionally cast to ``text``, ``varchar`` or pgvector's
+``vector`` — encoded exactly as PostgreSQL would send them: floats as float4out / float8out print
+them under the session's ``extra_float_digits`` (:mod:`engine.pg.floats`), ``jsonb`` as jsonb_out
+normalises it (keys by length then bytes, ``", "`` and ``": "``, numbers as numeric_out prints the
+text they were written as), ``vector`` as vector_out (``[1,2.5]``, shortest floats) and vector_send.
+A vector of the wrong dimension count is the error pgvector gives (22000).
+
+Must not: know statements or sessions; the caller says the type, cast and format.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from decimal import Decimal
+from typing import Any
+
+import numpy as np
+
+from engine.api import DataException
+from engine.pg.binary import send_jsonb, send_real_array
+from engine.pg.floats import DOUBLE_DIGITS, float_text, real_array_text, real_texts
+
+# The result types encoded here (other return types are the server's to print).
+TYPES = frozenset({"real[]", "real", "double precision", "text", "jsonb"})
+CASTS = frozenset({"text", "varchar", "vector"})
+
+
+def encode(values: list[Any], sql_type: str, *, cast: str | None = None, binary: bool = False,
+           extra_float_digits: int = 1, dimensions: int | None = None) -> list[bytes | None]:  # fmt: skip
+    """Each value (None: NULL) as the server sends a column of ``sql_type`` (cast to ``cast``) in that format."""
+    if cast == "vector":
+        return [None if v is None else _vector(v, binary, dimensions) for v in values]
+    if sql_type == "real" and not binary:
+        present = [v for v in values if v is not None]
+        texts = iter(real_texts(np.asarray(present, dtype=np.float32), extra_float_digits))
+        return [None if v is None else next(texts).encode() for v in values]
+    textual = not binary or cast is not None  # text and varchar are sent as their text in either format
+    return [None if v is None else _one(v, sql_type, textual, extra_float_digits) for v in values]
+
+
+def _one(value: Any, sql_type: str, textual: bool, extra_float_digits: int) -> bytes:
+    match sql_type:
+        case "real[]":
+            return real_array_text(value, extra_float_digits).encode() if textual else send_real_array(value)
+        case "real":
+            return struct.pack("!f", value)  # binary: text went the batch way
+        case "double precision":
+            if not textual:
+                return struct.pack("!d", value)
+            return float_text(value, DOUBLE_DIGITS, extra_float_digits).encode()
+        case "jsonb":
+            text = jsonb_text(value)
+            return text.encode() if textual else send_jsonb(text)
+        case "text":
+            return str(value).encode()
+    raise TypeError(f"no output encoding for {sql_type}")
+
+
+def _vector(value: Any, binary: bool, dimensions: int | None) -> bytes:
+    floats = np.asarray(value, dtype=np.float32)
+    if dimensions is not None and len(floats) != dimensions:
+        raise DataException(f"expected {dimensions} dimensions, not {len(floats)}")
+    if binary:  # vector_send: dimensions, an unused int16, then the float4s
+        return struct.pack("!hh", len(floats), 0) + floats.astype(">f4").tobytes()
+    return ("[" + ",".join(real_texts(floats)) + "]").encode()  # vector_out: shortest floats, always
+
+
+def jsonb_text(value: Any) -> str:
+    """The text jsonb_out gives for the jsonb of ``value`` (as written by ``json.dumps``)."""
+    match value:
+        case None:
+            return "null"
+        case bool():
+            return "true" if value else "false"
+        case int():
+            return str(value)
+        case float() | np.floating():
+            return _numeric(float(value))
+        case str():
+            return json.dumps(value, ensure_ascii=False)
+        case dict():
+            keys = sorted(value, key=lambda k: (len(str(k).encode()), str(k).encode()))
+            pairs = (f"{json.dumps(str(k), ensure_ascii=False)}: {jsonb_text(value[k])}" for k in keys)
+            return "{" + ", ".join(pairs) + "}"
+        case list() | tuple():
+            return "[" + ", ".join(jsonb_text(v) for v in value) + "]"
+        case np.integer():
+            return str(int(value))
+        case np.ndarray():
+            return jsonb_text(value.tolist())
+    raise TypeError(f"not a JSON value: {type(value).__name__}")
+
+
+def _numeric(value: float) -> str:
+    """numeric_out of the JSON number ``json.dumps`` writes for ``value``: every digit, no exponent."""
+    number = Decimal(repr(value))
+    return format(abs(number) if number == 0 else number, "f")  # numeric has no negative zero
+
+

@@ -1,0 +1,188 @@
+"""Per-row calls computed on their statement's result stream, part by part, as the rows arrive.
+
+Owns: running one :class:`proxy.rewrite.outputs.Plan` on the client's session — describing the statement
+sent (the types of the hidden argument columns choose each call's overload, and the session's
+``extra_float_digits`` how floats print), opening it as the proxy's row portal with the client's columns in
+text and the hidden ones in binary where the proxy reads that format (numeric arrays straight into numpy),
+then reading it ``PART_ROWS`` rows at a time: the next part is on its way while the engine computes this
+one, each distinct input is computed once per statement (up to ``MEMO_LIMIT`` of them), and the client
+gets the server's RowDescription less the hidden columns, then its DataRows in order, then
+``SELECT n`` — what the server would send for the original statement. Work is proportional to the rows
+the statement returns; memory to two parts.
+
+Must not: touch the session or the engine itself — it yields :mod:`proxy.rewrite.steps` requests — or
+decide which statements stream (:mod:`proxy.rewrite.outputs`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from engine.api import Signature
+from engine.pg import output, types
+from engine.pg.binary import binary_value, numeric_matrix
+from engine.pg.scalars import decode_utf8
+from engine.pg.text import from_text
+from proxy.rewrite.constant import fold_strict
+from proxy.rewrite.outputs import Output, Plan
+from proxy.rewrite.overloads import choose
+from proxy.rewrite.steps import Begin, Emit, Evaluate, Run, Steps, Wait, off_loop
+from proxy.session.exchange import Prepare, Rows, Statement, UpstreamError
+from proxy.wire.messages import CommandComplete, DataRow, RowDescription
+
+# Rows per part: a model call's mini-batch (the engine batches within it), and many more for the cheap
+# per-row math of the predict family (fewer round trips and engine jobs).
+PART_ROWS = 256
+CHEAP = {"predict": 8192, "predict_proba": 8192, "predict_joint": 8192, "decompose": 8192}
+MEMO_LIMIT = 4096  # distinct inputs whose results a statement remembers (then it starts over)
+OFF_LOOP_ROWS = 1024  # parts this large are decoded and encoded in a worker thread
+# Types whose binary form the proxy reads (the others come as text).
+BINARY = frozenset(
+    {types.TEXT, types.VARCHAR, types.BPCHAR, types.NAME, types.JSON, types.JSONB, types.INT2, types.INT4,
+     types.INT8, types.BOOL, types.FLOAT4, types.FLOAT8, *types.ELEMENTS}
+)  # fmt: skip
+log = logging.getLogger(__name__)
+_SETTING = Statement("SELECT pg_catalog.current_setting('extra_float_digits')")
+
+
+@dataclass
+class _Call:
+    """One output call bound to its overload, with the results of the inputs seen so far."""
+
+    output: Output
+    signature: Signature
+    fixed: list[Any]
+    oids: list[int]
+    binary: list[bool]
+    memo: dict[tuple[bytes | None, ...], Any]
+    computed: int = 0  # inputs the engine computed for the statement
+
+
+def run(plan: Plan, *, finish: bool) -> Steps[bool]:
+    """Stream the statement to the client (False: an overload's result type is not one the proxy prints;
+    nothing ran). ``finish``: the statement is the query string's last: its exchange ends with Sync."""
+    (described, setting) = yield Run((Prepare(plan.statement([None] * len(plan.outputs))), _SETTING))
+    calls = []
+    for out in plan.outputs:
+        oids = [described.columns[h][1] for h in out.hidden]
+        sig = choose(out.site, list(out.candidates), list(out.slots), list(out.given), oids)
+        if sig.returns_set or sig.returns not in output.TYPES or (out.cast == "vector" and sig.returns != "real[]"):
+            return False
+        fixed = fold_strict(sig, list(out.slots), skip=set(out.given))
+        calls.append(_Call(out, sig, fixed, oids, [oid in BINARY for oid in oids], {}))
+    formats = [0] * plan.visible + [0] * (len(plan.targets) - plan.visible)
+    for call in calls:
+        for column, binary in zip(call.output.hidden, call.binary, strict=True):
+            formats[column] = int(binary)
+    sql = plan.statement([call.signature.returns for call in calls])
+    limit = min(CHEAP.get(c.signature.function, PART_ROWS) for c in calls)
+    digits = int(setting.rows[0][0])
+    (portion,) = yield Run((Rows(sql, formats=tuple(formats), limit=limit),), keep_open=True)
+    assert portion.description is not None
+    yield Emit(RowDescription(portion.description.columns[: plan.visible]).encode())
+    total = 0
+    while True:
+        following = Run((Rows(sql, limit=limit, opens=False),), keep_open=True)
+        pending = (yield Begin(following)) if portion.suspended else None
+        try:
+            part = functools.partial(_part, portion.raw, calls, plan.visible, digits)
+            frames = yield from _computed(part, len(portion.raw))
+        except Exception:
+            if pending is not None:  # the next part's exchange ends before anything else runs on the session
+                yield from _settle(pending)
+            raise
+        total += len(portion.raw)
+        yield Emit(frames)
+        if pending is None:
+            break
+        (portion,) = yield Wait(pending)
+    yield Emit(CommandComplete(f"SELECT {total}").encode())
+    for call in calls:  # counts only: never values
+        log.debug("streamed pgml.%s over %d rows: %d inputs computed", call.signature.function, total, call.computed)
+    yield Run((Rows(sql, opens=False, executes=False, closes=True),), keep_open=not finish, finish=finish)
+    return True
+
+
+def _settle(pending: Any) -> Steps[None]:
+    with contextlib.suppress(UpstreamError):  # the error being raised is the statement's answer
+        yield Wait(pending)
+
+
+def _computed(part: Any, rows: int) -> Steps[bytes]:
+    """Evaluate one part: inputs decoded, the engine asked for the new ones, the DataRows encoded."""
+    work = part()  # a generator: decoding and encoding are steps of it, the engine calls are requests
+    reply: Any = None
+    while True:
+        try:
+            request = work.send(reply)
+        except StopIteration as done:
+            frames: bytes = done.value
+            return frames
+        if callable(request):  # CPU work on the part's rows: off the event loop when the part is large
+            reply = yield from off_loop(rows > OFF_LOOP_ROWS, request)
+        else:
+            reply = yield request
+
+
+def _part(raw: list[tuple[bytes | None, ...]], calls: list[_Call], visible: int, digits: int) -> Any:
+    """The DataRows of one part's rows (a generator of callables to run and Evaluate requests)."""
+    columns: dict[int, list[bytes | None]] = {}
+    for call in calls:
+        keys = [tuple(row[h] for h in call.output.hidden) for row in raw]
+        new = list(dict.fromkeys(k for k in keys if None not in k and k not in call.memo))
+        if new:
+            inputs = yield functools.partial(_inputs, call, new)
+            results = yield Evaluate(call.signature, tuple(inputs))
+            call.computed += len(new)
+            if len(call.memo) + len(new) > MEMO_LIMIT:
+                call.memo.clear()
+            call.memo.update(zip(new, results, strict=True))
+        values = [None if None in k else call.memo[k] for k in keys]
+        columns[call.output.column] = yield functools.partial(_encoded, call, values, digits)
+    return (yield functools.partial(_rows, raw, columns, visible))
+
+
+def _inputs(call: _Call, keys: list[tuple[bytes | None, ...]]) -> list[tuple[Any, ...]]:
+    """The argument tuples of ``keys`` (the hidden columns' bytes): constants filled in, columns decoded."""
+    rows = [list(call.fixed) for _ in keys]
+    for j, (param, oid, binary) in enumerate(zip(call.output.given, call.oids, call.binary, strict=True)):
+        for row, value in zip(rows, _read([k[j] for k in keys], oid, binary), strict=True):
+            row[param] = value
+    return [tuple(row) for row in rows]
+
+
+def _read(values: list[Any], oid: int, binary: bool) -> list[Any]:
+    """One hidden column's values: numeric arrays as rows of one matrix, the rest one by one."""
+    if not binary:
+        kind = types.READ_AS.get(oid, "text")
+        return [from_text(decode_utf8(v), kind) for v in values]
+    if oid in (types.TEXT, types.VARCHAR, types.NAME, types.BPCHAR):
+        return [decode_utf8(v) for v in values]
+    matrix = numeric_matrix(values, oid)
+    if matrix is not None:
+        return list(matrix)
+    return [binary_value(v, oid) for v in values]
+
+
+def _encoded(call: _Call, values: list[Any], digits: int) -> list[bytes | None]:
+    out = call.output
+    return output.encode(
+        values, call.signature.returns, cast=out.cast, extra_float_digits=digits, dimensions=out.dimensions
+    )
+
+
+def _rows(raw: list[tuple[bytes | None, ...]], columns: dict[int, list[bytes | None]], visible: int) -> bytes:
+    frames = []
+    for i, row in enumerate(raw):
+        values = list(row[:visible])
+        for column, encoded in columns.items():
+            values[column] = encoded[i]
+        frames.append(DataRow(tuple(values)).encode())
+    return b"".join(frames)
+
+
+

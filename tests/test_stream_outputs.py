@@ -1,0 +1,227 @@
+"""Per-row calls that stand in a SELECT's output, computed on its result stream (issue 12).
+
+Every statement shape of the case table runs through two proxies in front of one server — one streaming
+(the default), one with ``stream_outputs = false`` (every per-row call through a session temp table) —
+and must give the same columns (names, type OIDs) and the same rows. A LIMIT query computes only the rows
+it returns (the engine's inputs are counted from the proxy's debug log).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import psycopg
+import pytest
+from psycopg.types.string import TextLoader
+
+from tests.conftest import MINILM, Postgres, ProxyProcess, scratch_database, start_proxy
+from tests.tiny_models import tiny_bert_classifier
+
+ROWS = 300
+PREDICT_ROWS = 20_000  # more than one part of the predict family
+CLASSIFY = '{"task": "text-classification", "model": "tiny-bert"}'
+STREAMED = "streamed pgml."
+
+
+@pytest.fixture(scope="module")
+def both(
+    pg: Postgres, model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[ProxyProcess, ProxyProcess, str]]:
+    models = tmp_path_factory.mktemp("stream_models")
+    tiny_bert_classifier(models / "tiny-bert")
+    key = tmp_path_factory.mktemp("stream_key") / "artifact.key"  # both proxies read the models either signs
+    with scratch_database(pg, "streams") as db:
+        with psycopg.connect(pg.dsn(dbname=db), autocommit=True) as admin:
+            admin.execute("CREATE EXTENSION IF NOT EXISTS vector")
+            admin.execute("CREATE TABLE t (id int PRIMARY KEY, body text, grp int, f real[], n numeric)")
+            admin.execute(
+                "INSERT INTO t SELECT i, 'text number ' || (i % 50), i % 7, ARRAY[i, i * 0.5, 1e-5 * i]::real[],"
+                f" i / 3.0 FROM generate_series(1, {ROWS}) i"
+            )
+            admin.execute("CREATE TABLE tr (id int PRIMARY KEY, f1 real, f2 real, y real)")
+            admin.execute(
+                "INSERT INTO tr SELECT i, (i % 97) / 7.0, (i % 13) * 1.5, (i % 97) / 7.0 * 2 - (i % 13) * 0.25"
+                f" FROM generate_series(1, {PREDICT_ROWS}) i"
+            )
+            admin.execute("CREATE VIEW tr_train AS SELECT f1, f2, y FROM tr WHERE id <= 500")
+        handles = [
+            start_proxy(pg.dsn(dbname=db), tmp_path_factory.mktemp(f"streams_{name}"),
+                        PGML_PROXY_ENGINE_MODEL_DIRS=f"{model_dir},{models}", PGML_PROXY_LOG_LEVEL="debug",
+                        PGML_PROXY_ENGINE_ARTIFACT_KEY_FILE=str(key), **extra)
+            for name, extra in (("on", {}), ("off", {"PGML_PROXY_PROXY_STREAM_OUTPUTS": "false"}))
+        ]  # fmt: skip
+        try:
+            with psycopg.connect(handles[0].dsn(dbname=db), autocommit=True) as conn:
+                conn.execute("SELECT * FROM pgml.train('stream_p', 'regression', 'tr_train', 'y', 'linear')")
+            yield handles[0], handles[1], db
+        finally:
+            for handle in handles:
+                handle.stop()
+
+
+CASES = [
+    f"SELECT id, pgml.embed('{MINILM}', body) FROM t ORDER BY id LIMIT 5",
+    f"SELECT id, pgml.embed('{MINILM}', body) AS e FROM t WHERE id <= 4 ORDER BY id",
+    f"SELECT pgml.embed('{MINILM}', body)::text, id FROM t WHERE id IN (3, 9) ORDER BY id",
+    f"SELECT grp, pgml.embed('{MINILM}', min(body)) FROM t GROUP BY grp ORDER BY grp",
+    f"SELECT DISTINCT ON (grp) grp, id, pgml.embed('{MINILM}', body) FROM t ORDER BY grp, id",
+    f"SELECT id, pgml.embed('{MINILM}', body), pgml.embed('{MINILM}', 'constant') FROM t ORDER BY id LIMIT 3 OFFSET 7",
+    f"SELECT id, row_number() OVER (ORDER BY id DESC), pgml.embed('{MINILM}', body || '!') FROM t WHERE id < 6"
+    " ORDER BY id",
+    f"WITH s AS (SELECT * FROM t WHERE id > {ROWS - 3}) SELECT s.id, pgml.embed('{MINILM}', s.body) FROM s"
+    " ORDER BY 1",
+    f"SELECT a.id, pgml.embed('{MINILM}', b.body) FROM t a JOIN t b ON b.id = a.id + 1 WHERE a.id < 4 ORDER BY 1",
+    f"SELECT id, pgml.embed('{MINILM}', CASE WHEN id % 2 = 0 THEN NULL ELSE body END) FROM t WHERE id < 5"
+    " ORDER BY id",
+    f"SELECT id, pgml.embed('{MINILM}', body)::vector(384) AS v, pgml.embed('{MINILM}', body)::vector FROM t"
+    " WHERE id < 4 ORDER BY id",
+    f"SELECT id, pgml.embed('{MINILM}', body, '{{\"normalize_embeddings\": true}}') FROM t WHERE grp = 2"
+    " ORDER BY id LIMIT 4",
+    f"SELECT id, pgml.transform(task => '{CLASSIFY}'::jsonb, inputs => ARRAY[body]) FROM t WHERE id < 8 ORDER BY id",
+    f"SELECT id, pgml.transform(task => '{CLASSIFY}'::jsonb, inputs => ARRAY[body])::text AS label FROM t"
+    " ORDER BY id DESC LIMIT 3",
+    "SELECT id, pgml.predict('stream_p', ARRAY[f1, f2]) FROM tr ORDER BY id",
+    "SELECT pgml.predict('stream_p', ARRAY[f1, f2]) AS p, id FROM tr WHERE id % 1000 = 0 ORDER BY id",
+    "SELECT id, pgml.predict('stream_p', ARRAY[f1::float8, f2::float8]) FROM tr ORDER BY id LIMIT 10",
+]
+
+
+TEXT_TYPES = ("real", "double precision", "jsonb", "numeric", 1021)  # 1021: real[]
+
+
+def _run(dsn: str, sql: str, setup: str = "") -> tuple[list[tuple[str, int]], list[tuple[object, ...]]]:
+    """Column names and type OIDs, and the rows as the server's text (every value compared as sent)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for name in TEXT_TYPES:
+            conn.adapters.register_loader(name, TextLoader)
+        vector = conn.execute("SELECT 'vector'::regtype::oid").fetchone()
+        assert vector is not None
+        conn.adapters.register_loader(vector[0], TextLoader)
+        if setup:
+            conn.execute(setup)
+        cur = conn.execute(sql)
+        assert cur.description is not None
+        return [(d.name, d.type_code) for d in cur.description], cur.fetchall()
+
+
+NUMBER = re.compile(r"-?[0-9.]+(?:e[-+]?[0-9]+)?")
+
+
+def _same(a: object, b: object) -> bool:
+    """Equal values; texts that differ only in float digits past float32 noise count as equal (a model's
+    output for one input depends in its last bits on what else is in its batch)."""
+    if isinstance(a, tuple | list) and isinstance(b, tuple | list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and isinstance(b, float):
+        return bool(np.isclose(a, b, rtol=1e-4, atol=1e-6))
+    if a == b or not (isinstance(a, str) and isinstance(b, str)):
+        return a == b
+    if NUMBER.sub("#", a) != NUMBER.sub("#", b):
+        return False
+    x, y = (np.array([float(n) for n in NUMBER.findall(t)]) for t in (a, b))
+    return bool(np.allclose(x, y, rtol=1e-4, atol=1e-6))
+
+
+def _streams(handle: ProxyProcess) -> list[str]:
+    return [line for line in handle.log_text().splitlines() if STREAMED in line]
+
+
+@pytest.mark.parametrize("sql", CASES)
+def test_stream_and_table_paths_agree(both: tuple[ProxyProcess, ProxyProcess, str], sql: str) -> None:
+    on, off, db = both
+    before = len(_streams(on))
+    streamed, tabled = _run(on.dsn(dbname=db), sql), _run(off.dsn(dbname=db), sql)
+    assert streamed[0] == tabled[0]
+    assert _same(streamed[1], tabled[1]), (streamed[1][:3], tabled[1][:3])
+    assert streamed[1]
+    assert len(_streams(on)) > before, "the statement was not streamed"
+    assert not _streams(off)
+
+
+def test_limit_computes_only_the_rows_returned(both: tuple[ProxyProcess, ProxyProcess, str]) -> None:
+    on, _, db = both
+    rows = _run(on.dsn(dbname=db), f"SELECT id, pgml.embed('{MINILM}', body || id) FROM t LIMIT 5")[1]
+    assert len(rows) == 5
+    assert _streams(on)[-1].endswith(f"{STREAMED}embed over 5 rows: 5 inputs computed")
+
+
+def test_duplicate_inputs_are_computed_once(both: tuple[ProxyProcess, ProxyProcess, str]) -> None:
+    on, _, db = both
+    rows = _run(on.dsn(dbname=db), f"SELECT pgml.embed('{MINILM}', body) FROM t")[1]
+    assert len(rows) == ROWS
+    assert _streams(on)[-1].endswith(f"{STREAMED}embed over {ROWS} rows: 50 inputs computed")
+
+
+@pytest.mark.parametrize("digits", [-3, 0, 1, 3])
+def test_floats_print_as_the_server_prints_them(
+    pg: Postgres, both: tuple[ProxyProcess, ProxyProcess, str], digits: int
+) -> None:
+    """Computed floats printed under the session's extra_float_digits exactly as the server prints them."""
+    on, _, db = both
+    sql = f"SELECT pgml.predict('stream_p', ARRAY[f1, f2]), pgml.embed('{MINILM}', body) FROM tr JOIN t USING (id)"
+    exact = _run(on.dsn(dbname=db), sql, "SET extra_float_digits = 3")[1]
+    printed = _run(on.dsn(dbname=db), sql, f"SET extra_float_digits = {digits}")[1]
+    with psycopg.connect(pg.dsn(dbname=db), autocommit=True) as direct:
+        direct.adapters.register_loader("real", TextLoader)
+        direct.execute(f"SET extra_float_digits = {digits}")
+        for (value, vector), (shown, shown_vector) in zip(exact, printed, strict=True):
+            row = direct.execute("SELECT %s::real, %s::real[]::text", [value, vector]).fetchone()
+            assert row == (shown, shown_vector)
+
+
+def _error(dsn: str, sql: str, begin: bool) -> tuple[str | None, str, object]:
+    """The SQLSTATE and message of ``sql``, the transaction status after it, and that the session goes on."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        if begin:
+            conn.execute("BEGIN")
+        with pytest.raises(psycopg.Error) as raised:
+            conn.execute(sql).fetchall()
+        status = conn.info.transaction_status.name
+        if begin:
+            conn.execute("ROLLBACK")
+        row = conn.execute("SELECT 1").fetchone()
+        assert row == (1,)
+        return raised.value.sqlstate, str(raised.value).splitlines()[0], status
+
+
+ERRORS = [
+    # the engine fails on a row the stream reaches late (after other rows were computed)
+    f"SELECT id, pgml.embed(CASE WHEN id > 290 THEN 'no-such-model' ELSE '{MINILM}' END, body) FROM t ORDER BY id",
+    # the server fails in the middle of the rows
+    f"SELECT id, 1 / (id - 150), pgml.embed('{MINILM}', body) FROM t ORDER BY id",
+    # the proxy's own cast: pgvector's error for the wrong dimension count
+    f"SELECT id, pgml.embed('{MINILM}', body)::vector(3) FROM t ORDER BY id LIMIT 2",
+    # a column that does not exist: the server's error for the statement
+    f"SELECT id, pgml.embed('{MINILM}', bodyy) FROM t",
+]
+
+
+@pytest.mark.parametrize("begin", [False, True], ids=["autocommit", "in-transaction"])
+@pytest.mark.parametrize("sql", ERRORS)
+def test_errors_agree(both: tuple[ProxyProcess, ProxyProcess, str], sql: str, begin: bool) -> None:
+    on, off, db = both
+    assert _error(on.dsn(dbname=db), sql, begin) == _error(off.dsn(dbname=db), sql, begin)
+
+
+def test_query_string_with_a_streamed_statement_between_others(both: tuple[ProxyProcess, ProxyProcess, str]) -> None:
+    on, off, db = both
+    sql = (
+        "CREATE TEMP TABLE q (id int); INSERT INTO q VALUES (4), (2);"
+        f" SELECT q.id, pgml.embed('{MINILM}', t.body) FROM q JOIN t USING (id) ORDER BY q.id;"
+        " INSERT INTO q VALUES (9); SELECT count(*) FROM q"
+    )
+    results = []
+    for dsn in (on.dsn(dbname=db), off.dsn(dbname=db)):
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            cur = conn.execute(sql)
+            sets = []
+            while True:
+                sets.append((cur.statusmessage, cur.fetchall() if cur.description else None))
+                if not cur.nextset():
+                    break
+            results.append(sets)
+    assert _same(results[0], results[1])
+    assert results[0][-1] == ("SELECT 1", [(3,)])
