@@ -190,8 +190,9 @@ def _error(dsn: str, sql: str, begin: bool) -> tuple[str | None, str, object]:
 ERRORS = [
     # the engine fails on a row the stream reaches late (after other rows were computed)
     f"SELECT id, pgml.embed(CASE WHEN id > 290 THEN 'no-such-model' ELSE '{MINILM}' END, body) FROM t ORDER BY id",
-    # the server fails in the middle of the rows
+    # the server fails in the middle of the rows: in the first part, and in a later one
     f"SELECT id, 1 / (id - 150), pgml.embed('{MINILM}', body) FROM t ORDER BY id",
+    f"SELECT id, 1 / (id - 290), pgml.embed('{MINILM}', body) FROM t ORDER BY id",
     # the proxy's own cast: pgvector's error for the wrong dimension count
     f"SELECT id, pgml.embed('{MINILM}', body)::vector(3) FROM t ORDER BY id LIMIT 2",
     # a column that does not exist: the server's error for the statement

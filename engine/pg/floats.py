@@ -21,9 +21,12 @@ import numpy as np
 import orjson
 
 REAL_DIGITS, DOUBLE_DIGITS = 6, 15  # FLT_DIG, DBL_DIG
+# Below this a float4's halfway points to its neighbours need more than 9 decimal figures: no shortest text is a tie.
+TIE_FREE = 2.0**20
 # orjson's tokens that PostgreSQL spells otherwise: an integral ".0", five or more zeros after the point,
-# an exponent (orjson and PostgreSQL choose notations at other thresholds, and pad exponents differently).
-_RESPELL = re.compile(rb"(?<![0-9.])(?:-?[0-9]+\.0(?![0-9])|-?0\.0000[0-9]*|-?[0-9.]+e[-+]?[0-9]+)")
+# seven or more digits before it, an exponent (orjson and PostgreSQL choose notations at other thresholds,
+# and pad exponents differently).
+_RESPELL = re.compile(rb"(?<![0-9.])(?:-?[0-9]+\.0(?![0-9])|-?0\.0000[0-9]*|-?[0-9]{7,}\.[0-9]+|-?[0-9.]+e[-+]?[0-9]+)")
 
 
 def float_text(value: float, digits: int = REAL_DIGITS, extra_float_digits: int = 1) -> str:
@@ -34,8 +37,24 @@ def float_text(value: float, digits: int = REAL_DIGITS, extra_float_digits: int 
         return "Infinity" if value > 0 else "-Infinity"
     if extra_float_digits <= 0:
         return "%.*g" % (max(digits + extra_float_digits, 1), value)  # noqa: UP031 - C's %g is the definition
-    # numpy's str of a float32 and Python's repr of a float are the shortest texts that read back the same.
-    return _spell(str(np.float32(value)) if digits == REAL_DIGITS else repr(float(value)), digits)
+    if digits == REAL_DIGITS:
+        return _spell(_shortest_real(np.float32(value)), digits)
+    return _spell(repr(float(value)), digits)  # Python's repr: the shortest text that reads back the same
+
+
+def _shortest_real(single: np.float32) -> str:
+    """The shortest decimal that reads back to ``single`` and is not exactly halfway to a neighbour: PostgreSQL's
+    ryu output leaves such a tie out (numpy and orjson accept it), which only a float4 of 2^20 or more can meet."""
+    if abs(single) < TIE_FREE:
+        return str(single)  # numpy's shortest round-trip text
+    exact = float(single)
+    with np.errstate(over="ignore"):  # the largest float4's upper neighbour is infinity (no tie there)
+        halfway = {(exact + float(np.nextafter(single, direction))) / 2 for direction in (-np.inf, np.inf)}
+        for figures in range(1, 10):
+            text = "%.*e" % (figures - 1, exact)  # noqa: UP031 - the correctly rounded decimal of that many figures
+            if np.float32(text) == single and float(text) not in halfway:
+                return text
+    return "%.8e" % exact  # noqa: UP031 - 9 figures always read back
 
 
 def _spell(shortest: str, digits: int) -> str:
@@ -72,7 +91,8 @@ def real_array_text(values: Any, extra_float_digits: int = 1) -> str:
 
 
 def _texts(array: np.ndarray, digits: int, extra_float_digits: int) -> list[str]:
-    if extra_float_digits <= 0 or not np.isfinite(array).all():  # orjson writes non-finite values as null
+    if extra_float_digits <= 0 or not np.isfinite(array).all() or (len(array) and np.abs(array).max() >= TIE_FREE):
+        # orjson writes non-finite values as null, and accepts a halfway shortest text for large values
         return [float_text(v, digits, extra_float_digits) for v in array.tolist()]
     if not len(array):
         return []

@@ -95,11 +95,14 @@ def run(plan: Plan, *, finish: bool) -> Steps[bool]:
             if pending is not None:  # the next part's exchange ends before anything else runs on the session
                 yield from _settle(pending)
             raise
+        # The next part first: if the server failed in it, its error reached the client already (the exchange
+        # ended with it), and these rows are dropped, as a client drops the rows before an error anyway.
+        following = (yield Wait(pending)) if pending is not None else None
         total += len(portion.raw)
         yield Emit(frames)
-        if pending is None:
+        if following is None:
             break
-        (portion,) = yield Wait(pending)
+        (portion,) = following
     yield Emit(CommandComplete(f"SELECT {total}").encode())
     for call in calls:  # counts only: never values
         log.debug("streamed pgml.%s over %d rows: %d inputs computed", call.signature.function, total, call.computed)
