@@ -31,7 +31,7 @@ from proxy.rewrite.constant import fold_strict
 from proxy.rewrite.outputs import Output, Plan
 from proxy.rewrite.overloads import choose
 from proxy.rewrite.steps import Begin, Emit, Evaluate, Run, Steps, Wait, off_loop
-from proxy.session.exchange import Prepare, Rows, Statement, UpstreamError
+from proxy.session.exchange import Portion, Prepare, Rows, Statement, UpstreamError
 from proxy.wire.messages import CommandComplete, DataRow, RowDescription
 
 # Rows per part: a model call's mini-batch (the engine batches within it), and many more for the cheap
@@ -86,8 +86,8 @@ def run(plan: Plan, *, finish: bool) -> Steps[bool]:
     yield Emit(RowDescription(portion.description.columns[: plan.visible]).encode())
     total = 0
     while True:
-        following = Run((Rows(sql, limit=limit, opens=False),), keep_open=True)
-        pending = (yield Begin(following)) if portion.suspended else None
+        part_after = Run((Rows(sql, limit=limit, opens=False),), keep_open=True)
+        pending = (yield Begin(part_after)) if portion.suspended else None
         try:
             part = functools.partial(_part, portion.raw, calls, plan.visible, digits)
             frames = yield from _computed(part, len(portion.raw))
@@ -97,7 +97,7 @@ def run(plan: Plan, *, finish: bool) -> Steps[bool]:
             raise
         # The next part first: if the server failed in it, its error reached the client already (the exchange
         # ended with it), and these rows are dropped, as a client drops the rows before an error anyway.
-        following = (yield Wait(pending)) if pending is not None else None
+        following: list[Portion] | None = (yield Wait(pending)) if pending is not None else None
         total += len(portion.raw)
         yield Emit(frames)
         if following is None:
