@@ -47,6 +47,10 @@ def both(
                 f" FROM generate_series(1, {PREDICT_ROWS}) i"
             )
             admin.execute("CREATE VIEW tr_train AS SELECT f1, f2, y FROM tr WHERE id <= 500")
+            admin.execute(
+                "CREATE FUNCTION noisy(int) RETURNS int LANGUAGE plpgsql AS"
+                " $$BEGIN RAISE NOTICE 'row %', $1; RETURN $1; END$$"
+            )
         handles = [
             start_proxy(pg.dsn(dbname=db), tmp_path_factory.mktemp(f"streams_{name}"),
                         PGML_PROXY_ENGINE_MODEL_DIRS=f"{model_dir},{models}", PGML_PROXY_LOG_LEVEL="debug",
@@ -86,15 +90,28 @@ CASES = [
     "SELECT id, pgml.predict('stream_p', ARRAY[f1, f2]) FROM tr ORDER BY id",
     "SELECT pgml.predict('stream_p', ARRAY[f1, f2]) AS p, id FROM tr WHERE id % 1000 = 0 ORDER BY id",
     "SELECT id, pgml.predict('stream_p', ARRAY[f1::float8, f2::float8]) FROM tr ORDER BY id LIMIT 10",
+    "SELECT id, pgml.predict('stream_p', ARRAY[[f1], [f2]]) FROM tr WHERE id < 4 ORDER BY id",
+    "SELECT noisy(id), pgml.predict('stream_p', ARRAY[f1, f2]) FROM tr WHERE id <= 3 ORDER BY id",
+]
+# Shapes the stream leaves to the temp table (both proxies answer alike; the streaming one does not stream them).
+NOT_STREAMED = [
+    f"SELECT *, pgml.embed('{MINILM}', body) FROM t ORDER BY id LIMIT 2",
+    f"SELECT pgml.embed('{MINILM}', body) AS e, t.* FROM t ORDER BY id LIMIT 2",
+    f"SELECT grp, pgml.embed('{MINILM}', 'x' || grp)::text AS e, count(*) FROM t GROUP BY ROLLUP (grp) ORDER BY 1, 3",
+    f"SELECT id, pgml.embed('{MINILM}', body) AS e FROM t ORDER BY e LIMIT 2",
+    f"SELECT id, pgml.embed('{MINILM}', body) FROM t ORDER BY 2 LIMIT 2",
+    f"SELECT DISTINCT pgml.embed('{MINILM}', body) FROM t WHERE id < 5",
 ]
 
 
 TEXT_TYPES = ("real", "double precision", "jsonb", "numeric", 1021)  # 1021: real[]
 
 
-def _run(dsn: str, sql: str, setup: str = "") -> tuple[list[tuple[str, int]], list[tuple[object, ...]]]:
-    """Column names and type OIDs, and the rows as the server's text (every value compared as sent)."""
+def _run(dsn: str, sql: str, setup: str = "") -> tuple[list[tuple[str, int]], list[tuple[object, ...]], list[str]]:
+    """Column names and type OIDs, the rows as the server's text (every value compared as sent), the notices."""
     with psycopg.connect(dsn, autocommit=True) as conn:
+        notices: list[str] = []
+        conn.add_notice_handler(lambda notice: notices.append(str(notice.message_primary)))
         for name in TEXT_TYPES:
             conn.adapters.register_loader(name, TextLoader)
         vector = conn.execute("SELECT 'vector'::regtype::oid").fetchone()
@@ -104,7 +121,7 @@ def _run(dsn: str, sql: str, setup: str = "") -> tuple[list[tuple[str, int]], li
             conn.execute(setup)
         cur = conn.execute(sql)
         assert cur.description is not None
-        return [(d.name, d.type_code) for d in cur.description], cur.fetchall()
+        return [(d.name, d.type_code) for d in cur.description], cur.fetchall(), notices
 
 
 NUMBER = re.compile(r"-?[0-9.]+(?:e[-+]?[0-9]+)?")
@@ -137,8 +154,19 @@ def test_stream_and_table_paths_agree(both: tuple[ProxyProcess, ProxyProcess, st
     assert streamed[0] == tabled[0]
     assert _same(streamed[1], tabled[1]), (streamed[1][:3], tabled[1][:3])
     assert streamed[1]
+    assert streamed[2] == tabled[2]  # the server's notices
     assert len(_streams(on)) > before, "the statement was not streamed"
     assert not _streams(off)
+
+
+@pytest.mark.parametrize("sql", NOT_STREAMED)
+def test_shapes_left_to_the_temp_table(both: tuple[ProxyProcess, ProxyProcess, str], sql: str) -> None:
+    on, off, db = both
+    before = len(_streams(on))
+    streamed, tabled = _run(on.dsn(dbname=db), sql), _run(off.dsn(dbname=db), sql)
+    assert streamed[0] == tabled[0]
+    assert _same(streamed[1], tabled[1])
+    assert len(_streams(on)) == before
 
 
 def test_limit_computes_only_the_rows_returned(both: tuple[ProxyProcess, ProxyProcess, str]) -> None:
@@ -193,6 +221,11 @@ ERRORS = [
     # the server fails in the middle of the rows: in the first part, and in a later one
     f"SELECT id, 1 / (id - 150), pgml.embed('{MINILM}', body) FROM t ORDER BY id",
     f"SELECT id, 1 / (id - 290), pgml.embed('{MINILM}', body) FROM t ORDER BY id",
+    # … while the engine computes a part and queries the registry (predict): the server's error is the answer
+    "SELECT id, 1 / (id - 9000), pgml.predict('stream_p', ARRAY[f1, f2]) FROM tr ORDER BY id",
+    # the engine fails in one part while the server fails in the next
+    f"SELECT id, 1 / (id - 270), pgml.embed(CASE WHEN id = 200 THEN 'nope' ELSE '{MINILM}' END, body) FROM t"
+    " ORDER BY id",
     # the proxy's own cast: pgvector's error for the wrong dimension count
     f"SELECT id, pgml.embed('{MINILM}', body)::vector(3) FROM t ORDER BY id LIMIT 2",
     # a column that does not exist: the server's error for the statement

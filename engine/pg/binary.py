@@ -69,9 +69,10 @@ def binary_value(data: bytes, type_oid: int) -> Any:
     raise NotSupported(f"pgml-proxy cannot read a binary parameter of type OID {type_oid}")
 
 
-def binary_array(data: bytes, expected: int) -> list[Any]:
+def binary_array(data: bytes, expected: int, flatten: bool = False) -> list[Any]:
     """A one-dimensional array in array_recv's format (dimensions, flags, element type, (length, lower
-    bound) per dimension, elements) whose elements are of type ``expected``; errors as :func:`binary_value`."""
+    bound) per dimension, elements) whose elements are of type ``expected``; errors as :func:`binary_value`.
+    ``flatten``: any number of dimensions, the elements in order (as a column's feature matrix is read)."""
     ndim, flags, element = struct.unpack_from("!iiI", data, 0)
     if ndim < 0:
         raise InvalidBinaryRepresentation(f"invalid number of dimensions: {ndim}")
@@ -87,18 +88,20 @@ def binary_array(data: bytes, expected: int) -> list[Any]:
         if len(data) != 12:
             raise struct.error("trailing bytes")
         return []
-    if ndim != 1:
+    if ndim != 1 and not flatten:
         raise NotSupported("multidimensional array parameters in pgml calls")
-    (length, _lower) = struct.unpack_from("!ii", data, 12)
+    length = 1
+    for dimension in range(ndim):
+        length *= struct.unpack_from("!i", data, 12 + 8 * dimension)[0]
     if length < 0:
         raise InvalidBinaryRepresentation(f"invalid array length: {length}")
     if length > MAX_ARRAY_ELEMENTS:
         raise ProgramLimitExceeded(
             f"a pgml argument array has more than the pgml-proxy limit of {MAX_ARRAY_ELEMENTS} elements"
         )
-    if length > (len(data) - 20) // 4:  # each element has at least its length word
+    pos = 12 + 8 * ndim
+    if length > (len(data) - pos) // 4:  # each element has at least its length word
         raise struct.error("array shorter than its length")
-    pos = 20
     out: list[Any] = []
     for _ in range(length):
         (size,) = struct.unpack_from("!i", data, pos)

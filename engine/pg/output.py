@@ -1,7 +1,7 @@
 """Values as the server sends them in a result column: the text (typoutput) and binary (typsend) forms.
 
-Owns: a batch of one column's values, of a type pgml functions return (``real[]``, ``real``,
-``double precision``, ``text``, ``jsonb``) — optionally cast to ``text``, ``varchar`` or pgvector's
+Owns: a batch of one column's values, of a type pgml functions return (``real[]``, ``real``, ``text``,
+``jsonb``) — optionally cast to ``text``, ``varchar`` or pgvector's
 ``vector`` — encoded exactly as PostgreSQL would send them: floats as float4out / float8out print
 them under the session's ``extra_float_digits`` (:mod:`engine.pg.floats`), ``jsonb`` as jsonb_out
 normalises it (keys by length then bytes, ``", "`` and ``": "``, numbers as numeric_out prints the
@@ -14,19 +14,19 @@ Must not: know statements or sessions; the caller says the type, cast and format
 from __future__ import annotations
 
 import json
+import math
 import struct
 from decimal import Decimal
 from typing import Any
 
 import numpy as np
 
-from engine.api import DataException
+from engine.api import DataException, InvalidTextRepresentation, UntranslatableCharacter
 from engine.pg.binary import send_jsonb, send_real_array
-from engine.pg.floats import DOUBLE_DIGITS, float_text, real_array_text, real_texts
+from engine.pg.floats import real_array_text, real_texts
 
 # The result types encoded here (other return types are the server's to print).
-TYPES = frozenset({"real[]", "real", "double precision", "text", "jsonb"})
-CASTS = frozenset({"text", "varchar", "vector"})
+TYPES = frozenset({"real[]", "real", "text", "jsonb"})
 
 
 def encode(values: list[Any], sql_type: str, *, cast: str | None = None, binary: bool = False,
@@ -48,10 +48,6 @@ def _one(value: Any, sql_type: str, textual: bool, extra_float_digits: int) -> b
             return real_array_text(value, extra_float_digits).encode() if textual else send_real_array(value)
         case "real":
             return struct.pack("!f", value)  # binary: text went the batch way
-        case "double precision":
-            if not textual:
-                return struct.pack("!d", value)
-            return float_text(value, DOUBLE_DIGITS, extra_float_digits).encode()
         case "jsonb":
             text = jsonb_text(value)
             return text.encode() if textual else send_jsonb(text)
@@ -81,6 +77,9 @@ def jsonb_text(value: Any) -> str:
         case float() | np.floating():
             return _numeric(float(value))
         case str():
+            if "\x00" in value:  # what jsonb_in says of "\u0000"
+                detail = "\\u0000 cannot be converted to text."
+                raise UntranslatableCharacter("unsupported Unicode escape sequence", detail=detail)
             return json.dumps(value, ensure_ascii=False)
         case dict():
             keys = sorted(value, key=lambda k: (len(str(k).encode()), str(k).encode()))
@@ -97,6 +96,8 @@ def jsonb_text(value: Any) -> str:
 
 def _numeric(value: float) -> str:
     """numeric_out of the JSON number ``json.dumps`` writes for ``value``: every digit, no exponent."""
+    if not math.isfinite(value):  # json.dumps would write NaN / Infinity, which jsonb_in rejects
+        raise InvalidTextRepresentation("invalid input syntax for type json", detail=f'Token "{value}" is invalid.')
     number = Decimal(repr(value))
     return format(abs(number) if number == 0 else number, "f")  # numeric has no negative zero
 

@@ -3,12 +3,13 @@
 Owns: recognising a SELECT whose remaining per-row calls are each the whole expression of an output
 column of the outermost query — bare, or under one cast the proxy applies itself (to ``text``,
 ``varchar`` or pgvector's ``vector``) — in a statement whose other clauses do not read those columns
-(no ORDER BY, GROUP BY or DISTINCT ON naming them by position or name, no plain DISTINCT, no set
-operation, no INTO, no set-returning call); and the statement sent in its place (:class:`Plan`): each
-call becomes a typed NULL under its cast, so the server describes the column exactly as it would the
-original (name, type, modifier), and the arguments the call reads from rows are appended as hidden
-columns. WHERE, ORDER BY, LIMIT / OFFSET, DISTINCT ON, windows, joins and CTEs stay as they are, so the
-server returns exactly the rows the statement returns, and only their calls are computed.
+(no ORDER BY, GROUP BY or DISTINCT ON naming them by position or name, no grouping sets, no plain
+DISTINCT, no set operation, no INTO, no ``*`` target, no set-returning call); and the statement sent in
+its place (:class:`Plan`): each call becomes a typed NULL under its cast, so the server describes the
+column exactly as it would the original (name, type, modifier), and the arguments the call reads from
+rows are appended as hidden columns. WHERE, ORDER BY, LIMIT / OFFSET, DISTINCT ON, windows, joins and
+CTEs stay as they are, so the server returns exactly the rows the statement returns, and only their calls
+are computed.
 
 Must not: run or evaluate anything (:mod:`proxy.rewrite.streaming` does), or paste text into SQL: the
 placeholder and hidden columns are AST nodes.
@@ -125,7 +126,9 @@ def plan(stmt: ast.Node | None, pending: list[Site]) -> Plan | None:
 
 
 def _plain_select(stmt: ast.Node | None) -> bool:
-    """A SELECT whose rows are its output rows one for one (no set operation, VALUES, INTO, plain DISTINCT)."""
+    """A SELECT whose rows are its output rows one for one (no set operation, VALUES, INTO, plain DISTINCT),
+    whose output columns are its targets one for one (no ``*``: positions are counted over the targets), and
+    whose grouping names no output column in a way the proxy would have to follow (no grouping sets)."""
     return (
         isinstance(stmt, ast.SelectStmt)
         and (stmt.op is None or stmt.op == enums.SetOperation.SETOP_NONE)
@@ -133,7 +136,17 @@ def _plain_select(stmt: ast.Node | None) -> bool:
         and stmt.intoClause is None
         and stmt.distinctClause != (None,)
         and bool(stmt.targetList)
+        and not any(_star(target) for target in stmt.targetList or ())
+        and not any(isinstance(item, ast.GroupingSet) for item in stmt.groupClause or ())
     )
+
+
+def _star(target: Any) -> bool:
+    """A ``*`` or ``x.*`` target (expanded into several columns by the server)."""
+    value = getattr(target, "val", None)
+    if isinstance(value, ast.ColumnRef):
+        return isinstance((value.fields or (None,))[-1], ast.A_Star)
+    return isinstance(value, ast.A_Indirection) and any(isinstance(i, ast.A_Star) for i in value.indirection or ())
 
 
 def _output_column(

@@ -45,7 +45,7 @@ class Facts:
 class Run:
     """Run ``statements`` as one internal exchange on the client's session; answered with their Results.
 
-    ``keep_open`` / ``finish``: as :meth:`proxy.session.exchange.Port.execute`. ``temp_tables``: session
+    ``keep_open`` / ``finish`` / ``quiet``: as :meth:`proxy.session.exchange.Port.execute`. ``temp_tables``: session
     temp tables these statements create, for the session to drop once the client's statement has run.
     """
 
@@ -53,6 +53,7 @@ class Run:
     keep_open: bool = False
     finish: bool = False
     temp_tables: tuple[str, ...] = ()
+    quiet: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,9 +177,9 @@ def _resume(steps: Steps[Any], reply: Any, failure: Exception | None) -> tuple[b
 
 async def _answer(request: Request, port: Port, engine: Engine | None) -> Any:
     match request:
-        case Run(statements=statements, keep_open=keep_open, finish=finish, temp_tables=tables):
+        case Run(statements=statements, keep_open=keep_open, finish=finish, temp_tables=tables, quiet=quiet):
             port.temp_tables.extend(tables)
-            return await port.execute(list(statements), keep_open=keep_open, finish=finish)
+            return await port.execute(list(statements), keep_open=keep_open, finish=finish, quiet=quiet)
         case Look():
             return facts(port)
         case Settle():

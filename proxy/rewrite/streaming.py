@@ -6,8 +6,9 @@ sent (the types of the hidden argument columns choose each call's overload, and 
 text and the hidden ones in binary where the proxy reads that format (numeric arrays straight into numpy),
 then reading it ``PART_ROWS`` rows at a time: the next part is on its way while the engine computes this
 one, each distinct input is computed once per statement (up to ``MEMO_LIMIT`` of them), and the client
-gets the server's RowDescription less the hidden columns, then its DataRows in order, then
-``SELECT n`` — what the server would send for the original statement. Work is proportional to the rows
+gets the server's RowDescription less the hidden columns, then its DataRows in order (each part's
+notices ahead of its rows), then ``SELECT n`` — what the server would send for the original statement;
+an error ends the rows (the server's, once the rows before it, or the engine's). Work is proportional to the rows
 the statement returns; memory to two parts.
 
 Must not: touch the session or the engine itself — it yields :mod:`proxy.rewrite.steps` requests — or
@@ -16,7 +17,6 @@ decide which statements stream (:mod:`proxy.rewrite.outputs`).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 from dataclasses import dataclass
@@ -24,15 +24,16 @@ from typing import Any
 
 from engine.api import Signature
 from engine.pg import output, types
-from engine.pg.binary import binary_value, numeric_matrix
+from engine.pg.binary import binary_array, binary_value, numeric_matrix
 from engine.pg.scalars import decode_utf8
 from engine.pg.text import from_text
+from proxy.errors import error_fields
 from proxy.rewrite.constant import fold_strict
 from proxy.rewrite.outputs import Output, Plan
 from proxy.rewrite.overloads import choose
 from proxy.rewrite.steps import Begin, Emit, Evaluate, Run, Steps, Wait, off_loop
-from proxy.session.exchange import Portion, Prepare, Rows, Statement, UpstreamError
-from proxy.wire.messages import CommandComplete, DataRow, RowDescription
+from proxy.session.exchange import BatchFailed, Portion, Prepare, Rows, Statement, UpstreamError
+from proxy.wire.messages import CommandComplete, DataRow, ErrorResponse, RowDescription
 
 # Rows per part: a model call's mini-batch (the engine batches within it), and many more for the cheap
 # per-row math of the predict family (fewer round trips and engine jobs).
@@ -74,32 +75,33 @@ def run(plan: Plan, *, finish: bool) -> Steps[bool]:
             return False
         fixed = fold_strict(sig, list(out.slots), skip=set(out.given))
         calls.append(_Call(out, sig, fixed, oids, [oid in BINARY for oid in oids], {}))
-    formats = [0] * plan.visible + [0] * (len(plan.targets) - plan.visible)
+    formats = [0] * len(plan.targets)
     for call in calls:
         for column, binary in zip(call.output.hidden, call.binary, strict=True):
             formats[column] = int(binary)
     sql = plan.statement([call.signature.returns for call in calls])
     limit = min(CHEAP.get(c.signature.function, PART_ROWS) for c in calls)
     digits = int(setting.rows[0][0])
-    (portion,) = yield Run((Rows(sql, formats=tuple(formats), limit=limit),), keep_open=True)
+    opening = Run((Rows(sql, formats=tuple(formats), limit=limit),), keep_open=True, quiet=True)
+    (portion,) = yield from _part_run(opening)
     assert portion.description is not None
     yield Emit(RowDescription(portion.description.columns[: plan.visible]).encode())
     total = 0
     while True:
-        part_after = Run((Rows(sql, limit=limit, opens=False),), keep_open=True)
+        part_after = Run((Rows(sql, limit=limit, opens=False),), keep_open=True, quiet=True)
         pending = (yield Begin(part_after)) if portion.suspended else None
         try:
             part = functools.partial(_part, portion.raw, calls, plan.visible, digits)
             frames = yield from _computed(part, len(portion.raw))
-        except Exception:
+        except Exception as exc:
             if pending is not None:  # the next part's exchange ends before anything else runs on the session
-                yield from _settle(pending)
+                yield from _settle(pending, exc)
             raise
-        # The next part first: if the server failed in it, its error reached the client already (the exchange
-        # ended with it), and these rows are dropped, as a client drops the rows before an error anyway.
-        following: list[Portion] | None = (yield Wait(pending)) if pending is not None else None
+        # The next part first: if the server failed in it, the client gets its error and not these rows (a
+        # client drops the rows before an error anyway).
+        following = (yield from _part_run(pending)) if pending is not None else None
         total += len(portion.raw)
-        yield Emit(frames)
+        yield Emit(b"".join(portion.notices) + frames)  # the server's notices of the part, then its rows
         if following is None:
             break
         (portion,) = following
@@ -110,9 +112,31 @@ def run(plan: Plan, *, finish: bool) -> Steps[bool]:
     return True
 
 
-def _settle(pending: Any) -> Steps[None]:
-    with contextlib.suppress(UpstreamError):  # the error being raised is the statement's answer
+def _part_run(run: Any) -> Steps[list[Portion]]:
+    """A part's exchange (a Run, or the handle of one begun); its failure is the statement's answer: the client
+    gets the server's error from here (the exchange is quiet: rows computed before it must go out first)."""
+    try:
+        return (yield (Wait(run) if not isinstance(run, Run) else run))  # type: ignore[no-any-return]
+    except UpstreamError as exc:
+        if exc.delivered:  # the batch now skips to Sync, which the session sends
+            yield Emit(ErrorResponse(exc.fields).encode())
+        raise
+
+
+def _settle(pending: Any, failure: Exception) -> Steps[None]:
+    """Wait for a part on its way after ``failure`` (computing the part before it). When the server failed it,
+    the batch skips to Sync: the client gets the error of the earlier row — ``failure`` itself, unless it was
+    only a consequence (an engine query that found the batch failed) — and the session sends Sync."""
+    try:
         yield Wait(pending)
+    except UpstreamError as exc:
+        if not exc.delivered:
+            return
+        if isinstance(failure, BatchFailed | UpstreamError):
+            yield Emit(ErrorResponse(exc.fields).encode())
+            raise exc from None
+        yield Emit(ErrorResponse.of(failure).encode())
+        raise UpstreamError(tuple(error_fields(failure)), exc.status, delivered=True) from None
 
 
 def _computed(part: Any, rows: int) -> Steps[bytes]:
@@ -168,6 +192,8 @@ def _read(values: list[Any], oid: int, binary: bool) -> list[Any]:
     matrix = numeric_matrix(values, oid)
     if matrix is not None:
         return list(matrix)
+    if oid in types.ELEMENTS:  # NULL elements, or more dimensions: the elements in order, one by one
+        return [binary_array(v, types.ELEMENTS[oid], flatten=True) for v in values]
     return [binary_value(v, oid) for v in values]
 
 

@@ -3,7 +3,9 @@
 Owns: :class:`Exchange`, the sans-IO driver of one internal exchange — a run of
 statements sent with extended-protocol messages (private statement and portal,
 Describe, Execute, COPY in both directions; a :class:`Prepare` is only parsed and
-described, for the parameter types the server infers), ended by Sync between client batches
+described, for the parameter types the server infers; a :class:`Rows` reads the proxy's
+row portal part by part — opened with result formats, suspended at a row limit, its rows
+kept as sent, in a :class:`Portion`), ended by Sync between client batches
 or by Flush in the middle of one, so the client's implicit transaction is never
 ended by the proxy — and the :class:`Port` protocol the rewriter uses to run them.
 
@@ -115,6 +117,7 @@ class Portion(Result):
     raw: list[tuple[bytes | None, ...]] = field(default_factory=list)
     description: RowDescription | None = None
     suspended: bool = False
+    notices: list[bytes] = field(default_factory=list)  # NoticeResponses of these rows, for the client
 
 
 class BatchFailed(DatabaseError):
@@ -161,12 +164,14 @@ class Port(Protocol):
         ...
 
     async def execute(
-        self, statements: Sequence[Statement], keep_open: bool = False, finish: bool = False
+        self, statements: Sequence[Statement], keep_open: bool = False, finish: bool = False, quiet: bool = False
     ) -> list[Result]:
         """Run statements as one internal exchange; raises UpstreamError.
 
         ``keep_open``: end with Flush even between batches, so the implicit transaction goes on into
         the statements that follow; ``finish``: end with Sync even so (the last part of such a run).
+        ``quiet``: an error that answers the client's message (Flush-ended) is not written to the client
+        here: the caller writes the error it answers with (the UpstreamError still says ``delivered``).
         Exchanges run one at a time: a second waits for the first to end.
         """
         ...
@@ -346,6 +351,8 @@ class Exchange:
                 self._index += 1
             case Backend.CLOSE_COMPLETE:
                 self._closes_left -= 1
+            case Backend.NOTICE_RESPONSE if isinstance(result, Portion):
+                result.notices.append(frame.raw)  # raised by the client's own statement (a function it calls)
             case Backend.ERROR_RESPONSE:
                 self.error = self.error or ErrorResponse.decode(frame).fields
                 if self._sync and not self._synced:  # the server now skips to a Sync that is not sent yet

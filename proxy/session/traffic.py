@@ -5,8 +5,10 @@ that invisible to the client — forwarding decided frames with response account
 :class:`proxy.session.ledger.Responses` it holds), barriers (an injected Parse whose completion
 proves every earlier response reached the client), private statements of rewritten Binds,
 internal exchanges (:meth:`Traffic.execute`: extended messages ending with Flush mid-batch or Sync
-between batches), and failing a batch on purpose so the server's state matches the client's
-(:meth:`Traffic.fail_extended`). It is the rewriter's :class:`proxy.session.exchange.Port`.
+between batches, one at a time — a stream's next part and an engine query in between wait their turn),
+answer frames the proxy computed for the client's own statement (:meth:`Traffic.emit`), and failing a
+batch on purpose so the server's state matches the client's (:meth:`Traffic.fail_extended`). It is the
+rewriter's :class:`proxy.session.exchange.Port`.
 
 Must not: decide anything (the rewriter does), read sockets, or route client messages (the core
 does); it writes only through the two sinks it is given.
@@ -148,7 +150,7 @@ class Traffic:
         return False
 
     async def execute(
-        self, statements: Sequence[Statement], keep_open: bool = False, finish: bool = False
+        self, statements: Sequence[Statement], keep_open: bool = False, finish: bool = False, quiet: bool = False
     ) -> list[Result]:
         """Run internal statements on this session once the upstream owes the client nothing.
 
@@ -159,12 +161,14 @@ class Traffic:
         it goes to the client, and the server skips the rest until the client's Sync.
         """
         async with self._one_at_a_time:
-            return await self._execute(statements, keep_open, finish)
+            return await self._execute(statements, keep_open, finish, quiet)
 
     def emit(self, frames: bytes) -> None:
         self.client.write(frames)
 
-    async def _execute(self, statements: Sequence[Statement], keep_open: bool, finish: bool) -> list[Result]:
+    async def _execute(
+        self, statements: Sequence[Statement], keep_open: bool, finish: bool, quiet: bool
+    ) -> list[Result]:
         state = self.state
         mid_batch = state.in_batch
         if not await self.barrier():
@@ -198,7 +202,7 @@ class Traffic:
             if flush:  # the server now skips to the next Sync: this error answers the client's message
                 self.ledger.keep(_E)
                 state.fire(Event.ERROR)
-                if not shown:
+                if not shown and not quiet:
                     self.client.write(pq.ErrorResponse(fields).encode())
             raise UpstreamError(fields, exchange.status or state.tx_status, delivered=flush or shown)
         return exchange.results[len(prefix) :]
