@@ -251,7 +251,7 @@ class Exchange:
                 if not self.statements[self._index].visible:
                     result.rows.append(_text_row(frame))
             case Backend.COPY_DATA:
-                self._copy_parts.append(frame.body)  # one frame per row: joined once, at CommandComplete
+                self._copy_parts.append(frame.body)  # one frame per row: the rows' bounds for binary COPY
             case Backend.PARAMETER_DESCRIPTION if isinstance(result, Described):
                 result.param_types = ParameterDescription.decode(frame).types
             case Backend.ROW_DESCRIPTION | Backend.NO_DATA if self._describing():
@@ -262,7 +262,7 @@ class Exchange:
             case Backend.COMMAND_COMPLETE | Backend.EMPTY_QUERY_RESPONSE:
                 result.command = CommandComplete.decode(frame).tag if kind == Backend.COMMAND_COMPLETE else ""
                 if self._copy_parts:
-                    result.copy, self._copy_parts = b"".join(self._copy_parts), []
+                    result.copy, self._copy_parts = self._copy_parts, []
                 self._index += 1
             case Backend.CLOSE_COMPLETE:
                 self._closes_left -= 1
