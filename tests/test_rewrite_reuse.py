@@ -135,5 +135,5 @@ def _per_row_steps(number: int) -> list[Any]:
             "answer": [{"columns": [["body", 25]], "rows": [[f"text {number}"]]}],
         },
         {"evaluate": "embed", "rows": [["m", f"text {number}", {}]]},
-        {"run": ["CREATE TEMP...", "CREATE INDEX...", "COPY...", "ANALYZE..."], "temp_tables": [name]},
+        {"run": ["CREATE TEMP...", "CREATE INDEX...", "COPY..."], "temp_tables": [name]},
     ]

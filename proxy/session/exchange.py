@@ -29,7 +29,6 @@ from proxy.wire.messages import (
     CommandComplete,
     CopyData,
     CopyDone,
-    CopyFail,
     DataRow,
     Describe,
     ErrorResponse,
@@ -186,12 +185,15 @@ CLOSE_BOTH = [Close(Target.PORTAL, PORTAL).encode(), _close_statement(STATEMENT)
 
 
 class Exchange:
-    """One internal exchange: ``start()`` gives the first frames, ``feed`` the frames each answer asks for.
+    """One internal exchange: ``start()`` gives its frames, ``feed`` the frames each answer asks for.
 
-    Statements after a ``COPY … FROM STDIN`` are sent only once its data went out
-    (any other message would abort the copy). With ``sync`` the exchange ends at
-    ReadyForQuery; otherwise (Flush, mid-batch) at its last CloseComplete or at an
-    error, after which the server skips the client's batch until its Sync.
+    Every statement goes out at once, in one write: a ``COPY … FROM STDIN``'s data right after its
+    Execute, without waiting for CopyInResponse. The server reads it in copy-in mode, in order; and
+    when something before it failed, it skips to the Sync (extended protocol) and accepts but ignores
+    CopyData, CopyDone and CopyFail outside copy mode (PostgresMain: "we probably got here because a
+    COPY failed"), so data sent ahead of an error is harmless. With ``sync`` the exchange ends at
+    ReadyForQuery; otherwise (Flush, mid-batch) at its last CloseComplete or at an error, after which
+    the server skips the client's batch until its Sync.
     """
 
     def __init__(
@@ -212,8 +214,6 @@ class Exchange:
         self._first = [_close_statement(name) for name in close_first] + CLOSE_BOTH
         self._closes_left = len(self._first) + 2 * len(self.statements)
         self._index = 0  # the statement being answered
-        self._next = 0  # the first statement not yet sent
-        self._synced = False
         self._copy_parts: list[bytes] = []
 
     @property
@@ -221,25 +221,13 @@ class Exchange:
         return self.status is not None or (not self._sync and (self.error is not None or self._closes_left == 0))
 
     def start(self) -> list[bytes]:
-        return self._first + self._send_more()
-
-    def _send_more(self) -> list[bytes]:
-        """Frames up to and including the next COPY FROM's Execute (or the end)."""
-        out: list[bytes] = []
-        while self._next < len(self.statements):
-            statement = self.statements[self._next]
-            self._next += 1
-            out += statement_frames(statement)
+        frames = list(self._first)
+        for statement in self.statements:
+            frames += statement_frames(statement)
             if statement.copy_data is not None:
-                return [*out, FLUSH]
-            out += CLOSE_BOTH
-        return [*out, *self._end()]
-
-    def _end(self) -> list[bytes]:
-        if not self._sync:
-            return [FLUSH]
-        self._synced = True
-        return [SYNC]
+                frames += copy_frames(statement.copy_data)
+            frames += CLOSE_BOTH
+        return [*frames, SYNC if self._sync else FLUSH]
 
     def feed(self, frame: Frame) -> list[bytes]:
         kind = frame.type
@@ -268,10 +256,8 @@ class Exchange:
                 self._closes_left -= 1
             case Backend.ERROR_RESPONSE:
                 self.error = self.error or ErrorResponse.decode(frame).fields
-                if self._sync and not self._synced:  # the server now skips to a Sync that is not sent yet
-                    return self._end()
             case Backend.COPY_IN_RESPONSE:
-                return self._copy_in()
+                self._copy_in()
             case Backend.NOTIFICATION_RESPONSE | Backend.PARAMETER_STATUS:
                 self.forward.append(frame.raw)
             case Backend.READY_FOR_QUERY:
@@ -286,8 +272,9 @@ class Exchange:
         """The statement being answered is a Prepare: described, never executed."""
         return self._index < len(self.statements) and isinstance(self.statements[self._index], Prepare)
 
-    def _copy_in(self) -> list[bytes]:
-        data = self.statements[self._index].copy_data if self._index < len(self.statements) else None
-        if data is None:
-            return [CopyFail("pgml-proxy sent no COPY data").encode(), *self._end()]
-        return [*copy_frames(data), *CLOSE_BOTH, *self._send_more()]
+    def _copy_in(self) -> None:
+        """Copy-in mode: the statement's data went out right after its Execute. One given none (only the proxy's
+        own statements copy in, always with their data) is cut off by the frames sent behind it: the server
+        then ends the session, having lost protocol synchronization."""
+        if self._index >= len(self.statements) or self.statements[self._index].copy_data is None:
+            raise ProtocolViolation("an internal statement started COPY FROM STDIN without COPY data")
