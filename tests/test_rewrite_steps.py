@@ -5,7 +5,9 @@ requests the rewriter must yield in order — the statements it runs on the clie
 the server's recorded answer (or error), and the engine calls, with the stand-in engine's results —
 then the decision. Look, Settle and Compute requests are answered here (the session's facts, the
 computation itself) and not listed. Run steps list their SQL; one ending in ``...`` matches by prefix;
-``{"install": true}`` is the schema installation script.
+``{"install": true}`` is the schema installation script. A per-row call's gather is a ``{"gather": sql,
+"columns": …, "rows": …}`` step: the Run of its Prepare and its binary COPY, answered with the columns
+described and the rows (as text here) in binary COPY.
 """
 
 from __future__ import annotations
@@ -21,14 +23,17 @@ import pglast
 import pytest
 
 from engine.api import Result
+from engine.pg.text import from_text
+from engine.pg.types import READ_AS, TYPE_NAMES
 from proxy import schema
 from proxy.rewrite import per_row
 from proxy.rewrite.decide import DeferToBind, Forward, Rebound, Respond, Rewriter, Rewritten
 from proxy.rewrite.schema_check import SessionState
 from proxy.rewrite.steps import Compute, Evaluate, Facts, Look, Request, Run, Settle, replay
-from proxy.session.exchange import BatchFailed, UpstreamError
+from proxy.session.exchange import BatchFailed, Described, UpstreamError
 from proxy.wire import messages as pq
 from proxy.wire.frames import split_frames
+from tests.binary_rows import copy_messages
 from tests.test_rewrite import Unused, fake_results
 
 CASES = Path(__file__).parent / "rewrite_cases"
@@ -71,7 +76,8 @@ class Script:
     def _run(self, request: Run, step: dict[str, Any]) -> list[Result]:
         statements = [s.sql for s in request.statements]
         install = step.get("install") and list(pglast.split(schema.script(set(), self.facts.in_transaction) or ""))
-        expected = install or step.get("run")
+        gather = step.get("gather")
+        expected = install or step.get("run") or (gather and [gather, f"COPY ({gather}) TO STDOUT (FORMAT binary)"])
         assert expected is not None, f"{request} where the case has {step}"
         assert len(statements) == len(expected), f"{statements} where the case has {expected}"
         for sql, want in zip(statements, expected, strict=True):
@@ -87,6 +93,8 @@ class Script:
             fields = tuple(sorted({"S": "ERROR", **step["error"]}.items()))
             status = step.get("status", self.facts.tx_status)
             raise UpstreamError(fields, status, delivered=step.get("delivered", False))
+        if gather is not None:
+            return _gathered(step["columns"], step["rows"])
         answers = step.get("answer", [{}] * len(statements))
         return [_result(answer) for answer in answers]
 
@@ -97,6 +105,14 @@ def _result(answer: dict[str, Any]) -> Result:
     if rows == "@migrations":
         rows = [[str(m.version)] for m in schema.migrations()]
     return Result(columns=[tuple(c) for c in answer.get("columns", [])], rows=[tuple(r) for r in rows])
+
+
+def _gathered(columns: list[list[Any]], rows: list[list[str | None]]) -> list[Result]:
+    """A gather's answers: its Prepare's columns, and its rows (their texts, read as their types) in binary COPY."""
+    named = [(str(name), TYPE_NAMES[oid]) for name, oid in columns]
+    values = [[from_text(v, READ_AS[oid]) for v, (_, oid) in zip(row, columns, strict=True)] for row in rows]
+    described = Described(columns=[(str(name), int(oid)) for name, oid in columns])
+    return [described, Result(copy=copy_messages(named, values))]
 
 
 def _plain(value: Any) -> Any:

@@ -198,6 +198,58 @@ def copy_select_list(columns: Sequence[tuple[str, str]]) -> str:
     return ", ".join(items)
 
 
+@dataclass(frozen=True, eq=False)
+class Fields:
+    """Where the fields of binary COPY rows are: per column, each row's value position and length (-1: NULL)."""
+
+    data: bytes
+    buf: NDArray[np.uint8]
+    at: list[Positions]
+    lengths: list[Positions]
+    num_rows: int
+
+    def raw(self, index: int) -> list[bytes | None]:
+        """Column ``index``'s fields as they came (binary form), None for NULL."""
+        data, spans = self.data, zip(self.at[index].tolist(), self.lengths[index].tolist(), strict=True)
+        return [None if n < 0 else data[a : a + n] for a, n in spans]
+
+    def column(self, index: int, name: str, type_name: str) -> Column:
+        """Column ``index`` decoded as ``type_name`` (a ``format_type()`` spelling, read as stored)."""
+        try:
+            return _decode_column(self.buf, name, type_name, self.at[index], self.lengths[index])
+        except IndexError:
+            raise EngineError("malformed COPY data: a field beyond the data") from None
+
+
+def read_fields(messages: Sequence[bytes], width: int) -> Fields:
+    """The fields of the CopyData messages of a ``COPY … TO STDOUT (FORMAT binary)`` of ``width`` columns.
+
+    Every row is checked to hold ``width`` fields that end where its message does (EngineError, 22P03 …).
+    """
+    data, starts, stops = binary_row_spans(messages)
+    buf = np.frombuffer(data, np.uint8)
+    try:
+        counts = _words(buf, starts, ">i2")
+        if np.any(counts != width):
+            found = int(counts[np.argmax(counts != width)])
+            raise EngineError(f"malformed COPY data: a row has {found} fields, not {width}")
+        pos = starts + 2
+        at, lengths = [], []
+        for _ in range(width):
+            length = _words(buf, pos, ">i4").astype(np.int64)
+            after = pos + 4 + np.maximum(length, 0)
+            if np.any(length < -1) or np.any(after > stops):
+                raise EngineError("malformed COPY data: a field beyond its row")
+            at.append(pos + 4)
+            lengths.append(length)
+            pos = after
+    except IndexError:
+        raise EngineError("malformed COPY data: a field beyond the data") from None
+    if np.any(pos != stops):
+        raise EngineError("malformed COPY data: bytes after the last field of a row")
+    return Fields(data, buf, at, lengths, len(starts))
+
+
 def decode_copy_binary(messages: Sequence[bytes], columns: Sequence[tuple[str, str]]) -> Table:
     """Decode the CopyData messages of ``COPY (SELECT <copy_select_list(columns)> …) TO STDOUT (FORMAT binary)``.
 
@@ -205,31 +257,9 @@ def decode_copy_binary(messages: Sequence[bytes], columns: Sequence[tuple[str, s
     Raises :class:`InvalidArgument` when an array column's rows have different flattened
     lengths, :class:`EngineError` (22P03 …) when the data is not rows of those columns.
     """
-    data, starts, stops = binary_row_spans(messages)
-    buf = np.frombuffer(data, np.uint8)
-    try:
-        counts = _words(buf, starts, ">i2")
-        if np.any(counts != len(columns)):
-            found = int(counts[np.argmax(counts != len(columns))])
-            raise EngineError(f"malformed COPY data: a row has {found} fields, not {len(columns)}")
-        pos = starts + 2
-        fields = []
-        for _ in columns:
-            lengths = _words(buf, pos, ">i4").astype(np.int64)
-            after = pos + 4 + np.maximum(lengths, 0)
-            if np.any(lengths < -1) or np.any(after > stops):
-                raise EngineError("malformed COPY data: a field beyond its row")
-            fields.append((pos + 4, lengths))
-            pos = after
-        if np.any(pos != stops):
-            raise EngineError("malformed COPY data: bytes after the last field of a row")
-        decoded = [
-            _decode_column(buf, name, type_name, start, lengths)
-            for (name, type_name), (start, lengths) in zip(columns, fields, strict=True)
-        ]
-    except IndexError:
-        raise EngineError("malformed COPY data: a field beyond the data") from None
-    return Table(decoded, len(starts))
+    fields = read_fields(messages, len(columns))
+    decoded = [fields.column(i, name, type_name) for i, (name, type_name) in enumerate(columns)]
+    return Table(decoded, fields.num_rows)
 
 
 # --------------------------------------------------------------------------- #
