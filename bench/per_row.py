@@ -35,6 +35,7 @@ from ml import ARRAY, TABLE, WARM_VIEW, make_data, ml_table, train_sql
 
 PROJECT = "bench_per_row"
 WHERE = f"SELECT id FROM {TABLE} WHERE pgml.predict('{PROJECT}', {ARRAY}) > 0 ORDER BY id"
+_DDL = ("CREATE TEMP", "CREATE INDEX", "ALTER TABLE pgml_proxy_", "ANALYZE pgml_proxy_", "DROP TABLE")
 _DURATION = re.compile(r"LOG:\s+duration: ([\d.]+) ms\s+(statement|parse|bind|execute)[^:]*: (.*)")
 
 
@@ -55,7 +56,7 @@ def phases(proxy: str, server_log: Path) -> dict[str, float]:
             out["gather"] += seconds
         elif sql.startswith("COPY pgml_proxy_"):
             out["COPY into the temp table"] += seconds
-        elif sql.startswith(("CREATE TEMP", "CREATE INDEX", "ANALYZE pgml_proxy_", "DROP TABLE")):
+        elif sql.startswith(_DDL):
             out["create/index/analyze/drop"] += seconds
         elif "pg_temp.pgml_proxy_" in sql:
             out["final statement"] += seconds

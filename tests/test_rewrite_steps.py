@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pglast
 import pytest
 
@@ -116,7 +117,9 @@ def _gathered(columns: list[list[Any]], rows: list[list[str | None]]) -> list[Re
 
 
 def _plain(value: Any) -> Any:
-    """Tuples as lists, as JSON spells them."""
+    """Tuples (and the numpy rows float arrays are read into) as lists, as JSON spells them."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
     if isinstance(value, tuple | list):
         return [_plain(v) for v in value]
     if isinstance(value, dict):
@@ -195,3 +198,24 @@ def test_case(case: dict[str, Any]) -> None:
 
 def test_cases_are_loaded() -> None:
     assert len(load_cases()) >= 10
+
+
+def test_a_result_table_of_many_rows_is_analysed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under per_row.ANALYZE_FROM rows the lookup does as well without statistics (see there); from it on,
+    its keys are analysed."""
+    for count, analysed in ((per_row.ANALYZE_FROM - 1, False), (per_row.ANALYZE_FROM, True)):
+        texts = [f"t{i}" for i in range(count)]
+        load = ["CREATE TEMP TABLE pgml_proxy_1_1 (k0 text, v real[])", "CREATE INDEX...", "COPY..."]
+        analyse = ["ALTER TABLE pgml_proxy_1_1 ALTER k0 SET STATISTICS 1", "ANALYZE pgml_proxy_1_1 (k0)"]
+        steps = [
+            {"gather": "SELECT DISTINCT body FROM docs", "columns": [["body", 25]], "rows": [[t] for t in texts]},
+            {"evaluate": "embed", "rows": [["m", t, {}] for t in texts]},
+            {"run": load + analyse * analysed, "temp_tables": ["pgml_proxy_1_1"]},
+        ]
+        monkeypatch.setattr(per_row, "_temp_ids", itertools.count(1))
+        script = Script(steps, _facts({}))
+        rewriter = Rewriter(Unused())
+        rewriter.schema.ready.add("db")
+        deciding = rewriter.deciding(pq.Query("SELECT pgml.embed('m', body) FROM docs"), SessionState(checked=True))
+        outcome = outcome_of(lambda: replay(deciding, script))  # noqa: B023
+        assert isinstance(outcome, Rewritten) and not script.steps, outcome

@@ -267,6 +267,14 @@ def decode_copy_binary(messages: Sequence[bytes], columns: Sequence[tuple[str, s
 # --------------------------------------------------------------------------- #
 
 
+def _stride(at: Positions, least: int) -> int | None:
+    """The distance between consecutive positions when it is one and the same (and at least ``least``)."""
+    step = int(at[1] - at[0]) if len(at) > 1 else least
+    if step >= least and (len(at) < 3 or bool(np.all(np.diff(at) == step))):
+        return step
+    return None
+
+
 def _words(buf: NDArray[np.uint8], at: Positions, dtype: str) -> NDArray[Any]:
     """The fixed-width value of ``dtype`` at each position (big-endian, as every binary form is).
 
@@ -276,8 +284,8 @@ def _words(buf: NDArray[np.uint8], at: Positions, dtype: str) -> NDArray[Any]:
     size = np.dtype(dtype).itemsize
     if len(at) == 0:
         return np.empty(0, dtype)
-    step = int(at[1] - at[0]) if len(at) > 1 else size
-    if step >= size and (len(at) < 3 or bool(np.all(np.diff(at) == step))):
+    step = _stride(at, size)
+    if step is not None:
         return np.ndarray((len(at),), dtype, buffer=buf, offset=int(at[0]), strides=(step,))
     out = np.empty((len(at), size), np.uint8)
     for k in range(size):
@@ -288,9 +296,16 @@ def _words(buf: NDArray[np.uint8], at: Positions, dtype: str) -> NDArray[Any]:
 def _gather(buf: NDArray[np.uint8], at: Positions, lengths: Positions) -> NDArray[np.uint8]:
     """The bytes ``buf[a : a + n]`` of every (a, n), concatenated; the spans are in order and do not overlap.
 
-    A mask of the bytes to keep: +1 where a span starts, -1 where one ends, summed up (starts are distinct,
-    and so are ends, once empty spans are left out).
+    Spans of one length one stride apart are read through a strided view; others through a mask of the
+    bytes to keep: +1 where a span starts, -1 where one ends, summed up (starts are distinct, and so are
+    ends, once empty spans are left out).
     """
+    if len(at) and bool(np.all(lengths == lengths[0])):
+        size = int(lengths[0])
+        step = _stride(at, size)
+        if step is not None:
+            view = np.ndarray((len(at), size), np.uint8, buffer=buf, offset=int(at[0]), strides=(step, 1))
+            return np.ascontiguousarray(view).reshape(-1)
     some = lengths > 0
     delta = np.zeros(len(buf) + 1, np.int8)
     delta[at[some]] += 1

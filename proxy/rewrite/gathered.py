@@ -8,18 +8,21 @@ decoding those rows into the engine's argument tuples (float arrays column-wise 
 fill the table (the keys as gathered, then the result's binary form, for the value types in
 :data:`WRITERS`).
 
-Values are what the text path reads (``engine.pg.text.from_text``): ints as int, float arrays flattened to
-lists of floats. What the binary forms cannot give the same way — arrays of different lengths in one
-column, NaN or NULL elements (NaN is all numpy has for both) — is left to the text path (None).
+Values are what the text path reads (``engine.pg.text.from_text``): ints as int, text as str; float arrays
+(which only the predict family takes, reading each row with ``np.asarray``) as flattened numpy rows of
+their own precision instead of lists of Python floats. What the binary forms cannot give the same way —
+arrays of different lengths in one column, NaN or NULL elements (NaN is all numpy has for both) — is left
+to the text path (None).
 
 Must not: run anything or choose overloads (:mod:`proxy.rewrite.per_row` does both).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +42,8 @@ KEYS = {
     types.FLOAT4_ARRAY: "real[]", types.FLOAT8_ARRAY: "double precision[]",
 }  # fmt: skip
 _TEXTS = frozenset({types.TEXT, types.VARCHAR, types.BPCHAR, types.NAME})
-_FLOAT_ARRAYS = {types.FLOAT4_ARRAY: "real[]", types.FLOAT8_ARRAY: "double precision[]"}
+# Float array type -> how it is decoded, and the dtype of the rows the engine gets (float32 for real[]).
+_FLOAT_ARRAYS = {types.FLOAT4_ARRAY: ("real[]", np.float32), types.FLOAT8_ARRAY: ("double precision[]", np.float64)}
 
 # Result value type -> its binary form (the send function of that type).
 WRITERS: dict[str, Callable[[Any], bytes]] = {
@@ -77,16 +81,15 @@ def decode(messages: Sequence[bytes], oids: Sequence[int], fixed: list[Any], giv
         if values is None:
             return None
         columns.append(values)
-    raws = [fields.raw(index) for index in range(len(oids))]
-    tuples, keys = [], []
-    for row, key in zip(zip(*columns, strict=True), zip(*raws, strict=True), strict=True):
-        if any(v is None for v in row):
-            continue  # STRICT: a NULL argument gives NULL, no lookup row needed
-        values = list(fixed)
-        for position, value in zip(given, row, strict=True):
-            values[position] = value
-        tuples.append(tuple(values))
-        keys.append(key)
+    slots: list[Iterable[Any]] = [itertools.repeat(value) for value in fixed]
+    for position, values in zip(given, columns, strict=True):
+        slots[position] = values
+    tuples = list(zip(*slots, strict=False)) if columns else [tuple(fixed)] * fields.num_rows  # repeats: endless
+    keys = list(zip(*(fields.raw(index) for index in range(len(oids))), strict=True))
+    present = np.logical_and.reduce([lengths >= 0 for lengths in fields.lengths], initial=True)
+    if not present.all():  # STRICT: a NULL argument gives NULL, no lookup row needed
+        kept = np.flatnonzero(present).tolist()
+        tuples, keys = [tuples[i] for i in kept], [keys[i] for i in kept]
     return Gathered(tuples, keys, fields.num_rows)
 
 
@@ -96,14 +99,15 @@ def _values(fields: Fields, index: int, oid: int) -> list[Any] | None:
     if len(lengths):
         check_length(int(lengths.max()))
     if oid in _FLOAT_ARRAYS:
+        sql_type, dtype = _FLOAT_ARRAYS[oid]
         try:
-            column = fields.column(index, f"${index + 1}", _FLOAT_ARRAYS[oid])
+            column = fields.column(index, f"${index + 1}", sql_type)
         except InvalidArgument:  # arrays of different lengths: fine for the text path
             return None
         floats = column.floats
         if np.isnan(floats[~column.nulls]).any():  # NaN or NULL elements: numpy cannot tell them apart
             return None
-        rows: list[Any] = floats.tolist()
+        rows: list[Any] = list(floats.astype(dtype))
         for row in np.flatnonzero(column.nulls).tolist():
             rows[row] = None
         return rows
