@@ -9,12 +9,10 @@ Numbers, booleans and numeric/boolean arrays become float64 numpy arrays (NaN fo
 plus a row NULL mask); text-like values (text, varchar, char, json, jsonb and any type
 not known here) stay Python strings.
 
-Strategy: no value is decoded by Python code. ``engine.pg.copy`` gives where each row starts
-and ends (one CopyData message per row); the fields of one column are found for all rows at
-once (its 32-bit length words, read by numpy at every row's position, move every position
-on), fixed-width values are read by numpy straight from the bytes, array elements the same
-way (rows with NULL elements element by element), and text bytes are gathered into one
-buffer that pyarrow turns into strings.
+Strategy: no value is decoded by Python code. ``engine.pg.fields`` finds each column's fields
+for all rows at once; fixed-width values are read by numpy straight from the bytes, array
+elements the same way (rows with NULL elements element by element, all such rows at once),
+and text bytes are gathered into one buffer that pyarrow turns into strings.
 
 Must not: know about snapshots, preprocessing or models, talk to a database, or guess
 types from the data (the caller passes ``format_type()`` of every column).
@@ -22,25 +20,22 @@ types from the data (the caller passes ``format_type()`` of every column).
 
 from __future__ import annotations
 
-import functools
-import importlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Literal, cast
 
 import numpy as np
 from numpy.typing import NDArray
 
-from engine.api import CharacterNotInRepertoire, DatatypeMismatch, EngineError, InvalidArgument
+from engine.api import DatatypeMismatch, EngineError, InvalidArgument
 from engine.pg import types
 from engine.pg.binary import MAX_DIMENSIONS
-from engine.pg.copy import binary_row_spans
+from engine.pg.fields import Fields, Positions, gather, read_fields, strings, words
 from engine.pg.text import quote_ident
 
 FloatArray = NDArray[np.float64]
 BoolArray = NDArray[np.bool_]
-Positions = NDArray[np.int64]
 Kind = Literal["number", "bool", "text"]
 TextArrayRow = list[str | None]
 
@@ -158,12 +153,6 @@ class Table:
         raise KeyError(name)
 
 
-@functools.cache
-def _arrow() -> Any:
-    """pyarrow, imported on first use: half a second to import, and only text columns need it."""
-    return importlib.import_module("pyarrow")
-
-
 def pg_type_of(type_name: str) -> tuple[str, Kind, bool]:
     """``format_type()`` spelling -> (PostgresML pg_type, element kind, is array).
 
@@ -198,56 +187,12 @@ def copy_select_list(columns: Sequence[tuple[str, str]]) -> str:
     return ", ".join(items)
 
 
-@dataclass(frozen=True, eq=False)
-class Fields:
-    """Where the fields of binary COPY rows are: per column, each row's value position and length (-1: NULL)."""
-
-    data: bytes
-    buf: NDArray[np.uint8]
-    at: list[Positions]
-    lengths: list[Positions]
-    num_rows: int
-
-    def raw(self, index: int) -> list[bytes | None]:
-        """Column ``index``'s fields as they came (binary form), None for NULL."""
-        data, spans = self.data, zip(self.at[index].tolist(), self.lengths[index].tolist(), strict=True)
-        return [None if n < 0 else data[a : a + n] for a, n in spans]
-
-    def column(self, index: int, name: str, type_name: str) -> Column:
-        """Column ``index`` decoded as ``type_name`` (a ``format_type()`` spelling, read as stored)."""
-        try:
-            return _decode_column(self.buf, name, type_name, self.at[index], self.lengths[index])
-        except IndexError:
-            raise EngineError("malformed COPY data: a field beyond the data") from None
-
-
-def read_fields(messages: Sequence[bytes], width: int) -> Fields:
-    """The fields of the CopyData messages of a ``COPY … TO STDOUT (FORMAT binary)`` of ``width`` columns.
-
-    Every row is checked to hold ``width`` fields that end where its message does (EngineError, 22P03 …).
-    """
-    data, starts, stops = binary_row_spans(messages)
-    buf = np.frombuffer(data, np.uint8)
+def decode_column(fields: Fields, index: int, name: str, type_name: str) -> Column:
+    """Column ``index`` of ``fields`` decoded as ``type_name`` (a ``format_type()`` spelling, read as stored)."""
     try:
-        counts = _words(buf, starts, ">i2")
-        if np.any(counts != width):
-            found = int(counts[np.argmax(counts != width)])
-            raise EngineError(f"malformed COPY data: a row has {found} fields, not {width}")
-        pos = starts + 2
-        at, lengths = [], []
-        for _ in range(width):
-            length = _words(buf, pos, ">i4").astype(np.int64)
-            after = pos + 4 + np.maximum(length, 0)
-            if np.any(length < -1) or np.any(after > stops):
-                raise EngineError("malformed COPY data: a field beyond its row")
-            at.append(pos + 4)
-            lengths.append(length)
-            pos = after
+        return _decode_column(fields.buf, name, type_name, fields.at[index], fields.lengths[index])
     except IndexError:
         raise EngineError("malformed COPY data: a field beyond the data") from None
-    if np.any(pos != stops):
-        raise EngineError("malformed COPY data: bytes after the last field of a row")
-    return Fields(data, buf, at, lengths, len(starts))
 
 
 def decode_copy_binary(messages: Sequence[bytes], columns: Sequence[tuple[str, str]]) -> Table:
@@ -258,76 +203,8 @@ def decode_copy_binary(messages: Sequence[bytes], columns: Sequence[tuple[str, s
     lengths, :class:`EngineError` (22P03 …) when the data is not rows of those columns.
     """
     fields = read_fields(messages, len(columns))
-    decoded = [fields.column(i, name, type_name) for i, (name, type_name) in enumerate(columns)]
+    decoded = [decode_column(fields, i, name, type_name) for i, (name, type_name) in enumerate(columns)]
     return Table(decoded, fields.num_rows)
-
-
-# --------------------------------------------------------------------------- #
-# Reading bytes at many positions at once
-# --------------------------------------------------------------------------- #
-
-
-def _stride(at: Positions, least: int) -> int | None:
-    """The distance between consecutive positions when it is one and the same (and at least ``least``)."""
-    step = int(at[1] - at[0]) if len(at) > 1 else least
-    if step >= least and (len(at) < 3 or bool(np.all(np.diff(at) == step))):
-        return step
-    return None
-
-
-def _words(buf: NDArray[np.uint8], at: Positions, dtype: str) -> NDArray[Any]:
-    """The fixed-width value of ``dtype`` at each position (big-endian, as every binary form is).
-
-    Positions one stride apart (rows of one length, the fields before them of fixed width: the usual
-    numeric table) are read through a strided view of the bytes; others are gathered byte by byte.
-    """
-    size = np.dtype(dtype).itemsize
-    if len(at) == 0:
-        return np.empty(0, dtype)
-    step = _stride(at, size)
-    if step is not None:
-        return np.ndarray((len(at),), dtype, buffer=buf, offset=int(at[0]), strides=(step,))
-    out = np.empty((len(at), size), np.uint8)
-    for k in range(size):
-        out[:, k] = buf[at + k]
-    return out.view(dtype).reshape(len(at))
-
-
-def _gather(buf: NDArray[np.uint8], at: Positions, lengths: Positions) -> NDArray[np.uint8]:
-    """The bytes ``buf[a : a + n]`` of every (a, n), concatenated; the spans are in order and do not overlap.
-
-    Spans of one length one stride apart are read through a strided view; others through a mask of the
-    bytes to keep: +1 where a span starts, -1 where one ends, summed up (starts are distinct, and so are
-    ends, once empty spans are left out).
-    """
-    if len(at) and bool(np.all(lengths == lengths[0])):
-        size = int(lengths[0])
-        step = _stride(at, size)
-        if step is not None:
-            view = np.ndarray((len(at), size), np.uint8, buffer=buf, offset=int(at[0]), strides=(step, 1))
-            return np.ascontiguousarray(view).reshape(-1)
-    some = lengths > 0
-    delta = np.zeros(len(buf) + 1, np.int8)
-    delta[at[some]] += 1
-    delta[at[some] + lengths[some]] -= 1
-    return buf[np.cumsum(delta[:-1], dtype=np.int8).view(np.bool_)]
-
-
-def _strings(buf: NDArray[np.uint8], at: Positions, lengths: Positions) -> list[str | None]:
-    """UTF-8 text at each (position, length), None where the length is -1."""
-    pa = _arrow()
-    nulls = lengths < 0
-    sizes = np.where(nulls, 0, lengths)
-    offsets = np.zeros(len(at) + 1, np.int64)
-    np.cumsum(sizes, out=offsets[1:])
-    blob = _gather(buf, at[~nulls], sizes[~nulls])
-    valid = pa.py_buffer(np.packbits(~nulls, bitorder="little").tobytes())
-    strings = pa.LargeStringArray.from_buffers(len(at), pa.py_buffer(offsets), pa.py_buffer(blob), valid)
-    try:
-        strings.validate(full=True)
-    except pa.ArrowInvalid:
-        raise CharacterNotInRepertoire('invalid byte sequence for encoding "UTF8" in COPY data') from None
-    return cast(list[str | None], strings.to_pylist())
 
 
 # --------------------------------------------------------------------------- #
@@ -346,15 +223,15 @@ def _decode_column(buf: NDArray[np.uint8], name: str, type_name: str, at: Positi
         values, shape = _arrays(buf, name, read, at, lengths)
         width = int(np.prod(shape)) if shape else 0
     elif read.dtype is None:
-        values = _strings(buf, at, lengths)
+        values = strings(buf, at, lengths)
     else:
         if np.any((lengths != np.dtype(read.dtype).itemsize) & ~nulls):
             raise EngineError(f"malformed COPY data: column {name!r} is not {type_name}")
         if nulls.any():
             values = np.full(len(at), np.nan)
-            values[~nulls] = _words(buf, at[~nulls], read.dtype)
+            values[~nulls] = words(buf, at[~nulls], read.dtype)
         else:
-            values = _words(buf, at, read.dtype).astype(np.float64)
+            values = words(buf, at, read.dtype).astype(np.float64)
     return Column(name, type_name, pg_type, kind, array, values, nulls, shape, width)
 
 
@@ -365,17 +242,17 @@ def _arrays(
     then each element's length and bytes) -> flattened rows, and the shape of the first."""
     present = np.flatnonzero(lengths >= 0)
     start = at[present]
-    ndim, flags = _words(buf, start, ">i4").astype(np.int64), _words(buf, start + 4, ">i4")
+    ndim, flags = words(buf, start, ">i4").astype(np.int64), words(buf, start + 4, ">i4")
     if np.any((ndim < 0) | (ndim > MAX_DIMENSIONS) | ((flags != 0) & (flags != 1))):
         raise EngineError(f"malformed COPY data: column {name!r} holds no arrays")
-    if np.any(_words(buf, start + 8, ">u4") != read.element):
+    if np.any(words(buf, start + 8, ">u4") != read.element):
         raise DatatypeMismatch(f"COPY data of column {name!r} has another array element type")
     counts = np.where(ndim > 0, 1, 0)
     shape: tuple[int, ...] = () if len(start) == 0 else (0,) if ndim[0] == 0 else ()
     for d in range(int(ndim.max(initial=0))):
         deep = ndim > d
         sizes = np.ones(len(start), np.int64)
-        sizes[deep] = _words(buf, start[deep] + 12 + 8 * d, ">i4")
+        sizes[deep] = words(buf, start[deep] + 12 + 8 * d, ">i4")
         counts *= sizes
         shape += (int(sizes[0]),) if deep[0] else ()
     width = _common_width(name, counts)
@@ -389,7 +266,7 @@ def _arrays(
         if np.any(plain & (lengths[present] != 12 + 8 * ndim + width * (4 + size))):
             raise EngineError(f"malformed COPY data: column {name!r} is not an array of {width} {read.dtype} values")
         # No NULL element: each element is its length word and value, one after the other, in one block.
-        blocks = _gather(buf, elements[plain], np.full(int(plain.sum()), width * (4 + size)))
+        blocks = gather(buf, elements[plain], np.full(int(plain.sum()), width * (4 + size)))
         pairs = np.ascontiguousarray(blocks.reshape(-1, width, 4 + size)[:, :, 4:])
         out[present[plain]] = pairs.view(read.dtype).reshape(-1, width)
         _walk_elements(buf, name, read.dtype, out, present[~plain], elements[~plain])
@@ -401,11 +278,11 @@ def _walk_elements(
 ) -> None:
     """Arrays with NULL elements: element by element, for all such rows at once."""
     for j in range(out.shape[1]):
-        sizes = _words(buf, pos, ">i4").astype(np.int64)
+        sizes = words(buf, pos, ">i4").astype(np.int64)
         has = sizes >= 0
         if np.any(has & (sizes != np.dtype(dtype).itemsize)):
             raise EngineError(f"malformed COPY data: column {name!r} has an element that is not {dtype}")
-        out[rows[has], j] = _words(buf, pos[has] + 4, dtype)
+        out[rows[has], j] = words(buf, pos[has] + 4, dtype)
         pos = pos + 4 + np.maximum(sizes, 0)
 
 
@@ -417,10 +294,10 @@ def _text_arrays(
     sizes = np.empty((len(present), width), np.int64)
     pos = elements
     for j in range(width):
-        sizes[:, j] = _words(buf, pos, ">i4")
+        sizes[:, j] = words(buf, pos, ">i4")
         at[:, j] = pos + 4
         pos = pos + 4 + np.maximum(sizes[:, j], 0)
-    flat = _strings(buf, at.reshape(-1), sizes.reshape(-1))
+    flat = strings(buf, at.reshape(-1), sizes.reshape(-1))
     out: list[TextArrayRow | None] = [None] * n
     for k, row in enumerate(present.tolist()):
         out[row] = flat[k * width : (k + 1) * width]

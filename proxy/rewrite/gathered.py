@@ -31,8 +31,9 @@ import numpy as np
 from engine.api import InvalidArgument
 from engine.pg import copy, types
 from engine.pg.binary import binary_value, send_jsonb, send_real_array, send_text
+from engine.pg.fields import Fields, read_fields
 from engine.pg.scalars import check_length
-from engine.pg.table import Fields, read_fields
+from engine.pg.table import decode_column
 
 # Gathered type OID -> the key column type (the same type: its binary form is the gathered bytes).
 KEYS = {
@@ -101,7 +102,7 @@ def _values(fields: Fields, index: int, oid: int) -> list[Any] | None:
     if oid in _FLOAT_ARRAYS:
         sql_type, dtype = _FLOAT_ARRAYS[oid]
         try:
-            column = fields.column(index, f"${index + 1}", sql_type)
+            column = decode_column(fields, index, f"${index + 1}", sql_type)
         except InvalidArgument:  # arrays of different lengths: fine for the text path
             return None
         floats = column.floats
@@ -112,7 +113,7 @@ def _values(fields: Fields, index: int, oid: int) -> list[Any] | None:
             rows[row] = None
         return rows
     if oid in _TEXTS:
-        return fields.column(index, f"${index + 1}", "text").texts
+        return decode_column(fields, index, f"${index + 1}", "text").texts
     return [None if raw is None else binary_value(raw, oid) for raw in fields.raw(index)]
 
 
