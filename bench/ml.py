@@ -18,6 +18,7 @@ the order flips every round; medians are reported, nothing is asserted):
     time) vs ``SELECT 1``, both through the proxy, alternated, ``--latency-runs`` each: p50/p99.
 
     .venv/bin/python bench/ml.py [--rows 100000] [--rounds 3] [--train-rounds 2] [--latency-runs 300]
+    .venv/bin/python bench/ml.py --train-only [--baseline /path/to/other/checkout] [--hyperparams JSON]
 
 Set PGML_BENCH_DSN to use an existing server instead of a throwaway PG 18 (the table lives in a
 ``pgml_bench`` schema, dropped at the end; the project's models stay in ``pgml.*``; the per-phase
@@ -115,31 +116,32 @@ def train_sql(hyperparams: str, project: str = PROJECT, relation: str = TRAIN_VI
 
 
 def train_rounds(
-    proxy: str, x: np.ndarray[Any, Any], y: np.ndarray[Any, Any], hyperparams: dict[str, Any], rounds: int
-) -> tuple[list[float], list[float], list[tuple[datetime, datetime]]]:
-    """Seconds per training run, proxy and raw alternated; also each proxy run's wall-clock span (for the log)."""
+    proxies: dict[str, str], x: np.ndarray[Any, Any], y: np.ndarray[Any, Any], hyperparams: dict[str, Any], rounds: int
+) -> tuple[dict[str, list[float]], list[tuple[datetime, datetime]]]:
+    """Seconds per training run of each proxy (``proxy``: this checkout's) and the raw fit, rotated (the order
+    flips every round); also each ``proxy`` run's wall-clock span (for its log)."""
     from xgboost import XGBRegressor
 
     n_train = len(x) - round(len(x) * TEST_SIZE)
     order = np.random.default_rng(7).permutation(len(x))
     x_train, y_train = x[np.sort(order[:n_train])], y[np.sort(order[:n_train])]
     sql = train_sql(json.dumps(hyperparams))
-    proxy_s: list[float] = []
-    raw_s: list[float] = []
+    seconds: dict[str, list[float]] = defaultdict(list)
     spans: list[tuple[datetime, datetime]] = []
-    with psycopg.connect(proxy, autocommit=True) as conn:
-        for rnd in range(rounds):
-            for side in ("proxy", "raw") if rnd % 2 == 0 else ("raw", "proxy"):
-                if side == "proxy":
-                    began = datetime.now()
-                    seconds, _ = timed(lambda: conn.execute(sql).fetchall())
-                    spans.append((began, datetime.now()))
-                    proxy_s.append(seconds)
-                else:
-                    seconds, _ = timed(lambda: XGBRegressor(**hyperparams).fit(x_train, y_train))
-                    raw_s.append(seconds)
-                print(f"  round {rnd + 1} {side:<5}: {seconds:7.2f} s", flush=True)
-    return proxy_s, raw_s, spans
+    sides = [*proxies, "raw"]
+    for rnd in range(rounds):
+        for side in sides if rnd % 2 == 0 else reversed(sides):
+            began = datetime.now()
+            if side == "raw":
+                elapsed, _ = timed(lambda: XGBRegressor(**hyperparams).fit(x_train, y_train))
+            else:
+                with psycopg.connect(proxies[side], autocommit=True) as conn:
+                    elapsed, _ = timed(lambda conn=conn: conn.execute(sql).fetchall())
+            if side == "proxy":
+                spans.append((began, datetime.now()))
+            seconds[side].append(elapsed)
+            print(f"  round {rnd + 1} {side:<8}: {elapsed:7.2f} s", flush=True)
+    return seconds, spans
 
 
 _LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ [\w.-]+: (.*)$")
@@ -291,6 +293,7 @@ def main() -> None:
     parser.add_argument("--latency-runs", type=int, default=300)
     parser.add_argument("--hyperparams", default='{"n_estimators": 50}', help="xgboost hyperparameters (JSON)")
     parser.add_argument("--train-only", action="store_true", help="only (a): pgml.train vs the raw fit")
+    parser.add_argument("--baseline", type=Path, help="with --train-only: also another checkout's proxy, rotated in")
     args = parser.parse_args()
     hyperparams = json.loads(args.hyperparams)
     started = time.perf_counter()
@@ -308,12 +311,27 @@ def main() -> None:
             warm_s, _ = timed(lambda: conn.execute(train_sql("{}", WARM_PROJECT, WARM_VIEW)).fetchall())
         print(f"{args.rows} rows loaded by COPY in {load_s:.2f} s; proxy warm-up (schema, imports): {warm_s:.2f} s")
 
-        print(f"\n(a) pgml.train xgboost {json.dumps(hyperparams)}, {args.train_rounds} alternated rounds")
-        train_proxy, train_raw, spans = train_rounds(proxy, x, y, hyperparams, args.train_rounds)
+        proxies = {"proxy": proxy}
+        if args.baseline is not None:
+            (work / "baseline").mkdir()
+            root = args.baseline.resolve()
+            proxies["baseline"], _ = stack.enter_context(
+                pgml_proxy(
+                    direct, work / "baseline", root=root, PYTHONPATH=str(root), PGML_PROXY_ENGINE_CALL_TIMEOUT="3600"
+                )
+            )
+            with psycopg.connect(proxies["baseline"], autocommit=True) as conn:
+                conn.execute(train_sql("{}", WARM_PROJECT, WARM_VIEW)).fetchall()
+        print(f"\n(a) pgml.train xgboost {json.dumps(hyperparams)}, {args.train_rounds} rotated rounds")
+        train_s, spans = train_rounds(proxies, x, y, hyperparams, args.train_rounds)
+        train_proxy, train_raw = train_s["proxy"], train_s["raw"]
         breakdown = train_breakdown(log, spans)
         if args.train_only:
             print(f"\n=== results ({args.rows} rows x {NUM_FEATURES} features, xgboost {json.dumps(hyperparams)}) ===")
             report_train(args, train_proxy, train_raw, breakdown)
+            if "baseline" in train_s:
+                base = statistics.median(train_s["baseline"])
+                print(f"    baseline checkout {base:.2f} s, baseline/raw = {base / statistics.median(train_raw):.2f}")
             report_log(log)
             return
 

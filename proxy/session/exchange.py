@@ -48,6 +48,7 @@ STATEMENT = "pgml_proxy_s"  # the private statement and portal of internal excha
 PORTAL = "pgml_proxy_p"
 SYNC = Sync().encode()
 FLUSH = Flush().encode()
+_COPY_DATA = int(Backend.COPY_DATA)
 # The answers of a visible statement (one of the client's own, run here): they are the client's.
 _VISIBLE = frozenset(
     {
@@ -231,6 +232,9 @@ class Exchange:
 
     def feed(self, frame: Frame) -> list[bytes]:
         kind = frame.type
+        if kind == _COPY_DATA:  # a row of a COPY TO (no visible statement copies): checked first, for each row
+            self._copy_parts.append(frame.raw[5:])  # one frame per row: the rows' bounds for binary COPY
+            return []
         if self._index < len(self.statements) and self.statements[self._index].visible and kind in _VISIBLE:
             self.forward.append(frame.raw)  # a statement of the client's own, run here: its answer is theirs
         result = self.results[min(self._index, len(self.results) - 1)] if self.results else Result()
@@ -238,8 +242,6 @@ class Exchange:
             case Backend.DATA_ROW:
                 if not self.statements[self._index].visible:
                     result.rows.append(_text_row(frame))
-            case Backend.COPY_DATA:
-                self._copy_parts.append(frame.body)  # one frame per row: the rows' bounds for binary COPY
             case Backend.PARAMETER_DESCRIPTION if isinstance(result, Described):
                 result.param_types = ParameterDescription.decode(frame).types
             case Backend.ROW_DESCRIPTION | Backend.NO_DATA if self._describing():
