@@ -386,13 +386,13 @@ class Statement:
 
 @dataclass
 class Result:
-    """One statement's answer: columns (name, type OID), rows in text format, the command tag, and the COPY TO
-    data as its CopyData messages' bodies (PostgreSQL sends one per row)."""
+    """One statement's answer: columns (name, type OID), rows in text format, the command tag, COPY TO data."""
 
     columns: list[tuple[str, int]] = field(default_factory=list)
     rows: list[tuple[str | None, ...]] = field(default_factory=list)
     command: str = ""
-    copy: list[bytes] = field(default_factory=list)
+    copy: bytes = b""
+    copy_rows: list[int] = field(default_factory=list)  # each CopyData message's length: PostgreSQL sends one per row
 
 
 class Database(Protocol):

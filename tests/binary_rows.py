@@ -56,6 +56,11 @@ def _field(data: bytes | None) -> bytes:
     return b"\xff\xff\xff\xff" if data is None else struct.pack("!i", len(data)) + data
 
 
+def joined(messages: Sequence[bytes]) -> tuple[bytes, list[int]]:
+    """Messages as a Result holds them: the data, and each message's length."""
+    return b"".join(messages), [len(m) for m in messages]
+
+
 def copy_messages(columns: Sequence[tuple[str, str]], rows: Sequence[Sequence[Any]]) -> list[bytes]:
     """CopyData bodies: the header with the first row, one row each, the trailer alone."""
     forms = [_form(type_name) for _, type_name in columns]

@@ -19,7 +19,7 @@ from engine.pg import types
 from engine.pg.binary import binary_value
 from engine.pg.copy import BINARY_HEADER, BINARY_TRAILER, binary_row_spans, decode_binary
 from engine.pg.table import Table, copy_select_list, decode_copy_binary, pg_type_of
-from tests.binary_rows import copy_messages
+from tests.binary_rows import copy_messages, joined
 from tests.conftest import Postgres
 
 NAN = math.nan
@@ -85,7 +85,7 @@ def server_copies(pg: Postgres) -> dict[str, tuple[list[bytes], list[tuple[str, 
 
 def _decoded(copies: dict[str, tuple[list[bytes], list[tuple[str, str]]]], table: str) -> Table:
     messages, names = copies[table]
-    return decode_copy_binary(messages, names)
+    return decode_copy_binary(*joined(messages), names)
 
 
 def _same(actual: Any, expected: Any) -> bool:
@@ -156,7 +156,7 @@ def test_rows_of_one_length_read_through_the_strided_path(server_copies: Any) ->
 def test_agrees_with_the_field_by_field_reference(server_copies: Any, table: str) -> None:
     """decode_copy_binary against engine.pg.copy.decode_binary + engine.pg.binary.binary_value (1-D arrays)."""
     messages, names = server_copies[table]
-    decoded = decode_copy_binary(messages, names)
+    decoded = decode_copy_binary(*joined(messages), names)
     rows = decode_binary(b"".join(messages))
     for index, (name, type_name) in enumerate(names):
         column = decoded.column(name)
@@ -194,43 +194,45 @@ def _equal(got: Any, want: Any) -> bool:
 def test_no_rows_and_the_spans_of_rows(server_copies: Any) -> None:
     messages, names = server_copies["copy_empty"]
     assert messages == [BINARY_HEADER + BINARY_TRAILER]  # the header and the trailer in one message
-    empty = decode_copy_binary(messages, names)
+    empty = decode_copy_binary(*joined(messages), names)
     assert empty.num_rows == 0 and empty.column("t").texts == [] and empty.column("fa").width == 0
-    data, starts, stops = binary_row_spans([BINARY_HEADER + b"\0\0", b"\0\0", BINARY_TRAILER])
-    assert starts.tolist() == [19, 21] and stops.tolist() == [21, 23] and len(data) == 25
-    assert decode_copy_binary([BINARY_HEADER + b"\0\0", b"\0\0", BINARY_TRAILER], []).num_rows == 2
+    starts, stops = binary_row_spans(*joined([BINARY_HEADER + b"\0\0", b"\0\0", BINARY_TRAILER]))
+    assert starts.tolist() == [19, 21] and stops.tolist() == [21, 23]
+    assert decode_copy_binary(*joined([BINARY_HEADER + b"\0\0", b"\0\0", BINARY_TRAILER]), []).num_rows == 2
 
 
 def test_malformed_data_is_refused() -> None:
     columns = [("a", "integer"), ("t", "text")]
     good = copy_messages(columns, [(1, "x"), (2, "y")])
-    assert decode_copy_binary(good, columns).column("t").texts == ["x", "y"]
+    assert decode_copy_binary(*joined(good), columns).column("t").texts == ["x", "y"]
     with pytest.raises(InvalidBinaryRepresentation, match="signature"):
-        decode_copy_binary([b"a\tb\n"], columns)
+        decode_copy_binary(*joined([b"a\tb\n"]), columns)
+    with pytest.raises(InvalidBinaryRepresentation, match="does not match"):
+        decode_copy_binary(b"".join(good), [len(good[0])], columns)
     with pytest.raises(InvalidBinaryRepresentation, match="end of COPY"):
-        decode_copy_binary(good[:-1], columns)
+        decode_copy_binary(*joined(good[:-1]), columns)
     with pytest.raises(EngineError, match="has 2 fields, not 1"):
-        decode_copy_binary(good, [("a", "integer")])
+        decode_copy_binary(*joined(good), [("a", "integer")])
     with pytest.raises(EngineError, match="beyond"):
-        decode_copy_binary([good[0], good[1][:-1], good[2]], columns)  # a row cut short
+        decode_copy_binary(*joined([good[0], good[1][:-1], good[2]]), columns)  # a row cut short
     with pytest.raises(EngineError, match="is not real"):
-        decode_copy_binary(copy_messages([("a", "bigint")], [(1,)]), [("a", "real")])  # 8 bytes, not 4
-    joined = [good[0] + good[1], good[2]]  # two rows in one message: not how the server sends them
+        decode_copy_binary(*joined(copy_messages([("a", "bigint")], [(1,)])), [("a", "real")])  # 8 bytes, not 4
+    together = [good[0] + good[1], good[2]]  # two rows in one message: not how the server sends them
     with pytest.raises(EngineError, match="malformed COPY data"):
-        decode_copy_binary(joined, columns)
+        decode_copy_binary(*joined(together), columns)
     bad_text = copy_messages(columns, [(1, "x")])
     bad_text[0] = bad_text[0][:-1] + b"\xff"
     with pytest.raises(CharacterNotInRepertoire):
-        decode_copy_binary(bad_text, columns)
+        decode_copy_binary(*joined(bad_text), columns)
 
 
 def test_mismatched_array_lengths_name_the_column() -> None:
     with pytest.raises(InvalidArgument, match="features_col"):
         columns = [("features_col", "real[]")]
-        decode_copy_binary(copy_messages(columns, [([1.0, 2.0],), ([1.0, 2.0, 3.0],)]), columns)
+        decode_copy_binary(*joined(copy_messages(columns, [([1.0, 2.0],), ([1.0, 2.0, 3.0],)])), columns)
     with pytest.raises(InvalidArgument, match="tags"):
         columns = [("tags", "text[]")]
-        decode_copy_binary(copy_messages(columns, [(["a"],), (["a", "b"],)]), columns)
+        decode_copy_binary(*joined(copy_messages(columns, [(["a"],), (["a", "b"],)])), columns)
 
 
 def test_select_list_casts_what_is_not_read_as_stored() -> None:

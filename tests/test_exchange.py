@@ -104,7 +104,7 @@ def test_copy_out_rows_stay_one_message_each() -> None:
     parsed = [pq.ParseComplete().encode(), pq.BindComplete().encode(), pq.NoData().encode(), out]
     done = [pq.CommandComplete("COPY 2").encode(), *[pq.CloseComplete().encode()] * 2, pq.ReadyForQuery("I").encode()]
     _answer(exchange, *[pq.CloseComplete().encode()] * 2, *parsed, *rows, *done)
-    assert exchange.results[0].copy == [b"a\t1\n", b"b\t2\n"]
+    assert exchange.results[0].copy == b"a\t1\nb\t2\n" and exchange.results[0].copy_rows == [4, 4]
 
 
 # --------------------------------------------------------------------------- #

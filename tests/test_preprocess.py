@@ -22,7 +22,7 @@ from engine.ml.preprocess import (
 from engine.ml.snapshot import NULL_CATEGORY_KEY, Snapshot, analyze
 from engine.ml.statistics import statistics
 from engine.pg.table import Table, decode_copy_binary
-from tests.binary_rows import copy_messages
+from tests.binary_rows import copy_messages, joined
 
 COLUMN_KEYS = ["name", "pg_type", "nullable", "label", "position", "size", "array", "preprocessor", "statistics"]
 STAT_KEYS = ["min", "max", "max_abs", "mean", "median", "mode", "variance", "std_dev", "missing", "distinct"]
@@ -30,7 +30,7 @@ STAT_KEYS += ["histogram", "ventiles", "categories"]
 
 
 def make_table(columns: list[tuple[str, str]], rows: list[tuple[Any, ...]]) -> Table:
-    return decode_copy_binary(copy_messages(columns, rows), columns)
+    return decode_copy_binary(*joined(copy_messages(columns, rows)), columns)
 
 
 def column(snapshot: Snapshot, name: str) -> dict[str, Any]:

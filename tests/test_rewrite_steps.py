@@ -34,7 +34,7 @@ from proxy.rewrite.steps import Compute, Evaluate, Facts, Look, Request, Run, Se
 from proxy.session.exchange import BatchFailed, Described, UpstreamError
 from proxy.wire import messages as pq
 from proxy.wire.frames import split_frames
-from tests.binary_rows import copy_messages
+from tests.binary_rows import copy_messages, joined
 from tests.test_rewrite import Unused, fake_results
 
 CASES = Path(__file__).parent / "rewrite_cases"
@@ -113,7 +113,8 @@ def _gathered(columns: list[list[Any]], rows: list[list[str | None]]) -> list[Re
     named = [(str(name), TYPE_NAMES[oid]) for name, oid in columns]
     values = [[from_text(v, READ_AS[oid]) for v, (_, oid) in zip(row, columns, strict=True)] for row in rows]
     described = Described(columns=[(str(name), int(oid)) for name, oid in columns])
-    return [described, Result(copy=copy_messages(named, values))]
+    data, lengths = joined(copy_messages(named, values))
+    return [described, Result(copy=data, copy_rows=lengths)]
 
 
 def _plain(value: Any) -> Any:

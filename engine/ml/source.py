@@ -139,8 +139,9 @@ async def read_rows(db: Database, source: Source, ctx: Context) -> tuple[Table, 
         if y not in {n for n, _ in names}:
             raise InvalidArgument(f"Column `{y}` not found. Did you pass the correct `y_column_name`?")
     select = f"COPY (SELECT {copy_select_list(names)} FROM {source.relation}) TO STDOUT (FORMAT binary)"
-    copy = (await db.execute([Statement(select)]))[0].copy
-    table = await ctx.work(decode_copy_binary, copy, names)  # tens of ms per 100k x 20: still not on the event loop
+    copied = (await db.execute([Statement(select)]))[0]
+    # Tens of ms per 100k x 20, still not on the event loop.
+    table = await ctx.work(decode_copy_binary, copied.copy, copied.copy_rows, names)
     return table, {str(n): v == "t" for n, _, v in columns}
 
 

@@ -101,8 +101,9 @@ def decode_binary(data: bytes) -> list[list[bytes | None]]:
     return rows
 
 
-def binary_row_spans(messages: Sequence[bytes]) -> tuple[bytes, NDArray[np.int64], NDArray[np.int64]]:
-    """The CopyData messages of ``COPY … TO STDOUT (FORMAT binary)`` joined, and where each row starts and ends.
+def binary_row_spans(data: bytes, messages: Sequence[int]) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """Where each row of ``COPY … TO STDOUT (FORMAT binary)`` data starts and ends, from the lengths of the
+    CopyData messages that brought it.
 
     PostgreSQL sends one CopyData message per row ("always one per row", protocol docs, COPY
     Operations): the header comes with the first row, the trailer alone (with the header when there
@@ -110,14 +111,15 @@ def binary_row_spans(messages: Sequence[bytes]) -> tuple[bytes, NDArray[np.int64
     a reader that walks the fields checks that each row ends where its message does. 22P03 when
     the data is not COPY BINARY.
     """
-    data = b"".join(messages)
+    if sum(messages) != len(data):
+        raise InvalidBinaryRepresentation("COPY data does not match its messages")
     if not data.startswith(BINARY_HEADER[:11]) or len(data) < 21:
         raise InvalidBinaryRepresentation("COPY file signature not recognized")
     if not data.endswith(BINARY_TRAILER):
         raise InvalidBinaryRepresentation("unexpected end of COPY BINARY data")
     (extension,) = struct.unpack_from("!i", data, 15)
-    stops = np.cumsum(np.fromiter(map(len, messages), np.int64, len(messages)))
+    stops = np.cumsum(np.asarray(messages, np.int64))
     starts = np.concatenate((np.array([19 + extension], np.int64), stops[:-1]))
     stops[-1] -= len(BINARY_TRAILER)
     rows = stops > starts
-    return data, starts[rows], stops[rows]
+    return starts[rows], stops[rows]

@@ -1,10 +1,11 @@
 """Where the fields of binary COPY rows are, and their bytes read for all rows at once by numpy.
 
-Owns: :class:`Fields` (per column, every row's value position and length), found from the CopyData
-messages of a ``COPY … TO STDOUT (FORMAT binary)`` — ``engine.pg.copy`` gives where each row starts
-and ends (one message per row); a column's 32-bit length words, read by numpy at every row's
-position, move every position on to the next column — and the readers of many positions at once:
-fixed-width big-endian values, byte spans gathered into one buffer, UTF-8 text (through pyarrow).
+Owns: :class:`Fields` (per column, every row's value position and length), found from the data of a
+``COPY … TO STDOUT (FORMAT binary)`` and the length of each CopyData message it came in —
+``engine.pg.copy`` gives where each row starts and ends (one message per row); a column's 32-bit
+length words, read by numpy at every row's position, move every position on to the next column —
+and the readers of many positions at once: fixed-width big-endian values, byte spans gathered into
+one buffer, UTF-8 text (through pyarrow).
 
 Must not: know the types of the columns (``engine.pg.table`` decodes typed columns from these).
 """
@@ -48,12 +49,13 @@ class Fields:
         return [None if n < 0 else data[a : a + n] for a, n in spans]
 
 
-def read_fields(messages: Sequence[bytes], width: int) -> Fields:
-    """The fields of the CopyData messages of a ``COPY … TO STDOUT (FORMAT binary)`` of ``width`` columns.
+def read_fields(data: bytes, messages: Sequence[int], width: int) -> Fields:
+    """The fields of ``COPY … TO STDOUT (FORMAT binary)`` data of ``width`` columns that came in CopyData
+    messages of these lengths (:attr:`engine.api.Result.copy_rows`).
 
     Every row is checked to hold ``width`` fields that end where its message does (EngineError, 22P03 …).
     """
-    data, starts, stops = binary_row_spans(messages)
+    starts, stops = binary_row_spans(data, messages)
     buf = np.frombuffer(data, np.uint8)
     try:
         counts = words(buf, starts, ">i2")

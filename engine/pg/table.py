@@ -195,14 +195,15 @@ def decode_column(fields: Fields, index: int, name: str, type_name: str) -> Colu
         raise EngineError("malformed COPY data: a field beyond the data") from None
 
 
-def decode_copy_binary(messages: Sequence[bytes], columns: Sequence[tuple[str, str]]) -> Table:
-    """Decode the CopyData messages of ``COPY (SELECT <copy_select_list(columns)> …) TO STDOUT (FORMAT binary)``.
+def decode_copy_binary(data: bytes, messages: Sequence[int], columns: Sequence[tuple[str, str]]) -> Table:
+    """Decode ``COPY (SELECT <copy_select_list(columns)> …) TO STDOUT (FORMAT binary)`` data, which came in
+    CopyData messages of the lengths ``messages`` (:attr:`engine.api.Result.copy_rows`).
 
     ``columns`` lists (name, ``format_type()``) for every output column, in order.
     Raises :class:`InvalidArgument` when an array column's rows have different flattened
     lengths, :class:`EngineError` (22P03 …) when the data is not rows of those columns.
     """
-    fields = read_fields(messages, len(columns))
+    fields = read_fields(data, messages, len(columns))
     decoded = [decode_column(fields, i, name, type_name) for i, (name, type_name) in enumerate(columns)]
     return Table(decoded, fields.num_rows)
 

@@ -72,10 +72,13 @@ def readable(oids: Sequence[int]) -> bool:
     return all(oid in KEYS for oid in oids)
 
 
-def decode(messages: Sequence[bytes], oids: Sequence[int], fixed: list[Any], given: list[int]) -> Gathered | None:
-    """The gathered COPY rows of columns ``oids`` (all :func:`readable`) as argument tuples: ``fixed`` with the
-    gathered values at the positions ``given``; None when the text path must read them (see the module doc)."""
-    fields = read_fields(messages, len(oids))
+def decode(
+    data: bytes, messages: Sequence[int], oids: Sequence[int], fixed: list[Any], given: list[int]
+) -> Gathered | None:
+    """The gathered COPY rows (``data``, in CopyData messages of these lengths) of columns ``oids`` (all
+    :func:`readable`) as argument tuples: ``fixed`` with the gathered values at the positions ``given``; None
+    when the text path must read them (see the module doc)."""
+    fields = read_fields(data, messages, len(oids))
     columns = []
     for index, oid in enumerate(oids):
         values = _values(fields, index, oid)

@@ -2,9 +2,12 @@
 
 Owns: the replacement of one call with column (or otherwise server-computed) arguments — the
 distinct argument tuples gathered through the client's own session (:mod:`proxy.rewrite.gather`
-builds the query), one batched engine call for them, then either a constant (arguments that read
-no row) or a session temp table of (argument keys -> result), filled by COPY, and a lookup in its
-place; the key types the lookup compares, and the COPY text and binary rows that fill the table.
+builds the query; a binary COPY of it, with a Prepare for its column types, in one round trip, read
+by :mod:`proxy.rewrite.gathered` where it reads the types, else the query's text rows), one batched
+engine call for them, then either a constant (arguments that read no row) or a session temp table
+of (argument keys -> result), created, indexed and filled by COPY in one round trip (analysed only
+from :data:`ANALYZE_FROM` rows), and a lookup in its place; the key types the lookup compares, and
+the COPY rows that fill the table from text-read gathers.
 
 Must not: run anything itself: it yields :mod:`proxy.rewrite.steps` requests (run the gather query,
 evaluate, create and fill the table) and is resumed with their answers. Templates hold catalogue
@@ -129,7 +132,7 @@ def _gather(
     copied = None
     if any(_value_type(sig) in gathered.WRITERS for sig in candidates):
         described, result = yield Run((Prepare(sql), Statement(f"COPY ({sql}) TO STDOUT (FORMAT binary)")))
-        oids, copied = [oid for _, oid in described.columns], result.copy
+        oids, copied = [oid for _, oid in described.columns], result
     else:
         (result,) = yield run(sql)
         oids = [oid for _, oid in result.columns]
@@ -137,8 +140,8 @@ def _gather(
     fixed = constant.fold_strict(sig, slots, skip=set(given))
     if copied is not None and gathered.readable(oids) and _value_type(sig) in gathered.WRITERS:
         # Thousands of rows take a while to read: off the event loop, so other sessions are not stalled.
-        decode = functools.partial(gathered.decode, copied, oids, fixed, given)
-        found = yield from off_loop(len(copied) > 500, decode)
+        decode = functools.partial(gathered.decode, copied.copy, copied.copy_rows, oids, fixed, given)
+        found = yield from off_loop(len(copied.copy_rows) > 500, decode)
         if found is not None:
             keys = [gathered.KEYS[oid] for oid in oids]
             return sig, _Rows(oids, found.tuples, found.keys, keys, True, found.count)

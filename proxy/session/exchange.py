@@ -252,7 +252,8 @@ class Exchange:
             case Backend.COMMAND_COMPLETE | Backend.EMPTY_QUERY_RESPONSE:
                 result.command = CommandComplete.decode(frame).tag if kind == Backend.COMMAND_COMPLETE else ""
                 if self._copy_parts:
-                    result.copy, self._copy_parts = self._copy_parts, []
+                    result.copy, result.copy_rows = b"".join(self._copy_parts), list(map(len, self._copy_parts))
+                    self._copy_parts = []
                 self._index += 1
             case Backend.CLOSE_COMPLETE:
                 self._closes_left -= 1
