@@ -56,8 +56,9 @@ def dsn_on_port(dsn: str, port: int) -> str:
 
 
 @contextmanager
-def pgml_proxy(dsn: str, work: Path, **settings: str) -> Iterator[tuple[str, Path]]:
-    """A ``python -m proxy`` in front of ``dsn``; yields its DSN and log file. ``settings``: extra env."""
+def pgml_proxy(dsn: str, work: Path, root: Path = ROOT, **settings: str) -> Iterator[tuple[str, Path]]:
+    """A ``python -m proxy`` of the checkout ``root`` in front of ``dsn``; yields its DSN and log file.
+    ``settings``: extra env."""
     port = free_port()
     log = work / "proxy.log"
     env = {
@@ -69,7 +70,7 @@ def pgml_proxy(dsn: str, work: Path, **settings: str) -> Iterator[tuple[str, Pat
         **settings,
     }
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "proxy"], env=env, cwd=ROOT, stdout=out, stderr=out)
+        proc = subprocess.Popen([sys.executable, "-m", "proxy"], env=env, cwd=root, stdout=out, stderr=out)
     try:
         wait_port(port, proc, "pgml-proxy", log)
         yield dsn_on_port(dsn, port), log

@@ -18,6 +18,7 @@ the order flips every round; medians are reported, nothing is asserted):
     time) vs ``SELECT 1``, both through the proxy, alternated, ``--latency-runs`` each: p50/p99.
 
     .venv/bin/python bench/ml.py [--rows 100000] [--rounds 3] [--train-rounds 2] [--latency-runs 300]
+    .venv/bin/python bench/ml.py --train-only [--baseline /path/to/other/checkout] [--hyperparams JSON]
 
 Set PGML_BENCH_DSN to use an existing server instead of a throwaway PG 18 (the table lives in a
 ``pgml_bench`` schema, dropped at the end; the project's models stay in ``pgml.*``; the per-phase
@@ -107,8 +108,6 @@ def ml_table(dsn: str, x: np.ndarray[Any, Any], y: np.ndarray[Any, Any]) -> Iter
 # --------------------------------------------------------------------------- #
 
 
-
-
 def train_sql(hyperparams: str, project: str = PROJECT, relation: str = TRAIN_VIEW) -> str:
     return (
         f"SELECT * FROM pgml.train('{project}', 'regression', '{relation}', 'y', algorithm => 'xgboost',"
@@ -117,38 +116,40 @@ def train_sql(hyperparams: str, project: str = PROJECT, relation: str = TRAIN_VI
 
 
 def train_rounds(
-    proxy: str, x: np.ndarray[Any, Any], y: np.ndarray[Any, Any], hyperparams: dict[str, Any], rounds: int
-) -> tuple[list[float], list[float], list[tuple[datetime, datetime]]]:
-    """Seconds per training run, proxy and raw alternated; also each proxy run's wall-clock span (for the log)."""
+    proxies: dict[str, str], x: np.ndarray[Any, Any], y: np.ndarray[Any, Any], hyperparams: dict[str, Any], rounds: int
+) -> tuple[dict[str, list[float]], list[tuple[datetime, datetime]]]:
+    """Seconds per training run of each proxy (``proxy``: this checkout's) and the raw fit, rotated (the order
+    flips every round); also each ``proxy`` run's wall-clock span (for its log)."""
     from xgboost import XGBRegressor
 
     n_train = len(x) - round(len(x) * TEST_SIZE)
     order = np.random.default_rng(7).permutation(len(x))
     x_train, y_train = x[np.sort(order[:n_train])], y[np.sort(order[:n_train])]
     sql = train_sql(json.dumps(hyperparams))
-    proxy_s: list[float] = []
-    raw_s: list[float] = []
+    seconds: dict[str, list[float]] = defaultdict(list)
     spans: list[tuple[datetime, datetime]] = []
-    with psycopg.connect(proxy, autocommit=True) as conn:
-        for rnd in range(rounds):
-            for side in ("proxy", "raw") if rnd % 2 == 0 else ("raw", "proxy"):
-                if side == "proxy":
-                    began = datetime.now()
-                    seconds, _ = timed(lambda: conn.execute(sql).fetchall())
-                    spans.append((began, datetime.now()))
-                    proxy_s.append(seconds)
-                else:
-                    seconds, _ = timed(lambda: XGBRegressor(**hyperparams).fit(x_train, y_train))
-                    raw_s.append(seconds)
-                print(f"  round {rnd + 1} {side:<5}: {seconds:7.2f} s", flush=True)
-    return proxy_s, raw_s, spans
+    sides = [*proxies, "raw"]
+    for rnd in range(rounds):
+        for side in sides if rnd % 2 == 0 else reversed(sides):
+            began = datetime.now()
+            if side == "raw":
+                elapsed, _ = timed(lambda: XGBRegressor(**hyperparams).fit(x_train, y_train))
+            else:
+                with psycopg.connect(proxies[side], autocommit=True) as conn:
+                    elapsed, _ = timed(lambda conn=conn: conn.execute(sql).fetchall())
+            if side == "proxy":
+                spans.append((began, datetime.now()))
+            seconds[side].append(elapsed)
+            print(f"  round {rnd + 1} {side:<8}: {elapsed:7.2f} s", flush=True)
+    return seconds, spans
 
 
 _LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ [\w.-]+: (.*)$")
 
 
 def train_breakdown(log: Path, spans: list[tuple[datetime, datetime]]) -> list[dict[str, float]]:
-    """Per proxy training run, from engine.ml.train's INFO lines: read, fit, score, the rest before/after."""
+    """Per proxy training run, from engine.ml.train's INFO line (logged once the rows are decoded): the read
+    (project and relation lookups, COPY, decode) and the rest (snapshot statistics, fit, metrics, writes)."""
     lines = []
     for line in log.read_text().splitlines():
         match = _LOG_LINE.match(line)
@@ -156,24 +157,14 @@ def train_breakdown(log: Path, spans: list[tuple[datetime, datetime]]) -> list[d
             lines.append((datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f"), match.group(2)))
     out = []
     for began, ended in spans:
-        inside = [(at, text) for at, text in lines if began <= at <= ended]
-        start = next((at for at, text in inside if text.startswith(f"training {PROJECT} ")), None)
-        event = next(
-            ((at, text) for at, text in inside if text.startswith(f"{PROJECT}: ") and "'fit_time'" in text), None
-        )
-        if start is None or event is None:
-            continue
-        fit = float(re.search(r"'fit_time': ([\d.e+-]+)", event[1]).group(1))  # type: ignore[union-attr]
-        score = float(re.search(r"'score_time': ([\d.e+-]+)", event[1]).group(1))  # type: ignore[union-attr]
-        out.append(
-            {
-                "read (lookups, COPY, decode)": (start - began).total_seconds(),
-                "fit": fit,
-                "score": score,
-                "prep+metrics": (event[0] - start).total_seconds() - fit - score,
-                "write": (ended - event[0]).total_seconds(),
-            }
-        )
+        read = next((at for at, text in lines if began <= at <= ended and text.startswith("pgml.train: ")), None)
+        if read is not None:
+            out.append(
+                {
+                    "read (lookups, COPY, decode)": (read - began).total_seconds(),
+                    "rest (statistics, fit, metrics, write)": (ended - read).total_seconds(),
+                }
+            )
     return out
 
 
@@ -301,6 +292,8 @@ def main() -> None:
     parser.add_argument("--train-rounds", type=int, default=2, help="alternated rounds of (a)")
     parser.add_argument("--latency-runs", type=int, default=300)
     parser.add_argument("--hyperparams", default='{"n_estimators": 50}', help="xgboost hyperparameters (JSON)")
+    parser.add_argument("--train-only", action="store_true", help="only (a): pgml.train vs the raw fit")
+    parser.add_argument("--baseline", type=Path, help="with --train-only: also another checkout's proxy, rotated in")
     args = parser.parse_args()
     hyperparams = json.loads(args.hyperparams)
     started = time.perf_counter()
@@ -318,9 +311,29 @@ def main() -> None:
             warm_s, _ = timed(lambda: conn.execute(train_sql("{}", WARM_PROJECT, WARM_VIEW)).fetchall())
         print(f"{args.rows} rows loaded by COPY in {load_s:.2f} s; proxy warm-up (schema, imports): {warm_s:.2f} s")
 
-        print(f"\n(a) pgml.train xgboost {json.dumps(hyperparams)}, {args.train_rounds} alternated rounds")
-        train_proxy, train_raw, spans = train_rounds(proxy, x, y, hyperparams, args.train_rounds)
+        proxies = {"proxy": proxy}
+        if args.baseline is not None:
+            (work / "baseline").mkdir()
+            root = args.baseline.resolve()
+            proxies["baseline"], _ = stack.enter_context(
+                pgml_proxy(
+                    direct, work / "baseline", root=root, PYTHONPATH=str(root), PGML_PROXY_ENGINE_CALL_TIMEOUT="3600"
+                )
+            )
+            with psycopg.connect(proxies["baseline"], autocommit=True) as conn:
+                conn.execute(train_sql("{}", WARM_PROJECT, WARM_VIEW)).fetchall()
+        print(f"\n(a) pgml.train xgboost {json.dumps(hyperparams)}, {args.train_rounds} rotated rounds")
+        train_s, spans = train_rounds(proxies, x, y, hyperparams, args.train_rounds)
+        train_proxy, train_raw = train_s["proxy"], train_s["raw"]
         breakdown = train_breakdown(log, spans)
+        if args.train_only:
+            print(f"\n=== results ({args.rows} rows x {NUM_FEATURES} features, xgboost {json.dumps(hyperparams)}) ===")
+            report_train(args, train_proxy, train_raw, breakdown)
+            if "baseline" in train_s:
+                base = statistics.median(train_s["baseline"])
+                print(f"    baseline checkout {base:.2f} s, baseline/raw = {base / statistics.median(train_raw):.2f}")
+            report_log(log)
+            return
 
         model = deployed_estimator(direct)
         model.predict(x[:1000])
@@ -350,15 +363,7 @@ def report(
     latency_ms: dict[str, list[float]],
 ) -> None:
     print(f"\n=== results ({args.rows} rows x {NUM_FEATURES} features, xgboost {json.dumps(hyperparams)}) ===")
-    tp, tr = statistics.median(train_proxy), statistics.median(train_raw)
-    print(
-        f"(a) train, median of {len(train_proxy)}: proxy {tp:.2f} s, raw fit {tr:.2f} s"
-        f" ({round(args.rows * (1 - TEST_SIZE))} rows), proxy/raw = {tp / tr:.2f} (target <= 1.3)"
-    )
-    if breakdown:
-        keys = list(breakdown[0])
-        median = {k: statistics.median(b[k] for b in breakdown) for k in keys}
-        print("    proxy breakdown (median, from its log): " + ", ".join(f"{k} {v:.2f} s" for k, v in median.items()))
+    report_train(args, train_proxy, train_raw, breakdown)
     rate = {name: args.rows / statistics.median(values) for name, values in predict_s.items()}
     print(
         f"(b) predict, median of {len(predict_s['proxy'])}: proxy {rate['proxy']:.0f} rows/s,"
@@ -388,6 +393,22 @@ def report(
         f"    predict - SELECT 1 = {p50 - s50:+.2f} ms at p50 (ratio {p50 / s50:.1f}), {p99 - s99:+.2f} ms at p99;"
         f" for scale, a one-row model.predict here: p50 {r50:.2f} ms p99 {r99:.2f} ms"
     )
+
+
+def report_train(
+    args: argparse.Namespace, train_proxy: list[float], train_raw: list[float], breakdown: list[dict[str, float]]
+) -> None:
+    tp, tr = statistics.median(train_proxy), statistics.median(train_raw)
+    rows = f"{args.rows // 1000}k" if args.rows % 1000 == 0 else str(args.rows)
+    print(f"pgml.train xgboost {rows} x {NUM_FEATURES} vs raw fit on numpy: {tp / tr:.2f}x (target <= 1.3)")
+    print(
+        f"(a) train, median of {len(train_proxy)}: proxy {tp:.2f} s, raw fit {tr:.2f} s"
+        f" ({round(args.rows * (1 - TEST_SIZE))} rows), proxy/raw = {tp / tr:.2f} (target <= 1.3)"
+    )
+    if breakdown:
+        keys = list(breakdown[0])
+        median = {k: statistics.median(b[k] for b in breakdown) for k in keys}
+        print("    proxy breakdown (median, from its log): " + ", ".join(f"{k} {v:.2f} s" for k, v in median.items()))
 
 
 def report_log(log: Path) -> None:

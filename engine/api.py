@@ -396,6 +396,7 @@ class Result:
     rows: list[tuple[str | None, ...]] = field(default_factory=list)
     command: str = ""
     copy: bytes = b""
+    copy_rows: list[int] = field(default_factory=list)  # each CopyData message's length: PostgreSQL sends one per row
 
 
 class Database(Protocol):

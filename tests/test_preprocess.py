@@ -21,26 +21,16 @@ from engine.ml.preprocess import (
 )
 from engine.ml.snapshot import NULL_CATEGORY_KEY, Snapshot, analyze
 from engine.ml.statistics import statistics
-from engine.pg.table import Table, decode_copy_text
+from engine.pg.table import Table, decode_copy_binary
+from tests.binary_rows import copy_messages, joined
 
 COLUMN_KEYS = ["name", "pg_type", "nullable", "label", "position", "size", "array", "preprocessor", "statistics"]
 STAT_KEYS = ["min", "max", "max_abs", "mean", "median", "mode", "variance", "std_dev", "missing", "distinct"]
 STAT_KEYS += ["histogram", "ventiles", "categories"]
 
 
-def _field(value: Any) -> str:
-    if value is None:
-        return "\\N"
-    if isinstance(value, bool):
-        return "t" if value else "f"
-    if isinstance(value, list):
-        return "{" + ",".join("NULL" if v is None else _field(v) for v in value) + "}"
-    return str(value).replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n")
-
-
 def make_table(columns: list[tuple[str, str]], rows: list[tuple[Any, ...]]) -> Table:
-    data = "".join("\t".join(_field(v) for v in row) + "\n" for row in rows).encode()
-    return decode_copy_text(data, columns)
+    return decode_copy_binary(*joined(copy_messages(columns, rows)), columns)
 
 
 def column(snapshot: Snapshot, name: str) -> dict[str, Any]:

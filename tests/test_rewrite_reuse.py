@@ -131,9 +131,10 @@ def _per_row_steps(number: int) -> list[Any]:
     name = f"pgml_proxy_1_{number}"
     return [
         {
-            "run": [f"SELECT DISTINCT body FROM docs WHERE id = CAST('{number}' AS bigint)"],
-            "answer": [{"columns": [["body", 25]], "rows": [[f"text {number}"]]}],
+            "gather": f"SELECT DISTINCT body FROM docs WHERE id = CAST('{number}' AS bigint)",
+            "columns": [["body", 25]],
+            "rows": [[f"text {number}"]],
         },
         {"evaluate": "embed", "rows": [["m", f"text {number}", {}]]},
-        {"run": ["CREATE TEMP...", "CREATE INDEX...", "COPY...", "ANALYZE..."], "temp_tables": [name]},
+        {"run": ["CREATE TEMP...", "CREATE INDEX...", "COPY..."], "temp_tables": [name]},
     ]

@@ -5,7 +5,9 @@ requests the rewriter must yield in order — the statements it runs on the clie
 the server's recorded answer (or error), and the engine calls, with the stand-in engine's results —
 then the decision. Look, Settle and Compute requests are answered here (the session's facts, the
 computation itself) and not listed. Run steps list their SQL; one ending in ``...`` matches by prefix;
-``{"install": true}`` is the schema installation script.
+``{"install": true}`` is the schema installation script. A per-row call's gather is a ``{"gather": sql,
+"columns": …, "rows": …}`` step: the Run of its Prepare and its binary COPY, answered with the columns
+described and the rows (as text here) in binary COPY.
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pglast
 import pytest
 
 from engine.api import Result
+from engine.pg.text import from_text
+from engine.pg.types import READ_AS, TYPE_NAMES
 from proxy import schema
 from proxy.rewrite import per_row
 from proxy.rewrite.decide import DeferToBind, Forward, Rebound, Respond, Rewriter, Rewritten
@@ -29,6 +34,7 @@ from proxy.rewrite.steps import Begin, Compute, Emit, Evaluate, Facts, Look, Req
 from proxy.session.exchange import BatchFailed, Described, Portion, Prepare, Rows, Statement, UpstreamError
 from proxy.wire import messages as pq
 from proxy.wire.frames import split_frames
+from tests.binary_rows import copy_messages, joined
 from tests.test_rewrite import Unused, fake_results
 
 CASES = Path(__file__).parent / "rewrite_cases"
@@ -68,8 +74,8 @@ class Script:
                 assert step.get("begin"), f"{request} where the case has {step}"
                 return self._run(run, step)
             case Emit(frames=frames):
-                frames_ = split_frames(frames)
-                emitted = [pq.DataRow.decode(f).values if f.type == ord("D") else bytes([f.type]) for f in frames_]
+                sent = split_frames(frames)
+                emitted = [pq.DataRow.decode(f).values if f.type == ord("D") else bytes([f.type]) for f in sent]
                 assert _plain(emitted) == _plain(_bytes(step["emit"])), f"{emitted} where the case has {step}"
                 return None
             case Evaluate(signature=signature, rows=rows):
@@ -81,7 +87,8 @@ class Script:
     def _run(self, request: Run, step: dict[str, Any]) -> list[Result]:
         statements = [s.sql for s in request.statements]
         install = step.get("install") and list(pglast.split(schema.script(set(), self.facts.in_transaction) or ""))
-        expected = install or step.get("run")
+        gather = step.get("gather")
+        expected = install or step.get("run") or (gather and [gather, f"COPY ({gather}) TO STDOUT (FORMAT binary)"])
         assert expected is not None, f"{request} where the case has {step}"
         assert len(statements) == len(expected), f"{statements} where the case has {expected}"
         for sql, want in zip(statements, expected, strict=True):
@@ -97,6 +104,8 @@ class Script:
             fields = tuple(sorted({"S": "ERROR", **step["error"]}.items()))
             status = step.get("status", self.facts.tx_status)
             raise UpstreamError(fields, status, delivered=step.get("delivered", False))
+        if gather is not None:
+            return _gathered(step["columns"], step["rows"])
         answers = step.get("answer", [{}] * len(statements))
         return [_result(answer, statement) for answer, statement in zip(answers, request.statements, strict=True)]
 
@@ -126,8 +135,19 @@ def _bytes(value: Any) -> Any:
     return value
 
 
+def _gathered(columns: list[list[Any]], rows: list[list[str | None]]) -> list[Result]:
+    """A gather's answers: its Prepare's columns, and its rows (their texts, read as their types) in binary COPY."""
+    named = [(str(name), TYPE_NAMES[oid]) for name, oid in columns]
+    values = [[from_text(v, READ_AS[oid]) for v, (_, oid) in zip(row, columns, strict=True)] for row in rows]
+    described = Described(columns=[(str(name), int(oid)) for name, oid in columns])
+    data, lengths = joined(copy_messages(named, values))
+    return [described, Result(copy=data, copy_rows=lengths)]
+
+
 def _plain(value: Any) -> Any:
-    """Tuples as lists, as JSON spells them."""
+    """Tuples (and the numpy rows float arrays are read into) as lists, as JSON spells them."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
     if isinstance(value, tuple | list):
         return [_plain(v) for v in value]
     if isinstance(value, dict):
@@ -207,3 +227,24 @@ def test_case(case: dict[str, Any]) -> None:
 def test_cases_are_loaded() -> None:
     assert len(load_cases()) >= 10
     assert any(case.values[0].get("stream") for case in load_cases())
+
+
+def test_a_result_table_of_many_rows_is_analysed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under per_row.ANALYZE_FROM rows the lookup does as well without statistics (see there); from it on,
+    its keys are analysed."""
+    for count, analysed in ((per_row.ANALYZE_FROM - 1, False), (per_row.ANALYZE_FROM, True)):
+        texts = [f"t{i}" for i in range(count)]
+        load = ["CREATE TEMP TABLE pgml_proxy_1_1 (k0 text, v real[])", "CREATE INDEX...", "COPY..."]
+        analyse = ["ALTER TABLE pgml_proxy_1_1 ALTER k0 SET STATISTICS 1", "ANALYZE pgml_proxy_1_1 (k0)"]
+        steps = [
+            {"gather": "SELECT DISTINCT body FROM docs", "columns": [["body", 25]], "rows": [[t] for t in texts]},
+            {"evaluate": "embed", "rows": [["m", t, {}] for t in texts]},
+            {"run": load + analyse * analysed, "temp_tables": ["pgml_proxy_1_1"]},
+        ]
+        monkeypatch.setattr(per_row, "_temp_ids", itertools.count(1))
+        script = Script(steps, _facts({}))
+        rewriter = Rewriter(Unused(), stream=False)  # the temp-table path
+        rewriter.schema.ready.add("db")
+        deciding = rewriter.deciding(pq.Query("SELECT pgml.embed('m', body) FROM docs"), SessionState(checked=True))
+        outcome = outcome_of(lambda: replay(deciding, script))  # noqa: B023
+        assert isinstance(outcome, Rewritten) and not script.steps, outcome

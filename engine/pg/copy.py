@@ -2,7 +2,8 @@
 
 Owns: COPY TEXT (tab-separated fields, one row per line, ``\\N`` for NULL, backslash escapes: written as
 ``\\\\ \\n \\r \\t``, read as ``\\b \\f \\n \\r \\t \\v \\ooo \\xhh`` and ``\\<char>``) and COPY BINARY
-(the signature header, one tuple per row in ``engine.pg.binary``'s field layout, the trailer).
+(the signature header, one tuple per row in ``engine.pg.binary``'s field layout, the trailer), and
+where the rows of a ``COPY … TO STDOUT (FORMAT binary)`` start and end.
 
 Must not: know the types of the fields (text here is each field's text representation, binary each
 field's binary form: ``engine.pg.text`` and ``engine.pg.binary`` make and read those), talk to a
@@ -14,6 +15,9 @@ from __future__ import annotations
 import re
 import struct
 from collections.abc import Iterable, Sequence
+
+import numpy as np
+from numpy.typing import NDArray
 
 from engine.api import InvalidBinaryRepresentation
 from engine.pg.binary import decode_fields, encode_fields
@@ -95,3 +99,27 @@ def decode_binary(data: bytes) -> list[list[bytes | None]]:
     except struct.error:
         raise InvalidBinaryRepresentation("unexpected end of COPY BINARY data") from None
     return rows
+
+
+def binary_row_spans(data: bytes, messages: Sequence[int]) -> tuple[NDArray[np.int64], NDArray[np.int64]]:
+    """Where each row of ``COPY … TO STDOUT (FORMAT binary)`` data starts and ends, from the lengths of the
+    CopyData messages that brought it.
+
+    PostgreSQL sends one CopyData message per row ("always one per row", protocol docs, COPY
+    Operations): the header comes with the first row, the trailer alone (with the header when there
+    are no rows). So the rows' bounds are the messages' bounds, found without reading a field;
+    a reader that walks the fields checks that each row ends where its message does. 22P03 when
+    the data is not COPY BINARY.
+    """
+    if sum(messages) != len(data):
+        raise InvalidBinaryRepresentation("COPY data does not match its messages")
+    if not data.startswith(BINARY_HEADER[:11]) or len(data) < 21:
+        raise InvalidBinaryRepresentation("COPY file signature not recognized")
+    if not data.endswith(BINARY_TRAILER):
+        raise InvalidBinaryRepresentation("unexpected end of COPY BINARY data")
+    (extension,) = struct.unpack_from("!i", data, 15)
+    stops = np.cumsum(np.asarray(messages, np.int64))
+    starts = np.concatenate((np.array([19 + extension], np.int64), stops[:-1]))
+    stops[-1] -= len(BINARY_TRAILER)
+    rows = stops > starts
+    return starts[rows], stops[rows]

@@ -1,13 +1,18 @@
-"""A relation's rows, read with ``COPY … TO STDOUT`` (text format), decoded into typed columns.
+"""A relation's rows, read with ``COPY … TO STDOUT (FORMAT binary)``, decoded column-wise into numpy arrays.
 
 Owns: the mapping from ``format_type()`` spellings to PostgresML's type names (``udt_name``
-style: ``float4``, ``int2[]``, ``varchar``…), and :class:`Table`, the decoded result. The COPY TEXT
-grammar (escapes) is ``engine.pg.copy``'s, the array literal grammar ``engine.pg.text``'s.
+style: ``float4``, ``int2[]``, ``varchar``…); the SELECT list that copies each column in a form
+read here (numbers, booleans, text, varchar and char as stored, ``numeric`` as ``float8``, any
+other type as its text); and :class:`Table`, the decoded result.
 
 Numbers, booleans and numeric/boolean arrays become float64 numpy arrays (NaN for NULL,
 plus a row NULL mask); text-like values (text, varchar, char, json, jsonb and any type
-not known here) stay Python strings. Splitting and number parsing go through pyarrow's
-multi-threaded CSV reader, so 100k rows x 20 columns decode in well under a second.
+not known here) stay Python strings.
+
+Strategy: no value is decoded by Python code. ``engine.pg.fields`` finds each column's fields
+for all rows at once; fixed-width values are read by numpy straight from the bytes, array
+elements the same way (rows with NULL elements element by element, all such rows at once),
+and text bytes are gathered into one buffer that pyarrow turns into strings.
 
 Must not: know about snapshots, preprocessing or models, talk to a database, or guess
 types from the data (the caller passes ``format_type()`` of every column).
@@ -15,19 +20,19 @@ types from the data (the caller passes ``format_type()`` of every column).
 
 from __future__ import annotations
 
-import functools
-import importlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Literal, cast
 
 import numpy as np
 from numpy.typing import NDArray
 
-from engine.api import EngineError, InvalidArgument
-from engine.pg.copy import END_OF_DATA, NULL, unescape
-from engine.pg.text import parse_array_literal
+from engine.api import DatatypeMismatch, EngineError, InvalidArgument
+from engine.pg import types
+from engine.pg.binary import MAX_DIMENSIONS
+from engine.pg.fields import Fields, Positions, gather, read_fields, strings, words
+from engine.pg.text import quote_ident
 
 FloatArray = NDArray[np.float64]
 BoolArray = NDArray[np.bool_]
@@ -54,6 +59,31 @@ _TYPES: dict[str, tuple[str, Kind]] = {
 _TYPES.update({udt: (udt, kind) for udt, kind in list(_TYPES.values())})
 
 _TYPMOD = re.compile(r"\([^)]*\)")
+
+
+@dataclass(frozen=True)
+class _Read:
+    """How a column (or each element of an array column) is copied and read."""
+
+    cast: str | None  # the SQL type it is copied as; None: as stored
+    element: int  # the type OID of the values read (array elements)
+    dtype: str | None  # the numpy dtype of a fixed-width value; None: UTF-8 text
+
+
+_READS = {
+    "float4": _Read(None, types.FLOAT4, ">f4"),
+    "float8": _Read(None, types.FLOAT8, ">f8"),
+    "int2": _Read(None, types.INT2, ">i2"),
+    "int4": _Read(None, types.INT4, ">i4"),
+    "int8": _Read(None, types.INT8, ">i8"),
+    "bool": _Read(None, types.BOOL, "?"),
+    # numeric_send is base-10000 digits; the server's own float8 cast reads them as the text path did.
+    "numeric": _Read("float8", types.FLOAT8, ">f8"),
+    "text": _Read(None, types.TEXT, None),
+    "varchar": _Read(None, types.VARCHAR, None),
+    "bpchar": _Read(None, types.BPCHAR, None),  # blank-padded, as the server prints it (a cast to text trims)
+}
+_AS_TEXT = _Read("text", types.TEXT, None)  # json, jsonb, dates, enums, domains, …: their text
 
 
 @dataclass(frozen=True, eq=False)
@@ -123,17 +153,6 @@ class Table:
         raise KeyError(name)
 
 
-@functools.cache
-def _arrow() -> tuple[Any, Any, Any]:
-    """pyarrow and its compute and csv modules, imported on first use: half a second to import, and only
-    reading a relation (pgml.train, pgml.snapshot, pgml.tune) needs them."""
-    return (
-        importlib.import_module("pyarrow"),
-        importlib.import_module("pyarrow.compute"),
-        importlib.import_module("pyarrow.csv"),
-    )
-
-
 def pg_type_of(type_name: str) -> tuple[str, Kind, bool]:
     """``format_type()`` spelling -> (PostgresML pg_type, element kind, is array).
 
@@ -151,61 +170,42 @@ def pg_type_of(type_name: str) -> tuple[str, Kind, bool]:
     return (pg_type + "[]" if array else pg_type), kind, array
 
 
-def decode_copy_text(data: bytes, columns: Sequence[tuple[str, str]]) -> Table:
-    """Decode the bytes of ``COPY (SELECT …) TO STDOUT`` (text format, default options).
+def _read_of(type_name: str) -> tuple[_Read, bool]:
+    pg_type, kind, array = pg_type_of(type_name)
+    read = _READS.get(pg_type.removesuffix("[]"), _AS_TEXT)
+    return (read if kind != "text" or read.dtype is None else _AS_TEXT), array
+
+
+def copy_select_list(columns: Sequence[tuple[str, str]]) -> str:
+    """The SELECT list of the COPY that :func:`decode_copy_binary` reads: each (name, ``format_type()``) column,
+    cast where it is not read as stored."""
+    items = []
+    for name, type_name in columns:
+        read, array = _read_of(type_name)
+        column = quote_ident(name)
+        items.append(column if read.cast is None else f"CAST({column} AS {read.cast}{'[]' if array else ''})")
+    return ", ".join(items)
+
+
+def decode_column(fields: Fields, index: int, name: str, type_name: str) -> Column:
+    """Column ``index`` of ``fields`` decoded as ``type_name`` (a ``format_type()`` spelling, read as stored)."""
+    try:
+        return _decode_column(fields.buf, name, type_name, fields.at[index], fields.lengths[index])
+    except IndexError:
+        raise EngineError("malformed COPY data: a field beyond the data") from None
+
+
+def decode_copy_binary(data: bytes, messages: Sequence[int], columns: Sequence[tuple[str, str]]) -> Table:
+    """Decode ``COPY (SELECT <copy_select_list(columns)> …) TO STDOUT (FORMAT binary)`` data, which came in
+    CopyData messages of the lengths ``messages`` (:attr:`engine.api.Result.copy_rows`).
 
     ``columns`` lists (name, ``format_type()``) for every output column, in order.
     Raises :class:`InvalidArgument` when an array column's rows have different flattened
-    lengths, :class:`EngineError` when the data does not have that many fields per row.
+    lengths, :class:`EngineError` (22P03 …) when the data is not rows of those columns.
     """
-    names = [f"c{i}" for i in range(len(columns))]
-    raw = _read_fields(data, names)
-    num_rows = len(raw[0]) if raw else data.count(b"\n")
-    decoded = [_decode_column(name, type_name, field) for (name, type_name), field in zip(columns, raw, strict=True)]
-    return Table(decoded, num_rows)
-
-
-# --------------------------------------------------------------------------- #
-# Splitting
-# --------------------------------------------------------------------------- #
-
-
-def _read_fields(data: bytes, names: list[str]) -> list[Any]:
-    """Split into one arrow string array per column, with COPY's ``\\N`` as null."""
-    pa, _, pcsv = _arrow()
-    if not names:
-        return []
-    if data.endswith(END_OF_DATA):  # only sent by very old servers
-        data = data[: -len(END_OF_DATA)]
-    if not data:
-        return [pa.array([], pa.string()) for _ in names]
-    if not data.endswith(b"\n"):
-        data += b"\n"
-    parse = pcsv.ParseOptions(
-        delimiter="\t",
-        quote_char=False,
-        double_quote=False,
-        escape_char=False,
-        newlines_in_values=False,
-        ignore_empty_lines=False,
-    )
-    convert = pcsv.ConvertOptions(
-        column_types={name: pa.string() for name in names},
-        null_values=[NULL],
-        strings_can_be_null=True,
-        quoted_strings_can_be_null=False,
-    )
-    block = 1 << 22
-    while True:
-        read = pcsv.ReadOptions(column_names=names, block_size=block)
-        try:
-            table = pcsv.read_csv(pa.py_buffer(data), read_options=read, parse_options=parse, convert_options=convert)
-        except pa.ArrowInvalid as e:
-            if "straddling" in str(e) and block < len(data):  # a row longer than one block
-                block = len(data) + 1
-                continue
-            raise EngineError(f"malformed COPY data: {e}") from None
-        return [table.column(name).combine_chunks() for name in names]
+    fields = read_fields(data, messages, len(columns))
+    decoded = [decode_column(fields, i, name, type_name) for i, (name, type_name) in enumerate(columns)]
+    return Table(decoded, fields.num_rows)
 
 
 # --------------------------------------------------------------------------- #
@@ -213,91 +213,106 @@ def _read_fields(data: bytes, names: list[str]) -> list[Any]:
 # --------------------------------------------------------------------------- #
 
 
-def _decode_column(name: str, type_name: str, field: Any) -> Column:
+def _decode_column(buf: NDArray[np.uint8], name: str, type_name: str, at: Positions, lengths: Positions) -> Column:
     pg_type, kind, array = pg_type_of(type_name)
-    nulls = cast(BoolArray, field.is_null().to_numpy(zero_copy_only=False))
+    read, _ = _read_of(type_name)
+    nulls = lengths < 0
     values: FloatArray | list[str | None] | list[TextArrayRow | None]
     shape: tuple[int, ...] = ()
     width = 1
     if array:
-        first = field.drop_null()[:1].to_pylist()
-        if first:
-            shape = parse_array_literal(unescape(first[0]))[1]
-        if kind == "text":
-            values, width = _text_arrays(name, field)
-        else:
-            values, width = _number_arrays(name, kind, field)
-    elif kind == "number":
-        values = _to_float(name, field)
-    elif kind == "bool":
-        values = _bools(field)
+        values, shape = _arrays(buf, name, read, at, lengths)
+        width = int(np.prod(shape)) if shape else 0
+    elif read.dtype is None:
+        values = strings(buf, at, lengths)
     else:
-        values = [None if v is None else unescape(v) for v in field.to_pylist()]
+        if np.any((lengths != np.dtype(read.dtype).itemsize) & ~nulls):
+            raise EngineError(f"malformed COPY data: column {name!r} is not {type_name}")
+        if nulls.any():
+            values = np.full(len(at), np.nan)
+            values[~nulls] = words(buf, at[~nulls], read.dtype)
+        else:
+            values = words(buf, at, read.dtype).astype(np.float64)
     return Column(name, type_name, pg_type, kind, array, values, nulls, shape, width)
 
 
-def _to_float(name: str, strings: Any) -> FloatArray:
-    pa, pc, _ = _arrow()
-    try:
-        floats = pc.cast(strings, pa.float64())
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-        raise EngineError(f"column {name!r}: not a number: {e}") from None
-    return _writable(floats.to_numpy(zero_copy_only=False))
-
-
-def _bools(strings: Any) -> FloatArray:
-    """``t``/``f`` -> 1.0/0.0, NULL -> NaN."""
-    _, pc, _ = _arrow()
-    return _writable(pc.if_else(pc.equal(strings, "t"), 1.0, 0.0).to_numpy(zero_copy_only=False))
-
-
-def _writable(values: Any) -> FloatArray:
-    out = np.asarray(values, dtype=np.float64)
-    return out if out.flags.writeable else out.copy()
-
-
-def _number_arrays(name: str, kind: Kind, strings: Any) -> tuple[FloatArray, int]:
-    """Numeric/boolean array literals -> (rows, width) floats, NaN for NULL rows and elements."""
-    pa, pc, _ = _arrow()
-    fast = not pc.any(pc.match_substring_regex(strings, r'^\[|"|\\')).as_py()
-    if not fast:  # bounds decoration, quotes or escapes: the full parser, row by row
-        rows = [None if v is None else parse_array_literal(unescape(v))[0] for v in strings.to_pylist()]
-        strings = pa.array(
-            [None if r is None else "{" + ",".join("NULL" if e is None else e for e in r) + "}" for r in rows],
-            pa.string(),
-        )
-    bare = pc.replace_substring_regex(strings, r"[{}\s]", "")
-    parts = pc.split_pattern(bare, ",")
-    lengths = pc.if_else(pc.equal(bare, ""), 0, pc.list_value_length(parts))
-    width = _common_width(name, lengths)
-    elements = pc.list_flatten(pc.if_else(pc.equal(bare, ""), pa.scalar(None, parts.type), parts))
-    elements = pc.if_else(pc.equal(pc.utf8_upper(elements), "NULL"), pa.scalar(None, pa.string()), elements)
-    flat = _bools(elements) if kind == "bool" else _to_float(name, elements)
-    out = np.full((len(strings), width), np.nan)
-    present = np.flatnonzero(pc.is_valid(strings).to_numpy(zero_copy_only=False))
+def _arrays(
+    buf: NDArray[np.uint8], name: str, read: _Read, at: Positions, lengths: Positions
+) -> tuple[FloatArray | list[TextArrayRow | None], tuple[int, ...]]:
+    """Array values (array_send: dimensions, has-NULLs flag, element type, (length, lower bound) per dimension,
+    then each element's length and bytes) -> flattened rows, and the shape of the first."""
+    present = np.flatnonzero(lengths >= 0)
+    start = at[present]
+    ndim, flags = words(buf, start, ">i4").astype(np.int64), words(buf, start + 4, ">i4")
+    if np.any((ndim < 0) | (ndim > MAX_DIMENSIONS) | ((flags != 0) & (flags != 1))):
+        raise EngineError(f"malformed COPY data: column {name!r} holds no arrays")
+    if np.any(words(buf, start + 8, ">u4") != read.element):
+        raise DatatypeMismatch(f"COPY data of column {name!r} has another array element type")
+    counts = np.where(ndim > 0, 1, 0)
+    shape: tuple[int, ...] = () if len(start) == 0 else (0,) if ndim[0] == 0 else ()
+    for d in range(int(ndim.max(initial=0))):
+        deep = ndim > d
+        sizes = np.ones(len(start), np.int64)
+        sizes[deep] = words(buf, start[deep] + 12 + 8 * d, ">i4")
+        counts *= sizes
+        shape += (int(sizes[0]),) if deep[0] else ()
+    width = _common_width(name, counts)
+    elements = start + 12 + 8 * ndim
+    if read.dtype is None:
+        return _text_arrays(buf, len(at), present, elements, width), shape
+    out = np.full((len(at), width), np.nan)
     if width:
-        out[present] = flat.reshape(len(present), width)
-    return out, width
+        plain = flags == 0
+        size = np.dtype(read.dtype).itemsize
+        if np.any(plain & (lengths[present] != 12 + 8 * ndim + width * (4 + size))):
+            raise EngineError(f"malformed COPY data: column {name!r} is not an array of {width} {read.dtype} values")
+        # No NULL element: each element is its length word and value, one after the other, in one block.
+        blocks = gather(buf, elements[plain], np.full(int(plain.sum()), width * (4 + size)))
+        pairs = np.ascontiguousarray(blocks.reshape(-1, width, 4 + size)[:, :, 4:])
+        out[present[plain]] = pairs.view(read.dtype).reshape(-1, width)
+        _walk_elements(buf, name, read.dtype, out, present[~plain], elements[~plain])
+    return out, shape
 
 
-def _text_arrays(name: str, strings: Any) -> tuple[list[TextArrayRow | None], int]:
-    pa, _, _ = _arrow()
-    rows = [None if v is None else parse_array_literal(unescape(v))[0] for v in strings.to_pylist()]
-    lengths = pa.array([None if r is None else len(r) for r in rows], pa.int64())
-    return rows, _common_width(name, lengths)
+def _walk_elements(
+    buf: NDArray[np.uint8], name: str, dtype: str, out: FloatArray, rows: NDArray[np.intp], pos: Positions
+) -> None:
+    """Arrays with NULL elements: element by element, for all such rows at once."""
+    for j in range(out.shape[1]):
+        sizes = words(buf, pos, ">i4").astype(np.int64)
+        has = sizes >= 0
+        if np.any(has & (sizes != np.dtype(dtype).itemsize)):
+            raise EngineError(f"malformed COPY data: column {name!r} has an element that is not {dtype}")
+        out[rows[has], j] = words(buf, pos[has] + 4, dtype)
+        pos = pos + 4 + np.maximum(sizes, 0)
 
 
-def _common_width(name: str, lengths: Any) -> int:
+def _text_arrays(
+    buf: NDArray[np.uint8], n: int, present: NDArray[np.intp], elements: Positions, width: int
+) -> list[TextArrayRow | None]:
+    """Text array rows: the elements' (position, length) walked for all rows at once, then read as one."""
+    at = np.empty((len(present), width), np.int64)
+    sizes = np.empty((len(present), width), np.int64)
+    pos = elements
+    for j in range(width):
+        sizes[:, j] = words(buf, pos, ">i4")
+        at[:, j] = pos + 4
+        pos = pos + 4 + np.maximum(sizes[:, j], 0)
+    flat = strings(buf, at.reshape(-1), sizes.reshape(-1))
+    out: list[TextArrayRow | None] = [None] * n
+    for k, row in enumerate(present.tolist()):
+        out[row] = flat[k * width : (k + 1) * width]
+    return out
+
+
+def _common_width(name: str, counts: Positions) -> int:
     """The one flattened length of all non-NULL arrays (0 when all are NULL)."""
-    _, pc, _ = _arrow()
-    valid = lengths.drop_null()
-    if len(valid) == 0:
+    if len(counts) == 0:
         return 0
-    bounds = pc.min_max(valid)
-    low, high = bounds["min"].as_py(), bounds["max"].as_py()
+    low, high = int(counts.min()), int(counts.max())
     if low != high:
         raise InvalidArgument(
             f"Mismatched array length for feature `{name}`: rows have between {low} and {high} "
             "elements; every row must have the same (flattened) length"
         )
-    return int(low)
+    return low

@@ -24,10 +24,9 @@ from typing import Any
 from pglast import ast, enums
 
 from engine.api import Signature
-from proxy.rewrite.calls import DEFAULT, Site, bind, find_calls
+from proxy.rewrite.calls import Site, bind, find_calls
 from proxy.rewrite.constant import folded
-from proxy.rewrite.literals import is_constant
-from proxy.rewrite.overloads import read_here
+from proxy.rewrite.overloads import row_read
 from proxy.rewrite.tree import deparse, fill
 
 # Casts of a call's result the proxy applies itself, by the cast's type name.
@@ -78,16 +77,6 @@ class Plan:
             return deparse(stmt)
         finally:
             stmt.targetList = original
-
-
-def row_read(candidates: list[Signature], slots: list[Any]) -> list[int]:
-    """The argument slots read from rows: all but left-out ones and constants the proxy reads itself
-    (a constant only the server can read, such as a cast the proxy does not fold, is read from rows)."""
-    return [
-        i
-        for i, s in enumerate(slots)
-        if s is not DEFAULT and (not is_constant(s) or not any(read_here(s, sig.params[i].type) for sig in candidates))
-    ]
 
 
 def plan(stmt: ast.Node | None, pending: list[Site]) -> Plan | None:

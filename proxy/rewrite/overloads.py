@@ -1,6 +1,7 @@
 """Choosing the overload of a per-row call once the server has told the types of its arguments.
 
-Owns: the implicit casts among the types pgml's parameters take, and :func:`choose`:
+Owns: which of a call's arguments are read from rows (:func:`row_read`), the implicit casts among the
+types pgml's parameters take, and :func:`choose`:
 the overload PostgreSQL would pick for those types — every argument matches exactly or by an
 implicit cast, most exact matches win, the catalogue's order breaks ties.
 
@@ -16,9 +17,9 @@ from pglast import ast
 from engine.api import EngineError, Signature
 from engine.pg.types import TYPE_NAMES
 from proxy.errors import ProxyError, UndefinedFunction
-from proxy.rewrite.calls import Site
+from proxy.rewrite.calls import DEFAULT, Site
 from proxy.rewrite.constant import fold_strict
-from proxy.rewrite.literals import NOT_CONSTANT, fold
+from proxy.rewrite.literals import NOT_CONSTANT, fold, is_constant
 
 # Implicit casts among the types pgml's parameters take (PostgreSQL's pg_cast, context 'i'); an array
 # coerces to another implicitly when its elements do. json -> jsonb and float8 -> float4 are assignment
@@ -61,6 +62,16 @@ def choose(site: Site, candidates: list[Signature], slots: list[Any], given: lis
         f"function pgml.{site.function}({shown}) does not exist",
         hint="No function matches the given argument types. You might need to add explicit type casts.",
     )
+
+
+def row_read(candidates: list[Signature], slots: list[Any]) -> list[int]:
+    """The argument slots read from rows: all but left-out ones and constants the proxy reads itself
+    (a constant only the server can read, such as a cast the proxy does not fold, is read from rows)."""
+    return [
+        i
+        for i, s in enumerate(slots)
+        if s is not DEFAULT and (not is_constant(s) or not any(read_here(s, sig.params[i].type) for sig in candidates))
+    ]
 
 
 def read_here(node: ast.Node, sql_type: str) -> bool:

@@ -31,7 +31,6 @@ from proxy.wire.messages import (
     CommandComplete,
     CopyData,
     CopyDone,
-    CopyFail,
     DataRow,
     Describe,
     ErrorResponse,
@@ -51,6 +50,7 @@ STATEMENT = "pgml_proxy_s"  # the private statement and portal of internal excha
 PORTAL = "pgml_proxy_p"
 SYNC = Sync().encode()
 FLUSH = Flush().encode()
+_COPY_DATA = int(Backend.COPY_DATA)
 # The answers of a visible statement (one of the client's own, run here): they are the client's.
 _VISIBLE = frozenset(
     {
@@ -257,12 +257,15 @@ def _closes(statement: Statement) -> int:
 
 
 class Exchange:
-    """One internal exchange: ``start()`` gives the first frames, ``feed`` the frames each answer asks for.
+    """One internal exchange: ``start()`` gives its frames, ``feed`` the frames each answer asks for.
 
-    Statements after a ``COPY … FROM STDIN`` are sent only once its data went out
-    (any other message would abort the copy). With ``sync`` the exchange ends at
-    ReadyForQuery; otherwise (Flush, mid-batch) at its last CloseComplete or at an
-    error, after which the server skips the client's batch until its Sync.
+    Every statement goes out at once, in one write: a ``COPY … FROM STDIN``'s data right after its
+    Execute, without waiting for CopyInResponse. The server reads it in copy-in mode, in order; and
+    when something before it failed, it skips to the Sync (extended protocol) and accepts but ignores
+    CopyData, CopyDone and CopyFail outside copy mode (PostgresMain: "we probably got here because a
+    COPY failed"), so data sent ahead of an error is harmless. With ``sync`` the exchange ends at
+    ReadyForQuery; otherwise (Flush, mid-batch) at its last CloseComplete or at an error, after which
+    the server skips the client's batch until its Sync.
     """
 
     def __init__(
@@ -284,8 +287,6 @@ class Exchange:
         self._closes_left = len(self._first) + sum(_closes(s) for s in self.statements)
         self._index = 0  # the statement being answered
         self._answers = sum(not isinstance(s, Rows) or s.executes for s in self.statements)  # statements answered
-        self._next = 0  # the first statement not yet sent
-        self._synced = False
         self._copy_parts: list[bytes] = []
 
     @property
@@ -297,29 +298,20 @@ class Exchange:
         return not self._sync and (self.error is not None or (self._closes_left == 0 and self._index >= self._answers))
 
     def start(self) -> list[bytes]:
-        return self._first + self._send_more()
-
-    def _send_more(self) -> list[bytes]:
-        """Frames up to and including the next COPY FROM's Execute (or the end)."""
-        out: list[bytes] = []
-        while self._next < len(self.statements):
-            statement = self.statements[self._next]
-            self._next += 1
-            out += statement_frames(statement)
+        frames = list(self._first)
+        for statement in self.statements:
+            frames += statement_frames(statement)
             if statement.copy_data is not None:
-                return [*out, FLUSH]
+                frames += copy_frames(statement.copy_data)
             if not isinstance(statement, Rows):  # its portal stays open for the next part
-                out += CLOSE_BOTH
-        return [*out, *self._end()]
-
-    def _end(self) -> list[bytes]:
-        if not self._sync:
-            return [FLUSH]
-        self._synced = True
-        return [SYNC]
+                frames += CLOSE_BOTH
+        return [*frames, SYNC if self._sync else FLUSH]
 
     def feed(self, frame: Frame) -> list[bytes]:
         kind = frame.type
+        if kind == _COPY_DATA:  # a row of a COPY TO (no visible statement copies): checked first, for each row
+            self._copy_parts.append(frame.raw[5:])  # one frame per row: the rows' bounds for binary COPY
+            return []
         if self._index < len(self.statements) and self.statements[self._index].visible and kind in _VISIBLE:
             self.forward.append(frame.raw)  # a statement of the client's own, run here: its answer is theirs
         result = self.results[min(self._index, len(self.results) - 1)] if self.results else Result()
@@ -329,8 +321,6 @@ class Exchange:
                     result.raw.append(DataRow.decode(frame).values)
                 elif not self.statements[self._index].visible:
                     result.rows.append(_text_row(frame))
-            case Backend.COPY_DATA:
-                self._copy_parts.append(frame.body)  # one frame per row: joined once, at CommandComplete
             case Backend.PARAMETER_DESCRIPTION if isinstance(result, Described):
                 result.param_types = ParameterDescription.decode(frame).types
             case Backend.ROW_DESCRIPTION | Backend.NO_DATA if self._describing():
@@ -347,7 +337,8 @@ class Exchange:
             case Backend.COMMAND_COMPLETE | Backend.EMPTY_QUERY_RESPONSE:
                 result.command = CommandComplete.decode(frame).tag if kind == Backend.COMMAND_COMPLETE else ""
                 if self._copy_parts:
-                    result.copy, self._copy_parts = b"".join(self._copy_parts), []
+                    result.copy, result.copy_rows = b"".join(self._copy_parts), list(map(len, self._copy_parts))
+                    self._copy_parts = []
                 self._index += 1
             case Backend.CLOSE_COMPLETE:
                 self._closes_left -= 1
@@ -355,10 +346,8 @@ class Exchange:
                 result.notices.append(frame.raw)  # raised by the client's own statement (a function it calls)
             case Backend.ERROR_RESPONSE:
                 self.error = self.error or ErrorResponse.decode(frame).fields
-                if self._sync and not self._synced:  # the server now skips to a Sync that is not sent yet
-                    return self._end()
             case Backend.COPY_IN_RESPONSE:
-                return self._copy_in()
+                self._copy_in()
             case Backend.NOTIFICATION_RESPONSE | Backend.PARAMETER_STATUS:
                 self.forward.append(frame.raw)
             case Backend.READY_FOR_QUERY:
@@ -373,8 +362,9 @@ class Exchange:
         """The statement being answered is a Prepare: described, never executed."""
         return self._index < len(self.statements) and isinstance(self.statements[self._index], Prepare)
 
-    def _copy_in(self) -> list[bytes]:
-        data = self.statements[self._index].copy_data if self._index < len(self.statements) else None
-        if data is None:
-            return [CopyFail("pgml-proxy sent no COPY data").encode(), *self._end()]
-        return [*copy_frames(data), *CLOSE_BOTH, *self._send_more()]
+    def _copy_in(self) -> None:
+        """Copy-in mode: the statement's data went out right after its Execute. One given none (only the proxy's
+        own statements copy in, always with their data) is cut off by the frames sent behind it: the server
+        then ends the session, having lost protocol synchronization."""
+        if self._index >= len(self.statements) or self.statements[self._index].copy_data is None:
+            raise ProtocolViolation("an internal statement started COPY FROM STDIN without COPY data")
