@@ -20,6 +20,9 @@ import logging
 import os
 import tempfile
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -141,18 +144,19 @@ def _export(transformer: Any, file: Path) -> None:
     shapes = {"tensors": tuple({0: dims["batch"], 1: dims["sequence"]} for _ in names)}
     try:
         file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with torch.no_grad():
+        with torch.no_grad(), _quiet():
             program = torch.onnx.export(
-                _Wrapped(transformer.model.eval(), names),
+                _Wrapped(transformer.model, names).eval(),
                 tuple(sample[name] for name in names),
                 input_names=list(names),
                 output_names=["last_hidden_state"],
                 dynamo=True,
                 dynamic_shapes=shapes,
                 external_data=False,
+                verbose=False,
             )
-        assert program is not None
-        model, _ = optimize_for_ort(onnx_ir.from_proto(program.model_proto))
+            assert program is not None
+            model, _ = optimize_for_ort(onnx_ir.from_proto(program.model_proto))
         fd, partial = tempfile.mkstemp(prefix=file.stem, suffix=".partial", dir=file.parent)
         os.close(fd)
         try:
@@ -169,6 +173,22 @@ def _export(transformer: Any, file: Path) -> None:
     except Exception as exc:  # the exporter's own errors: an architecture it cannot trace
         raise NotSupported(f"could not export the model to ONNX: {exc}", hint=TORCH_HINT) from exc
     log.info("exported a model to ONNX in %.1f s (%s)", time.monotonic() - started, file.name)
+
+
+# The exporter's and the graph passes' loggers: one line per rewrite at INFO, the torchvision ops they skip.
+_CHATTY_LOGGERS = ("torch.onnx", "torch.export", "onnx_ir", "onnxscript")
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """No exporter chatter in the proxy's log: its loggers at WARNING (ERROR for torch's, which warns
+    about missing torchvision ops) and its Python warnings (deprecations inside torch.export) dropped,
+    for the duration of an export (once per model version)."""
+    for name in _CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR if name.startswith("torch") else logging.WARNING)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def _session(file: Path) -> Any:
