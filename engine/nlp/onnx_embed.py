@@ -192,9 +192,12 @@ def _quiet() -> Iterator[None]:
 
 
 def _session(file: Path) -> Any:
-    """An ONNX Runtime CPU session for ``file``: every graph optimization, as many threads as torch uses."""
+    """An ONNX Runtime CPU session for ``file``: every graph optimization, as many threads as torch uses, and
+    threads that sleep between runs instead of spinning (the event loop, the server and other sessions'
+    calls share these cores; bench/onnx_embed.py measures both)."""
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return onnxruntime.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
