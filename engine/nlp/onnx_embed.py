@@ -15,6 +15,7 @@ Runtime: ``engine.nlp.embed`` imports it lazily and turns a missing package into
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -116,7 +117,7 @@ def _transformer(encoder: Any) -> Any:
 
 def _input_names(transformer: Any) -> tuple[str, ...]:
     """The tokenizer outputs the model's forward takes, in the tokenizer's order (the graph's inputs)."""
-    accepted = set(transformer._declared_forward_params)
+    accepted = inspect.signature(transformer.model.forward).parameters
     return tuple(name for name in transformer.tokenizer.model_input_names if name in accepted)
 
 
