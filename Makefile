@@ -35,7 +35,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
-	$(PIP) -e '.[dev]'
+	$(PIP) -e '.[dev,onnx]'
 	touch $(STAMP)
 
 # What the tests need besides Python: the system PostgreSQL 15 (server with contrib, psql, pgbench), a JDK

@@ -39,6 +39,11 @@ class EngineConfig:
     call_timeout: float = 600.0
     # Texts per forward pass of an embedding model.
     batch_size: int = 32
+    # What runs pgml.embed's sentence-transformers models: "torch", or "onnx" (ONNX Runtime on the CPU, the
+    # model exported once into onnx_cache_dir; needs the ``onnx`` extra).
+    embed_backend: str = "torch"
+    # Where ONNX exports are written and reused. Empty: $XDG_CACHE_HOME/pgml-proxy/onnx (~/.cache/...).
+    onnx_cache_dir: str = ""
     # Loaded models kept in memory (all connections share them), least recently used evicted first.
     cache_bytes: int = 8 * 1024**3
     trust_remote_code: bool = False

@@ -24,6 +24,7 @@ from proxy.dsn import DSNError, parse_dsn
 
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+EMBED_BACKENDS = ("torch", "onnx")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 ENV_PREFIX = "PGML_PROXY_"
 # Short env names kept for the most common settings.
@@ -241,5 +242,6 @@ def validate(config: Config) -> None:
     _check(e.max_queue > 0, "engine.max_queue", "must be positive")
     _check(e.call_timeout > 0, "engine.call_timeout", "must be positive")
     _check(e.batch_size > 0, "engine.batch_size", "must be positive")
+    _check(e.embed_backend in EMBED_BACKENDS, "engine.embed_backend", f"must be one of {', '.join(EMBED_BACKENDS)}")
     _check(e.cache_bytes > 0, "engine.cache_bytes", "must be positive")
     _check(config.log.level in LOG_LEVELS, "log.level", f"must be one of {', '.join(LOG_LEVELS)}")

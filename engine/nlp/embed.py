@@ -3,7 +3,8 @@
 Owns: argument checking (kwargs split between model construction and the call, as PostgresML does),
 batching every text of one statement into one encode pass (longest first, in mini-batches with a
 cancel checkpoint between them), and :func:`load_sentence_model` (``SentenceTransformer`` /
-``CrossEncoder`` through the shared model cache).
+``CrossEncoder`` through the shared model cache; with ``[engine] embed_backend = "onnx"`` an embedding model's
+transformer runs in ONNX Runtime, :mod:`engine.nlp.onnx_embed`).
 
 Must not: know about SQL or the wire protocol; handlers take argument tuples and return Python values
 (numpy arrays for vectors).
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.api import EngineError, InvalidArgument
+from engine.api import EngineError, InvalidArgument, NotSupported
 from engine.nlp.json_args import kwargs_object
 from engine.runtime.cache import ModelCache
 from engine.runtime.confine import confine_kwargs
@@ -41,21 +42,27 @@ INIT_KWARGS = frozenset(
 
 
 def _load_encoder(name: str, init: dict[str, Any], ctx: Context) -> Any:
-    return load_sentence_model("SentenceTransformer", name, init, ctx)  # confine_kwargs checks trust_remote_code
+    # confine_kwargs checks trust_remote_code
+    return load_sentence_model("SentenceTransformer", name, init, ctx, onnx=ctx.config.embed_backend == "onnx")
 
 
 # sentence-transformers class -> its kind in the model cache key
 _CACHE_KINDS = {"SentenceTransformer": "sentence-transformers", "CrossEncoder": "cross-encoder"}
+ONNX_HINT = "Install the onnx extra (pip install 'pgml-proxy[onnx]'), or set [engine] embed_backend = \"torch\"."
 
 
-def load_sentence_model(cls_name: str, name: str, init: dict[str, Any], ctx: Context) -> Any:
+def load_sentence_model(cls_name: str, name: str, init: dict[str, Any], ctx: Context, onnx: bool = False) -> Any:
     """A sentence-transformers ``SentenceTransformer`` / ``CrossEncoder`` for ``name``, from the shared cache.
 
-    ``init`` goes through :func:`confine_kwargs` first (locations, trust_remote_code at any depth)."""
+    ``init`` goes through :func:`confine_kwargs` first (locations, trust_remote_code at any depth). ``onnx``:
+    loaded on the CPU, its transformer then run by ONNX Runtime (:mod:`engine.nlp.onnx_embed`)."""
     init = {"device": pick_device(ctx.config.device), **confine_kwargs(init, ctx.config)}
-    init["device"], note = usable_device(init["device"], ctx.config.device)
-    if note is not None:
-        ctx.notices.append(note)
+    if onnx:
+        init["device"] = "cpu"  # ONNX Runtime's CPU execution provider runs it; torch only loads and exports it
+    else:
+        init["device"], note = usable_device(init["device"], ctx.config.device)
+        if note is not None:
+            ctx.notices.append(note)
     path = ctx.cache.resolved.get(name) or resolve(name, ctx.config)
     ctx.cache.resolved[name] = path
 
@@ -65,14 +72,34 @@ def load_sentence_model(cls_name: str, name: str, init: dict[str, Any], ctx: Con
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # no progress bars in the proxy's log
+        attach = _onnx_attach() if onnx else None
         try:
-            return getattr(sentence_transformers, cls_name)(path, **init)
+            model = getattr(sentence_transformers, cls_name)(path, **init)
         except TypeError as exc:
             raise InvalidArgument(f"invalid kwargs for model {name}: {exc}") from exc
         except OSError as exc:
             raise EngineError(f"could not load model {name}: {exc}") from exc
+        if attach is not None:
+            attach(model, path, init, ctx.config)
+        return model
 
-    return ctx.cache.get(ModelCache.key(_CACHE_KINDS[cls_name], path, init), load)
+    kind = _CACHE_KINDS[cls_name] + ("-onnx" if onnx else "")
+    return ctx.cache.get(ModelCache.key(kind, path, init), load)
+
+
+def _onnx_attach() -> Any:
+    """:func:`engine.nlp.onnx_embed.attach`, or 0A000 naming the extra when ONNX Runtime is not installed."""
+    try:
+        # lazy: imports torch and ONNX Runtime, optional packages only embed_backend = "onnx" needs
+        from engine.nlp.onnx_embed import attach
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("onnxruntime", "onnxscript", "onnx_ir", "onnx"):
+            raise
+        raise NotSupported(
+            f'[engine] embed_backend = "onnx" needs the Python package {exc.name}, which is not installed',
+            hint=ONNX_HINT,
+        ) from exc
+    return attach
 
 
 def embed(rows: list[tuple[Any, ...]], ctx: Context) -> list[Any]:
