@@ -8,8 +8,9 @@ ErrorResponse from a server), the startup request codes, splitting typed traffic
 untyped startup-phase packets (SSLRequest, GSSENCRequest, CancelRequest, StartupMessage)
 in both directions.
 
-Must not: import asyncio or sockets, keep state beyond its input buffer, or decode
-message bodies (that is :mod:`proxy.wire.messages`).
+Must not: import asyncio or sockets, keep state beyond its input buffer (and the layouts
+of a few recent chunks, which only spare walking them again), or decode message bodies
+(that is :mod:`proxy.wire.messages`).
 
 Every reader raises :class:`proxy.errors.ProtocolViolation` (SQLSTATE 08P01) on
 malformed input; any other exception escaping from here is a bug.
