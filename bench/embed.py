@@ -75,13 +75,9 @@ def make_texts(rows: int) -> list[str]:
     return texts
 
 
-
-
 # --------------------------------------------------------------------------- #
 # Measurements
 # --------------------------------------------------------------------------- #
-
-
 
 
 def proxy_embed_all(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:

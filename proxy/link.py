@@ -8,6 +8,11 @@ Must not: frame, decode or decide anything; bytes go to ``handler`` untouched. W
 (:meth:`Link.trace`, ``log.trace_protocol`` or ``log.level = debug``), the bytes read and written also go
 to :class:`proxy.wire.trace.Tracer` objects, which describe each message for the log; off, the hot path
 pays nothing (the traced methods replace the plain ones on that instance only).
+
+The hot path calls the transport itself: while the transport is open, :attr:`Link.write` and
+:attr:`Link.writelines` are its own bound methods (no Python frame in between); from the moment
+it starts closing (:meth:`Link.close`, :meth:`Link.abort`, end of file, connection lost) they drop
+what they are given, as writes to a closing link always did.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from typing import cast
 from proxy.wire.trace import Tracer
 
 Handler = Callable[[bytes], None]
+Write = Callable[[bytes], None]
+WriteLines = Callable[[list[bytes]], None]
 
 
 class Link(asyncio.Protocol):
@@ -34,12 +41,17 @@ class Link(asyncio.Protocol):
         self._arrived: asyncio.Event = asyncio.Event()
         self.closed: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
         self._received: Tracer | None = None
+        self._sent: Tracer | None = None
+        # Where writes go: the transport's own methods while it is open (:meth:`_open_writes`).
+        self.write: Write = _dropped
+        self.writelines: WriteLines = _dropped
 
     # -- asyncio.Protocol ------------------------------------------------- #
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement the interface without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
+        self._open_writes()
 
     def data_received(self, data: bytes) -> None:
         if self.handler is not None:
@@ -49,9 +61,11 @@ class Link(asyncio.Protocol):
             self._arrived.set()
 
     def eof_received(self) -> bool:
+        self._shut_writes()
         return False  # close the transport; connection_lost follows
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._shut_writes()
         self._arrived.set()
         if not self.closed.done():
             self.closed.set_result(exc)
@@ -71,14 +85,6 @@ class Link(asyncio.Protocol):
     @property
     def is_closed(self) -> bool:
         return self.closed.done()
-
-    def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
-
-    def writelines(self, chunks: list[bytes]) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.writelines(chunks)
 
     def pause_reading(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -123,20 +129,32 @@ class Link(asyncio.Protocol):
 
     def trace(self, received: Tracer, sent: Tracer) -> None:
         """Describe every message read and written from now on (call before :meth:`set_handler`)."""
-        self._received = received
-        plain_write, plain_writelines = self.write, self.writelines
+        self._received, self._sent = received, sent
+        if self.transport is not None and not self.transport.is_closing():
+            self._open_writes()
 
-        def write(data: bytes) -> None:
+    def _open_writes(self) -> None:
+        """Writes go to the transport as they are (through the tracer first, when tracing is on)."""
+        assert self.transport is not None
+        write, writelines, sent = self.transport.write, self.transport.writelines, self._sent
+        if sent is None:
+            self.write, self.writelines = write, writelines
+            return
+
+        def traced_write(data: bytes) -> None:
             sent.feed(data)
-            plain_write(data)
+            write(data)
 
-        def writelines(chunks: list[bytes]) -> None:
+        def traced_writelines(chunks: list[bytes]) -> None:
             for chunk in chunks:
                 sent.feed(chunk)
-            plain_writelines(chunks)
+            writelines(chunks)
 
-        self.write = write  # type: ignore[method-assign]
-        self.writelines = writelines  # type: ignore[method-assign]
+        self.write, self.writelines = traced_write, traced_writelines
+
+    def _shut_writes(self) -> None:
+        """The transport is closing: nothing more is written to it."""
+        self.write = self.writelines = _dropped
 
     async def start_tls(
         self, context: ssl.SSLContext, *, server_side: bool, server_hostname: str | None = None
@@ -144,16 +162,20 @@ class Link(asyncio.Protocol):
         """Upgrade the transport to TLS in place (queued bytes must be empty)."""
         assert self.transport is not None
         loop = asyncio.get_running_loop()
+        self._shut_writes()  # the plain transport is not written to again
         new = await loop.start_tls(
             self.transport, self, context, server_side=server_side, server_hostname=server_hostname
         )
         self.transport = cast(asyncio.Transport, new)
+        self._open_writes()
 
     def close(self) -> None:
+        self._shut_writes()
         if self.transport is not None:
             self.transport.close()
 
     def abort(self) -> None:
+        self._shut_writes()
         if self.transport is not None:
             self.transport.abort()
 
@@ -166,3 +188,7 @@ def _traced(tracer: Tracer, handler: Handler) -> Handler:
         handler(data)
 
     return traced
+
+
+def _dropped(data: object) -> None:
+    """Where writes to a closing link go."""

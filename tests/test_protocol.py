@@ -149,6 +149,24 @@ def test_scan_reports_kinds_and_the_last_status() -> None:
     assert kinds.count(Backend.READY_FOR_QUERY) == 2 and status == ord("E") and len(chunk) > 0
 
 
+def test_a_remembered_layout_is_used_only_for_the_same_headers() -> None:
+    """A chunk framed as one seen before (same length, same headers at the same offsets) is not walked again;
+    one of the same length framed otherwise is, and every answer is what a fresh reader gives."""
+    answer = pq.DataRow((b"12345",)).encode() + pq.CommandComplete("SELECT 1").encode()
+    chunks = [answer + pq.ReadyForQuery(status).encode() for status in "IIITE"]
+    same_length = pq.DataRow((b"1234567890123456789",)).encode() + pq.ReadyForQuery("I").encode()
+    error = pq.ErrorResponse((("S", "ERROR"), ("C", "XX000"), ("M", "x"))).encode()
+    other = error + b"\0" * (len(chunks[0]) - len(error) - 6) + pq.ReadyForQuery("I").encode()  # not a valid frame
+    assert len(same_length) == len(chunks[0]) == len(other)
+    reader = FrameReader(1 << 20)
+    for chunk in [*chunks, same_length, chunks[0], same_length, same_length, chunks[1]]:
+        assert reader.scan(chunk) == FrameReader(1 << 20).scan(chunk)
+    with pytest.raises(ProtocolViolation):
+        FrameReader(1 << 20, frames.FRONTEND_TYPES).scan(chunks[0])  # a client reader keeps its own checks
+    with pytest.raises(ProtocolViolation):
+        reader.scan(other)
+
+
 def test_a_byte_means_a_message_per_direction() -> None:
     """'E' is Execute from a client and ErrorResponse from a server; 'S' Sync and ParameterStatus; ..."""
     assert Frontend.EXECUTE == Backend.ERROR_RESPONSE and Frontend.DESCRIBE == Backend.DATA_ROW

@@ -43,8 +43,9 @@ _ARRAY_SPECIAL = frozenset('{}",\\ \t\n\r\v\f')  # what array_out quotes an elem
 
 def format_floats(values: Any) -> str:
     """A real[] literal body: 9 significant digits round-trip every float4 exactly (None: NULL)."""
+    items = values.tolist() if hasattr(values, "tolist") else values  # a numpy array's Python floats format faster
     try:
-        return "{" + ",".join([f"{x:.9g}" for x in values]) + "}"
+        return "{" + ",".join([f"{x:.9g}" for x in items]) + "}"
     except TypeError:  # NULL elements (a bound array parameter): rare, so the fast path above stays
         return "{" + ",".join(["NULL" if x is None else f"{x:.9g}" for x in values]) + "}"
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pglast
-from pglast import ast, enums, visitors
+from pglast import ast, enums
 
 from engine.pg.scalars import MAX_ARRAY_ELEMENTS
 from proxy import schema
@@ -125,38 +125,38 @@ class SchemaUse:
 
 def schema_use(stmts: tuple[ast.RawStmt, ...]) -> SchemaUse:
     use = SchemaUse()
-
-    class Walk(visitors.Visitor):
-        def visit_RangeVar(self, ancestors: Any, node: ast.RangeVar) -> None:
-            use.references = use.references or node.schemaname == schema.SCHEMA
-
-        def visit_FuncCall(self, ancestors: Any, node: ast.FuncCall) -> None:
-            use.references = use.references or _qualified(node.funcname)
-
-        def visit_TypeName(self, ancestors: Any, node: ast.TypeName) -> None:
-            use.references = use.references or _qualified(node.names)
-
-        def visit_DropStmt(self, ancestors: Any, node: ast.DropStmt) -> None:
-            if node.removeType == enums.ObjectType.OBJECT_SCHEMA:
-                use.drops = use.drops or any(_is_pgml(o) for o in node.objects or ())
-            elif node.removeType != enums.ObjectType.OBJECT_EXTENSION:
-                use.drops = use.drops or any(_qualified(_object_names(o)) for o in node.objects or ())
-
-        def visit_DropOwnedStmt(self, ancestors: Any, node: ast.DropOwnedStmt) -> None:
-            use.drops = True  # it drops the schema if that role owns it
-
-        def visit_RenameStmt(self, ancestors: Any, node: ast.RenameStmt) -> None:
-            use.drops = use.drops or (node.renameType == enums.ObjectType.OBJECT_SCHEMA and node.subname == "pgml")
-
     for raw in stmts:
         command = extension_command(raw.stmt)
         if command is not None:
             use.commands = True
             use.installs = use.installs or command.tag != "DROP EXTENSION"
             continue
-        if raw.stmt is not None:
-            Walk()(raw.stmt)
+        pending: list[Any] = [raw.stmt]  # every node, walked with a list (no recursion, however deep the tree)
+        while pending:
+            node = pending.pop()
+            if isinstance(node, tuple | list):
+                pending.extend(node)
+            elif isinstance(node, ast.Node):
+                _note(use, node)
+                pending.extend(getattr(node, member) for member in node)
     return use
+
+
+def _note(use: SchemaUse, node: ast.Node) -> None:
+    """What one node tells of the schema use: a pgml name, a drop or rename of the schema or in it."""
+    match node:
+        case ast.RangeVar(schemaname=name):
+            use.references = use.references or name == schema.SCHEMA
+        case ast.FuncCall(funcname=names) | ast.TypeName(names=names):
+            use.references = use.references or _qualified(names)
+        case ast.DropStmt(removeType=enums.ObjectType.OBJECT_SCHEMA, objects=objects):
+            use.drops = use.drops or any(_is_pgml(o) for o in objects or ())
+        case ast.DropStmt(removeType=kind, objects=objects) if kind != enums.ObjectType.OBJECT_EXTENSION:
+            use.drops = use.drops or any(_qualified(_object_names(o)) for o in objects or ())
+        case ast.DropOwnedStmt():
+            use.drops = True  # it drops the schema if that role owns it
+        case ast.RenameStmt(renameType=enums.ObjectType.OBJECT_SCHEMA, subname="pgml"):
+            use.drops = True
 
 
 def _is_pgml(node: Any) -> bool:

@@ -28,7 +28,7 @@ from proxy.session.startup import AuthWatch
 from proxy.session.state import ACTIVE, ENDING, Event, Phase, State
 from proxy.session.traffic import Sink, Traffic
 from proxy.wire import messages as pq
-from proxy.wire.frames import FRONTEND_TYPES, Frame, FrameReader, StartupMessage, encode_startup, split_frames
+from proxy.wire.frames import FRONTEND_TYPES, Frame, FrameReader, Kinds, StartupMessage, encode_startup, split_frames
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +265,7 @@ class Connection:
             self._inspect(chunk, kinds)
         self._client.write(chunk)
 
-    def _inspect(self, chunk: bytes, kinds: bytearray) -> None:
+    def _inspect(self, chunk: bytes, kinds: Kinds) -> None:
         """ErrorResponse / ParameterStatus on the hot path: FATAL, a failed batch, settings the rewriter uses."""
         for frame in split_frames(chunk):
             if frame.type == _E and pq.is_fatal(frame):

@@ -27,7 +27,7 @@ from proxy.session.decisions import Decider
 from proxy.session.state import BATCH_ENDS, Phase, State
 from proxy.session.traffic import Traffic
 from proxy.wire import messages as pq
-from proxy.wire.frames import Frame, Frontend
+from proxy.wire.frames import Frame, Frontend, Kinds
 
 
 class Kind(enum.Enum):
@@ -92,7 +92,7 @@ ROUTES: dict[Phase, dict[Kind, Route]] = {
 _SKIP_TO_SYNC, _READY = Phase.SKIP_TO_SYNC, Phase.READY
 _Q, _P, _C = int(Frontend.QUERY), int(Frontend.PARSE), int(Frontend.CLOSE)
 _PLAIN = (Kind.PLAIN, Route.RELAY)
-_ChunkTests = tuple[tuple[frozenset[int], Callable[[bytes, bytearray], bool]], ...]
+_ChunkTests = tuple[tuple[frozenset[int], Callable[[bytes, Kinds], bool]], ...]
 _FrameTests = tuple[tuple[frozenset[int], Callable[[Frame], bool], Kind, Route], ...]
 
 
@@ -104,7 +104,7 @@ class Router:
         self._decider = decider
         self._traffic = traffic
         self._rewriter = rewriter
-        chunk_tests: dict[Kind, Callable[[bytes, bytearray], bool]] = {
+        chunk_tests: dict[Kind, Callable[[bytes, Kinds], bool]] = {
             Kind.OWNED: self._may_be_owned,
             Kind.STATEMENT: self._may_be_statement,
             Kind.DEFERRED_BIND: self._may_be_deferred_bind,
@@ -134,7 +134,7 @@ class Router:
             for phase, routes in ROUTES.items()
         }
 
-    def plain(self, chunk: bytes, kinds: bytearray) -> bool:
+    def plain(self, chunk: bytes, kinds: Kinds) -> bool:
         """True when no frame of the chunk can be of a kind the phase routes: the hot path relays it as it came.
 
         The chunk's frames may move the phase on: a Sync in it ends skip-to-sync, and the frames after it are
@@ -159,24 +159,24 @@ class Router:
 
     # -- chunk tests: may frames of the kind's types in this chunk be of that kind? (never a false "no") -- #
 
-    def _may_be_owned(self, chunk: bytes, kinds: bytearray) -> bool:
+    def _may_be_owned(self, chunk: bytes, kinds: Kinds) -> bool:
         # A Parse of a new own statement mentions pgml: the STATEMENT test catches that one.
         return bool(self._decider.cursors.open) or self._decider.owned.active
 
-    def _may_be_statement(self, chunk: bytes, kinds: bytearray) -> bool:
+    def _may_be_statement(self, chunk: bytes, kinds: Kinds) -> bool:
         return (
             decide.might_use_pgml(chunk)
             or (bool(self._decider.cursors.open) and _Q in kinds)
             or (self._rewriter.sql_prepared(self._traffic) and decide.might_execute(chunk))
         )
 
-    def _may_be_deferred_bind(self, chunk: bytes, kinds: bytearray) -> bool:
+    def _may_be_deferred_bind(self, chunk: bytes, kinds: Kinds) -> bool:
         return bool(self._decider.deferred)
 
-    def _may_be_redefining(self, chunk: bytes, kinds: bytearray) -> bool:
+    def _may_be_redefining(self, chunk: bytes, kinds: Kinds) -> bool:
         return bool(self._decider.deferred) and (_P in kinds or _C in kinds or decide.might_deallocate(chunk))
 
-    def _barriers_wait(self, chunk: bytes, kinds: bytearray) -> bool:
+    def _barriers_wait(self, chunk: bytes, kinds: Kinds) -> bool:
         return bool(self._traffic.barriers)
 
     # -- frame tests ---------------------------------------------------------------------------------- #

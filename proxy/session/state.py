@@ -14,7 +14,8 @@ phase of its own. Skip-until-Sync is one phase, :attr:`Phase.SKIP_TO_SYNC` (asyn
 on purpose, left at the next batch end.
 
 Must not: do I/O, decode messages (callers pass type bytes and events), or know about statements.
-Its one asyncio object is the :attr:`State.idle` event that decisions wait on.
+Its one asyncio object is :attr:`State.idle`, which decisions wait on (a future made only for a
+waiter: the relay's hot path counts ReadyForQuery messages and touches no asyncio object).
 """
 
 from __future__ import annotations
@@ -100,6 +101,30 @@ _CODE_OF = {Event.BATCH_END: _END[0], Event.EXTENDED: _EXTENDED[0], Event.TERMIN
 # bytes.translate table: client type byte -> one-letter event code (messages without an event are deleted).
 _CODES = bytes(_CODE_OF[CLIENT_EVENTS[i]] if i in CLIENT_EVENTS else i for i in range(256))
 _NO_EVENT = bytes(i for i in range(256) if i not in CLIENT_EVENTS)
+_STATUS = tuple(chr(i) for i in range(256))  # a ReadyForQuery status byte as the letter it is
+
+
+class Idle:
+    """Awaitable moment when the server owes no ReadyForQuery: :meth:`wait` returns then (at once if it owes none)."""
+
+    __slots__ = ("_state", "waiters")
+
+    def __init__(self, state: State) -> None:
+        self._state = state
+        self.waiters: list[asyncio.Future[None]] = []  # made by wait(), woken by State.ready()
+
+    async def wait(self) -> None:
+        if self._state.owed:
+            waiter = asyncio.get_running_loop().create_future()
+            self.waiters.append(waiter)
+            await waiter
+
+    def wake(self) -> None:
+        """Nothing is owed any more: every waiter goes on."""
+        waiters, self.waiters = self.waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
 
 class State:
@@ -111,8 +136,7 @@ class State:
         self.phase = Phase.STARTUP
         self.tx_status = "I"  # from the server's last ReadyForQuery
         self.owed = 0  # ReadyForQuery messages the server still owes (one per batch end sent)
-        self.idle = asyncio.Event()  # set while nothing is owed: decisions wait on it
-        self.idle.set()
+        self.idle = Idle(self)  # decisions wait on it until nothing is owed
 
     def fire(self, event: Event) -> None:
         self.phase = TRANSITIONS.get((self.phase, event), self.phase)
@@ -129,14 +153,14 @@ class State:
 
     def owe(self, count: int = 1) -> None:
         self.owed += count
-        self.idle.clear()
 
     def ready(self, status: int, count: int = 1) -> None:
         """``count`` ReadyForQuery messages arrived, the last with this transaction status byte."""
-        self.tx_status = chr(status)
-        self.owed = max(0, self.owed - count)
-        if self.owed == 0:
-            self.idle.set()
+        self.tx_status = _STATUS[status]
+        owed = self.owed - count
+        self.owed = owed if owed > 0 else 0
+        if owed <= 0 and self.idle.waiters:
+            self.idle.wake()
 
     def sent(self, kinds: bytes | bytearray) -> int:
         """Client messages went upstream (their type bytes, in order): what they owe (returned: how many batch
@@ -147,9 +171,7 @@ class State:
         extended message is idempotent, and Terminate can only be last (nothing after it is read).
         """
         ends = kinds.count(81) + kinds.count(83) + kinds.count(70)  # Q, S, F
-        if ends:
-            self.owed += ends
-            self.idle.clear()
+        self.owed += ends
         if kinds[-1] in BATCH_ENDS:  # the usual chunk: whole batches or Queries
             self.phase = _AFTER_END[self.phase]
             return ends

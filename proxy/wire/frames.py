@@ -8,8 +8,9 @@ ErrorResponse from a server), the startup request codes, splitting typed traffic
 untyped startup-phase packets (SSLRequest, GSSENCRequest, CancelRequest, StartupMessage)
 in both directions.
 
-Must not: import asyncio or sockets, keep state beyond its input buffer, or decode
-message bodies (that is :mod:`proxy.wire.messages`).
+Must not: import asyncio or sockets, keep state beyond its input buffer (and the layouts
+of a few recent chunks, which only spare walking them again), or decode message bodies
+(that is :mod:`proxy.wire.messages`).
 
 Every reader raises :class:`proxy.errors.ProtocolViolation` (SQLSTATE 08P01) on
 malformed input; any other exception escaping from here is a bug.
@@ -17,7 +18,9 @@ malformed input; any other exception escaping from here is a bug.
 
 from __future__ import annotations
 
+import operator
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import NamedTuple
@@ -92,8 +95,13 @@ MAX_STARTUP_PACKET = 10_000
 
 _I32 = struct.Struct("!i")
 _HEADER = struct.Struct("!Bi")
+_UHEADER = struct.Struct("!BI")  # as read: an out-of-range length is reported as the unsigned number it is
 _STARTUP_HEADER = struct.Struct("!ii")
 _Z, _X = int(Backend.READY_FOR_QUERY), int(Frontend.TERMINATE)  # plain ints for the scan loop
+_ANY_TYPE = frozenset(range(256))  # server traffic: every type byte is read
+# Chunks of at most this many messages have their layout remembered; at most this many layouts per reader.
+LAYOUT_MESSAGES = 8
+LAYOUTS = 16
 
 
 def pack(kind: int, body: bytes) -> bytes:
@@ -238,6 +246,19 @@ class Frame(NamedTuple):
         return self.raw[5:]
 
 
+# The type bytes of a chunk's messages, in order (read-only: a remembered layout's may be shared).
+Kinds = bytes | bytearray
+
+
+class _Layout(NamedTuple):
+    """How a chunk of whole messages was framed: where its headers are, what they said, what they were."""
+
+    headers: Callable[[bytes], object]  # the header (type byte + length) of every message, in one C call
+    expected: object  # what ``headers`` gave for the chunk this layout was taken from
+    kinds: bytes
+    ready: int  # offset of the last ReadyForQuery's status byte (-1: none)
+
+
 class FrameReader:
     """Incremental splitter of typed messages (``type byte + int32 length + body``).
 
@@ -246,9 +267,15 @@ class FrameReader:
     us buffer without limit. On client traffic, nothing after a Terminate is
     read (as the server reads nothing more): bytes behind it are dropped, not
     judged.
+
+    Request/response traffic repeats its shapes (a prepared statement run in a loop, a point
+    query's one-row answer): a chunk of a few whole messages whose length was seen before has
+    its layout remembered, and a later chunk of that length with the very same headers at the
+    same offsets (compared in one C call: a hit is exact, the same messages, already validated)
+    is not walked again.
     """
 
-    __slots__ = ("_allowed", "_ended", "_have", "_max", "_need", "_parts")
+    __slots__ = ("_allowed", "_ended", "_have", "_layouts", "_max", "_need", "_parts", "_special")
 
     def __init__(self, max_bytes: int, allowed: frozenset[int] | None = None) -> None:
         # An incomplete message waits in pieces until ``_need`` bytes are there: joined once, so a
@@ -257,40 +284,45 @@ class FrameReader:
         self._have = 0
         self._need = 0
         self._max = max_bytes
-        self._allowed = allowed
+        self._allowed = _ANY_TYPE if allowed is None else allowed
+        self._special = _Z if allowed is None else _X  # the one type the walk looks at
         self._ended = False
+        self._layouts: dict[int, _Layout | None] = {}  # chunk length -> its layout (None: seen once)
 
     @property
     def pending(self) -> int:
         return self._have
 
-    def scan(self, data: bytes) -> tuple[bytes, bytearray, int]:
+    def scan(self, data: bytes) -> tuple[bytes, Kinds, int]:
         """Add bytes; return the complete messages as one chunk, their type bytes, and the last ReadyForQuery status.
 
         This is the relay's hot path: no per-message objects, so a chunk that
         needs no change is forwarded as the very bytes that arrived. The status
         is the byte of the last ReadyForQuery in the chunk (-1 when there is none).
+        The type bytes are read-only (they may be a remembered layout's).
         """
         if self._ended:
-            return b"", bytearray(), -1
+            return b"", b"", -1
         if self._parts:
             self._parts.append(data)
             self._have += len(data)
             if self._have < self._need:
-                return b"", bytearray(), -1
+                return b"", b"", -1
             buf = b"".join(self._parts)
             self._parts, self._have = [], 0
         else:
             buf = data
+            layout = self._layouts.get(len(buf))
+            if layout is not None and layout.headers(buf) == layout.expected:
+                return buf, layout.kinds, -1 if layout.ready < 0 else buf[layout.ready]
         kinds = bytearray()
+        append, header = kinds.append, _UHEADER.unpack_from  # one C call per message reads its type and length
         pos, end, last_z = 0, len(buf), -1
-        allowed, limit = self._allowed, self._max
-        ready, terminate = _Z, _X  # plain local ints in the loop
+        allowed, limit, special = self._allowed, self._max, self._special
         need = 5  # bytes of the message begun at ``pos``: its header, then all of it
         while end - pos >= 5:
-            code = buf[pos]
-            length = (buf[pos + 1] << 24) | (buf[pos + 2] << 16) | (buf[pos + 3] << 8) | buf[pos + 4]
-            if allowed is not None and code not in allowed:
+            code, length = header(buf, pos)
+            if code not in allowed:
                 raise ProtocolViolation(f"invalid frontend message type {code}")
             if length < 4 or length > limit:
                 raise ProtocolViolation(f"invalid message length {length} for message type {chr(code)!r}")
@@ -298,22 +330,48 @@ class FrameReader:
             if stop > end:
                 need = 1 + length
                 break
-            kinds.append(code)
-            if code == ready and length == 5:
-                last_z = buf[pos + 5]
+            append(code)
+            if code == special:  # ReadyForQuery from a server, Terminate from a client
+                if special == _X:  # the rest is never read
+                    self._ended = True
+                    return buf[:stop], kinds, last_z
+                if length == 5:
+                    last_z = buf[pos + 5]
             pos = stop
-            if code == terminate and allowed is not None:  # Terminate from a client: the rest is never read
-                self._ended = True
-                return buf[:pos], kinds, last_z
         if pos == end:
+            if len(kinds) <= LAYOUT_MESSAGES:
+                self._remember(buf, kinds)
             return buf, kinds, last_z
         rest = buf[pos:]
         self._parts, self._have, self._need = [rest], len(rest), need
         return buf[:pos], kinds, last_z
 
+    def _remember(self, buf: bytes, kinds: bytearray) -> None:
+        """A chunk of a few whole messages: its layout is remembered the second time its length is seen."""
+        layouts, size = self._layouts, len(buf)
+        if size in layouts:
+            layouts[size] = _layout_of(buf, kinds)
+            return
+        if len(layouts) >= LAYOUTS:
+            layouts.clear()
+        layouts[size] = None
+
     def feed(self, data: bytes) -> list[Frame]:
         """Add bytes and return every message they complete, in order."""
         return split_frames(self.scan(data)[0])
+
+
+def _layout_of(buf: bytes, kinds: bytearray) -> _Layout:
+    """The layout of ``buf``: whole messages, already validated (their type bytes: ``kinds``)."""
+    offsets, pos, end, ready = [], 0, len(buf), -1
+    while pos < end:
+        offsets.append(pos)
+        code, length = _UHEADER.unpack_from(buf, pos)
+        if code == _Z and length == 5:
+            ready = pos + 5
+        pos += 1 + length
+    headers = operator.itemgetter(*(slice(offset, offset + 5) for offset in offsets))
+    return _Layout(headers, headers(buf), bytes(kinds), ready)
 
 
 def split_frames(chunk: bytes) -> list[Frame]:
