@@ -223,9 +223,9 @@ ERRORS = [
     f"SELECT id, 1 / (id - 290), pgml.embed('{MINILM}', body) FROM t ORDER BY id",
     # … while the engine computes a part and queries the registry (predict): the server's error is the answer
     "SELECT id, 1 / (id - 9000), pgml.predict('stream_p', ARRAY[f1, f2]) FROM tr ORDER BY id",
-    # the engine fails in one part while the server fails in the next
-    f"SELECT id, 1 / (id - 270), pgml.embed(CASE WHEN id = 200 THEN 'nope' ELSE '{MINILM}' END, body) FROM t"
-    " ORDER BY id",
+    # the engine fails in one part while the server fails in the next (a scan in id order: no sort, under which
+    # the server would compute 1 / (id - 270) for every row before the first part)
+    f"SELECT id, 1 / (id - 270), pgml.embed(CASE WHEN id = 200 THEN 'nope' ELSE '{MINILM}' END, body) FROM t",
     # the proxy's own cast: pgvector's error for the wrong dimension count
     f"SELECT id, pgml.embed('{MINILM}', body)::vector(3) FROM t ORDER BY id LIMIT 2",
     # a column that does not exist: the server's error for the statement
