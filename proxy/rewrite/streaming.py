@@ -4,9 +4,9 @@ Owns: running one :class:`proxy.rewrite.outputs.Plan` on the client's session â€
 sent (the types of the hidden argument columns choose each call's overload, and the session's
 ``extra_float_digits`` how floats print), opening it as the proxy's row portal with the client's columns in
 text and the hidden ones in binary where the proxy reads that format (numeric arrays straight into numpy),
-then reading it ``PART_ROWS`` rows at a time: the next part is on its way while the engine computes this
-one, each distinct input is computed once per statement (up to ``MEMO_LIMIT`` of them), and the client
-gets the server's RowDescription less the hidden columns, then its DataRows in order (each part's
+then reading it part by part (``PART_ROWS`` rows first, growing): the next part is on its way while the
+engine computes this one, each distinct input is computed once per statement (up to ``MEMO_LIMIT`` of
+them), and the client gets the server's RowDescription less the hidden columns, then its DataRows in order (each part's
 notices ahead of its rows), then ``SELECT n`` â€” what the server would send for the original statement;
 an error ends the rows (the server's, once the rows before it, or the engine's). Work is proportional to the rows
 the statement returns; memory to two parts.
@@ -35,10 +35,13 @@ from proxy.rewrite.steps import Begin, Emit, Evaluate, Run, Steps, Wait, off_loo
 from proxy.session.exchange import BatchFailed, Portion, Prepare, Rows, Statement, UpstreamError
 from proxy.wire.messages import CommandComplete, DataRow, ErrorResponse, RowDescription
 
-# Rows per part: a model call's mini-batch (the engine batches within it), and many more for the cheap
-# per-row math of the predict family (fewer round trips and engine jobs).
+# Rows of the first part: a model call's mini-batch (the engine batches within it), and many more for the cheap
+# per-row math of the predict family (fewer round trips and engine jobs). Each later part doubles, up to
+# GROWTH times the first: the first row comes after one small part, and large parts then let the model sort
+# more texts by length (less padding) with fewer engine jobs; memory stays bounded by two parts.
 PART_ROWS = 256
 CHEAP = {"predict": 8192, "predict_proba": 8192, "predict_joint": 8192, "decompose": 8192}
+GROWTH = 8
 MEMO_LIMIT = 4096  # distinct inputs whose results a statement remembers (then it starts over)
 OFF_LOOP_ROWS = 1024  # parts this large are decoded and encoded in a worker thread
 # Types whose binary form the proxy reads (the others come as text).
@@ -80,7 +83,7 @@ def run(plan: Plan, *, finish: bool) -> Steps[bool]:
         for column, binary in zip(call.output.hidden, call.binary, strict=True):
             formats[column] = int(binary)
     sql = plan.statement([call.signature.returns for call in calls])
-    limit = min(CHEAP.get(c.signature.function, PART_ROWS) for c in calls)
+    limit = first = min(CHEAP.get(c.signature.function, PART_ROWS) for c in calls)
     digits = int(setting.rows[0][0])
     opening = Run((Rows(sql, formats=tuple(formats), limit=limit),), keep_open=True, quiet=True)
     (portion,) = yield from _part_run(opening)
@@ -88,6 +91,7 @@ def run(plan: Plan, *, finish: bool) -> Steps[bool]:
     yield Emit(RowDescription(portion.description.columns[: plan.visible]).encode())
     total = 0
     while True:
+        limit = min(2 * limit, first * GROWTH)
         part_after = Run((Rows(sql, limit=limit, opens=False),), keep_open=True, quiet=True)
         pending = (yield Begin(part_after)) if portion.suspended else None
         try:
