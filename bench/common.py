@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -101,6 +103,45 @@ def texts_table(dsn: str, table: str, texts: list[str]) -> Iterator[None]:
     finally:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("DROP SCHEMA IF EXISTS pgml_bench CASCADE")
+
+
+# One upstream statement's duration line (log_min_duration_statement = 0): milliseconds, step, statement text.
+DURATION = re.compile(r"LOG:\s+duration: ([\d.]+) ms\s+(statement|parse|bind|execute)[^:]*: (.*)")
+_DDL = ("CREATE TEMP", "CREATE INDEX", "ALTER TABLE pgml_proxy_", "ANALYZE pgml_proxy_", "DROP TABLE")
+
+
+def upstream_phases(proxy: str, server_log: Path, sql: str) -> tuple[float, dict[str, float]]:
+    """``sql`` run once through ``proxy`` with every upstream statement's duration logged: its seconds, and the
+    server's seconds per phase of a per-row call (gather, temp-table COPY, DDL, final statement, other) with the
+    count of statements executed (round trips)."""
+    import psycopg
+
+    offset = server_log.stat().st_size
+    with psycopg.connect(proxy, autocommit=True) as conn:
+        conn.execute("SET log_min_duration_statement = 0")
+        total, _ = timed(lambda: conn.execute(sql).fetchall())
+        conn.execute("RESET log_min_duration_statement")
+    with open(server_log, "rb") as handle:
+        handle.seek(offset)
+        text = handle.read().decode(errors="replace")
+    out: dict[str, float] = defaultdict(float)
+    for match in DURATION.finditer(text):
+        seconds, step, statement = float(match.group(1)) / 1000, match.group(2), match.group(3)
+        if "log_min_duration_statement" in statement:
+            continue
+        if statement.startswith(("SELECT DISTINCT", "COPY (SELECT DISTINCT")):
+            out["gather"] += seconds
+        elif statement.startswith("COPY pgml_proxy_"):
+            out["COPY into the temp table"] += seconds
+        elif statement.startswith(_DDL):
+            out["create/index/analyze/drop"] += seconds
+        elif "pg_temp.pgml_proxy_" in statement:
+            out["final statement"] += seconds
+        else:
+            out["other"] += seconds
+        if step == "execute":
+            out["statements executed"] += 1
+    return total, dict(out)
 
 
 def percentile(values: list[float], pct: float) -> float:

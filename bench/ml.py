@@ -48,7 +48,7 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import percentile, pgml_proxy, timed, upstream
+from common import percentile, pgml_proxy, timed, upstream, upstream_phases
 
 NUM_FEATURES = 20
 FEATURES = [f"f{i}" for i in range(1, NUM_FEATURES + 1)]
@@ -227,35 +227,11 @@ def check_predictions(rows: list[tuple[Any, ...]], model: Any, x: np.ndarray[Any
     return float(np.abs(got - model.predict(x).astype(np.float32)).max())
 
 
-_DURATION = re.compile(r"LOG:\s+duration: ([\d.]+) ms\s+(?:statement|parse|bind|execute)[^:]*: (.*)")
-
-
 def predict_breakdown(proxy: str, server_log: Path) -> tuple[float, dict[str, float]] | None:
     """One proxy pass with the upstream session's statement durations logged; seconds per upstream phase."""
     if not server_log.exists():
         return None
-    offset = server_log.stat().st_size
-    with psycopg.connect(proxy, autocommit=True) as conn:
-        conn.execute("SET log_min_duration_statement = 0")
-        total, _ = timed(lambda: conn.execute(PREDICT_ALL).fetchall())
-        conn.execute("RESET log_min_duration_statement")
-    with open(server_log, "rb") as handle:
-        handle.seek(offset)
-        text = handle.read().decode(errors="replace")
-    phases: dict[str, float] = defaultdict(float)
-    for match in _DURATION.finditer(text):
-        ms, statement = float(match.group(1)), match.group(2)
-        if statement.startswith("SELECT DISTINCT"):
-            phases["gather query"] += ms / 1000
-        elif statement.startswith("COPY pgml_proxy_"):
-            phases["COPY into temp table"] += ms / 1000
-        elif statement.startswith(("CREATE TEMP", "CREATE INDEX", "ANALYZE pgml_proxy_", "DROP TABLE")):
-            phases["create/index/analyze/drop"] += ms / 1000
-        elif "pg_temp.pgml_proxy_" in statement:
-            phases["final lookup query"] += ms / 1000
-        elif "log_min_duration_statement" not in statement:
-            phases["other upstream"] += ms / 1000
-    return total, dict(phases)
+    return upstream_phases(proxy, server_log, PREDICT_ALL)
 
 
 def latency(proxy: str, model: Any, runs: int) -> dict[str, list[float]]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -30,41 +29,16 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import pgml_proxy, timed, upstream
+from common import pgml_proxy, timed, upstream, upstream_phases
 from ml import ARRAY, TABLE, WARM_VIEW, make_data, ml_table, train_sql
 
 PROJECT = "bench_per_row"
 WHERE = f"SELECT id FROM {TABLE} WHERE pgml.predict('{PROJECT}', {ARRAY}) > 0 ORDER BY id"
-_DDL = ("CREATE TEMP", "CREATE INDEX", "ALTER TABLE pgml_proxy_", "ANALYZE pgml_proxy_", "DROP TABLE")
-_DURATION = re.compile(r"LOG:\s+duration: ([\d.]+) ms\s+(statement|parse|bind|execute)[^:]*: (.*)")
 
 
 def phases(proxy: str, server_log: Path) -> dict[str, float]:
-    """One pass with every upstream statement's duration logged: seconds per phase, and the Syncs (round trips)."""
-    offset = server_log.stat().st_size
-    with psycopg.connect(proxy, autocommit=True) as conn:
-        conn.execute("SET log_min_duration_statement = 0")
-        conn.execute(WHERE).fetchall()
-        conn.execute("RESET log_min_duration_statement")
-    with open(server_log, "rb") as handle:
-        handle.seek(offset)
-        text = handle.read().decode(errors="replace")
-    out: dict[str, float] = defaultdict(float)
-    for match in _DURATION.finditer(text):
-        seconds, step, sql = float(match.group(1)) / 1000, match.group(2), match.group(3)
-        if sql.startswith(("SELECT DISTINCT", "COPY (SELECT DISTINCT")):
-            out["gather"] += seconds
-        elif sql.startswith("COPY pgml_proxy_"):
-            out["COPY into the temp table"] += seconds
-        elif sql.startswith(_DDL):
-            out["create/index/analyze/drop"] += seconds
-        elif "pg_temp.pgml_proxy_" in sql:
-            out["final statement"] += seconds
-        elif "log_min_duration_statement" not in sql:
-            out["other"] += seconds
-        if step == "execute" and "log_min_duration_statement" not in sql:
-            out["statements executed"] += 1
-    return dict(out)
+    """One pass with every upstream statement's duration logged: seconds per phase, and the statements executed."""
+    return upstream_phases(proxy, server_log, WHERE)[1]
 
 
 def main() -> None:
