@@ -76,7 +76,7 @@ def first_row(dsn: str, sql: str) -> tuple[float, float, int]:
     params = (("user", parsed.user or "postgres"), ("database", parsed.dbname or "postgres"))
     sock.sendall(encode_startup(StartupMessage(3, 0, params)))
 
-    def until(kind: int, counting: bool = False) -> tuple[float | None, int]:
+    def until(kind: int) -> tuple[float | None, int]:
         first, rows = None, 0
         while True:
             data = sock.recv(1 << 20)
@@ -94,7 +94,7 @@ def first_row(dsn: str, sql: str) -> tuple[float, float, int]:
     until(ord("Z"))
     start = time.perf_counter()
     sock.sendall(Query(sql).encode())
-    first, rows = until(ord("Z"), counting=True)
+    first, rows = until(ord("Z"))
     end = time.perf_counter()
     sock.close()
     return (first or end) - start, end - start, rows

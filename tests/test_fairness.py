@@ -28,6 +28,7 @@ import pytest
 from psycopg import errors
 
 from proxy.wire import messages as pq
+from proxy.wire.frames import FrameReader
 from tests.conftest import MINILM, Postgres, ProxyProcess, start_proxy
 from tests.tiny_models import tiny_gpt2
 
@@ -171,18 +172,6 @@ def raw_connect(proxy: ProxyProcess) -> socket.socket:
     return s
 
 
-def _kinds(data: bytes) -> list[bytes]:
-    """The type bytes of the whole messages in ``data`` (a cut-off last one left out)."""
-    kinds, pos = [], 0
-    while pos + 5 <= len(data):
-        size = int.from_bytes(data[pos + 1 : pos + 5], "big")
-        if pos + 1 + size > len(data):
-            break
-        kinds.append(data[pos : pos + 1])
-        pos += 1 + size
-    return kinds
-
-
 @pytest.mark.parametrize("how", ["disconnect", "terminate", "cancel"])
 def test_stopping_a_session_frees_the_worker(fair_proxy: ProxyProcess, baseline: Baseline, how: str) -> None:
     cpu = Cpu(fair_proxy.proc.pid)
@@ -233,7 +222,7 @@ def test_stopping_a_session_frees_the_worker(fair_proxy: ProxyProcess, baseline:
             with contextlib.suppress(ConnectionResetError):
                 while chunk := raw.recv(1 << 20):
                     received += chunk
-            kinds = _kinds(received)
+            kinds = [bytes([frame.type]) for frame in FrameReader(1 << 30).feed(received)]  # whole messages
             assert not {b"C", b"Z", b"E"} & set(kinds), f"the proxy answered after Terminate: {kinds[-3:]}"
             raw.close()
         if raw is None:

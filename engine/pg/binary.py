@@ -13,8 +13,9 @@ or COPY streams (``engine.pg.copy``): functions here take bytes and where the fi
 
 from __future__ import annotations
 
+import json
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,14 @@ _JSONB_VERSION = b"\x01"  # jsonb_send: this byte, then the text
 # --------------------------------------------------------------------------- #
 # Values
 # --------------------------------------------------------------------------- #
+
+
+# Column types whose binary form binary_value reads (result columns: the type of a parameter left unstated is
+# never one).
+READABLE = frozenset(
+    {types.TEXT, types.VARCHAR, types.BPCHAR, types.NAME, types.JSON, types.JSONB, types.INT2, types.INT4,
+     types.INT8, types.BOOL, types.FLOAT4, types.FLOAT8, *types.ELEMENTS}
+)  # fmt: skip
 
 
 def binary_value(data: bytes, type_oid: int) -> Any:
@@ -161,6 +170,20 @@ def send_real_array(values: Any) -> bytes:
     pairs["size"], pairs["value"] = 4, floats
     # array header: 1 dimension, no NULLs, element type float4, length, lower bound 1
     return struct.pack("!iiIii", 1, 0, types.FLOAT4, len(floats), 1) + pairs.tobytes()
+
+
+# SQL type -> its send function: the binary form of a Python value of that type (a JSON value as written by
+# json.dumps; jsonb_in normalises it).
+SEND: dict[str, Callable[[Any], bytes]] = {
+    "real": struct.Struct("!f").pack,
+    "double precision": struct.Struct("!d").pack,
+    "bigint": struct.Struct("!q").pack,
+    "integer": struct.Struct("!i").pack,
+    "boolean": struct.Struct("!?").pack,
+    "real[]": send_real_array,
+    "text": lambda value: send_text(str(value)),
+    "jsonb": lambda value: send_jsonb(json.dumps(value, ensure_ascii=False, allow_nan=False)),
+}
 
 
 # --------------------------------------------------------------------------- #

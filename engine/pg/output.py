@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from engine.api import DataException, InvalidTextRepresentation, UntranslatableCharacter
-from engine.pg.binary import send_jsonb, send_real_array
+from engine.pg.binary import SEND, send_jsonb
 from engine.pg.floats import real_array_text, real_texts
 
 # The result types encoded here (other return types are the server's to print).
@@ -43,17 +43,17 @@ def encode(values: list[Any], sql_type: str, *, cast: str | None = None, binary:
 
 
 def _one(value: Any, sql_type: str, textual: bool, extra_float_digits: int) -> bytes:
+    if sql_type == "jsonb":  # normalised here: the client gets jsonb_out's text, in either format
+        text = jsonb_text(value)
+        return text.encode() if textual else send_jsonb(text)
+    if not textual:
+        return SEND[sql_type](value)
     match sql_type:
         case "real[]":
-            return real_array_text(value, extra_float_digits).encode() if textual else send_real_array(value)
-        case "real":
-            return struct.pack("!f", value)  # binary: text went the batch way
-        case "jsonb":
-            text = jsonb_text(value)
-            return text.encode() if textual else send_jsonb(text)
+            return real_array_text(value, extra_float_digits).encode()
         case "text":
             return str(value).encode()
-    raise TypeError(f"no output encoding for {sql_type}")
+    raise TypeError(f"no text output here for {sql_type}")  # real: the batch way, in encode
 
 
 def _vector(value: Any, binary: bool, dimensions: int | None) -> bytes:

@@ -6,7 +6,7 @@ the bytes it came in, exactly — floats too — and the lookup compares with th
 decoding those rows into the engine's argument tuples (float arrays column-wise by numpy, text by
 ``engine.pg.table``, other values by ``engine.pg.binary``) and key fields; and the COPY BINARY rows that
 fill the table (the keys as gathered, then the result's binary form, for the value types in
-:data:`WRITERS`).
+:data:`engine.pg.binary.SEND`).
 
 Values are what the text path reads (``engine.pg.text.from_text``): ints as int, text as str; float arrays
 (which only the predict family takes, reading each row with ``np.asarray``) as flattened numpy rows of
@@ -20,9 +20,7 @@ Must not: run anything or choose overloads (:mod:`proxy.rewrite.per_row` does bo
 from __future__ import annotations
 
 import itertools
-import json
-import struct
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +28,7 @@ import numpy as np
 
 from engine.api import InvalidArgument
 from engine.pg import copy, types
-from engine.pg.binary import binary_value, send_jsonb, send_real_array, send_text
+from engine.pg.binary import SEND, binary_value
 from engine.pg.fields import Fields, read_fields
 from engine.pg.scalars import check_length
 from engine.pg.table import decode_column
@@ -45,19 +43,6 @@ KEYS = {
 _TEXTS = frozenset({types.TEXT, types.VARCHAR, types.BPCHAR, types.NAME})
 # Float array type -> how it is decoded, and the dtype of the rows the engine gets (float32 for real[]).
 _FLOAT_ARRAYS = {types.FLOAT4_ARRAY: ("real[]", np.float32), types.FLOAT8_ARRAY: ("double precision[]", np.float64)}
-
-# Result value type -> its binary form (the send function of that type).
-WRITERS: dict[str, Callable[[Any], bytes]] = {
-    "real": struct.Struct("!f").pack,
-    "double precision": struct.Struct("!d").pack,
-    "bigint": struct.Struct("!q").pack,
-    "integer": struct.Struct("!i").pack,
-    "boolean": struct.Struct("!?").pack,
-    "real[]": send_real_array,
-    "text": lambda value: send_text(str(value)),
-    "jsonb": lambda value: send_jsonb(json.dumps(value, ensure_ascii=False, allow_nan=False)),
-}
-
 
 @dataclass(frozen=True)
 class Gathered:
@@ -120,9 +105,9 @@ def _values(fields: Fields, index: int, oid: int) -> list[Any] | None:
     return [None if raw is None else binary_value(raw, oid) for raw in fields.raw(index)]
 
 
-def copy_rows(keys: list[tuple[bytes, ...]], results: list[Any], value_type: str) -> bytes:
+def copy_rows(keys: Sequence[tuple[bytes | None, ...]], results: list[Any], value_type: str) -> bytes:
     """COPY BINARY of the result table: the key fields as gathered, then each result in its binary form."""
-    write = WRITERS[value_type]
+    write = SEND[value_type]
     return copy.encode_binary(
         [*key, None if value is None else write(value)] for key, value in zip(keys, results, strict=True)
     )

@@ -25,7 +25,7 @@ from pglast import ast
 
 from engine.api import Signature
 from engine.pg import copy, types
-from engine.pg.binary import send_real_array, send_text
+from engine.pg.binary import SEND, send_text
 from engine.pg.text import from_text, to_text
 from proxy.errors import FeatureNotSupported
 from proxy.rewrite import constant, gather, gathered
@@ -123,7 +123,7 @@ def _gather(
     result has a binary form here (:mod:`proxy.rewrite.gathered`), else, and for types it does not read, from
     the query's text rows."""
     copied = None
-    if any(_value_type(sig) in gathered.WRITERS for sig in candidates):
+    if any(_value_type(sig) in SEND for sig in candidates):
         described, result = yield Run((Prepare(sql), Statement(f"COPY ({sql}) TO STDOUT (FORMAT binary)")))
         oids, copied = [oid for _, oid in described.columns], result
     else:
@@ -131,7 +131,7 @@ def _gather(
         oids = [oid for _, oid in result.columns]
     sig = choose(site, candidates, slots, given, oids)
     fixed = constant.fold_strict(sig, slots, skip=set(given))
-    if copied is not None and gathered.readable(oids) and _value_type(sig) in gathered.WRITERS:
+    if copied is not None and gathered.readable(oids) and _value_type(sig) in SEND:
         # Thousands of rows take a while to read: off the event loop, so other sessions are not stalled.
         decode = functools.partial(gathered.decode, copied.copy, copied.copy_rows, oids, fixed, given)
         found = yield from off_loop(len(copied.copy_rows) > 500, decode)
@@ -245,7 +245,5 @@ TEXT_KEYS = frozenset({"text", "varchar", "bpchar", "name"})
 
 def _copy_binary(rows: list[tuple[str | None, ...]], results: list[Any], sig: Signature) -> bytes:
     """COPY BINARY for text keys and real[] values: the vectors are packed by numpy, not printed."""
-    return copy.encode_binary(
-        [*(None if key is None else send_text(key) for key in keys), None if v is None else send_real_array(v)]
-        for keys, v in zip(rows, results, strict=True)
-    )
+    keys = [tuple(None if key is None else send_text(key) for key in row) for row in rows]
+    return gathered.copy_rows(keys, results, "real[]")

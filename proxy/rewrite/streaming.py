@@ -24,7 +24,7 @@ from typing import Any
 
 from engine.api import Signature
 from engine.pg import output, types
-from engine.pg.binary import binary_array, binary_value, numeric_matrix
+from engine.pg.binary import READABLE, binary_array, binary_value, numeric_matrix
 from engine.pg.scalars import decode_utf8
 from engine.pg.text import from_text
 from proxy.errors import error_fields
@@ -44,11 +44,6 @@ CHEAP = {"predict": 8192, "predict_proba": 8192, "predict_joint": 8192, "decompo
 GROWTH = 8
 MEMO_LIMIT = 4096  # distinct inputs whose results a statement remembers (then it starts over)
 OFF_LOOP_ROWS = 1024  # parts this large are decoded and encoded in a worker thread
-# Types whose binary form the proxy reads (the others come as text).
-BINARY = frozenset(
-    {types.TEXT, types.VARCHAR, types.BPCHAR, types.NAME, types.JSON, types.JSONB, types.INT2, types.INT4,
-     types.INT8, types.BOOL, types.FLOAT4, types.FLOAT8, *types.ELEMENTS}
-)  # fmt: skip
 log = logging.getLogger(__name__)
 _SETTING = Statement("SELECT pg_catalog.current_setting('extra_float_digits')")
 
@@ -77,7 +72,7 @@ def run(plan: Plan, *, finish: bool) -> Steps[bool]:
         if sig.returns_set or sig.returns not in output.TYPES or (out.cast == "vector" and sig.returns != "real[]"):
             return False
         fixed = fold_strict(sig, list(out.slots), skip=set(out.given))
-        calls.append(_Call(out, sig, fixed, oids, [oid in BINARY for oid in oids], {}))
+        calls.append(_Call(out, sig, fixed, oids, [oid in READABLE for oid in oids], {}))
     formats = [0] * len(plan.targets)
     for call in calls:
         for column, binary in zip(call.output.hidden, call.binary, strict=True):
@@ -95,8 +90,7 @@ def run(plan: Plan, *, finish: bool) -> Steps[bool]:
         part_after = Run((Rows(sql, limit=limit, opens=False),), keep_open=True, quiet=True)
         pending = (yield Begin(part_after)) if portion.suspended else None
         try:
-            part = functools.partial(_part, portion.raw, calls, plan.visible, digits)
-            frames = yield from _computed(part, len(portion.raw))
+            frames = yield from _part(portion.raw, calls, plan.visible, digits)
         except Exception as exc:
             if pending is not None:  # the next part's exchange ends before anything else runs on the session
                 yield from _settle(pending, exc)
@@ -143,38 +137,24 @@ def _settle(pending: Any, failure: Exception) -> Steps[None]:
         raise UpstreamError(tuple(error_fields(failure)), exc.status, delivered=True) from None
 
 
-def _computed(part: Any, rows: int) -> Steps[bytes]:
-    """Evaluate one part: inputs decoded, the engine asked for the new ones, the DataRows encoded."""
-    work = part()  # a generator: decoding and encoding are steps of it, the engine calls are requests
-    reply: Any = None
-    while True:
-        try:
-            request = work.send(reply)
-        except StopIteration as done:
-            frames: bytes = done.value
-            return frames
-        if callable(request):  # CPU work on the part's rows: off the event loop when the part is large
-            reply = yield from off_loop(rows > OFF_LOOP_ROWS, request)
-        else:
-            reply = yield request
-
-
-def _part(raw: list[tuple[bytes | None, ...]], calls: list[_Call], visible: int, digits: int) -> Any:
-    """The DataRows of one part's rows (a generator of callables to run and Evaluate requests)."""
+def _part(raw: list[tuple[bytes | None, ...]], calls: list[_Call], visible: int, digits: int) -> Steps[bytes]:
+    """The DataRows of one part's rows: inputs decoded, the engine asked for the new ones, the results encoded
+    (decoding and encoding off the event loop when the part is large)."""
+    long = len(raw) > OFF_LOOP_ROWS
     columns: dict[int, list[bytes | None]] = {}
     for call in calls:
         keys = [tuple(row[h] for h in call.output.hidden) for row in raw]
         new = list(dict.fromkeys(k for k in keys if None not in k and k not in call.memo))
         if new:
-            inputs = yield functools.partial(_inputs, call, new)
+            inputs = yield from off_loop(long, functools.partial(_inputs, call, new))
             results = yield Evaluate(call.signature, tuple(inputs))
             call.computed += len(new)
             if len(call.memo) + len(new) > MEMO_LIMIT:
                 call.memo.clear()
             call.memo.update(zip(new, results, strict=True))
         values = [None if None in k else call.memo[k] for k in keys]
-        columns[call.output.column] = yield functools.partial(_encoded, call, values, digits)
-    return (yield functools.partial(_rows, raw, columns, visible))
+        columns[call.output.column] = yield from off_loop(long, functools.partial(_encoded, call, values, digits))
+    return (yield from off_loop(long, functools.partial(_rows, raw, columns, visible)))
 
 
 def _inputs(call: _Call, keys: list[tuple[bytes | None, ...]]) -> list[tuple[Any, ...]]:
@@ -191,8 +171,6 @@ def _read(values: list[Any], oid: int, binary: bool) -> list[Any]:
     if not binary:
         kind = types.READ_AS.get(oid, "text")
         return [from_text(decode_utf8(v), kind) for v in values]
-    if oid in (types.TEXT, types.VARCHAR, types.NAME, types.BPCHAR):
-        return [decode_utf8(v) for v in values]
     matrix = numeric_matrix(values, oid)
     if matrix is not None:
         return list(matrix)
