@@ -1,9 +1,10 @@
 """The binary form of PostgreSQL values, and the field layout of a row (DataRow, binary COPY tuple).
 
 Owns: reading a value sent in binary format by type OID (``*_recv``: text, json/jsonb, integers, floats,
-booleans, one-dimensional arrays of those) with the server's own SQLSTATE for bytes that do not fit, and
-many same-shaped numeric arrays at once into one numpy matrix (:func:`numeric_matrix`);
-writing the binary form the engine sends (text, jsonb, ``real[]`` packed by numpy); and the fields of a row
+booleans, arrays of those; the types in :data:`READABLE`) with the server's own SQLSTATE for bytes that do
+not fit, and many same-shaped numeric arrays at once into one numpy matrix (:func:`numeric_matrix`);
+writing the binary form the engine and the proxy send (:data:`SEND` by SQL type: numbers, booleans, text,
+jsonb, ``real[]`` packed by numpy); and the fields of a row
 — a 16-bit count, then per field a 32-bit length (-1: NULL) and its bytes — as binary COPY tuples (and
 DataRow messages) carry them.
 
