@@ -697,8 +697,9 @@ async def test_asyncpg_plain_traffic_identical(world: World) -> None:
 
 # --------------------------------------------------------------------------- pgjdbc
 
-JAVA_SCENARIOS = ("embed_bound", "embed_per_row", "threshold", "batch", "stream", "stream_fetch_size",
-                  "predict_model_id", "predict_float8_array", "error_then_rollback", "plain")  # fmt: skip
+JAVA_SCENARIOS = ("embed_bound", "embed_per_row", "embed_per_row_fetch_size", "threshold", "batch", "stream",
+                  "stream_fetch_size", "predict_model_id", "predict_float8_array", "error_then_rollback",
+                  "plain")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -755,8 +756,11 @@ def test_pgjdbc_bound_embed(jdbc: Any, world: World, variant: str) -> None:
 
 
 @VARIANTS
-def test_pgjdbc_per_row_embed(jdbc: Any, world: World, variant: str) -> None:
-    got = jdbc_result(jdbc, variant, "embed_per_row")
+@pytest.mark.parametrize("scenario", ["embed_per_row", "embed_per_row_fetch_size"])
+def test_pgjdbc_per_row_embed(jdbc: Any, world: World, variant: str, scenario: str) -> None:
+    """Every row, read at once or two at a time (a fetch size: Execute with a row limit on the portal)."""
+    got = jdbc_result(jdbc, variant, scenario)
+    assert [int(i) for i, _ in got] == list(range(1, len(TEXTS) + 1))
     rows_by_body(world, {TEXTS[int(i) - 1]: value for i, value in got})
 
 

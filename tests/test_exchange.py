@@ -107,6 +107,28 @@ def test_copy_out_rows_stay_one_message_each() -> None:
     assert exchange.results[0].copy == b"a\t1\nb\t2\n" and exchange.results[0].copy_rows == [4, 4]
 
 
+@pytest.mark.parametrize(
+    "lengths",
+    [[7] * 50, [7, 7, 3, 9, 0, 7], [7, 3, 11, 7], [5]],
+    ids=["one length", "several", "same total", "one row"],
+)
+@pytest.mark.parametrize("trailing", [False, True], ids=["copy data only", "more after"])
+def test_copy_out_rows_taken_in_bulk_are_the_rows_message_by_message(lengths: list[int], trailing: bool) -> None:
+    """feed_copy (the session's bulk path for a chunk of CopyData) reads what feed reads one message at a time."""
+    rows = [bytes([65 + i % 26]) * n for i, n in enumerate(lengths)]
+    frames = [pq.CopyData(row).encode() for row in rows]
+    after = pq.CopyDone().encode() if trailing else b""
+    one, bulk = (Exchange([Statement("COPY x TO STDOUT")], sync=True) for _ in range(2))
+    _answer(one, *frames)
+    chunk = b"".join(frames) + after
+    assert bulk.feed_copy(chunk, len(frames)) == len(chunk) - len(after)
+    done = [pq.CommandComplete(f"COPY {len(rows)}").encode()]
+    _answer(one, *done)
+    _answer(bulk, *done)
+    assert bulk.results[0].copy == one.results[0].copy == b"".join(rows)
+    assert bulk.results[0].copy_rows == one.results[0].copy_rows == lengths
+
+
 # --------------------------------------------------------------------------- #
 # Against a real server
 # --------------------------------------------------------------------------- #

@@ -167,6 +167,13 @@ def test_a_remembered_layout_is_used_only_for_the_same_headers() -> None:
         reader.scan(other)
 
 
+def test_empty_chunks_are_nothing_however_often() -> None:
+    """No bytes (a trace of an empty write) is no messages, the first time and every later one."""
+    reader = FrameReader(1 << 20)
+    for _ in range(3):
+        assert reader.scan(b"") == (b"", b"", -1) and reader.feed(b"") == []
+
+
 def test_a_byte_means_a_message_per_direction() -> None:
     """'E' is Execute from a client and ErrorResponse from a server; 'S' Sync and ParameterStatus; ..."""
     assert Frontend.EXECUTE == Backend.ERROR_RESPONSE and Frontend.DESCRIBE == Backend.DATA_ROW

@@ -7,7 +7,8 @@ then the decision. Look, Settle and Compute requests are answered here (the sess
 computation itself) and not listed. Run steps list their SQL; one ending in ``...`` matches by prefix;
 ``{"install": true}`` is the schema installation script. A per-row call's gather is a ``{"gather": sql,
 "columns": …, "rows": …}`` step: the Run of its Prepare and its binary COPY, answered with the columns
-described and the rows (as text here) in binary COPY.
+described and the rows (as text here) in binary COPY. A Bind whose portal streams is followed by the
+``executes`` of that portal: each an Execute's row limit and the steps it takes.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ import pglast
 import pytest
 
 from engine.api import Result
+from engine.pg.binary import SEND
 from engine.pg.text import from_text
 from engine.pg.types import READ_AS, TYPE_NAMES
 from proxy import schema
 from proxy.rewrite import per_row
-from proxy.rewrite.decide import DeferToBind, Forward, Rebound, Respond, Rewriter, Rewritten
+from proxy.rewrite.decide import DeferToBind, Forward, OwnPortal, Rebound, Respond, Rewriter, Rewritten
 from proxy.rewrite.schema_check import SessionState
 from proxy.rewrite.steps import Begin, Compute, Emit, Evaluate, Facts, Look, Request, Run, Settle, Wait, replay
 from proxy.session.exchange import BatchFailed, Described, Portion, Prepare, Rows, Statement, UpstreamError
@@ -116,9 +118,11 @@ def _result(answer: dict[str, Any], statement: Statement) -> Result:
     rows = answer.get("rows", [])
     if rows == "@migrations":
         rows = [[str(m.version)] for m in schema.migrations()]
-    columns = [tuple(c) for c in answer.get("columns", [])]
+    described = [tuple(c) for c in answer.get("columns", [])]  # (name, type OID[, format code])
+    columns = [(c[0], c[1]) for c in described]
     if isinstance(statement, Rows):
-        description = pq.RowDescription(tuple(pq.Column(name, oid) for name, oid in columns)) if columns else None
+        fields = tuple(pq.Column(c[0], c[1], format=c[2] if len(c) > 2 else 0) for c in described)
+        description = pq.RowDescription(fields) if fields else None
         raw = [tuple(_bytes(r)) for r in rows]
         return Portion(columns=columns, raw=raw, description=description, suspended=answer.get("suspended", False))
     if isinstance(statement, Prepare):
@@ -127,11 +131,13 @@ def _result(answer: dict[str, Any], statement: Statement) -> Result:
 
 
 def _bytes(value: Any) -> Any:
-    """Strings in a recorded stream as the bytes sent."""
+    """Strings in a recorded stream as the bytes sent; ``{"send": type, "value": v}`` as the binary form of v."""
     if isinstance(value, str):
         return value.encode()
     if isinstance(value, list):
         return [_bytes(v) for v in value]
+    if isinstance(value, dict):
+        return SEND[value["send"]](value["value"])
     return value
 
 
@@ -185,6 +191,10 @@ def decided(outcome: Any) -> dict[str, Any]:
             bound = pq.Bind.decode(split_frames(bind)[0])
             assert bound.statement == message.name
             return {"rebound": message.sql, "types": list(message.param_types)}
+        case OwnPortal(portal=portal, rows=rows):
+            (description,) = split_frames(rows.description)
+            columns = pq.RowDescription.decode(description).columns
+            return {"own_portal": portal, "columns": [[c.name, c.type_oid, c.format] for c in columns]}
         case UpstreamError(fields=fields):
             return {"error": dict(fields)["C"]}
         case Exception() as error:
@@ -217,11 +227,17 @@ def test_case(case: dict[str, Any]) -> None:
     for number, bind_case in enumerate(case.get("binds", []), 1):
         assert isinstance(outcome, DeferToBind)
         values = tuple(None if v is None else str(v).encode() for v in bind_case["values"])
-        bind = pq.Bind("", "s", (), values, ())
+        bind = pq.Bind("", "s", (), values, tuple(bind_case.get("result_formats", ())))
         script = Script(list(bind_case["steps"]), facts)
         steps = rewriter.binding(bind, message.sql, outcome.param_types, number, state)
-        assert decided(outcome_of(lambda: replay(steps, script))) == bind_case["decision"]  # noqa: B023
+        bound = outcome_of(lambda: replay(steps, script))  # noqa: B023
+        assert decided(bound) == bind_case["decision"]
         assert not script.steps, f"steps the rewriter did not take: {script.steps}"
+        for execute in bind_case.get("executes", []):  # Executes of a streamed portal, with a row limit each
+            assert isinstance(bound, OwnPortal)
+            script = Script(list(execute["steps"]), facts)
+            replay(bound.rows.execute(execute["count"]), script)
+            assert not script.steps, f"steps the Execute did not take: {script.steps}"
 
 
 def test_cases_are_loaded() -> None:

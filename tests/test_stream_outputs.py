@@ -8,10 +8,13 @@ it returns (the engine's inputs are counted from the proxy's debug log).
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import numpy as np
 import psycopg
 import pytest
@@ -75,11 +78,9 @@ CASES = [
     f"SELECT id, pgml.embed('{MINILM}', body), pgml.embed('{MINILM}', 'constant') FROM t ORDER BY id LIMIT 3 OFFSET 7",
     f"SELECT id, row_number() OVER (ORDER BY id DESC), pgml.embed('{MINILM}', body || '!') FROM t WHERE id < 6"
     " ORDER BY id",
-    f"WITH s AS (SELECT * FROM t WHERE id > {ROWS - 3}) SELECT s.id, pgml.embed('{MINILM}', s.body) FROM s"
-    " ORDER BY 1",
+    f"WITH s AS (SELECT * FROM t WHERE id > {ROWS - 3}) SELECT s.id, pgml.embed('{MINILM}', s.body) FROM s ORDER BY 1",
     f"SELECT a.id, pgml.embed('{MINILM}', b.body) FROM t a JOIN t b ON b.id = a.id + 1 WHERE a.id < 4 ORDER BY 1",
-    f"SELECT id, pgml.embed('{MINILM}', CASE WHEN id % 2 = 0 THEN NULL ELSE body END) FROM t WHERE id < 5"
-    " ORDER BY id",
+    f"SELECT id, pgml.embed('{MINILM}', CASE WHEN id % 2 = 0 THEN NULL ELSE body END) FROM t WHERE id < 5 ORDER BY id",
     f"SELECT id, pgml.embed('{MINILM}', body)::vector(384) AS v, pgml.embed('{MINILM}', body)::vector FROM t"
     " WHERE id < 4 ORDER BY id",
     f"SELECT id, pgml.embed('{MINILM}', body, '{{\"normalize_embeddings\": true}}') FROM t WHERE grp = 2"
@@ -107,8 +108,23 @@ NOT_STREAMED = [
 TEXT_TYPES = ("real", "double precision", "jsonb", "numeric", 1021)  # 1021: real[]
 
 
-def _run(dsn: str, sql: str, setup: str = "") -> tuple[list[tuple[str, int]], list[tuple[object, ...]], list[str]]:
-    """Column names and type OIDs, the rows as the server's text (every value compared as sent), the notices."""
+# How a client sends a statement: a simple Query; Parse/Describe first, then Bind/Describe/Execute with text results
+# (psycopg's prepare=True, like asyncpg and pgjdbc after their thresholds); one unnamed Parse/Bind/Describe/Execute
+# batch with binary results (psycopg's binary cursor).
+PROTOCOLS = ["simple", "prepared", "binary"]
+
+
+def _execute(conn: psycopg.Connection, sql: str, protocol: str) -> psycopg.Cursor[Any]:
+    if protocol == "simple":
+        return conn.execute(sql)
+    return conn.cursor(binary=protocol == "binary").execute(sql, prepare=protocol == "prepared")
+
+
+def _run(
+    dsn: str, sql: str, setup: str = "", protocol: str = "simple"
+) -> tuple[list[tuple[str, int]], list[tuple[object, ...]], list[str]]:
+    """Column names and type OIDs, the rows (text as the server sent it: every value compared as sent; binary
+    decoded), the notices."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         notices: list[str] = []
         conn.add_notice_handler(lambda notice: notices.append(str(notice.message_primary)))
@@ -119,7 +135,7 @@ def _run(dsn: str, sql: str, setup: str = "") -> tuple[list[tuple[str, int]], li
         conn.adapters.register_loader(vector[0], TextLoader)
         if setup:
             conn.execute(setup)
-        cur = conn.execute(sql)
+        cur = _execute(conn, sql, protocol)
         assert cur.description is not None
         return [(d.name, d.type_code) for d in cur.description], cur.fetchall(), notices
 
@@ -146,11 +162,12 @@ def _streams(handle: ProxyProcess) -> list[str]:
     return [line for line in handle.log_text().splitlines() if STREAMED in line]
 
 
-def _both_ways(both: tuple[ProxyProcess, ProxyProcess, str], sql: str) -> bool:
+def _both_ways(both: tuple[ProxyProcess, ProxyProcess, str], sql: str, protocol: str = "simple") -> bool:
     """``sql`` through both proxies: the same columns, rows and notices; whether the streaming one streamed it."""
     on, off, db = both
     before = len(_streams(on))
-    streamed, tabled = _run(on.dsn(dbname=db), sql), _run(off.dsn(dbname=db), sql)
+    streamed = _run(on.dsn(dbname=db), sql, protocol=protocol)
+    tabled = _run(off.dsn(dbname=db), sql, protocol=protocol)
     assert streamed[0] == tabled[0]
     assert _same(streamed[1], tabled[1]), (streamed[1][:3], tabled[1][:3])
     assert streamed[2] == tabled[2]  # the server's notices
@@ -159,19 +176,23 @@ def _both_ways(both: tuple[ProxyProcess, ProxyProcess, str], sql: str) -> bool:
     return len(_streams(on)) > before
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 @pytest.mark.parametrize("sql", CASES)
-def test_stream_and_table_paths_agree(both: tuple[ProxyProcess, ProxyProcess, str], sql: str) -> None:
-    assert _both_ways(both, sql), "the statement was not streamed"
+def test_stream_and_table_paths_agree(both: tuple[ProxyProcess, ProxyProcess, str], sql: str, protocol: str) -> None:
+    assert _both_ways(both, sql, protocol), "the statement was not streamed"
 
 
+@pytest.mark.parametrize("protocol", ["simple", "binary"])
 @pytest.mark.parametrize("sql", NOT_STREAMED)
-def test_shapes_left_to_the_temp_table(both: tuple[ProxyProcess, ProxyProcess, str], sql: str) -> None:
-    assert not _both_ways(both, sql)
+def test_shapes_left_to_the_temp_table(both: tuple[ProxyProcess, ProxyProcess, str], sql: str, protocol: str) -> None:
+    assert not _both_ways(both, sql, protocol)
 
 
-def test_limit_computes_only_the_rows_returned(both: tuple[ProxyProcess, ProxyProcess, str]) -> None:
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_limit_computes_only_the_rows_returned(both: tuple[ProxyProcess, ProxyProcess, str], protocol: str) -> None:
     on, _, db = both
-    rows = _run(on.dsn(dbname=db), f"SELECT id, pgml.embed('{MINILM}', body || id) FROM t LIMIT 5")[1]
+    sql = f"SELECT id, pgml.embed('{MINILM}', body || id) FROM t LIMIT 5"
+    rows = _run(on.dsn(dbname=db), sql, protocol=protocol)[1]
     assert len(rows) == 5
     assert _streams(on)[-1].endswith(f"{STREAMED}embed over 5 rows: 5 inputs computed")
 
@@ -200,13 +221,13 @@ def test_floats_print_as_the_server_prints_them(
             assert row == (shown, shown_vector)
 
 
-def _error(dsn: str, sql: str, begin: bool) -> tuple[str | None, str, object]:
+def _error(dsn: str, sql: str, begin: bool, protocol: str = "simple") -> tuple[str | None, str, object]:
     """The SQLSTATE and message of ``sql``, the transaction status after it, and that the session goes on."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         if begin:
             conn.execute("BEGIN")
         with pytest.raises(psycopg.Error) as raised:
-            conn.execute(sql).fetchall()
+            _execute(conn, sql, protocol).fetchall()
         status = conn.info.transaction_status.name
         if begin:
             conn.execute("ROLLBACK")
@@ -233,11 +254,12 @@ ERRORS = [
 ]
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 @pytest.mark.parametrize("begin", [False, True], ids=["autocommit", "in-transaction"])
 @pytest.mark.parametrize("sql", ERRORS)
-def test_errors_agree(both: tuple[ProxyProcess, ProxyProcess, str], sql: str, begin: bool) -> None:
+def test_errors_agree(both: tuple[ProxyProcess, ProxyProcess, str], sql: str, begin: bool, protocol: str) -> None:
     on, off, db = both
-    assert _error(on.dsn(dbname=db), sql, begin) == _error(off.dsn(dbname=db), sql, begin)
+    assert _error(on.dsn(dbname=db), sql, begin, protocol) == _error(off.dsn(dbname=db), sql, begin, protocol)
 
 
 def test_query_string_with_a_streamed_statement_between_others(both: tuple[ProxyProcess, ProxyProcess, str]) -> None:
@@ -259,3 +281,57 @@ def test_query_string_with_a_streamed_statement_between_others(both: tuple[Proxy
             results.append(sets)
     assert _same(results[0], results[1])
     assert results[0][-1] == ("SELECT 1", [(3,)])
+
+
+def _asyncpg(dsn: str, sql: str, pieces: list[int], *args: object) -> list[list[tuple[object, ...]]]:
+    """asyncpg (binary results, named statements): all rows at once, then a cursor read ``pieces`` rows at a time
+    (Execute with a row limit on the portal, PortalSuspended between), inside a transaction."""
+
+    async def read() -> list[list[tuple[object, ...]]]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            out = [[tuple(r) for r in await conn.fetch(sql, *args)]]
+            async with conn.transaction():
+                cursor = await conn.cursor(sql, *args)
+                for count in pieces:
+                    out.append([tuple(r) for r in await cursor.fetch(count)])
+            return out
+        finally:
+            await conn.close()
+
+    return asyncio.run(read())
+
+
+def test_asyncpg_reads_the_stream_in_pieces(both: tuple[ProxyProcess, ProxyProcess, str]) -> None:
+    """Each Execute(n) gets its n rows, computed then: 300 rows in pieces of 3, 20, 1 and the rest."""
+    on, off, db = both
+    sql = "SELECT id, pgml.embed($1, body) AS e, body FROM t WHERE id > $2 ORDER BY id"
+    pieces = [3, 20, 1, 1000, 5]
+    streamed = _asyncpg(on.dsn(dbname=db), sql, pieces, MINILM, 0)
+    tabled = _asyncpg(off.dsn(dbname=db), sql, pieces, MINILM, 0)
+    assert [len(rows) for rows in streamed] == [ROWS, 3, 20, 1, ROWS - 24, 0]
+    assert _same(streamed, tabled)
+    assert _same(streamed[0], [row for rows in streamed[1:] for row in rows])
+    for line in _streams(on)[-2:]:  # the fetch, and the cursor
+        assert line.endswith(f"{STREAMED}embed over {ROWS} rows: 50 inputs computed")
+
+
+def test_a_portal_left_early_computed_only_what_it_sent(both: tuple[ProxyProcess, ProxyProcess, str]) -> None:
+    """A cursor read for 3 + 20 rows, then closed: 23 inputs computed (each row's text is distinct)."""
+    on, _, db = both
+
+    async def read() -> list[int]:
+        conn = await asyncpg.connect(on.dsn(dbname=db))
+        try:
+            async with conn.transaction():
+                cursor = await conn.cursor("SELECT pgml.embed($1, body || id) FROM t ORDER BY id", MINILM)
+                counts = [len(await cursor.fetch(3)), len(await cursor.fetch(20))]
+            # The proxy's statement for the rows is closed with the batch after the transaction's end.
+            left = "SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'pgml_proxy%'"
+            return [*counts, await conn.fetchval(left), await conn.fetchval(left)]
+        finally:
+            await conn.close()
+
+    counts = asyncio.run(read())
+    assert counts[:2] == [3, 20] and counts[-1] == 0
+    assert _streams(on)[-1].endswith(f"{STREAMED}embed over 23 rows: 23 inputs computed")

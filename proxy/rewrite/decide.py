@@ -2,7 +2,7 @@
 
 Owns: the cheap ``pgml`` pre-checks on frames (a frame the proxy cannot decode is the server's
 to answer), the :class:`Decision` values a session acts on (forward as is / forward rewritten
-frames / answer the client / fail / defer to Bind / rebind), and the decision for one statement
+frames / answer the client / fail / defer to Bind / rebind / own the Bind's portal), and the decision for one statement
 string: an aborted transaction forwards it; SQL EXECUTE of a pgml statement is replaced by that
 statement (:mod:`proxy.rewrite.sql_prepare`); CREATE / ALTER / DROP EXTENSION pgml is carried
 out (:mod:`proxy.rewrite.extension`); schema pgml is checked first
@@ -39,7 +39,7 @@ from proxy.errors import (
     StatementTooComplex,
     error_fields,
 )
-from proxy.rewrite import analyze, constant, evaluate, extension, sql_prepare
+from proxy.rewrite import analyze, constant, evaluate, extension, sql_prepare, streaming
 from proxy.rewrite.analyze import THREAD_PARSE_CHARS, Analysis
 from proxy.rewrite.deferred import Deferred, Kept
 from proxy.rewrite.memo import Memo
@@ -163,7 +163,15 @@ class Rebound:
     name: str
 
 
-Decision = Forward | Rewritten | Respond | Fail | DeferToBind | Rebound
+@dataclass(frozen=True, slots=True)
+class OwnPortal:
+    """In place of a Bind: the client's ``portal`` is the proxy's, reading ``rows`` (answer BindComplete)."""
+
+    portal: str
+    rows: streaming.Streamed
+
+
+Decision = Forward | Rewritten | Respond | Fail | DeferToBind | Rebound | OwnPortal
 FORWARD = Forward()
 
 
@@ -172,7 +180,7 @@ class Rewriter:
 
     def __init__(self, engine: Engine | None = None, cache_bytes: int = 64 * 1024 * 1024, stream: bool = True) -> None:
         self.engine = engine
-        self.stream = stream  # per-row output calls of a Query computed on its result stream
+        self.stream = stream  # per-row output calls computed on their statement's result stream (Query and Bind)
         self.schema = SchemaCheck()
         self._sessions: weakref.WeakKeyDictionary[Port, SessionState] = weakref.WeakKeyDictionary()
         # Statements whose calls all have constant arguments rewrite to the same SQL every time
@@ -203,9 +211,7 @@ class Rewriter:
         """:meth:`deciding`, run on ``port`` and the engine."""
         return await drive(self.deciding(message, self.state(port)), port, self.engine)
 
-    async def decide_bind(
-        self, bind: Bind, sql: str, types: tuple[int, ...], port: Port, private_id: int
-    ) -> Decision:
+    async def decide_bind(self, bind: Bind, sql: str, types: tuple[int, ...], port: Port, private_id: int) -> Decision:
         """:meth:`binding`, run on ``port`` and the engine."""
         return await drive(self.binding(bind, sql, types, private_id, self.state(port)), port, self.engine)
 
@@ -231,10 +237,17 @@ class Rewriter:
     def binding(
         self, bind: Bind, sql: str, types: tuple[int, ...], private_id: int, state: SessionState
     ) -> Steps[Decision]:
-        """The decision for a Bind of the deferred statement ``sql``: a private statement with its values."""
+        """The decision for a Bind of the deferred statement ``sql``: a private statement with its values, or a
+        portal of the proxy's own when its per-row calls stream."""
         assert self.engine is not None
+        facts = yield LOOK
+        opener = (
+            streaming.Opener(f"pgml_proxy_rows_{facts.session_id}_{private_id}", bind.result_formats)
+            if self.stream
+            else None
+        )
         try:
-            rewritten = yield from self.deferred.rewrite(bind, sql, types, state)
+            rewritten = yield from self.deferred.rewrite(bind, sql, types, state, opener)
         except RecursionError:
             raise StatementTooComplex.nesting() from None
         except UpstreamError as exc:
@@ -243,8 +256,9 @@ class Rewriter:
             raise
         if rewritten is None:
             return FORWARD
+        if isinstance(rewritten, streaming.Streamed):
+            return OwnPortal(bind.portal, rewritten)
         new_sql, oids = rewritten
-        facts = yield LOOK
         private = f"pgml_proxy_stmt_{facts.session_id}_{private_id}"
         if log.isEnabledFor(logging.DEBUG):  # its SQL holds the bound values: never logged
             log.debug("rewrite of a Bind of %r as %r (%d parameters)", bind.statement, private, len(bind.params))
@@ -336,7 +350,8 @@ class Rewriter:
                 if not changed and Kept.keepable(analysis.stmts, use):
                     self.deferred.keep(message.sql, kept)
                 return DeferToBind(types)
-            rewritten = yield from evaluate.rewrite(analysis, dependent_ok=True, stream=self.stream)
+            runner = streaming.run if self.stream else None
+            rewritten = yield from evaluate.rewrite(analysis, dependent_ok=True, stream=runner)
             if rewritten is None:  # run on the session already: only ReadyForQuery is left to send
                 return (yield from _ready())
             _log_rewrite(message, rewritten)

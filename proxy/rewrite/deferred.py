@@ -5,7 +5,8 @@ infers: the statement is prepared under a private name and its types read back; 
 and text), the analyses of their texts (:class:`Kept`: kept at the Parse, bounded, shared by all
 sessions, so that neither a Bind nor a repeated Parse of the same text parses it again), and the
 rewrite at a Bind: a copy of the kept analysis with each ``$n`` the calls (and, for per-row calls,
-the whole statement) read replaced by the bound value, evaluated like any statement.
+the whole statement) read replaced by the bound value, evaluated like any statement — or, when its
+per-row calls all stand in its output, opened as a stream the client's portal reads.
 
 Must not: run anything itself (it yields :mod:`proxy.rewrite.steps` requests), or change a kept
 analysis: every Bind rewrites its own copy. A statement that EXECUTEs a SQL-prepared one is
@@ -27,6 +28,7 @@ from proxy.rewrite.memo import Memo
 from proxy.rewrite.schema_check import SchemaCheck, SessionState
 from proxy.rewrite.settings import require_utf8
 from proxy.rewrite.steps import LOOK, Run, Steps, off_loop
+from proxy.rewrite.streaming import Opener, Streamed
 from proxy.rewrite.tree import deparse
 from proxy.session.exchange import Statement
 from proxy.wire.messages import Bind, Parse
@@ -94,9 +96,7 @@ class Deferred:
         if isinstance(stmt, ast.DeclareCursorStmt):  # PREPARE takes the cursor's query (same $n numbering)
             stmt = stmt.query
         # Undeclared (0) or unfamiliar types stay "unknown" for the server to infer; declared ones win below.
-        types = tuple(
-            literals.type_name(PARAM_TYPES.get(oid, "unknown") if oid else "unknown") for oid in declared
-        )
+        types = tuple(literals.type_name(PARAM_TYPES.get(oid, "unknown") if oid else "unknown") for oid in declared)
         prepare = deparse(ast.PrepareStmt(name=name, argtypes=types or None, query=stmt))
         results = yield Run(
             (
@@ -115,9 +115,11 @@ class Deferred:
         return oids
 
     def rewrite(
-        self, bind: Bind, sql: str, types: tuple[int, ...], state: SessionState
-    ) -> Steps[tuple[str, tuple[int, ...]] | None]:
-        """The deferred statement ``sql`` with this Bind's values: its SQL and parameter types (None: as is)."""
+        self, bind: Bind, sql: str, types: tuple[int, ...], state: SessionState, opener: Opener | None = None
+    ) -> Steps[tuple[str, tuple[int, ...]] | Streamed | None]:
+        """The deferred statement ``sql`` with this Bind's values: its SQL and parameter types (None: as is), or,
+        when ``opener`` is given and its per-row calls all stand in its output, its row portal opened for the
+        client's portal to read (:mod:`proxy.rewrite.streaming`)."""
         facts = yield LOOK
         if facts.tx_status == "E":
             return None
@@ -132,8 +134,10 @@ class Deferred:
             return None
         oids = list(types) + [0] * (len(bind.params) - len(types))
         _substitute(analysis, kept, bind, oids)
-        new_sql = yield from evaluate.rewrite(analysis, dependent_ok=True)
-        assert new_sql is not None  # one statement: rewritten, never run here
+        new_sql = yield from evaluate.rewrite(analysis, dependent_ok=True, stream=opener)
+        if new_sql is None:  # one statement: rewritten, or opened as a stream
+            assert opener is not None and opener.streamed is not None
+            return opener.streamed
         return new_sql, tuple(oids)
 
     def _analysis(self, sql: str, long: bool) -> Steps[tuple[Analysis, Kept] | None]:

@@ -24,7 +24,7 @@ from pglast import ast
 
 from engine.api import Signature
 from proxy.errors import FeatureNotSupported
-from proxy.rewrite import constant, gather, outputs, per_row, streaming
+from proxy.rewrite import constant, gather, outputs, per_row
 from proxy.rewrite.analyze import Analysis
 from proxy.rewrite.calls import DEFAULT, Site, bind
 from proxy.rewrite.columns import keep_column_names
@@ -33,16 +33,21 @@ from proxy.rewrite.steps import Evaluate, Run, Steps
 from proxy.rewrite.tree import deparse, deparse_all, nodes_under, replace_nodes
 from proxy.session.exchange import Statement
 
+# Runs a statement whose per-row calls all stand in its output (a Plan), computing them on its rows: True when it
+# did (False: it cannot; nothing ran). The flag: the statement is the string's last.
+StreamRunner = Callable[[outputs.Plan, bool], Steps[bool]]
 
-def rewrite(analysis: Analysis, *, dependent_ok: bool, stream: bool = False) -> Steps[str | None]:
+
+def rewrite(analysis: Analysis, *, dependent_ok: bool, stream: StreamRunner | None = None) -> Steps[str | None]:
     """Evaluate every call and return the rewritten SQL (the analysis' tree is changed in place).
 
     Calls are evaluated inside-out, in rounds: a call waits while its arguments, or the rows its
     arguments are read from (a WHERE, a CTE, a derived table), still contain another pgml call; so
     no query the proxy sends contains one. The statements of a string are taken in order.
 
-    ``stream``: a statement whose remaining calls all stand in its output (:mod:`proxy.rewrite.outputs`)
-    runs here with its calls computed on its rows as they arrive (:mod:`proxy.rewrite.streaming`).
+    ``stream``: a statement whose remaining calls all stand in its output (:mod:`proxy.rewrite.outputs`) is
+    given to it, to be computed on its rows as they arrive (:mod:`proxy.rewrite.streaming`: a Query's rows
+    go to the client now; a Bind's portal is opened for the client's Executes).
 
     None: the statements were run here already (a call after the first statement of a query string
     needed the server: the statements before it ran first, with their answers going to the client);
@@ -63,11 +68,11 @@ def rewrite(analysis: Analysis, *, dependent_ok: bool, stream: bool = False) -> 
             ready = [site for site in pending if not _waits(site, pending)]
             if not ready:
                 raise FeatureNotSupported("pgml calls whose arguments depend on each other's results")
-            if stream:  # constant calls first, on their own: what is left may then stream
+            if stream is not None:  # constant calls first, on their own: what is left may then stream
                 constants = [site for site in ready if constant.folded(site) is not None]
                 if not constants and (plan := outputs.plan(raw.stmt, pending)) is not None:
                     yield from visible.before(index)  # the statements before it ran first, as for any server read
-                    streamed = yield from streaming.run(plan, finish=index == len(stmts) - 1)
+                    streamed = yield from stream(plan, index == len(stmts) - 1)
                     if streamed:
                         break
                 ready = constants or ready

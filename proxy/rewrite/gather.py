@@ -242,4 +242,3 @@ def reads(site: Site, args: list[ast.Node]) -> Iterator[ast.Node]:
         yield gather_statement(site, args)
     except FeatureNotSupported:  # reported when the call is evaluated
         yield from args
-

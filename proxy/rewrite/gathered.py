@@ -44,6 +44,7 @@ _TEXTS = frozenset({types.TEXT, types.VARCHAR, types.BPCHAR, types.NAME})
 # Float array type -> how it is decoded, and the dtype of the rows the engine gets (float32 for real[]).
 _FLOAT_ARRAYS = {types.FLOAT4_ARRAY: ("real[]", np.float32), types.FLOAT8_ARRAY: ("double precision[]", np.float64)}
 
+
 @dataclass(frozen=True)
 class Gathered:
     """The gathered rows with no NULL argument: engine argument tuples, and each one's key fields (binary)."""

@@ -138,9 +138,7 @@ def _star(target: Any) -> bool:
     return isinstance(value, ast.A_Indirection) and any(isinstance(i, ast.A_Star) for i in value.indirection or ())
 
 
-def _output_column(
-    site: Site, stmt: ast.SelectStmt, targets: list[Any]
-) -> tuple[int, str | None, int | None] | None:
+def _output_column(site: Site, stmt: ast.SelectStmt, targets: list[Any]) -> tuple[int, str | None, int | None] | None:
     """(column, cast, vector dimensions) when the call is a whole output column of ``stmt``, maybe under a cast."""
     if site.stmt is not stmt or site.clause != "targetList" or site.from_item is not None or site.in_join:
         return None

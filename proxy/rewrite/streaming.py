@@ -27,13 +27,13 @@ from engine.pg import output, types
 from engine.pg.binary import READABLE, binary_array, binary_value, numeric_matrix
 from engine.pg.scalars import decode_utf8
 from engine.pg.text import from_text
-from proxy.errors import error_fields
+from proxy.errors import ProtocolViolation, error_fields
 from proxy.rewrite.constant import fold_strict
 from proxy.rewrite.outputs import Output, Plan
 from proxy.rewrite.overloads import choose
 from proxy.rewrite.steps import Begin, Emit, Evaluate, Run, Steps, Wait, off_loop
-from proxy.session.exchange import BatchFailed, Portion, Prepare, Rows, Statement, UpstreamError
-from proxy.wire.messages import CommandComplete, DataRow, ErrorResponse, RowDescription
+from proxy.session.exchange import ROWS_PORTAL, BatchFailed, Portion, Prepare, Rows, Statement, UpstreamError
+from proxy.wire.messages import CommandComplete, DataRow, ErrorResponse, PortalSuspended, RowDescription
 
 # Rows of the first part: a model call's mini-batch (the engine batches within it), and many more for the cheap
 # per-row math of the predict family (fewer round trips and engine jobs). Each later part doubles, up to
@@ -45,6 +45,7 @@ GROWTH = 8
 MEMO_LIMIT = 4096  # distinct inputs whose results a statement remembers (then it starts over)
 OFF_LOOP_ROWS = 1024  # parts this large are decoded and encoded in a worker thread
 log = logging.getLogger(__name__)
+PORTAL_SUSPENDED = PortalSuspended().encode()
 _SETTING = Statement("SELECT pg_catalog.current_setting('extra_float_digits')")
 
 
@@ -59,55 +60,166 @@ class _Call:
     binary: list[bool]
     memo: dict[tuple[bytes | None, ...], Any]
     computed: int = 0  # inputs the engine computed for the statement
+    format: int = 0  # the client's format code for the call's column
 
 
-def run(plan: Plan, *, finish: bool) -> Steps[bool]:
-    """Stream the statement to the client (False: an overload's result type is not one the proxy prints;
-    nothing ran). ``finish``: the statement is the query string's last: its exchange ends with Sync."""
-    (described, setting) = yield Run((Prepare(plan.statement([None] * len(plan.outputs))), _SETTING))
-    calls = []
-    for out in plan.outputs:
-        oids = [described.columns[h][1] for h in out.hidden]
-        sig = choose(out.site, list(out.candidates), list(out.slots), list(out.given), oids)
-        if sig.returns_set or sig.returns not in output.TYPES or (out.cast == "vector" and sig.returns != "real[]"):
+class Streamed:
+    """One streamed statement on the client's session: its row portal ``name`` on the server, read part by part as
+    the client asks for rows — all of them for a simple Query, ``n`` at a time for an extended-protocol portal
+    Executed with a row limit (what the server itself sends: the rows, then PortalSuspended at the limit or
+    ``SELECT k``, k the rows of that Execute).
+
+    ``formats``: the client's result format codes as its Bind gave them (none: text; one: for every column).
+    """
+
+    def __init__(self, plan: Plan, name: str = ROWS_PORTAL, formats: tuple[int, ...] = ()) -> None:
+        self.plan = plan
+        self.name = name
+        self.formats = formats
+        self.description = b""  # the RowDescription the client gets (the server's, less the hidden columns)
+        self.done = False  # the client got the statement's CommandComplete
+        self.closed = False  # the server's portal and statement are closed (or gone with their transaction)
+        self._calls: list[_Call] = []
+        self._digits = 1
+        self._first = PART_ROWS
+        self._limit = 0  # the size of the last part read (0: none yet)
+        self._pending: Portion | None = None  # a part read when the portal opened, not yet sent
+        self._total = 0
+
+    def open(self, *, execute: bool) -> Steps[bool]:
+        """Describe the statement sent (the hidden columns' types choose the overloads) and open the row portal;
+        ``execute``: its first part is read too (a simple Query, whose rows follow at once). False: an overload's
+        result type is not one the proxy prints (nothing was opened)."""
+        plan = self.plan
+        (described, setting) = yield Run((Prepare(plan.statement([None] * len(plan.outputs))), _SETTING))
+        for out in plan.outputs:
+            oids = [described.columns[h][1] for h in out.hidden]
+            sig = choose(out.site, list(out.candidates), list(out.slots), list(out.given), oids)
+            if sig.returns_set or sig.returns not in output.TYPES or (out.cast == "vector" and sig.returns != "real[]"):
+                return False
+            fixed = fold_strict(sig, list(out.slots), skip=set(out.given))
+            self._calls.append(_Call(out, sig, fixed, oids, [oid in READABLE for oid in oids], {}))
+        formats = [*_client_formats(self.formats, plan.visible), *[0] * (len(plan.targets) - plan.visible)]
+        for call in self._calls:
+            call.format = formats[call.output.column]
+            for column, binary in zip(call.output.hidden, call.binary, strict=True):
+                formats[column] = int(binary)
+        self._digits = int(setting.rows[0][0])
+        self._first = min(CHEAP.get(c.signature.function, PART_ROWS) for c in self._calls)
+        limit = self._first if execute else 0
+        self._limit = limit
+        sql = plan.statement([call.signature.returns for call in self._calls])
+        opening = Rows(sql, name=self.name, formats=tuple(formats), limit=limit, executes=execute)
+        (portion,) = yield from _part_run(Run((opening,), keep_open=True, quiet=True))
+        assert portion.description is not None
+        self.description = RowDescription(portion.description.columns[: plan.visible]).encode()
+        self._pending = portion if execute else None
+        return True
+
+    def execute(self, count: int, *, finish: bool = False) -> Steps[None]:
+        """Send the client the next ``count`` rows (0: all the rest), computed part by part, the next part on its
+        way while the engine computes this one; then PortalSuspended, or ``SELECT k`` and the portal closed
+        (``finish``: that exchange ends with Sync, the end of the client's Query)."""
+        if self.done:  # as the server answers an Execute of a portal run to its end
+            yield Emit(CommandComplete("SELECT 0").encode())
+            return
+        sent = 0
+        portion = self._pending
+        self._pending = None
+        if portion is None:
+            (portion,) = yield from _part_run(self._part_after(count, 0))
+        while True:
+            more = portion.suspended and (not count or sent + len(portion.raw) < count)
+            pending = (yield Begin(self._part_after(count, sent + len(portion.raw)))) if more else None
+            try:
+                frames = yield from _part(portion.raw, self._calls, self.plan.visible, self._digits)
+            except Exception as exc:
+                if pending is not None:  # the next part's exchange ends before anything else runs on the session
+                    yield from _settle(pending, exc)
+                raise
+            # The next part first: if the server failed in it, the client gets its error and not these rows (a
+            # client drops the rows before an error anyway).
+            following = (yield from _part_run(pending)) if pending is not None else None
+            sent += len(portion.raw)
+            yield Emit(b"".join(portion.notices) + frames)  # the server's notices of the part, then its rows
+            if following is None:
+                break
+            (portion,) = following
+        self._total += sent
+        if portion.suspended:  # at the client's row limit
+            yield Emit(PORTAL_SUSPENDED)
+            return
+        self.done = True
+        yield Emit(CommandComplete(f"SELECT {sent}").encode())
+        self._log()
+        yield from self.close(finish=finish)
+
+    def abandon(self) -> str | None:
+        """The client's portal is gone (closed, rebound, its transaction over): the statement to close on the
+        server (closing it closes the portal, if its transaction has not), or None when closed already."""
+        if self.closed:
+            return None
+        self.closed = True
+        self._log()
+        return self.name + "_s"
+
+    def close(self, *, finish: bool = False) -> Steps[None]:
+        """Close the server's portal and its statement (``finish``: the exchange ends with Sync)."""
+        if not self.closed:
+            self.closed = True
+            closing = Rows("", name=self.name, opens=False, executes=False, closes=True)
+            yield Run((closing,), keep_open=not finish, finish=finish)
+
+    def _log(self) -> None:
+        for call in self._calls:  # counts only: never values
+            log.debug(
+                "streamed pgml.%s over %d rows: %d inputs computed", call.signature.function, self._total, call.computed
+            )
+
+    def _part_after(self, count: int, have: int) -> Run:
+        """The exchange reading the next part: twice the last one, up to GROWTH times the first, and no more rows
+        than the client's Execute still wants."""
+        self._limit = self._first if not self._limit else min(2 * self._limit, self._first * GROWTH)
+        limit = min(self._limit, count - have) if count else self._limit
+        return Run((Rows("", name=self.name, limit=limit, opens=False),), keep_open=True, quiet=True)
+
+
+class Opener:
+    """At a Bind: the streamed statement's row portal opened for the client's portal to read (``streamed``)."""
+
+    def __init__(self, name: str, formats: tuple[int, ...]) -> None:
+        self.name = name
+        self.formats = formats
+        self.streamed: Streamed | None = None
+
+    def __call__(self, plan: Plan, last: bool) -> Steps[bool]:
+        streamed = Streamed(plan, self.name, self.formats)
+        if not (yield from streamed.open(execute=False)):
             return False
-        fixed = fold_strict(sig, list(out.slots), skip=set(out.given))
-        calls.append(_Call(out, sig, fixed, oids, [oid in READABLE for oid in oids], {}))
-    formats = [0] * len(plan.targets)
-    for call in calls:
-        for column, binary in zip(call.output.hidden, call.binary, strict=True):
-            formats[column] = int(binary)
-    sql = plan.statement([call.signature.returns for call in calls])
-    limit = first = min(CHEAP.get(c.signature.function, PART_ROWS) for c in calls)
-    digits = int(setting.rows[0][0])
-    opening = Run((Rows(sql, formats=tuple(formats), limit=limit),), keep_open=True, quiet=True)
-    (portion,) = yield from _part_run(opening)
-    assert portion.description is not None
-    yield Emit(RowDescription(portion.description.columns[: plan.visible]).encode())
-    total = 0
-    while True:
-        limit = min(2 * limit, first * GROWTH)
-        part_after = Run((Rows(sql, limit=limit, opens=False),), keep_open=True, quiet=True)
-        pending = (yield Begin(part_after)) if portion.suspended else None
-        try:
-            frames = yield from _part(portion.raw, calls, plan.visible, digits)
-        except Exception as exc:
-            if pending is not None:  # the next part's exchange ends before anything else runs on the session
-                yield from _settle(pending, exc)
-            raise
-        # The next part first: if the server failed in it, the client gets its error and not these rows (a
-        # client drops the rows before an error anyway).
-        following = (yield from _part_run(pending)) if pending is not None else None
-        total += len(portion.raw)
-        yield Emit(b"".join(portion.notices) + frames)  # the server's notices of the part, then its rows
-        if following is None:
-            break
-        (portion,) = following
-    yield Emit(CommandComplete(f"SELECT {total}").encode())
-    for call in calls:  # counts only: never values
-        log.debug("streamed pgml.%s over %d rows: %d inputs computed", call.signature.function, total, call.computed)
-    yield Run((Rows(sql, opens=False, executes=False, closes=True),), keep_open=not finish, finish=finish)
+        self.streamed = streamed
+        return True
+
+
+def run(plan: Plan, last: bool) -> Steps[bool]:
+    """Stream a simple Query's statement to the client (False: an overload's result type is not one the proxy
+    prints; nothing ran). ``last``: the statement is the query string's last: its exchange ends with Sync."""
+    streamed = Streamed(plan)
+    if not (yield from streamed.open(execute=True)):
+        return False
+    yield Emit(streamed.description)
+    yield from streamed.execute(0, finish=last)
     return True
+
+
+def _client_formats(formats: tuple[int, ...], columns: int) -> list[int]:
+    """The format code of each of the client's columns, as a Bind's result format codes give them."""
+    if not formats:
+        return [0] * columns
+    if len(formats) == 1:
+        return [formats[0]] * columns
+    if len(formats) != columns:
+        raise ProtocolViolation(f"bind message has {len(formats)} result formats but query has {columns} columns")
+    return list(formats)
 
 
 def _part_run(run: Any) -> Steps[list[Portion]]:
@@ -182,7 +294,12 @@ def _read(values: list[Any], oid: int, binary: bool) -> list[Any]:
 def _encoded(call: _Call, values: list[Any], digits: int) -> list[bytes | None]:
     out = call.output
     return output.encode(
-        values, call.signature.returns, cast=out.cast, extra_float_digits=digits, dimensions=out.dimensions
+        values,
+        call.signature.returns,
+        cast=out.cast,
+        binary=call.format == 1,
+        extra_float_digits=digits,
+        dimensions=out.dimensions,
     )
 
 
@@ -194,6 +311,3 @@ def _rows(raw: list[tuple[bytes | None, ...]], columns: dict[int, list[bytes | N
             values[column] = encoded[i]
         frames.append(DataRow(tuple(values)).encode())
     return b"".join(frames)
-
-
-

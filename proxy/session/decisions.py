@@ -3,10 +3,10 @@
 Owns: :class:`Decider` — asking for the decision of a frame the router routed to DECIDE or
 ANSWER (the rewriter for pgml statements and deferred Binds, :mod:`proxy.streams.cursors` for
 commands on the proxy's cursors, :mod:`proxy.streams.owned` for messages naming its own prepared
-statements and portals), turning the failures of that into decisions, and applying a decision
-through :class:`proxy.session.traffic.Traffic`. It also keeps what the decisions leave behind on
-the connection: deferred statements (their pgml calls wait for Bind values), the proxy's cursors
-and its own prepared statements and portals.
+statements and portals, streamed Bind portals among them), turning the failures of that into
+decisions, and applying a decision through :class:`proxy.session.traffic.Traffic`. It also keeps
+what the decisions leave behind on the connection: deferred statements (their pgml calls wait for
+Bind values), the proxy's cursors and its own prepared statements and portals.
 
 The proxy's own statements never show as such: the ErrorResponse that answers the ``DO`` block
 raising a proxy error (known by its position in the query string, counted by
@@ -19,17 +19,19 @@ statements of a query string the proxy built itself.
 
 from __future__ import annotations
 
+import functools
+
 import pglast
 
 from engine.api import EngineError
 from proxy.errors import InFailedTransaction, ProxyError, error_fields, from_fields
-from proxy.rewrite import decide
+from proxy.rewrite import decide, steps
 from proxy.rewrite.decide import Decision, Rewriter
 from proxy.session.exchange import SYNC, BatchFailed, Statement, UpstreamError
 from proxy.session.state import Phase
 from proxy.session.traffic import Traffic
 from proxy.streams import classify, cursors
-from proxy.streams.owned import Owned
+from proxy.streams.owned import BIND_COMPLETE, Owned, StreamedPortal
 from proxy.wire import messages as pq
 from proxy.wire.frames import Frame
 
@@ -61,9 +63,7 @@ class Decider:
             elif exc.delivered:
                 decision = decide.FORWARD  # the client has it; the server skips this message until Sync
             elif frame.type == _Q:
-                decision = decide.Respond(
-                    pq.ErrorResponse(exc.fields).encode() + pq.ReadyForQuery(exc.status).encode()
-                )
+                decision = decide.Respond(pq.ErrorResponse(exc.fields).encode() + pq.ReadyForQuery(exc.status).encode())
             else:
                 decision = decide.Fail(from_fields(exc.fields))  # the server's own error fields, unchanged
         except BatchFailed:
@@ -127,10 +127,14 @@ class Decider:
                 if own and frame.type == _Q:
                     traffic.ledger.own_statements(own)
                 traffic.forward(frame.type, raw)
-            case decide.Respond(frames=raw):
+            case decide.Respond(frames=raw) if raw:
                 traffic.client.write(raw)  # only after the upstream owed nothing (internal query or schema)
             case decide.Rebound(parse=parse, bind=bind, close=close, name=name):
                 traffic.rebind(parse, bind, close, name)
+            case decide.OwnPortal(portal=name, rows=rows):
+                drive = functools.partial(steps.drive, port=traffic, engine=self.rewriter.engine)
+                self.owned.adopt(name, StreamedPortal(rows, drive, traffic.discard))
+                traffic.client.write(BIND_COMPLETE)  # the server saw no Bind: its statement is the proxy's
             case decide.Fail(error=error):
                 await self._fail(frame, error)
         traffic.decided()

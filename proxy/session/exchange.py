@@ -18,9 +18,12 @@ the exchange is done is ours.
 from __future__ import annotations
 
 import logging
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
+
+import numpy as np
 
 from engine.api import DatabaseError, Result, Statement
 from proxy.errors import ProtocolViolation
@@ -51,6 +54,7 @@ PORTAL = "pgml_proxy_p"
 SYNC = Sync().encode()
 FLUSH = Flush().encode()
 _COPY_DATA = int(Backend.COPY_DATA)
+_LENGTH = struct.Struct("!i")
 # The answers of a visible statement (one of the client's own, run here): they are the client's.
 _VISIBLE = frozenset(
     {
@@ -88,20 +92,21 @@ class Described(Result):
     param_types: tuple[int, ...] = field(default_factory=tuple)
 
 
-ROWS_STATEMENT = "pgml_proxy_rows_s"  # the statement and portal a stream of rows is read from, part by part
-ROWS_PORTAL = "pgml_proxy_rows"
+ROWS_PORTAL = "pgml_proxy_rows"  # the portal a stream of rows is read from, part by part (its statement: + "_s")
 
 
 @dataclass(frozen=True)
 class Rows(Statement):
-    """Up to ``limit`` rows (0: all) of the proxy's row portal, answered with a :class:`Portion`.
+    """Up to ``limit`` rows (0: all) of the proxy's row portal ``name``, answered with a :class:`Portion`.
 
-    ``opens``: Parse ``sql``, Bind the portal with result ``formats`` (one code per column), Describe it,
-    then Execute; otherwise Execute the portal a previous Rows left suspended. ``executes`` False: no
-    Execute (only ``closes``). ``closes``: Close the portal and its statement after. The portal lives in
-    the transaction, so the exchanges that read it must end with Flush until the last one.
+    ``opens``: Parse ``sql`` as the statement ``name + "_s"``, Bind the portal with result ``formats`` (one code
+    per column), Describe it, then Execute; otherwise Execute the portal a previous Rows left suspended
+    (``sql`` unused). ``executes`` False: no Execute (opened only: answered at its RowDescription; or only
+    ``closes``). ``closes``: Close the portal and its statement after. The portal lives in the transaction, so
+    the exchanges that read it must end with Flush until the last one.
     """
 
+    name: str = ROWS_PORTAL
     formats: tuple[int, ...] = ()
     limit: int = 0
     opens: bool = True
@@ -232,21 +237,21 @@ def statement_frames(statement: Statement) -> list[bytes]:
 
 
 CLOSE_BOTH = [Close(Target.PORTAL, PORTAL).encode(), _close_statement(STATEMENT)]
-_CLOSE_ROWS = [Close(Target.PORTAL, ROWS_PORTAL).encode(), _close_statement(ROWS_STATEMENT)]
 
 
 def _rows_frames(rows: Rows) -> list[bytes]:
     out = []
+    portal, statement = rows.name, rows.name + "_s"
     if rows.opens:  # its statement is closed first: a no-op unless an earlier stream failed before its Close
         out += [
-            _close_statement(ROWS_STATEMENT),
-            Parse(ROWS_STATEMENT, rows.sql, ()).encode(),
-            Bind(ROWS_PORTAL, ROWS_STATEMENT, (), (), rows.formats).encode(),
-            Describe(Target.PORTAL, ROWS_PORTAL).encode(),
+            _close_statement(statement),
+            Parse(statement, rows.sql, ()).encode(),
+            Bind(portal, statement, (), (), rows.formats).encode(),
+            Describe(Target.PORTAL, portal).encode(),
         ]
     if rows.executes:
-        out.append(Execute(ROWS_PORTAL, rows.limit).encode())
-    return out + (_CLOSE_ROWS if rows.closes else [])
+        out.append(Execute(portal, rows.limit).encode())
+    return out + ([Close(Target.PORTAL, portal).encode(), _close_statement(statement)] if rows.closes else [])
 
 
 def _closes(statement: Statement) -> int:
@@ -286,8 +291,9 @@ class Exchange:
         self._first = [_close_statement(name) for name in close_first] + CLOSE_BOTH
         self._closes_left = len(self._first) + sum(_closes(s) for s in self.statements)
         self._index = 0  # the statement being answered
-        self._answers = sum(not isinstance(s, Rows) or s.executes for s in self.statements)  # statements answered
-        self._copy_parts: list[bytes] = []
+        self._answers = sum(not isinstance(s, Rows) or s.executes or s.opens for s in self.statements)  # answered
+        self._copy_parts: list[bytes] = []  # a COPY TO's rows (one or many per part) ...
+        self._copy_rows: list[int] = []  # ... and each row's length (PostgreSQL sends one CopyData per row)
 
     @property
     def done(self) -> bool:
@@ -311,6 +317,7 @@ class Exchange:
         kind = frame.type
         if kind == _COPY_DATA:  # a row of a COPY TO (no visible statement copies): checked first, for each row
             self._copy_parts.append(frame.raw[5:])  # one frame per row: the rows' bounds for binary COPY
+            self._copy_rows.append(len(frame.raw) - 5)
             return []
         if self._index < len(self.statements) and self.statements[self._index].visible and kind in _VISIBLE:
             self.forward.append(frame.raw)  # a statement of the client's own, run here: its answer is theirs
@@ -325,7 +332,9 @@ class Exchange:
                 result.param_types = ParameterDescription.decode(frame).types
             case Backend.ROW_DESCRIPTION | Backend.NO_DATA if self._describing():
                 result.columns = _columns(frame) if kind == Backend.ROW_DESCRIPTION else []
-                self._index += 1  # described: a Prepare is never executed
+                if isinstance(result, Portion) and kind == Backend.ROW_DESCRIPTION:
+                    result.description = RowDescription.decode(frame)
+                self._index += 1  # described: a Prepare is never executed, nor a Rows that only opens
             case Backend.ROW_DESCRIPTION:
                 result.columns = _columns(frame)
                 if isinstance(result, Portion):
@@ -336,9 +345,9 @@ class Exchange:
                 self._index += 1
             case Backend.COMMAND_COMPLETE | Backend.EMPTY_QUERY_RESPONSE:
                 result.command = CommandComplete.decode(frame).tag if kind == Backend.COMMAND_COMPLETE else ""
-                if self._copy_parts:
-                    result.copy, result.copy_rows = b"".join(self._copy_parts), list(map(len, self._copy_parts))
-                    self._copy_parts = []
+                if self._copy_rows:
+                    result.copy, result.copy_rows = b"".join(self._copy_parts), self._copy_rows
+                    self._copy_parts, self._copy_rows = [], []
                 self._index += 1
             case Backend.CLOSE_COMPLETE:
                 self._closes_left -= 1
@@ -358,9 +367,34 @@ class Exchange:
                 raise ProtocolViolation(f"unexpected message {chr(kind)!r} in an internal exchange")
         return []
 
+    def feed_copy(self, chunk: bytes, count: int) -> int:
+        """The first ``count`` messages of ``chunk`` are CopyData (a COPY TO's rows, all this exchange's): their
+        rows taken at once, not message by message; returns how many bytes of ``chunk`` they were.
+
+        Rows of one length (a numeric table's) are cut out of the chunk as one strided array; others one by one.
+        """
+        size: int = 1 + _LENGTH.unpack_from(chunk, 1)[0]
+        end = size * count
+        if end <= len(chunk):
+            frames = np.frombuffer(chunk, np.uint8, count=end).reshape(count, size)
+            if bool(np.all(frames[:, :5] == frames[0, :5])):  # every header is the first's: one length for all
+                self._copy_parts.append(frames[:, 5:].tobytes())
+                self._copy_rows.extend([size - 5] * count)
+                return end
+        pos, parts, rows, header = 0, self._copy_parts, self._copy_rows, _LENGTH.unpack_from
+        for _ in range(count):
+            length: int = header(chunk, pos + 1)[0]
+            parts.append(chunk[pos + 5 : pos + 1 + length])
+            rows.append(length - 4)
+            pos += 1 + length
+        return pos
+
     def _describing(self) -> bool:
-        """The statement being answered is a Prepare: described, never executed."""
-        return self._index < len(self.statements) and isinstance(self.statements[self._index], Prepare)
+        """The statement being answered ends at its description: a Prepare, or a Rows that only opens its portal."""
+        if self._index >= len(self.statements):
+            return False
+        statement = self.statements[self._index]
+        return isinstance(statement, Prepare) or (isinstance(statement, Rows) and not statement.executes)
 
     def _copy_in(self) -> None:
         """Copy-in mode: the statement's data went out right after its Execute. One given none (only the proxy's

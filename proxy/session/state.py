@@ -130,13 +130,14 @@ class Idle:
 class State:
     """One connection's phase, transaction status and owed ReadyForQuery messages."""
 
-    __slots__ = ("idle", "owed", "phase", "tx_status")
+    __slots__ = ("idle", "owed", "phase", "sends", "tx_status")
 
     def __init__(self) -> None:
         self.phase = Phase.STARTUP
         self.tx_status = "I"  # from the server's last ReadyForQuery
         self.owed = 0  # ReadyForQuery messages the server still owes (one per batch end sent)
         self.idle = Idle(self)  # decisions wait on it until nothing is owed
+        self.sends = 0  # times client messages went upstream (a change tells that something may be unanswered)
 
     def fire(self, event: Event) -> None:
         self.phase = TRANSITIONS.get((self.phase, event), self.phase)
@@ -172,6 +173,7 @@ class State:
         """
         ends = kinds.count(81) + kinds.count(83) + kinds.count(70)  # Q, S, F
         self.owed += ends
+        self.sends += 1
         if kinds[-1] in BATCH_ENDS:  # the usual chunk: whole batches or Queries
             self.phase = _AFTER_END[self.phase]
             return ends

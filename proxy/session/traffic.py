@@ -62,13 +62,16 @@ class Traffic:
         self.temp_tables: list[str] = []  # per-row result tables made for the statement being decided
         self.notices: list[str] = []  # engine WARNINGs, sent to the client ahead of the statement's answer
         self.binding = False  # a Bind's decision runs: its own statements' SQL holds bound values (never logged)
-        self.barriers: list[str] = []  # barrier statements to close at the batch's Sync (or the next exchange)
+        # Private statements to close at the batch's Sync or the next exchange: barriers, and the statements of row
+        # portals the client no longer reads (closing a statement closes its portal).
+        self.barriers: list[str] = []
         self.exchange: Exchange | None = None
         self._exchange_done = asyncio.Event()
         self._one_at_a_time = asyncio.Lock()  # a stream's next part may be on its way while the engine queries
         self._ids = itertools.count(1)
         self._private_open: list[str] = []  # private statements of rewritten Binds whose Close may have been skipped
         self._stale_tables: list[str] = []  # per-row tables of earlier statements, to drop when idle
+        self._answered_at = -1  # State.sends when an exchange of the proxy's last ended mid-batch (all answered then)
 
     # -- what the rewriter sees (Port) -------------------------------------- #
 
@@ -107,11 +110,19 @@ class Traffic:
         self.ledger.sent(b"B", 0)
         self.ledger.inject(THREE)
         self._private_open = [name]
+        self.state.sends += 1
         self.state.fire(Event.EXTENDED)
         self.upstream.writelines([*leftovers, parse, bind, close])
 
+    def discard(self, statement: str) -> None:
+        """A private statement to close when the proxy next can (its portal with it)."""
+        self.barriers.append(statement)
+
     def close_barriers(self) -> list[bytes]:
-        """Closes of the batch's barrier statements, to go just before its Sync (their answers hidden)."""
+        """Closes of the batch's barrier statements, to go just before its Sync (their answers hidden); none while
+        the server skips to that Sync (it would skip them too): the next exchange closes them."""
+        if self.state.phase is Phase.SKIP_TO_SYNC:
+            return []
         closes = [close_statement(name) for name in self.barriers]
         for _ in closes:
             self.ledger.inject(THREE)
@@ -141,6 +152,8 @@ class Traffic:
             return True  # nothing in flight: the proxy's own exchanges (run one at a time) opened the batch
         if state.phase is Phase.SKIP_TO_SYNC:
             return False  # the server answers nothing more before the batch's end
+        if state.sends == self._answered_at:
+            return True  # nothing went upstream since an exchange of the proxy's own was answered in full
         name = f"pgml_proxy_barrier_{self.private_id()}"
         waiter = self.ledger.barrier()
         self.upstream.writelines([pq.Parse(name, "SELECT 1", ()).encode(), FLUSH])
@@ -205,6 +218,8 @@ class Traffic:
                 if not shown and not quiet:
                     self.client.write(pq.ErrorResponse(fields).encode())
             raise UpstreamError(fields, exchange.status or state.tx_status, delivered=flush or shown)
+        if flush:
+            self._answered_at = state.sends
         return exchange.results[len(prefix) :]
 
     def decided(self) -> None:

@@ -8,6 +8,9 @@ cursor as a portal (psycopg 3's server-side cursors describe the portal their
 DECLARE made; Execute with a row limit reads it, Close closes it), and the
 response each gets: ParseComplete, BindComplete, ParameterDescription,
 RowDescription / NoData, DataRows, PortalSuspended, CommandComplete, CloseComplete.
+Also the client portals bound to a deferred statement whose per-row calls stream
+(:class:`StreamedPortal`: the rows come from :class:`proxy.rewrite.streaming.Streamed`,
+which reads the statement's row portal on the client's session).
 
 The parameter types of an own statement with ``$n`` are the server's: its text is
 parsed and described there (never executed) with the client's declared types, so
@@ -16,12 +19,14 @@ only jsonb fits) are PostgreSQL's own.
 
 Must not: touch sockets. The session writes the answers after a barrier (so
 they follow every earlier response of the batch) and forwards Sync, whose
-ReadyForQuery then comes from the server, which saw none of these messages.
+ReadyForQuery then comes from the server, which saw none of these messages (a
+streamed portal's reads of its row portal are the proxy's own, ended with Flush).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +40,8 @@ from proxy.errors import (
     ProxyError,
 )
 from proxy.rewrite.params import referenced_params, substitute_params
+from proxy.rewrite.steps import Steps
+from proxy.rewrite.streaming import Streamed
 from proxy.session.exchange import Described, Port, Prepare
 from proxy.streams import classify, cursors
 from proxy.streams.stream import Stream, command_complete, data_row, failure, row_description
@@ -70,6 +77,21 @@ class Prepared:
 
 
 @dataclass
+class StreamedPortal:
+    """A client portal bound to a deferred statement whose per-row calls stream (:mod:`proxy.rewrite.streaming`):
+    Describe answers its RowDescription, each Execute its next rows, computed as the server's rows arrive."""
+
+    rows: Streamed
+    drive: Callable[[Steps[None]], Awaitable[None]]  # runs the stream's steps on the session and the engine
+    discard: Callable[[str], None]  # a statement of the proxy's to close on the server when it next can
+
+    def stop(self) -> None:
+        statement = self.rows.abandon()
+        if statement is not None:
+            self.discard(statement)
+
+
+@dataclass
 class Portal:
     """A bound own statement; Execute with a row limit runs it in pieces (PortalSuspended between)."""
 
@@ -90,11 +112,18 @@ class Owned:
 
     def __init__(self) -> None:
         self.statements: dict[str, Prepared] = {}
-        self.portals: dict[str, Portal] = {}
+        self.portals: dict[str, Portal | StreamedPortal] = {}
+
+    def adopt(self, name: str, portal: StreamedPortal) -> None:
+        """The client's Bind of portal ``name`` made a streamed portal (in place of any portal of that name)."""
+        self.drop_portal(name)
+        self.portals[name] = portal
 
     def drop_portal(self, name: str) -> None:
         portal = self.portals.pop(name, None)
-        if portal is not None and portal.stream is not None:
+        if isinstance(portal, StreamedPortal):
+            portal.stop()
+        elif portal is not None and portal.stream is not None:
             portal.stream.stop()
 
     def clear_portals(self) -> None:
@@ -132,7 +161,7 @@ class Owned:
                 if bound.portal and bound.portal in open_cursors:
                     return True  # a cursor is a portal: answered with the server's 42P03
                 if bound.statement not in self.statements:
-                    self.drop_portal(bound.portal)  # the portal name now means one of the server's
+                    self.drop_portal(bound.portal)  # the portal name now means another (the server's, or streamed)
                     return False
                 return True
             case Frontend.DESCRIBE | Frontend.CLOSE:
@@ -181,11 +210,16 @@ class Owned:
                 kind, name = _target(frame) or (Target.STATEMENT, "")  # claims() checked it
                 if kind == Target.PORTAL and name not in self.portals:  # a cursor's portal: text, as DECLARE made it
                     return row_description(table.open[name].column)
+                if kind == Target.PORTAL and isinstance(streamed := self.portals[name], StreamedPortal):
+                    return streamed.rows.description
                 return self._describe(kind, name, table)
             case Frontend.EXECUTE:
                 execute = try_decode(Execute, frame) or Execute("", 0)  # claims() checked it
                 if execute.portal not in self.portals:
                     return await _execute_cursor(execute.portal, execute.max_rows, table)
+                if isinstance(streamed := self.portals[execute.portal], StreamedPortal):
+                    await streamed.drive(streamed.rows.execute(execute.max_rows))  # it writes the rows itself
+                    return b""
                 return await self._execute(execute.portal, execute.max_rows, table, tx_status, write)
             case _:  # Close
                 kind, name = _target(frame) or (Target.STATEMENT, "")
@@ -198,8 +232,10 @@ class Owned:
                 return CLOSE_COMPLETE
 
     def _describe(self, kind: Target, name: str, table: cursors.Cursors) -> bytes:
-        own = self.statements[name].own if kind == Target.STATEMENT else self.portals[name].own
-        binary = kind == Target.PORTAL and self.portals[name].binary
+        portal = self.portals.get(name) if kind == Target.PORTAL else None
+        assert not isinstance(portal, StreamedPortal)
+        own = self.statements[name].own if portal is None else portal.own
+        binary = portal is not None and portal.binary
         rows = NO_DATA
         if isinstance(own, classify.StreamSelect):
             rows = row_description(own.column, binary)
@@ -213,6 +249,7 @@ class Owned:
 
     async def _execute(self, name: str, limit: int, table: cursors.Cursors, tx_status: str, write: Any) -> bytes:
         portal = self.portals[name]
+        assert isinstance(portal, Portal)
         own = portal.own
         match own:
             case classify.StreamSelect() | classify.Fetch(move=False) if portal.done:

@@ -339,7 +339,7 @@ class FrameReader:
                     last_z = buf[pos + 5]
             pos = stop
         if pos == end:
-            if len(kinds) <= LAYOUT_MESSAGES:
+            if 0 < len(kinds) <= LAYOUT_MESSAGES:
                 self._remember(buf, kinds)
             return buf, kinds, last_z
         rest = buf[pos:]

@@ -52,7 +52,8 @@ public final class DriverScenarios {
     private void scenario(String name) throws SQLException {
         switch (name) {
             case "embed_bound" -> embedBound(name);
-            case "embed_per_row" -> embedPerRow(name);
+            case "embed_per_row" -> embedPerRow(name, false);
+            case "embed_per_row_fetch_size" -> embedPerRow(name, true);
             case "threshold" -> threshold(name);
             case "batch" -> batch(name, opts.get("table"));
             case "stream" -> stream(name, false);
@@ -87,14 +88,24 @@ public final class DriverScenarios {
         }
     }
 
-    private void embedPerRow(String name) throws SQLException {
+    // With a fetch size (inside a transaction) pgjdbc reads the portal 2 rows at a time: Execute(2), PortalSuspended.
+    private void embedPerRow(String name, boolean fetchSize) throws SQLException {
         String sql = "SELECT id, pgml.embed(?, body) FROM docs ORDER BY id";
-        try (Connection c = connect(); PreparedStatement ps = c.prepareStatement(sql)) {
-            ps.setString(1, opts.get("model"));
-            try (ResultSet rs = ps.executeQuery()) {
-                while (rs.next()) {
-                    emit(name, rs.getString(1), rs.getString(2));
+        try (Connection c = connect()) {
+            c.setAutoCommit(!fetchSize);
+            try (PreparedStatement ps = c.prepareStatement(sql)) {
+                if (fetchSize) {
+                    ps.setFetchSize(2);
                 }
+                ps.setString(1, opts.get("model"));
+                try (ResultSet rs = ps.executeQuery()) {
+                    while (rs.next()) {
+                        emit(name, rs.getString(1), rs.getString(2));
+                    }
+                }
+            }
+            if (fetchSize) {
+                c.commit();
             }
         }
     }
