@@ -5,12 +5,13 @@ two proxies in front of one throwaway PostgreSQL 18 — the default (``stream_ou
 with ``stream_outputs = false`` (every per-row call through a session temp table, the path before):
 
 (a) ``SELECT id, pgml.embed(m, body) FROM t LIMIT 5`` (and ``ORDER BY id LIMIT 5``) over ``--rows`` texts
-    vs ``… WHERE id <= 5``: seconds and the ratio LIMIT / WHERE (target <= 2) on each proxy;
+    vs ``… WHERE id <= 5``: seconds and the ratio LIMIT / WHERE (target <= 2) on each proxy, as a simple
+    Query and over the extended protocol (psycopg's binary cursor);
 (b) time to the first DataRow of ``SELECT id, pgml.embed(m, body) FROM t`` (a raw protocol client: the
     first row is timed as it arrives) vs the time one mini-batch of its rows takes to compute (the
     statement's seconds / its parts), target <= 2 mini-batches;
 (c) ``SELECT id, pgml.predict(p, ARRAY[f1, …, f20]) FROM p`` over ``--predict-rows`` rows, rows/s, streamed vs
-    temp table (``bench/ml.py`` compares it with a client that predicts by itself);
+    temp table, simple and extended (``bench/ml.py`` compares it with a client that predicts by itself);
 (d) the proxy's RSS growth (VmHWM - VmRSS before) while one session streams ``--rss-rows`` rows of per-row
     predict to a client that counts them (target < 100 MB).
 
@@ -63,9 +64,11 @@ def median_seconds(action: Callable[[], object], rounds: int) -> float:
     return statistics.median(timed(action)[0] for _ in range(rounds))
 
 
-def run(dsn: str, sql: str) -> None:
+def run(dsn: str, sql: str, extended: bool = False) -> None:
+    """``sql`` as a simple Query, or (``extended``) as psycopg's binary cursor sends it: Parse, Bind, Describe,
+    Execute, Sync, with binary results."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(sql).fetchall()
+        conn.cursor(binary=True).execute(sql).fetchall() if extended else conn.execute(sql).fetchall()
 
 
 def first_row(dsn: str, sql: str) -> tuple[float, float, int]:
@@ -186,11 +189,15 @@ def main() -> None:
             "ORDER BY id LIMIT 5": f"SELECT id, pgml.embed('{MODEL}', body) FROM {TEXTS} ORDER BY id LIMIT 5",
             "WHERE id <= 5": f"SELECT id, pgml.embed('{MODEL}', body) FROM {TEXTS} WHERE id <= 5",
         }
-        for name, dsn_ in (("streamed", on), ("temp table", off)):
-            seconds = {s: median_seconds(functools.partial(run, dsn_, q), args.rounds) for s, q in shapes.items()}
-            base = seconds["WHERE id <= 5"]
-            shown = ", ".join(f"{shape} {s:.3f} s ({s / base:.1f}x)" for shape, s in seconds.items())
-            print(f"  {name:10}: {shown}")
+        for extended in (False, True):
+            print("  " + ("extended protocol, binary results" if extended else "simple query"))
+            for name, dsn_ in (("streamed", on), ("temp table", off)):
+                seconds = {
+                    s: median_seconds(functools.partial(run, dsn_, q, extended), args.rounds) for s, q in shapes.items()
+                }
+                base = seconds["WHERE id <= 5"]
+                shown = ", ".join(f"{shape} {s:.3f} s ({s / base:.1f}x)" for shape, s in seconds.items())
+                print(f"    {name:10}: {shown}")
 
         print(f"(b) time to the first row of a {args.rows}-row per-row embed:")
         sql = f"SELECT id, pgml.embed('{MODEL}', body) FROM {TEXTS}"
@@ -202,11 +209,15 @@ def main() -> None:
 
         print(f"(c) per-row pgml.predict over {args.predict_rows} rows x 20 features (median of {args.rounds}):")
         sql = f"SELECT id, pgml.predict('bench_rows', ARRAY[{FEATURES}]) FROM pgml_bench.p"
-        rates = {}
-        for name, dsn_ in (("streamed", on), ("temp table", off)):
-            rates[name] = args.predict_rows / median_seconds(functools.partial(run, dsn_, sql), args.rounds)
-        print(f"  streamed {rates['streamed']:.0f} rows/s, temp table {rates['temp table']:.0f} rows/s:"
-              f" {rates['streamed'] / rates['temp table']:.2f}x")  # fmt: skip
+        for extended in (False, True):
+            rates = {}
+            for name, dsn_ in (("streamed", on), ("temp table", off)):
+                seconds = median_seconds(functools.partial(run, dsn_, sql, extended), args.rounds)
+                rates[name] = args.predict_rows / seconds
+            mode = "extended, binary" if extended else "simple query"
+            on_rate, off_rate = rates["streamed"], rates["temp table"]
+            print(f"  {mode:16}: streamed {on_rate:.0f} rows/s, temp table {off_rate:.0f} rows/s:"
+                  f" {on_rate / off_rate:.2f}x")  # fmt: skip
 
         print(f"(d) proxy memory while streaming {args.rss_rows} rows of per-row predict:")
         features_table(dsn, "pgml_bench.big", args.rss_rows)

@@ -167,6 +167,22 @@ def test_a_remembered_layout_is_used_only_for_the_same_headers() -> None:
         reader.scan(other)
 
 
+@pytest.mark.parametrize("step", [None, 1, 7, 170, 4096])
+def test_runs_of_copy_data_read_as_message_by_message(step: int | None) -> None:
+    """CopyData of one length in runs (checked in one step), broken by other lengths, other messages and chunk
+    ends: the same messages as a walk one by one, from either direction's reader."""
+    rows = [b"r" * 40] * 100 + [b"s" * 41] + [b"r" * 40] * 50 + [b""] * 40 + [b"t" * 40] * 60
+    messages = [pq.CopyData(row).encode() for row in rows]
+    messages.insert(120, pq.CopyDone().encode())  # another type inside a run
+    raw = b"".join(messages)
+    for reader in (FrameReader(1 << 20), FrameReader(1 << 20, frames.FRONTEND_TYPES)):
+        size = step or len(raw)
+        got = [f for i in range(0, len(raw), size) for f in reader.feed(raw[i : i + size])]
+        assert [f.raw for f in got] == messages
+        assert bytes(f.type for f in got) == bytes(m[0] for m in messages)
+        assert FrameReader(1 << 20).scan(raw) == (raw, bytes(m[0] for m in messages), -1)  # the kinds, in one chunk
+
+
 def test_empty_chunks_are_nothing_however_often() -> None:
     """No bytes (a trace of an empty write) is no messages, the first time and every later one."""
     reader = FrameReader(1 << 20)

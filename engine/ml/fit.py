@@ -87,10 +87,11 @@ def fit(
     _fit_checked(estimator, x_train, y_train, cancelled)
     fit_time = time.perf_counter() - started
     started = time.perf_counter()
-    estimator.transform(x_test) if task == "decomposition" else estimator.predict(x_test)
+    predicted = estimator.transform(x_test) if task == "decomposition" else estimator.predict(x_test)
     score_time = time.perf_counter() - started
+    reuse = None if task == "decomposition" else predicted
     scores: dict[str, Any] = dict(
-        metrics.evaluate(task, estimator, x_test, y_test, fit_time=fit_time, score_time=score_time)
+        metrics.evaluate(task, estimator, x_test, y_test, fit_time=fit_time, score_time=score_time, predicted=reuse)
     )
     if results:
         scores["search_results"] = results

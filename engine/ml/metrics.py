@@ -65,13 +65,16 @@ def _sk(name: str) -> Any:
 # --------------------------------------------------------------------------- #
 
 
-def evaluate(task: str, estimator: Any, x_test: Any, y_test: Any, *, fit_time: float, score_time: float) -> Metrics:
+def evaluate(
+    task: str, estimator: Any, x_test: Any, y_test: Any, *, fit_time: float, score_time: float, predicted: Any = None
+) -> Metrics:
     """The metrics JSON of a fitted ``estimator`` on the test split (``y_test`` None when unsupervised).
 
-    fit_time and score_time are added for every task, as PostgresML's Rust code does.
+    fit_time and score_time are added for every task, as PostgresML's Rust code does. ``predicted``: the
+    estimator's predictions for ``x_test`` when the caller has them already (timing them as score_time).
     """
     label = normalize_task(task)
-    scorers: dict[str, Callable[[Any, Any, Any], Metrics]] = {
+    scorers: dict[str, Callable[[Any, Any, Any, Any], Metrics]] = {
         "regression": _regression,
         "classification": _classification,
         "clustering": _clustering,
@@ -79,14 +82,17 @@ def evaluate(task: str, estimator: Any, x_test: Any, y_test: Any, *, fit_time: f
     }
     if label not in scorers:
         raise NotSupported(f"No test metrics available for task: {label}")
-    metrics = scorers[label](estimator, np.asarray(x_test), None if y_test is None else np.asarray(y_test))
+    x, y = np.asarray(x_test), None if y_test is None else np.asarray(y_test)
+    if predicted is None and label != "decomposition":  # a decomposition transforms: its metric needs no output
+        predicted = estimator.predict(x)
+    metrics = scorers[label](estimator, x, y, predicted)
     metrics["fit_time"] = f32(fit_time)
     metrics["score_time"] = f32(score_time)
     return metrics
 
 
-def _regression(estimator: Any, x: Any, y: Any) -> Metrics:
-    y_hat = np.asarray(estimator.predict(x)).reshape(y.shape)
+def _regression(estimator: Any, x: Any, y: Any, predicted: Any) -> Metrics:
+    y_hat = np.asarray(predicted).reshape(y.shape)
     return {
         "r2": f32(_sk("r2_score")(y, y_hat)) if len(y) > 1 else None,
         "mean_absolute_error": f32(_sk("mean_absolute_error")(y, y_hat)),
@@ -94,8 +100,8 @@ def _regression(estimator: Any, x: Any, y: Any) -> Metrics:
     }
 
 
-def _classification(estimator: Any, x: Any, y: Any) -> Metrics:
-    y_hat = np.asarray(estimator.predict(x)).reshape(y.shape)
+def _classification(estimator: Any, x: Any, y: Any, predicted: Any) -> Metrics:
+    y_hat = np.asarray(predicted).reshape(y.shape)
     metrics: Metrics = {
         "f1": f32(_sk("f1_score")(y, y_hat, average="macro", zero_division=0)),
         "precision": f32(_sk("precision_score")(y, y_hat, average="macro", zero_division=0)),
@@ -141,8 +147,8 @@ def _decision(estimator: Any, x: Any) -> Any:
         return None
 
 
-def _clustering(estimator: Any, x: Any, y: Any) -> Metrics:
-    labels = np.asarray(estimator.predict(x))
+def _clustering(estimator: Any, x: Any, y: Any, predicted: Any) -> Metrics:
+    labels = np.asarray(predicted)
     return {"silhouette": _silhouette(x, labels)}
 
 
@@ -154,7 +160,7 @@ def _silhouette(x: Any, labels: Any) -> float | None:
     return f32(_sk("silhouette_score")(x, labels, sample_size=sample, random_state=0))
 
 
-def _decomposition(estimator: Any, x: Any, y: Any) -> Metrics:
+def _decomposition(estimator: Any, x: Any, y: Any, predicted: Any) -> Metrics:
     ratios = getattr(estimator, "explained_variance_ratio_", None)
     return {"cumulative_explained_variance": None if ratios is None else f32(np.sum(ratios))}
 
