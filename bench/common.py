@@ -112,8 +112,9 @@ _DDL = ("CREATE TEMP", "CREATE INDEX", "ALTER TABLE pgml_proxy_", "ANALYZE pgml_
 
 def upstream_phases(proxy: str, server_log: Path, sql: str) -> tuple[float, dict[str, float]]:
     """``sql`` run once through ``proxy`` with every upstream statement's duration logged: its seconds, and the
-    server's seconds per phase of a per-row call (gather, temp-table COPY, DDL, final statement, other) with the
-    count of statements executed (round trips)."""
+    server's seconds per phase of a per-row call (gather, temp-table COPY, DDL, final statement, the parts of a
+    streamed statement's row portal, other) with the count of statements executed (round trips; a count, not
+    seconds)."""
     import psycopg
 
     offset = server_log.stat().st_size
@@ -137,6 +138,8 @@ def upstream_phases(proxy: str, server_log: Path, sql: str) -> tuple[float, dict
             out["create/index/analyze/drop"] += seconds
         elif "pg_temp.pgml_proxy_" in statement:
             out["final statement"] += seconds
+        elif "pgml_proxy_arg_" in statement:  # the row portal of a streamed statement, one Execute per part
+            out["streamed parts"] += seconds
         else:
             out["other"] += seconds
         if step == "execute":

@@ -12,8 +12,9 @@ the order flips every round; medians are reported, nothing is asserted):
     ``pgml.files``); rows/s and the ratio (target >= 0.5). Also vs a client doing it by hand: fetch
     ``SELECT id, ARRAY[f1, …, f20] FROM t`` directly from PostgreSQL, then ``model.predict``. One extra
     proxy pass runs with the upstream's ``log_min_duration_statement = 0`` for a per-phase breakdown
-    (gather query, temp-table COPY, final lookup; the rest is the proxy's own work: decoding the
-    gathered arrays, the engine call, formatting the COPY).
+    (the streamed statement's parts as the server runs them — or, on the temp-table path, gather query,
+    temp-table COPY, final lookup; the rest is the proxy's own work: reading the rows, the engine call,
+    writing the rows).
 (c) latency of one ``SELECT pgml.predict(project, ARRAY[<20 constants>])`` (different constants each
     time) vs ``SELECT 1``, both through the proxy, alternated, ``--latency-runs`` each: p50/p99.
 
@@ -351,11 +352,12 @@ def report(
     )
     if phases is not None:
         total, parts = phases
+        executed = parts.pop("statements executed", 0)
         upstream_s = sum(parts.values())
         shown = ", ".join(f"{k} {v:.2f} s" for k, v in sorted(parts.items(), key=lambda kv: -kv[1]))
-        print(f"    one more proxy pass, {total:.2f} s, upstream time by phase: {shown}")
+        print(f"    one more proxy pass, {total:.2f} s, upstream time by phase: {shown}; {executed:.0f} statements")
         print(
-            f"    the rest (proxy: decoding the gathered arrays, engine call, COPY formatting):"
+            f"    the rest (proxy: reading the rows, the engine call, writing the rows to the client):"
             f" {total - upstream_s:.2f} s"
         )
     p50, p99 = percentile(latency_ms["predict"], 50), percentile(latency_ms["predict"], 99)

@@ -13,7 +13,7 @@ import pytest
 
 from engine.api import Statement
 from proxy.errors import ProtocolViolation
-from proxy.session.exchange import CLOSE_BOTH, FLUSH, SYNC, Exchange, copy_frames, statement_frames
+from proxy.session.exchange import CLOSE_BOTH, FLUSH, SYNC, Exchange, Rows, copy_frames, statement_frames
 from proxy.wire import messages as pq
 from proxy.wire.frames import Backend, Frame, StartupMessage, encode_startup, pack, split_frames
 from tests.conftest import Postgres
@@ -114,19 +114,40 @@ def test_copy_out_rows_stay_one_message_each() -> None:
 )
 @pytest.mark.parametrize("trailing", [False, True], ids=["copy data only", "more after"])
 def test_copy_out_rows_taken_in_bulk_are_the_rows_message_by_message(lengths: list[int], trailing: bool) -> None:
-    """feed_copy (the session's bulk path for a chunk of CopyData) reads what feed reads one message at a time."""
+    """feed_run (the session's bulk path for a chunk of CopyData) reads what feed reads one message at a time."""
     rows = [bytes([65 + i % 26]) * n for i, n in enumerate(lengths)]
     frames = [pq.CopyData(row).encode() for row in rows]
     after = pq.CopyDone().encode() if trailing else b""
     one, bulk = (Exchange([Statement("COPY x TO STDOUT")], sync=True) for _ in range(2))
     _answer(one, *frames)
     chunk = b"".join(frames) + after
-    assert bulk.feed_copy(chunk, len(frames)) == len(chunk) - len(after)
+    assert bulk.feed_run(chunk, Backend.COPY_DATA, len(frames)) == len(chunk) - len(after)
     done = [pq.CommandComplete(f"COPY {len(rows)}").encode()]
     _answer(one, *done)
     _answer(bulk, *done)
     assert bulk.results[0].copy == one.results[0].copy == b"".join(rows)
     assert bulk.results[0].copy_rows == one.results[0].copy_rows == lengths
+
+
+def test_row_portal_rows_taken_in_bulk_are_the_rows_message_by_message() -> None:
+    """A row portal's DataRows taken by feed_run are its rows as feed reads them; rows of another statement are
+    not taken (0 bytes: each goes through feed)."""
+    rows = [(b"1", None, b"abc"), (b"22", b"", None), (None, None, None)]
+    frames = [pq.DataRow(row).encode() for row in rows]
+    opened = [pq.CloseComplete().encode(), pq.ParseComplete().encode(), pq.BindComplete().encode(),
+              pq.RowDescription((pq.Column("a", 25), pq.Column("b", 25), pq.Column("c", 25))).encode()]  # fmt: skip
+    one, bulk = (Exchange([Rows("SELECT …", limit=5)], sync=False) for _ in range(2))
+    for exchange in (one, bulk):
+        exchange.start()
+        _answer(exchange, *[pq.CloseComplete().encode()] * 2, *opened)
+    _answer(one, *frames)
+    assert bulk.feed_run(b"".join(frames), Backend.DATA_ROW, len(frames)) == len(b"".join(frames))
+    for exchange in (one, bulk):
+        _answer(exchange, pq.CommandComplete("SELECT 3").encode())
+        assert exchange.done
+    assert bulk.results[0].raw == one.results[0].raw == rows  # type: ignore[attr-defined]
+    other = Exchange([READ], sync=True)
+    assert other.feed_run(b"".join(frames), Backend.DATA_ROW, len(frames)) == 0
 
 
 # --------------------------------------------------------------------------- #

@@ -38,7 +38,7 @@ UPSTREAM_MAX_MESSAGE = (1 << 30) + 5
 # on below it so that a disconnect or a Terminate is seen mid-statement, and its engine work stopped.
 HELD_LIMIT = 4 << 20
 
-_X, _Z, _E, _N, _S, _D = b"XZENSd"
+_X, _Z, _E, _N, _S, _D, _DATA_ROW = b"XZENSdD"
 _IDLE = ord("I")
 _AUTHENTICATING = Phase.AUTHENTICATING  # a global: an Enum member read from its class is a slow lookup on 3.11
 
@@ -256,9 +256,10 @@ class Connection:
         if self.state.phase is _AUTHENTICATING:
             chunk = b"".join(f.raw for f in self._authenticating(split_frames(chunk)))
         exchange = traffic.exchange
-        if exchange is not None and kinds[0] == _D and not exchange.done:  # a COPY TO's rows: taken in bulk
-            count = len(kinds) - len(kinds.lstrip(b"d"))
-            chunk = chunk[exchange.feed_copy(chunk, count) :]
+        if exchange is not None and (kinds[0] == _D or kinds[0] == _DATA_ROW) and not exchange.done:
+            count = len(kinds) - len(kinds.lstrip(kinds[:1]))  # a run of rows (COPY's, a row portal's): in bulk
+            taken = exchange.feed_run(chunk, kinds[0], count)
+            chunk, kinds = chunk[taken:], kinds[count if taken else 0 :]
             if not chunk:
                 return
         if exchange is not None or self._ledger.busy:

@@ -45,6 +45,7 @@ from proxy.wire.messages import (
     RowDescription,
     Sync,
     Target,
+    data_row_values,
 )
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ STATEMENT = "pgml_proxy_s"  # the private statement and portal of internal excha
 PORTAL = "pgml_proxy_p"
 SYNC = Sync().encode()
 FLUSH = Flush().encode()
-_COPY_DATA = int(Backend.COPY_DATA)
+_COPY_DATA, _DATA_ROW = int(Backend.COPY_DATA), int(Backend.DATA_ROW)
 _LENGTH = struct.Struct("!i")
 # The answers of a visible statement (one of the client's own, run here): they are the client's.
 _VISIBLE = frozenset(
@@ -367,12 +368,24 @@ class Exchange:
                 raise ProtocolViolation(f"unexpected message {chr(kind)!r} in an internal exchange")
         return []
 
-    def feed_copy(self, chunk: bytes, count: int) -> int:
-        """The first ``count`` messages of ``chunk`` are CopyData (a COPY TO's rows, all this exchange's): their
-        rows taken at once, not message by message; returns how many bytes of ``chunk`` they were.
+    def feed_run(self, chunk: bytes, kind: int, count: int) -> int:
+        """The first ``count`` messages of ``chunk`` are of ``kind``: a COPY TO's rows (CopyData) or a row portal's
+        rows (DataRow) are taken at once, not message by message; returns how many bytes of ``chunk`` were taken
+        (0: these are not taken in bulk; :meth:`feed` each)."""
+        if kind == _COPY_DATA:
+            return self._copy_run(chunk, count)
+        result = self.results[self._index] if self._index < len(self.results) else None
+        if kind != _DATA_ROW or not isinstance(result, Portion):
+            return 0
+        pos, append, header = 0, result.raw.append, _LENGTH.unpack_from
+        for _ in range(count):
+            end = pos + 1 + header(chunk, pos + 1)[0]
+            append(data_row_values(chunk, pos, end))
+            pos = end
+        return pos
 
-        Rows of one length (a numeric table's) are cut out of the chunk as one strided array; others one by one.
-        """
+    def _copy_run(self, chunk: bytes, count: int) -> int:
+        """CopyData rows: those of one length (a numeric table's) cut out of the chunk as one strided array."""
         size: int = 1 + _LENGTH.unpack_from(chunk, 1)[0]
         end = size * count
         if end <= len(chunk):

@@ -486,30 +486,34 @@ class DataRow(_Message):
 
     @classmethod
     def decode(cls, frame: Frame) -> DataRow:
-        # The one decoder run per row (of the proxy's own queries): local names, bounds checked once per value.
-        raw = frame.raw
-        end, unpack = len(raw), _I32.unpack_from
-        values: list[bytes | None] = []
-        append = values.append
-        count, pos = -1, -1
-        try:
-            (count,) = _I16.unpack_from(raw, 5)
-            pos = 7
-            for _ in range(count):
-                (length,) = unpack(raw, pos)
-                pos += 4
-                if length == -1:
-                    append(None)
-                elif 0 <= length <= end - pos:
-                    append(raw[pos : pos + length])
-                    pos += length
-                else:
-                    break
-        except struct.error:  # a length word beyond the message
-            pos = -1
-        if len(values) != count or pos != end:
-            raise ProtocolViolation("malformed DataRow message")
-        return cls(tuple(values))
+        return cls(data_row_values(frame.raw, 0, len(frame.raw)))
+
+
+def data_row_values(buf: bytes, start: int, end: int) -> tuple[bytes | None, ...]:
+    """The values of the DataRow message at ``buf[start:end]`` (type byte and length included), read in place:
+    the one decoder run per row (of the proxy's own queries), so local names, bounds checked once per value."""
+    unpack = _I32.unpack_from
+    values: list[bytes | None] = []
+    append = values.append
+    count, pos = -1, -1
+    try:
+        (count,) = _I16.unpack_from(buf, start + 5)
+        pos = start + 7
+        for _ in range(count):
+            (length,) = unpack(buf, pos)
+            pos += 4
+            if length == -1:
+                append(None)
+            elif 0 <= length <= end - pos:
+                append(buf[pos : pos + length])
+                pos += length
+            else:
+                break
+    except struct.error:  # a length word beyond the message
+        pos = -1
+    if len(values) != count or pos != end:
+        raise ProtocolViolation("malformed DataRow message")
+    return tuple(values)
 
 
 @dataclass(frozen=True, slots=True)
