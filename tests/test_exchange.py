@@ -109,8 +109,8 @@ def test_copy_out_rows_stay_one_message_each() -> None:
 
 @pytest.mark.parametrize(
     "lengths",
-    [[7] * 50, [7, 7, 3, 9, 0, 7], [7, 3, 11, 7], [5]],
-    ids=["one length", "several", "same total", "one row"],
+    [[7] * 50, [7, 7, 3, 9, 0, 7], [7, 3, 11, 7], [5], [45, *[26] * 40, 2]],
+    ids=["one length", "several", "same total", "one row", "binary COPY's header and trailer"],
 )
 @pytest.mark.parametrize("trailing", [False, True], ids=["copy data only", "more after"])
 def test_copy_out_rows_taken_in_bulk_are_the_rows_message_by_message(lengths: list[int], trailing: bool) -> None:

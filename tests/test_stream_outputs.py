@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,8 @@ import psycopg
 import pytest
 from psycopg.types.string import TextLoader
 
+from proxy.wire import messages as pq
+from proxy.wire.frames import FrameReader, StartupMessage, encode_startup
 from tests.conftest import MINILM, Postgres, ProxyProcess, scratch_database, start_proxy
 from tests.tiny_models import tiny_bert_classifier
 
@@ -335,3 +338,89 @@ def test_a_portal_left_early_computed_only_what_it_sent(both: tuple[ProxyProcess
     counts = asyncio.run(read())
     assert counts[:2] == [3, 20] and counts[-1] == 0
     assert _streams(on)[-1].endswith(f"{STREAMED}embed over 23 rows: 23 inputs computed")
+
+
+class _Raw:
+    """A bare protocol-3 session through the proxy (trust auth): messages written at once, answers read by kind."""
+
+    def __init__(self, handle: ProxyProcess, db: str) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", handle.port))
+        self.reader = FrameReader(1 << 30)
+        self.sock.sendall(encode_startup(StartupMessage(3, 0, (("user", "postgres"), ("database", db)))))
+        self.read(1)
+
+    def send(self, *messages: pq.Message) -> None:
+        self.sock.sendall(b"".join(m.encode() for m in messages))
+
+    def read(self, ready: int) -> list[tuple[str, bytes]]:
+        """Every frame (type letter, body) up to the ``ready``-th ReadyForQuery; FATAL or a close fails."""
+        out: list[tuple[str, bytes]] = []
+        while ready:
+            data = self.sock.recv(1 << 20)
+            assert data, f"the proxy closed the connection after {out}"
+            for frame in self.reader.feed(data):
+                out.append((chr(frame.type), frame.raw[5:]))
+                ready -= frame.type == ord("Z")
+        return out
+
+    def query(self, sql: str) -> list[tuple[str, bytes]]:
+        self.send(pq.Query(sql))
+        return [(kind, body) for kind, body in self.read(1) if kind == "D"]
+
+    def close(self) -> None:
+        self.send(pq.Terminate())
+        self.sock.close()
+
+
+LEFT = "SELECT count(*) FROM pg_cursors WHERE name LIKE 'pgml_proxy%'"
+STREAMED_BIND = f"SELECT id, pgml.embed('{MINILM}', body) FROM t WHERE id < $1 ORDER BY id"
+
+
+def test_a_portal_closed_in_a_transaction_closes_the_servers(both: tuple[ProxyProcess, ProxyProcess, str]) -> None:
+    """Close of a streamed portal read in part, inside BEGIN: the server's row portal is gone before COMMIT."""
+    on, _, db = both
+    raw = _Raw(on, db)
+    try:
+        raw.query("BEGIN")
+        raw.send(pq.Parse("", STREAMED_BIND, (23,)), pq.Bind("p", "", (0,), (b"50",), ()), pq.Execute("p", 2),
+                 pq.Sync())  # fmt: skip
+        got = raw.read(1)
+        assert [k for k, _ in got] == ["1", "2", "D", "D", "s", "Z"]
+        assert raw.query(LEFT) == [("D", pq.DataRow((b"1",)).body())]  # open between the client's Executes
+        raw.send(pq.Close(pq.Target.PORTAL, "p"), pq.Sync())
+        assert [k for k, _ in raw.read(1)] == ["3", "Z"]
+        assert raw.query(LEFT) == [("D", pq.DataRow((b"0",)).body())]
+        raw.query("COMMIT")
+    finally:
+        raw.close()
+
+
+def test_a_portal_named_after_its_transaction_is_the_servers(
+    both: tuple[ProxyProcess, ProxyProcess, str],
+) -> None:
+    """Describe and Close of a streamed portal pipelined after the Sync that ended its implicit transaction: the
+    server's answers (CloseComplete; 34000 for Describe), and the session goes on."""
+    on, _, db = both
+    raw = _Raw(on, db)
+    try:
+        raw.send(pq.Parse("", STREAMED_BIND, (23,)), pq.Bind("p", "", (0,), (b"50",), ()), pq.Execute("p", 2),
+                 pq.Sync(), pq.Close(pq.Target.PORTAL, "p"), pq.Sync(), pq.Describe(pq.Target.PORTAL, "p"),
+                 pq.Sync())  # fmt: skip
+        got = [k for k, _ in raw.read(3)]
+        assert got == ["1", "2", "D", "D", "s", "Z", "3", "Z", "E", "Z"]
+        assert raw.query("SELECT 1") == [("D", pq.DataRow((b"1",)).body())]
+    finally:
+        raw.close()
+
+
+def test_a_bind_the_server_refuses_leaves_no_statement(both: tuple[ProxyProcess, ProxyProcess, str]) -> None:
+    """A streamed statement whose Bind fails on the server (1/0 folded at plan time): the server's error, and no
+    statement of the proxy's left behind (its SQL holds the bound values)."""
+    on, _, db = both
+    with psycopg.connect(on.dsn(dbname=db), autocommit=True) as conn:
+        for _ in range(2):
+            with pytest.raises(psycopg.errors.DivisionByZero):
+                conn.execute("SELECT id, pgml.embed(%s, body) FROM t WHERE id > 1/0", [MINILM])
+        left = "SELECT count(*) FROM pg_prepared_statements WHERE name LIKE %s"
+        counts = [conn.execute(left, ["pgml_proxy_rows%"]).fetchone() for _ in range(2)]
+        assert counts[-1] == (0,)

@@ -1,15 +1,18 @@
 """Per-row calls computed on their statement's result stream, part by part, as the rows arrive.
 
-Owns: running one :class:`proxy.rewrite.outputs.Plan` on the client's session — describing the statement
-sent (the types of the hidden argument columns choose each call's overload, and the session's
-``extra_float_digits`` how floats print), opening it as the proxy's row portal with the client's columns in
-text and the hidden ones in binary where the proxy reads that format (numeric arrays straight into numpy),
-then reading it part by part (``PART_ROWS`` rows first, growing): the next part is on its way while the
-engine computes this one, each distinct input is computed once per statement (up to ``MEMO_LIMIT`` of
-them), and the client gets the server's RowDescription less the hidden columns, then its DataRows in order (each part's
-notices ahead of its rows), then ``SELECT n`` — what the server would send for the original statement;
-an error ends the rows (the server's, once the rows before it, or the engine's). Work is proportional to the rows
-the statement returns; memory to two parts.
+Owns: :class:`Streamed`, one :class:`proxy.rewrite.outputs.Plan` run on the client's session — describing
+the statement sent (the types of the hidden argument columns choose each call's overload, and the session's
+``extra_float_digits`` how floats print), opening it as a row portal of the proxy's with the client's
+columns in the client's result formats and the hidden ones in binary where the proxy reads that format
+(numeric arrays straight into numpy), then reading it part by part as the client asks for rows: all of them
+for a simple Query (:func:`run`), ``n`` at a time for each Execute of an extended-protocol portal the
+proxy owns (:class:`Opener`, at the Bind). Parts are ``PART_ROWS`` rows first, growing, never more than the
+Execute still wants; the next part is on its way while the engine computes this one; each distinct input is
+computed once per statement (up to ``MEMO_LIMIT`` of them). The client gets the server's RowDescription less
+the hidden columns, its DataRows in order (each part's notices ahead of its rows, the calls' columns in
+text or binary as asked), then PortalSuspended at an Execute's row limit or ``SELECT k`` — what the server
+would send for the original statement; an error ends the rows (the server's, once the rows before it, or
+the engine's). Work is proportional to the rows the client reads; memory to two parts.
 
 Must not: touch the session or the engine itself — it yields :mod:`proxy.rewrite.steps` requests — or
 decide which statements stream (:mod:`proxy.rewrite.outputs`).
@@ -120,6 +123,7 @@ class Streamed:
         """Send the client the next ``count`` rows (0: all the rest), computed part by part, the next part on its
         way while the engine computes this one; then PortalSuspended, or ``SELECT k`` and the portal closed
         (``finish``: that exchange ends with Sync, the end of the client's Query)."""
+        count = max(count, 0)  # as the server reads a row limit: none but a positive one
         if self.done:  # as the server answers an Execute of a portal run to its end
             yield Emit(CommandComplete("SELECT 0").encode())
             return
@@ -154,14 +158,14 @@ class Streamed:
         self._log()
         yield from self.close(finish=finish)
 
-    def abandon(self) -> str | None:
-        """The client's portal is gone (closed, rebound, its transaction over): the statement to close on the
-        server (closing it closes the portal, if its transaction has not), or None when closed already."""
+    def abandon(self) -> tuple[str, str] | None:
+        """The client's portal is gone (closed, rebound, its transaction over): the server's portal and statement
+        to close (None: closed already)."""
         if self.closed:
             return None
         self.closed = True
         self._log()
-        return self.name + "_s"
+        return self.name, self.name + "_s"
 
     def close(self, *, finish: bool = False) -> Steps[None]:
         """Close the server's portal and its statement (``finish``: the exchange ends with Sync)."""

@@ -38,9 +38,24 @@ UPSTREAM_MAX_MESSAGE = (1 << 30) + 5
 # on below it so that a disconnect or a Terminate is seen mid-statement, and its engine work stopped.
 HELD_LIMIT = 4 << 20
 
-_X, _Z, _E, _N, _S, _D, _DATA_ROW = b"XZENSdD"
+_X, _Z, _E, _N, _S = b"XZENS"
+_D_BYTE, _DATA_ROW_BYTE = b"d", b"D"
 _IDLE = ord("I")
 _AUTHENTICATING = Phase.AUTHENTICATING  # a global: an Enum member read from its class is a slow lookup on 3.11
+
+
+def _first_row(kinds: Kinds) -> int:
+    """Where the first CopyData or DataRow is among a chunk's type bytes (-1: none)."""
+    found = [i for i in (kinds.find(_D_BYTE), kinds.find(_DATA_ROW_BYTE)) if i >= 0]
+    return min(found) if found else -1
+
+
+def _size(chunk: bytes, count: int) -> int:
+    """The bytes of the first ``count`` messages of ``chunk``."""
+    pos = 0
+    for _ in range(count):
+        pos += 1 + int.from_bytes(chunk[pos + 1 : pos + 5], "big")
+    return pos
 
 
 class Shell(Protocol):
@@ -255,14 +270,10 @@ class Connection:
         traffic = self.traffic
         if self.state.phase is _AUTHENTICATING:
             chunk = b"".join(f.raw for f in self._authenticating(split_frames(chunk)))
-        exchange = traffic.exchange
-        if exchange is not None and (kinds[0] == _D or kinds[0] == _DATA_ROW) and not exchange.done:
-            count = len(kinds) - len(kinds.lstrip(kinds[:1]))  # a run of rows (COPY's, a row portal's): in bulk
-            taken = exchange.feed_run(chunk, kinds[0], count)
-            chunk, kinds = chunk[taken:], kinds[count if taken else 0 :]
-            if not chunk:
-                return
-        if exchange is not None or self._ledger.busy:
+        if traffic.exchange is not None:
+            self._exchange_data(chunk, kinds)
+            return
+        if self._ledger.busy:
             self._route(split_frames(chunk))
             return
         self._ledger.received(kinds)
@@ -271,6 +282,27 @@ class Connection:
         if _E in kinds or _S in kinds:
             self._inspect(chunk, kinds)
         self._client.write(chunk)
+
+    def _exchange_data(self, chunk: bytes, kinds: Kinds) -> None:
+        """Frames during an internal exchange: runs of rows (a COPY's CopyData, a row portal's DataRows) go to it in
+        bulk, every other frame one by one."""
+        while chunk:
+            exchange = self.traffic.exchange
+            first = _first_row(kinds)
+            if exchange is None or exchange.done or first < 0:
+                break
+            if first:  # the frames before the run, one by one (they may end the exchange)
+                size = _size(chunk, first)
+                self._route(split_frames(chunk[:size]))
+                chunk, kinds = chunk[size:], kinds[first:]
+                continue
+            count = len(kinds) - len(kinds.lstrip(kinds[:1]))
+            taken = exchange.feed_run(chunk, kinds[0], count)
+            if not taken:
+                break
+            chunk, kinds = chunk[taken:], kinds[count:]
+        if chunk:
+            self._route(split_frames(chunk))
 
     def _inspect(self, chunk: bytes, kinds: Kinds) -> None:
         """ErrorResponse / ParameterStatus on the hot path: FATAL, a failed batch, settings the rewriter uses."""

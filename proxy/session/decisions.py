@@ -101,6 +101,8 @@ class Decider:
         traffic = self.traffic
         if not await traffic.barrier():
             return decide.FORWARD  # the batch failed: the server discards it with the rest (SKIP_TO_SYNC's row)
+        if not self.owned.claims(frame, self.cursors.open):
+            return decide.FORWARD  # what it named went while earlier answers came (a transaction end): the server's
         state = traffic.state
         # Close is accepted in an aborted transaction, as the server accepts it (no abort check in Close).
         if state.tx_status == "E" and state.phase is Phase.READY and frame.type != _C:

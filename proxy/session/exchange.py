@@ -27,7 +27,7 @@ import numpy as np
 
 from engine.api import DatabaseError, Result, Statement
 from proxy.errors import ProtocolViolation
-from proxy.wire.frames import Backend, Frame
+from proxy.wire.frames import Backend, Frame, equal_run
 from proxy.wire.messages import (
     Bind,
     Close,
@@ -275,7 +275,7 @@ class Exchange:
     """
 
     def __init__(
-        self, statements: Sequence[Statement], *, sync: bool, close_first: Sequence[str] = (), show: bool = True
+        self, statements: Sequence[Statement], *, sync: bool, close_first: Sequence[bytes] = (), show: bool = True
     ) -> None:
         self.statements = list(statements)
         if log.isEnabledFor(logging.DEBUG):  # the proxy's own statements on the client's session (SQL: debug only;
@@ -289,7 +289,7 @@ class Exchange:
         self._sync = sync
         # Closing the private statement and portal first is a no-op unless an earlier exchange failed
         # between its Parse and Close (the server then skipped the Close): names are free again.
-        self._first = [_close_statement(name) for name in close_first] + CLOSE_BOTH
+        self._first = [*close_first, *CLOSE_BOTH]
         self._closes_left = len(self._first) + sum(_closes(s) for s in self.statements)
         self._index = 0  # the statement being answered
         self._answers = sum(not isinstance(s, Rows) or s.executes or s.opens for s in self.statements)  # answered
@@ -385,21 +385,22 @@ class Exchange:
         return pos
 
     def _copy_run(self, chunk: bytes, count: int) -> int:
-        """CopyData rows: those of one length (a numeric table's) cut out of the chunk as one strided array."""
-        size: int = 1 + _LENGTH.unpack_from(chunk, 1)[0]
-        end = size * count
-        if end <= len(chunk):
-            frames = np.frombuffer(chunk, np.uint8, count=end).reshape(count, size)
-            if bool(np.all(frames[:, :5] == frames[0, :5])):  # every header is the first's: one length for all
-                self._copy_parts.append(frames[:, 5:].tobytes())
-                self._copy_rows.extend([size - 5] * count)
-                return end
-        pos, parts, rows, header = 0, self._copy_parts, self._copy_rows, _LENGTH.unpack_from
-        for _ in range(count):
-            length: int = header(chunk, pos + 1)[0]
-            parts.append(chunk[pos + 5 : pos + 1 + length])
-            rows.append(length - 4)
-            pos += 1 + length
+        """CopyData rows: runs of one length (a numeric table's rows; binary COPY's header and trailer come in the
+        first and last) cut out of the chunk as strided arrays, the others one by one."""
+        pos, taken, parts, rows, header = 0, 0, self._copy_parts, self._copy_rows, _LENGTH.unpack_from
+        while taken < count:
+            size: int = 1 + header(chunk, pos + 1)[0]
+            run = 1
+            if count - taken > 1 and chunk[pos : pos + 5] == chunk[pos + size : pos + size + 5]:
+                run += min(equal_run(chunk, pos, size, len(chunk)), count - taken - 1)
+            if run > 1:
+                frames = np.frombuffer(chunk, np.uint8, count=run * size, offset=pos).reshape(run, size)
+                parts.append(frames[:, 5:].tobytes())
+            else:
+                parts.append(chunk[pos + 5 : pos + size])
+            rows.extend([size - 5] * run)
+            pos += run * size
+            taken += run
         return pos
 
     def _describing(self) -> bool:

@@ -137,7 +137,7 @@ class State:
         self.tx_status = "I"  # from the server's last ReadyForQuery
         self.owed = 0  # ReadyForQuery messages the server still owes (one per batch end sent)
         self.idle = Idle(self)  # decisions wait on it until nothing is owed
-        self.sends = 0  # times client messages went upstream (a change tells that something may be unanswered)
+        self.sends = 0  # times messages went upstream for the client (a change: something may be unanswered)
 
     def fire(self, event: Event) -> None:
         self.phase = TRANSITIONS.get((self.phase, event), self.phase)

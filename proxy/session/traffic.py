@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from proxy.errors import ConnectionFailure
-from proxy.session.exchange import FLUSH, BatchFailed, Exchange, Result, Statement, UpstreamError
+from proxy.session.exchange import FLUSH, BatchFailed, Exchange, Result, Rows, Statement, UpstreamError
 from proxy.session.ledger import ONE, THREE, Responses
 from proxy.session.state import Event, Phase, State
 from proxy.wire import messages as pq
@@ -62,16 +62,17 @@ class Traffic:
         self.temp_tables: list[str] = []  # per-row result tables made for the statement being decided
         self.notices: list[str] = []  # engine WARNINGs, sent to the client ahead of the statement's answer
         self.binding = False  # a Bind's decision runs: its own statements' SQL holds bound values (never logged)
-        # Private statements to close at the batch's Sync or the next exchange: barriers, and the statements of row
-        # portals the client no longer reads (closing a statement closes its portal).
-        self.barriers: list[str] = []
+        # Closes to send at the batch's Sync or the next exchange (their answers hidden): of barrier statements, and of
+        # the row portals the client no longer reads, with their statements.
+        self.barriers: list[bytes] = []
         self.exchange: Exchange | None = None
         self._exchange_done = asyncio.Event()
         self._one_at_a_time = asyncio.Lock()  # a stream's next part may be on its way while the engine queries
         self._ids = itertools.count(1)
         self._private_open: list[str] = []  # private statements of rewritten Binds whose Close may have been skipped
         self._stale_tables: list[str] = []  # per-row tables of earlier statements, to drop when idle
-        self._answered_at = -1  # State.sends when an exchange of the proxy's last ended mid-batch (all answered then)
+        # State.sends when a barrier, or an exchange ended by Flush, was answered: everything sent before was answered.
+        self._answered_at = -1
 
     # -- what the rewriter sees (Port) -------------------------------------- #
 
@@ -114,16 +115,16 @@ class Traffic:
         self.state.fire(Event.EXTENDED)
         self.upstream.writelines([*leftovers, parse, bind, close])
 
-    def discard(self, statement: str) -> None:
-        """A private statement to close when the proxy next can (its portal with it)."""
-        self.barriers.append(statement)
+    def discard(self, portal: str, statement: str) -> None:
+        """A private portal and its statement to close when the proxy next can (gone already: a no-op)."""
+        self.barriers += [pq.Close(pq.Target.PORTAL, portal).encode(), close_statement(statement)]
 
     def close_barriers(self) -> list[bytes]:
         """Closes of the batch's barrier statements, to go just before its Sync (their answers hidden); none while
         the server skips to that Sync (it would skip them too): the next exchange closes them."""
         if self.state.phase is Phase.SKIP_TO_SYNC:
             return []
-        closes = [close_statement(name) for name in self.barriers]
+        closes = self.barriers
         for _ in closes:
             self.ledger.inject(THREE)
         self.barriers = []
@@ -158,7 +159,8 @@ class Traffic:
         waiter = self.ledger.barrier()
         self.upstream.writelines([pq.Parse(name, "SELECT 1", ()).encode(), FLUSH])
         if await waiter:
-            self.barriers.append(name)
+            self.barriers.append(close_statement(name))
+            self._answered_at = state.sends
             return True
         return False
 
@@ -210,6 +212,7 @@ class Traffic:
         if exchange.forward:
             self.client.writelines(exchange.forward)
         if exchange.error is not None:
+            self._discard_rows(statements)
             fields = tuple((k, v) for k, v in exchange.error if k not in "Pq")  # positions in our own SQL
             shown = any(f[0] == _E for f in exchange.forward)  # a visible statement's error: the client has it
             if flush:  # the server now skips to the next Sync: this error answers the client's message
@@ -221,6 +224,13 @@ class Traffic:
         if flush:
             self._answered_at = state.sends
         return exchange.results[len(prefix) :]
+
+    def _discard_rows(self, statements: Sequence[Statement]) -> None:
+        """An exchange failed: the row portals it opened are closed later (their statements hold the statement's
+        SQL, with any bound values in it; a failed Bind leaves the statement behind)."""
+        for statement in statements:
+            if isinstance(statement, Rows) and statement.opens:
+                self.discard(statement.name, statement.name + "_s")
 
     def decided(self) -> None:
         """A decision was applied: its per-row tables become stale (dropped at the next exchange when idle)."""

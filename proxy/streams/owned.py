@@ -83,12 +83,13 @@ class StreamedPortal:
 
     rows: Streamed
     drive: Callable[[Steps[None]], Awaitable[None]]  # runs the stream's steps on the session and the engine
-    discard: Callable[[str], None]  # a statement of the proxy's to close on the server when it next can
+    discard: Callable[[str, str], None]  # a portal and statement of the proxy's to close on the server later
 
     def stop(self) -> None:
-        statement = self.rows.abandon()
-        if statement is not None:
-            self.discard(statement)
+        """The client's portal is gone: the server's portal and statement are closed when the proxy next can."""
+        names = self.rows.abandon()
+        if names is not None:
+            self.discard(*names)
 
 
 @dataclass

@@ -339,7 +339,7 @@ class FrameReader:
                 break
             append(code)
             if code == _COPY_DATA and end - stop > _RUN_AT_LEAST * (1 + length):
-                run = _copy_run(buf, pos, 1 + length, end)  # COPY rows of one length: the next ones in one step
+                run = equal_run(buf, pos, 1 + length, end)  # COPY rows of one length: the next ones in one step
                 kinds += _RUN_KINDS[:run] if run <= len(_RUN_KINDS) else b"d" * run
                 stop += run * (1 + length)
             if code == special:  # ReadyForQuery from a server, Terminate from a client
@@ -385,9 +385,10 @@ def _layout_of(buf: bytes, kinds: bytearray) -> _Layout:
     return _Layout(headers, headers(buf), bytes(kinds), ready)
 
 
-def _copy_run(buf: bytes, pos: int, size: int, end: int) -> int:
-    """How many whole messages right after the CopyData of ``size`` bytes at ``pos`` have its very header (a COPY's
-    rows of one length, as a numeric table's are): compared all at once, not walked one by one."""
+def equal_run(buf: bytes, pos: int, size: int, end: int) -> int:
+    """How many whole messages before ``end`` right after the message of ``size`` bytes at ``pos`` have its very
+    header (type and length: a COPY's rows of one length, as a numeric table's are): compared all at once, not
+    walked one by one."""
     count = (end - pos) // size - 1
     rows = np.frombuffer(buf, np.uint8, count=count * size, offset=pos + size).reshape(count, size)
     same = np.all(rows[:, :5] == np.frombuffer(buf, np.uint8, count=5, offset=pos), axis=1)
