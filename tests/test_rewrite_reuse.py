@@ -65,7 +65,7 @@ def prepared(rewriter: Rewriter, sql: str, types: tuple[int, ...]) -> DeferToBin
 
 
 def rewriter() -> Rewriter:
-    made = Rewriter(Unused())
+    made = Rewriter(Unused(), stream=False)  # a per-row Bind through the temp table: the lookup's template reused
     made.schema.ready.add(FACTS.database)
     return made
 

@@ -112,12 +112,16 @@ def test_data_modifying_cte_with_per_row_chunks(conn: psycopg.Connection) -> Non
     assert conn.execute("SELECT count(*) FROM chunks").fetchone() == (len(expected),)
 
 
-def test_arguments_from_returning_rows_are_refused_with_a_hint(conn: psycopg.Connection) -> None:
+@pytest.mark.parametrize("bound", [False, True], ids=["simple", "extended"])
+def test_arguments_from_returning_rows(conn: psycopg.Connection, bound: bool) -> None:
+    """Calls in the output of a SELECT over RETURNING rows are computed on its one run (streamed); a call that
+    decides which rows qualify would need the rows gathered first, running the DELETE twice: refused, with a hint."""
+    gone = "WITH gone AS (DELETE FROM chunks WHERE false RETURNING chunk) SELECT "
+    model = "%s" if bound else f"'{MINILM}'"
+    args = (MINILM,) if bound else None
+    assert conn.execute(gone + f"pgml.embed({model}, chunk) FROM gone", args).fetchall() == []
     with pytest.raises(psycopg.errors.FeatureNotSupported) as info:
-        conn.execute(
-            "WITH gone AS (DELETE FROM chunks WHERE false RETURNING chunk) SELECT pgml.embed(%s, chunk) FROM gone",
-            (MINILM,),
-        )
+        conn.execute(gone + f"chunk FROM gone WHERE pgml.embed({model}, chunk) IS NOT NULL", args)
     assert "RETURNING" in str(info.value) and info.value.diag.message_hint
     assert conn.execute("SELECT 1").fetchone() == (1,)
 
