@@ -34,10 +34,14 @@ def encode(values: list[Any], sql_type: str, *, cast: str | None = None, binary:
     """Each value (None: NULL) as the server sends a column of ``sql_type`` (cast to ``cast``) in that format."""
     if cast == "vector":
         return [None if v is None else _vector(v, binary, dimensions) for v in values]
-    if sql_type == "real" and not binary:
-        present = [v for v in values if v is not None]
-        texts = iter(real_texts(np.asarray(present, dtype=np.float32), extra_float_digits))
-        return [None if v is None else next(texts).encode() for v in values]
+    if sql_type == "real":  # float4out / float4send of the whole column at once
+        present = np.asarray([v for v in values if v is not None], dtype=np.float32)
+        if binary:
+            sent = present.astype(">f4").tobytes()
+            forms = iter([sent[i : i + 4] for i in range(0, len(sent), 4)])
+        else:
+            forms = iter([t.encode() for t in real_texts(present, extra_float_digits)])
+        return [None if v is None else next(forms) for v in values]
     textual = not binary or cast is not None  # text and varchar are sent as their text in either format
     return [None if v is None else _one(v, sql_type, textual, extra_float_digits) for v in values]
 
