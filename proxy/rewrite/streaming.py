@@ -158,14 +158,14 @@ class Streamed:
         self._log()
         yield from self.close(finish=finish)
 
-    def abandon(self) -> tuple[str, str] | None:
-        """The client's portal is gone (closed, rebound, its transaction over): the server's portal and statement
-        to close (None: closed already)."""
+    def abandon(self) -> str | None:
+        """The client's portal is gone (closed, rebound, its transaction over): the server's row portal to close,
+        with its statement (None: closed already)."""
         if self.closed:
             return None
         self.closed = True
         self._log()
-        return self.name, self.name + "_s"
+        return self.name
 
     def close(self, *, finish: bool = False) -> Steps[None]:
         """Close the server's portal and its statement (``finish``: the exchange ends with Sync)."""

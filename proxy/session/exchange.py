@@ -240,6 +240,11 @@ def statement_frames(statement: Statement) -> list[bytes]:
 CLOSE_BOTH = [Close(Target.PORTAL, PORTAL).encode(), _close_statement(STATEMENT)]
 
 
+def close_rows(name: str) -> list[bytes]:
+    """Close of the row portal ``name`` and its statement (either already gone: a no-op on the server)."""
+    return [Close(Target.PORTAL, name).encode(), _close_statement(name + "_s")]
+
+
 def _rows_frames(rows: Rows) -> list[bytes]:
     out = []
     portal, statement = rows.name, rows.name + "_s"
@@ -252,7 +257,7 @@ def _rows_frames(rows: Rows) -> list[bytes]:
         ]
     if rows.executes:
         out.append(Execute(portal, rows.limit).encode())
-    return out + ([Close(Target.PORTAL, portal).encode(), _close_statement(statement)] if rows.closes else [])
+    return out + (close_rows(portal) if rows.closes else [])
 
 
 def _closes(statement: Statement) -> int:

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from proxy.errors import ConnectionFailure
-from proxy.session.exchange import FLUSH, BatchFailed, Exchange, Result, Rows, Statement, UpstreamError
+from proxy.session.exchange import FLUSH, BatchFailed, Exchange, Result, Rows, Statement, UpstreamError, close_rows
 from proxy.session.ledger import ONE, THREE, Responses
 from proxy.session.state import Event, Phase, State
 from proxy.wire import messages as pq
@@ -115,9 +115,9 @@ class Traffic:
         self.state.fire(Event.EXTENDED)
         self.upstream.writelines([*leftovers, parse, bind, close])
 
-    def discard(self, portal: str, statement: str) -> None:
-        """A private portal and its statement to close when the proxy next can (gone already: a no-op)."""
-        self.barriers += [pq.Close(pq.Target.PORTAL, portal).encode(), close_statement(statement)]
+    def discard(self, portal: str) -> None:
+        """A row portal of the proxy's and its statement to close when the proxy next can (gone already: a no-op)."""
+        self.barriers += close_rows(portal)
 
     def close_barriers(self) -> list[bytes]:
         """Closes of the batch's barrier statements, to go just before its Sync (their answers hidden); none while
@@ -230,7 +230,7 @@ class Traffic:
         SQL, with any bound values in it; a failed Bind leaves the statement behind)."""
         for statement in statements:
             if isinstance(statement, Rows) and statement.opens:
-                self.discard(statement.name, statement.name + "_s")
+                self.discard(statement.name)
 
     def decided(self) -> None:
         """A decision was applied: its per-row tables become stale (dropped at the next exchange when idle)."""

@@ -83,13 +83,13 @@ class StreamedPortal:
 
     rows: Streamed
     drive: Callable[[Steps[None]], Awaitable[None]]  # runs the stream's steps on the session and the engine
-    discard: Callable[[str, str], None]  # a portal and statement of the proxy's to close on the server later
+    discard: Callable[[str], None]  # a row portal of the proxy's (and its statement) to close on the server later
 
     def stop(self) -> None:
         """The client's portal is gone: the server's portal and statement are closed when the proxy next can."""
-        names = self.rows.abandon()
-        if names is not None:
-            self.discard(*names)
+        portal = self.rows.abandon()
+        if portal is not None:
+            self.discard(portal)
 
 
 @dataclass
