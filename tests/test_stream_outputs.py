@@ -424,3 +424,19 @@ def test_a_bind_the_server_refuses_leaves_no_statement(both: tuple[ProxyProcess,
         left = "SELECT count(*) FROM pg_prepared_statements WHERE name LIKE %s"
         counts = [conn.execute(left, ["pgml_proxy_rows%"]).fetchone() for _ in range(2)]
         assert counts[-1] == (0,)
+
+
+def test_a_bind_with_a_wrong_count_of_result_formats(both: tuple[ProxyProcess, ProxyProcess, str]) -> None:
+    """Three result format codes for two columns: the server's 08P01 for that Bind, and the session goes on."""
+    on, _, db = both
+    raw = _Raw(on, db)
+    try:
+        raw.send(pq.Parse("", STREAMED_BIND, (23,)), pq.Bind("", "", (0,), (b"5",), (0, 1, 1)), pq.Execute("", 0),
+                 pq.Sync())  # fmt: skip
+        got = raw.read(1)
+        assert [k for k, _ in got] == ["1", "E", "Z"]
+        assert b"C08P01\0" in got[1][1] and b"3 result formats but query has 2 columns" in got[1][1]
+        assert got[-1][1] == b"I"
+        assert raw.query("SELECT 1") == [("D", pq.DataRow((b"1",)).body())]
+    finally:
+        raw.close()
