@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, overload
 
 # --------------------------------------------------------------------------- #
 # Configuration
@@ -360,6 +360,32 @@ def evaluated_functions() -> frozenset[str]:
 # --------------------------------------------------------------------------- #
 # Requests and the engine
 # --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True)
+class Columns(Sequence[tuple[Any, ...]]):
+    """A batch's argument tuples held by column (a :class:`Call`'s ``rows``): argument ``j`` of every row is
+    ``columns[j]`` itself where ``shared[j]``, else that row's entry of ``columns[j]`` (a sequence, or a numpy
+    array whose first axis is the rows). It reads as the sequence of tuples; a handler may take a column whole
+    (the predict family: one feature matrix for all the rows)."""
+
+    length: int
+    columns: tuple[Any, ...]
+    shared: tuple[bool, ...]
+
+    def __len__(self) -> int:
+        return self.length
+
+    @overload
+    def __getitem__(self, index: int) -> tuple[Any, ...]: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[tuple[Any, ...]]: ...
+    def __getitem__(self, index: int | slice) -> tuple[Any, ...] | Sequence[tuple[Any, ...]]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self.length))]
+        if not -self.length <= index < self.length:
+            raise IndexError(index)
+        return tuple(c if one else c[index] for c, one in zip(self.columns, self.shared, strict=True))
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from proxy.rewrite.steps import Begin, Compute, Emit, Evaluate, Facts, Look, Req
 from proxy.session.exchange import BatchFailed, Described, Portion, Prepare, Rows, Statement, UpstreamError
 from proxy.wire import messages as pq
 from proxy.wire.frames import split_frames
+from proxy.wire.rows import RowBlock
 from tests.binary_rows import copy_messages, joined
 from tests.test_rewrite import Unused, fake_results
 
@@ -123,8 +124,11 @@ def _result(answer: dict[str, Any], statement: Statement) -> Result:
     if isinstance(statement, Rows):
         fields = tuple(pq.Column(c[0], c[1], format=c[2] if len(c) > 2 else 0) for c in described)
         description = pq.RowDescription(fields) if fields else None
-        raw = [tuple(_bytes(r)) for r in rows]
-        return Portion(columns=columns, raw=raw, description=description, suspended=answer.get("suspended", False))
+        block = RowBlock()
+        for row in rows:
+            frame = pq.DataRow(tuple(_bytes(row))).encode()
+            block.add(frame, (len(frame),))
+        return Portion(columns=columns, block=block, description=description, suspended=answer.get("suspended", False))
     if isinstance(statement, Prepare):
         return Described(columns=columns)
     return Result(columns=columns, rows=[tuple(r) for r in rows])

@@ -16,12 +16,13 @@ Must not: run model code on the event loop (``Context.work``), or write rows.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from engine.api import Call, Database, InvalidArgument
+from engine.api import Call, Columns, Database, InvalidArgument
 from engine.ml import artifacts
 from engine.ml.artifacts import LoadedModel
 from engine.ml.preprocess import replay_rows
@@ -49,15 +50,12 @@ class Deployed:
 async def predict(call: Call, ctx: Context) -> list[Any]:
     db = ctx.database()
     function = call.signature.function
-    by_model: dict[Any, list[int]] = {}
-    for i, (key, features) in enumerate(call.rows):
-        if key is not None and features is not None:  # STRICT: NULL in, NULL out
-            by_model.setdefault(key, []).append(i)
+    by_model = _by_model(call.rows)
     out: list[Any] = [None] * len(call.rows)
     texts = call.signature.params[-1].type in ("text", "text[]")
     for key, indices in by_model.items():
         row = await (registry.model(db, key) if isinstance(key, int) else registry.deployed_model(db, str(key)))
-        features = [call.rows[i][1] for i in indices]
+        features = _features(call.rows, indices)
         values: list[Any] = []
         if row.algorithm == "transformers":
             values = await _tuned(ctx, row, function, features, texts)
@@ -71,9 +69,34 @@ async def predict(call: Call, ctx: Context) -> list[Any]:
             deployed = await _load(db, ctx, row)
             for start in range(0, len(features), PREDICT_SLICE):  # one job per slice: other sessions go in between
                 values += await ctx.work(_apply, function, deployed, features[start : start + PREDICT_SLICE])
+        if len(indices) == len(out):
+            return values
         for i, value in zip(indices, values, strict=True):
             out[i] = value
     return out
+
+
+def _by_model(rows: Sequence[tuple[Any, ...]]) -> dict[Any, Sequence[int]]:
+    """The rows of each model key (STRICT: a NULL key or features are a NULL result, in no group); the rows of a
+    :class:`Columns` batch with one key and a feature matrix are all one group, found without a loop."""
+    if isinstance(rows, Columns) and rows.shared[0] and _is_matrix(rows.columns[1]):
+        return {rows.columns[0]: range(rows.length)} if rows.columns[0] is not None and rows.length else {}
+    by_model: dict[Any, list[int]] = {}
+    for i, (key, features) in enumerate(rows):
+        if key is not None and features is not None:
+            by_model.setdefault(key, []).append(i)
+    return dict(by_model)
+
+
+def _features(rows: Sequence[tuple[Any, ...]], indices: Sequence[int]) -> Any:
+    """The feature arguments of those rows: a :class:`Columns` batch's feature matrix as it is."""
+    if isinstance(rows, Columns) and isinstance(indices, range) and _is_matrix(rows.columns[1]):
+        return rows.columns[1]
+    return [rows[i][1] for i in indices]
+
+
+def _is_matrix(value: Any) -> bool:
+    return isinstance(value, np.ndarray) and value.ndim == 2 and value.dtype.kind in "biuf"
 
 
 async def _tuned(ctx: Context, row: registry.Model, function: str, inputs: list[Any], texts: bool) -> list[Any]:
@@ -108,19 +131,21 @@ def _build(row: registry.Model, files: dict[str, bytes]) -> Deployed:
     return Deployed(row, model, classes, sum(len(v) for v in files.values()))
 
 
-def _matrix(deployed: Deployed, features: list[Any], batch: bool = False) -> Any:
-    """Feature rows as float32 (bools 0/1, nested arrays flattened), checked against the model's width."""
+def _matrix(deployed: Deployed, features: Any, batch: bool = False) -> Any:
+    """Feature rows as float32 (bools 0/1, nested arrays flattened; a numeric matrix as it is), checked against the
+    model's width."""
     width = deployed.row.num_features
-    if features and isinstance(features[0], tuple):
+    if _is_matrix(features) and not batch:
+        matrix = np.asarray(features, dtype=np.float32)
+    elif len(features) and isinstance(features[0], tuple):
         return _replay(deployed, features)
-    try:
-        rows: list[Any] = [np.asarray(f, dtype=np.float32).ravel() for f in features]
-    except (TypeError, ValueError) as exc:
-        raise InvalidArgument(f"features must be numbers: {exc}") from None
-    if batch:
-        rows = [r.reshape(-1, width) if width and r.size % width == 0 else r.reshape(1, -1) for r in rows]
-        matrix = np.vstack(rows) if rows else np.zeros((0, width), np.float32)
     else:
+        try:
+            rows: list[Any] = [np.asarray(f, dtype=np.float32).ravel() for f in features]
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(f"features must be numbers: {exc}") from None
+        if batch:
+            rows = [r.reshape(-1, width) if width and r.size % width == 0 else r.reshape(1, -1) for r in rows]
         matrix = np.vstack(rows) if rows else np.zeros((0, width), np.float32)
     if matrix.shape[1] != width:
         raise InvalidArgument(
@@ -199,7 +224,7 @@ def _values(deployed: Deployed, x: Any) -> list[float]:
     if deployed.classes is not None:
         classes = np.asarray(deployed.classes, dtype=np.float32)
         y = classes[np.asarray(y).astype(np.int64)]
-    return [float(v) for v in np.asarray(y, dtype=np.float32)]
+    return np.asarray(y, dtype=np.float32).tolist()  # type: ignore[no-any-return]
 
 
 def _predict_batch(deployed: Deployed, features: list[Any]) -> list[list[float]]:

@@ -2,7 +2,8 @@
 
 Owns: reading a value sent in binary format by type OID (``*_recv``: text, json/jsonb, integers, floats,
 booleans, arrays of those; the types in :data:`READABLE`) with the server's own SQLSTATE for bytes that do
-not fit, and many same-shaped numeric arrays at once into one numpy matrix (:func:`numeric_matrix`);
+not fit, and many same-shaped numeric arrays at once into one numpy matrix (:func:`numeric_matrix`,
+:func:`numeric_rows`);
 writing the binary form the engine and the proxy send (:data:`SEND` by SQL type: numbers, booleans, text,
 jsonb, ``real[]`` packed by numpy); and the fields of a row
 — a 16-bit count, then per field a 32-bit length (-1: NULL) and its bytes — as binary COPY tuples (and
@@ -136,17 +137,24 @@ def numeric_matrix(values: Sequence[bytes], array_oid: int) -> np.ndarray | None
     """Binary one-dimensional numeric arrays of one length, without NULLs, as the rows of one native-endian
     matrix, read by numpy in one pass (None: another shape — ragged, NULL elements, empty, not numeric —
     for :func:`binary_value` to read one by one, with its errors)."""
+    if not values or any(len(v) != len(values[0]) for v in values):
+        return None
+    return numeric_rows(b"".join(values), len(values[0]), array_oid)
+
+
+def numeric_rows(joined: bytes | np.ndarray, size: int, array_oid: int) -> np.ndarray | None:
+    """:func:`numeric_matrix` of arrays already joined: ``joined`` holds binary arrays of ``size`` bytes each,
+    one after another (a column's fields gathered from many rows at once)."""
     element = types.ELEMENTS.get(array_oid)
     big = NUMERIC_ELEMENTS.get(element) if element is not None else None
-    if big is None or not values:
+    if big is None or not len(joined):
         return None
-    size = len(values[0])
     width = np.dtype(big).itemsize
     count, rest = divmod(size - 20, 4 + width)
-    if count <= 0 or rest or any(len(v) != size for v in values):
+    if count <= 0 or rest or len(joined) % size:
         return None
     layout = np.dtype([("head", ">i4", 5), ("items", [("size", ">i4"), ("value", big)], count)])
-    data = np.frombuffer(b"".join(values), dtype=layout)
+    data = np.frombuffer(joined, dtype=layout)
     head = data["head"]
     expected = np.array([1, 0, element, count, head[0, 4]], dtype=np.int64)  # 1 dimension, no NULLs, lower bound
     if not (head == expected).all() or not (data["items"]["size"] == width).all():

@@ -2,7 +2,8 @@
 
 Owns: :class:`Fields` (per column, every row's value position and length), found from the data of a
 ``COPY … TO STDOUT (FORMAT binary)`` and the length of each CopyData message it came in —
-``engine.pg.copy`` gives where each row starts and ends (one message per row); a column's 32-bit
+``engine.pg.copy`` gives where each row starts and ends (one message per row) — or from binary tuples
+whose bounds the caller knows (a run of DataRow messages: :func:`tuple_fields`); a column's 32-bit
 length words, read by numpy at every row's position, move every position on to the next column —
 and the readers of many positions at once: fixed-width big-endian values, byte spans gathered into
 one buffer, UTF-8 text (through pyarrow).
@@ -56,26 +57,33 @@ def read_fields(data: bytes, messages: Sequence[int], width: int) -> Fields:
     Every row is checked to hold ``width`` fields that end where its message does (EngineError, 22P03 …).
     """
     starts, stops = binary_row_spans(data, messages)
+    return tuple_fields(data, starts, stops, width, "COPY data")
+
+
+def tuple_fields(data: bytes, starts: Positions, stops: Positions, width: int, what: str) -> Fields:
+    """The fields of binary tuples (a field count, then each field's length word and bytes: a binary COPY row,
+    or a DataRow's body) at ``data[start:stop]``, each checked to hold ``width`` fields that end at its stop
+    (EngineError "malformed <what>" otherwise)."""
     buf = np.frombuffer(data, np.uint8)
     try:
         counts = words(buf, starts, ">i2")
         if np.any(counts != width):
             found = int(counts[np.argmax(counts != width)])
-            raise EngineError(f"malformed COPY data: a row has {found} fields, not {width}")
+            raise EngineError(f"malformed {what}: a row has {found} fields, not {width}")
         pos = starts + 2
         at, lengths = [], []
         for _ in range(width):
             length = words(buf, pos, ">i4").astype(np.int64)
             after = pos + 4 + np.maximum(length, 0)
             if np.any(length < -1) or np.any(after > stops):
-                raise EngineError("malformed COPY data: a field beyond its row")
+                raise EngineError(f"malformed {what}: a field beyond its row")
             at.append(pos + 4)
             lengths.append(length)
             pos = after
     except IndexError:
-        raise EngineError("malformed COPY data: a field beyond the data") from None
+        raise EngineError(f"malformed {what}: a field beyond the data") from None
     if np.any(pos != stops):
-        raise EngineError("malformed COPY data: bytes after the last field of a row")
+        raise EngineError(f"malformed {what}: bytes after the last field of a row")
     return Fields(data, buf, at, lengths, len(starts))
 
 

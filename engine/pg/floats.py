@@ -85,21 +85,24 @@ def _spell(shortest: str) -> str:
 
 def real_texts(values: Any, extra_float_digits: int = 1) -> list[str]:
     """Each value of a 1-D float array as float4out prints it."""
-    return _texts(np.asarray(values, dtype=np.float32), extra_float_digits)
+    joined = real_texts_joined(values, extra_float_digits)
+    return joined.decode().split(",") if joined else []
 
 
 def real_array_text(values: Any, extra_float_digits: int = 1) -> str:
     """A ``real[]`` without NULLs as array_out prints it: ``{0.1,-2.5e-05,…}``."""
-    return "{" + ",".join(real_texts(values, extra_float_digits)) + "}"
+    return "{" + real_texts_joined(values, extra_float_digits).decode() + "}"
 
 
-def _texts(array: np.ndarray, extra_float_digits: int) -> list[str]:
+def real_texts_joined(values: Any, extra_float_digits: int = 1) -> bytes:
+    """The texts of :func:`real_texts`, joined by commas (ASCII: a comma never occurs in one)."""
+    array = np.asarray(values, dtype=np.float32)
     if extra_float_digits <= 0 or not np.isfinite(array).all() or (len(array) and np.abs(array).max() >= TIE_FREE):
         # orjson writes non-finite values as null, and accepts a halfway shortest text for large values
-        return [float_text(v, extra_float_digits) for v in array.tolist()]
+        return ",".join(float_text(v, extra_float_digits) for v in array.tolist()).encode()
     if not len(array):
-        return []
+        return b""
     data = orjson.dumps(array, option=orjson.OPT_SERIALIZE_NUMPY)
     if _RESPELL.search(data) is not None:
         data = _RESPELL.sub(lambda m: _spell(m.group().decode()).encode(), data)
-    return data[1:-1].decode().split(",")
+    return data[1:-1]

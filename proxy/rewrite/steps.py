@@ -19,7 +19,7 @@ decision runs from recorded answers in tests, the way psycopg 3's generators run
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -74,7 +74,7 @@ class Evaluate:
     """
 
     signature: Signature
-    rows: tuple[tuple[Any, ...], ...]
+    rows: Sequence[tuple[Any, ...]]  # a tuple of tuples, or an engine.api.Columns batch
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +189,7 @@ async def _answer(request: Request, port: Port, engine: Engine | None) -> Any:
             assert engine is not None
             call = Call(
                 signature,
-                list(rows),
+                rows,
                 session=port.session_id,
                 db=port,
                 database=port.database,

@@ -7,36 +7,33 @@ columns in the client's result formats and the hidden ones in binary where the p
 (numeric arrays straight into numpy), then reading it part by part as the client asks for rows: all of them
 for a simple Query (:func:`run`), ``n`` at a time for each Execute of an extended-protocol portal the
 proxy owns (:class:`Opener`, at the Bind). Parts are ``PART_ROWS`` rows first, growing, never more than the
-Execute still wants; the next part is on its way while the engine computes this one; each distinct input is
-computed once per statement (up to ``MEMO_LIMIT`` of them). The client gets the server's RowDescription less
+Execute still wants; the next part is on its way while the engine computes this one
+(:func:`proxy.rewrite.parts.part`: each distinct input once per statement, up to ``MEMO_LIMIT`` of them). The
+client gets the server's RowDescription less
 the hidden columns, its DataRows in order (each part's notices ahead of its rows, the calls' columns in
 text or binary as asked), then PortalSuspended at an Execute's row limit or ``SELECT k`` — what the server
 would send for the original statement; an error ends the rows (the server's, once the rows before it, or
 the engine's). Work is proportional to the rows the client reads; memory to two parts.
 
 Must not: touch the session or the engine itself — it yields :mod:`proxy.rewrite.steps` requests — or
-decide which statements stream (:mod:`proxy.rewrite.outputs`).
+decide which statements stream (:mod:`proxy.rewrite.outputs`), or compute a part itself (:mod:`proxy.rewrite.parts`).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-from dataclasses import dataclass
 from typing import Any
 
-from engine.api import Signature
-from engine.pg import output, types
-from engine.pg.binary import READABLE, binary_array, binary_value, numeric_matrix
-from engine.pg.scalars import decode_utf8
-from engine.pg.text import from_text
+from engine.pg import output
+from engine.pg.binary import READABLE
 from proxy.errors import ProtocolViolation, error_fields
 from proxy.rewrite.constant import fold_strict
-from proxy.rewrite.outputs import Output, Plan
+from proxy.rewrite.outputs import Plan
 from proxy.rewrite.overloads import choose
-from proxy.rewrite.steps import Begin, Emit, Evaluate, Run, Steps, Wait, off_loop
+from proxy.rewrite.parts import StreamCall, part
+from proxy.rewrite.steps import Begin, Emit, Run, Steps, Wait
 from proxy.session.exchange import ROWS_PORTAL, BatchFailed, Portion, Prepare, Rows, Statement, UpstreamError
-from proxy.wire.messages import CommandComplete, DataRow, ErrorResponse, PortalSuspended, RowDescription
+from proxy.wire.messages import CommandComplete, ErrorResponse, PortalSuspended, RowDescription
 
 # Rows of the first part: a model call's mini-batch (the engine batches within it), and many more for the cheap
 # per-row math of the predict family (fewer round trips and engine jobs). Each later part doubles, up to
@@ -45,25 +42,9 @@ from proxy.wire.messages import CommandComplete, DataRow, ErrorResponse, PortalS
 PART_ROWS = 256
 CHEAP = {"predict": 8192, "predict_proba": 8192, "predict_joint": 8192, "decompose": 8192}
 GROWTH = 8
-MEMO_LIMIT = 4096  # distinct inputs whose results a statement remembers (then it starts over)
-OFF_LOOP_ROWS = 1024  # parts this large are decoded and encoded in a worker thread
 log = logging.getLogger(__name__)
 PORTAL_SUSPENDED = PortalSuspended().encode()
 _SETTING = Statement("SELECT pg_catalog.current_setting('extra_float_digits')")
-
-
-@dataclass
-class _Call:
-    """One output call bound to its overload, with the results of the inputs seen so far."""
-
-    output: Output
-    signature: Signature
-    fixed: list[Any]
-    oids: list[int]
-    binary: list[bool]
-    memo: dict[tuple[bytes | None, ...], Any]
-    computed: int = 0  # inputs the engine computed for the statement
-    format: int = 0  # the client's format code for the call's column
 
 
 class Streamed:
@@ -82,7 +63,7 @@ class Streamed:
         self.description = b""  # the RowDescription the client gets (the server's, less the hidden columns)
         self.done = False  # the client got the statement's CommandComplete
         self.closed = False  # the server's portal and statement are closed (or gone with their transaction)
-        self._calls: list[_Call] = []
+        self._calls: list[StreamCall] = []
         self._digits = 1
         self._first = PART_ROWS
         self._limit = 0  # the size of the last part read (0: none yet)
@@ -101,7 +82,7 @@ class Streamed:
             if sig.returns_set or sig.returns not in output.TYPES or (out.cast == "vector" and sig.returns != "real[]"):
                 return False
             fixed = fold_strict(sig, list(out.slots), skip=set(out.given))
-            self._calls.append(_Call(out, sig, fixed, oids, [oid in READABLE for oid in oids], {}))
+            self._calls.append(StreamCall(out, sig, fixed, oids, [oid in READABLE for oid in oids]))
         formats = [*_client_formats(self.formats, plan.visible), *[0] * (len(plan.targets) - plan.visible)]
         for call in self._calls:
             call.format = formats[call.output.column]
@@ -133,10 +114,11 @@ class Streamed:
         if portion is None:
             (portion,) = yield from _part_run(self._part_after(count, 0))
         while True:
-            more = portion.suspended and (not count or sent + len(portion.raw) < count)
-            pending = (yield Begin(self._part_after(count, sent + len(portion.raw)))) if more else None
+            more = portion.suspended and (not count or sent + len(portion.block) < count)
+            pending = (yield Begin(self._part_after(count, sent + len(portion.block)))) if more else None
             try:
-                frames = yield from _part(portion.raw, self._calls, self.plan.visible, self._digits)
+                frames = yield from part(portion.block, self._calls, len(self.plan.targets), self.plan.visible,
+                                         self._digits)  # fmt: skip
             except Exception as exc:
                 if pending is not None:  # the next part's exchange ends before anything else runs on the session
                     yield from _settle(pending, exc)
@@ -144,7 +126,7 @@ class Streamed:
             # The next part first: if the server failed in it, the client gets its error and not these rows (a
             # client drops the rows before an error anyway).
             following = (yield from _part_run(pending)) if pending is not None else None
-            sent += len(portion.raw)
+            sent += len(portion.block)
             yield Emit(b"".join(portion.notices) + frames)  # the server's notices of the part, then its rows
             if following is None:
                 break
@@ -251,67 +233,3 @@ def _settle(pending: Any, failure: Exception) -> Steps[None]:
             raise exc from None
         yield Emit(ErrorResponse.of(failure).encode())
         raise UpstreamError(tuple(error_fields(failure)), exc.status, delivered=True) from None
-
-
-def _part(raw: list[tuple[bytes | None, ...]], calls: list[_Call], visible: int, digits: int) -> Steps[bytes]:
-    """The DataRows of one part's rows: inputs decoded, the engine asked for the new ones, the results encoded
-    (decoding and encoding off the event loop when the part is large)."""
-    long = len(raw) > OFF_LOOP_ROWS
-    columns: dict[int, list[bytes | None]] = {}
-    for call in calls:
-        keys = [tuple(row[h] for h in call.output.hidden) for row in raw]
-        new = list(dict.fromkeys(k for k in keys if None not in k and k not in call.memo))
-        if new:
-            inputs = yield from off_loop(long, functools.partial(_inputs, call, new))
-            results = yield Evaluate(call.signature, tuple(inputs))
-            call.computed += len(new)
-            if len(call.memo) + len(new) > MEMO_LIMIT:
-                call.memo.clear()
-            call.memo.update(zip(new, results, strict=True))
-        values = [None if None in k else call.memo[k] for k in keys]
-        columns[call.output.column] = yield from off_loop(long, functools.partial(_encoded, call, values, digits))
-    return (yield from off_loop(long, functools.partial(_rows, raw, columns, visible)))
-
-
-def _inputs(call: _Call, keys: list[tuple[bytes | None, ...]]) -> list[tuple[Any, ...]]:
-    """The argument tuples of ``keys`` (the hidden columns' bytes): constants filled in, columns decoded."""
-    rows = [list(call.fixed) for _ in keys]
-    for j, (param, oid, binary) in enumerate(zip(call.output.given, call.oids, call.binary, strict=True)):
-        for row, value in zip(rows, _read([k[j] for k in keys], oid, binary), strict=True):
-            row[param] = value
-    return [tuple(row) for row in rows]
-
-
-def _read(values: list[Any], oid: int, binary: bool) -> list[Any]:
-    """One hidden column's values: numeric arrays as rows of one matrix, the rest one by one."""
-    if not binary:
-        kind = types.READ_AS.get(oid, "text")
-        return [from_text(decode_utf8(v), kind) for v in values]
-    matrix = numeric_matrix(values, oid)
-    if matrix is not None:
-        return list(matrix)
-    if oid in types.ELEMENTS:  # NULL elements, or more dimensions: the elements in order, one by one
-        return [binary_array(v, types.ELEMENTS[oid], flatten=True) for v in values]
-    return [binary_value(v, oid) for v in values]
-
-
-def _encoded(call: _Call, values: list[Any], digits: int) -> list[bytes | None]:
-    out = call.output
-    return output.encode(
-        values,
-        call.signature.returns,
-        cast=out.cast,
-        binary=call.format == 1,
-        extra_float_digits=digits,
-        dimensions=out.dimensions,
-    )
-
-
-def _rows(raw: list[tuple[bytes | None, ...]], columns: dict[int, list[bytes | None]], visible: int) -> bytes:
-    frames = []
-    for i, row in enumerate(raw):
-        values = list(row[:visible])
-        for column, encoded in columns.items():
-            values[column] = encoded[i]
-        frames.append(DataRow(tuple(values)).encode())
-    return b"".join(frames)

@@ -45,8 +45,8 @@ from proxy.wire.messages import (
     RowDescription,
     Sync,
     Target,
-    data_row_values,
 )
+from proxy.wire.rows import RowBlock
 
 log = logging.getLogger(__name__)
 _COPY_CHUNK = 256 * 1024
@@ -120,7 +120,7 @@ class Portion(Result):
     """The answer to a :class:`Rows`: the rows as sent (bytes in the requested formats), the RowDescription
     (once it opened the portal), and whether the portal was suspended at the limit (more rows follow)."""
 
-    raw: list[tuple[bytes | None, ...]] = field(default_factory=list)
+    block: RowBlock = field(default_factory=RowBlock)  # the DataRows
     description: RowDescription | None = None
     suspended: bool = False
     notices: list[bytes] = field(default_factory=list)  # NoticeResponses of these rows, for the client
@@ -331,7 +331,7 @@ class Exchange:
         match kind:  # the frequent kinds first: each case looks its member up
             case Backend.DATA_ROW:
                 if isinstance(result, Portion):
-                    result.raw.append(DataRow.decode(frame).values)
+                    result.block.add(frame.raw, (len(frame.raw),))
                 elif not self.statements[self._index].visible:
                     result.rows.append(_text_row(frame))
             case Backend.PARAMETER_DESCRIPTION if isinstance(result, Described):
@@ -382,11 +382,13 @@ class Exchange:
         result = self.results[self._index] if self._index < len(self.results) else None
         if kind != _DATA_ROW or not isinstance(result, Portion):
             return 0
-        pos, append, header = 0, result.raw.append, _LENGTH.unpack_from
+        pos, header = 0, _LENGTH.unpack_from
+        ends: list[int] = []
+        append = ends.append
         for _ in range(count):
-            end = pos + 1 + header(chunk, pos + 1)[0]
-            append(data_row_values(chunk, pos, end))
-            pos = end
+            pos += 1 + header(chunk, pos + 1)[0]
+            append(pos)
+        result.block.add(chunk[:pos], ends)
         return pos
 
     def _copy_run(self, chunk: bytes, count: int) -> int:
