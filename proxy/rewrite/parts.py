@@ -60,6 +60,8 @@ class _Seen:
         return found
 
     def add(self, hashes: NDArray[np.uint64], rows: NDArray[np.uint64], results: NDArray[Any]) -> None:
+        """Remember these (the first MEMO_LIMIT of them, in place of those seen before once there are more)."""
+        hashes, rows, results = hashes[:MEMO_LIMIT], rows[:MEMO_LIMIT], results[:MEMO_LIMIT]
         if len(self.hashes) + len(hashes) > MEMO_LIMIT or self.rows.shape[1] != rows.shape[1]:
             self.hashes, self.rows, self.results = hashes[:0], rows[:0], results[:0]
         order = np.argsort(np.concatenate((self.hashes, hashes)), kind="stable")

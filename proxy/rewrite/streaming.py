@@ -42,6 +42,7 @@ from proxy.wire.messages import CommandComplete, ErrorResponse, PortalSuspended,
 PART_ROWS = 256
 CHEAP = {"predict": 8192, "predict_proba": 8192, "predict_joint": 8192, "decompose": 8192}
 GROWTH = 8
+MOST_ROWS = 16384  # and never more rows than this in one part: the proxy's memory stays bounded by two parts
 log = logging.getLogger(__name__)
 PORTAL_SUSPENDED = PortalSuspended().encode()
 _SETTING = Statement("SELECT pg_catalog.current_setting('extra_float_digits')")
@@ -163,9 +164,9 @@ class Streamed:
             )
 
     def _part_after(self, count: int, have: int) -> Run:
-        """The exchange reading the next part: twice the last one, up to GROWTH times the first, and no more rows
-        than the client's Execute still wants."""
-        self._limit = self._first if not self._limit else min(2 * self._limit, self._first * GROWTH)
+        """The exchange reading the next part: twice the last one, up to GROWTH times the first (and MOST_ROWS), no
+        more rows than the client's Execute still wants."""
+        self._limit = self._first if not self._limit else min(2 * self._limit, self._first * GROWTH, MOST_ROWS)
         limit = min(self._limit, count - have) if count else self._limit
         return Run((Rows("", name=self.name, limit=limit, opens=False),), keep_open=True, quiet=True)
 
