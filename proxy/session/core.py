@@ -24,6 +24,7 @@ from proxy.errors import ConnectionFailure, InternalError, ProtocolViolation, Pr
 from proxy.rewrite.decide import Rewriter
 from proxy.session.decisions import MECHANISM, Decider
 from proxy.session.router import Kind, Route, Router
+from proxy.session.search_path import touches
 from proxy.session.startup import AuthWatch
 from proxy.session.state import ACTIVE, ENDING, Event, Phase, State
 from proxy.session.traffic import Sink, Traffic
@@ -38,7 +39,7 @@ UPSTREAM_MAX_MESSAGE = (1 << 30) + 5
 # on below it so that a disconnect or a Terminate is seen mid-statement, and its engine work stopped.
 HELD_LIMIT = 4 << 20
 
-_X, _Z, _E, _N, _S = b"XZENS"
+_X, _Z, _E, _N, _S, _Q, _P = b"XZENSQP"
 _D_BYTE, _DATA_ROW_BYTE = b"d", b"D"
 _IDLE = ord("I")
 _AUTHENTICATING = Phase.AUTHENTICATING  # a global: an Enum member read from its class is a slow lookup on 3.11
@@ -139,6 +140,7 @@ class Connection:
     def start(self, startup: StartupMessage) -> None:
         """The upstream is connected: the client's startup packet goes there; authentication is relayed."""
         self._upstream.write(encode_startup(startup))
+        self.traffic.search_path.startup(startup)
         self.state.owe()  # the ReadyForQuery that ends authentication
         self.state.fire(Event.CONNECTED)
 
@@ -173,6 +175,8 @@ class Connection:
             return
         if not kinds:
             return
+        if (_Q in kinds or _P in kinds) and touches(chunk):  # a SET search_path, RESET ALL, ...
+            self.traffic.search_path.touched(self.state.in_transaction)
         if self._task is not None:  # a decision runs: everything waits behind it
             if _X in kinds:
                 self._terminate_early()
@@ -317,6 +321,7 @@ class Connection:
     def _ready(self, status: int, count: int = 1) -> None:
         """ReadyForQuery: the batch is over; nothing else is owed for it."""
         self.state.ready(status, count)
+        self.traffic.search_path.ready(status, self.state.owed == 0)
         if status == _IDLE and (self.decider.cursors.open or self.decider.owned.portals):  # a transaction ended
             self.decider.transaction_ended()
 
