@@ -1,18 +1,17 @@
 """The rewrite seam: for every Query/Parse that mentions ``pgml``, and every Bind of a deferred one, one decision.
 
-Owns: the cheap ``pgml`` pre-checks on frames (a frame the proxy cannot decode is the server's
-to answer), the :class:`Decision` values a session acts on (forward as is / forward rewritten
-frames / answer the client / fail / defer to Bind / rebind / own the Bind's portal), and the decision for one statement
-string: an aborted transaction forwards it; SQL EXECUTE of a pgml statement is replaced by that
-statement (:mod:`proxy.rewrite.sql_prepare`); CREATE / ALTER / DROP EXTENSION pgml is carried
-out (:mod:`proxy.rewrite.extension`); schema pgml is checked first
-(:mod:`proxy.rewrite.schema_check`; a statement whose own query finds it gone starts over once,
-outside the client's transactions); calls with constant arguments are rewritten to literals (the
-result kept per database and text when the functions are IMMUTABLE), a Parse whose calls read
-``$n`` is deferred to its Binds (:mod:`proxy.rewrite.deferred`), a Query's per-row calls are
-evaluated (:mod:`proxy.rewrite.evaluate`); nesting too deep for Python is refused with 54001.
-Also the statement that makes the server raise a proxy error (so both sides agree on the
-transaction).
+Owns: the cheap ``pgml`` pre-checks on frames (a frame the proxy cannot decode is the server's to answer), the
+:class:`Decision` values a session acts on (forward as is / forward rewritten frames / answer the client / fail /
+defer to Bind / rebind / own the Bind's portal), and the decision for one statement string: an aborted transaction
+forwards it; bare pgml names on the session's search_path are qualified (:mod:`proxy.rewrite.unqualified`); SQL
+EXECUTE of a pgml statement is replaced by that statement (:mod:`proxy.rewrite.sql_prepare`); CREATE / ALTER / DROP
+EXTENSION pgml is carried out (:mod:`proxy.rewrite.extension`); schema pgml is checked first
+(:mod:`proxy.rewrite.schema_check`; a statement whose own query finds it gone starts over once, outside the client's
+transactions); calls with constant arguments are rewritten to literals (the result kept per database, text and bare
+names when the functions are IMMUTABLE), a Parse whose calls read ``$n`` is deferred to its Binds
+(:mod:`proxy.rewrite.deferred`), a Query's per-row calls are evaluated (:mod:`proxy.rewrite.evaluate`); nesting too
+deep for Python is refused with 54001. Also the statement that makes the server raise a proxy error (so both sides
+agree on the transaction).
 
 Must not: write to sockets or call the session. :class:`Rewriter` decides by generators that yield
 :mod:`proxy.rewrite.steps` requests (:meth:`Rewriter.deciding`, :meth:`Rewriter.binding`, testable

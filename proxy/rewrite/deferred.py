@@ -3,7 +3,8 @@
 Owns: the parameter types of such a statement at its Parse (declared, else the ones the server
 infers: the statement is prepared under a private name and its types read back; kept per database
 and text), the analyses of their texts (:class:`Kept`: kept at the Parse, bounded, shared by all
-sessions, so that neither a Bind nor a repeated Parse of the same text parses it again), and the
+sessions, so that neither a Bind nor a repeated Parse of the same text parses it again; one analysis per
+text and bare pgml names, :mod:`proxy.rewrite.unqualified`), and the
 rewrite at a Bind: a copy of the kept analysis with each ``$n`` the calls (and, for per-row calls,
 the whole statement) read replaced by the bound value, evaluated like any statement — or, when its
 per-row calls all stand in its output, opened as a stream the client's portal reads.

@@ -94,12 +94,10 @@ def schemas(path: str, user: str) -> list[str]:
     return out
 
 
-def might_call(search_path: SearchPath, resolution: Resolution, raw: bytes) -> bool:
-    """A frame's text may call a pgml function by a bare name on this session's path (never a false "no")."""
+def might_call(search_path: SearchPath, raw: bytes) -> bool:
+    """A frame's text may call a pgml function by a bare name on this session's path (never a false "no"; an
+    unknown path says "may": :func:`names` then knows what it learned of it, without asking again)."""
     path = search_path.value
-    if path is None:
-        learned = resolution.learned
-        path = learned[1] if learned is not None and learned[0] == search_path.epoch else None
     if path is not None and not names_pgml(path, search_path.user):
         return False
     return _CANDIDATE.search(raw) is not None

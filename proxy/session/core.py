@@ -6,7 +6,8 @@ nothing is hidden from goes to the client the same way), relaying routed frames 
 holding client frames while a decision runs (the client is still read, up to HELD_LIMIT bytes,
 so that a disconnect or a Terminate ends the session at once and cancels its engine work), the
 decision task, and the upstream's side: authentication, ReadyForQuery, errors, and the responses
-the proxy hides or rewrites.
+the proxy hides or rewrites. It feeds the session's search_path (:mod:`proxy.session.search_path`):
+the startup packet, ReadyForQuery, and client Query/Parse chunks whose text may change it.
 
 Must not: touch sockets, tasks of the shell or the server (:class:`Shell` is what it asks of
 them), decide anything about statements (:mod:`proxy.session.decisions`), or route by anything
@@ -175,8 +176,9 @@ class Connection:
             return
         if not kinds:
             return
-        if (_Q in kinds or _P in kinds) and touches(chunk):  # a SET search_path, RESET ALL, ...
-            self.traffic.search_path.touched(self.state.in_transaction)
+        search_path = self.traffic.search_path
+        if (_Q in kinds or _P in kinds) and touches(chunk, search_path.reported):  # SET search_path, RESET ALL, ...
+            search_path.touched(self.state.in_transaction)
         if self._task is not None:  # a decision runs: everything waits behind it
             if _X in kinds:
                 self._terminate_early()

@@ -195,7 +195,7 @@ class Router:
 
     def _bare_call(self, raw: bytes) -> bool:
         """The text may call a pgml function by its bare name on the session's search_path."""
-        return unqualified.might_call(self._traffic.search_path, self._rewriter.state(self._traffic).unqualified, raw)
+        return unqualified.might_call(self._traffic.search_path, raw)
 
     def _is_deferred_bind(self, frame: Frame) -> bool:
         deferred = self._decider.deferred
