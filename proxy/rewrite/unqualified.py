@@ -13,9 +13,10 @@ every path a qualified call takes (constant, per-row, streaming, deferred, EXECU
 :func:`might_call`, the router's cheap test.
 
 It costs nothing where the session's known path does not mention ``pgml`` (the default
-``"$user", public``): no lookup, no parse. Where the path is unknown (a server before PostgreSQL
-18 after a SET, or a role's default) a text naming a candidate function settles the session and
-asks the server once; what it learns holds until the path changes again
+``"$user", public``): no lookup, no parse. Where the path is unknown (on a server before
+PostgreSQL 18, which does not report it: from the session's start unless its startup packet set it,
+a role's default may apply, and after a statement that may change it) a text naming a candidate
+function settles the session and asks the server once; what it learns holds until the path may change again
 (:class:`proxy.session.search_path.SearchPath`). Not followed: a SET inside the same statement
 string (it takes effect for the proxy from the next string on), and SET ROLE for ``$user``.
 
