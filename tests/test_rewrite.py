@@ -135,6 +135,55 @@ async def test_no_evaluated_call_means_forward(sql: str) -> None:
     assert await rewrite(sql) is None
 
 
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "CREATE TABLE t (body text, e real[] GENERATED ALWAYS AS (pgml.embed('m', body)) STORED)",
+        "CREATE TABLE t (body text, e real[] DEFAULT pgml.embed('m', 'x'), CHECK (pgml.embed('m', body) IS NOT NULL))",
+        "CREATE VIEW v AS SELECT pgml.embed('m', body) FROM docs",
+        "CREATE VIEW v AS SELECT pgml.embed('m', 'x')",  # a constant call too: never baked in
+        "CREATE MATERIALIZED VIEW v AS SELECT pgml.embed('m', body) FROM docs",
+        "CREATE FUNCTION f(t text DEFAULT pgml.version()) RETURNS real[] BEGIN ATOMIC SELECT pgml.embed('m', t); END",
+        "CREATE FUNCTION f(t text) RETURNS real[] LANGUAGE sql RETURN pgml.embed('m', t)",
+        "CREATE PROCEDURE p() LANGUAGE sql BEGIN ATOMIC SELECT pgml.embed('m', 'x'); END",
+        "CREATE TRIGGER tr BEFORE INSERT ON t FOR EACH ROW WHEN (pgml.embed('m', NEW.b) IS NULL) EXECUTE FUNCTION f()",
+        "CREATE RULE r AS ON INSERT TO t DO ALSO SELECT pgml.embed('m', NEW.body)",
+        "CREATE POLICY p ON t USING (pgml.predict('p', ARRAY[1]) > 0)",
+        "ALTER POLICY p ON t WITH CHECK (pgml.predict('p', ARRAY[1]) > 0)",
+        "ALTER TABLE t ADD COLUMN e real[] GENERATED ALWAYS AS (pgml.embed('m', body)) STORED",
+        "ALTER TABLE t ALTER COLUMN e SET DEFAULT pgml.embed('m', 'x')",
+        "ALTER TABLE t ALTER COLUMN e SET EXPRESSION AS (pgml.embed('m', body))",
+        "ALTER TABLE t ADD CONSTRAINT c CHECK (pgml.embed('m', body) IS NOT NULL)",
+        "CREATE DOMAIN d AS real[] DEFAULT pgml.embed('m', 'x') CHECK (VALUE <> pgml.embed('m', 'y'))",
+        "ALTER DOMAIN d SET DEFAULT pgml.embed('m', 'x')",
+        "CREATE INDEX i ON t ((pgml.embed('m', body))) WHERE pgml.predict('p', ARRAY[1]) > 0",
+        "CREATE STATISTICS s ON (pgml.embed('m', body)) FROM t",
+        "CREATE TABLE p (a int) PARTITION BY RANGE ((pgml.predict('p', ARRAY[a])))",
+        "CREATE PUBLICATION pub FOR TABLE t WHERE (pgml.predict('p', ARRAY[a]) > 0)",
+        "CREATE SCHEMA s CREATE VIEW v AS SELECT pgml.embed('m', 'x')",
+        "DO $$ BEGIN PERFORM pgml.embed('m', 'x'); END $$",  # a string: the server runs it
+        "COMMENT ON VIEW v IS 'SELECT pgml.embed(''m'', ''x'')'",
+        "REFRESH MATERIALIZED VIEW v",
+    ],
+)
+async def test_definitions_go_to_the_server_untouched(sql: str) -> None:
+    assert await rewrite(sql) is None
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "CREATE TABLE t2 AS SELECT pgml.embed('m', 'x')",
+        "SELECT pgml.embed('m', 'x') INTO t2",
+        "UPDATE t SET e = pgml.embed('m', 'x')",
+        "ALTER TABLE t ALTER e TYPE real[] USING pgml.embed('m', 'x')",  # run now, on every row
+        "CREATE TABLE p1 PARTITION OF p FOR VALUES IN (pgml.version())",  # evaluated once, at CREATE
+    ],
+)
+async def test_what_runs_now_is_evaluated_here(sql: str) -> None:
+    assert await rewrite(sql) is not None
+
+
 def test_unparsable_sql_is_forwarded() -> None:
     assert analysis_of("SELEC pgml.embed('m', 'x')") is None
 

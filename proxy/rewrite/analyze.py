@@ -68,10 +68,15 @@ def parse(sql: str) -> Steps[tuple[ast.RawStmt, ...] | None]:
 
 @dataclass
 class Analysis:
-    """Parsed statements and the pgml calls found in each (one list per statement, outermost first)."""
+    """Parsed statements and the pgml calls found in each (one list per statement, outermost first).
+
+    ``bare``: the names whose unqualified calls were taken as pgml's (:mod:`proxy.rewrite.unqualified`:
+    qualified in ``stmts`` already); the same text on another search_path is another analysis.
+    """
 
     stmts: tuple[ast.RawStmt, ...]
     sites: list[list[Site]]
+    bare: frozenset[str] = frozenset()
 
     @property
     def calls(self) -> bool:
@@ -87,7 +92,7 @@ class Analysis:
         nodes: dict[int, Any] = {}
         stmts = clone(self.stmts, nodes)
         moved: dict[int, Site] = {}
-        return Analysis(stmts, [[_moved(site, nodes, moved) for site in sites] for sites in self.sites])
+        return Analysis(stmts, [[_moved(site, nodes, moved) for site in sites] for sites in self.sites], self.bare)
 
 
 def _moved(site: Site, nodes: dict[int, Any], moved: dict[int, Site]) -> Site:
@@ -103,14 +108,16 @@ def _moved(site: Site, nodes: dict[int, Any], moved: dict[int, Site]) -> Site:
     return new
 
 
-def of(stmts: tuple[ast.RawStmt, ...]) -> Analysis:
-    """The calls of parsed statements (:attr:`Analysis.calls` False when no statement has one).
+def of(stmts: tuple[ast.RawStmt, ...], bare: frozenset[str] = frozenset()) -> Analysis:
+    """The calls of parsed statements (:attr:`Analysis.calls` False when no statement has one); ``bare``: the
+    names whose unqualified calls were qualified in them.
 
     The body of a PREPARE is not evaluated (it runs at each EXECUTE, where the proxy substitutes it):
-    the PREPARE goes to the server as written.
+    the PREPARE goes to the server as written. Nor are the calls inside a definition the server stores
+    (a view, a function body, a column's DEFAULT or GENERATED expression: :mod:`proxy.rewrite.definitions`).
     """
     sites = [[] if raw.stmt is None or isinstance(raw.stmt, ast.PrepareStmt) else find_calls(raw.stmt) for raw in stmts]
-    return Analysis(stmts, sites)
+    return Analysis(stmts, sites, bare)
 
 
 @dataclass

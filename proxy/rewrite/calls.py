@@ -8,9 +8,11 @@ named arguments to the catalogue's overloads: once, when the call is found
 shares it); :func:`bind` reads it, raising the server's error for arguments
 no overload takes where the call is evaluated, as the server does.
 
-Must not: evaluate anything or change the tree. ``pgml`` inside strings,
-comments, identifiers or another schema never matches: only the parsed function
-name counts.
+Must not: evaluate anything or change the tree, or look inside a definition the
+server stores (:func:`proxy.rewrite.definitions.stored`: a view's query, a column's
+DEFAULT or GENERATED expression, a function body, …): its calls are the server's to
+run. ``pgml`` inside strings, comments, identifiers or another schema never matches:
+only the parsed function name counts.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pglast import ast
 
 from engine.api import Signature, evaluated_functions, signatures
 from proxy.errors import StatementTooComplex, UndefinedFunction
+from proxy.rewrite.definitions import stored
 
 STATEMENTS = (ast.SelectStmt, ast.UpdateStmt, ast.DeleteStmt, ast.InsertStmt)
 DEFAULT: Any = object()  # an optional argument left out
@@ -85,7 +88,7 @@ def pgml_function(call: ast.FuncCall) -> str | None:
 
 
 def find_calls(root: ast.Node) -> list[Site]:
-    """Every engine-evaluated pgml call under ``root``, outermost first."""
+    """Every engine-evaluated pgml call under ``root``, outermost first (none inside a stored definition)."""
     sites: list[Site] = []
     try:
         _walk(root, None, "", ([], False), None, None, False, sites)
@@ -110,7 +113,7 @@ def _walk(
         for item in node:
             _walk(item, stmt, clause, ctes, range_function, enclosing, in_join, sites)
         return
-    if not isinstance(node, ast.Node):
+    if not isinstance(node, ast.Node) or stored(node):
         return
     if isinstance(node, STATEMENTS):
         with_clause = getattr(node, "withClause", None)

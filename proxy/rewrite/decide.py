@@ -1,18 +1,17 @@
 """The rewrite seam: for every Query/Parse that mentions ``pgml``, and every Bind of a deferred one, one decision.
 
-Owns: the cheap ``pgml`` pre-checks on frames (a frame the proxy cannot decode is the server's
-to answer), the :class:`Decision` values a session acts on (forward as is / forward rewritten
-frames / answer the client / fail / defer to Bind / rebind / own the Bind's portal), and the decision for one statement
-string: an aborted transaction forwards it; SQL EXECUTE of a pgml statement is replaced by that
-statement (:mod:`proxy.rewrite.sql_prepare`); CREATE / ALTER / DROP EXTENSION pgml is carried
-out (:mod:`proxy.rewrite.extension`); schema pgml is checked first
-(:mod:`proxy.rewrite.schema_check`; a statement whose own query finds it gone starts over once,
-outside the client's transactions); calls with constant arguments are rewritten to literals (the
-result kept per database and text when the functions are IMMUTABLE), a Parse whose calls read
-``$n`` is deferred to its Binds (:mod:`proxy.rewrite.deferred`), a Query's per-row calls are
-evaluated (:mod:`proxy.rewrite.evaluate`); nesting too deep for Python is refused with 54001.
-Also the statement that makes the server raise a proxy error (so both sides agree on the
-transaction).
+Owns: the cheap ``pgml`` pre-checks on frames (a frame the proxy cannot decode is the server's to answer), the
+:class:`Decision` values a session acts on (forward as is / forward rewritten frames / answer the client / fail /
+defer to Bind / rebind / own the Bind's portal), and the decision for one statement string: an aborted transaction
+forwards it; bare pgml names on the session's search_path are qualified (:mod:`proxy.rewrite.unqualified`); SQL
+EXECUTE of a pgml statement is replaced by that statement (:mod:`proxy.rewrite.sql_prepare`); CREATE / ALTER / DROP
+EXTENSION pgml is carried out (:mod:`proxy.rewrite.extension`); schema pgml is checked first
+(:mod:`proxy.rewrite.schema_check`; a statement whose own query finds it gone starts over once, outside the client's
+transactions); calls with constant arguments are rewritten to literals (the result kept per database, text and bare
+names when the functions are IMMUTABLE), a Parse whose calls read ``$n`` is deferred to its Binds
+(:mod:`proxy.rewrite.deferred`), a Query's per-row calls are evaluated (:mod:`proxy.rewrite.evaluate`); nesting too
+deep for Python is refused with 54001. Also the statement that makes the server raise a proxy error (so both sides
+agree on the transaction).
 
 Must not: write to sockets or call the session. :class:`Rewriter` decides by generators that yield
 :mod:`proxy.rewrite.steps` requests (:meth:`Rewriter.deciding`, :meth:`Rewriter.binding`, testable
@@ -39,7 +38,7 @@ from proxy.errors import (
     StatementTooComplex,
     error_fields,
 )
-from proxy.rewrite import analyze, constant, evaluate, extension, sql_prepare, streaming
+from proxy.rewrite import analyze, constant, evaluate, extension, sql_prepare, streaming, unqualified
 from proxy.rewrite.analyze import THREAD_PARSE_CHARS, Analysis
 from proxy.rewrite.deferred import Deferred, Kept
 from proxy.rewrite.memo import Memo
@@ -186,7 +185,7 @@ class Rewriter:
         # Statements whose calls all have constant arguments rewrite to the same SQL every time
         # (the functions are IMMUTABLE): apps repeat statements, and parse + evaluate + deparse is
         # milliseconds. Keyed by database and exact text, bounded by bytes, least recently used first out.
-        self._rewritten: Memo[tuple[str, str], str] = Memo(
+        self._rewritten: Memo[tuple[str, str, frozenset[str]], str] = Memo(
             size_limit=cache_bytes, size=lambda key, sql: len(sql) + len(key[1])
         )
         self.deferred = Deferred(self.schema)
@@ -277,37 +276,38 @@ class Rewriter:
             facts = yield SETTLE  # a ROLLBACK may still be on its way
             if facts.tx_status == "E":
                 return FORWARD  # an aborted transaction rejects the statement itself (25P02)
-        mentions = might_use_pgml(message.sql.encode())
+        names = yield from unqualified.names(message.sql, state.unqualified)  # bare pgml calls on its search_path
+        mentions = might_use_pgml(message.sql.encode()) or bool(names)
         if not mentions and not state.prepares:
             return FORWARD  # no pgml here, and no statement of this session's that an EXECUTE could run
         if mentions:
             require_rewritable(facts)
         if not facts.in_transaction:
             state.changed_schema = False  # the transaction that changed it has ended
-        key = (facts.database, message.sql)
+        key = (facts.database, message.sql, names)
         sql = self._rewritten.get(key)
         if sql is not None:
             yield from self.schema.ensure(state)
             return _rewritten_message(message, sql)
-        if isinstance(message, Parse) and (kept := self.deferred.kept(message.sql)) is not None:
+        if isinstance(message, Parse) and (kept := self.deferred.kept(message.sql, names)) is not None:
             # The same text was deferred before: its analysis is kept.
             if kept.use.references:
                 yield from self.schema.ensure(state)
             return DeferToBind((yield from self.deferred.param_types(message, kept)))
-        stmts = yield from analyze.parse(message.sql)
+        stmts = yield from unqualified.parser(names)(message.sql)
         if stmts is None:
             return FORWARD
-        return (yield from self._statements(message, stmts, state))
+        return (yield from self._statements(message, stmts, state, names))
 
     def _statements(
-        self, message: Query | Parse, stmts: tuple[ast.RawStmt, ...], state: SessionState
+        self, message: Query | Parse, stmts: tuple[ast.RawStmt, ...], state: SessionState, names: frozenset[str]
     ) -> Steps[Decision]:
         """The decision for parsed statements: EXECUTEs expanded, extension commands, then their calls."""
         changed = False
         own: tuple[int, ...] = ()
         state.prepares = state.prepares or sql_prepare.prepares_pgml(stmts)
         if state.prepares and sql_prepare.executes(stmts):
-            expanded = yield from sql_prepare.expand(stmts, analyze.parse)
+            expanded = yield from sql_prepare.expand(stmts, unqualified.resolving(state.unqualified))
             if expanded is not None:
                 require_rewritable((yield LOOK))
                 if isinstance(message, Parse):  # substituted again at each Bind: what the name means then
@@ -330,7 +330,7 @@ class Rewriter:
             changed = True
         if use.references and not use.installs:  # CREATE EXTENSION in the string: the client installs it
             yield from self.schema.ensure(state)
-        analysis = yield from off_loop(long, functools.partial(analyze.of, stmts))
+        analysis = yield from off_loop(long, functools.partial(analyze.of, stmts, names))
         if changed:
             sql = deparse_all(stmts)
             if not analysis.calls:
@@ -362,7 +362,7 @@ class Rewriter:
         # Not a string with an EXECUTE: what it means depends on the session's prepared statements.
         if not changed and analysis.cacheable() and not sql_prepare.executes(analysis.stmts):
             facts = yield LOOK
-            self._rewritten.put((facts.database, message.sql), rewritten)
+            self._rewritten.put((facts.database, message.sql, analysis.bare), rewritten)
         return _rewritten_message(message, rewritten, own)
 
     def cancel(self, session: int) -> None:

@@ -3,7 +3,8 @@
 Owns: the parameter types of such a statement at its Parse (declared, else the ones the server
 infers: the statement is prepared under a private name and its types read back; kept per database
 and text), the analyses of their texts (:class:`Kept`: kept at the Parse, bounded, shared by all
-sessions, so that neither a Bind nor a repeated Parse of the same text parses it again), and the
+sessions, so that neither a Bind nor a repeated Parse of the same text parses it again; one analysis per
+text and bare pgml names, :mod:`proxy.rewrite.unqualified`), and the
 rewrite at a Bind: a copy of the kept analysis with each ``$n`` the calls (and, for per-row calls,
 the whole statement) read replaced by the bound value, evaluated like any statement — or, when its
 per-row calls all stand in its output, opened as a stream the client's portal reads.
@@ -22,7 +23,7 @@ from pglast import ast
 
 from engine.pg.text import from_text
 from engine.pg.types import PARAM_TYPES
-from proxy.rewrite import analyze, constant, evaluate, literals, params, sql_prepare
+from proxy.rewrite import analyze, constant, evaluate, literals, params, sql_prepare, unqualified
 from proxy.rewrite.analyze import THREAD_PARSE_CHARS, Analysis, SchemaUse
 from proxy.rewrite.memo import Memo
 from proxy.rewrite.schema_check import SchemaCheck, SessionState
@@ -30,6 +31,7 @@ from proxy.rewrite.settings import require_utf8
 from proxy.rewrite.steps import LOOK, Run, Steps, off_loop
 from proxy.rewrite.streaming import Opener, Streamed
 from proxy.rewrite.tree import deparse
+from proxy.rewrite.unqualified import Resolution
 from proxy.session.exchange import Statement
 from proxy.wire.messages import Bind, Parse
 from proxy.wire.params import bound_values
@@ -76,9 +78,11 @@ class Deferred:
     def keep(self, sql: str, kept: Kept) -> None:
         self._kept.put(sql, kept)
 
-    def kept(self, sql: str) -> Kept | None:
-        """The analysis of a deferred statement ``sql`` kept at an earlier Parse (None: not kept)."""
-        return self._kept.get(sql)
+    def kept(self, sql: str, bare: frozenset[str]) -> Kept | None:
+        """The analysis of a deferred statement ``sql`` kept at an earlier Parse (None: not kept), for a session on
+        whose search_path the names ``bare`` are pgml's (:mod:`proxy.rewrite.unqualified`)."""
+        kept = self._kept.get(sql)
+        return kept if kept is not None and kept.analysis.bare == bare else None
 
     def param_types(self, message: Parse, kept: Kept) -> Steps[tuple[int, ...]]:
         """Parameter type OIDs: declared in the Parse, else inferred by the server (PREPARE, read back)."""
@@ -125,7 +129,7 @@ class Deferred:
             return None
         require_utf8(facts)
         long = len(sql) > THREAD_PARSE_CHARS
-        found = yield from self._analysis(sql, long)
+        found = yield from self._analysis(sql, long, state.unqualified)
         if found is None:  # an EXECUTE of a statement that is gone or changed: the server runs it itself
             return None
         analysis, kept = found
@@ -140,21 +144,22 @@ class Deferred:
             return opener.streamed
         return new_sql, tuple(oids)
 
-    def _analysis(self, sql: str, long: bool) -> Steps[tuple[Analysis, Kept] | None]:
-        """A fresh analysis of ``sql`` to rewrite — a copy of the kept one, else of a new parse — and what is
-        kept of it (None: forward the Bind)."""
-        kept = self._kept.get(sql)
+    def _analysis(self, sql: str, long: bool, resolution: Resolution) -> Steps[tuple[Analysis, Kept] | None]:
+        """A fresh analysis of ``sql`` to rewrite — a copy of the kept one, else of a new parse (its bare pgml calls
+        those its Parse found) — and what is kept of it (None: forward the Bind)."""
+        bare = resolution.texts.get(sql, unqualified.EMPTY)
+        kept = self.kept(sql, bare)
         if kept is None:
-            stmts = yield from analyze.parse(sql)
+            stmts = yield from unqualified.parser(bare)(sql)
             assert stmts is not None  # parsed when its Parse was decided
             use = analyze.schema_use(stmts)
             if sql_prepare.executes(stmts):  # EXECUTE of a SQL-prepared statement: what it names now
-                expanded = yield from sql_prepare.expand(stmts, analyze.parse)
+                expanded = yield from sql_prepare.expand(stmts, unqualified.resolving(resolution))
                 if expanded is None:
                     return None
-                fresh = yield from off_loop(long, functools.partial(analyze.of, expanded))
+                fresh = yield from off_loop(long, functools.partial(analyze.of, expanded, bare))
                 return fresh, Kept.of(fresh, use)  # not kept: expanded anew at the next Bind
-            fresh = yield from off_loop(long, functools.partial(analyze.of, stmts))
+            fresh = yield from off_loop(long, functools.partial(analyze.of, stmts, bare))
             kept = Kept.of(fresh, use)
             if Kept.keepable(stmts, use):
                 self._kept.put(sql, kept)

@@ -14,10 +14,11 @@ Must not: run anything itself (it yields :mod:`proxy.rewrite.steps` requests) or
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from proxy import schema
 from proxy.rewrite.steps import LOOK, Steps
+from proxy.rewrite.unqualified import Resolution
 from proxy.session.exchange import UpstreamError
 
 # The pgml schema, once seen complete in a database, is taken to be there for this long; then it is
@@ -40,6 +41,8 @@ class SessionState:
     prepares: bool = False
     # The schema was checked on this session once (schema dropped by another client before it began).
     checked: bool = False
+    # Which bare function names are pgml's on this session's search_path (proxy.rewrite.unqualified).
+    unqualified: Resolution = field(default_factory=Resolution)
 
 
 class SchemaMemo:

@@ -39,6 +39,9 @@ class Facts:
     in_transaction: bool  # inside BEGIN or an extended-protocol batch: what runs now commits with the client's work
     standard_strings: bool
     client_encoding: str
+    search_path: str | None = '"$user", public'  # the session's (None: unknown; :mod:`proxy.session.search_path`)
+    path_epoch: int = 0  # changes whenever search_path does or is forgotten
+    user: str = ""  # the login user (``$user`` on the path)
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,4 +219,7 @@ def facts(port: Port) -> Facts:
         in_transaction=port.in_transaction,
         standard_strings=port.standard_strings,
         client_encoding=port.client_encoding,
+        search_path=port.search_path.value,
+        path_epoch=port.search_path.epoch,
+        user=port.search_path.user,
     )

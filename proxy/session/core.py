@@ -6,7 +6,8 @@ nothing is hidden from goes to the client the same way), relaying routed frames 
 holding client frames while a decision runs (the client is still read, up to HELD_LIMIT bytes,
 so that a disconnect or a Terminate ends the session at once and cancels its engine work), the
 decision task, and the upstream's side: authentication, ReadyForQuery, errors, and the responses
-the proxy hides or rewrites.
+the proxy hides or rewrites. It feeds the session's search_path (:mod:`proxy.session.search_path`):
+the startup packet, ReadyForQuery, and client Query/Parse chunks whose text may change it.
 
 Must not: touch sockets, tasks of the shell or the server (:class:`Shell` is what it asks of
 them), decide anything about statements (:mod:`proxy.session.decisions`), or route by anything
@@ -24,6 +25,7 @@ from proxy.errors import ConnectionFailure, InternalError, ProtocolViolation, Pr
 from proxy.rewrite.decide import Rewriter
 from proxy.session.decisions import MECHANISM, Decider
 from proxy.session.router import Kind, Route, Router
+from proxy.session.search_path import touches
 from proxy.session.startup import AuthWatch
 from proxy.session.state import ACTIVE, ENDING, Event, Phase, State
 from proxy.session.traffic import Sink, Traffic
@@ -38,7 +40,7 @@ UPSTREAM_MAX_MESSAGE = (1 << 30) + 5
 # on below it so that a disconnect or a Terminate is seen mid-statement, and its engine work stopped.
 HELD_LIMIT = 4 << 20
 
-_X, _Z, _E, _N, _S = b"XZENS"
+_X, _Z, _E, _N, _S, _Q, _P = b"XZENSQP"
 _D_BYTE, _DATA_ROW_BYTE = b"d", b"D"
 _IDLE = ord("I")
 _AUTHENTICATING = Phase.AUTHENTICATING  # a global: an Enum member read from its class is a slow lookup on 3.11
@@ -139,6 +141,7 @@ class Connection:
     def start(self, startup: StartupMessage) -> None:
         """The upstream is connected: the client's startup packet goes there; authentication is relayed."""
         self._upstream.write(encode_startup(startup))
+        self.traffic.search_path.startup(startup)
         self.state.owe()  # the ReadyForQuery that ends authentication
         self.state.fire(Event.CONNECTED)
 
@@ -173,6 +176,9 @@ class Connection:
             return
         if not kinds:
             return
+        search_path = self.traffic.search_path
+        if (_Q in kinds or _P in kinds) and touches(chunk, search_path.reported):  # SET search_path, RESET ALL, ...
+            search_path.touched(self.state.in_transaction)
         if self._task is not None:  # a decision runs: everything waits behind it
             if _X in kinds:
                 self._terminate_early()
@@ -317,6 +323,7 @@ class Connection:
     def _ready(self, status: int, count: int = 1) -> None:
         """ReadyForQuery: the batch is over; nothing else is owed for it."""
         self.state.ready(status, count)
+        self.traffic.search_path.ready(status, self.state.owed == 0)
         if status == _IDLE and (self.decider.cursors.open or self.decider.owned.portals):  # a transaction ended
             self.decider.transaction_ended()
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from engine.api import DatabaseError, Result, Statement
 from proxy.errors import ProtocolViolation
+from proxy.session.search_path import SearchPath
 from proxy.wire.frames import Backend, Frame, equal_run
 from proxy.wire.messages import (
     Bind,
@@ -152,6 +153,7 @@ class Port(Protocol):
     database: str
     standard_strings: bool
     client_encoding: str
+    search_path: SearchPath  # the session's, for unqualified pgml calls
     temp_tables: list[str]  # per-row result tables created for the statement being decided
     notices: list[str]  # WARNINGs from the engine for the client, sent with the decision
 

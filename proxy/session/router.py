@@ -21,7 +21,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 
-from proxy.rewrite import decide
+from proxy.rewrite import decide, unqualified
 from proxy.rewrite.decide import Rewriter
 from proxy.session.decisions import Decider
 from proxy.session.state import BATCH_ENDS, Phase, State
@@ -36,7 +36,7 @@ class Kind(enum.Enum):
     __hash__ = object.__hash__  # identity, as for Phase
 
     OWNED = "owned"  # P/B/D/E/C naming a proxy-owned statement, portal or cursor
-    STATEMENT = "statement"  # Q/P the rewriter must see: pgml, an EXECUTE of a pgml PREPARE, a proxy cursor's FETCH
+    STATEMENT = "statement"  # Q/P the rewriter must see: pgml, a bare pgml name, an EXECUTE of a pgml PREPARE, a FETCH
     DEFERRED_BIND = "deferred-bind"  # B of a statement whose pgml calls wait for their $n values
     REDEFINING = "redefining"  # Q/P/C that may drop or redefine a deferred statement
     BARRIER_SYNC = "barrier-sync"  # S while barrier statements of the batch wait to be closed
@@ -168,6 +168,7 @@ class Router:
             decide.might_use_pgml(chunk)
             or (bool(self._decider.cursors.open) and _Q in kinds)
             or (self._rewriter.sql_prepared(self._traffic) and decide.might_execute(chunk))
+            or self._bare_call(chunk)
         )
 
     def _may_be_deferred_bind(self, chunk: bytes, kinds: Kinds) -> bool:
@@ -188,7 +189,13 @@ class Router:
         raw = frame.raw
         if frame.type == _Q and self._decider.cursors.open and not decide.undecodable(raw):
             return True  # FETCH / CLOSE / COMMIT may concern a proxy-owned cursor
+        if self._bare_call(raw):
+            return not decide.undecodable(raw)
         return decide.might_use_pgml(raw) or (self._rewriter.sql_prepared(self._traffic) and decide.might_execute(raw))
+
+    def _bare_call(self, raw: bytes) -> bool:
+        """The text may call a pgml function by its bare name on the session's search_path."""
+        return unqualified.might_call(self._traffic.search_path, raw)
 
     def _is_deferred_bind(self, frame: Frame) -> bool:
         deferred = self._decider.deferred

@@ -24,6 +24,7 @@ from typing import Protocol
 from proxy.errors import ConnectionFailure
 from proxy.session.exchange import FLUSH, BatchFailed, Exchange, Result, Rows, Statement, UpstreamError, close_rows
 from proxy.session.ledger import ONE, THREE, Responses
+from proxy.session.search_path import SearchPath
 from proxy.session.state import Event, Phase, State
 from proxy.wire import messages as pq
 from proxy.wire.frames import Backend, Frame
@@ -59,6 +60,7 @@ class Traffic:
         self.database = database
         self.standard_strings = True  # standard_conforming_strings, from the server's ParameterStatus
         self.client_encoding = "UTF8"  # client_encoding, from the server's ParameterStatus
+        self.search_path = SearchPath()  # for unqualified pgml calls: the startup packet, ParameterStatus, statements
         self.temp_tables: list[str] = []  # per-row result tables made for the statement being decided
         self.notices: list[str] = []  # engine WARNINGs, sent to the client ahead of the statement's answer
         self.binding = False  # a Bind's decision runs: its own statements' SQL holds bound values (never logged)
@@ -258,6 +260,8 @@ class Traffic:
             self.standard_strings = status.value == "on"
         elif status.name == "client_encoding":
             self.client_encoding = status.value
+        elif status.name == "search_path":
+            self.search_path.report(status.value)
 
     def upstream_lost(self) -> None:
         self._exchange_done.set()  # an internal query waiting for its answer gives up

@@ -1,0 +1,167 @@
+"""Unqualified pgml calls through the session's search_path: ``SET search_path = pgml, public; SELECT embed(…)``.
+
+Through the proxy with psycopg and psql: SET, startup options, RESET, SET LOCAL and SET in a
+rolled-back transaction, a ``public.embed`` listed first shadowing pgml's, ``rank()`` and
+``version()`` staying pg_catalog's, per-row calls, prepared statements (extended protocol and SQL
+PREPARE). A session on the default path sends the server nothing more than its own statements.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from tests.conftest import MINILM, Postgres, ProxyProcess, scratch_database, start_proxy
+
+pytestmark = pytest.mark.pg_matrix
+
+
+@pytest.fixture(scope="module")
+def db(pg: Postgres, proxy: ProxyProcess) -> Iterator[str]:
+    with scratch_database(pg, "path") as name:
+        with psycopg.connect(proxy.dsn(dbname=name), autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION pgml")
+            conn.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
+            conn.execute("INSERT INTO docs VALUES (1, 'red fox'), (2, 'blue sky')")
+        yield name
+
+
+@pytest.fixture
+def through(proxy: ProxyProcess, db: str) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(proxy.dsn(dbname=db), autocommit=True) as conn:
+        yield conn
+
+
+def one(conn: psycopg.Connection[Any], sql: str, params: Any = None, **kwargs: Any) -> Any:
+    row = conn.execute(sql, params, **kwargs).fetchone()
+    assert row is not None
+    return row[0]
+
+
+def sqlstate(conn: psycopg.Connection[Any], sql: str) -> str | None:
+    with pytest.raises(psycopg.Error) as caught:
+        conn.execute(sql)
+    return caught.value.sqlstate
+
+
+EMBED = f"SELECT embed('{MINILM}', 'red fox')"
+
+
+@pytest.fixture(scope="module")
+def reference(proxy: ProxyProcess, db: str) -> list[float]:
+    with psycopg.connect(proxy.dsn(dbname=db), autocommit=True) as conn:
+        return list(one(conn, f"SELECT pgml.embed('{MINILM}', 'red fox')"))
+
+
+def test_set_and_reset(through: psycopg.Connection[Any], reference: list[float]) -> None:
+    assert sqlstate(through, EMBED) == "42883"  # "$user", public: the server has no embed()
+    through.execute("SET search_path = pgml, public")
+    assert one(through, EMBED) == pytest.approx(reference)
+    rows = through.execute(f"SELECT id, embed('{MINILM}', body) FROM docs ORDER BY id").fetchall()  # per row
+    assert rows[0][1] == pytest.approx(reference) and len(rows) == 2
+    through.execute("RESET search_path")
+    assert sqlstate(through, EMBED) == "42883"
+    through.execute("SET search_path TO pgml")
+    assert one(through, EMBED) == pytest.approx(reference)
+    through.execute("SET search_path TO DEFAULT")
+    assert sqlstate(through, EMBED) == "42883"
+
+
+def test_startup_options(proxy: ProxyProcess, db: str, reference: list[float]) -> None:
+    with psycopg.connect(proxy.dsn(dbname=db), autocommit=True, options="-c search_path=pgml,public") as conn:
+        assert one(conn, EMBED) == pytest.approx(reference)
+        conn.execute("RESET search_path")  # to the session's default: the startup packet's
+        assert one(conn, EMBED) == pytest.approx(reference)
+
+
+def test_transactions_undo_it(through: psycopg.Connection[Any], reference: list[float]) -> None:
+    through.execute("BEGIN")
+    through.execute("SET LOCAL search_path = pgml, public")
+    assert one(through, EMBED) == pytest.approx(reference)
+    through.execute("COMMIT")  # SET LOCAL ends with its transaction
+    assert sqlstate(through, EMBED) == "42883"
+    through.execute("BEGIN")
+    through.execute("SET search_path = pgml, public")
+    through.execute("ROLLBACK")  # undoes a plain SET too
+    assert sqlstate(through, EMBED) == "42883"
+    through.execute("SELECT pg_catalog.set_config('search_path', 'pgml, public', false)")
+    assert one(through, EMBED) == pytest.approx(reference)
+
+
+def test_an_earlier_schema_wins(through: psycopg.Connection[Any], reference: list[float]) -> None:
+    through.execute(
+        "CREATE FUNCTION public.embed(transformer text, t text) RETURNS real[]"
+        " LANGUAGE sql AS 'SELECT ARRAY[42]::real[]'"
+    )
+    try:
+        through.execute("SET search_path = public, pgml")
+        assert one(through, EMBED) == [42.0]  # the user's function, run by the server
+        through.execute("SET search_path = pgml, public")
+        assert one(through, EMBED) == pytest.approx(reference)
+    finally:
+        through.execute("DROP FUNCTION public.embed(text, text)")
+
+
+def test_pg_catalog_comes_first(through: psycopg.Connection[Any]) -> None:
+    ranks = "SELECT rank() OVER (ORDER BY x) FROM (VALUES (1), (2)) v(x)"
+    for path in ("pgml, public", "pgml, pg_catalog, public"):
+        through.execute(f"SET search_path = {path}")
+        assert [r[0] for r in through.execute(ranks)] == [1, 2]  # a window call: never pgml.rank
+    through.execute("SET search_path = pgml, public")
+    assert one(through, "SELECT version()").startswith("PostgreSQL")  # pg_catalog's, searched first
+    through.execute("SET search_path = pgml, pg_catalog")
+    assert one(through, "SELECT version()") == one(through, "SELECT pgml.version()")  # listed after pgml
+
+
+def test_prepared_statements(through: psycopg.Connection[Any], reference: list[float]) -> None:
+    through.execute("SET search_path = pgml, public")
+    for _ in range(3):  # psycopg prepares it server-side from the second run on
+        assert one(through, "SELECT embed(%s, %s)", (MINILM, "red fox"), prepare=True) == pytest.approx(reference)
+    through.execute("PREPARE e(text) AS SELECT embed($1, 'red fox')")
+    assert one(through, f"EXECUTE e('{MINILM}')") == pytest.approx(reference)
+
+
+def test_psql(pg: Postgres, proxy: ProxyProcess, db: str) -> None:
+    script = f"""
+SET search_path = pgml, public;
+SELECT array_length(embed('{MINILM}', 'red fox'), 1) AS dims;
+SELECT chunk_index, chunk FROM chunk('character', 'abcd efgh', '{{"chunk_size": 4, "chunk_overlap": 0}}');
+"""
+    done = subprocess.run(
+        [pg.tool("psql"), proxy.dsn(dbname=db), "-X", "-A", "-v", "ON_ERROR_STOP=1"],
+        input=script, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[lines.index("dims") + 1] == "384" and lines[lines.index("chunk_index|chunk") + 1].startswith("1|")
+
+
+def test_the_default_path_costs_nothing(pg: Postgres, db: str, model_dir: Path, tmp_path: Path) -> None:
+    """On "$user", public the proxy sends the server exactly the client's statements (its protocol trace). A server
+    before PostgreSQL 18 does not report its search_path: the first statement naming a pgml function by a bare name
+    costs one lookup per session (a role's default could list pgml), none after it."""
+    traced = start_proxy(
+        pg.dsn(), tmp_path, PGML_PROXY_ENGINE_MODEL_DIRS=str(model_dir), PGML_PROXY_LOG_TRACE_PROTOCOL="1"
+    )
+    statements = [
+        "SELECT rank() OVER (ORDER BY x) FROM (VALUES (1), (2)) v(x)",
+        "SELECT version()",
+        "SELECT 1 AS embed",
+        "SELECT count(*) FROM docs",
+    ]
+    try:
+        with psycopg.connect(traced.dsn(dbname=db), autocommit=True) as conn:
+            for sql in statements * 2:
+                conn.execute(sql)
+            sqlstate(conn, EMBED)  # 42883 from the server
+    finally:
+        traced.stop()
+    sent = re.findall(r"proxy>server (\w+)", traced.log_text())
+    lookups = 0 if pg.version >= 18 else 1
+    assert sent.count("Query") + sent.count("Parse") == 2 * len(statements) + 1 + lookups, sent
