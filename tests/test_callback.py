@@ -20,6 +20,8 @@ from typing import Any
 import psycopg
 import pytest
 
+from proxy.callback import Setup
+from proxy.config import ConfigError, load
 from proxy.embedded import Cluster, system_bin_dir
 from tests.conftest import MINILM, ROOT, Postgres, ProxyProcess, scratch_database, start_proxy
 
@@ -241,6 +243,22 @@ def test_no_callback_recursion(ready: Setting) -> None:
         with pytest.raises(psycopg.Error) as info:
             conn.execute("SELECT * FROM pgml.train('cb_rec', 'regression', 'rec_features', 'y')")
     assert info.value.sqlstate == "0A000" and "from inside a callback" in (info.value.diag.message_primary or "")
+    # Through the proxy the same train works: the view's embeds call back from the client's session.
+    with ready.through() as conn:
+        trained = conn.execute("SELECT * FROM pgml.train('cb_rec', 'regression', 'rec_features', 'y')").fetchone()
+    assert trained is not None and trained[0] == "cb_rec"
+
+
+def test_config_refuses_a_target_with_credentials() -> None:
+    with pytest.raises(ConfigError, match=r"callback\.target"):
+        load(None, {"PGML_PROXY_CALLBACK_TARGET": "host=db user=cb password=x"})
+    setup = Setup.of(
+        load(
+            None, {"PGML_PROXY_CALLBACK_TARGET": "host=db port=6432", "PGML_PROXY_CALLBACK_PASSWORD": PASSWORD}
+        ).callback
+    )
+    assert setup is not None and setup.options == (("host", "db"), ("port", "6432")) and setup.password == PASSWORD
+    assert PASSWORD not in repr(setup) + setup.describe()
 
 
 def test_non_superusers_act_as_their_mapping(ready: Setting) -> None:
