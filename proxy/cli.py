@@ -3,8 +3,8 @@
 Owns: argument parsing, logging setup, building the engine (the composition root: no
 other proxy module imports ``engine.runtime``), choosing the upstream (configured DSN or
 an embedded cluster), the artifact signing key file (resolved and created at start-up,
-its path handed to the engine), running the server until SIGTERM/SIGINT, when callback
-mode is set up (``init``, embedded start: :mod:`proxy.callback`) or turned off (``init --no-callback``), and
+its path handed to the engine), running the server until SIGTERM/SIGINT, setting callback
+mode up (``init``, embedded start: :mod:`proxy.callback`) or off (``init --no-callback``), and
 ``resign``: re-signing the registry's artifacts with a new key (rotation) or signing
 unsigned ones an administrator has checked, directly on the upstream database.
 Must not: hold state beyond one ``main()`` call, or print or log a key.
