@@ -171,6 +171,8 @@ def test_view_with_per_row_calls_directly_and_through_the_proxy(ready: Setting) 
         conn.execute("INSERT INTO view_docs SELECT n, t FROM unnest(%s::text[]) WITH ORDINALITY AS u(t, n)", (texts,))
         conn.execute(f"CREATE VIEW view_embs AS SELECT id, pgml.embed('{MINILM}', body) AS emb FROM view_docs")
         direct = embeddings(conn, "SELECT emb FROM view_embs ORDER BY id")
+        conn.execute("SET force_parallel_mode = on")  # PARALLEL SAFE: a parallel worker calls back on its own
+        assert embeddings(conn, "SELECT emb FROM view_embs ORDER BY id") == direct
     with ready.through() as conn:
         through = embeddings(conn, "SELECT emb FROM view_embs ORDER BY id")
     assert direct == through
