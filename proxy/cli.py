@@ -3,7 +3,8 @@
 Owns: argument parsing, logging setup, building the engine (the composition root: no
 other proxy module imports ``engine.runtime``), choosing the upstream (configured DSN or
 an embedded cluster), the artifact signing key file (resolved and created at start-up,
-its path handed to the engine), running the server until SIGTERM/SIGINT, and
+its path handed to the engine), running the server until SIGTERM/SIGINT, setting callback
+mode up (``init``, embedded start: :mod:`proxy.callback`) or off (``init --no-callback``), and
 ``resign``: re-signing the registry's artifacts with a new key (rotation) or signing
 unsigned ones an administrator has checked, directly on the upstream database.
 Must not: hold state beyond one ``main()`` call, or print or log a key.
@@ -21,10 +22,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
 from engine.api import EngineError
 from engine.ml import signing
 from engine.runtime.executor import LocalEngine
-from proxy import PGML_API_LEVEL, __version__, schema
+from proxy import PGML_API_LEVEL, __version__, callback, schema
 from proxy.config import Config, ConfigError, load
 from proxy.dsn import parse_dsn
 from proxy.embedded import Cluster, ClusterError, find_bin_dir
@@ -63,6 +66,22 @@ def build_parser() -> argparse.ArgumentParser:
         "rotation, or signing unsigned artifacts after checking them), then exit. Run init and resign as an "
         "administrator: the owner of the pgml registry tables or a superuser, who see every project's rows "
         "(row-level security hides other roles' rows from anyone else)",
+    )
+    calls = parser.add_argument_group("callback mode: the database calls pgml-proxy through dblink (init, run)")
+    calls.add_argument(
+        "--callback",
+        metavar="CONNINFO",
+        help="libpq connection string by which the database reaches this proxy, e.g. 'host=10.0.0.5 port=6432' "
+        "(callback.target; dbname defaults to the database's own)",
+    )
+    calls.add_argument("--callback-user", metavar="ROLE", help="role of the user mapping FOR PUBLIC (callback.user)")
+    calls.add_argument(
+        "--callback-password-file",
+        metavar="PATH",
+        help="file holding that role's password (callback.password_file; or PGML_PROXY_CALLBACK_PASSWORD)",
+    )
+    calls.add_argument(
+        "--no-callback", action="store_true", help="init: turn callback mode off (the stubs answer 0A000 again)"
     )
     resign = parser.add_argument_group("resign options")
     resign.add_argument(
@@ -104,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command != "resign" and any(getattr(args, flag) for flag in RESIGN_FLAGS):
         parser.error("--old-key-file, --new-key-file, --trust-unsigned and --old-database are options of resign")
+    if args.no_callback and (args.command != "init" or args.callback):
+        parser.error("--no-callback is an option of init, without --callback")
     try:
         config = load(
             config_path(args.config),
@@ -113,10 +134,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "upstream.dsn": args.upstream,
                 "log.level": args.log_level,
                 "log.trace_protocol": True if args.trace_protocol else None,
+                "callback.target": args.callback,
+                "callback.user": args.callback_user,
+                "callback.password_file": args.callback_password_file,
             },
         )
+        setup = None if args.no_callback else callback.Setup.of(config.callback)
     except ConfigError as exc:
         print(f"pgml-proxy: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"pgml-proxy: cannot read callback.password_file: {exc.strerror or exc}", file=sys.stderr)
         return 2
     logging.basicConfig(
         level=config.log.level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
@@ -130,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency; plain asyncio still works
         log.warning("uvloop not available; using the default asyncio loop")
     if args.command == "init":
-        return _init(config)
+        return _init(config, setup, args.no_callback)
     if args.command == "resign" and args.old_key_file and args.new_key_file:
         return _resign(config, args)  # both keys given: the configured one is not needed (nor created)
     try:
@@ -142,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _resign(config, args)
     log.info("artifact signing key: %s%s", key_file, " (created)" if created else "")
     try:
-        return asyncio.run(_run(config))
+        return asyncio.run(_run(config, setup))
     except ClusterError as exc:
         print(f"pgml-proxy: embedded PostgreSQL failed: {exc}", file=sys.stderr)
         return 1
@@ -151,16 +179,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _init(config: Config) -> int:
-    if not config.upstream.dsn:
+def _init(config: Config, setup: callback.Setup | None, no_callback: bool) -> int:
+    dsn = config.upstream.dsn
+    if not dsn:
         print("pgml-proxy init: set the upstream DSN (--upstream or PGML_PROXY_UPSTREAM)", file=sys.stderr)
         return 2
     try:
-        applied = schema.init(config.upstream.dsn)
+        applied = schema.init(dsn)
+        print(f"pgml schema is at version {schema.latest()} ({applied} migration(s) applied)")
+        if no_callback:
+            callback.disable(dsn)
+            print("callback mode is off: pgml.* called outside pgml-proxy answers 0A000")
+        elif setup is not None:
+            callback.enable(dsn, setup)
+            print(f"callback mode is on: the database calls pgml-proxy at {setup.describe()}")
+    except psycopg.Error as exc:
+        print(f"pgml-proxy init: {callback.error_text(exc)}", file=sys.stderr)
+        return 1
     except Exception as exc:
         print(f"pgml-proxy init: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    print(f"pgml schema is at version {schema.latest()} ({applied} migration(s) applied)")
     return 0
 
 
@@ -182,7 +220,7 @@ def with_key_file(config: Config) -> tuple[Config, Path, bool]:
     return dataclasses.replace(config, engine=engine), path, created
 
 
-async def _run(config: Config) -> int:
+async def _run(config: Config, setup: callback.Setup | None) -> int:
     cluster = None
     if config.upstream.dsn:
         target = UpstreamTarget(
@@ -196,10 +234,17 @@ async def _run(config: Config) -> int:
         log.info("starting embedded PostgreSQL %d in %s", config.upstream.embedded_version, cluster.data_dir)
         await asyncio.to_thread(cluster.start)
         await asyncio.to_thread(schema.init, cluster.dsn())
+        if setup is not None:
+            try:
+                await asyncio.to_thread(callback.enable, cluster.dsn(), setup)
+            except psycopg.Error as exc:
+                await asyncio.to_thread(cluster.stop)
+                print(f"pgml-proxy: callback mode: {callback.error_text(exc)}", file=sys.stderr)
+                return 1
         target = UpstreamTarget(parse_dsn(cluster.dsn()), "disable", "", config.upstream.connect_timeout)
     engine = LocalEngine(config.engine)  # the composition root: the one place that builds the engine
     try:
-        server = Server(config, target, Rewriter(engine, stream=config.proxy.stream_outputs))
+        server = Server(config, target, Rewriter(engine, stream=config.proxy.stream_outputs, callback=setup))
         await server.start()
         server.install_signal_handlers()
         user = target.dsn.user or "postgres"
@@ -243,7 +288,6 @@ def _resign(config: Config, args: argparse.Namespace) -> int:
         print(f"pgml-proxy resign: {getattr(exc, 'message', None) or exc}", file=sys.stderr)
         return 2
     print(f"old key: {Path(old_file).absolute()}\nnew key: {Path(new_file).absolute()}")
-    import psycopg
 
     # No upstream configured: the embedded server (started for the command, or the running one adopted).
     cluster = (

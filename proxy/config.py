@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psycopg.conninfo
+
 from engine.api import EngineConfig
 from proxy.dsn import DSNError, parse_dsn
 
@@ -76,6 +78,20 @@ class UpstreamSection:
 
 
 @dataclass(frozen=True)
+class CallbackSection:
+    """Callback mode (README: Callback mode): how the database reaches this proxy through dblink."""
+
+    # libpq connection string (key=value or URI, no user or password) the database connects to the proxy
+    # with; empty: callbacks are not set up by init, embedded start or CREATE EXTENSION pgml.
+    target: str = ""
+    # The role of the user mapping FOR PUBLIC (callers without a mapping of their own act as it).
+    user: str = ""
+    # A file holding its password (one line), else ``password`` (PGML_PROXY_CALLBACK_PASSWORD).
+    password_file: str = ""
+    password: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True)
 class LogSection:
     level: str = "info"
     trace_protocol: bool = False  # each protocol message in the log (names and counts, never data)
@@ -86,6 +102,7 @@ class Config:
     proxy: ProxySection = field(default_factory=ProxySection)
     upstream: UpstreamSection = field(default_factory=UpstreamSection)
     engine: EngineConfig = field(default_factory=EngineConfig)  # the engine's own type (engine.api)
+    callback: CallbackSection = field(default_factory=CallbackSection)
     log: LogSection = field(default_factory=LogSection)
 
 
@@ -244,4 +261,20 @@ def validate(config: Config) -> None:
     _check(e.batch_size > 0, "engine.batch_size", "must be positive")
     _check(e.embed_backend in EMBED_BACKENDS, "engine.embed_backend", f"must be one of {', '.join(EMBED_BACKENDS)}")
     _check(e.cache_bytes > 0, "engine.cache_bytes", "must be positive")
+    _validate_callback(config.callback)
     _check(config.log.level in LOG_LEVELS, "log.level", f"must be one of {', '.join(LOG_LEVELS)}")
+
+
+def _validate_callback(c: CallbackSection) -> None:
+    if c.target:
+        try:
+            keys = psycopg.conninfo.conninfo_to_dict(c.target)
+        except psycopg.ProgrammingError as exc:
+            raise ConfigError(f"callback.target: not a libpq connection string: {exc}") from None
+        _check(
+            "user" not in keys and "password" not in keys,
+            "callback.target",
+            "names no user or password (callback.user, callback.password_file)",
+        )
+    _check(not c.password_file or Path(c.password_file).is_file(), "callback.password_file", "no such file")
+    _check(not (c.password_file and c.password), "callback.password", "set password_file or password, not both")

@@ -32,6 +32,7 @@ import pglast
 from pglast import ast, enums
 
 from engine.api import Engine, EngineError
+from proxy.callback import Setup
 from proxy.errors import (
     ProtocolViolation,
     ProxyError,
@@ -177,8 +178,15 @@ FORWARD = Forward()
 class Rewriter:
     """Decides what happens to a statement that mentions ``pgml``; one per server, shared by sessions."""
 
-    def __init__(self, engine: Engine | None = None, cache_bytes: int = 64 * 1024 * 1024, stream: bool = True) -> None:
+    def __init__(
+        self,
+        engine: Engine | None = None,
+        cache_bytes: int = 64 * 1024 * 1024,
+        stream: bool = True,
+        callback: Setup | None = None,
+    ) -> None:
         self.engine = engine
+        self.callback = callback  # set up by CREATE / ALTER EXTENSION pgml (proxy.rewrite.extension)
         self.stream = stream  # per-row output calls computed on their statement's result stream (Query and Bind)
         self.schema = SchemaCheck()
         self._sessions: weakref.WeakKeyDictionary[Port, SessionState] = weakref.WeakKeyDictionary()
@@ -323,10 +331,10 @@ class Rewriter:
         if use.commands:
             alone = extension.extension_command(stmts[0].stmt) if len(stmts) == 1 else None
             if isinstance(message, Query) and alone is not None and alone.alone:
-                frames = yield from extension.carry_out(alone)
+                frames = yield from extension.carry_out(alone, self.callback)
                 facts = yield LOOK
                 return Respond(frames + messages.ReadyForQuery(facts.tx_status).encode())
-            stmts, own = extension.in_place(stmts)
+            stmts, own = extension.in_place(stmts, self.callback)
             changed = True
         if use.references and not use.installs:  # CREATE EXTENSION in the string: the client installs it
             yield from self.schema.ensure(state)

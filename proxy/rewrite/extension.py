@@ -5,7 +5,9 @@ server's own answer for each case (command tag, NOTICE, ERROR with its SQLSTATE)
 statement that carries one out on the server — at the point of the statement string where the
 client wrote it, in the client's transaction — and :func:`carry_out`: one such statement alone,
 run by the proxy so that it can answer as the server would. ``DROP EXTENSION pgml`` drops nothing
-(the extension owns no objects) and says so; ``DROP SCHEMA pgml CASCADE`` removes the schema.
+(the extension owns no objects) and says so; ``DROP SCHEMA pgml CASCADE`` removes the schema. With a
+``[callback]`` set-up (:class:`proxy.callback.Setup`), installing or upgrading the schema also sets up
+callback mode (``pgml.callback_enable``), as does a CREATE by the schema's owner where it is not set up.
 
 Must not: paste client text into SQL (texts travel hex-encoded, :func:`text_expression`), or run
 anything itself (:func:`carry_out` yields :mod:`proxy.rewrite.steps` requests).
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 
 from pglast import ast, enums
 
-from proxy import PGML_API_LEVEL, schema
+from proxy import PGML_API_LEVEL, callback, schema
 from proxy.errors import from_fields
 from proxy.rewrite.steps import Steps, run
 from proxy.rewrite.tree import deparse
@@ -87,7 +89,8 @@ class ExtensionCommand:
     """
 
     tag: str
-    _steps: Callable[[Callable[[Answer], str]], str]
+    # (say, the PL/pgSQL installing the schema) -> the PL/pgSQL of the command
+    _steps: Callable[[Callable[[Answer], str], str], str]
     _others: str | None = None  # DROP EXTENSION of other extensions in the same statement
 
     @property
@@ -95,7 +98,7 @@ class ExtensionCommand:
         """The statement names no other extension (the proxy can answer it by itself)."""
         return self._others is None
 
-    def statement(self, *, report: bool) -> ast.DoStmt:
+    def statement(self, *, report: bool, setup: callback.Setup | None = None) -> ast.DoStmt:
         answers: list[Answer] = []
 
         def say(answer: Answer) -> str:
@@ -108,7 +111,7 @@ class ExtensionCommand:
             level = "EXCEPTION" if answer.severity == "ERROR" else "NOTICE"
             return f"RAISE {level} USING {', '.join(options)};"
 
-        steps = self._steps(say)
+        steps = self._steps(say, _apply(setup))
         prologue = f"PERFORM pg_catalog.set_config('{OUTCOME_SETTING}', '', true);" if report else ""
         body = (
             "DECLARE present boolean; quiet text; needed boolean := false; BEGIN "
@@ -126,7 +129,7 @@ class ExtensionCommand:
             answers.append(answer)
             return ""
 
-        self._steps(collect)
+        self._steps(collect, "")
         return answers[int(reported)]
 
 
@@ -142,9 +145,9 @@ def extension_command(node: ast.Node | None) -> ExtensionCommand | None:
         ):
             return _drop(node)
         case ast.AlterObjectSchemaStmt(objectType=enums.ObjectType.OBJECT_EXTENSION, object=ast.String(sval="pgml")):
-            return ExtensionCommand("ALTER EXTENSION", lambda say: _exists_or(say, DOES_NOT_EXIST, NO_SET_SCHEMA))
+            return ExtensionCommand("ALTER EXTENSION", lambda say, _: _exists_or(say, DOES_NOT_EXIST, NO_SET_SCHEMA))
         case ast.AlterExtensionContentsStmt(extname="pgml"):
-            return ExtensionCommand("ALTER EXTENSION", lambda say: _exists_or(say, DOES_NOT_EXIST, NO_MEMBERS))
+            return ExtensionCommand("ALTER EXTENSION", lambda say, _: _exists_or(say, DOES_NOT_EXIST, NO_MEMBERS))
     return None
 
 
@@ -166,7 +169,7 @@ def _create(node: ast.CreateExtensionStmt) -> ExtensionCommand:
     options = _options(node)
     version, target, cascade = options.get("new_version"), options.get("schema"), bool(options.get("cascade"))
 
-    def steps(say: Callable[[Answer], str]) -> str:
+    def steps(say: Callable[[Answer], str], apply: str) -> str:
         checks = []
         if isinstance(version, str) and version != PGML_API_LEVEL:
             checks.append(say(_no_version(version)))
@@ -178,7 +181,7 @@ def _create(node: ast.CreateExtensionStmt) -> ExtensionCommand:
                 checks.append(say(WRONG_SCHEMA))
         # The server checks for the extension first: an installed one is all IF NOT EXISTS looks at.
         exists = "" if node.if_not_exists else say(ALREADY_EXISTS)
-        parts = [f"IF present THEN {exists} ELSE {' '.join(checks)} END IF;", _apply()]
+        parts = [f"IF present THEN {exists} ELSE {' '.join(checks)} END IF;", apply]
         if node.if_not_exists:
             parts.append(f"IF present THEN {say(SKIPPING)} END IF;")  # missing migrations applied all the same
         return " ".join(parts)
@@ -190,7 +193,7 @@ def _update(node: ast.AlterExtensionStmt) -> ExtensionCommand:
     """ALTER EXTENSION pgml UPDATE [TO v]: applies missing migrations, or says the version is installed."""
     version = _options(node).get("new_version")
 
-    def steps(say: Callable[[Answer], str]) -> str:
+    def steps(say: Callable[[Answer], str], apply: str) -> str:
         parts = [f"IF NOT present THEN {say(DOES_NOT_EXIST)} END IF;"]
         if isinstance(version, str) and version != PGML_API_LEVEL:
             parts.append(
@@ -207,7 +210,7 @@ def _update(node: ast.AlterExtensionStmt) -> ExtensionCommand:
             f"IF NOT EXISTS (SELECT FROM pg_catalog.unnest(ARRAY[{versions}]) AS v"
             f" WHERE v NOT IN (SELECT version FROM {schema.TABLE})) THEN {say(UP_TO_DATE)} RETURN; END IF;"
         )
-        parts.append(_apply())
+        parts.append(apply)
         return " ".join(parts)
 
     return ExtensionCommand("ALTER EXTENSION", steps)
@@ -227,7 +230,7 @@ def _drop(node: ast.DropStmt) -> ExtensionCommand:
         )
         other_sql = deparse(rest)
 
-    def steps(say: Callable[[Answer], str]) -> str:
+    def steps(say: Callable[[Answer], str], _: str) -> str:
         missing = say(DOES_NOT_EXIST_SKIPPING if node.missing_ok else DOES_NOT_EXIST)
         parts = [f"IF NOT present THEN {missing} END IF;"]
         if other_sql is not None:
@@ -244,8 +247,9 @@ def _no_version(version: str) -> Answer:
     )
 
 
-def _apply() -> str:
-    """PL/pgSQL applying every missing migration, with the server's "already exists, skipping" notices muted.
+def _apply(setup: callback.Setup | None) -> str:
+    """PL/pgSQL applying every missing migration, with the server's "already exists, skipping" notices muted,
+    then setting up callback mode when ``setup`` is given (see the module's docstring).
 
     The advisory lock that serializes installers is taken only when a migration is missing (an installed,
     current schema takes no lock, so ``BEGIN; CREATE EXTENSION IF NOT EXISTS pgml`` holds none for the
@@ -279,7 +283,21 @@ def _apply() -> str:
         " quiet := NULL; END IF;"
     )
     parts.append("END IF;")
+    if setup is not None:
+        parts.append(_enable(setup))
     return " ".join(parts)
+
+
+def _enable(setup: callback.Setup) -> str:
+    """PL/pgSQL calling ``pgml.callback_enable`` when the schema was just installed or upgraded, or callbacks
+    are not set up and the caller owns the schema (an ordinary role's CREATE IF NOT EXISTS changes nothing)."""
+    values = [text_expression(setup.target) + "::pg_catalog.jsonb"]
+    values += [text_expression(v) if v is not None else "NULL" for v in (setup.user, setup.password)]
+    return (
+        f"IF needed OR (NOT EXISTS (SELECT FROM pg_catalog.pg_foreign_server WHERE srvname = '{callback.SERVER}')"
+        " AND pg_catalog.pg_has_role((SELECT nspowner FROM pg_catalog.pg_namespace WHERE nspname = 'pgml'),"
+        f" 'USAGE')) THEN PERFORM pgml.callback_enable({', '.join(values)}); END IF;"
+    )
 
 
 def text_expression(value: str) -> str:
@@ -287,10 +305,10 @@ def text_expression(value: str) -> str:
     return f"pg_catalog.convert_from('\\x{value.encode().hex()}'::bytea, 'UTF8')"
 
 
-def carry_out(command: ExtensionCommand) -> Steps[bytes]:
+def carry_out(command: ExtensionCommand, setup: callback.Setup | None = None) -> Steps[bytes]:
     """Run a query string that is ``command`` alone; the frames the server would answer before ReadyForQuery
     (a NOTICE, the command tag), or raise the server's error for it (nothing done)."""
-    results = yield run(deparse(command.statement(report=True)), OUTCOME_QUERY)
+    results = yield run(deparse(command.statement(report=True, setup=setup)), OUTCOME_QUERY)
     ((reported, level),) = results[1].rows
     answer = command.answer(reported)
     if answer is not None and answer.severity == "ERROR":
@@ -301,13 +319,17 @@ def carry_out(command: ExtensionCommand) -> Steps[bytes]:
     return frames + messages.CommandComplete(command.tag).encode()
 
 
-def in_place(stmts: tuple[ast.RawStmt, ...]) -> tuple[tuple[ast.RawStmt, ...], tuple[int, ...]]:
+def in_place(
+    stmts: tuple[ast.RawStmt, ...], setup: callback.Setup | None = None
+) -> tuple[tuple[ast.RawStmt, ...], tuple[int, ...]]:
     """The statements with each extension command replaced by its DO statement, and those DOs' positions."""
     commands = [extension_command(raw.stmt) for raw in stmts]
     replaced = tuple(
         raw
         if command is None
-        else ast.RawStmt(stmt=command.statement(report=False), stmt_location=raw.stmt_location, stmt_len=raw.stmt_len)
+        else ast.RawStmt(
+            stmt=command.statement(report=False, setup=setup), stmt_location=raw.stmt_location, stmt_len=raw.stmt_len
+        )
         for raw, command in zip(stmts, commands, strict=True)
     )
     return replaced, tuple(i for i, command in enumerate(commands) if command is not None)
