@@ -54,6 +54,23 @@ class EngineConfig:
     # Secret key that signs model artifacts (HMAC-SHA256). Empty: the default location, resolved at
     # start-up (next to the embedded data directory, else the user's config directory), created with 0600.
     artifact_key_file: str = ""
+    # Where model work runs: "local" (this process) or "ray" (actors and tasks of a Ray cluster, ``[ray]``).
+    backend: str = "local"
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """The ``[ray]`` section: the Ray cluster of ``[engine] backend = "ray"`` (``engine.runtime.ray_backend``)."""
+
+    # A running cluster ("127.0.0.1:6379", "ray://host:10001"); empty: a local Ray instance started by the proxy.
+    address: str = ""
+    # The namespace of the model actors: every proxy of one namespace shares them.
+    namespace: str = "pgml-proxy"
+    # Resources of each model actor and training task.
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    # Actors per model: calls go round-robin over them.
+    replicas: int = 1
 
 
 # --------------------------------------------------------------------------- #
@@ -95,6 +112,10 @@ class Canceled(EngineError):
 
 
 CANCELED = "canceling statement due to user request"  # the server's own message for a canceled statement
+
+
+class WorkerLost(EngineError):
+    sqlstate = "58000"  # system_error: the Ray worker process of a model actor or task died during the call
 
 
 class Overloaded(EngineError):

@@ -177,6 +177,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"pgml-proxy: cannot listen on {config.proxy.listen}: {exc.strerror or exc}", file=sys.stderr)
         return 1
+    except EngineError as exc:  # the engine could not be built (the Ray backend: no ray, no cluster)
+        print(f"pgml-proxy: {exc.message}", file=sys.stderr)
+        return 2
 
 
 def _init(config: Config, setup: callback.Setup | None, no_callback: bool) -> int:
@@ -220,6 +223,20 @@ def with_key_file(config: Config) -> tuple[Config, Path, bool]:
     return dataclasses.replace(config, engine=engine), path, created
 
 
+
+def build_engine(config: Config) -> LocalEngine:
+    """The engine of ``[engine] backend``: model work in this process, or on the ``[ray]`` cluster."""
+    if config.engine.backend != "ray":
+        return LocalEngine(config.engine)
+    try:  # lazy: ray is an optional extra (pip install 'pgml-proxy[ray]') and takes seconds to import
+        from engine.runtime.ray_backend import ray_engine
+    except ModuleNotFoundError as exc:
+        if exc.name != "ray":
+            raise
+        raise EngineError('[engine] backend = "ray" needs the ray package: pip install \'pgml-proxy[ray]\'') from None
+    return ray_engine(config.engine, config.ray)
+
+
 async def _run(config: Config, setup: callback.Setup | None) -> int:
     cluster = None
     if config.upstream.dsn:
@@ -242,7 +259,7 @@ async def _run(config: Config, setup: callback.Setup | None) -> int:
                 print(f"pgml-proxy: callback mode: {callback.error_text(exc)}", file=sys.stderr)
                 return 1
         target = UpstreamTarget(parse_dsn(cluster.dsn()), "disable", "", config.upstream.connect_timeout)
-    engine = LocalEngine(config.engine)  # the composition root: the one place that builds the engine
+    engine = build_engine(config)  # the composition root: the one place that builds the engine
     try:
         server = Server(config, target, Rewriter(engine, stream=config.proxy.stream_outputs, callback=setup))
         await server.start()

@@ -1,7 +1,7 @@
 """The one configuration object: ``config.toml`` < ``PGML_PROXY_*`` env < CLI flags.
 
-Owns: the frozen dataclasses (the ``[engine]`` section is the engine's own type,
-``engine.api.EngineConfig``, embedded here), their defaults, loading, coercion and
+Owns: the frozen dataclasses (the ``[engine]`` and ``[ray]`` sections are the engine's own types,
+``engine.api.EngineConfig`` and ``RayConfig``, embedded here), their defaults, loading, coercion and
 validation. Every error names the offending key (``ConfigError``).
 
 Must not: keep a module-level instance (the config is passed explicitly), or read
@@ -21,12 +21,13 @@ from typing import Any
 
 import psycopg.conninfo
 
-from engine.api import EngineConfig
+from engine.api import EngineConfig, RayConfig
 from proxy.dsn import DSNError, parse_dsn
 
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 EMBED_BACKENDS = ("torch", "onnx")
+ENGINE_BACKENDS = ("local", "ray")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 ENV_PREFIX = "PGML_PROXY_"
 # Short env names kept for the most common settings.
@@ -103,6 +104,7 @@ class Config:
     upstream: UpstreamSection = field(default_factory=UpstreamSection)
     engine: EngineConfig = field(default_factory=EngineConfig)  # the engine's own type (engine.api)
     callback: CallbackSection = field(default_factory=CallbackSection)
+    ray: RayConfig = field(default_factory=RayConfig)  # the engine's own type (engine.api)
     log: LogSection = field(default_factory=LogSection)
 
 
@@ -261,8 +263,17 @@ def validate(config: Config) -> None:
     _check(e.batch_size > 0, "engine.batch_size", "must be positive")
     _check(e.embed_backend in EMBED_BACKENDS, "engine.embed_backend", f"must be one of {', '.join(EMBED_BACKENDS)}")
     _check(e.cache_bytes > 0, "engine.cache_bytes", "must be positive")
+    _check(e.backend in ENGINE_BACKENDS, "engine.backend", f"must be one of {', '.join(ENGINE_BACKENDS)}")
+    _validate_ray(config.ray)
     _validate_callback(config.callback)
     _check(config.log.level in LOG_LEVELS, "log.level", f"must be one of {', '.join(LOG_LEVELS)}")
+
+
+def _validate_ray(r: RayConfig) -> None:
+    _check(r.num_cpus >= 0, "ray.num_cpus", "must be >= 0")
+    _check(r.num_gpus >= 0, "ray.num_gpus", "must be >= 0")
+    _check(r.replicas > 0, "ray.replicas", "must be positive")
+    _check(bool(r.namespace), "ray.namespace", "must not be empty")
 
 
 def _validate_callback(c: CallbackSection) -> None:
