@@ -178,12 +178,13 @@ class RayOffload:
                     raise Canceled(CANCELED)
                 _, pending = ray.wait(pending, num_returns=len(pending), timeout=WAIT_STEP)
             outcomes = ray.get(refs)
-        except _LOST as exc:
-            log.error("pgml engine: a Ray training task's worker died: %s", type(exc).__name__)
-            raise WorkerLost("the Ray worker of a training task died", hint=LOST_HINT) from None
-        finally:
+        except BaseException as exc:
             for ref in refs:
-                ray.cancel(ref)  # nothing for finished tasks
+                ray.cancel(ref)  # canceled, or one failed: the others stop too (nothing for finished ones)
+            if isinstance(exc, _LOST):
+                log.error("pgml engine: a Ray training task's worker died: %s", type(exc).__name__)
+                raise WorkerLost("the Ray worker of a training task died", hint=LOST_HINT) from None
+            raise
         return [_unpack(o)[0] for o in outcomes]
 
     def cancel(self, cancelled: threading.Event) -> None:
