@@ -91,10 +91,23 @@ def compare(name: str, local: Callable[[], object], remote: Callable[[], object]
           f"ray speed = {local_s / ray_s:.2f}x local (target >= {goal}x)", flush=True)  # fmt: skip
 
 
+def grid_search(dsn: str, work: Path, local: str, ray: dict[str, str], rows: int, rounds: int) -> None:
+    x, y = make_data(rows)
+    (work / "ray-grid").mkdir()
+    with ml_table(dsn, x, y), pgml_proxy(dsn, work / "ray-grid", **ray, PGML_PROXY_RAY_NUM_CPUS="1") as (remote, _):
+        counter = iter(range(1000))
+        compare(
+            f"grid search, 8 candidates x 2 folds, {rows} rows",
+            lambda: run(local, GRID.format(project=f"local {next(counter)}")),
+            lambda: run(remote, GRID.format(project=f"ray {next(counter)}")),
+            rounds, 1.6,
+        )  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=10000)
-    parser.add_argument("--train-rows", type=int, default=2000)
+    parser.add_argument("--train-rows", type=int, default=2000, help="0: no grid search")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="pgml-ray-bench-", dir="/tmp") as tmp, ExitStack() as stack:
@@ -109,18 +122,8 @@ def main() -> None:
         (work / "local").mkdir()
         local, _ = stack.enter_context(pgml_proxy(dsn, work / "local", **common))
 
-        x, y = make_data(args.train_rows)
-        with ml_table(dsn, x, y), ExitStack() as grid:
-            (work / "ray-grid").mkdir()
-            remote, _ = grid.enter_context(pgml_proxy(dsn, work / "ray-grid", **ray, PGML_PROXY_RAY_NUM_CPUS="1"))
-            counter = iter(range(1000))
-            compare(
-                f"grid search, 8 candidates x 2 folds, {args.train_rows} rows",
-                lambda: run(local, GRID.format(project=f"local {next(counter)}")),
-                lambda: run(remote, GRID.format(project=f"ray {next(counter)}")),
-                args.rounds, 1.6,
-            )  # fmt: skip
-
+        if args.train_rows:
+            grid_search(dsn, work, local, ray, args.train_rows, args.rounds)
         with texts_table(dsn, EMBED_TABLE, make_texts(args.rows)):
             (work / "ray-embed").mkdir()
             remote, _ = stack.enter_context(pgml_proxy(dsn, work / "ray-embed", **ray, PGML_PROXY_RAY_NUM_CPUS="2",
