@@ -1,12 +1,12 @@
 """Command line: ``pgml-proxy [--config PATH] [--listen HOST:PORT] [--upstream DSN] [--log-level L] [run|init|resign]``.
 
-Owns: argument parsing, logging setup, building the engine (the composition root: no
-other proxy module imports ``engine.runtime``), choosing the upstream (configured DSN or
-an embedded cluster), the artifact signing key file (resolved and created at start-up,
-its path handed to the engine), running the server until SIGTERM/SIGINT, setting callback
-mode up (``init``, embedded start: :mod:`proxy.callback`) or off (``init --no-callback``), and
-``resign``: re-signing the registry's artifacts with a new key (rotation) or signing
-unsigned ones an administrator has checked, directly on the upstream database.
+Owns: argument parsing, logging setup, building the engine (the composition root: no other proxy module
+imports ``engine.runtime``), choosing the upstream (configured DSN or an embedded cluster), the artifact
+signing key file (resolved and created at start-up, its path handed to the engine), building the metrics
+(:mod:`proxy.metrics`) around the engine and the server, running the server (and the ``[metrics]`` endpoint)
+until SIGTERM/SIGINT, setting callback mode up (``init``, embedded start: :mod:`proxy.callback`) or off
+(``init --no-callback``), and ``resign``: re-signing the registry's artifacts with a new key (rotation) or
+signing unsigned ones an administrator has checked, directly on the upstream database.
 Must not: hold state beyond one ``main()`` call, or print or log a key.
 """
 
@@ -24,13 +24,15 @@ from typing import Any
 
 import psycopg
 
-from engine.api import EngineError
+from engine.api import Engine, EngineError
 from engine.ml import signing
 from engine.runtime.executor import LocalEngine
 from proxy import PGML_API_LEVEL, __version__, callback, schema
-from proxy.config import Config, ConfigError, load
+from proxy.config import Config, ConfigError, load, split_listen
 from proxy.dsn import parse_dsn
 from proxy.embedded import Cluster, ClusterError, find_bin_dir
+from proxy.endpoint import Endpoint
+from proxy.metrics import MeasuredEngine, Metrics
 from proxy.rewrite.decide import Rewriter
 from proxy.server import Server, UpstreamTarget
 from proxy.wire import trace
@@ -242,10 +244,15 @@ async def _run(config: Config, setup: callback.Setup | None) -> int:
                 print(f"pgml-proxy: callback mode: {callback.error_text(exc)}", file=sys.stderr)
                 return 1
         target = UpstreamTarget(parse_dsn(cluster.dsn()), "disable", "", config.upstream.connect_timeout)
-    engine = LocalEngine(config.engine)  # the composition root: the one place that builds the engine
+    metrics = Metrics()
+    engine = LocalEngine(config.engine, metrics)  # the composition root: the one place that builds the engine
+    endpoint = None
     try:
-        server = Server(config, target, Rewriter(engine, stream=config.proxy.stream_outputs, callback=setup))
+        rewriter = Rewriter(MeasuredEngine(engine, metrics), stream=config.proxy.stream_outputs, callback=setup)
+        server = Server(config, target, rewriter, metrics.counts)
         await server.start()
+        metrics.watch(server.open_sessions, engine.stats)
+        endpoint = await _metrics_endpoint(config, metrics, target, engine)
         server.install_signal_handlers()
         user = target.dsn.user or "postgres"
         host = config.proxy.host if config.proxy.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
@@ -256,11 +263,24 @@ async def _run(config: Config, setup: callback.Setup | None) -> int:
         )
         await server.wait_stopped()
     finally:
+        if endpoint is not None:
+            await endpoint.close()
         await engine.close()
         if cluster is not None:
             log.info("stopping embedded PostgreSQL")
             await asyncio.to_thread(cluster.stop)
     return 0
+
+
+async def _metrics_endpoint(
+    config: Config, metrics: Metrics, target: UpstreamTarget, engine: Engine
+) -> Endpoint | None:
+    """The ``[metrics] listen`` endpoint, serving (None when not configured)."""
+    if not config.metrics.listen:
+        return None
+    endpoint = Endpoint(metrics, target, engine)
+    await endpoint.start(*split_listen(config.metrics.listen))
+    return endpoint
 
 
 # --------------------------------------------------------------------------- #

@@ -39,6 +39,12 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the key."""
 
 
+def split_listen(listen: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT``) -> (host, port)."""
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 @dataclass(frozen=True)
 class ProxySection:
     listen: str = "127.0.0.1:6432"
@@ -55,11 +61,11 @@ class ProxySection:
 
     @property
     def host(self) -> str:
-        return self.listen.rpartition(":")[0].strip("[]")
+        return split_listen(self.listen)[0]
 
     @property
     def port(self) -> int:
-        return int(self.listen.rpartition(":")[2])
+        return split_listen(self.listen)[1]
 
     @property
     def tls_enabled(self) -> bool:
@@ -92,6 +98,14 @@ class CallbackSection:
 
 
 @dataclass(frozen=True)
+class MetricsSection:
+    """Prometheus metrics and the health check (README: Metrics and health)."""
+
+    # HOST:PORT serving /metrics and /healthz over HTTP; empty: no endpoint.
+    listen: str = ""
+
+
+@dataclass(frozen=True)
 class LogSection:
     level: str = "info"
     trace_protocol: bool = False  # each protocol message in the log (names and counts, never data)
@@ -104,6 +118,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)  # the engine's own type (engine.api)
     callback: CallbackSection = field(default_factory=CallbackSection)
     log: LogSection = field(default_factory=LogSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
 
 
 SECTIONS: dict[str, type[Any]] = {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
@@ -233,12 +248,9 @@ def _check(ok: bool, key: str, message: str) -> None:
 def validate(config: Config) -> None:
     """Cross-field and range checks; raises ConfigError naming the key."""
     p, u, e = config.proxy, config.upstream, config.engine
-    host, sep, port = p.listen.rpartition(":")
-    _check(
-        bool(sep and host and port.isdigit() and 0 < int(port) < 65536),
-        "proxy.listen",
-        f"expected HOST:PORT, got {p.listen!r}",
-    )
+    _check_listen(p.listen, "proxy.listen")
+    if config.metrics.listen:
+        _check_listen(config.metrics.listen, "metrics.listen")
     _check(p.max_clients > 0, "proxy.max_clients", "must be positive")
     _check(1024 <= p.max_message_bytes <= 1 << 30, "proxy.max_message_bytes", "must be between 1024 and 1 GiB")
     _check(bool(p.tls_cert) == bool(p.tls_key), "proxy.tls_cert", "tls_cert and tls_key must be set together")
@@ -263,6 +275,11 @@ def validate(config: Config) -> None:
     _check(e.cache_bytes > 0, "engine.cache_bytes", "must be positive")
     _validate_callback(config.callback)
     _check(config.log.level in LOG_LEVELS, "log.level", f"must be one of {', '.join(LOG_LEVELS)}")
+
+
+def _check_listen(listen: str, key: str) -> None:
+    host, sep, port = listen.rpartition(":")
+    _check(bool(sep and host and port.isdigit() and 0 < int(port) < 65536), key, f"expected HOST:PORT, got {listen!r}")
 
 
 def _validate_callback(c: CallbackSection) -> None:

@@ -21,6 +21,7 @@ from proxy.config import Config
 from proxy.dsn import DSN
 from proxy.errors import TooManyConnections
 from proxy.link import Link
+from proxy.metrics import Counts
 from proxy.rewrite.decide import Rewriter
 from proxy.session.shell import Session
 from proxy.upstream import send_cancel
@@ -48,8 +49,11 @@ def client_tls_context(cert: str, key: str) -> ssl.SSLContext:
 class Server:
     """Accepts client connections and runs one :class:`Session` per connection."""
 
-    def __init__(self, config: Config, upstream: UpstreamTarget, rewriter: Rewriter | None = None) -> None:
+    def __init__(
+        self, config: Config, upstream: UpstreamTarget, rewriter: Rewriter | None = None, counts: Counts | None = None
+    ) -> None:
         self.config = config
+        self.counts = counts or Counts()  # the sessions' counters (proxy.metrics)
         self.upstream = upstream
         self.rewriter = rewriter or Rewriter()
         self.client_tls = (
@@ -94,10 +98,14 @@ class Server:
 
     def admit(self, session: Session) -> None:
         """Called once a StartupMessage arrived; raises 53300 past ``max_clients``, as the server does."""
-        admitted = sum(1 for s in self.sessions if s.admitted)
-        if admitted >= self.config.proxy.max_clients:
+        if self.open_sessions() >= self.config.proxy.max_clients:
             raise TooManyConnections("sorry, too many clients already")
         session.admitted = True
+        self.counts.sessions += 1
+
+    def open_sessions(self) -> int:
+        """Sessions admitted and not yet over."""
+        return sum(1 for s in self.sessions if s.admitted)
 
     # -- cancel routing ---------------------------------------------------- #
 

@@ -3,8 +3,9 @@
 Owns: :data:`HANDLERS` (every evaluated ``pgml.*`` function -> how it runs: a :class:`Worker` in a
 worker thread under a compute turn, or a :class:`Procedure` on the event loop with the client's
 session), admission (at most ``max_queue`` calls), the worker threads, per-session cancel flags, the
-time limit, the shared model cache, and what an engine failure writes to the log (its type, SQLSTATE,
-function and model at error level; the traceback, which may quote client data, at debug only).
+time limit, the shared model cache, the :class:`~engine.api.EngineStats` it reports, and what an
+engine failure writes to the log (its type, SQLSTATE, function and model at error level; the traceback,
+which may quote client data, at debug only).
 
 Must not: be imported by the proxy except by its composition root (``proxy.cli`` builds the engine),
 run model code on the event loop, or log arguments or exception texts at info and above.
@@ -36,7 +37,9 @@ from engine.api import (
     DatabaseError,
     EngineConfig,
     EngineError,
+    EngineStats,
     NotSupported,
+    Observer,
     Overloaded,
 )
 from engine.ml import deploy, predict, train
@@ -154,13 +157,13 @@ def _as_engine_error(what: str, call: Call | None, exc: BaseException) -> Engine
 class LocalEngine:
     """Evaluates calls with in-process models; one instance per proxy process."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, observer: Observer | None = None) -> None:
         configure_offline(config.allow_downloads)
         self.config = config
-        self.cache = ModelCache(config.cache_bytes)
+        self.cache = ModelCache(config.cache_bytes, observer.loaded if observer is not None else None)
         # A thread for every admitted call (running or waiting for a turn), a turn per worker.
         self._pool = ThreadPoolExecutor(max_workers=config.workers + config.max_queue, thread_name_prefix="pgml-engine")
-        self._turns = Turns(config.workers)
+        self._turns = Turns(config.workers, observer.waited if observer is not None else None)
         self._pending = 0
         self._flags: dict[int, set[Job]] = defaultdict(set)
 
@@ -325,6 +328,9 @@ class LocalEngine:
             self._unflag(job)
             if running.done():  # paused: no worker holds the generation
                 self._in_worker(close)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(self._pending, len(self._turns.waiting), self.cache.bytes(), len(self.cache))
 
     def cancel(self, session: int) -> None:
         for job in list(self._flags.get(session, ())):

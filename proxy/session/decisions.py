@@ -1,11 +1,11 @@
 """The decision for one routed client message, and carrying it out.
 
-Owns: :class:`Decider` — asking for the decision of a frame the router routed to DECIDE or
-ANSWER (the rewriter for pgml statements and deferred Binds, :mod:`proxy.streams.cursors` for
-commands on the proxy's cursors, :mod:`proxy.streams.owned` for messages naming its own prepared
-statements and portals, streamed Bind portals among them), turning the failures of that into
-decisions, and applying a decision through :class:`proxy.session.traffic.Traffic`. It also keeps
-what the decisions leave behind on the connection: deferred statements (their pgml calls wait for
+Owns: :class:`Decider` — asking for the decision of a frame the router routed to DECIDE or ANSWER (the
+rewriter for pgml statements and deferred Binds, :mod:`proxy.streams.cursors` for commands on the proxy's
+cursors, :mod:`proxy.streams.owned` for messages naming its own prepared statements and portals, streamed Bind
+portals among them), turning the failures of that into decisions, counting them
+(:class:`proxy.metrics.Counts`), and applying a decision through :class:`proxy.session.traffic.Traffic`. It
+also keeps what the decisions leave behind on the connection: deferred statements (their pgml calls wait for
 Bind values), the proxy's cursors and its own prepared statements and portals.
 
 The proxy's own statements never show as such: the ErrorResponse that answers the ``DO`` block
@@ -25,6 +25,7 @@ import pglast
 
 from engine.api import EngineError
 from proxy.errors import InFailedTransaction, ProxyError, error_fields, from_fields
+from proxy.metrics import Counts
 from proxy.rewrite import decide, steps
 from proxy.rewrite.decide import Decision, Rewriter
 from proxy.session.exchange import SYNC, BatchFailed, Statement, UpstreamError
@@ -44,9 +45,10 @@ MECHANISM = "WFLR"
 class Decider:
     """Decisions for one connection, and the proxy-owned things they leave on it."""
 
-    def __init__(self, rewriter: Rewriter, traffic: Traffic) -> None:
+    def __init__(self, rewriter: Rewriter, traffic: Traffic, counts: Counts | None = None) -> None:
         self.rewriter = rewriter
         self.traffic = traffic
+        self.counts = counts or Counts()  # what the decisions did (proxy.metrics)
         # Statements whose pgml calls depend on $n: name -> (SQL, parameter types), rewritten at each Bind.
         self.deferred: dict[str, tuple[str, tuple[int, ...]]] = {}
         self.cursors = cursors.Cursors(rewriter.engine)  # pgml.transform_stream cursors
@@ -70,6 +72,7 @@ class Decider:
             decision = decide.FORWARD  # the server skips this message anyway, until the client's Sync
         except (ProxyError, EngineError) as exc:
             decision = decide.Fail(exc)
+        self.counts.decided(frame.type, decision)
         await self._apply(frame, decision)
 
     async def _decision(self, frame: Frame) -> Decision:
