@@ -1,8 +1,8 @@
 """Connections to the real PostgreSQL: TCP or unix socket, TLS per ``sslmode``, cancel requests.
 
-Owns: opening a socket to the upstream, the SSLRequest exchange, sending
-CancelRequest packets, and the health probe (:func:`probe`). Must not: relay client traffic or look at queries (that is
-the session's job); authentication is relayed by the session, not done here.
+Owns: opening a socket to the upstream, the SSLRequest exchange, sending CancelRequest packets, and the
+health probe (:func:`probe`). Must not: relay client traffic or look at queries (that is the session's
+job); authentication is relayed by the session, not done here.
 """
 
 from __future__ import annotations
@@ -87,15 +87,11 @@ async def send_cancel(dsn: DSN, sslmode: str, sslrootcert: str, timeout: float, 
 
 
 async def probe(dsn: DSN, sslmode: str, sslrootcert: str, timeout: float) -> None:
-    """Whether the server takes connections, without a session: a CancelRequest for no backend (pid 0).
+    """Whether the server takes connections, without a session: an SSLRequest (and TLS, if it says yes), then close.
 
-    A server process reads it and closes the connection: no authentication, no session, nothing in the
-    server's log at its default levels. Raises UnableToConnect (08001) when the server does not answer so.
+    A server process answers the SSLRequest; closing before the startup packet is what monitoring tools do,
+    and the server logs nothing for it (no authentication, no session). Raises UnableToConnect (08001).
     """
-    link = await open_link(dsn, "disable" if sslmode == "prefer" else sslmode, sslrootcert, timeout)
-    link.write(encode_startup(CancelRequest(0, bytes(4))))
-    try:
-        await asyncio.wait_for(link.closed, timeout)
-    except TimeoutError:
-        link.abort()
-        raise UnableToConnect(f"upstream server {dsn.redacted()} did not answer within {timeout:g} s") from None
+    mode = sslmode if sslmode in ("require", "verify-ca", "verify-full") else "prefer"  # always ask the server
+    link = await open_link(dsn, mode, sslrootcert, timeout)
+    link.close()
