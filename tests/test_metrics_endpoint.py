@@ -3,6 +3,7 @@ follows the upstream (README: Metrics and health). Not the ML metrics of pgml.tr
 
 from __future__ import annotations
 
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -16,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from engine.api import evaluated_functions
 from proxy.embedded import Cluster, free_port
 from proxy.metrics import DECISIONS
-from tests.conftest import Postgres, ProxyProcess, start_proxy
+from tests.conftest import MINILM, Postgres, ProxyProcess, start_proxy
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 SECRET_TEXT = "confidential-4f1d text nobody may see"
@@ -169,3 +170,41 @@ def test_healthz_follows_the_upstream(pg: Postgres, tmp_path: Path) -> None:
             proxy.stop()
     finally:
         cluster.stop("immediate")
+
+
+@pytest.mark.slow  # loads all-MiniLM-L6-v2 and embeds until canceled
+def test_healthz_fails_while_the_engine_cannot_take_a_job(pg: Postgres, model_dir: Path, tmp_path: Path) -> None:
+    """With its one queue place taken by a long embed, the engine cannot run the check's job: 503, then 200."""
+    port = free_port()
+    proxy = start_proxy(
+        pg.dsn(), tmp_path, PGML_PROXY_METRICS_LISTEN=f"127.0.0.1:{port}", PGML_PROXY_ENGINE_MODEL_DIRS=str(model_dir),
+        PGML_PROXY_ENGINE_MAX_QUEUE="1",
+    )  # fmt: skip
+    failures: list[BaseException] = []
+    try:
+        wait_for(port)
+        assert get(port, "/healthz")[0] == 200
+        with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+            long = threading.Thread(target=_long_embed, args=(conn, failures))
+            long.start()
+            try:
+                deadline = time.monotonic() + 120
+                while (answer := get(port, "/healthz"))[0] == 200 and long.is_alive():
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+                status, _, body = answer
+                assert status == 503 and body.startswith("engine unresponsive:"), answer
+            finally:
+                conn.cancel_safe()
+                long.join(60)
+        assert [type(f) for f in failures] == [psycopg.errors.QueryCanceled]
+        assert get(port, "/healthz")[0] == 200
+    finally:
+        proxy.stop()
+
+
+def _long_embed(conn: psycopg.Connection, failures: list[BaseException]) -> None:
+    try:
+        conn.execute(f"SELECT pgml.embed('{MINILM}', 'sentence ' || i) FROM generate_series(1, 200000) i").fetchall()
+    except psycopg.Error as exc:
+        failures.append(exc)
