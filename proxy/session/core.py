@@ -22,6 +22,7 @@ from collections import deque
 from typing import Protocol
 
 from proxy.errors import ConnectionFailure, InternalError, ProtocolViolation, ProxyError
+from proxy.rewrite import callback_guard
 from proxy.rewrite.decide import Rewriter
 from proxy.session.decisions import MECHANISM, Decider
 from proxy.session.router import Kind, Route, Router
@@ -142,6 +143,7 @@ class Connection:
         """The upstream is connected: the client's startup packet goes there; authentication is relayed."""
         self._upstream.write(encode_startup(startup))
         self.traffic.search_path.startup(startup)
+        self.decider.callback = callback_guard.is_callback(startup)
         self.state.owe()  # the ReadyForQuery that ends authentication
         self.state.fire(Event.CONNECTED)
 
