@@ -7,8 +7,11 @@ connections and never answers (hung) and a port nobody listens on (down), with p
 
 from __future__ import annotations
 
+import re
+import shutil
 import socket
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +29,7 @@ from tests.conftest import MINILM, Postgres, ProxyProcess, scratch_database, sta
 pytestmark = pytest.mark.pg_matrix
 
 PEER_TIMEOUT = 1.0
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -225,3 +229,45 @@ def test_unknown_key_is_forwarded_once_and_dropped(replicas: Replicas) -> None:
     assert lines(replicas.b, ignored) == 1
     assert lines(replicas.b, f"backend {pid} is not ours") == 0  # B never forwarded it again
     assert lines(replicas.a, f"backend {pid}") + lines(replicas.b, f"backend {pid}") == 3
+
+
+@pytest.fixture
+def balancer(replicas: Replicas, tmp_path: Path) -> Iterator[int]:
+    """HAProxy with docs/haproxy.cfg in front of both replicas (the example's addresses replaced by theirs)."""
+    haproxy = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin")
+    if haproxy is None:
+        pytest.skip("haproxy is not installed")
+    port = free_port()
+    config = (ROOT / "docs" / "haproxy.cfg").read_text().replace("bind :6432", f"bind 127.0.0.1:{port}")
+    config = re.sub(r"(?m)^    server .*\n", "", config)
+    config += "".join(f"    server {n} 127.0.0.1:{p.port}\n" for n, p in vars(replicas).items())
+    (tmp_path / "haproxy.cfg").write_text(config)
+    proc = subprocess.Popen([str(haproxy), "-db", "-f", str(tmp_path / "haproxy.cfg")], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr and proc.stderr.read()
+                time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_psql_cancel_through_the_load_balancer(replicas: Replicas, balancer: int) -> None:
+    """A driver's own cancel through the balancer: leastconn sends it to the replica without the session."""
+    forwarded = "is not ours: forwarded to"
+    before = lines(replicas.a, forwarded) + lines(replicas.b, forwarded)
+    with psycopg.connect(f"postgresql://postgres@127.0.0.1:{balancer}/postgres", autocommit=True) as conn:
+        timer = threading.Timer(0.5, conn.cancel_safe)
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            conn.execute("SELECT pg_sleep(30)")
+        assert time.monotonic() - started < PEER_TIMEOUT + 5
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert lines(replicas.a, forwarded) + lines(replicas.b, forwarded) == before + 1
