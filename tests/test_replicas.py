@@ -21,6 +21,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from proxy.config import ConfigError, load
 from proxy.embedded import free_port
 from proxy.wire import messages as pq
 from proxy.wire.frames import CancelRequest, Frame, StartupReader, encode_startup
@@ -121,6 +122,17 @@ def test_forwarded_cancel_codec() -> None:
         reader.feed(encode_startup(request))
         assert reader.next_packet() == request
     assert encode_startup(CancelRequest(1, b"abcd", True))[4:8] != encode_startup(CancelRequest(1, b"abcd"))[4:8]
+
+
+def test_peers_configuration() -> None:
+    config = load(None, {"PGML_PROXY_PROXY_PEERS": "10.0.0.5:6432,[::1]:7000", "PGML_PROXY_PROXY_PEER_TIMEOUT": "0.5"})
+    assert config.proxy.peer_addresses == (("10.0.0.5", 6432), ("::1", 7000))
+    assert config.proxy.peer_timeout == 0.5
+    assert load(None, {}).proxy.peer_addresses == ()
+    with pytest.raises(ConfigError, match=r"proxy\.peers: expected HOST:PORT, got 'replica-b'"):
+        load(None, {"PGML_PROXY_PROXY_PEERS": "replica-b"})
+    with pytest.raises(ConfigError, match=r"proxy\.peer_timeout"):
+        load(None, {"PGML_PROXY_PROXY_PEER_TIMEOUT": "0"})
 
 
 def test_trained_on_a_predicts_on_b_and_deploys_seen_by_a(replicas: Replicas, pg: Postgres) -> None:
