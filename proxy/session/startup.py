@@ -58,7 +58,7 @@ class Negotiated:
 
 
 async def negotiate(
-    client: Link, tls: ssl.SSLContext | None, cancel: Callable[[int, bytes], Awaitable[None]]
+    client: Link, tls: ssl.SSLContext | None, cancel: Callable[[CancelRequest], Awaitable[None]]
 ) -> Negotiated:
     """SSLRequest / GSSENCRequest / CancelRequest handling until the StartupMessage."""
     reader = StartupReader()
@@ -81,8 +81,8 @@ async def negotiate(
                 encrypted = True
             case SSLRequest() | GSSENCRequest():
                 client.write(SSL_REFUSE)
-            case CancelRequest(pid=pid, key=key):
-                await cancel(pid, key)
+            case CancelRequest():
+                await cancel(packet)
                 return Negotiated(None)
             case StartupMessage():
                 return Negotiated(packet, reader.take_rest(), encrypted)  # the rest is relayed later
