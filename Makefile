@@ -43,8 +43,9 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	@echo "==> installed"
 
 # What the tests need besides Python: the system PostgreSQL 15 (server with contrib, psql, pgbench), a JDK
-# and pgjdbc (tests/clients/java), Node.js and npm (tests/clients/node), all from Debian's packages; then the
-# npm packages of tests/clients/node from its package-lock.json. Nothing is installed when all are present.
+# and pgjdbc (tests/clients/java), Node.js and npm (tests/clients/node), HAProxy (docs/haproxy.cfg in
+# tests/test_replicas.py), all from Debian's packages; then the npm packages of tests/clients/node from its
+# package-lock.json. Nothing is installed when all are present.
 deps: system-deps node-deps
 
 # Each line: a file or command that must exist, then the Debian package that provides it.
@@ -56,7 +57,8 @@ SYSTEM_DEPS := \
 	javac=default-jdk-headless \
 	/usr/share/java/postgresql.jar=libpostgresql-jdbc-java \
 	node=nodejs \
-	npm=npm
+	npm=npm \
+	/usr/sbin/haproxy=haproxy
 
 system-deps:
 	@missing=""; \

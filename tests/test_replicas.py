@@ -247,8 +247,7 @@ def test_unknown_key_is_forwarded_once_and_dropped(replicas: Replicas) -> None:
 def balancer(replicas: Replicas, tmp_path: Path) -> Iterator[int]:
     """HAProxy with docs/haproxy.cfg in front of both replicas (the example's addresses replaced by theirs)."""
     haproxy = shutil.which("haproxy") or shutil.which("haproxy", path="/usr/sbin")
-    if haproxy is None:
-        pytest.skip("haproxy is not installed")
+    assert haproxy is not None, "HAProxy is required (make test installs it: make deps)"
     port = free_port()
     config = (ROOT / "docs" / "haproxy.cfg").read_text().replace("bind :6432", f"bind 127.0.0.1:{port}")
     config = re.sub(r"(?m)^    server .*\n", "", config)
