@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ from engine.api import Engine, EngineError
 from engine.ml import signing
 from engine.runtime.executor import LocalEngine
 from proxy import PGML_API_LEVEL, __version__, callback, schema
-from proxy.config import Config, ConfigError, load, split_listen
+from proxy.config import Config, ConfigError, load, split_address
 from proxy.dsn import parse_dsn
 from proxy.embedded import Cluster, ClusterError, find_bin_dir
 from proxy.endpoint import Endpoint
@@ -64,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="run",
         choices=["run", "init", "resign"],
         help="run (default): start the proxy; init: install or upgrade the pgml schema in the upstream database "
-        "named by the DSN, then exit; resign: re-sign the model artifacts in pgml.files of that database (key "
+        "named by the DSN (none: the embedded server, on its stored port), then exit; resign: re-sign the model "
+        "artifacts in pgml.files of that database (key "
         "rotation, or signing unsigned artifacts after checking them), then exit. Run init and resign as an "
         "administrator: the owner of the pgml registry tables or a superuser, who see every project's rows "
         "(row-level security hides other roles' rows from anyone else)",
@@ -181,11 +183,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+@contextlib.contextmanager
+def _database(config: Config) -> Iterator[str]:
+    """The DSN a command runs on: the configured upstream, else the embedded server (started for the command on
+    its stored port and stopped after, or the running one adopted)."""
+    if config.upstream.dsn:
+        yield config.upstream.dsn
+        return
+    cluster = Cluster(find_bin_dir(config.upstream.embedded_version), Path(config.upstream.embedded_data_dir))
+    was_running = cluster.status()
+    cluster.start()
+    print(f"embedded PostgreSQL on 127.0.0.1:{cluster.port} (data in {cluster.data_dir})")
+    try:
+        yield cluster.dsn()
+    finally:
+        if not was_running:
+            cluster.stop()
+
+
 def _init(config: Config, setup: callback.Setup | None, no_callback: bool) -> int:
-    dsn = config.upstream.dsn
-    if not dsn:
-        print("pgml-proxy init: set the upstream DSN (--upstream or PGML_PROXY_UPSTREAM)", file=sys.stderr)
-        return 2
+    try:
+        with _database(config) as dsn:
+            return _init_on(dsn, setup, no_callback)
+    except ClusterError as exc:
+        print(f"pgml-proxy init: embedded PostgreSQL failed: {exc}", file=sys.stderr)
+        return 1
+
+
+def _init_on(dsn: str, setup: callback.Setup | None, no_callback: bool) -> int:
     try:
         applied = schema.init(dsn)
         print(f"pgml schema is at version {schema.latest()} ({applied} migration(s) applied)")
@@ -256,6 +281,9 @@ async def _run(config: Config, setup: callback.Setup | None) -> int:
         server.install_signal_handlers()
         user = target.dsn.user or "postgres"
         host = config.proxy.host if config.proxy.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        if cluster is not None:
+            print(f"embedded PostgreSQL {cluster.version} on 127.0.0.1:{cluster.port} (data in {cluster.data_dir})")
+        print(f"artifact signing key: {config.engine.artifact_key_file}")
         print(
             f'pgml-proxy {__version__} ready. Connect with:\n  psql "postgresql://{user}@{host}:{server.port}/'
             f'{target.dsn.dbname or "postgres"}"',
@@ -279,7 +307,7 @@ async def _metrics_endpoint(
     if not config.metrics.listen:
         return None
     endpoint = Endpoint(metrics, target, engine)
-    await endpoint.start(*split_listen(config.metrics.listen))
+    await endpoint.start(*split_address(config.metrics.listen))
     return endpoint
 
 
@@ -309,25 +337,15 @@ def _resign(config: Config, args: argparse.Namespace) -> int:
         return 2
     print(f"old key: {Path(old_file).absolute()}\nnew key: {Path(new_file).absolute()}")
 
-    # No upstream configured: the embedded server (started for the command, or the running one adopted).
-    cluster = (
-        None
-        if config.upstream.dsn
-        else Cluster(find_bin_dir(config.upstream.embedded_version), Path(config.upstream.embedded_data_dir))
-    )
-    was_running = cluster is not None and cluster.status()
     try:
-        if cluster is not None:
-            cluster.start()
-        dsn = config.upstream.dsn or (cluster.dsn() if cluster is not None else "")
-        with psycopg.connect(dsn, connect_timeout=max(1, int(config.upstream.connect_timeout))) as conn:
+        with (
+            _database(config) as dsn,
+            psycopg.connect(dsn, connect_timeout=max(1, int(config.upstream.connect_timeout))) as conn,
+        ):
             counts, problems, database = _resign_all(conn, old_key, new_key, args)
     except (psycopg.Error, ClusterError) as exc:
         print(f"pgml-proxy resign: {type(exc).__name__}: {str(exc).strip()}", file=sys.stderr)
         return 1
-    finally:
-        if cluster is not None and not was_running:
-            cluster.stop()
     for line in problems:
         print(line)
     print(

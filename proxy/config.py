@@ -39,12 +39,6 @@ class ConfigError(ValueError):
     """A bad configuration value; the message names the key."""
 
 
-def split_listen(listen: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT``) -> (host, port)."""
-    host, _, port = listen.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
 @dataclass(frozen=True)
 class ProxySection:
     listen: str = "127.0.0.1:6432"
@@ -58,14 +52,22 @@ class ProxySection:
     # Per-row pgml calls that are whole output columns of a SELECT are computed on its result rows as they
     # arrive (only the rows it returns); false: every per-row call goes through a session temp table.
     stream_outputs: bool = True
+    # Other replicas (HOST:PORT) that a CancelRequest for a session not held here is forwarded to (proxy.peers).
+    peers: tuple[str, ...] = ()
+    # Seconds one peer gets to take a forwarded CancelRequest (all peers are asked at once).
+    peer_timeout: float = 2.0
 
     @property
     def host(self) -> str:
-        return split_listen(self.listen)[0]
+        return split_address(self.listen)[0]
 
     @property
     def port(self) -> int:
-        return split_listen(self.listen)[1]
+        return split_address(self.listen)[1]
+
+    @property
+    def peer_addresses(self) -> tuple[tuple[str, int], ...]:
+        return tuple(split_address(peer) for peer in self.peers)
 
     @property
     def tls_enabled(self) -> bool:
@@ -245,12 +247,31 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def split_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` too) as host and port; ValueError when it is not one."""
+    host, sep, port = address.rpartition(":")
+    if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(address)
+    return host.strip("[]"), int(port)
+
+
+def _is_address(address: str) -> bool:
+    try:
+        split_address(address)
+    except ValueError:
+        return False
+    return True
+
+
 def validate(config: Config) -> None:
     """Cross-field and range checks; raises ConfigError naming the key."""
     p, u, e = config.proxy, config.upstream, config.engine
-    _check_listen(p.listen, "proxy.listen")
-    if config.metrics.listen:
-        _check_listen(config.metrics.listen, "metrics.listen")
+    _check(_is_address(p.listen), "proxy.listen", f"expected HOST:PORT, got {p.listen!r}")
+    m = config.metrics.listen
+    _check(not m or _is_address(m), "metrics.listen", f"expected HOST:PORT or empty, got {m!r}")
+    for peer in p.peers:
+        _check(_is_address(peer), "proxy.peers", f"expected HOST:PORT, got {peer!r}")
+    _check(p.peer_timeout > 0, "proxy.peer_timeout", "must be positive")
     _check(p.max_clients > 0, "proxy.max_clients", "must be positive")
     _check(1024 <= p.max_message_bytes <= 1 << 30, "proxy.max_message_bytes", "must be between 1024 and 1 GiB")
     _check(bool(p.tls_cert) == bool(p.tls_key), "proxy.tls_cert", "tls_cert and tls_key must be set together")
@@ -275,11 +296,6 @@ def validate(config: Config) -> None:
     _check(e.cache_bytes > 0, "engine.cache_bytes", "must be positive")
     _validate_callback(config.callback)
     _check(config.log.level in LOG_LEVELS, "log.level", f"must be one of {', '.join(LOG_LEVELS)}")
-
-
-def _check_listen(listen: str, key: str) -> None:
-    host, sep, port = listen.rpartition(":")
-    _check(bool(sep and host and port.isdigit() and 0 < int(port) < 65536), key, f"expected HOST:PORT, got {listen!r}")
 
 
 def _validate_callback(c: CallbackSection) -> None:

@@ -24,6 +24,7 @@ from typing import Protocol
 
 from proxy.errors import ConnectionFailure, InternalError, ProtocolViolation, ProxyError
 from proxy.metrics import Counts
+from proxy.rewrite import callback_guard
 from proxy.rewrite.decide import Rewriter
 from proxy.session.decisions import MECHANISM, Decider
 from proxy.session.router import Kind, Route, Router
@@ -146,6 +147,7 @@ class Connection:
         """The upstream is connected: the client's startup packet goes there; authentication is relayed."""
         self._upstream.write(encode_startup(startup))
         self.traffic.search_path.startup(startup)
+        self.decider.callback = callback_guard.is_callback(startup)
         self.state.owe()  # the ReadyForQuery that ends authentication
         self.state.fire(Event.CONNECTED)
 
