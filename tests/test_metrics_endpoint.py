@@ -181,30 +181,38 @@ def test_healthz_fails_while_the_engine_cannot_take_a_job(pg: Postgres, model_di
         PGML_PROXY_ENGINE_MAX_QUEUE="1",
     )  # fmt: skip
     failures: list[BaseException] = []
+    stop = threading.Event()
     try:
         wait_for(port)
         assert get(port, "/healthz")[0] == 200
         with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
-            long = threading.Thread(target=_long_embed, args=(conn, failures))
+            long = threading.Thread(target=_long_embed, args=(conn, stop, failures))
             long.start()
             try:
                 deadline = time.monotonic() + 120
-                while (answer := get(port, "/healthz"))[0] == 200 and long.is_alive():
+                while (answer := get(port, "/healthz"))[0] == 200:
                     assert time.monotonic() < deadline
                     time.sleep(0.05)
                 status, _, body = answer
-                assert status == 503 and body.startswith("engine unresponsive:"), answer
+                assert status == 503 and body.startswith("engine unresponsive:"), (answer, failures)
             finally:
-                conn.cancel_safe()
-                long.join(60)
-        assert [type(f) for f in failures] == [psycopg.errors.QueryCanceled]
+                stop.set()
+                while long.is_alive():
+                    conn.cancel_safe()
+                    long.join(1)
+        assert all(isinstance(f, psycopg.errors.QueryCanceled) for f in failures), failures
         assert get(port, "/healthz")[0] == 200
     finally:
         proxy.stop()
 
 
-def _long_embed(conn: psycopg.Connection, failures: list[BaseException]) -> None:
-    try:
-        conn.execute(f"SELECT pgml.embed('{MINILM}', 'sentence ' || i) FROM generate_series(1, 200000) i").fetchall()
-    except psycopg.Error as exc:
-        failures.append(exc)
+def _long_embed(conn: psycopg.Connection, stop: threading.Event, failures: list[BaseException]) -> None:
+    """Embeds until stopped (its own next part may find the one queue place taken: 53000, and it starts over)."""
+    sql = f"SELECT pgml.embed('{MINILM}', 'sentence ' || i) FROM generate_series(1, 200000) i"
+    while not stop.is_set():
+        try:
+            conn.execute(sql).fetchall()
+        except psycopg.errors.InsufficientResources:
+            continue
+        except psycopg.Error as exc:
+            failures.append(exc)
