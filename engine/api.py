@@ -4,7 +4,8 @@ Owns: the catalogue of proxy-evaluated ``pgml.*`` functions (argument names,
 SQL types, defaults, result shape), the engine's own configuration
 (:class:`EngineConfig`, the ``[engine]`` section), the request and result types
 (:class:`Call`, :class:`Statement`, :class:`Result`), the :class:`Engine` and
-:class:`Database` protocols, and the errors carrying a SQLSTATE (engine failures
+:class:`Database` protocols, what an engine reports for the proxy's metrics (:class:`EngineStats`, the
+:class:`Observer` it calls), and the errors carrying a SQLSTATE (engine failures
 and the value-format errors of :mod:`engine.pg`).
 
 Must not: import any other engine module (everything else depends on this one), build
@@ -485,3 +486,35 @@ class Engine(Protocol):
     async def close(self) -> None:
         """Stop workers and free models."""
         ...
+
+    def stats(self) -> EngineStats:
+        """What the engine holds now (read at each metrics scrape, on the event loop: cheap, never blocking)."""
+        ...
+
+
+# --------------------------------------------------------------------------- #
+# What an engine reports (the proxy's metrics endpoint reads and receives it)
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of an engine's state, taken at a metrics scrape."""
+
+    admitted: int  # calls admitted (running or waiting for a compute turn), at most [engine] max_queue
+    waiting: int  # of those, calls waiting for a compute turn: the engine's queue
+    cache_bytes: int  # bytes of the models loaded in the shared cache
+    cached_models: int
+    # Ray actors (model replicas) this engine uses; None for an engine without any (the local one).
+    ray_actors: int | None = None
+
+
+class Observer(Protocol):
+    """Told by an engine of what it did (the proxy's metrics histograms); called from worker threads,
+    so it must be thread-safe and never block."""
+
+    def waited(self, seconds: float) -> None:
+        """A call waited this long for a compute turn (0 when one was free)."""
+
+    def loaded(self, seconds: float) -> None:
+        """A model took this long to load into the cache."""

@@ -53,14 +53,22 @@ class ProxySection:
     # Per-row pgml calls that are whole output columns of a SELECT are computed on its result rows as they
     # arrive (only the rows it returns); false: every per-row call goes through a session temp table.
     stream_outputs: bool = True
+    # Other replicas (HOST:PORT) that a CancelRequest for a session not held here is forwarded to (proxy.peers).
+    peers: tuple[str, ...] = ()
+    # Seconds one peer gets to take a forwarded CancelRequest (all peers are asked at once).
+    peer_timeout: float = 2.0
 
     @property
     def host(self) -> str:
-        return self.listen.rpartition(":")[0].strip("[]")
+        return split_address(self.listen)[0]
 
     @property
     def port(self) -> int:
-        return int(self.listen.rpartition(":")[2])
+        return split_address(self.listen)[1]
+
+    @property
+    def peer_addresses(self) -> tuple[tuple[str, int], ...]:
+        return tuple(split_address(peer) for peer in self.peers)
 
     @property
     def tls_enabled(self) -> bool:
@@ -93,6 +101,14 @@ class CallbackSection:
 
 
 @dataclass(frozen=True)
+class MetricsSection:
+    """Prometheus metrics and the health check (README: Metrics and health)."""
+
+    # HOST:PORT serving /metrics and /healthz over HTTP; empty: no endpoint.
+    listen: str = ""
+
+
+@dataclass(frozen=True)
 class LogSection:
     level: str = "info"
     trace_protocol: bool = False  # each protocol message in the log (names and counts, never data)
@@ -106,6 +122,7 @@ class Config:
     callback: CallbackSection = field(default_factory=CallbackSection)
     ray: RayConfig = field(default_factory=RayConfig)  # the engine's own type (engine.api)
     log: LogSection = field(default_factory=LogSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
 
 
 SECTIONS: dict[str, type[Any]] = {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
@@ -232,15 +249,31 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def split_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` too) as host and port; ValueError when it is not one."""
+    host, sep, port = address.rpartition(":")
+    if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(address)
+    return host.strip("[]"), int(port)
+
+
+def _is_address(address: str) -> bool:
+    try:
+        split_address(address)
+    except ValueError:
+        return False
+    return True
+
+
 def validate(config: Config) -> None:
     """Cross-field and range checks; raises ConfigError naming the key."""
     p, u, e = config.proxy, config.upstream, config.engine
-    host, sep, port = p.listen.rpartition(":")
-    _check(
-        bool(sep and host and port.isdigit() and 0 < int(port) < 65536),
-        "proxy.listen",
-        f"expected HOST:PORT, got {p.listen!r}",
-    )
+    _check(_is_address(p.listen), "proxy.listen", f"expected HOST:PORT, got {p.listen!r}")
+    m = config.metrics.listen
+    _check(not m or _is_address(m), "metrics.listen", f"expected HOST:PORT or empty, got {m!r}")
+    for peer in p.peers:
+        _check(_is_address(peer), "proxy.peers", f"expected HOST:PORT, got {peer!r}")
+    _check(p.peer_timeout > 0, "proxy.peer_timeout", "must be positive")
     _check(p.max_clients > 0, "proxy.max_clients", "must be positive")
     _check(1024 <= p.max_message_bytes <= 1 << 30, "proxy.max_message_bytes", "must be between 1024 and 1 GiB")
     _check(bool(p.tls_cert) == bool(p.tls_key), "proxy.tls_cert", "tls_cert and tls_key must be set together")

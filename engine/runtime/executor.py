@@ -4,9 +4,9 @@ Owns: :data:`HANDLERS` (every evaluated ``pgml.*`` function -> how it runs: a :c
 thread under a compute turn, or a :class:`Procedure` on the event loop with the client's session; with an
 :class:`~engine.runtime.context.Offload` (the Ray backend) the workers it names run there, and procedures'
 model work goes to it through their context), admission (at most ``max_queue`` calls), the worker threads,
-per-session cancel flags, the time limit, the shared model cache, and what an engine failure writes to the log
-(its type, SQLSTATE, function and model at error level; the traceback, which may quote client data, at debug
-only).
+per-session cancel flags, the time limit, the shared model cache, the :class:`~engine.api.EngineStats` it
+reports, and what an engine failure writes to the log (its type, SQLSTATE, function and model at error level;
+the traceback, which may quote client data, at debug only).
 
 Must not: be imported by the proxy except by its composition root (``proxy.cli`` builds the engine),
 run model code on the event loop, or log arguments or exception texts at info and above.
@@ -38,7 +38,9 @@ from engine.api import (
     DatabaseError,
     EngineConfig,
     EngineError,
+    EngineStats,
     NotSupported,
+    Observer,
     Overloaded,
 )
 from engine.ml import deploy, predict, train
@@ -156,14 +158,14 @@ def as_engine_error(what: str, call: Call | None, exc: BaseException) -> EngineE
 class LocalEngine:
     """Evaluates calls with in-process models (or the offload's); one instance per proxy process."""
 
-    def __init__(self, config: EngineConfig, offload: Offload | None = None) -> None:
+    def __init__(self, config: EngineConfig, observer: Observer | None = None, offload: Offload | None = None) -> None:
         configure_offline(config.allow_downloads)
         self.config = config
         self.offload = offload
-        self.cache = ModelCache(config.cache_bytes)
+        self.cache = ModelCache(config.cache_bytes, observer.loaded if observer is not None else None)
         # A thread for every admitted call (running or waiting for a turn), a turn per worker.
         self._pool = ThreadPoolExecutor(max_workers=config.workers + config.max_queue, thread_name_prefix="pgml-engine")
-        self._turns = Turns(config.workers)
+        self._turns = Turns(config.workers, observer.waited if observer is not None else None)
         self._pending = 0
         self._flags: dict[int, set[Job]] = defaultdict(set)
 
@@ -330,6 +332,9 @@ class LocalEngine:
             self._unflag(job)
             if running.done():  # paused: no worker holds the generation
                 self._in_worker(close)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(self._pending, len(self._turns.waiting), self.cache.bytes(), len(self.cache))
 
     def cancel(self, session: int) -> None:
         for job in list(self._flags.get(session, ())):

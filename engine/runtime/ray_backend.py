@@ -32,7 +32,17 @@ from typing import Any
 import ray
 import ray.exceptions
 
-from engine.api import CANCELED, Canceled, Columns, EngineConfig, EngineError, InvalidArgument, RayConfig, WorkerLost
+from engine.api import (
+    CANCELED,
+    Canceled,
+    Columns,
+    EngineConfig,
+    EngineError,
+    InvalidArgument,
+    Observer,
+    RayConfig,
+    WorkerLost,
+)
 from engine.nlp.embed import INIT_KWARGS
 from engine.nlp.json_args import kwargs_object
 from engine.nlp.rank import RANK_INIT
@@ -50,9 +60,9 @@ LOST_HINT = "The next call starts a fresh one; see the Ray cluster's logs for wh
 WAIT_STEP = 0.1  # seconds between cancel checks of a training fan-out
 
 
-def ray_engine(config: EngineConfig, ray_config: RayConfig) -> LocalEngine:
+def ray_engine(config: EngineConfig, ray_config: RayConfig, observer: Observer | None = None) -> LocalEngine:
     """The engine of ``backend = "ray"``: the local engine with its model work offloaded to the cluster."""
-    return LocalEngine(config, RayOffload(config, ray_config))
+    return LocalEngine(config, observer, RayOffload(config, ray_config))
 
 
 def actor_name(key: str, replica: int) -> str:
