@@ -1,4 +1,4 @@
-"""Command line: ``pgml-proxy [--config PATH] [--listen HOST:PORT] [--upstream DSN] [--log-level L] [run|init|resign]``.
+"""Command line: ``pgml-proxy [--config PATH] [--listen HOST:PORT] [--upstream DSN] [--log-level L] [COMMAND]``.
 
 Owns: argument parsing, logging setup, building the engine (the composition root: no
 other proxy module imports ``engine.runtime``), choosing the upstream (configured DSN or
@@ -6,7 +6,8 @@ an embedded cluster), the artifact signing key file (resolved and created at sta
 its path handed to the engine), running the server until SIGTERM/SIGINT, setting callback
 mode up (``init``, embedded start: :mod:`proxy.callback`) or off (``init --no-callback``), and
 ``resign``: re-signing the registry's artifacts with a new key (rotation) or signing
-unsigned ones an administrator has checked, directly on the upstream database.
+unsigned ones an administrator has checked, directly on the upstream database; ``import-postgresml``
+(:mod:`proxy.import_postgresml`) is dispatched with its flags.
 Must not: hold state beyond one ``main()`` call, or print or log a key.
 """
 
@@ -27,7 +28,7 @@ import psycopg
 from engine.api import EngineError
 from engine.ml import signing
 from engine.runtime.executor import LocalEngine
-from proxy import PGML_API_LEVEL, __version__, callback, schema
+from proxy import PGML_API_LEVEL, __version__, callback, import_postgresml, schema
 from proxy.config import Config, ConfigError, load
 from proxy.dsn import parse_dsn
 from proxy.embedded import Cluster, ClusterError, find_bin_dir
@@ -60,12 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
         "command",
         nargs="?",
         default="run",
-        choices=["run", "init", "resign"],
+        choices=["run", "init", "resign", IMPORT],
         help="run (default): start the proxy; init: install or upgrade the pgml schema in the upstream database "
         "named by the DSN, then exit; resign: re-sign the model artifacts in pgml.files of that database (key "
         "rotation, or signing unsigned artifacts after checking them), then exit. Run init and resign as an "
         "administrator: the owner of the pgml registry tables or a superuser, who see every project's rows "
-        "(row-level security hides other roles' rows from anyone else)",
+        "(row-level security hides other roles' rows from anyone else); import-postgresml: convert the models "
+        "PostgresML trained (pgml.files estimator.rmp) in place into signed pgml-proxy artifacts, then exit",
     )
     calls = parser.add_argument_group("callback mode: the database calls pgml-proxy through dblink (init, run)")
     calls.add_argument(
@@ -102,10 +104,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="database name the old signatures were made for (a renamed or restored database; default: the current)",
     )
+    imports = parser.add_argument_group("import-postgresml options (also --trust-unsigned)")
+    imports.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="also convert PostgresML's Python-runtime models, which are pickles: unpickling runs code from the "
+        "database, so only for a database whose contents you trust",
+    )
+    imports.add_argument("--dry-run", action="store_true", help="report what would be converted; change nothing")
     return parser
 
 
+IMPORT = "import-postgresml"
 RESIGN_FLAGS = ("old_key_file", "new_key_file", "trust_unsigned", "old_database")
+IMPORT_FLAGS = ("trust_pickle", "dry_run")
 
 
 def config_path(arg: str | None) -> Path | None:
@@ -121,8 +133,12 @@ def config_path(arg: str | None) -> Path | None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command != "resign" and any(getattr(args, flag) for flag in RESIGN_FLAGS):
+    if args.command != "resign" and any(
+        getattr(args, f) for f in RESIGN_FLAGS if args.command != IMPORT or f != "trust_unsigned"
+    ):
         parser.error("--old-key-file, --new-key-file, --trust-unsigned and --old-database are options of resign")
+    if args.command != IMPORT and any(getattr(args, flag) for flag in IMPORT_FLAGS):
+        parser.error("--trust-pickle and --dry-run are options of import-postgresml")
     if args.no_callback and (args.command != "init" or args.callback):
         parser.error("--no-callback is an option of init, without --callback")
     try:
@@ -168,6 +184,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "resign":
         return _resign(config, args)
+    if args.command == IMPORT:
+        options = import_postgresml.Options(args.trust_pickle, args.trust_unsigned, args.dry_run)
+        return import_postgresml.run(config, options)
     log.info("artifact signing key: %s%s", key_file, " (created)" if created else "")
     try:
         return asyncio.run(_run(config, setup))
