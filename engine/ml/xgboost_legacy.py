@@ -10,8 +10,10 @@ The layout (XGBoost ``src/learner.cc``, ``src/gbm/gbtree_model.cc``,
 ``src/tree/tree_model.cc``): an optional ``binf`` magic, ``LearnerModelParamLegacy``
 (136 bytes), the objective and booster names (u64 length + bytes), the booster
 (``GBTreeModelParam``, 160 bytes; per tree ``TreeParam``, 148 bytes, then 20-byte
-nodes and 16-byte node statistics; then one i32 tree group per tree), then the
-learner's attributes when ``contain_extra_attrs`` is set. All little-endian.
+nodes and 16-byte node statistics; then one i32 tree group per tree; ``dart``: the
+tree weights), then the learner's attributes when ``contain_extra_attrs`` is set (since
+XGBoost 1.0 the objective's JSON configuration among them), ``count:poisson``'s
+``max_delta_step`` and the evaluation metrics' names when flagged. All little-endian.
 
 Must not: load or run the model (the caller hands the JSON to XGBoost's own loader),
 or accept trailing or missing bytes silently: any inconsistency is a ValueError.
@@ -61,8 +63,8 @@ def is_legacy(data: bytes) -> bool:
 def to_json(data: bytes) -> bytes:
     """The model in ``data`` (binary layout) as XGBoost's JSON model document; ValueError if it is not one."""
     reader = _Reader(data[len(MAGIC) :] if data.startswith(MAGIC) else data)
-    base_score, num_feature, num_class, extra_attrs, _eval, _major, _minor, num_target, from_average = reader.unpack(
-        _LEARNER
+    base_score, num_feature, num_class, extra_attrs, evaluation, _major, _minor, num_target, from_average = (
+        reader.unpack(_LEARNER)
     )
     objective, booster = reader.string(), reader.string()
     if booster not in _TREE_BOOSTERS:
@@ -71,10 +73,15 @@ def to_json(data: bytes) -> bytes:
     if booster == "dart":
         (count,) = struct.unpack("<Q", reader.take(8))
         weights = list(struct.unpack(f"<{count}f", reader.take(4 * int(count))))
-    attributes = {}
-    if extra_attrs:
-        (count,) = struct.unpack("<Q", reader.take(8))
-        attributes = dict((reader.string(), reader.string()) for _ in range(int(count)))
+    attributes = dict(_pairs(reader)) if extra_attrs else {}
+    if objective == "count:poisson" and reader.offset < len(reader.data):
+        reader.string()  # max_delta_step, also in the objective's configuration
+    if evaluation:
+        _strings(reader)  # the evaluation metrics' names: training only
+    if reader.offset != len(reader.data):
+        raise ValueError("trailing bytes after the XGBoost binary model")
+    # XGBoost 1.0 and later keep the objective's configuration, parameters included, as an attribute.
+    configured = json.loads(attributes.pop("objective")) if "objective" in attributes else None
     name = _RENAMED.get(objective, objective)
     gradient_booster: dict[str, Any] = {"name": "gbtree", "model": model}
     if booster == "dart":
@@ -91,9 +98,19 @@ def to_json(data: bytes) -> bytes:
             "num_feature": str(int(num_feature)),
             "num_target": str(max(1, int(num_target))),
         },
-        "objective": _objective(name, int(num_class)),
+        "objective": configured or _objective(name, int(num_class)),
     }
     return json.dumps({"learner": learner, "version": [2, 0, 0]}).encode()
+
+
+def _pairs(reader: _Reader) -> list[tuple[str, str]]:
+    (count,) = struct.unpack("<Q", reader.take(8))
+    return [(reader.string(), reader.string()) for _ in range(int(count))]
+
+
+def _strings(reader: _Reader) -> list[str]:
+    (count,) = struct.unpack("<Q", reader.take(8))
+    return [reader.string() for _ in range(int(count))]
 
 
 def _gbtree(reader: _Reader) -> dict[str, Any]:
