@@ -86,7 +86,7 @@ def to_json(data: bytes) -> bytes:
     gradient_booster: dict[str, Any] = {"name": "gbtree", "model": model}
     if booster == "dart":
         gradient_booster = {"name": "dart", "gbtree": gradient_booster, "weight_drop": weights}
-    learner = {
+    learner: dict[str, Any] = {
         "attributes": attributes,
         "feature_names": [],
         "feature_types": [],
