@@ -259,3 +259,22 @@ def test_rows_written_after_the_schema_need_trust_unsigned(
     assert "lightgbm_regression, rust lightgbm): skipped: unsigned and written after" in result.stdout
     result = command(pg, database, key, "--dry-run", "--trust-unsigned")
     assert "lightgbm_regression, rust lightgbm): converted: lightgbm -> estimator.lightgbm" in result.stdout
+
+
+def test_an_rmp_artifact_an_administrator_signed_is_rebuilt_at_first_predict(
+    proxy: ProxyProcess, pg: Postgres, key: Path, restored: tuple[str, dict[str, int]]
+) -> None:
+    database, _ = restored
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PGML_PROXY_")}
+    signed = subprocess.run(
+        [sys.executable, "-m", "proxy", "--upstream", pg.dsn(dbname=database), "resign", "--trust-unsigned"],
+        env={**env, "PGML_PROXY_ENGINE_ARTIFACT_KEY_FILE": str(key)}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert f"{len(MODELS)} signed that were unsigned" in signed.stdout, signed.stdout + signed.stderr
+    for name in ("xgboost_classification_2.0.0", "lightgbm_regression", "linfa_logistic_multi"):
+        assert_same(name, predictions(proxy, database, name))
+    with psycopg.connect(proxy.dsn(dbname=database), autocommit=True) as conn, pytest.raises(psycopg.Error) as pickle:
+        conn.execute("SELECT pgml.predict('sklearn_pickle', ARRAY[1, 2, 3, 4]::real[])")
+    assert pickle.value.sqlstate == "58000" and "--trust-pickle" in (pickle.value.diag.message_hint or "")
+    with psycopg.connect(pg.dsn(dbname=database)) as conn:  # read in memory only: the rows stay PostgresML's
+        assert conn.execute("SELECT count(*) FROM pgml.files WHERE path = 'estimator.rmp'").fetchone() == (len(MODELS),)
