@@ -1,4 +1,4 @@
-"""Command line: ``pgml-proxy [--config PATH] [--listen HOST:PORT] [--upstream DSN] [--log-level L] [run|init|resign]``.
+"""Command line: ``pgml-proxy [--config PATH] [--listen HOST:PORT] [--upstream DSN] [--log-level L] [COMMAND]``.
 
 Owns: argument parsing, logging setup, building the engine (the composition root: no other proxy module
 imports ``engine.runtime``), choosing the upstream (configured DSN or an embedded cluster), the artifact
@@ -6,7 +6,8 @@ signing key file (resolved and created at start-up, its path handed to the engin
 (:mod:`proxy.metrics`) around the engine and the server, running the server (and the ``[metrics]`` endpoint)
 until SIGTERM/SIGINT, setting callback mode up (``init``, embedded start: :mod:`proxy.callback`) or off
 (``init --no-callback``), and ``resign``: re-signing the registry's artifacts with a new key (rotation) or
-signing unsigned ones an administrator has checked, directly on the upstream database.
+signing unsigned ones an administrator has checked, directly on the upstream database;
+``import-postgresml`` (:mod:`proxy.import_postgresml`) is dispatched with its flags.
 Must not: hold state beyond one ``main()`` call, or print or log a key.
 """
 
@@ -19,7 +20,7 @@ import dataclasses
 import logging
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +29,10 @@ import psycopg
 from engine.api import Engine, EngineError, Observer
 from engine.ml import signing
 from engine.runtime.executor import LocalEngine
-from proxy import PGML_API_LEVEL, __version__, callback, schema
+from proxy import PGML_API_LEVEL, __version__, callback, import_postgresml, schema
 from proxy.config import Config, ConfigError, load, split_address
 from proxy.dsn import parse_dsn
-from proxy.embedded import Cluster, ClusterError, find_bin_dir
+from proxy.embedded import Cluster, ClusterError, command_dsn, find_bin_dir
 from proxy.endpoint import Endpoint
 from proxy.metrics import MeasuredEngine, Metrics
 from proxy.rewrite.decide import Rewriter
@@ -63,13 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
         "command",
         nargs="?",
         default="run",
-        choices=["run", "init", "resign"],
+        choices=["run", "init", "resign", IMPORT],
         help="run (default): start the proxy; init: install or upgrade the pgml schema in the upstream database "
         "named by the DSN (none: the embedded server, on its stored port), then exit; resign: re-sign the model "
         "artifacts in pgml.files of that database (key "
         "rotation, or signing unsigned artifacts after checking them), then exit. Run init and resign as an "
         "administrator: the owner of the pgml registry tables or a superuser, who see every project's rows "
-        "(row-level security hides other roles' rows from anyone else)",
+        "(row-level security hides other roles' rows from anyone else); import-postgresml: convert the models "
+        "PostgresML trained (pgml.files estimator.rmp) in place into signed pgml-proxy artifacts, then exit",
     )
     calls = parser.add_argument_group("callback mode: the database calls pgml-proxy through dblink (init, run)")
     calls.add_argument(
@@ -106,10 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="database name the old signatures were made for (a renamed or restored database; default: the current)",
     )
+    imports = parser.add_argument_group("import-postgresml options (also --trust-unsigned)")
+    imports.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="also convert PostgresML's Python-runtime models, which are pickles: unpickling runs code from the "
+        "database, so only for a database whose contents you trust",
+    )
+    imports.add_argument("--dry-run", action="store_true", help="report what would be converted; change nothing")
     return parser
 
 
+IMPORT = "import-postgresml"
 RESIGN_FLAGS = ("old_key_file", "new_key_file", "trust_unsigned", "old_database")
+IMPORT_FLAGS = ("trust_pickle", "dry_run")
 
 
 def config_path(arg: str | None) -> Path | None:
@@ -125,8 +137,12 @@ def config_path(arg: str | None) -> Path | None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command != "resign" and any(getattr(args, flag) for flag in RESIGN_FLAGS):
+    if args.command != "resign" and any(
+        getattr(args, f) for f in RESIGN_FLAGS if args.command != IMPORT or f != "trust_unsigned"
+    ):
         parser.error("--old-key-file, --new-key-file, --trust-unsigned and --old-database are options of resign")
+    if args.command != IMPORT and any(getattr(args, flag) for flag in IMPORT_FLAGS):
+        parser.error("--trust-pickle and --dry-run are options of import-postgresml")
     if args.no_callback and (args.command != "init" or args.callback):
         parser.error("--no-callback is an option of init, without --callback")
     try:
@@ -172,6 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "resign":
         return _resign(config, args)
+    if args.command == IMPORT:
+        options = import_postgresml.Options(args.trust_pickle, args.trust_unsigned, args.dry_run)
+        return import_postgresml.run(config, options)
     log.info("artifact signing key: %s%s", key_file, " (created)" if created else "")
     try:
         return asyncio.run(_run(config, setup))
@@ -186,22 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-@contextlib.contextmanager
-def _database(config: Config) -> Iterator[str]:
-    """The DSN a command runs on: the configured upstream, else the embedded server (started for the command on
-    its stored port and stopped after, or the running one adopted)."""
-    if config.upstream.dsn:
-        yield config.upstream.dsn
-        return
-    cluster = Cluster(find_bin_dir(config.upstream.embedded_version), Path(config.upstream.embedded_data_dir))
-    was_running = cluster.status()
-    cluster.start()
-    print(f"embedded PostgreSQL on 127.0.0.1:{cluster.port} (data in {cluster.data_dir})")
-    try:
-        yield cluster.dsn()
-    finally:
-        if not was_running:
-            cluster.stop()
+def _database(config: Config) -> contextlib.AbstractContextManager[str]:
+    u = config.upstream
+    return command_dsn(u.dsn, u.embedded_version, u.embedded_data_dir)
 
 
 def _init(config: Config, setup: callback.Setup | None, no_callback: bool) -> int:

