@@ -306,7 +306,6 @@ async def _run(config: Config, setup: callback.Setup | None) -> int:
         host = config.proxy.host if config.proxy.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
         if cluster is not None:
             print(f"embedded PostgreSQL {cluster.version} on 127.0.0.1:{cluster.port} (data in {cluster.data_dir})")
-        print(f"artifact signing key: {config.engine.artifact_key_file}")
         print(
             f'pgml-proxy {__version__} ready. Connect with:\n  psql "postgresql://{user}@{host}:{server.port}/'
             f'{target.dsn.dbname or "postgres"}"',
