@@ -6,6 +6,7 @@ activate_venv says the environment is fixed, dump_all / load_all move a registry
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from engine.runtime.confine import refuse_unsupported_loading
 from engine.runtime.context import Context
 from proxy import schema
 from tests.conftest import MINILM, Postgres, ProxyProcess, scratch_database
+from tests.test_callback import Setting, ready, setting  # noqa: F401  (fixtures: a cluster in callback mode)
 
 pytestmark = pytest.mark.pg_matrix
 
@@ -173,6 +175,15 @@ def test_a_view_on_an_old_vector_helper_survives_the_migration(pg: Postgres) -> 
         ("real[], real", ["vector", "scalar"]),
         ("real[], real[]", ["vector", "other"]),
     ]
+
+
+def test_callback_mode_answers_the_new_stubs_from_the_server(ready: Setting) -> None:  # noqa: F811
+    """A direct connection (a view, a trigger…) reaches the proxy through dblink: a void result as well."""
+    with ready.direct() as conn:
+        assert conn.execute("SELECT pgml.python_version()").fetchone() == (sys.version,)
+        assert conn.execute("SELECT pgml.validate_shared_library()").fetchone() == (None,)
+        assert conn.execute("SELECT count(*) > 10 FROM pgml.python_pip_freeze()").fetchone() == (True,)
+        assert conn.execute("SELECT pgml.sklearn_r2_score('{1,2,3}', '{1,2,3}')").fetchone() == (1.0,)
 
 
 # --------------------------------------------------------------------------- #
