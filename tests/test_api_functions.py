@@ -290,6 +290,20 @@ def test_dump_all_outside_data_dirs_is_refused(conn: psycopg.Connection, path: s
         conn.execute("SELECT pgml.load_all(%s)", [path])
 
 
+def test_dump_all_and_load_all_need_the_registry_owner(pg: Postgres, proxy: ProxyProcess) -> None:
+    with psycopg.connect(pg.dsn(), autocommit=True) as admin:
+        admin.execute("DROP ROLE IF EXISTS dumper")
+        admin.execute("CREATE ROLE dumper LOGIN")
+    try:
+        with psycopg.connect(proxy.dsn(user="dumper"), autocommit=True) as conn:
+            for function in ("dump_all", "load_all"):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege, match=function):
+                    conn.execute(f"SELECT pgml.{function}('dumps/mine')")
+    finally:
+        with psycopg.connect(pg.dsn(), autocommit=True) as admin:
+            admin.execute("DROP ROLE dumper")
+
+
 def test_dump_all_through_a_link_leading_out_is_refused(
     conn: psycopg.Connection, data_dir: Path, tmp_path: Path
 ) -> None:
@@ -354,3 +368,5 @@ def test_ggml_through_the_proxy_is_0a000(conn: psycopg.Connection) -> None:
             " inputs => ARRAY['Once'])"
         )
     assert raised.value.diag.message_hint and "ctransformers" in raised.value.diag.message_hint
+    with pytest.raises(psycopg.errors.FeatureNotSupported):
+        conn.execute(f"SELECT pgml.embed('{MINILM}', 'x', '{{\"model_kwargs\": {{\"load_in_8bit\": true}}}}')")

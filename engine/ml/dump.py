@@ -9,9 +9,12 @@ reading them back with ``COPY … FROM STDIN`` — each file's header naming its
 dumps (without ``owner`` and ``signature``) load too — and, after a load, the tables' id sequences moved past
 the loaded ids (new rows would collide otherwise).
 
+Who may: members of the registry's owner role (the administrator who installed the schema; superusers), as
+PostgresML's server-side COPY needs a superuser or ``pg_write_server_files``: the files land in a directory
+other roles' ``pgml.load_dataset`` reads, so no other role writes its registry there, nor loads one from there.
+
 Must not: read or write a path outside ``data_dirs`` (checked with every link resolved, before anything is
-opened), paste a client's text into SQL unquoted, or decide who may load (the server's privileges and the
-registry's own checks do: ids not drawn from a sequence need the registry owner, 42501 otherwise).
+opened), or paste a client's text into SQL unquoted.
 """
 
 from __future__ import annotations
@@ -52,8 +55,25 @@ def _denied(path: str, roots: Roots) -> PermissionDenied:
     )
 
 
+async def _check_owner(ctx: Context, function: str) -> None:
+    (allowed,) = (
+        await rows(
+            ctx.database(),
+            "SELECT pg_catalog.pg_has_role((SELECT relowner FROM pg_catalog.pg_class"
+            " WHERE oid = 'pgml.projects'::regclass), 'MEMBER')",
+        )
+    ).rows[0]
+    if allowed != "t":
+        raise PermissionDenied(
+            f"permission denied for pgml.{function}()",
+            detail="Only the owner of the pgml registry (the role that installed it) dumps and loads it.",
+            hint="Ask an administrator, or GRANT the registry's owner role to yours.",
+        )
+
+
 async def dump_all(call: Call, ctx: Context) -> list[Any]:
     db = ctx.database()
+    await _check_owner(ctx, "dump_all")
     for (path,) in call.rows:
         target = directory(path, ctx.config.data_dirs)
         os.makedirs(target, exist_ok=True)
@@ -66,6 +86,7 @@ async def dump_all(call: Call, ctx: Context) -> list[Any]:
 
 async def load_all(call: Call, ctx: Context) -> list[Any]:
     db = ctx.database()
+    await _check_owner(ctx, "load_all")
     for (path,) in call.rows:
         source = directory(path, ctx.config.data_dirs)
         statements = []
