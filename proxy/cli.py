@@ -1,12 +1,13 @@
-"""Command line: ``pgml-proxy [--config PATH] [--listen HOST:PORT] [--upstream DSN] [--log-level L] [run|init|resign]``.
+"""Command line: ``pgml-proxy [--config PATH] [--listen HOST:PORT] [--upstream DSN] [--log-level L] [COMMAND]``.
 
-Owns: argument parsing, logging setup, building the engine (the composition root: no
-other proxy module imports ``engine.runtime``), choosing the upstream (configured DSN or
-an embedded cluster), the artifact signing key file (resolved and created at start-up,
-its path handed to the engine), running the server until SIGTERM/SIGINT, setting callback
-mode up (``init``, embedded start: :mod:`proxy.callback`) or off (``init --no-callback``), and
-``resign``: re-signing the registry's artifacts with a new key (rotation) or signing
-unsigned ones an administrator has checked, directly on the upstream database.
+Owns: argument parsing, logging setup, building the engine (the composition root: no other proxy module
+imports ``engine.runtime``), choosing the upstream (configured DSN or an embedded cluster), the artifact
+signing key file (resolved and created at start-up, its path handed to the engine), building the metrics
+(:mod:`proxy.metrics`) around the engine and the server, running the server (and the ``[metrics]`` endpoint)
+until SIGTERM/SIGINT, setting callback mode up (``init``, embedded start: :mod:`proxy.callback`) or off
+(``init --no-callback``), and ``resign``: re-signing the registry's artifacts with a new key (rotation) or
+signing unsigned ones an administrator has checked, directly on the upstream database;
+``import-postgresml`` (:mod:`proxy.import_postgresml`) is dispatched with its flags.
 Must not: hold state beyond one ``main()`` call, or print or log a key.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -24,13 +26,15 @@ from typing import Any
 
 import psycopg
 
-from engine.api import EngineError
+from engine.api import Engine, EngineError, Observer
 from engine.ml import signing
 from engine.runtime.executor import LocalEngine
-from proxy import PGML_API_LEVEL, __version__, callback, schema
-from proxy.config import Config, ConfigError, load
+from proxy import PGML_API_LEVEL, __version__, callback, import_postgresml, schema
+from proxy.config import Config, ConfigError, load, split_address
 from proxy.dsn import parse_dsn
-from proxy.embedded import Cluster, ClusterError, find_bin_dir
+from proxy.embedded import Cluster, ClusterError, command_dsn, find_bin_dir
+from proxy.endpoint import Endpoint
+from proxy.metrics import MeasuredEngine, Metrics
 from proxy.rewrite.decide import Rewriter
 from proxy.server import Server, UpstreamTarget
 from proxy.wire import trace
@@ -60,12 +64,14 @@ def build_parser() -> argparse.ArgumentParser:
         "command",
         nargs="?",
         default="run",
-        choices=["run", "init", "resign"],
+        choices=["run", "init", "resign", IMPORT],
         help="run (default): start the proxy; init: install or upgrade the pgml schema in the upstream database "
-        "named by the DSN, then exit; resign: re-sign the model artifacts in pgml.files of that database (key "
+        "named by the DSN (none: the embedded server, on its stored port), then exit; resign: re-sign the model "
+        "artifacts in pgml.files of that database (key "
         "rotation, or signing unsigned artifacts after checking them), then exit. Run init and resign as an "
         "administrator: the owner of the pgml registry tables or a superuser, who see every project's rows "
-        "(row-level security hides other roles' rows from anyone else)",
+        "(row-level security hides other roles' rows from anyone else); import-postgresml: convert the models "
+        "PostgresML trained (pgml.files estimator.rmp) in place into signed pgml-proxy artifacts, then exit",
     )
     calls = parser.add_argument_group("callback mode: the database calls pgml-proxy through dblink (init, run)")
     calls.add_argument(
@@ -102,10 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="database name the old signatures were made for (a renamed or restored database; default: the current)",
     )
+    imports = parser.add_argument_group("import-postgresml options (also --trust-unsigned)")
+    imports.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="also convert PostgresML's Python-runtime models, which are pickles: unpickling runs code from the "
+        "database, so only for a database whose contents you trust",
+    )
+    imports.add_argument("--dry-run", action="store_true", help="report what would be converted; change nothing")
     return parser
 
 
+IMPORT = "import-postgresml"
 RESIGN_FLAGS = ("old_key_file", "new_key_file", "trust_unsigned", "old_database")
+IMPORT_FLAGS = ("trust_pickle", "dry_run")
 
 
 def config_path(arg: str | None) -> Path | None:
@@ -121,8 +137,12 @@ def config_path(arg: str | None) -> Path | None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command != "resign" and any(getattr(args, flag) for flag in RESIGN_FLAGS):
+    if args.command != "resign" and any(
+        getattr(args, f) for f in RESIGN_FLAGS if args.command != IMPORT or f != "trust_unsigned"
+    ):
         parser.error("--old-key-file, --new-key-file, --trust-unsigned and --old-database are options of resign")
+    if args.command != IMPORT and any(getattr(args, flag) for flag in IMPORT_FLAGS):
+        parser.error("--trust-pickle and --dry-run are options of import-postgresml")
     if args.no_callback and (args.command != "init" or args.callback):
         parser.error("--no-callback is an option of init, without --callback")
     try:
@@ -168,6 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     if args.command == "resign":
         return _resign(config, args)
+    if args.command == IMPORT:
+        options = import_postgresml.Options(args.trust_pickle, args.trust_unsigned, args.dry_run)
+        return import_postgresml.run(config, options)
     log.info("artifact signing key: %s%s", key_file, " (created)" if created else "")
     try:
         return asyncio.run(_run(config, setup))
@@ -177,13 +200,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         print(f"pgml-proxy: cannot listen on {config.proxy.listen}: {exc.strerror or exc}", file=sys.stderr)
         return 1
+    except EngineError as exc:  # the engine could not be built (the Ray backend: no ray, no cluster)
+        print(f"pgml-proxy: {exc.message}", file=sys.stderr)
+        return 2
+
+
+def _database(config: Config) -> contextlib.AbstractContextManager[str]:
+    u = config.upstream
+    return command_dsn(u.dsn, u.embedded_version, u.embedded_data_dir)
 
 
 def _init(config: Config, setup: callback.Setup | None, no_callback: bool) -> int:
-    dsn = config.upstream.dsn
-    if not dsn:
-        print("pgml-proxy init: set the upstream DSN (--upstream or PGML_PROXY_UPSTREAM)", file=sys.stderr)
-        return 2
+    try:
+        with _database(config) as dsn:
+            return _init_on(dsn, setup, no_callback)
+    except ClusterError as exc:
+        print(f"pgml-proxy init: embedded PostgreSQL failed: {exc}", file=sys.stderr)
+        return 1
+
+
+def _init_on(dsn: str, setup: callback.Setup | None, no_callback: bool) -> int:
     try:
         applied = schema.init(dsn)
         print(f"pgml schema is at version {schema.latest()} ({applied} migration(s) applied)")
@@ -220,6 +256,20 @@ def with_key_file(config: Config) -> tuple[Config, Path, bool]:
     return dataclasses.replace(config, engine=engine), path, created
 
 
+
+def build_engine(config: Config, observer: Observer | None = None) -> LocalEngine:
+    """The engine of ``[engine] backend``: model work in this process, or on the ``[ray]`` cluster."""
+    if config.engine.backend != "ray":
+        return LocalEngine(config.engine, observer)
+    try:  # lazy: ray is an optional extra (pip install 'pgml-proxy[ray]') and takes seconds to import
+        from engine.runtime.ray_backend import ray_engine
+    except ModuleNotFoundError as exc:
+        if exc.name != "ray":
+            raise
+        raise EngineError('[engine] backend = "ray" needs the ray package: pip install \'pgml-proxy[ray]\'') from None
+    return ray_engine(config.engine, config.ray, observer)
+
+
 async def _run(config: Config, setup: callback.Setup | None) -> int:
     cluster = None
     if config.upstream.dsn:
@@ -242,13 +292,21 @@ async def _run(config: Config, setup: callback.Setup | None) -> int:
                 print(f"pgml-proxy: callback mode: {callback.error_text(exc)}", file=sys.stderr)
                 return 1
         target = UpstreamTarget(parse_dsn(cluster.dsn()), "disable", "", config.upstream.connect_timeout)
-    engine = LocalEngine(config.engine)  # the composition root: the one place that builds the engine
+    metrics = Metrics()
+    engine = build_engine(config, metrics)  # the composition root: the one place that builds the engine
+    endpoint = None
     try:
-        server = Server(config, target, Rewriter(engine, stream=config.proxy.stream_outputs, callback=setup))
+        rewriter = Rewriter(MeasuredEngine(engine, metrics), stream=config.proxy.stream_outputs, callback=setup)
+        server = Server(config, target, rewriter, metrics.counts)
         await server.start()
+        metrics.watch(server.open_sessions, engine.stats)
+        endpoint = await _metrics_endpoint(config, metrics, target, engine)
         server.install_signal_handlers()
         user = target.dsn.user or "postgres"
         host = config.proxy.host if config.proxy.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        if cluster is not None:
+            print(f"embedded PostgreSQL {cluster.version} on 127.0.0.1:{cluster.port} (data in {cluster.data_dir})")
+        print(f"artifact signing key: {config.engine.artifact_key_file}")
         print(
             f'pgml-proxy {__version__} ready. Connect with:\n  psql "postgresql://{user}@{host}:{server.port}/'
             f'{target.dsn.dbname or "postgres"}"',
@@ -256,11 +314,24 @@ async def _run(config: Config, setup: callback.Setup | None) -> int:
         )
         await server.wait_stopped()
     finally:
+        if endpoint is not None:
+            await endpoint.close()
         await engine.close()
         if cluster is not None:
             log.info("stopping embedded PostgreSQL")
             await asyncio.to_thread(cluster.stop)
     return 0
+
+
+async def _metrics_endpoint(
+    config: Config, metrics: Metrics, target: UpstreamTarget, engine: Engine
+) -> Endpoint | None:
+    """The ``[metrics] listen`` endpoint, serving (None when not configured)."""
+    if not config.metrics.listen:
+        return None
+    endpoint = Endpoint(metrics, target, engine)
+    await endpoint.start(*split_address(config.metrics.listen))
+    return endpoint
 
 
 # --------------------------------------------------------------------------- #
@@ -289,25 +360,15 @@ def _resign(config: Config, args: argparse.Namespace) -> int:
         return 2
     print(f"old key: {Path(old_file).absolute()}\nnew key: {Path(new_file).absolute()}")
 
-    # No upstream configured: the embedded server (started for the command, or the running one adopted).
-    cluster = (
-        None
-        if config.upstream.dsn
-        else Cluster(find_bin_dir(config.upstream.embedded_version), Path(config.upstream.embedded_data_dir))
-    )
-    was_running = cluster is not None and cluster.status()
     try:
-        if cluster is not None:
-            cluster.start()
-        dsn = config.upstream.dsn or (cluster.dsn() if cluster is not None else "")
-        with psycopg.connect(dsn, connect_timeout=max(1, int(config.upstream.connect_timeout))) as conn:
+        with (
+            _database(config) as dsn,
+            psycopg.connect(dsn, connect_timeout=max(1, int(config.upstream.connect_timeout))) as conn,
+        ):
             counts, problems, database = _resign_all(conn, old_key, new_key, args)
     except (psycopg.Error, ClusterError) as exc:
         print(f"pgml-proxy resign: {type(exc).__name__}: {str(exc).strip()}", file=sys.stderr)
         return 1
-    finally:
-        if cluster is not None and not was_running:
-            cluster.stop()
     for line in problems:
         print(line)
     print(

@@ -1,7 +1,7 @@
 """The one configuration object: ``config.toml`` < ``PGML_PROXY_*`` env < CLI flags.
 
-Owns: the frozen dataclasses (the ``[engine]`` section is the engine's own type,
-``engine.api.EngineConfig``, embedded here), their defaults, loading, coercion and
+Owns: the frozen dataclasses (the ``[engine]`` and ``[ray]`` sections are the engine's own types,
+``engine.api.EngineConfig`` and ``RayConfig``, embedded here), their defaults, loading, coercion and
 validation. Every error names the offending key (``ConfigError``).
 
 Must not: keep a module-level instance (the config is passed explicitly), or read
@@ -21,12 +21,13 @@ from typing import Any
 
 import psycopg.conninfo
 
-from engine.api import EngineConfig
+from engine.api import EngineConfig, RayConfig
 from proxy.dsn import DSNError, parse_dsn
 
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 EMBED_BACKENDS = ("torch", "onnx")
+ENGINE_BACKENDS = ("local", "ray")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 ENV_PREFIX = "PGML_PROXY_"
 # Short env names kept for the most common settings.
@@ -52,14 +53,22 @@ class ProxySection:
     # Per-row pgml calls that are whole output columns of a SELECT are computed on its result rows as they
     # arrive (only the rows it returns); false: every per-row call goes through a session temp table.
     stream_outputs: bool = True
+    # Other replicas (HOST:PORT) that a CancelRequest for a session not held here is forwarded to (proxy.peers).
+    peers: tuple[str, ...] = ()
+    # Seconds one peer gets to take a forwarded CancelRequest (all peers are asked at once).
+    peer_timeout: float = 2.0
 
     @property
     def host(self) -> str:
-        return self.listen.rpartition(":")[0].strip("[]")
+        return split_address(self.listen)[0]
 
     @property
     def port(self) -> int:
-        return int(self.listen.rpartition(":")[2])
+        return split_address(self.listen)[1]
+
+    @property
+    def peer_addresses(self) -> tuple[tuple[str, int], ...]:
+        return tuple(split_address(peer) for peer in self.peers)
 
     @property
     def tls_enabled(self) -> bool:
@@ -92,6 +101,14 @@ class CallbackSection:
 
 
 @dataclass(frozen=True)
+class MetricsSection:
+    """Prometheus metrics and the health check (README: Metrics and health)."""
+
+    # HOST:PORT serving /metrics and /healthz over HTTP; empty: no endpoint.
+    listen: str = ""
+
+
+@dataclass(frozen=True)
 class LogSection:
     level: str = "info"
     trace_protocol: bool = False  # each protocol message in the log (names and counts, never data)
@@ -103,7 +120,9 @@ class Config:
     upstream: UpstreamSection = field(default_factory=UpstreamSection)
     engine: EngineConfig = field(default_factory=EngineConfig)  # the engine's own type (engine.api)
     callback: CallbackSection = field(default_factory=CallbackSection)
+    ray: RayConfig = field(default_factory=RayConfig)  # the engine's own type (engine.api)
     log: LogSection = field(default_factory=LogSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
 
 
 SECTIONS: dict[str, type[Any]] = {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
@@ -230,15 +249,31 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(f"{key}: {message}")
 
 
+def split_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` too) as host and port; ValueError when it is not one."""
+    host, sep, port = address.rpartition(":")
+    if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(address)
+    return host.strip("[]"), int(port)
+
+
+def _is_address(address: str) -> bool:
+    try:
+        split_address(address)
+    except ValueError:
+        return False
+    return True
+
+
 def validate(config: Config) -> None:
     """Cross-field and range checks; raises ConfigError naming the key."""
     p, u, e = config.proxy, config.upstream, config.engine
-    host, sep, port = p.listen.rpartition(":")
-    _check(
-        bool(sep and host and port.isdigit() and 0 < int(port) < 65536),
-        "proxy.listen",
-        f"expected HOST:PORT, got {p.listen!r}",
-    )
+    _check(_is_address(p.listen), "proxy.listen", f"expected HOST:PORT, got {p.listen!r}")
+    m = config.metrics.listen
+    _check(not m or _is_address(m), "metrics.listen", f"expected HOST:PORT or empty, got {m!r}")
+    for peer in p.peers:
+        _check(_is_address(peer), "proxy.peers", f"expected HOST:PORT, got {peer!r}")
+    _check(p.peer_timeout > 0, "proxy.peer_timeout", "must be positive")
     _check(p.max_clients > 0, "proxy.max_clients", "must be positive")
     _check(1024 <= p.max_message_bytes <= 1 << 30, "proxy.max_message_bytes", "must be between 1024 and 1 GiB")
     _check(bool(p.tls_cert) == bool(p.tls_key), "proxy.tls_cert", "tls_cert and tls_key must be set together")
@@ -261,8 +296,17 @@ def validate(config: Config) -> None:
     _check(e.batch_size > 0, "engine.batch_size", "must be positive")
     _check(e.embed_backend in EMBED_BACKENDS, "engine.embed_backend", f"must be one of {', '.join(EMBED_BACKENDS)}")
     _check(e.cache_bytes > 0, "engine.cache_bytes", "must be positive")
+    _check(e.backend in ENGINE_BACKENDS, "engine.backend", f"must be one of {', '.join(ENGINE_BACKENDS)}")
+    _validate_ray(config.ray)
     _validate_callback(config.callback)
     _check(config.log.level in LOG_LEVELS, "log.level", f"must be one of {', '.join(LOG_LEVELS)}")
+
+
+def _validate_ray(r: RayConfig) -> None:
+    _check(r.num_cpus >= 0, "ray.num_cpus", "must be >= 0")
+    _check(r.num_gpus >= 0, "ray.num_gpus", "must be >= 0")
+    _check(r.replicas > 0, "ray.replicas", "must be positive")
+    _check(bool(r.namespace), "ray.namespace", "must not be empty")
 
 
 def _validate_callback(c: CallbackSection) -> None:

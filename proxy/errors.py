@@ -123,6 +123,10 @@ class NoActiveTransaction(ProxyError, code="25P01"):
     """DECLARE CURSOR (without HOLD) outside a transaction block."""
 
 
+class InsufficientPrivilege(ProxyError, code="42501"):
+    """A statement the session may not run through the proxy (a callback session's other statements)."""
+
+
 class InvalidAuthorization(ProxyError, code="28000"):
     """Authentication could not be relayed."""
 

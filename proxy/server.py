@@ -2,7 +2,8 @@
 
 Owns: ``asyncio`` server setup (uvloop when available), the client-side TLS
 context, the ``max_clients`` limit, the (backend pid, key) -> session map used to
-route CancelRequests, and graceful shutdown on SIGTERM/SIGINT.
+route CancelRequests (a key not held here goes to ``[proxy] peers`` through
+:mod:`proxy.peers`, unless a peer forwarded it), and graceful shutdown on SIGTERM/SIGINT.
 
 Must not: look inside client traffic (sessions do), or hold global state: a
 ``Server`` gets its config and upstream target explicitly.
@@ -17,13 +18,16 @@ import signal
 import ssl
 from dataclasses import dataclass
 
+from proxy import peers
 from proxy.config import Config
 from proxy.dsn import DSN
 from proxy.errors import TooManyConnections
 from proxy.link import Link
+from proxy.metrics import Counts
 from proxy.rewrite.decide import Rewriter
 from proxy.session.shell import Session
 from proxy.upstream import send_cancel
+from proxy.wire.frames import CancelRequest
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +52,11 @@ def client_tls_context(cert: str, key: str) -> ssl.SSLContext:
 class Server:
     """Accepts client connections and runs one :class:`Session` per connection."""
 
-    def __init__(self, config: Config, upstream: UpstreamTarget, rewriter: Rewriter | None = None) -> None:
+    def __init__(
+        self, config: Config, upstream: UpstreamTarget, rewriter: Rewriter | None = None, counts: Counts | None = None
+    ) -> None:
         self.config = config
+        self.counts = counts or Counts()  # the sessions' counters (proxy.metrics)
         self.upstream = upstream
         self.rewriter = rewriter or Rewriter()
         self.client_tls = (
@@ -94,10 +101,14 @@ class Server:
 
     def admit(self, session: Session) -> None:
         """Called once a StartupMessage arrived; raises 53300 past ``max_clients``, as the server does."""
-        admitted = sum(1 for s in self.sessions if s.admitted)
-        if admitted >= self.config.proxy.max_clients:
+        if self.open_sessions() >= self.config.proxy.max_clients:
             raise TooManyConnections("sorry, too many clients already")
         session.admitted = True
+        self.counts.sessions += 1
+
+    def open_sessions(self) -> int:
+        """Sessions admitted and not yet over."""
+        return sum(1 for s in self.sessions if s.admitted)
 
     # -- cancel routing ---------------------------------------------------- #
 
@@ -110,13 +121,21 @@ class Server:
         if session.backend_key is not None and self._by_key.get(session.backend_key) is session:
             del self._by_key[session.backend_key]
 
-    async def cancel(self, pid: int, key: bytes) -> None:
-        """A client's CancelRequest: only keys of our own sessions are honoured (as the server does)."""
-        session = self._by_key.get((pid, key))
-        if session is None:
-            log.info("ignoring cancel request for unknown backend %d", pid)
+    async def cancel(self, request: CancelRequest) -> None:
+        """A CancelRequest: a key of our own sessions is honoured (as the server does); another goes to the peers
+        once (never one that a peer forwarded), and is dropped there unless one of them holds it."""
+        session = self._by_key.get((request.pid, request.key))
+        if session is not None:
+            await session.cancel()
             return
-        await session.cancel()
+        addresses = self.config.proxy.peer_addresses
+        if request.forwarded or not addresses:
+            log.info("ignoring %scancel request for unknown backend %d", "forwarded " * request.forwarded, request.pid)
+            return
+        taken = await peers.forward_cancel(addresses, request, self.config.proxy.peer_timeout)
+        log.info(
+            "cancel request for backend %d is not ours: forwarded to %d of %d peers", request.pid, taken, len(addresses)
+        )
 
     async def forward_cancel(self, pid: int, key: bytes) -> None:
         up = self.upstream

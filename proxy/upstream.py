@@ -1,8 +1,8 @@
 """Connections to the real PostgreSQL: TCP or unix socket, TLS per ``sslmode``, cancel requests.
 
-Owns: opening a socket to the upstream, the SSLRequest exchange, and sending
-CancelRequest packets. Must not: relay client traffic or look at queries (that is
-the session's job); authentication is relayed by the session, not done here.
+Owns: opening a socket to the upstream, the SSLRequest exchange, sending CancelRequest packets, and the
+health probe (:func:`probe`). Must not: relay client traffic or look at queries (that is the session's
+job); authentication is relayed by the session, not done here.
 """
 
 from __future__ import annotations
@@ -84,3 +84,14 @@ async def send_cancel(dsn: DSN, sslmode: str, sslrootcert: str, timeout: float, 
         await asyncio.wait_for(link.closed, timeout)
     except TimeoutError:
         link.abort()
+
+
+async def probe(dsn: DSN, sslmode: str, sslrootcert: str, timeout: float) -> None:
+    """Whether the server takes connections, without a session: an SSLRequest (and TLS, if it says yes), then close.
+
+    A server process answers the SSLRequest; closing before the startup packet is what monitoring tools do,
+    and the server logs nothing for it (no authentication, no session). Raises UnableToConnect (08001).
+    """
+    mode = sslmode if sslmode in ("require", "verify-ca", "verify-full") else "prefer"  # always ask the server
+    link = await open_link(dsn, mode, sslrootcert, timeout)
+    link.close()

@@ -147,9 +147,9 @@ class ProxyProcess:
                 self.proc.wait()
 
 
-def start_proxy(upstream: str, workdir: Path, **env: str) -> ProxyProcess:
-    """Start a proxy on a free port and wait until it accepts connections."""
-    port = free_port()
+def start_proxy(upstream: str, workdir: Path, port: int | None = None, **env: str) -> ProxyProcess:
+    """Start a proxy on ``port`` (default: a free one) and wait until it accepts connections."""
+    port = port or free_port()
     log = workdir / f"proxy-{port}.log"
     full_env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("PGML_PROXY_")},

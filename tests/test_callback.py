@@ -339,3 +339,91 @@ def test_create_extension_through_the_proxy_sets_callbacks_up(setting: Setting, 
     finally:
         proxy.stop()
     assert PASSWORD not in proxy.log_text()
+
+
+def refused(conn: psycopg.Connection[Any], sql: str) -> psycopg.Error:
+    with pytest.raises(psycopg.Error) as info:
+        conn.execute(sql)
+    return info.value
+
+
+def test_the_callback_server_runs_only_the_stubs_calls(ready: Setting) -> None:
+    through_server = [
+        "SELECT * FROM dblink('pgml_callback', 'SELECT current_user') AS t(u text)",
+        "SELECT dblink_exec('pgml_callback', 'CREATE TABLE cb_smuggled ()')",
+        f"SELECT * FROM dblink('pgml_callback', $$SELECT pgml.embed('{MINILM}', 'x'); DROP TABLE cb_train$$) t(e text)",
+        "SELECT * FROM dblink('pgml_callback', 'SELECT pgml.embed(m, body) FROM t') AS t(e real[])",
+        "SELECT * FROM dblink('pgml_callback', $$SELECT pgml.predict('p', ARRAY[1,2]), version()$$) t(p text, v text)",
+        "SELECT * FROM dblink('pgml_callback', $$SELECT pgml.version() INTO cb_smuggled$$) AS t(v text)",
+        "SELECT * FROM dblink('pgml_callback', 'SET search_path = public') AS t(s text)",
+    ]
+    with ready.direct("bob") as bob:
+        for sql in through_server:
+            error = refused(bob, sql)
+            assert error.sqlstate == "42501", sql
+            assert "callback session runs only the pgml calls" in (error.diag.message_primary or ""), sql
+            assert error.diag.message_hint
+        # A named connection: refused statements leave it usable, the stubs' calls run on it.
+        bob.execute("SELECT dblink_connect('mine', 'pgml_callback')")
+        assert refused(bob, "SELECT dblink_exec('mine', 'DELETE FROM cb_train')").sqlstate == "42501"
+        assert refused(bob, "SELECT dblink_exec('mine', 'BEGIN')").sqlstate == "42501"
+        got = bob.execute(
+            f"SELECT array_length(e, 1) FROM dblink('mine', $$SELECT pgml.embed('{MINILM}'::text, 'y'::text)$$)"
+            " AS t(e real[])"
+        ).fetchone()
+        assert got == (384,)
+        # The stubs themselves still call back.
+        assert bob.execute("SELECT array_length(pgml.embed(%s, 'bob'), 1)", (MINILM,)).fetchone() == (384,)
+    with ready.direct() as conn:
+        assert conn.execute("SELECT to_regclass('cb_smuggled')").fetchone() == (None,)
+        assert conn.execute("SELECT count(*) FROM cb_train").fetchone() == (40,)
+
+
+def test_a_direct_callback_session_is_restricted_too(ready: Setting) -> None:
+    dsn = ready.proxy.dsn("bob", ready.db, ROLES["bob"])
+    with psycopg.connect(
+        dsn, autocommit=True, options="-c pgml_proxy.callback=on", cursor_factory=psycopg.ClientCursor
+    ) as conn:
+        assert refused(conn, "SELECT current_user").sqlstate == "42501"
+        assert refused(conn, "SELECT 1; SELECT 2").sqlstate == "42501"
+        with pytest.raises(psycopg.Error) as info, psycopg.Cursor(conn) as extended:
+            extended.execute(f"SELECT pgml.embed('{MINILM}', %s)", ("x",))
+        assert info.value.sqlstate == "42501"
+        got = conn.execute(f"SELECT pgml.embed('{MINILM}', 'after refusals')").fetchone()
+        assert got is not None and len(got[0]) == 384
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    for options in ("--pgml-proxy.callback=on", "-cpgml_proxy.callback=yes", "-Ec PGML_PROXY.CALLBACK=on"):
+        with psycopg.connect(dsn, autocommit=True, options=options, cursor_factory=psycopg.ClientCursor) as conn:
+            assert refused(conn, "SELECT current_user").sqlstate == "42501", options
+    with ready.through("bob") as normal:  # a normal session is unaffected
+        assert normal.execute("SELECT current_user").fetchone() == ("bob",)
+        with psycopg.connect(dsn, autocommit=True, options="-c pgml_proxy.callback=off") as off:
+            assert off.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_dblink_sends_nothing_but_the_stubs_calls(setting: Setting, ready: Setting) -> None:
+    """The protocol trace of a callback session: after the authentication, only the stub's Query (no SET, no other
+    statement of dblink's or libpq's own)."""
+    traced = start_proxy(
+        setting.pg.dsn(), setting.password_file.parent, PGML_PROXY_LOG_TRACE_PROTOCOL="true",
+        PGML_PROXY_ENGINE_MODEL_DIRS=ready.proxy.env["PGML_PROXY_ENGINE_MODEL_DIRS"],
+    )  # fmt: skip
+    try:
+        with ready.direct() as conn:
+            conn.execute(f"ALTER SERVER pgml_callback OPTIONS (SET port '{traced.port}')")
+        try:
+            with ready.direct("bob") as bob:
+                assert bob.execute("SELECT array_length(pgml.embed(%s, 'traced'), 1)", (MINILM,)).fetchone() == (384,)
+        finally:
+            with ready.direct() as conn:
+                conn.execute(f"ALTER SERVER pgml_callback OPTIONS (SET port '{ready.proxy.port}')")
+    finally:
+        traced.stop()
+    sent = [
+        line.split("client>proxy ", 1)[1].split(" ", 1)[0]
+        for line in traced.log_text().splitlines()
+        if "client>proxy" in line
+    ]
+    assert sent[0] == "StartupMessage" and sent.count("Query") == 1, sent  # (Terminate may come after the stop)
+    first = sent.index("Query")
+    assert set(sent[1:first]) <= {"PasswordMessage"} and set(sent[first + 1 :]) <= {"Terminate"}, sent

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import socket
 import subprocess
 import sys
 import threading
@@ -15,6 +17,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from proxy.embedded import PORT_FILE, Cluster, find_bin_dir
 from tests.conftest import MINILM, Postgres, ProxyProcess
 
 pytestmark = pytest.mark.pg_matrix
@@ -415,3 +418,32 @@ def test_requested_device_missing_on_this_host_falls_back_with_a_warning(conn: p
     row = conn.execute(f"SELECT pgml.embed('{MINILM}', 'hi mom', '{{\"device\": \"cuda\"}}')").fetchone()
     assert row is not None and cosine(list(row[0]), embed_one(conn, "hi mom")) > 0.9999
     assert any(w.startswith("WARNING") and '"cuda" is not available' in w for w in warnings), warnings
+
+
+def test_embedded_server_keeps_its_port_and_init_finds_it(tmp_path: Path) -> None:
+    """`pgml-proxy init` with no upstream runs on the embedded server, started on the port stored in its data dir
+    and stopped after; a restart keeps the port (another, stored from then on, only when it was taken)."""
+    data = tmp_path / "pgdata"
+    env = {**os.environ, "PGML_PROXY_UPSTREAM_EMBEDDED_DATA_DIR": str(data), "PGML_PROXY_UPSTREAM": ""}
+    cmd = [sys.executable, "-m", "proxy", "init"]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    port = int((data / PORT_FILE).read_text())
+    assert f"embedded PostgreSQL on 127.0.0.1:{port}" in first.stdout and "migration(s) applied" in first.stdout
+    assert not (data / "postmaster.pid").exists()  # started for the command, stopped after
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
+    assert second.returncode == 0 and f"127.0.0.1:{port}" in second.stdout and "(0 migration(s)" in second.stdout
+    cluster = Cluster(find_bin_dir(18), data)
+    assert cluster.port == port
+    with socket.socket() as taken:  # another program listens there now
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        cluster.start()
+        try:
+            assert cluster.port != port and int((data / PORT_FILE).read_text()) == cluster.port
+            with psycopg.connect(cluster.dsn()) as conn:
+                assert conn.execute("SELECT count(*) FROM pgml.schema_migrations").fetchone()[0] > 0  # type: ignore[index]
+        finally:
+            cluster.stop()
+    assert Cluster(find_bin_dir(18), data).port == cluster.port

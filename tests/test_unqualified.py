@@ -37,7 +37,10 @@ def startup(**params: str) -> StartupMessage:
         ({"options": "--search_path=pgml -c statement_timeout=5"}, "pgml"),
         ({"options": r"-csearch_path=pgml,\ public"}, "pgml, public"),
         ({"search_path": "pgml"}, "pgml"),
-        ({"search_path": "public", "options": "-c search_path=pgml"}, "pgml"),  # options win
+        (
+            {"search_path": "public", "options": "-c search_path=pgml"},
+            "public",
+        ),  # parameters win, as the server applies them
     ],
 )
 def test_the_startup_packet(params: dict[str, str], path: str | None) -> None:

@@ -11,6 +11,8 @@ the read-only adapter every loaded model is used through. Formats:
   ``catboost``: the model in CatBoost's ``cbm`` format.
 * ``multioutput``: a MultiOutputRegressor over XGBoost / LightGBM / CatBoost
   models, stored as the list of its inner artifacts.
+* ``rmp``: read only: what PostgresML stored (``engine.ml.postgresml_import``), rebuilt in
+  memory once verified; ``pgml-proxy import-postgresml`` converts it into one of the above.
 * ``birch``: skops refuses Birch, so its prediction arrays go in an ``.npz``
   (loaded with ``allow_pickle=False``) next to its JSON parameters.
 
@@ -36,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from engine.api import EngineError, NotSupported
-from engine.ml import skops
+from engine.ml import postgresml_import, skops
 
 MAGIC = b"PGMLPX\x01\n"
 # The only classes an envelope may name.
@@ -182,6 +184,7 @@ def load(tag: str, data: bytes) -> LoadedModel:
         "catboost": _load_catboost,
         "multioutput": _load_multioutput,
         "birch": _load_birch,
+        "rmp": _load_postgresml,
     }
     if tag not in loaders:
         raise EngineError(f"unknown model artifact format: {tag!r}")
@@ -309,6 +312,13 @@ def _load_catboost(data: bytes) -> LoadedModel:
     model = _class(header, _CATBOOST_CLASSES, "catboost")()
     model.load_model(blob=raw)
     return EstimatorModel(model)
+
+
+# PostgresML's estimator.rmp, signed by an administrator (``pgml-proxy resign``): rebuilt in memory, never a pickle
+
+
+def _load_postgresml(data: bytes) -> LoadedModel:
+    return wrap(postgresml_import.rebuild(data).estimator)
 
 
 # MultiOutputRegressor over boosters

@@ -19,7 +19,7 @@ import numpy as np
 
 from engine.api import CANCELED, Canceled
 from engine.ml import algorithms, artifacts, metrics, preprocess
-from engine.ml.search import search
+from engine.ml.search import FanOut, search
 from engine.ml.snapshot import analyze
 from engine.ml.source import Source, TrainArgs, split
 from engine.pg.table import Table
@@ -51,7 +51,7 @@ def _strata(table: Table, source: Source, task: str) -> list[Any] | None:
 
 def fit(
     args: TrainArgs, source: Source, table: Table, nullable: dict[str, bool], task: str, algorithm: str,
-    runtime: str, joint: bool, cancelled: Any,
+    runtime: str, joint: bool, cancelled: Any, fan_out: FanOut | None = None,
 ) -> Fitted:  # fmt: skip
     train_rows, test_rows = split(table.num_rows, source.test_size, source.test_sampling, _strata(table, source, task))
     snapshot = analyze(table, source.y_columns, args.preprocess, train_rows, nullable)
@@ -78,7 +78,7 @@ def fit(
 
     best, results = search(
         task, make, x_train, y_train, args.search, args.search_params, args.search_args, args.hyperparams,
-        progress, cancelled, test=(x_test, y_test),
+        progress, cancelled, test=(x_test, y_test), fan_out=fan_out,
     )  # fmt: skip
     estimator = make(best)
     if cancelled():  # a checkpoint before the final fit (metrics.search checks before each candidate and fold)

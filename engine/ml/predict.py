@@ -1,20 +1,20 @@
 """The predict family: ``predict``, ``predict_proba``, ``predict_joint``, ``predict_batch``, ``decompose``.
 
-Owns: finding the model (a project's current deployment, looked up once per
-statement, or a model id), loading it from ``pgml.files`` once per process
-(cached by database, id and creation time, so a new deployment is picked up at
-once and an old one is never served; only artifacts whose signature verifies
-are ever deserialized), and one vectorised library call per
-model for all the rows of a statement, with PostgresML's value semantics and
-errors. A project whose model was tuned by ``pgml.tune`` (algorithm ``transformers``) is
-answered by ``engine.nlp.finetune.tuned.classify``: ``predict(project, text | text[])`` gives the training
-label (jsonb), ``predict_proba`` the class probabilities in label order (jsonb).
+Owns: finding the model (a project's current deployment, looked up once per statement, or a model id), loading
+it from ``pgml.files`` once where it is held (``Context.on_model``: this process, or a model actor of the Ray
+backend; keyed by database, id and creation time, so a new deployment is picked up at once and an old one is
+never served; only artifacts whose signature verifies are ever deserialized), and one vectorised library call
+per model for all the rows of a statement, with PostgresML's value semantics and errors. A project whose model
+was tuned by ``pgml.tune`` (algorithm ``transformers``) is answered by ``engine.nlp.finetune.tuned.classify``:
+``predict(project, text | text[])`` gives the training label (jsonb), ``predict_proba`` the class
+probabilities in label order (jsonb).
 
 Must not: run model code on the event loop (``Context.work``), or write rows.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,7 +29,7 @@ from engine.ml.preprocess import replay_rows
 from engine.nlp.finetune import tuned
 from engine.pg import registry
 from engine.pg.text import parse_array_literal
-from engine.runtime.context import Context
+from engine.runtime.context import Context, Hosted
 
 FUNCTIONS = ("predict", "predict_proba", "predict_joint", "predict_batch", "decompose")
 # Feature rows per library call: a large per-row predict is a series of jobs that share the workers
@@ -66,9 +66,9 @@ async def predict(call: Call, ctx: Context) -> list[Any]:
                 hint="Pass its features as an array, e.g. ARRAY[…] or '{…}'::real[].",
             )
         else:
-            deployed = await _load(db, ctx, row)
+            hosted = _hosted(db, ctx, row)
             for start in range(0, len(features), PREDICT_SLICE):  # one job per slice: other sessions go in between
-                values += await ctx.work(_apply, function, deployed, features[start : start + PREDICT_SLICE])
+                values += await ctx.on_model(hosted, _apply, function, features[start : start + PREDICT_SLICE])
         if len(indices) == len(out):
             return values
         for i, value in zip(indices, values, strict=True):
@@ -108,17 +108,18 @@ async def _tuned(ctx: Context, row: registry.Model, function: str, inputs: list[
     return await tuned.classify(ctx, row, function, inputs)
 
 
-async def _load(db: Database, ctx: Context, row: registry.Model) -> Deployed:
+def _hosted(db: Database, ctx: Context, row: registry.Model) -> Hosted:
+    """The deployed model of ``row``: keyed by database, id and creation time; its files read (and verified)
+    through the client's session only where it is not loaded yet."""
     key = ctx.cache.key("classical", f"{ctx.database_name}/{row.id}", {"created_at": row.created_at})
-    cached = ctx.cache.peek(key)
-    if cached is not None:
-        return cached  # type: ignore[no-any-return]
-    # Verified before anything is deserialized (UntrustedArtifact otherwise). A cache hit above skips
-    # this: the cached model came from verified bytes of this very row (database, id, created_at), and
-    # a file changed since could only verify if it were the same artifact, signed for this model.
-    files = await registry.files(db, row, registry.signer(ctx))
-    loaded: Deployed = await ctx.work(ctx.cache.get, key, lambda: _build(row, files))
-    return loaded
+
+    async def files() -> dict[str, bytes]:
+        # Verified before anything is deserialized (UntrustedArtifact otherwise). A loaded model skips this: it
+        # came from verified bytes of this very row (database, id, created_at), and a file changed since could
+        # only verify if it were the same artifact, signed for this model.
+        return await registry.files(db, row, registry.signer(ctx))
+
+    return Hosted(key, files, functools.partial(_build, row))
 
 
 def _build(row: registry.Model, files: dict[str, bytes]) -> Deployed:
@@ -190,7 +191,7 @@ def _number(kind: str, text: str) -> float:
         raise InvalidArgument(f'invalid input syntax for type {kind}: "{text}"') from None
 
 
-def _apply(function: str, deployed: Deployed, features: list[Any]) -> list[Any]:
+def _apply(deployed: Deployed, function: str, features: list[Any]) -> list[Any]:
     task, model = deployed.row.task, deployed.model
     if function == "predict_batch":
         return _predict_batch(deployed, features)

@@ -2,7 +2,8 @@
 
 Owns: the candidates (``hyperparams`` merged with each combination of ``search_params``), the folds
 ((Stratified)KFold, or the test split when ``cv`` < 2, as PostgresML), one fit per candidate and fold
-with progress reports and cancellation between fits, and the ``search_results`` PostgresML stores.
+(:func:`fit_one`, run by a :data:`FanOut`: in order with cancellation between fits, or in parallel by the
+Ray backend) with progress reports, and the ``search_results`` PostgresML stores.
 
 Must not: build estimators (the caller passes ``make_estimator``, normally from ``engine.ml.algorithms``),
 touch storage or SQL, nor import an ML library at import time (``sklearn.model_selection`` is imported
@@ -12,12 +13,11 @@ when folds are made).
 from __future__ import annotations
 
 import importlib
-import itertools
 import math
 import random
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -26,6 +26,10 @@ from engine.ml.algorithms import normalize_task
 from engine.ml.metrics import key_metric, score
 from engine.ml.statistics import f32
 
+T = TypeVar("T")
+# How the fits of a search run: fan_out(fn, shared, items, cancelled) = [fn(*shared, *item) for item in items],
+# in order here (in_order), or in parallel (the Ray backend's tasks, ``Context.offload``).
+FanOut = Callable[[Callable[..., Any], tuple[Any, ...], list[tuple[Any, ...]], Callable[[], bool]], list[Any]]
 SEARCH_ARGS = frozenset({"n_iter", "cv"})
 DEFAULT_N_ITER = 10
 DEFAULT_CV = 5
@@ -45,6 +49,7 @@ def search(
     *,
     test: tuple[Any, Any] | None = None,
     rng: random.Random | None = None,
+    fan_out: FanOut | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Cross-validate every candidate; returns (best hyperparams, ``search_results``).
 
@@ -55,7 +60,8 @@ def search(
     instead, as PostgresML does. Best = highest mean key metric (first on ties).
     When there is nothing to compare (one candidate, no folds) nothing is fitted
     and the results are ``{}``. ``on_progress`` gets a dict after each fit;
-    ``cancelled`` is checked before each fit (raises Canceled).
+    ``cancelled`` is checked before each fit (raises Canceled). ``fan_out`` runs the fits (default
+    :func:`in_order`).
     """
     n_iter, cv = _search_args(search, search_args)
     candidates = _candidates(search, search_params, hyperparams, n_iter, rng or random.Random())
@@ -64,7 +70,9 @@ def search(
     x = np.asarray(x)
     y = None if y is None else np.asarray(y)
     splits = _splits(task, x, y, cv, test)
-    scores, fit_times, score_times = _run(task, make_estimator, candidates, splits, on_progress, cancelled)
+    scores, fit_times, score_times = _run(
+        task, make_estimator, candidates, splits, on_progress, cancelled, fan_out or in_order
+    )
     best = max(range(len(candidates)), key=lambda i: _mean_or_worst(scores[i], task))
     return candidates[best], _results(candidates, scores, fit_times, score_times, best, len(splits))
 
@@ -147,6 +155,35 @@ def _folds(task: str, x: Any, y: Any, cv: int) -> list[tuple[Any, Any]]:
     return list(model_selection.KFold(n_splits=cv).split(x))
 
 
+def in_order(fn: Callable[..., T], shared: tuple[Any, ...], items: list[tuple[Any, ...]],
+             cancelled: Callable[[], bool]) -> list[T]:  # fmt: skip
+    """The fits one after another, ``cancelled`` checked before each (raises Canceled)."""
+    out = []
+    for item in items:
+        if cancelled():
+            raise Canceled(CANCELED)
+        out.append(fn(*shared, *item))
+    return out
+
+
+def fit_one(
+    task: str, make_estimator: Callable[[dict[str, Any]], Any], candidates: list[dict[str, Any]], splits: list[Split],
+    candidate: int, fold: int,
+) -> tuple[float | None, float, float]:  # fmt: skip
+    """One candidate fitted on one fold: (score, fit time, score time)."""
+    x_train, y_train, x_test, y_test = splits[fold]
+    started = time.perf_counter()
+    fitted = make_estimator(candidates[candidate])
+    if y_train is None:
+        fitted.fit(x_train)
+    else:
+        fitted.fit(x_train, y_train)
+    fit_time = time.perf_counter() - started
+    started = time.perf_counter()
+    value = score(task, fitted, x_test, y_test)
+    return value, fit_time, time.perf_counter() - started
+
+
 def _run(
     task: str,
     make_estimator: Callable[[dict[str, Any]], Any],
@@ -154,36 +191,26 @@ def _run(
     splits: list[Split],
     on_progress: Callable[[dict[str, Any]], None],
     cancelled: Callable[[], bool],
+    fan_out: FanOut,
 ) -> tuple[list[list[float | None]], list[list[float]], list[list[float]]]:
-    """Fit and score every (fold, candidate), folds outermost as PostgresML does."""
+    """Fit and score every (fold, candidate), folds outermost as PostgresML does; progress in that order."""
     n = len(candidates)
     scores: list[list[float | None]] = [[None] * len(splits) for _ in range(n)]
     fit_times = [[0.0] * len(splits) for _ in range(n)]
     score_times = [[0.0] * len(splits) for _ in range(n)]
-    for (fold, (x_train, y_train, x_test, y_test)), (i, params) in itertools.product(
-        enumerate(splits), enumerate(candidates)
-    ):
-        if cancelled():
-            raise Canceled(CANCELED)
-        started = time.perf_counter()
-        fitted = make_estimator(params)
-        if y_train is None:
-            fitted.fit(x_train)
-        else:
-            fitted.fit(x_train, y_train)
-        fit_times[i][fold] = time.perf_counter() - started
-        started = time.perf_counter()
-        scores[i][fold] = score(task, fitted, x_test, y_test)
-        score_times[i][fold] = time.perf_counter() - started
+    items = [(i, fold) for fold in range(len(splits)) for i in range(n)]
+    outcomes = fan_out(fit_one, (task, make_estimator, candidates, splits), items, cancelled)
+    for (i, fold), (value, fit_time, score_time) in zip(items, outcomes, strict=True):
+        scores[i][fold], fit_times[i][fold], score_times[i][fold] = value, fit_time, score_time
         on_progress(
             {
                 "candidate": i,
                 "candidates": n,
                 "fold": fold,
                 "folds": len(splits),
-                "params": params,
-                "score": scores[i][fold],
-                "fit_time": f32(fit_times[i][fold]),
+                "params": candidates[i],
+                "score": value,
+                "fit_time": f32(fit_time),
             }
         )
     return scores, fit_times, score_times

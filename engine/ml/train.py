@@ -46,7 +46,10 @@ async def _train(args: TrainArgs, joint: bool, ctx: Context) -> tuple[str, str, 
     table, nullable = await read_rows(db, source, ctx)
     log.info("pgml.train: %s %s on %d rows", task, algorithm, table.num_rows)  # names are client data: debug only
     log.debug("training %s on %s", args.project_name, source.relation)
-    fitted = await ctx.work(fit, args, source, table, nullable, task, algorithm, runtime, joint, ctx.cancelled.is_set)
+    fan_out = None if ctx.offload is None else ctx.offload.fan_out  # search candidates and folds: parallel tasks
+    fitted = await ctx.work(
+        fit, args, source, table, nullable, task, algorithm, runtime, joint, ctx.cancelled.is_set, fan_out
+    )
     current = await deployed_metrics(db, project)
     deploy = args.automatic_deploy and better_or_equal(task, fitted.metrics, current)
     if args.automatic_deploy and not deploy and current is not None:

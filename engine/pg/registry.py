@@ -221,7 +221,9 @@ def _verified(result_rows: list[tuple[str | None, ...]], row: Model, signer: Sig
             raise UntrustedArtifact(
                 f"model {row.id} of project `{row.project}` has an unsigned artifact and is not loaded",
                 detail="Artifacts stored before pgml-proxy signed them, or written around it, are refused.",
-                hint="an administrator who has checked them can sign them with `pgml-proxy resign --trust-unsigned`",
+                hint="an administrator converts PostgresML's models with `pgml-proxy import-postgresml`"
+                if path == "estimator.rmp"
+                else "an administrator who has checked them can sign them with `pgml-proxy resign --trust-unsigned`",
             )
         if not signer.verify(row.project_id, row.id, path, data, signature):
             raise UntrustedArtifact(

@@ -1,8 +1,9 @@
 """The shared model cache: one loaded copy per (kind, name, init kwargs) for the whole process.
 
 Owns: :class:`ModelCache` (loads of one key wait for the first; least-recently-used eviction past
-``[engine] cache_bytes``; :meth:`ModelCache.clear` for ``pgml.clear_gpu_cache``) and how big a loaded model
-is (:func:`model_bytes`).
+``[engine] cache_bytes``; :meth:`ModelCache.clear` for ``pgml.clear_gpu_cache``), how big a loaded model is
+(:func:`model_bytes`), the bytes it holds and how long each load took (told to a callback: the metrics'
+model load times).
 
 Must not: resolve names or load anything itself (callers pass the loader), block the event loop
 (everything here runs in workers), or log a cache key (it holds the client's init kwargs).
@@ -13,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -35,8 +37,9 @@ def model_bytes(model: Any) -> int:
 class ModelCache:
     """Process-wide cache of loaded models; concurrent loads of one key wait for the first."""
 
-    def __init__(self, limit_bytes: int) -> None:
+    def __init__(self, limit_bytes: int, loaded: Callable[[float], None] | None = None) -> None:
         self._limit = limit_bytes
+        self._loaded = loaded  # told the seconds of each load (engine.api.Observer.loaded)
         # Names already resolved to a path (hits only: a model added later is still found).
         self.resolved: dict[str, str] = {}
         self._models: OrderedDict[str, tuple[Any, int]] = OrderedDict()
@@ -76,7 +79,10 @@ class ModelCache:
             with self._lock:
                 if key in self._models:
                     return self._models[key][0]
+            start = time.monotonic()
             model = loader()
+            if self._loaded is not None:
+                self._loaded(time.monotonic() - start)
             size = model_bytes(model)
             with self._lock:
                 self._models[key] = (model, size)
@@ -100,6 +106,11 @@ class ModelCache:
         if count:
             log.info("evicted %d models from the model cache", count)
         return count
+
+    def bytes(self) -> int:
+        """Bytes of the models held now."""
+        with self._lock:
+            return sum(size for _, size in self._models.values())
 
     def __len__(self) -> int:
         return len(self._models)

@@ -2,8 +2,11 @@
 and :class:`ModelLock`, the lock of one loaded model that steps aside from the engine's compute turn.
 
 Owns: the cancel checkpoint (``Context.check``), the mini-batch size rule (``Context.batch_size``), running
-model code in a worker from a procedure (``Context.work``), and how a worker thread waiting for a model's
-lock gives up its compute turn meanwhile (``step_aside_with``, installed by ``engine.runtime.turns``).
+model code in a worker from a procedure (``Context.work``), running a function on a loaded model wherever
+it is held (``Context.on_model``: this process's cache, or an :class:`Offload`'s actor), the
+:class:`Offload` protocol (where model work runs instead of this process: ``engine.runtime.ray_backend``),
+and how a worker thread waiting for a model's lock gives up its compute turn meanwhile
+(``step_aside_with``, installed by ``engine.runtime.turns``).
 
 Must not: know about SQL, the wire protocol or any ``pgml.*`` function; schedule work (the executor does).
 """
@@ -12,9 +15,10 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 from engine.api import CANCELED, Canceled, Database, EngineConfig, InvalidArgument, NotSupported
 from engine.runtime.cache import ModelCache
@@ -62,6 +66,48 @@ def step_aside_with(aside: Callable[[], AbstractContextManager[None]] | None) ->
     _held.aside = aside
 
 
+@dataclass(frozen=True)
+class Hosted:
+    """A model :meth:`Context.on_model` runs functions on: its cache key (unique for its content), how its
+    payload is read (a coroutine of the proxy: it may use the client's session), and how the payload becomes
+    the model (a picklable function: it may run in another process)."""
+
+    key: str
+    source: Callable[[], Awaitable[Any]]
+    build: Callable[[Any], Any]
+
+
+class Offload(Protocol):
+    """Where model work runs instead of this process's worker threads (``engine.runtime.ray_backend``).
+
+    Every coroutine runs on the event loop and never blocks it; ``fan_out`` runs in an engine worker thread.
+    ``cancelled`` is the call's cancel flag (``engine.runtime.turns.Job``): :meth:`cancel` gets the same object.
+    """
+
+    workers: frozenset[str]  # the worker handlers (engine.runtime.executor.HANDLERS) it runs
+
+    async def run(self, name: str, rows: Sequence[tuple[Any, ...]], cancelled: threading.Event,
+                  notices: list[str]) -> list[Any]:  # fmt: skip
+        """``HANDLERS[name]`` on ``rows``, where the models are."""
+        ...
+
+    async def on_model(self, hosted: Hosted, fn: Callable[..., Any], args: tuple[Any, ...],
+                       cancelled: threading.Event) -> Any:  # fmt: skip
+        """``fn(model, *args)`` where ``hosted``'s model is held (read and built there first when it is not)."""
+        ...
+
+    def fan_out(self, fn: Callable[..., Any], shared: tuple[Any, ...], items: list[tuple[Any, ...]],
+                cancelled: Callable[[], bool]) -> list[Any]:  # fmt: skip
+        """``[fn(*shared, *item) for item in items]``, in parallel (``shared`` shipped once); blocking."""
+        ...
+
+    def cancel(self, cancelled: threading.Event) -> None:
+        """Stop the remote work of the call whose flag is ``cancelled``."""
+        ...
+
+    async def close(self) -> None: ...
+
+
 class Context:
     """What a handler may use: config, the shared model cache, its cancel flag.
 
@@ -83,8 +129,10 @@ class Context:
         work: Callable[..., Awaitable[Any]] | None = None,
         database_name: str = "",
         notices: list[str] | None = None,
+        offload: Offload | None = None,
     ) -> None:
         self.config = config
+        self.offload = offload
         self.cache = cache
         self.cancelled = cancelled
         self.db = db
@@ -122,3 +170,15 @@ class Context:
             return fn(*args, **kwargs)
         result: T = await self._work(functools.partial(fn, *args, **kwargs))
         return result
+
+    async def on_model(self, hosted: Hosted, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(model, *args)`` on ``hosted``'s model: in a worker of this process (loaded into the shared cache
+        first when it is not there), or where the offload holds it."""
+        if self.offload is not None:
+            result: T = await self.offload.on_model(hosted, fn, args, self.cancelled)
+            return result
+        model = self.cache.peek(hosted.key)
+        if model is None:
+            payload = await hosted.source()
+            model = await self.work(self.cache.get, hosted.key, functools.partial(hosted.build, payload))
+        return await self.work(fn, model, *args)

@@ -1,10 +1,12 @@
-"""The local engine: one handler table, calls run in worker threads, compute shared fairly, cancels.
+"""The engine: one handler table, calls run in worker threads, compute shared fairly, cancels.
 
-Owns: :data:`HANDLERS` (every evaluated ``pgml.*`` function -> how it runs: a :class:`Worker` in a
-worker thread under a compute turn, or a :class:`Procedure` on the event loop with the client's
-session), admission (at most ``max_queue`` calls), the worker threads, per-session cancel flags, the
-time limit, the shared model cache, and what an engine failure writes to the log (its type, SQLSTATE,
-function and model at error level; the traceback, which may quote client data, at debug only).
+Owns: :data:`HANDLERS` (every evaluated ``pgml.*`` function -> how it runs: a :class:`Worker` in a worker
+thread under a compute turn, or a :class:`Procedure` on the event loop with the client's session; with an
+:class:`~engine.runtime.context.Offload` (the Ray backend) the workers it names run there, and procedures'
+model work goes to it through their context), admission (at most ``max_queue`` calls), the worker threads,
+per-session cancel flags, the time limit, the shared model cache, the :class:`~engine.api.EngineStats` it
+reports, and what an engine failure writes to the log (its type, SQLSTATE, function and model at error level;
+the traceback, which may quote client data, at debug only).
 
 Must not: be imported by the proxy except by its composition root (``proxy.cli`` builds the engine),
 run model code on the event loop, or log arguments or exception texts at info and above.
@@ -36,7 +38,9 @@ from engine.api import (
     DatabaseError,
     EngineConfig,
     EngineError,
+    EngineStats,
     NotSupported,
+    Observer,
     Overloaded,
 )
 from engine.ml import deploy, dump, metric_functions, predict, train
@@ -45,7 +49,7 @@ from engine.nlp import chunk, embed, rank, stream, transform
 from engine.nlp.finetune import tune, tuned
 from engine.runtime import environment, memory
 from engine.runtime.cache import ModelCache
-from engine.runtime.context import Context
+from engine.runtime.context import Context, Offload
 from engine.runtime.locate import configure_offline
 from engine.runtime.turns import Job, Turns
 
@@ -154,7 +158,7 @@ def log_failure(what: str, call: Call | None, exc: BaseException) -> None:
     log.debug("%s %s failed", function, what, exc_info=exc)
 
 
-def _as_engine_error(what: str, call: Call | None, exc: BaseException) -> EngineError:
+def as_engine_error(what: str, call: Call | None, exc: BaseException) -> EngineError:
     """A fault inside the ML library is the statement's error (the client sees the message), not ours."""
     log_failure(what, call, exc)
     return EngineError(f"{type(exc).__name__}: {exc}")
@@ -166,15 +170,16 @@ def _as_engine_error(what: str, call: Call | None, exc: BaseException) -> Engine
 
 
 class LocalEngine:
-    """Evaluates calls with in-process models; one instance per proxy process."""
+    """Evaluates calls with in-process models (or the offload's); one instance per proxy process."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, observer: Observer | None = None, offload: Offload | None = None) -> None:
         configure_offline(config.allow_downloads)
         self.config = config
-        self.cache = ModelCache(config.cache_bytes)
+        self.offload = offload
+        self.cache = ModelCache(config.cache_bytes, observer.loaded if observer is not None else None)
         # A thread for every admitted call (running or waiting for a turn), a turn per worker.
         self._pool = ThreadPoolExecutor(max_workers=config.workers + config.max_queue, thread_name_prefix="pgml-engine")
-        self._turns = Turns(config.workers)
+        self._turns = Turns(config.workers, observer.waited if observer is not None else None)
         self._pending = 0
         self._flags: dict[int, set[Job]] = defaultdict(set)
 
@@ -218,9 +223,11 @@ class LocalEngine:
                 ctx = Context(
                     self.config, self.cache, job, call.db,
                     lambda fn: loop.run_in_executor(self._pool, self._work, fn, job, call), call.database,
-                    call.notices,
+                    call.notices, self.offload,
                 )  # fmt: skip
                 return await self._limited(handler.run(call, ctx), job, handler.limited, call)
+            if self.offload is not None and name in self.offload.workers:
+                return await self._limited(self.offload.run(name, call.rows, job, call.notices), job, True, call)
             ctx = Context(self.config, self.cache, job, notices=call.notices)
             future = loop.run_in_executor(self._pool, self._run, handler, list(call.rows), ctx, job, call)
             return await self._limited(future, job, True, call)
@@ -244,7 +251,7 @@ class LocalEngine:
         except (EngineError, DatabaseError):
             raise
         except Exception as exc:  # a fault in a procedure is the statement's error, not the connection's
-            raise _as_engine_error("procedure", call, exc) from exc
+            raise as_engine_error("procedure", call, exc) from exc
 
     def _run(self, handler: Worker, rows: list[tuple[Any, ...]], ctx: Context, job: Job, call: Call) -> list[Any]:
         with self._turns.held(job):
@@ -254,7 +261,7 @@ class LocalEngine:
             except EngineError:
                 raise
             except Exception as exc:  # a failure inside the ML library is the statement's error, not ours
-                raise _as_engine_error("handler", call, exc) from exc
+                raise as_engine_error("handler", call, exc) from exc
 
     def _work(self, fn: Callable[[], Any], job: Job, call: Call) -> Any:
         if job.canceled():
@@ -265,7 +272,7 @@ class LocalEngine:
             except EngineError:
                 raise
             except Exception as exc:  # a failure inside the ML library is the statement's error, not ours
-                raise _as_engine_error("work", call, exc) from exc
+                raise as_engine_error("work", call, exc) from exc
 
     async def stream(self, call: Call) -> AsyncIterator[list[str]]:
         """Fragments of one generation, produced in engine workers and handed over through a queue.
@@ -330,7 +337,7 @@ class LocalEngine:
                 if isinstance(item, EngineError):
                     raise item
                 if isinstance(item, BaseException):
-                    raise _as_engine_error("stream", call, item) from item
+                    raise as_engine_error("stream", call, item) from item
                 yield item
             if job.canceled():
                 raise Canceled(CANCELED)
@@ -340,12 +347,22 @@ class LocalEngine:
             if running.done():  # paused: no worker holds the generation
                 self._in_worker(close)
 
+    def stats(self) -> EngineStats:
+        return EngineStats(self._pending, len(self._turns.waiting), self.cache.bytes(), len(self.cache))
+
     def cancel(self, session: int) -> None:
         for job in list(self._flags.get(session, ())):
-            job.set()
+            self._stop(job)
+
+    def _stop(self, job: Job) -> None:
+        job.set()
+        if self.offload is not None:
+            self.offload.cancel(job)
 
     async def close(self) -> None:
         for jobs in list(self._flags.values()):
             for job in list(jobs):
-                job.set()
+                self._stop(job)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self.offload is not None:
+            await self.offload.close()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from engine.api import CANCELED, Canceled
@@ -66,18 +66,22 @@ class Turns:
     """``permits`` compute turns shared by every session's jobs: first come, first served, and at a
     checkpoint the running job yields to the longest-waiting job of another session."""
 
-    def __init__(self, permits: int) -> None:
+    def __init__(self, permits: int, waited: Callable[[float], None] | None = None) -> None:
         self.lock = threading.Condition(threading.Lock())
         self._free = permits
         self.waiting: deque[Job] = deque()
+        self._waited = waited  # told how long each acquire() waited (engine.api.Observer.waited)
 
     def acquire(self, job: Job) -> None:
         """Take a turn for ``job`` (in its worker thread); raises Canceled if canceled while waiting."""
+        start = time.monotonic()
         with self.lock:
             job.users += 1
             if not self._take(job):
                 job.users -= 1
                 raise Canceled(CANCELED)
+        if self._waited is not None:
+            self._waited(time.monotonic() - start)
 
     def release(self, job: Job) -> None:
         with self.lock:

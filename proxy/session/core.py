@@ -7,7 +7,8 @@ holding client frames while a decision runs (the client is still read, up to HEL
 so that a disconnect or a Terminate ends the session at once and cancels its engine work), the
 decision task, and the upstream's side: authentication, ReadyForQuery, errors, and the responses
 the proxy hides or rewrites. It feeds the session's search_path (:mod:`proxy.session.search_path`):
-the startup packet, ReadyForQuery, and client Query/Parse chunks whose text may change it.
+the startup packet, ReadyForQuery, and client Query/Parse chunks whose text may change it; and it counts
+the Query/Parse messages it relays (:class:`proxy.metrics.Counts`).
 
 Must not: touch sockets, tasks of the shell or the server (:class:`Shell` is what it asks of
 them), decide anything about statements (:mod:`proxy.session.decisions`), or route by anything
@@ -22,6 +23,8 @@ from collections import deque
 from typing import Protocol
 
 from proxy.errors import ConnectionFailure, InternalError, ProtocolViolation, ProxyError
+from proxy.metrics import Counts
+from proxy.rewrite import callback_guard
 from proxy.rewrite.decide import Rewriter
 from proxy.session.decisions import MECHANISM, Decider
 from proxy.session.router import Kind, Route, Router
@@ -123,10 +126,12 @@ class Connection:
         session_id: int,
         database: str,
         max_message_bytes: int,
+        counts: Counts | None = None,
     ) -> None:
         self.state = State()
         self.traffic = Traffic(self.state, upstream, client, session_id, database)
-        self.decider = Decider(rewriter, self.traffic)
+        self._counts = counts = counts or Counts()  # statements relayed (the hot path's, and each relayed frame's)
+        self.decider = Decider(rewriter, self.traffic, counts)
         self.router = Router(self.state, self.decider, self.traffic, rewriter)
         # The hot paths' objects, one attribute away.
         self._ledger, self._upstream, self._client = self.traffic.ledger, upstream, client
@@ -142,6 +147,7 @@ class Connection:
         """The upstream is connected: the client's startup packet goes there; authentication is relayed."""
         self._upstream.write(encode_startup(startup))
         self.traffic.search_path.startup(startup)
+        self.decider.callback = callback_guard.is_callback(startup)
         self.state.owe()  # the ReadyForQuery that ends authentication
         self.state.fire(Event.CONNECTED)
 
@@ -185,6 +191,7 @@ class Connection:
                 return
             self._held.add(split_frames(chunk))
         elif self.router.plain(chunk, kinds):  # hot path: nothing to look at, forward the bytes as they came
+            self._counts.relayed += kinds.count(_Q) + kinds.count(_P)
             self._ledger.sent(kinds, self.state.sent(kinds))
             self._upstream.write(chunk)
         else:
@@ -214,6 +221,8 @@ class Connection:
             self._shell.fatal(refused)
             return False
         out.append(frame.raw)
+        if frame.type == _Q or frame.type == _P:
+            self._counts.relayed += 1
         kind = bytes((frame.type,))
         self._ledger.sent(kind, self.state.sent(kind))
         return True

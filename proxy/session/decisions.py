@@ -1,12 +1,13 @@
 """The decision for one routed client message, and carrying it out.
 
-Owns: :class:`Decider` — asking for the decision of a frame the router routed to DECIDE or
-ANSWER (the rewriter for pgml statements and deferred Binds, :mod:`proxy.streams.cursors` for
-commands on the proxy's cursors, :mod:`proxy.streams.owned` for messages naming its own prepared
-statements and portals, streamed Bind portals among them), turning the failures of that into
-decisions, and applying a decision through :class:`proxy.session.traffic.Traffic`. It also keeps
-what the decisions leave behind on the connection: deferred statements (their pgml calls wait for
-Bind values), the proxy's cursors and its own prepared statements and portals.
+Owns: :class:`Decider` — asking for the decision of a frame the router routed to DECIDE or ANSWER (in a
+callback session :mod:`proxy.rewrite.callback_guard` first; the rewriter for pgml statements and deferred
+Binds, :mod:`proxy.streams.cursors` for commands on the proxy's cursors, :mod:`proxy.streams.owned` for
+messages naming its own prepared statements and portals, streamed Bind portals among them), turning the
+failures of that into decisions, counting them (:class:`proxy.metrics.Counts`), and applying a decision
+through :class:`proxy.session.traffic.Traffic`. It also keeps what the decisions leave behind on the
+connection: deferred statements (their pgml calls wait for Bind values), the proxy's cursors and its own
+prepared statements and portals.
 
 The proxy's own statements never show as such: the ErrorResponse that answers the ``DO`` block
 raising a proxy error (known by its position in the query string, counted by
@@ -25,7 +26,8 @@ import pglast
 
 from engine.api import EngineError
 from proxy.errors import InFailedTransaction, ProxyError, error_fields, from_fields
-from proxy.rewrite import decide, steps
+from proxy.metrics import Counts
+from proxy.rewrite import callback_guard, decide, steps
 from proxy.rewrite.decide import Decision, Rewriter
 from proxy.session.exchange import SYNC, BatchFailed, Statement, UpstreamError
 from proxy.session.state import Phase
@@ -35,7 +37,7 @@ from proxy.streams.owned import BIND_COMPLETE, Owned, StreamedPortal
 from proxy.wire import messages as pq
 from proxy.wire.frames import Frame
 
-_Q, _P, _B, _C = b"QPBC"
+_Q, _P, _B, _C, _F = b"QPBCF"
 # ErrorResponse fields that describe the proxy's DO block, not the error: CONTEXT ("PL/pgSQL function
 # inline_code_block line 1 at RAISE") and the server source location of RAISE (file, line, routine).
 MECHANISM = "WFLR"
@@ -44,13 +46,15 @@ MECHANISM = "WFLR"
 class Decider:
     """Decisions for one connection, and the proxy-owned things they leave on it."""
 
-    def __init__(self, rewriter: Rewriter, traffic: Traffic) -> None:
+    def __init__(self, rewriter: Rewriter, traffic: Traffic, counts: Counts | None = None) -> None:
         self.rewriter = rewriter
         self.traffic = traffic
+        self.counts = counts or Counts()  # what the decisions did (proxy.metrics)
         # Statements whose pgml calls depend on $n: name -> (SQL, parameter types), rewritten at each Bind.
         self.deferred: dict[str, tuple[str, tuple[int, ...]]] = {}
         self.cursors = cursors.Cursors(rewriter.engine)  # pgml.transform_stream cursors
         self.owned = Owned()  # prepared DECLARE / FETCH statements of those cursors (extended protocol)
+        self.callback = False  # a callback session's: only a stub's calls are decided, all else refused
 
     async def run(self, frame: Frame, owned: bool) -> None:
         """Decide ``frame`` (``owned``: the proxy answers it itself) and apply the decision."""
@@ -70,10 +74,13 @@ class Decider:
             decision = decide.FORWARD  # the server skips this message anyway, until the client's Sync
         except (ProxyError, EngineError) as exc:
             decision = decide.Fail(exc)
+        self.counts.decided(frame.type, decision)
         await self._apply(frame, decision)
 
     async def _decision(self, frame: Frame) -> Decision:
         traffic = self.traffic
+        if self.callback and (refused := callback_guard.refusal(frame)) is not None:
+            return refused
         if frame.type == _B:
             bind = pq.Bind.decode(frame)
             sql, types = self.deferred[bind.statement]
@@ -126,7 +133,7 @@ class Decider:
             case decide.Forward() | decide.DeferToBind():
                 traffic.forward(frame.type, frame.raw)
             case decide.Rewritten(frames=raw, own=own):
-                if own and frame.type == _Q:
+                if own and frame.type in (_Q, _F):
                     traffic.ledger.own_statements(own)
                 traffic.forward(frame.type, raw)
             case decide.Respond(frames=raw) if raw:

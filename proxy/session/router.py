@@ -10,7 +10,9 @@ one at a time, each in the phase the frames before it left): the chunk test may 
 often than the frame tests, never less.
 
 A frame is of the first kind in :data:`ORDER` that it matches among the kinds its phase routes.
-Proxy-owned statements, portals and cursors (:meth:`proxy.streams.owned.Owned.claims`) come first.
+In a callback session every Q/P/B/D/E/C/F is routed to DECIDE (:mod:`proxy.rewrite.callback_guard` refuses all
+but a stub's calls); else proxy-owned statements, portals and cursors (:meth:`proxy.streams.owned.Owned.claims`)
+come first.
 
 Must not: decode more than a kind needs, do I/O, or change state (the core relays, forgets, injects
 and starts decisions; :meth:`Owned.claims` forgets the names a message takes back from the proxy).
@@ -35,6 +37,7 @@ class Kind(enum.Enum):
 
     __hash__ = object.__hash__  # identity, as for Phase
 
+    CALLBACK = "callback"  # Q/P/B/D/E/C/F of a callback session (proxy.rewrite.callback_guard decides first)
     OWNED = "owned"  # P/B/D/E/C naming a proxy-owned statement, portal or cursor
     STATEMENT = "statement"  # Q/P the rewriter must see: pgml, a bare pgml name, an EXECUTE of a pgml PREPARE, a FETCH
     DEFERRED_BIND = "deferred-bind"  # B of a statement whose pgml calls wait for their $n values
@@ -60,8 +63,17 @@ class Route(enum.Enum):
 # Kinds a frame can be only while the proxy owns something on the connection: deferred statements, cursors, its
 # own prepared statements or portals, barrier statements (with none, :meth:`Router.plain` tests only the others).
 OWNING = frozenset({Kind.OWNED, Kind.DEFERRED_BIND, Kind.REDEFINING, Kind.BARRIER_SYNC})
-ORDER = (Kind.OWNED, Kind.STATEMENT, Kind.DEFERRED_BIND, Kind.REDEFINING, Kind.BARRIER_SYNC, Kind.PASSWORD)
+ORDER = (
+    Kind.CALLBACK,
+    Kind.OWNED,
+    Kind.STATEMENT,
+    Kind.DEFERRED_BIND,
+    Kind.REDEFINING,
+    Kind.BARRIER_SYNC,
+    Kind.PASSWORD,
+)
 TYPES: dict[Kind, frozenset[int]] = {
+    Kind.CALLBACK: frozenset(b"QPBDECF"),
     Kind.OWNED: frozenset(b"PBDEC"),
     Kind.STATEMENT: frozenset(b"QP"),
     Kind.DEFERRED_BIND: frozenset(b"B"),
@@ -70,6 +82,7 @@ TYPES: dict[Kind, frozenset[int]] = {
     Kind.PASSWORD: frozenset(b"p"),
 }
 _LIVE = {
+    Kind.CALLBACK: Route.DECIDE,
     Kind.OWNED: Route.ANSWER,
     Kind.STATEMENT: Route.DECIDE,
     Kind.DEFERRED_BIND: Route.DECIDE,
@@ -105,6 +118,7 @@ class Router:
         self._traffic = traffic
         self._rewriter = rewriter
         chunk_tests: dict[Kind, Callable[[bytes, Kinds], bool]] = {
+            Kind.CALLBACK: lambda chunk, kinds: decider.callback,
             Kind.OWNED: self._may_be_owned,
             Kind.STATEMENT: self._may_be_statement,
             Kind.DEFERRED_BIND: self._may_be_deferred_bind,
@@ -113,6 +127,7 @@ class Router:
             Kind.PASSWORD: _always,
         }
         frame_tests: dict[Kind, Callable[[Frame], bool]] = {
+            Kind.CALLBACK: lambda frame: decider.callback,
             Kind.OWNED: self._is_owned,
             Kind.STATEMENT: self._is_statement,
             Kind.DEFERRED_BIND: self._is_deferred_bind,

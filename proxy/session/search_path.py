@@ -1,8 +1,9 @@
 """The session's ``search_path``, as far as the proxy knows it: for recognising unqualified ``pgml`` calls.
 
 Owns: :class:`SearchPath` — the value (None: unknown), where it comes from and when it is no
-longer known. The startup packet gives it (a ``search_path`` parameter, or ``-c search_path=…`` /
-``--search_path=…`` in ``options``, which win over a role's or database's default); a server that
+longer known. The startup packet gives it (``-c search_path=…`` / ``--search_path=…`` in ``options``, or a
+``search_path`` parameter, which wins over them, as :func:`proxy.session.startup.settings` reads them; either
+wins over a role's or database's default); a server that
 reports it (``ParameterStatus``, PostgreSQL 18) gives every value it takes — after SET, SET LOCAL,
 RESET, SET … TO DEFAULT, set_config(), the end of a transaction that undoes them — before its
 ReadyForQuery. A client statement that may change it (:func:`touches`: it names ``search_path``,
@@ -22,12 +23,12 @@ from __future__ import annotations
 
 import re
 
+from proxy.session.startup import settings
 from proxy.wire.frames import StartupMessage
 
 # Literal-prefix patterns, searched one by one: an alternation is several times slower, on every statement.
 _SEARCH_PATH = re.compile(rb"(?i)search_path")
 _RESET_ALL, _DISCARD_ALL = re.compile(rb"(?i)reset\s+all"), re.compile(rb"(?i)discard\s+all")
-_OPTION = re.compile(r"(?:-c\s*|--)search_path=((?:\\.|\S)*)")
 
 
 def touches(raw: bytes, reported: bool = False) -> bool:
@@ -40,12 +41,7 @@ def touches(raw: bytes, reported: bool = False) -> bool:
 
 def from_startup(startup: StartupMessage) -> str | None:
     """The search_path a startup packet sets (None: it sets none)."""
-    found = None
-    options = startup.get("options")
-    if options:
-        for match in _OPTION.finditer(options):
-            found = re.sub(r"\\(.)", r"\1", match.group(1))  # libpq escapes spaces and backslashes in options
-    return found if found is not None else startup.get("search_path")
+    return settings(startup).get("search_path")
 
 
 class SearchPath:

@@ -88,6 +88,7 @@ class Session:
             session_id=self.session_id,
             database=startup.get("database") or startup.get("user") or "",
             max_message_bytes=self.server.config.proxy.max_message_bytes,
+            counts=self.server.counts,
         )
         upstream.peer, self.client.peer = self.client, upstream
         upstream.on_lost = self._on_upstream_lost

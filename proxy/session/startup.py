@@ -4,7 +4,8 @@ Owns: reading SSLRequest (TLS when configured, else 'N'), GSSENCRequest ('N'),
 CancelRequest and the StartupMessage, refusing bytes smuggled in after an
 SSLRequest; and, while the upstream authenticates the client, stripping SCRAM
 channel binding (the client's TLS ends at the proxy), noting BackendKeyData
-and spotting the ReadyForQuery that ends authentication.
+and spotting the ReadyForQuery that ends authentication. Also what the packet sets
+(:func:`settings`: its ``options`` switches and parameters, read as the server reads them).
 
 Must not: relay traffic after authentication or open upstream connections
 (the session does both).
@@ -33,6 +34,10 @@ from proxy.wire.frames import (
 from proxy.wire.messages import AUTH_SASL, Authentication, BackendKeyData, sasl_initial_gs2_flag
 
 _SCRAM_PLUS = "SCRAM-SHA-256-PLUS"
+# The server's switches that take a value (postgres.c's getopt string): ``c`` and ``-`` set a setting.
+_WITH_VALUE = frozenset("BcCDdfhkNprStvW-")
+_NOT_SETTINGS = frozenset({"user", "database", "options", "replication"})
+_SPACE = frozenset(" \t\n\v\f\r")  # C's isspace
 # SCRAM's downgrade protection: a TLS client that saw no -PLUS offer says so ("y"),
 # and a TLS server that does support binding then refuses. The binding data would
 # have to be rewritten, which the client's proof covers, so this cannot be relayed.
@@ -53,7 +58,7 @@ class Negotiated:
 
 
 async def negotiate(
-    client: Link, tls: ssl.SSLContext | None, cancel: Callable[[int, bytes], Awaitable[None]]
+    client: Link, tls: ssl.SSLContext | None, cancel: Callable[[CancelRequest], Awaitable[None]]
 ) -> Negotiated:
     """SSLRequest / GSSENCRequest / CancelRequest handling until the StartupMessage."""
     reader = StartupReader()
@@ -76,8 +81,8 @@ async def negotiate(
                 encrypted = True
             case SSLRequest() | GSSENCRequest():
                 client.write(SSL_REFUSE)
-            case CancelRequest(pid=pid, key=key):
-                await cancel(pid, key)
+            case CancelRequest():
+                await cancel(packet)
                 return Negotiated(None)
             case StartupMessage():
                 return Negotiated(packet, reader.take_rest(), encrypted)  # the rest is relayed later
@@ -116,3 +121,53 @@ class AuthWatch:
         if frame.type == Frontend.PASSWORD and self.bound_upstream and sasl_initial_gs2_flag(frame) == "y":
             return CHANNEL_BINDING_ERROR
         return None
+
+
+def settings(startup: StartupMessage) -> dict[str, str]:
+    """The settings a startup packet makes, by lower-case name, as the server applies them: first the ``options``
+    switches (split at unescaped white space, a backslash escaping the next character; ``-c name=value``,
+    ``-cname=value``, ``--name=value``, after grouped flags too: ``-Ec name=value``; dashes in a name are
+    underscores), then the other parameters; the last value of a name wins."""
+    found: dict[str, str] = {}
+    args = _split_options(startup.get("options") or "")
+    i = 0
+    while i < len(args):
+        arg, i = args[i], i + 1
+        if arg == "--":
+            break
+        for j in range(1, len(arg) if arg.startswith("-") else 0):
+            if arg[j] not in _WITH_VALUE:
+                continue  # a flag without a value: the next character is another switch
+            value = arg[j + 1 :]
+            if not value and i < len(args):
+                value, i = args[i], i + 1
+            name, equals, setting = value.partition("=")
+            if arg[j] in "c-" and equals:
+                found[name.replace("-", "_").lower()] = setting
+            break
+    for name, value in startup.params:
+        if name not in _NOT_SETTINGS and not name.startswith("_pq_."):
+            found[name.lower()] = value
+    return found
+
+
+def _split_options(options: str) -> list[str]:
+    """The server's ``pg_split_opts``: words at unescaped white space, each backslash taking the next character."""
+    words: list[str] = []
+    word: list[str] | None = None
+    escaped = False
+    for char in options:
+        if char in _SPACE and not escaped:
+            if word is not None:
+                words.append("".join(word))
+            word = None
+            continue
+        word = [] if word is None else word
+        if char == "\\" and not escaped:
+            escaped = True
+        else:
+            escaped = False
+            word.append(char)
+    if word is not None:
+        words.append("".join(word))
+    return words

@@ -87,6 +87,9 @@ FRONTEND_TYPES = frozenset(int(kind) for kind in Frontend)
 SSL_REQUEST_CODE = 80877103
 GSSENC_REQUEST_CODE = 80877104
 CANCEL_REQUEST_CODE = 80877102
+# Not PostgreSQL's: a CancelRequest one pgml-proxy replica forwards to its peers (proxy.peers). The packet is
+# a CancelRequest in all but this code, which tells the peer not to forward it again (no loops).
+PEER_CANCEL_REQUEST_CODE = (1234 << 16) | 5700
 PROTOCOL_MAJOR_3 = 3
 # The one-byte answers to SSLRequest (and GSSENCRequest): go ahead with TLS, or continue in the clear.
 SSL_ACCEPT = b"S"
@@ -133,10 +136,14 @@ class GSSENCRequest:
 
 @dataclass(frozen=True, slots=True)
 class CancelRequest:
-    """Out-of-band cancel: backend pid and secret key (4 bytes in 3.0, up to 256 in 3.2)."""
+    """Out-of-band cancel: backend pid and secret key (4 bytes in 3.0, up to 256 in 3.2).
+
+    ``forwarded``: sent by a peer replica (PEER_CANCEL_REQUEST_CODE), honoured here but never forwarded again.
+    """
 
     pid: int
     key: bytes
+    forwarded: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,10 +204,10 @@ def decode_startup(code: int, body: bytes) -> StartupPacket:
         return SSLRequest()
     if code == GSSENC_REQUEST_CODE and not body:
         return GSSENCRequest()
-    if code == CANCEL_REQUEST_CODE:
+    if code in (CANCEL_REQUEST_CODE, PEER_CANCEL_REQUEST_CODE):
         if len(body) < 8 or len(body) > 260:
             raise ProtocolViolation("invalid length of cancel request packet")
-        return CancelRequest(pid=_I32.unpack_from(body, 0)[0], key=body[4:])
+        return CancelRequest(_I32.unpack_from(body, 0)[0], body[4:], code == PEER_CANCEL_REQUEST_CODE)
     major, minor = code >> 16, code & 0xFFFF
     if major != PROTOCOL_MAJOR_3:
         raise ProtocolViolation(f"unsupported frontend protocol {major}.{minor}")
@@ -230,8 +237,9 @@ def encode_startup(msg: StartupPacket) -> bytes:
             return _STARTUP_HEADER.pack(8, SSL_REQUEST_CODE)
         case GSSENCRequest():
             return _STARTUP_HEADER.pack(8, GSSENC_REQUEST_CODE)
-        case CancelRequest(pid=pid, key=key):
-            return _STARTUP_HEADER.pack(12 + len(key), CANCEL_REQUEST_CODE) + _I32.pack(pid) + key
+        case CancelRequest(pid=pid, key=key, forwarded=forwarded):
+            code = PEER_CANCEL_REQUEST_CODE if forwarded else CANCEL_REQUEST_CODE
+            return _STARTUP_HEADER.pack(12 + len(key), code) + _I32.pack(pid) + key
         case StartupMessage(major=major, minor=minor, params=params):
             body = b"".join(k.encode() + b"\0" + v.encode() + b"\0" for k, v in params) + b"\0"
             return _STARTUP_HEADER.pack(8 + len(body), (major << 16) | minor) + body

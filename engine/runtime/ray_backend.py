@@ -1,0 +1,230 @@
+"""The Ray backend (``[engine] backend = "ray"``): the engine's :class:`~engine.runtime.context.Offload` onto a
+Ray cluster.
+
+Owns: connecting to the cluster (``[ray]``: address, or a local instance started in this process; the
+namespace), the named, detached model actors (:class:`~engine.runtime.ray_host.ModelHost`; one name per
+model and load kwargs — per database, id and creation time for a classical model — and replica; found or
+created with ``get_if_exists``, so every proxy of the namespace shares one warm copy), sending ``embed`` and
+``rank`` rows to the actors of their models, running functions on hosted models (the predict family: the
+artifact read through the client's session by the proxy, shipped through the object store only when the
+actor does not hold it yet), fanning a training search's fits out as parallel tasks, cancel
+(``ray.cancel`` of a call's actor calls and tasks) and what a dead worker gives (:class:`WorkerLost`; the
+next call gets a fresh actor).
+
+Must not: block the event loop (object refs are awaited as futures; handles are made in a thread), read or
+write the database (procedures do that in the proxy), fork handler logic (the actors run the engine's own
+handlers), or log client data (keys are hashed into actor names).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import json
+import logging
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ray
+import ray.exceptions
+
+from engine.api import (
+    CANCELED,
+    Canceled,
+    Columns,
+    EngineConfig,
+    EngineError,
+    InvalidArgument,
+    Observer,
+    RayConfig,
+    WorkerLost,
+)
+from engine.nlp.embed import INIT_KWARGS
+from engine.nlp.json_args import kwargs_object
+from engine.nlp.rank import RANK_INIT
+from engine.runtime.context import Hosted
+from engine.runtime.executor import LocalEngine
+from engine.runtime.ray_host import ModelHost, Outcome, run_task
+
+log = logging.getLogger(__name__)
+# The kwargs of each offloaded worker function that construct its model (the rest go to the call).
+MODEL_KWARGS = {"embed": INIT_KWARGS, "rank": RANK_INIT}
+# What a call gets when the process holding its model or its task is gone.
+_LOST = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError,
+         ray.exceptions.NodeDiedError, ray.exceptions.OwnerDiedError)  # fmt: skip
+LOST_HINT = "The next call starts a fresh one; see the Ray cluster's logs for why it died."
+WAIT_STEP = 0.1  # seconds between cancel checks of a training fan-out
+
+
+def ray_engine(config: EngineConfig, ray_config: RayConfig, observer: Observer | None = None) -> LocalEngine:
+    """The engine of ``backend = "ray"``: the local engine with its model work offloaded to the cluster."""
+    return LocalEngine(config, observer, RayOffload(config, ray_config))
+
+
+def actor_name(key: str, replica: int) -> str:
+    """The actor of model ``key`` (its kind, name and load kwargs): a hash, so no client data is in the name."""
+    return f"pgml-{hashlib.sha256(key.encode()).hexdigest()[:32]}-{replica}"
+
+
+def worker_key(name: str, row: tuple[Any, ...]) -> str:
+    """The model a worker row needs: its model argument and the kwargs that construct it."""
+    try:
+        kwargs = kwargs_object(row[-1]) if row[-1] is not None else {}
+    except InvalidArgument:
+        kwargs = {}  # the handler gives the error, as the local engine does
+    init = {k: v for k, v in kwargs.items() if k in MODEL_KWARGS[name]}
+    return json.dumps([name, row[0], init], sort_keys=True, default=str)
+
+
+class RayOffload:
+    """Model work on a Ray cluster; one instance per proxy process (:func:`ray_engine`)."""
+
+    workers = frozenset(MODEL_KWARGS)
+
+    def __init__(self, config: EngineConfig, ray_config: RayConfig) -> None:
+        self.config = config
+        self.ray_config = ray_config
+        try:
+            ray.init(
+                address=ray_config.address or None, namespace=ray_config.namespace, include_dashboard=False,
+                log_to_driver=False, logging_level=logging.WARNING, ignore_reinit_error=True,
+            )  # fmt: skip
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            where = ray_config.address or "a local instance"
+            raise EngineError(f"cannot start the Ray backend ({where}): {exc}") from None
+        self._host = ray.remote(ModelHost)
+        self._task = ray.remote(run_task)
+        self._handles: dict[str, Any] = {}
+        self._replica = itertools.count()
+        self._refs: dict[threading.Event, set[Any]] = defaultdict(set)
+
+    # ----------------------------------------------------------------------- actors
+
+    async def _actor(self, key: str) -> tuple[str, Any]:
+        """A replica of ``key``'s actor (round-robin), created in the cluster when it does not exist."""
+        name = actor_name(key, next(self._replica) % self.ray_config.replicas)
+        handle = self._handles.get(name)
+        if handle is None:
+            options = self._host.options(
+                name=name, lifetime="detached", get_if_exists=True, max_restarts=0,
+                num_cpus=self.ray_config.num_cpus, num_gpus=self.ray_config.num_gpus,
+            )  # fmt: skip
+            handle = await asyncio.to_thread(options.remote, self.config)  # a GCS round trip
+            self._handles[name] = handle
+            log.debug("using model actor %s", name)
+        return name, handle
+
+    async def _result(self, name: str, ref: Any, cancelled: threading.Event) -> Outcome:
+        """The outcome of an actor call: Canceled when canceled, WorkerLost when its actor died."""
+        self._refs[cancelled].add(ref)
+        try:
+            result: Outcome = await asyncio.wrap_future(ref.future())
+            return result
+        except asyncio.CancelledError:  # time limit, or the session went away: stop the remote call too
+            ray.cancel(ref)
+            raise
+        except ray.exceptions.TaskCancelledError:
+            raise Canceled(CANCELED) from None
+        except _LOST as exc:
+            self._handles.pop(name, None)
+            log.error("pgml engine: the Ray model actor %s died: %s", name, type(exc).__name__)
+            raise WorkerLost("the Ray worker holding this model died during the call", hint=LOST_HINT) from None
+        finally:
+            self._forget(cancelled, ref)
+
+    def _forget(self, cancelled: threading.Event, ref: Any) -> None:
+        refs = self._refs.get(cancelled)
+        if refs is not None:
+            refs.discard(ref)
+            if not refs:
+                del self._refs[cancelled]
+
+    # ----------------------------------------------------------------------- the Offload protocol
+
+    async def run(self, name: str, rows: Sequence[tuple[Any, ...]], cancelled: threading.Event,
+                  notices: list[str]) -> list[Any]:  # fmt: skip
+        groups = _groups(name, rows)
+        calls = (self._run_group(name, key, part, cancelled) for key, (_, part) in groups.items())
+        parts = await asyncio.gather(*calls)
+        if len(groups) == 1:
+            values, notes = parts[0]
+            notices += notes
+            return values  # type: ignore[no-any-return]
+        out: list[Any] = [None] * len(rows)
+        for (indices, _), (values, notes) in zip(groups.values(), parts, strict=True):
+            notices += notes
+            for i, value in zip(indices, values, strict=True):
+                out[i] = value
+        return out
+
+    async def _run_group(self, name: str, key: str, rows: Sequence[tuple[Any, ...]],
+                         cancelled: threading.Event) -> tuple[Any, list[str]]:  # fmt: skip
+        actor_id, actor = await self._actor(key)
+        return _unpack(await self._result(actor_id, actor.run.remote(name, rows), cancelled))
+
+    async def on_model(self, hosted: Hosted, fn: Callable[..., Any], args: tuple[Any, ...],
+                       cancelled: threading.Event) -> Any:  # fmt: skip
+        name, actor = await self._actor(hosted.key)
+        got = await self._result(name, actor.apply.remote(hosted.key, fn, args), cancelled)
+        if got[0] == "missing":  # not loaded there yet: read here (the client's session), built there
+            payload = await hosted.source()
+            _unpack(await self._result(name, actor.load.remote(hosted.key, hosted.build, payload), cancelled))
+            got = await self._result(name, actor.apply.remote(hosted.key, fn, args), cancelled)
+        return _unpack(got)[0]  # functions on hosted models give no notices
+
+    def fan_out(self, fn: Callable[..., Any], shared: tuple[Any, ...], items: list[tuple[Any, ...]],
+                cancelled: Callable[[], bool]) -> list[Any]:  # fmt: skip
+        task = self._task.options(num_cpus=self.ray_config.num_cpus, num_gpus=self.ray_config.num_gpus, max_retries=0)
+        stored = [ray.put(value) for value in shared]  # once in the object store, whatever the number of tasks
+        refs = [task.remote(fn, *stored, *item) for item in items]
+        try:
+            pending = refs
+            while pending:
+                if cancelled():
+                    raise Canceled(CANCELED)
+                _, pending = ray.wait(pending, num_returns=len(pending), timeout=WAIT_STEP)
+            outcomes = ray.get(refs)
+        except BaseException as exc:
+            for ref in refs:
+                ray.cancel(ref)  # canceled, or one failed: the others stop too (nothing for finished ones)
+            if isinstance(exc, _LOST):
+                log.error("pgml engine: a Ray training task's worker died: %s", type(exc).__name__)
+                raise WorkerLost("the Ray worker of a training task died", hint=LOST_HINT) from None
+            raise
+        return [_unpack(o)[0] for o in outcomes]
+
+    def cancel(self, cancelled: threading.Event) -> None:
+        for ref in list(self._refs.get(cancelled, ())):
+            ray.cancel(ref)
+
+    async def close(self) -> None:
+        for refs in list(self._refs.values()):
+            for ref in list(refs):
+                ray.cancel(ref)
+        with contextlib.suppress(Exception):  # the cluster may be gone already
+            await asyncio.to_thread(ray.shutdown)
+
+
+def _groups(name: str, rows: Sequence[tuple[Any, ...]]) -> dict[str, tuple[Sequence[int], Sequence[tuple[Any, ...]]]]:
+    """The rows of each model (row indices, rows); a batch whose model and kwargs are shared is one group as is."""
+    if isinstance(rows, Columns) and rows.shared[0] and rows.shared[-1]:
+        return {worker_key(name, rows[0]): (range(len(rows)), rows)} if len(rows) else {}
+    indices: dict[str, list[int]] = defaultdict(list)
+    for i, row in enumerate(rows):
+        indices[worker_key(name, row)].append(i)
+    if len(indices) == 1:
+        return {key: (range(len(rows)), rows) for key in indices}
+    return {key: (found, [rows[i] for i in found]) for key, found in indices.items()}
+
+
+def _unpack(outcome: Outcome) -> tuple[Any, list[str]]:
+    """A remote :data:`~engine.runtime.ray_host.Outcome` as (value, notices), or its engine error raised here."""
+    if outcome[0] == "ok":
+        return outcome[1], list(outcome[2])
+    _, cls, message, detail, hint = outcome
+    error = cls(message, detail=detail, hint=hint) if issubclass(cls, EngineError) else EngineError(message)
+    raise error

@@ -1,0 +1,96 @@
+"""The cluster side of the Ray backend: :class:`ModelHost` (one model actor) and :func:`run_task` (one task).
+
+Owns: what runs inside a Ray worker process — a model actor's own shared model cache, the engine's very
+handlers (``engine.runtime.executor.HANDLERS``) run on its rows in its threads, functions run on a loaded
+model (``Context.on_model``'s remote half), how a cancel of an actor call (``ray.cancel``: an
+``asyncio.CancelledError`` in the async actor) stops the handler at its next checkpoint, and the
+:data:`Outcome` every call returns (an engine error travels as its class and fields, never as a
+traceback: Ray would wrap it and lose its SQLSTATE).
+
+Must not: import ray (the actor class is made remote by ``engine.runtime.ray_backend``), talk to a database,
+or log client data at info and above.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from engine.api import EngineConfig, EngineError
+from engine.runtime.cache import ModelCache
+from engine.runtime.context import Context
+from engine.runtime.executor import HANDLERS, Worker, log_failure
+from engine.runtime.locate import configure_offline
+
+# ("ok", value, notices) | ("error", EngineError subclass, message, detail, hint) | ("missing",): not loaded here
+Outcome = tuple[Any, ...]
+MISSING: Outcome = ("missing",)
+
+
+def outcome(fn: Callable[[Context], Any], ctx: Context) -> Outcome:
+    """``fn(ctx)`` as an :data:`Outcome`: a library fault is the statement's error, as the local engine says it."""
+    try:
+        return ("ok", fn(ctx), ctx.notices)
+    except EngineError as exc:
+        return ("error", type(exc), exc.message, exc.detail, exc.hint)
+    except Exception as exc:
+        log_failure("ray worker", None, exc)
+        return ("error", EngineError, f"{type(exc).__name__}: {exc}", None, None)
+
+
+def run_task(fn: Callable[..., Any], *args: Any) -> Outcome:
+    """A Ray task: ``fn(*args)`` (a training fit of ``engine.ml.search``), as an :data:`Outcome`."""
+    return outcome(lambda ctx: fn(*args), Context(EngineConfig(), ModelCache(0), threading.Event()))
+
+
+class ModelHost:
+    """A model actor: holds loaded models (normally the one its name stands for) and runs calls on them.
+
+    An async actor: each call runs in a thread of its own; ``ray.cancel`` of a call sets that call's cancel
+    flag, and the handler stops at its next checkpoint (between mini-batches), as it does in the proxy.
+    """
+
+    def __init__(self, config: EngineConfig) -> None:
+        configure_offline(config.allow_downloads)
+        self.config = config
+        self.cache = ModelCache(config.cache_bytes)
+        self._pool = ThreadPoolExecutor(max_workers=config.workers + config.max_queue, thread_name_prefix="pgml-ray")
+
+    async def run(self, name: str, rows: Sequence[tuple[Any, ...]]) -> Outcome:
+        """The worker handler ``name`` of the engine on ``rows``."""
+        handler = HANDLERS[name]
+        assert isinstance(handler, Worker)
+        return await self._in_thread(functools.partial(_run_handler, handler, rows))
+
+    async def apply(self, key: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> Outcome:
+        """``fn(model, *args)`` on the model cached under ``key``; :data:`MISSING` when it is not loaded here."""
+        model = self.cache.peek(key)
+        if model is None:
+            return MISSING
+        return await self._in_thread(lambda ctx: fn(model, *args))
+
+    async def load(self, key: str, build: Callable[[Any], Any], payload: Any) -> Outcome:
+        """``build(payload)`` into the cache under ``key`` (once, whoever asks)."""
+        def load(ctx: Context) -> None:
+            self.cache.get(key, functools.partial(build, payload))
+
+        return await self._in_thread(load)
+
+    async def _in_thread(self, fn: Callable[[Context], Any]) -> Outcome:
+        cancelled = threading.Event()
+        ctx = Context(self.config, self.cache, cancelled)
+        future = asyncio.get_running_loop().run_in_executor(self._pool, outcome, fn, ctx)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            cancelled.set()  # the handler stops at its next checkpoint; its thread then ends
+            raise
+
+
+def _run_handler(handler: Worker, rows: Sequence[tuple[Any, ...]], ctx: Context) -> Any:
+    ctx.check()
+    return handler.run(list(rows), ctx)

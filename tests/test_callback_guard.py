@@ -1,0 +1,82 @@
+"""The callback guard without sockets: which startup packets make a callback session, and what one may run."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.rewrite.callback_guard import accepted, is_callback
+from proxy.session.startup import settings
+from proxy.wire.frames import StartupMessage
+
+
+def startup(**params: str) -> StartupMessage:
+    return StartupMessage(3, 0, tuple(params.items()))
+
+
+@pytest.mark.parametrize(
+    ("params", "callback"),
+    [
+        ({"user": "a"}, False),
+        ({"options": "-c pgml_proxy.callback=on"}, True),
+        ({"options": "-cpgml_proxy.callback=on"}, True),
+        ({"options": "--pgml_proxy.callback=on"}, True),
+        ({"options": "--pgml-proxy.callback=true"}, True),
+        ({"options": "-Ec PGML_PROXY.CALLBACK=on"}, True),
+        ({"options": r"-c search_path=a,\ b -c pgml\_proxy.callback=on"}, True),
+        ({"pgml_proxy.callback": "on"}, True),
+        ({"options": "-c pgml_proxy.callback=off"}, False),
+        ({"options": "-c pgml_proxy.callback=on", "pgml_proxy.callback": "off"}, False),  # parameters come last
+        ({"options": "-c statement_timeout=5 -- -c pgml_proxy.callback=on"}, False),  # after --: not a switch
+    ],
+)
+def test_a_callback_session_is_known_by_its_startup_packet(params: dict[str, str], callback: bool) -> None:
+    assert is_callback(startup(**params)) is callback
+
+
+def test_settings_as_the_server_applies_them() -> None:
+    found = settings(startup(user="u", options=r"-c a.b=1\ 2 --c-d.e=x -B 8", **{"a.b": "3", "_pq_.x": "y"}))
+    assert found == {"a.b": "3", "c_d.e": "x"}
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT pgml.embed('m'::text, 'x'::text)",
+        "SELECT * FROM pgml.train('p'::text, NULL::text, '{1,2}'::real[])",
+        "SELECT pgml.version()",
+        "SELECT pgml.embed(transformer => 'm', text => 'x'::varchar(3))",
+        "SELECT pgml.predict('p', ARRAY[1, -2.5]::real[])",
+        "set client_encoding to 'LATIN1'",
+    ],
+)
+def test_what_the_stubs_send_is_accepted(sql: str) -> None:
+    assert accepted(sql)
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "",
+        "SELECT current_user",
+        "CREATE TABLE x ()",
+        "SELECT pgml.embed('m', 'x'); SELECT 1",
+        "SELECT pgml.embed(m, body) FROM t",
+        "SELECT pgml.predict('p', ARRAY[1,2]), version()",
+        "SELECT pgml.embed('m', 'x') INTO t",
+        "SELECT pgml.embed('m', (SELECT 'x'))",
+        "SELECT pgml.embed('m', 'x') WHERE true",
+        "SELECT pgml.embed('m', 'x') LIMIT 1",
+        "SELECT * FROM pgml.chunk('a', 'b'), t",
+        "SELECT * FROM pgml.chunk('a', 'b') WITH ORDINALITY",
+        "SELECT pgml.cosine_similarity('{1}'::real[], '{1}'::real[])",
+        "SELECT pgml.callback_disable()",
+        "WITH d AS (DELETE FROM t) SELECT pgml.version()",
+        "SELECT pgml.embed('m', 'x') FOR UPDATE",
+        "SET search_path = public",
+        "SET LOCAL client_encoding TO 'UTF8'",
+        "SELECT pgml.embed('m', 'x') UNION SELECT pgml.embed('m', 'y')",
+        "not sql at all",
+    ],
+)
+def test_anything_else_is_refused(sql: str) -> None:
+    assert not accepted(sql)

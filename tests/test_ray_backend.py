@@ -1,0 +1,183 @@
+"""The Ray backend (``[engine] backend = "ray"``) against a real local Ray cluster and a real proxy.
+
+The same statements give the same results as on the local backend (embed, predict, train with a grid
+search), a model actor killed mid-call gives a clean error and the next call works, and a cancel stops a
+long embed running in an actor.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import ray
+from ray._private import state  # the GCS actor table (the state API needs the dashboard, which is off)
+
+from engine.runtime.ray_backend import actor_name, worker_key
+from proxy.embedded import free_port
+from tests.conftest import MINILM, ROOT, Postgres, ProxyProcess, start_proxy
+
+pytestmark = pytest.mark.slow
+RAY = Path(sys.executable).parent / "ray"  # the venv's ray command
+
+
+@pytest.fixture(scope="session")
+def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A local Ray cluster (head only, 2 CPUs, no dashboard) whose workers import this checkout."""
+    port = free_port()
+    temp = Path(f"/tmp/pgml-ray-{secrets.token_hex(4)}")  # Ray's socket paths must stay short
+    log = tmp_path_factory.mktemp("ray") / "ray.log"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(RAY), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--include-dashboard=false",
+             "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp}", "--block"],
+            env=env, stdout=out, stderr=out, start_new_session=True,
+        )  # fmt: skip
+    address = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while "Ray runtime started" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        ray.init(address=address, namespace="pgml-test-ray", logging_level="WARNING", log_to_driver=False)
+        yield address
+    finally:
+        ray.shutdown()
+        proc.send_signal(signal.SIGINT)  # `ray start --block` stops every process it started
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_proxy(
+    pg: Postgres, proxy: ProxyProcess, model_dir: Path, ray_address: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ProxyProcess]:
+    """A proxy with backend = "ray" beside the shared local one (``proxy``), sharing its artifact key."""
+    handle = start_proxy(
+        pg.dsn(), tmp_path_factory.mktemp("ray-proxy"),
+        PGML_PROXY_ENGINE_MODEL_DIRS=str(model_dir), PGML_PROXY_ENGINE_BACKEND="ray",
+        PGML_PROXY_RAY_ADDRESS=ray_address, PGML_PROXY_RAY_NAMESPACE="pgml-test-ray", PGML_PROXY_RAY_NUM_CPUS="0.5",
+        PGML_PROXY_ENGINE_ARTIFACT_KEY_FILE=str(proxy.log.parent / "artifact.key"),
+    )  # fmt: skip
+    try:
+        yield handle
+    finally:
+        handle.stop()
+
+
+def rows(dsn: str, sql: str) -> list[tuple[object, ...]]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute(sql).fetchall()
+
+
+@pytest.fixture(scope="module")
+def texts(pg: Postgres) -> None:
+    with psycopg.connect(pg.dsn(), autocommit=True) as admin:
+        admin.execute("DROP TABLE IF EXISTS ray_texts; CREATE TABLE ray_texts AS SELECT i, 'text number ' || i || "
+                      "repeat(' word', i % 7) AS body FROM generate_series(1, 40) i")  # fmt: skip
+        admin.execute("DROP TABLE IF EXISTS ray_long; CREATE TABLE ray_long AS SELECT i, repeat('word ', 120) || i "
+                      "AS body FROM generate_series(1, 3000) i")  # fmt: skip
+
+
+def test_embed_same_as_local(proxy: ProxyProcess, ray_proxy: ProxyProcess, texts: None) -> None:
+    for sql in (
+        f"SELECT pgml.embed('{MINILM}', 'hello ray')",
+        f"SELECT i, pgml.embed('{MINILM}', body) FROM ray_texts ORDER BY i",
+        f"SELECT pgml.embed('{MINILM}', ARRAY['a', 'b c'], '{{\"normalize_embeddings\": true}}')",
+    ):
+        local, remote = rows(proxy.dsn(), sql), rows(ray_proxy.dsn(), sql)
+        assert len(local) == len(remote)
+        for a, b in zip(local, remote, strict=True):
+            assert a[:-1] == b[:-1]
+            assert a[-1] == pytest.approx(b[-1], abs=1e-6)  # torch threads differ: last-bit float differences
+
+
+TRAIN = (
+    "SELECT * FROM pgml.train('{project}', 'regression', 'ray_fit', 'y', 'ridge', search => 'grid',"
+    " search_params => '{{\"alpha\": [0.01, 0.1, 1, 3, 10, 30, 100, 300]}}', search_args => '{{\"cv\": 2}}',"
+    " test_sampling => 'last')"
+)
+
+
+@pytest.fixture(scope="module")
+def fit_table(pg: Postgres) -> None:
+    with psycopg.connect(pg.dsn(), autocommit=True) as admin:
+        admin.execute("DROP TABLE IF EXISTS ray_fit; CREATE TABLE ray_fit AS SELECT i::real AS a, (i % 7)::real AS b,"
+                      " (3 * i - 2 * (i % 7) + (i % 5))::real AS y FROM generate_series(1, 200) i")  # fmt: skip
+
+
+def search_results(dsn: str, project: str) -> tuple[dict[str, object], dict[str, object]]:
+    sql = ("SELECT m.metrics, m.hyperparams FROM pgml.models m JOIN pgml.projects p ON p.id = m.project_id"
+           f" WHERE p.name = '{project}' ORDER BY m.id DESC LIMIT 1")  # fmt: skip
+    ((metrics, hyperparams),) = rows(dsn, sql)
+    assert isinstance(metrics, dict) and isinstance(hyperparams, dict)
+    return metrics["search_results"], hyperparams
+
+
+def test_train_grid_search_and_predict_same_as_local(proxy: ProxyProcess, ray_proxy: ProxyProcess,
+                                                     fit_table: None) -> None:  # fmt: skip
+    assert rows(proxy.dsn(), TRAIN.format(project="ray local")) == [("ray local", "regression", "ridge", True)]
+    assert rows(ray_proxy.dsn(), TRAIN.format(project="ray remote")) == [("ray remote", "regression", "ridge", True)]
+    local, remote = search_results(proxy.dsn(), "ray local"), search_results(ray_proxy.dsn(), "ray remote")
+    assert remote[1] == local[1]  # the same best candidate
+    assert len(remote[0]["params"]) == 8  # type: ignore[arg-type]
+    for key in ("params", "best_index", "mean_test_score", "split0_test_score", "split1_test_score"):
+        assert remote[0][key] == local[0][key], key
+    for project in ("ray local", "ray remote"):
+        sql = f"SELECT a, pgml.predict('{project}', ARRAY[a, b]) FROM ray_fit ORDER BY a"
+        assert rows(ray_proxy.dsn(), sql) == rows(proxy.dsn(), sql)
+    sql = "SELECT pgml.predict('ray remote', ARRAY[1, 2]::real[]), pgml.predict('ray local', ARRAY[5, 1])"
+    assert rows(ray_proxy.dsn(), sql) == rows(proxy.dsn(), sql)
+
+
+def _embed_actor_pid() -> tuple[str, int]:
+    name = actor_name(worker_key("embed", (MINILM, "", {})), 0)
+    for actor in state.actors().values():
+        if actor.get("Name") == name and actor.get("State") == "ALIVE":
+            return name, int(actor["Pid"])
+    raise AssertionError(f"no live actor {name}")
+
+
+def test_killed_actor_gives_a_clean_error_then_a_fresh_actor(ray_proxy: ProxyProcess, texts: None) -> None:
+    rows(ray_proxy.dsn(), f"SELECT pgml.embed('{MINILM}', 'warm')")
+    _, pid = _embed_actor_pid()
+    killer = threading.Timer(1.5, os.kill, (pid, signal.SIGKILL))
+    killer.start()
+    with psycopg.connect(ray_proxy.dsn(), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.SystemError) as caught:
+            conn.execute(f"SELECT pgml.embed('{MINILM}', body) FROM ray_long").fetchall()
+        assert caught.value.sqlstate == "58000" and "Ray worker" in str(caught.value)
+        vector = conn.execute(f"SELECT pgml.embed('{MINILM}', 'after')").fetchone()
+    killer.join()
+    assert vector is not None and len(vector[0]) == 384
+    assert _embed_actor_pid()[1] != pid
+
+
+def test_cancel_stops_a_long_embed_in_the_actor(ray_proxy: ProxyProcess, texts: None) -> None:
+    rows(ray_proxy.dsn(), f"SELECT pgml.embed('{MINILM}', 'warm')")
+    with psycopg.connect(ray_proxy.dsn()) as conn:
+        timer = threading.Timer(1.5, conn.cancel_safe)
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            conn.execute(f"SELECT pgml.embed('{MINILM}', body) FROM ray_long").fetchall()
+        assert time.monotonic() - started < 20
+        conn.rollback()
+        started = time.monotonic()
+        assert conn.execute(f"SELECT pgml.embed('{MINILM}', 'next') IS NOT NULL").fetchone() == (True,)
+        assert time.monotonic() - started < 10  # the actor stopped the canceled batch: it is free again
