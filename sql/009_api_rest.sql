@@ -124,7 +124,7 @@ END
 $outer$;
 
 -- A void result comes back from a callback as text (a column definition list takes no pseudo-type);
--- otherwise as 008 declares it.
+-- otherwise as 008 declares it (CREATE OR REPLACE keeps its privileges: no one but the owner runs it).
 CREATE OR REPLACE FUNCTION pgml._callback_body(f oid, dblink_schema text) RETURNS text
     LANGUAGE plpgsql STABLE SET search_path = pg_catalog AS $$
 DECLARE
@@ -169,6 +169,5 @@ BEGIN
                                      ', ' ORDER BY n)
                      FROM unnest(names) WITH ORDINALITY AS u(c, n)));
 END $$;
-REVOKE EXECUTE ON FUNCTION pgml._callback_body(oid, text) FROM PUBLIC;
 
 SELECT pgml._callback_refresh();
