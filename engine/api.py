@@ -240,6 +240,19 @@ CONFIG = _p("config", "jsonb", {})
 ARGS = _p("args", "jsonb", {})
 CACHE = _p("cache", "boolean", False)  # accepted, as PostgresML does; pipelines are always cached here
 
+ENVIRONMENT = (
+    ("python_version", "text"),
+    ("validate_python_dependencies", "boolean"),
+    ("validate_shared_library", "void"),
+    ("xgboost_version", "text"),
+)
+TRUTH, Y_HAT = _p("ground_truth", "real[]"), _p("y_hat", "real[]")
+METRIC_FUNCTIONS = (
+    ("sklearn_f1_score", "real"),
+    ("sklearn_r2_score", "real"),
+    ("sklearn_regression_metrics", "jsonb"),
+)
+
 CATALOGUE: tuple[Signature, ...] = (
     Signature("version", (), "text"),
     Signature("embed", (_p("transformer", "text"), _p("text", "text"), _p("kwargs", "jsonb", JSONB_EMPTY)), "real[]"),
@@ -367,6 +380,19 @@ CATALOGUE: tuple[Signature, ...] = (
         for key, key_type in (("project_name", "text"), ("model_id", "bigint"))
     ),
     Signature("decompose", (_p("project_name", "text"), _p("vector", "real[]")), "real[]", cacheable=False),
+    # The engine's environment, as PostgresML's environment functions report theirs.
+    *(Signature(name, (), returns) for name, returns in ENVIRONMENT),
+    Signature("python_package_version", (_p("name", "text"),), "text"),
+    Signature("python_pip_freeze", (), "text", (("package", "text"),)),
+    Signature("clear_gpu_cache", (_p("memory_usage", "real", None),), "boolean", cacheable=False),
+    # PostgresML's scikit-learn metric functions.
+    *(Signature(name, (TRUTH, Y_HAT), returns) for name, returns in METRIC_FUNCTIONS),
+    Signature("sklearn_classification_metrics", (TRUTH, Y_HAT, _p("num_classes", "bigint")), "jsonb"),
+    # The registry as CSV files, one per table, in a directory under [engine] data_dirs.
+    *(
+        Signature(name, (_p("path", "text"),), "void", cacheable=False, procedure=True)
+        for name in ("dump_all", "load_all")
+    ),
 )
 
 

@@ -397,8 +397,8 @@ UNRUNNABLE: dict[str, dict[int, tuple[str, str]]] = {
         22: ("22023", "meta-llama with trust_remote_code in its generation args: a loading flag, refused there"
                       " (generation args never load code; transformers' generate rejects it as an unused model kwarg)"),
         36: ("0A000", "bigscience/bloom-1b7 with load_in_4bit: 4-bit loading needs bitsandbytes (and CUDA)"),
-        48: ("42704", "TheBloke/MPT-7B-Storywriter-GGML: GGML weights (ctransformers); nothing here loads them"),
-        61: ("42704", "marella/gpt-2-ggml: GGML weights, as above"),
+        48: ("0A000", "TheBloke/MPT-7B-Storywriter-GGML: GGML weights (ctransformers); nothing here loads them"),
+        61: ("0A000", "marella/gpt-2-ggml: GGML weights, as above"),
         74: ("0A000", "Qwen/Qwen2.5-7B-Instruct-GPTQ-Int8: GPTQ needs optimum and gptqmodel"),
     },
 }

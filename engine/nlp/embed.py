@@ -21,7 +21,7 @@ import numpy as np
 from engine.api import EngineError, InvalidArgument, NotSupported
 from engine.nlp.json_args import kwargs_object
 from engine.runtime.cache import ModelCache
-from engine.runtime.confine import confine_kwargs
+from engine.runtime.confine import confine_kwargs, refuse_unsupported_loading
 from engine.runtime.context import Context
 from engine.runtime.device import pick_device, usable_device
 from engine.runtime.locate import resolve
@@ -57,6 +57,7 @@ def load_sentence_model(cls_name: str, name: str, init: dict[str, Any], ctx: Con
     ``init`` goes through :func:`confine_kwargs` first (locations, trust_remote_code at any depth). ``onnx``:
     loaded on the CPU, its transformer then run by ONNX Runtime (:mod:`engine.nlp.onnx_embed`)."""
     init = {"device": pick_device(ctx.config.device), **confine_kwargs(init, ctx.config)}
+    refuse_unsupported_loading(name, init)
     if onnx:
         init["device"] = "cpu"  # ONNX Runtime's CPU execution provider runs it; torch only loads and exports it
     else:

@@ -21,9 +21,9 @@ from typing import Any, ClassVar
 from engine.api import EngineError, InvalidArgument, NotSupported, UnknownModel
 from engine.nlp.json_args import json_object
 from engine.runtime.cache import ModelCache, model_bytes
-from engine.runtime.confine import confine_kwargs
+from engine.runtime.confine import confine_kwargs, refuse_unsupported_loading
 from engine.runtime.context import Context, ModelLock
-from engine.runtime.device import pick_device, usable_device
+from engine.runtime.device import pick_device, usable_device, usable_device_map
 from engine.runtime.locate import resolve
 
 
@@ -151,13 +151,8 @@ def _permit(name: str, init: dict[str, Any], ctx: Context) -> dict[str, Any]:
     # No client-chosen locations, tokenizer/config names confined, trust_remote_code (at any depth) refused
     # unless [engine] trust_remote_code: then model_kwargs' flag counts for the whole pipeline.
     init = confine_kwargs(init, ctx.config)
+    refuse_unsupported_loading(name, init)
     nested = dict(init["model_kwargs"]) if isinstance(init.get("model_kwargs"), dict) else None
-    for flag in ("load_in_4bit", "load_in_8bit"):  # transformers 5 takes them only as a BitsAndBytesConfig
-        if init.get(flag) or (nested and nested.get(flag)):
-            raise NotSupported(
-                f'"{flag}": quantized loading with bitsandbytes is not supported by pgml-proxy',
-                hint="Remove the flag to load the model in full precision, or use a pre-quantized model.",
-            )
     wants = bool(init.pop("trust_remote_code", False)) or bool(nested and nested.pop("trust_remote_code", False))
     if nested is not None:
         init["model_kwargs"] = nested
@@ -165,11 +160,12 @@ def _permit(name: str, init: dict[str, Any], ctx: Context) -> dict[str, Any]:
     if "torch_dtype" in init:  # PostgresML's name; transformers 5 calls it dtype
         init.setdefault("dtype", init.pop("torch_dtype"))
         init.pop("torch_dtype", None)
-    if "device_map" not in init:
-        init.setdefault("device", pick_device(ctx.config.device))
-        init["device"], note = usable_device(init["device"], ctx.config.device)
-        if note is not None:
-            ctx.notices.append(note)
+    if "device_map" in init:
+        init["device_map"], note = usable_device_map(init["device_map"], ctx.config.device)
+    else:
+        init["device"], note = usable_device(init.get("device", pick_device(ctx.config.device)), ctx.config.device)
+    if note is not None:
+        ctx.notices.append(note)
     return init
 
 

@@ -152,5 +152,3 @@ def _numeric(value: float) -> str:
         raise InvalidTextRepresentation("invalid input syntax for type json", detail=f'Token "{value}" is invalid.')
     number = Decimal(repr(value))
     return format(abs(number) if number == 0 else number, "f")  # numeric has no negative zero
-
-

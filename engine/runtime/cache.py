@@ -1,8 +1,9 @@
 """The shared model cache: one loaded copy per (kind, name, init kwargs) for the whole process.
 
 Owns: :class:`ModelCache` (loads of one key wait for the first; least-recently-used eviction past
-``[engine] cache_bytes``), how big a loaded model is (:func:`model_bytes`), the bytes it holds and how long
-each load took (told to a callback: the metrics' model load times).
+``[engine] cache_bytes``; :meth:`ModelCache.clear` for ``pgml.clear_gpu_cache``), how big a loaded model is
+(:func:`model_bytes`), the bytes it holds and how long each load took (told to a callback: the metrics'
+model load times).
 
 Must not: resolve names or load anything itself (callers pass the loader), block the event loop
 (everything here runs in workers), or log a cache key (it holds the client's init kwargs).
@@ -96,6 +97,15 @@ class ModelCache:
             key, (_, size) = self._models.popitem(last=False)
             total -= size
             log.info("evicted %s from the model cache", self.label(key))
+
+    def clear(self) -> int:
+        """Forget every loaded model (calls using one keep it until they end); how many there were."""
+        with self._lock:
+            count = len(self._models)
+            self._models.clear()
+        if count:
+            log.info("evicted %d models from the model cache", count)
+        return count
 
     def bytes(self) -> int:
         """Bytes of the models held now."""

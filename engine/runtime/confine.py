@@ -2,8 +2,9 @@
 
 Owns: :func:`confine_kwargs` (locations the proxy owns refused, other models named in kwargs resolved
 and confined like the model, ``trust_remote_code`` at any depth only with ``[engine] trust_remote_code``,
-pickle-loading overrides refused) and :func:`generation_kwargs` (no ``generate`` argument that loads or
-runs code, models or files).
+pickle-loading overrides refused), :func:`refuse_unsupported_loading` (bitsandbytes quantized loading and
+GGML weights through ctransformers, which PostgresML offers and nothing here runs: 0A000) and
+:func:`generation_kwargs` (no ``generate`` argument that loads or runs code, models or files).
 
 Must not: load models or decide where a model is (``engine.runtime.locate`` does).
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from engine.api import EngineConfig, InvalidArgument, PermissionDenied
+from engine.api import EngineConfig, InvalidArgument, NotSupported, PermissionDenied
 from engine.runtime.locate import plain_name, resolve
 
 # Loading kwargs (pipeline, from_pretrained, sentence-transformers) that name the proxy's own cache, offload
@@ -87,6 +88,33 @@ def _confine(init: dict[str, Any], config: EngineConfig) -> dict[str, Any]:
         elif key in NESTED_KWARGS and isinstance(value, dict):
             out[key] = _confine(value, config)
     return out
+
+
+# Loading kwargs of PostgresML's ctransformers pipeline (GGML weights): model_file names the weights file in the
+# repository, model_type its architecture; lib picks ctransformers' native library.
+GGML_KWARGS = ("model_file", "model_type", "lib")
+GGML_HINT = (
+    "GGML weights need ctransformers, which pgml-proxy does not run. Use the model's transformers version"
+    ' (safetensors), or a GGUF file of it: {"model": "<repo>", "gguf_file": "<file>.gguf"}.'
+)
+
+
+def refuse_unsupported_loading(name: str, init: dict[str, Any]) -> None:
+    """0A000 for what PostgresML loads and this engine cannot: ``load_in_4bit`` / ``load_in_8bit`` (bitsandbytes;
+    transformers 5 takes them only as a BitsAndBytesConfig, and it needs CUDA) and GGML models (a name with
+    ``-ggml``, or ctransformers' ``model_file`` / ``model_type``; PostgresML sends names with ``-gguf`` there too,
+    which transformers reads itself given ``gguf_file``)."""
+    nested: dict[str, Any] = init["model_kwargs"] if isinstance(init.get("model_kwargs"), dict) else {}
+    for flag in ("load_in_4bit", "load_in_8bit"):
+        if init.get(flag) or nested.get(flag):
+            raise NotSupported(
+                f'"{flag}": quantized loading with bitsandbytes is not supported by pgml-proxy',
+                hint="Remove the flag to load the model in full precision, or use a pre-quantized model.",
+            )
+    given = [key for key in GGML_KWARGS if key in init]
+    if "-ggml" in name.lower() or given:
+        what = f'the kwarg "{given[0]}"' if given else f'model "{name}"'
+        raise NotSupported(f"{what}: GGML models (ctransformers) are not supported by pgml-proxy", hint=GGML_HINT)
 
 
 # ``generate()`` arguments a client never passes: they load and run code or files (custom_generate, a

@@ -43,10 +43,11 @@ from engine.api import (
     Observer,
     Overloaded,
 )
-from engine.ml import deploy, predict, train
+from engine.ml import deploy, dump, metric_functions, predict, train
 from engine.ml.datasets import load
 from engine.nlp import chunk, embed, rank, stream, transform
 from engine.nlp.finetune import tune, tuned
+from engine.runtime import environment, memory
 from engine.runtime.cache import ModelCache
 from engine.runtime.context import Context, Offload
 from engine.runtime.locate import configure_offline
@@ -100,6 +101,19 @@ HANDLERS: dict[str, Worker | Procedure] = {
     "deploy": Procedure(deploy.deploy, limited=True),
     "load_dataset": Procedure(load.load_dataset, limited=False),
     **{name: Procedure(predict.predict, limited=True) for name in predict.FUNCTIONS},
+    "python_version": Worker(environment.python_version),
+    "python_package_version": Worker(environment.python_package_version),
+    "python_pip_freeze": Worker(environment.python_pip_freeze),
+    "validate_python_dependencies": Worker(environment.validate_python_dependencies),
+    "validate_shared_library": Worker(environment.validate_shared_library),
+    "xgboost_version": Worker(environment.xgboost_version),
+    "clear_gpu_cache": Worker(memory.clear_gpu_cache),
+    "sklearn_f1_score": Worker(metric_functions.sklearn_f1_score),
+    "sklearn_r2_score": Worker(metric_functions.sklearn_r2_score),
+    "sklearn_regression_metrics": Worker(metric_functions.sklearn_regression_metrics),
+    "sklearn_classification_metrics": Worker(metric_functions.sklearn_classification_metrics),
+    "dump_all": Procedure(dump.dump_all, limited=False),
+    "load_all": Procedure(dump.load_all, limited=False),
 }
 
 
