@@ -25,11 +25,23 @@ from proxy.wire.frames import CancelRequest, encode_startup
 log = logging.getLogger(__name__)
 
 
+MOST_FORWARDING = 16  # cancels being forwarded at once; more are dropped (made-up keys cannot pile connections up)
+_forwarding = 0
+
+
 async def forward_cancel(peers: tuple[tuple[str, int], ...], request: CancelRequest, timeout: float) -> int:
-    """Send ``request`` to every peer at once, marked as forwarded; the number of peers that took it."""
-    packet = encode_startup(CancelRequest(request.pid, request.key, forwarded=True))
-    taken = await asyncio.gather(*(_send(host, port, packet, timeout) for host, port in peers))
-    return sum(taken)
+    """Send ``request`` to every peer at once, marked as forwarded; the number of peers that took it (0, and nothing
+    sent, while ``MOST_FORWARDING`` cancels are being forwarded already)."""
+    global _forwarding
+    if _forwarding >= MOST_FORWARDING:
+        return 0
+    _forwarding += 1
+    try:
+        packet = encode_startup(CancelRequest(request.pid, request.key, forwarded=True))
+        taken = await asyncio.gather(*(_send(host, port, packet, timeout) for host, port in peers))
+        return sum(taken)
+    finally:
+        _forwarding -= 1
 
 
 async def _send(host: str, port: int, packet: bytes, timeout: float) -> bool:

@@ -68,7 +68,8 @@ def latest() -> int:
 
 
 def script(applied: set[int], in_transaction: bool) -> str | None:
-    """SQL applying every migration not in ``applied`` (None when up to date).
+    """SQL applying every migration not in ``applied`` (None when up to date), each only if it is still missing
+    once the advisory lock is held (:func:`_guarded`).
 
     Inside a client's transaction it adds no BEGIN/COMMIT (the client's COMMIT
     keeps the schema, a ROLLBACK removes it and a later statement re-applies it).
@@ -82,12 +83,24 @@ def script(applied: set[int], in_transaction: bool) -> str | None:
         "CREATE SCHEMA IF NOT EXISTS pgml;",
         CREATE_TABLE + ";",
     ]
-    for m in missing:
-        parts.append(m.sql)
-        parts.append(f"INSERT INTO {TABLE} (version, name) VALUES ({m.version}, '{m.name}') ON CONFLICT DO NOTHING;")
+    parts += [_guarded(m) for m in missing]
     if not in_transaction:
         parts.append("COMMIT;")
     return "\n".join(parts)
+
+
+def _guarded(m: Migration) -> str:
+    """``m`` applied only if still missing once the lock is held: ``applied`` was read before it, and a session
+    that waited on the lock must not run again what the holder applied (a later migration may have changed
+    what an earlier one creates, e.g. renamed a parameter, so running it again would fail)."""
+    tag = f"$pgml_migration_{m.version}$"
+    assert tag not in m.sql
+    return (
+        f"DO $pgml_apply$ BEGIN IF NOT EXISTS (SELECT FROM {TABLE} WHERE version = {m.version}) THEN\n"
+        f"EXECUTE {tag}{m.sql}{tag};\n"
+        f"INSERT INTO {TABLE} (version, name) VALUES ({m.version}, '{m.name}');\n"
+        "END IF; END $pgml_apply$;"
+    )
 
 
 APPLIED_QUERY = f"SELECT CASE WHEN pg_catalog.to_regclass('{TABLE}') IS NULL THEN NULL ELSE 'present' END"

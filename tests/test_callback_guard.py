@@ -46,6 +46,9 @@ def test_settings_as_the_server_applies_them() -> None:
         "SELECT pgml.version()",
         "SELECT pgml.embed(transformer => 'm', text => 'x'::varchar(3))",
         "SELECT pgml.predict('p', ARRAY[1, -2.5]::real[])",
+        "SELECT pgml.predict('p'::text, '{1,2}'::double precision[])",
+        "SELECT * FROM pgml.train('p'::text, 'regression'::text, 't'::text, 'y'::text, 'xgboost'::pgml.algorithm)",
+        "SELECT pgml.embed('m'::text, 'x'::text, '{}'::jsonb)",
         "set client_encoding to 'LATIN1'",
     ],
 )
@@ -75,6 +78,16 @@ def test_what_the_stubs_send_is_accepted(sql: str) -> None:
         "SET search_path = public",
         "SET LOCAL client_encoding TO 'UTF8'",
         "SELECT pgml.embed('m', 'x') UNION SELECT pgml.embed('m', 'y')",
+        # a cast to a type a role can create (a domain's CHECK, an input function would run as the callback role)
+        "SELECT pgml.embed('m', 'x'::public.evil)",
+        "SELECT pgml.embed('m', 'x'::evil)",
+        "SELECT pgml.embed('m', ARRAY['a']::alice.d[])",
+        "SELECT pgml.predict('p', '(1,2)'::public.row_type)",
+        "SELECT pgml.embed('m', 'x'::vector)",
+        # the registry owner's functions: through the callback server every role would be the callback role
+        "SELECT pgml.load_all('/data/dump')",
+        "SELECT pgml.dump_all('/data/dump')",
+        "SELECT pgml.clear_gpu_cache()",
         "not sql at all",
     ],
 )

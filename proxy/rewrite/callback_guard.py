@@ -6,7 +6,9 @@ every connection through the foreign server ``pgml_callback`` carries ``-c pgml_
 callers cannot remove, sql/008_callback.sql), and the decision that refuses, with 42501, each client message of
 such a session that is not what a stub sends (:func:`refusal`). A stub sends one simple Query holding one
 statement, ``SELECT pgml.f(…)`` or ``SELECT * FROM pgml.f(…)``, of one engine-evaluated function whose
-arguments are all constants (literals, NULL, casts of constants, ARRAY of constants, named arguments). The one
+arguments are all constants (literals, NULL, casts of constants to built-in or pgml types, ARRAY of constants,
+named arguments), and not one of the registry owner's functions (``dump_all``, ``load_all``, ``clear_gpu_cache``).
+The one
 other statement accepted is libpq's own ``set client_encoding to '…'``, which dblink sends after connecting
 when the encodings differ. Without this, any role could run any SQL as the callback role through
 ``dblink('pgml_callback', …)`` (PUBLIC may use the server, and its user mapping FOR PUBLIC holds the role's
@@ -52,6 +54,10 @@ _EXTENDED = frozenset(b"PBDEC")
 _POSITIONS = frozenset({"location", "stmt_location", "stmt_len", "list_start", "list_end", "typemod"})
 _SERVER_RAISES = decide.Rewritten(pq.Query(decide.raise_statement(REFUSED)).encode(), own=(0,))
 
+
+OWNER_ONLY = frozenset({"dump_all", "load_all", "clear_gpu_cache"})  # never through the callback server
+TYPE_SCHEMAS = frozenset({"pg_catalog", "pgml"})  # casts the stubs write: built-in types and pgml's enums
+BARE_TYPES = frozenset({"text", "jsonb", "json", "bytea"})  # built-in names the parser leaves unqualified
 
 def is_callback(startup: StartupMessage) -> bool:
     """The session is a callback's: its startup packet sets pgml_proxy.callback, to anything but false."""
@@ -99,9 +105,11 @@ def _stub_call(stmt: Any) -> bool:
 
 
 def _pgml_call(call: ast.FuncCall) -> bool:
-    """A plain call of an engine-evaluated ``pgml.f`` (no aggregate, window or VARIADIC form) on constants."""
+    """A plain call of an engine-evaluated ``pgml.f`` (no aggregate, window or VARIADIC form) on constants, other
+    than the registry owner's functions (``dump_all``, ``load_all``, ``clear_gpu_cache``), which no stub calls
+    back for: through the callback server every role would act as the callback role."""
     name = tuple(part.sval for part in call.funcname or ())
-    if len(name) != 2 or name[0] != "pgml" or name[1] not in evaluated_functions():
+    if len(name) != 2 or name[0] != "pgml" or name[1] not in evaluated_functions() or name[1] in OWNER_ONLY:
         return False
     args = call.args or ()
     return _only(call, {"funcname", "args"}) and all(
@@ -123,8 +131,12 @@ def _constant(node: Any) -> bool:
 
 
 def _plain_type(name: ast.TypeName) -> bool:
-    """A type name whose modifiers are constants (no SETOF, no %TYPE)."""
-    return _only(name, {"names", "typmods", "arrayBounds"}) and all(
+    """A built-in type (``pg_catalog``'s, or ``text``/``jsonb``/``json``/``bytea`` unqualified: pg_catalog is
+    searched first) or one of schema pgml's, whose modifiers are constants (no SETOF, no %TYPE). Never a type a
+    role can create elsewhere: a domain's CHECK, or a type's input function, would run as the callback role."""
+    names = tuple(getattr(part, "sval", None) for part in name.names or ())
+    trusted = (len(names) == 2 and names[0] in TYPE_SCHEMAS) or (len(names) == 1 and names[0] in BARE_TYPES)
+    return trusted and _only(name, {"names", "typmods", "arrayBounds"}) and all(
         isinstance(m, ast.A_Const) for m in name.typmods or ()
     )
 
