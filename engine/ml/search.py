@@ -29,7 +29,11 @@ from engine.ml.statistics import f32
 T = TypeVar("T")
 # How the fits of a search run: fan_out(fn, shared, items, cancelled) = [fn(*shared, *item) for item in items],
 # in order here (in_order), or in parallel (the Ray backend's tasks, ``Context.offload``).
-FanOut = Callable[[Callable[..., Any], tuple[Any, ...], list[tuple[Any, ...]], Callable[[], bool]], list[Any]]
+# (fn, shared arguments, per-item arguments, cancelled, done(k, outcome) as item k is done) -> the outcomes in order
+FanOut = Callable[
+    [Callable[..., Any], tuple[Any, ...], list[tuple[Any, ...]], Callable[[], bool], Callable[[int, Any], None]],
+    list[Any],
+]
 SEARCH_ARGS = frozenset({"n_iter", "cv"})
 DEFAULT_N_ITER = 10
 DEFAULT_CV = 5
@@ -156,13 +160,14 @@ def _folds(task: str, x: Any, y: Any, cv: int) -> list[tuple[Any, Any]]:
 
 
 def in_order(fn: Callable[..., T], shared: tuple[Any, ...], items: list[tuple[Any, ...]],
-             cancelled: Callable[[], bool]) -> list[T]:  # fmt: skip
-    """The fits one after another, ``cancelled`` checked before each (raises Canceled)."""
+             cancelled: Callable[[], bool], done: Callable[[int, Any], None]) -> list[T]:  # fmt: skip
+    """The fits one after another, each reported as it ends, ``cancelled`` checked before each (raises Canceled)."""
     out = []
-    for item in items:
+    for k, item in enumerate(items):
         if cancelled():
             raise Canceled(CANCELED)
         out.append(fn(*shared, *item))
+        done(k, out[-1])
     return out
 
 
@@ -199,8 +204,9 @@ def _run(
     fit_times = [[0.0] * len(splits) for _ in range(n)]
     score_times = [[0.0] * len(splits) for _ in range(n)]
     items = [(i, fold) for fold in range(len(splits)) for i in range(n)]
-    outcomes = fan_out(fit_one, (task, make_estimator, candidates, splits), items, cancelled)
-    for (i, fold), (value, fit_time, score_time) in zip(items, outcomes, strict=True):
+
+    def done(k: int, outcome: tuple[float | None, float, float]) -> None:
+        (i, fold), (value, fit_time, score_time) = items[k], outcome
         scores[i][fold], fit_times[i][fold], score_times[i][fold] = value, fit_time, score_time
         on_progress(
             {
@@ -213,6 +219,8 @@ def _run(
                 "fit_time": f32(fit_time),
             }
         )
+
+    fan_out(fit_one, (task, make_estimator, candidates, splits), items, cancelled, done)
     return scores, fit_times, score_times
 
 

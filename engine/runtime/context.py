@@ -97,8 +97,9 @@ class Offload(Protocol):
         ...
 
     def fan_out(self, fn: Callable[..., Any], shared: tuple[Any, ...], items: list[tuple[Any, ...]],
-                cancelled: Callable[[], bool]) -> list[Any]:  # fmt: skip
-        """``[fn(*shared, *item) for item in items]``, in parallel (``shared`` shipped once); blocking."""
+                cancelled: Callable[[], bool], done: Callable[[int, Any], None]) -> list[Any]:  # fmt: skip
+        """``[fn(*shared, *item) for item in items]``, in parallel (``shared`` shipped once), ``done(k, outcome)``
+        called for each in order once it is in; blocking."""
         ...
 
     def cancel(self, cancelled: threading.Event) -> None:

@@ -177,7 +177,7 @@ class RayOffload:
         return _unpack(got)[0]  # functions on hosted models give no notices
 
     def fan_out(self, fn: Callable[..., Any], shared: tuple[Any, ...], items: list[tuple[Any, ...]],
-                cancelled: Callable[[], bool]) -> list[Any]:  # fmt: skip
+                cancelled: Callable[[], bool], done: Callable[[int, Any], None]) -> list[Any]:  # fmt: skip
         task = self._task.options(num_cpus=self.ray_config.num_cpus, num_gpus=self.ray_config.num_gpus, max_retries=0)
         stored = [ray.put(value) for value in shared]  # once in the object store, whatever the number of tasks
         refs = [task.remote(fn, *stored, *item) for item in items]
@@ -195,7 +195,10 @@ class RayOffload:
                 log.error("pgml engine: a Ray training task's worker died: %s", type(exc).__name__)
                 raise WorkerLost("the Ray worker of a training task died", hint=LOST_HINT) from None
             raise
-        return [_unpack(o)[0] for o in outcomes]
+        results = [_unpack(o)[0] for o in outcomes]
+        for k, result in enumerate(results):  # reported once all are in (they ran in parallel)
+            done(k, result)
+        return results
 
     def cancel(self, cancelled: threading.Event) -> None:
         for ref in list(self._refs.get(cancelled, ())):
