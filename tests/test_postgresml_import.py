@@ -38,11 +38,13 @@ MODELS = {
     "linfa_linear_regression": ("regression", "linear", "rust"),
     "linfa_logistic_binary": ("classification", "linear", "rust"),
     "linfa_logistic_multi": ("classification", "linear", "rust"),
-    "linfa_svm": ("regression", "svm", "rust"),
+    "linfa_svm_rbf": ("regression", "svm", "rust"),
+    "linfa_svm_linear": ("regression", "svm", "rust"),
+    "linfa_svm_poly": ("classification", "svm", "rust"),  # Svm<f32, f32>: the raw value, as PostgresML predicts
     "sklearn_pickle": ("regression", "decision_tree", "python"),
     "corrupt": ("regression", "xgboost", "rust"),
 }
-CONVERTIBLE = [n for n in MODELS if n not in ("linfa_svm", "sklearn_pickle", "corrupt")]
+CONVERTIBLE = [n for n in MODELS if n not in ("sklearn_pickle", "corrupt")]
 
 
 def raw(name: str) -> bytes:
@@ -78,6 +80,8 @@ def assert_same(name: str, predictions: Any) -> None:
     got, want = np.asarray(predictions, dtype=np.float32), original(name)
     if name.startswith("linfa_linear"):  # f32 sums in another order: within a few ulps
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    elif name.startswith("linfa_svm"):  # libsvm sums in f64, linfa in f32: within linfa's own rounding
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=5e-5)
     else:
         np.testing.assert_array_equal(got, want)
 
@@ -119,9 +123,22 @@ def test_a_pickle_is_unpickled_only_when_trusted() -> None:
     assert_same("sklearn_pickle", artifacts.load(*artifacts.dump(imported.estimator)).predict(X))
 
 
+def test_linfa_svms_count_the_alphas_linfa_counts() -> None:
+    svm = postgresml_import.rebuild(raw("linfa_svm_rbf"), "regression", "svm", "rust").estimator
+    alpha = np.asarray(msgpack.unpackb(raw("linfa_svm_rbf"))[0][0], dtype=np.float32)
+    assert ((alpha != 0) & (np.abs(alpha) < 1e-5)).sum() == 1  # one alpha under 100 * f32::EPSILON: not counted
+    assert svm.dual_coef_.shape == (1, int((np.abs(alpha) > 1.1920929e-5).sum())) == (1, len(svm.support_vectors_))
+    assert (svm.kernel, svm.gamma) == ("rbf", 1 / 8.0)
+
+
 def test_svm_and_damaged_artifacts_give_clear_errors() -> None:
-    with pytest.raises(NotSupported, match="linfa SVM"):
-        postgresml_import.rebuild(raw("linfa_svm"), "regression", "svm", "rust")
+    value = msgpack.unpackb(raw("linfa_svm_poly"))
+    value[0][6] = {"Polynomial": [1.0, 2.5]}  # powf with a fractional degree: libsvm's degree is an integer
+    with pytest.raises(NotSupported, match=r"polynomial kernel of degree 2\.5"):
+        postgresml_import.rebuild(msgpack.packb(value, use_single_float=True), "regression", "svm", "rust")
+    value[0][6] = {"Sigmoid": [1.0, 2.0]}
+    with pytest.raises(EngineError, match="unknown kernel 'Sigmoid'"):
+        postgresml_import.rebuild(msgpack.packb(value, use_single_float=True), "regression", "svm", "rust")
     with pytest.raises(EngineError, match="not an XGBoost booster PostgresML writes"):
         postgresml_import.rebuild(raw("corrupt"), "regression", "xgboost", "rust")
     with pytest.raises(EngineError, match="LightGBM"):
@@ -229,24 +246,24 @@ def test_import_converts_in_place_and_predictions_equal_the_originals(
     result = command(pg, database, key)
     out = result.stdout
     assert result.returncode == 1, out + result.stderr
-    assert f"{len(MODELS)} PostgresML model(s): {len(CONVERTIBLE)} converted, 2 skipped, 1 failed" in out, out
+    assert f"{len(MODELS)} PostgresML model(s): {len(CONVERTIBLE)} converted, 1 skipped, 1 failed" in out, out
     assert f"model {ids['xgboost_regression']} (project xgboost_regression, rust xgboost): converted" in out
     assert "sklearn_pickle, python decision_tree): skipped: a pickled scikit-learn estimator: rerun with" in out
-    assert "linfa_svm, rust svm): skipped: linfa SVM models" in out
+    assert "linfa_svm_poly, rust svm): converted: linfa-svm -> estimator.skops" in out
     assert "corrupt, rust xgboost): failed: not an XGBoost booster" in out
     for name in CONVERTIBLE:
         assert_same(name, predictions(proxy, database, name))
     assert registry_rows(pg, database) == before  # ids, snapshots and deployments as they were
 
     trusted = command(pg, database, key, "--trust-pickle")
-    # Only what is left: the svm and the damaged one are reported again.
-    assert "3 PostgresML model(s): 1 converted, 1 skipped, 1 failed" in trusted.stdout, trusted.stdout
+    # Only what is left: the damaged one is reported again.
+    assert "2 PostgresML model(s): 1 converted, 0 skipped, 1 failed" in trusted.stdout, trusted.stdout
     assert "sklearn_pickle, python decision_tree): converted: pickle -> estimator.skops" in trusted.stdout
     assert_same("sklearn_pickle", predictions(proxy, database, "sklearn_pickle"))
     with psycopg.connect(pg.dsn(dbname=database)) as conn:
         left = conn.execute("SELECT count(*) FROM pgml.files WHERE path = 'estimator.rmp'").fetchone()
         unsigned = conn.execute("SELECT count(*) FROM pgml.files WHERE signature IS NULL AND part = 0").fetchone()
-    assert left == (2,) and unsigned == (2,)  # only the svm and the damaged one remain PostgresML's
+    assert left == (1,) and unsigned == (1,)  # only the damaged one remains PostgresML's
 
 
 def test_rows_written_after_the_schema_need_trust_unsigned(
@@ -271,7 +288,7 @@ def test_an_rmp_artifact_an_administrator_signed_is_rebuilt_at_first_predict(
         env={**env, "PGML_PROXY_ENGINE_ARTIFACT_KEY_FILE": str(key)}, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert f"{len(MODELS)} signed that were unsigned" in signed.stdout, signed.stdout + signed.stderr
-    for name in ("xgboost_classification_2.0.0", "lightgbm_regression", "linfa_logistic_multi"):
+    for name in ("xgboost_classification_2.0.0", "lightgbm_regression", "linfa_logistic_multi", "linfa_svm_rbf"):
         assert_same(name, predictions(proxy, database, name))
     with psycopg.connect(proxy.dsn(dbname=database), autocommit=True) as conn, pytest.raises(psycopg.Error) as pickle:
         conn.execute("SELECT pgml.predict('sklearn_pickle', ARRAY[1, 2, 3, 4]::real[])")

@@ -14,8 +14,13 @@ fitted estimator that ``engine.ml.artifacts`` stores and wraps, with the same pr
   ``FittedLogisticRegression`` / ``MultiFittedLogisticRegression`` (classification) in
   rmp-serde MessagePack (structs as arrays, or maps when written with names), rebuilt as
   scikit-learn ``LinearRegression`` / ``LogisticRegression`` with the same coefficients.
-  linfa's ``svm`` models are refused (NotSupported): their kernel machines have no
-  scikit-learn equivalent that predicts the same.
+* Rust runtime, ``svm``: linfa-svm's ``Svm<f32, f32>`` (postgresml/linfa ``9d615fc``), for
+  regression and classification alike, so PostgresML predicts ``weighted_sum(x) - rho`` (the
+  raw value, no threshold). Rebuilt as a fitted scikit-learn ``SVR`` with the same kernel
+  (``Gaussian(eps)``: rbf with gamma ``1/eps``; ``Polynomial(c, d)``: poly with gamma 1, coef0
+  ``c``, degree ``d``; ``Linear``: the stored hyperplane as its one support vector), support
+  vectors, dual coefficients (the alphas linfa counts: ``|alpha| > 100 * f32::EPSILON``) and
+  intercept ``-rho``. libsvm sums in f64 where linfa sums in f32: equal within f32 rounding.
 * Python runtime: a pickled scikit-learn estimator, unpickled only with ``trust_pickle``.
 
 Must not: unpickle anything unless its caller passes ``trust_pickle`` (only the
@@ -71,8 +76,8 @@ def rebuild(data: bytes, task: str = "", algorithm: str | None = None, runtime: 
             trust_pickle: bool = False) -> Imported:  # fmt: skip
     """The estimator in a PostgresML artifact (``task`` empty: told by the booster's objective).
 
-    UntrustedArtifact for a pickle without ``trust_pickle``, NotSupported for linfa SVMs,
-    EngineError for bytes that are none of PostgresML's layouts.
+    UntrustedArtifact for a pickle without ``trust_pickle``, NotSupported for a linfa SVM whose
+    polynomial degree is not a whole number, EngineError for bytes that are none of PostgresML's layouts.
     """
     data = bytes(data)
     kind = detect(data, algorithm, runtime)
@@ -188,10 +193,7 @@ def _array(value: Any, ndim: int) -> np.ndarray[Any, Any]:
 def _linfa(value: Any, kind: str) -> Any:
     linear_model = importlib.import_module("sklearn.linear_model")
     if kind == "linfa-svm":
-        raise NotSupported(
-            "linfa SVM models (PostgresML's Rust runtime, algorithm svm) cannot be rebuilt with the same predictions",
-            hint="Retrain the project with pgml.train(..., algorithm => 'svm').",
-        )
+        return _svm(value)
     if kind == "linfa-linear":
         estimator, num_features = _fields(value, "estimator", "num_features")
         intercept, params = _fields(estimator, "intercept", "params")
@@ -217,4 +219,71 @@ def _linfa(value: Any, kind: str) -> Any:
     else:
         raise EngineError("a linfa logistic regression without an estimator")
     model.n_features_in_ = int(num_features)
+    return model
+
+
+# linfa-svm counts an alpha (and its support vector) when |alpha| > 100 * F::epsilon(), in f32.
+_SVM_ALPHA = np.float32(100.0) * np.finfo(np.float32).eps
+_SVM_FIELDS = ("alpha", "rho", "r", "exit_reason", "iterations", "obj", "kernel_method", "sep_hyperplane",
+               "probability_coeffs", "phantom")  # fmt: skip
+
+
+def _variant(value: Any) -> tuple[str, Any]:
+    """A serde enum as rmp-serde writes it: a unit variant as its name, the others as ``{name: value}``."""
+    if isinstance(value, str):
+        return value, None
+    if isinstance(value, dict) and len(value) == 1:
+        name, content = next(iter(value.items()))
+        return str(name), content
+    raise EngineError("damaged enum in a linfa SVM")
+
+
+def _svm(value: Any) -> Any:
+    """linfa-svm's ``Svm<f32, f32>`` as the ``SVR`` whose decision function is linfa's ``weighted_sum - rho``."""
+    estimator, num_features = _fields(value, "estimator", "num_features")
+    fields = dict(zip(_SVM_FIELDS, _fields(estimator, *_SVM_FIELDS), strict=True))
+    method, parameters = _variant(fields["kernel_method"])
+    plane, vectors = _variant(fields["sep_hyperplane"])
+    if plane == "Linear":  # a linear kernel: the combined hyperplane w, predict w·x - rho
+        method, support, dual = "Linear", _array(vectors, 1).reshape(1, -1), np.ones((1, 1), np.float32)
+    elif plane == "WeightedCombination":
+        support, alpha = _array(vectors, 2), np.asarray(fields["alpha"], dtype=np.float32)
+        dual = alpha[np.abs(alpha) > _SVM_ALPHA].reshape(1, -1)
+        if dual.shape[1] != len(support):
+            raise EngineError("a linfa SVM whose support vectors do not match its alphas")
+    else:
+        raise EngineError(f"a linfa SVM with an unknown hyperplane {plane!r}")
+    match method, parameters:
+        case "Linear", None:
+            kernel: dict[str, Any] = {"kernel": "linear"}
+        case "Gaussian", eps if isinstance(eps, float | int) and eps > 0:
+            kernel = {"kernel": "rbf", "gamma": 1.0 / float(eps)}
+        case "Polynomial", [c, d]:
+            if not float(d).is_integer() or d < 0:
+                raise NotSupported(
+                    f"a linfa SVM with a polynomial kernel of degree {d} has no scikit-learn equivalent",
+                    hint="Retrain the project with pgml.train(..., algorithm => 'svm').",
+                )
+            kernel = {"kernel": "poly", "gamma": 1.0, "coef0": float(c), "degree": int(d)}
+        case _:
+            raise EngineError(f"a linfa SVM with an unknown kernel {method!r}")
+    if support.shape[1] != int(num_features):
+        raise EngineError("a linfa SVM whose support vectors do not have its number of features")
+    return _fitted_svr(kernel, support, dual, -float(np.float32(fields["rho"])))
+
+
+def _fitted_svr(kernel: dict[str, Any], support: Any, dual: Any, intercept: float) -> Any:
+    """The state ``SVR.fit`` leaves (scikit-learn 1.x ``BaseLibSVM``), for the given support vectors."""
+    model = importlib.import_module("sklearn.svm").SVR(**kernel)
+    count, width = support.shape
+    model.support_vectors_ = np.ascontiguousarray(support, dtype=np.float64)
+    model.dual_coef_ = model._dual_coef_ = np.ascontiguousarray(dual, dtype=np.float64)
+    model.intercept_ = model._intercept_ = np.asarray([intercept], dtype=np.float64)
+    model.support_ = np.arange(count, dtype=np.int32)
+    model._n_support = np.asarray([count, 0], dtype=np.int32)
+    model._gamma = float(kernel.get("gamma", 1.0))
+    model._sparse, model._effective_probability, model.shape_fit_ = False, False, (count, width)
+    model._probA, model._probB = np.empty(0), np.empty(0)
+    model.fit_status_, model.n_iter_, model._num_iter = 0, 0, np.zeros(1, dtype=np.int32)
+    model.n_features_in_ = width
     return model
