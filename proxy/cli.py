@@ -29,7 +29,7 @@ import psycopg
 from engine.api import Engine, EngineError, Observer
 from engine.ml import signing
 from engine.runtime.executor import LocalEngine
-from proxy import PGML_API_LEVEL, __version__, callback, import_postgresml, schema
+from proxy import PGML_API_LEVEL, __version__, admin_files, callback, import_postgresml, schema
 from proxy.config import Config, ConfigError, load, split_address
 from proxy.dsn import parse_dsn
 from proxy.embedded import Cluster, ClusterError, command_dsn, find_bin_dir
@@ -360,10 +360,7 @@ def _resign(config: Config, args: argparse.Namespace) -> int:
     print(f"old key: {Path(old_file).absolute()}\nnew key: {Path(new_file).absolute()}")
 
     try:
-        with (
-            _database(config) as dsn,
-            psycopg.connect(dsn, connect_timeout=max(1, int(config.upstream.connect_timeout))) as conn,
-        ):
+        with admin_files.connect(config) as conn:
             counts, problems, database = _resign_all(conn, old_key, new_key, args)
     except (psycopg.Error, ClusterError) as exc:
         print(f"pgml-proxy resign: {type(exc).__name__}: {str(exc).strip()}", file=sys.stderr)
@@ -386,28 +383,18 @@ def _resign_all(
     """All artifacts in one transaction (writers of pgml.files wait for it): counts, problem lines, database."""
     counts = dict.fromkeys(("resigned", "unchanged", "trusted", "refused", "invalid"), 0)
     problems: list[str] = []
-    with conn.transaction(), conn.cursor() as cur:
-        cur.execute("LOCK TABLE pgml.files IN SHARE ROW EXCLUSIVE MODE")
-        cur.execute("SELECT current_database()")
-        database = str(cur.fetchone()[0])
+    with admin_files.locked(conn) as (cur, database):
         old_database = args.old_database or database
         cur.execute(_EXEMPT)
         exempt = cur.fetchone()
         if not (exempt and exempt[0]):
             problems.append("note: row-level security applies to this role: only its own projects' artifacts are seen")
-        legacy: set[tuple[int, str]] = set()
-        if args.trust_unsigned:  # only what was stored before signing existed, never rows written since
-            cur.execute("SELECT model_id, path FROM pgml.unsigned_artifacts")
-            legacy = {(int(m), str(p)) for m, p in cur.fetchall()}
+        # only what was stored before signing existed, never rows written since
+        legacy = admin_files.legacy(cur) if args.trust_unsigned else set()
         cur.execute(_ARTIFACTS)
         for model_id, project_id, project, path in cur.fetchall():
-            cur.execute(
-                "SELECT part, data, signature FROM pgml.files WHERE model_id = %s AND path = %s ORDER BY part",
-                (model_id, path),
-            )
-            rows = cur.fetchall()
-            data = b"".join(bytes(r[1]) for r in rows)
-            tag = next((bytes(r[2]) for r in rows if r[0] == 0 and r[2] is not None), None)
+            artifact = admin_files.read(cur, model_id, path)
+            data, tag = artifact.data, artifact.signature
             where = f"model {model_id} (project {project}) {path}"
             if tag is None and (model_id, path) not in legacy:
                 counts["refused"] += 1
@@ -423,7 +410,7 @@ def _resign_all(
                 counts["unchanged"] += 1
                 continue
             cur.execute(
-                "UPDATE pgml.files SET signature = %s WHERE model_id = %s AND path = %s AND part = 0",
+                "UPDATE pgml.files SET signature = $1 WHERE model_id = $2 AND path = $3 AND part = 0",
                 (new, model_id, path),
             )
             if cur.rowcount != 1:  # no part 0: the proxy could not read it either
@@ -431,6 +418,6 @@ def _resign_all(
                 problems.append(f"{where}: has no part 0, not signed")
                 continue
             if tag is None:
-                cur.execute("DELETE FROM pgml.unsigned_artifacts WHERE model_id = %s AND path = %s", (model_id, path))
+                cur.execute("DELETE FROM pgml.unsigned_artifacts WHERE model_id = $1 AND path = $2", (model_id, path))
             counts["trusted" if tag is None else "resigned"] += 1
     return counts, problems, database

@@ -4,23 +4,26 @@ Owns: finding PostgresML's artifacts (the ``estimator.rmp`` rows of ``pgml.files
 which may be converted, converting each one (``engine.ml.postgresml_import`` rebuilds the
 estimator, ``engine.ml.artifacts`` stores it), checking that the stored form predicts exactly
 what the rebuilt estimator predicts, replacing the rows in place (``estimator.<format>``,
-signed with the configured key) and the per-model report.
+signed with the configured key), translating the converted model's snapshot ``columns`` where
+PostgresML wrote an older layout (``postgresml_import.snapshot_columns``) and the per-model report.
+Access to ``pgml.files`` (connection, locked transaction, reading an artifact) is ``proxy.admin_files``,
+shared with ``resign``.
 
 Which are converted: the artifacts the schema migration found unsigned (``pgml.unsigned_artifacts``:
 stored before pgml-proxy's schema, i.e. by PostgresML), those signed with the key (an
 administrator's ``resign --trust-unsigned``), and with ``--trust-unsigned`` the unsigned rows written
 since. Pickles (PostgresML's Python runtime) only with ``--trust-pickle``.
 
-Must not: change model, project, snapshot or deployment rows (ids and deployments stay as they
-are), unpickle without ``--trust-pickle``, or print or log a key.
+Must not: change model, project or deployment rows (ids and deployments stay as they are), or a
+snapshot's other than its ``columns`` where they need translating; unpickle without ``--trust-pickle``,
+or print or log a key.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,14 +33,16 @@ import psycopg
 from engine.api import EngineError, NotSupported
 from engine.ml import artifacts, postgresml_import, signing
 from engine.ml.postgresml_import import PATH
-from engine.pg.registry import PART_BYTES
+from engine.pg import registry
+from proxy import admin_files
+from proxy.admin_files import Cursor
 from proxy.config import Config
-from proxy.embedded import ClusterError, command_dsn
+from proxy.embedded import ClusterError
 
 _MODELS = """
-SELECT m.id, m.project_id, p.name, p.task::text, m.algorithm::text, m.runtime::text, m.num_features
+SELECT m.id, m.project_id, p.name, p.task::text, m.algorithm::text, m.runtime::text, m.num_features, m.snapshot_id
 FROM pgml.models m JOIN pgml.projects p ON p.id = m.project_id
-WHERE m.id IN (SELECT model_id FROM pgml.files WHERE path = %s) ORDER BY m.id"""
+WHERE m.id IN (SELECT model_id FROM pgml.files WHERE path = $1) ORDER BY m.id"""
 PROBE_ROWS = 64  # random feature rows both forms of a converted model must predict identically
 
 
@@ -57,6 +62,7 @@ class Model:
     algorithm: str
     runtime: str
     num_features: int
+    snapshot_id: int | None
 
 
 @dataclass(frozen=True)
@@ -74,7 +80,7 @@ def run(config: Config, options: Options) -> int:
     """The command: report a line per model and a summary; 0 when every PostgresML model was converted."""
     try:
         key = signing.load_key(config.engine.artifact_key_file)
-        with connect(config) as conn:
+        with admin_files.connect(config) as conn:
             outcomes, database = import_all(conn, key, options)
     except (EngineError, psycopg.Error, ClusterError) as exc:
         print(f"pgml-proxy import-postgresml: {getattr(exc, 'message', None) or exc}", file=sys.stderr)
@@ -90,41 +96,25 @@ def run(config: Config, options: Options) -> int:
     return 0 if counts["converted"] == len(outcomes) else 1
 
 
-@contextmanager
-def connect(config: Config) -> Iterator[Any]:
-    """A direct connection to the upstream, or to the embedded server (started for the command if it is not running)."""
-    u = config.upstream
-    with (
-        command_dsn(u.dsn, u.embedded_version, u.embedded_data_dir) as dsn,
-        psycopg.connect(dsn, connect_timeout=max(1, int(u.connect_timeout))) as conn,
-    ):
-        yield conn
-
-
 def import_all(conn: Any, key: bytes, options: Options) -> tuple[list[Outcome], str]:
     """Every PostgresML model in one transaction (writers of pgml.files wait), each model in a savepoint."""
     outcomes = []
-    with conn.transaction(), conn.cursor() as cur:
-        cur.execute("LOCK TABLE pgml.files IN SHARE ROW EXCLUSIVE MODE")
-        cur.execute("SELECT current_database()")
-        signer = signing.Signer(key, str(cur.fetchone()[0]))
-        cur.execute("SELECT model_id FROM pgml.unsigned_artifacts WHERE path = %s", (PATH,))
-        legacy = {int(r[0]) for r in cur.fetchall()}
+    with admin_files.locked(conn) as (cur, database):
+        signer = signing.Signer(key, database)
+        legacy = {model_id for model_id, path in admin_files.legacy(cur) if path == PATH}
         cur.execute(_MODELS, (PATH,))
         for row in cur.fetchall():
-            model_id, project_id, project, task, algorithm, runtime, width = row
-            model = Model(int(model_id), int(project_id), project, task, algorithm, runtime, int(width or 0))
+            model_id, project_id, project, task, algorithm, runtime, width, snapshot_id = row
+            model = Model(int(model_id), int(project_id), project, task, algorithm, runtime, int(width or 0),
+                          None if snapshot_id is None else int(snapshot_id))  # fmt: skip
             with conn.transaction():
                 outcomes.append(_one(cur, model, signer, model.id in legacy, options))
-    return outcomes, signer.database
+    return outcomes, database
 
 
-def _one(cur: Any, model: Model, signer: signing.Signer, legacy: bool, options: Options) -> Outcome:
-    cur.execute("SELECT part, data, signature FROM pgml.files WHERE model_id = %s AND path = %s ORDER BY part",
-                (model.id, PATH))  # fmt: skip
-    rows = cur.fetchall()
-    data = b"".join(bytes(r[1]) for r in rows)
-    signature = next((bytes(r[2]) for r in rows if r[0] == 0 and r[2] is not None), None)
+def _one(cur: Cursor, model: Model, signer: signing.Signer, legacy: bool, options: Options) -> Outcome:
+    artifact = admin_files.read(cur, model.id, PATH)
+    data, signature = artifact.data, artifact.signature
     if signature is not None and not signer.verify(model.project_id, model.id, PATH, data, signature):
         return Outcome(model, "skipped", "its signature does not verify with the configured key")
     if signature is None and not legacy and not options.trust_unsigned:
@@ -136,13 +126,27 @@ def _one(cur: Any, model: Model, signer: signing.Signer, legacy: bool, options: 
         imported = postgresml_import.rebuild(data, model.task, model.algorithm, model.runtime, trust_pickle=True)
         tag, stored = artifacts.dump(imported.estimator)
         _check(imported.estimator, artifacts.load(tag, stored), model)
+        columns = _snapshot_columns(cur, model)
     except NotSupported as exc:
         return Outcome(model, "skipped", exc.message)
     except EngineError as exc:
         return Outcome(model, "failed", exc.message)
     if not options.dry_run:
         _replace(cur, model, signer, f"estimator.{tag}", stored)
-    return Outcome(model, "converted", f"{imported.kind} -> estimator.{tag}")
+        if columns is not None:
+            sql = "UPDATE pgml.snapshots SET columns = $1::jsonb WHERE id = $2"
+            admin_files.run(cur, [registry.statement(sql, columns, model.snapshot_id)])
+    translated = "" if columns is None else f"; snapshot {model.snapshot_id}'s columns translated"
+    return Outcome(model, "converted", f"{imported.kind} -> estimator.{tag}{translated}")
+
+
+def _snapshot_columns(cur: Cursor, model: Model) -> list[dict[str, Any]] | None:
+    """The model's snapshot columns translated to what ``predict(project, ROW(…))`` reads, None if they need not be."""
+    if model.snapshot_id is None:
+        return None
+    cur.execute("SELECT columns::text FROM pgml.snapshots WHERE id = $1", (model.snapshot_id,))
+    row = cur.fetchone()
+    return postgresml_import.snapshot_columns(None if row is None or row[0] is None else json.loads(row[0]))
 
 
 def _check(estimator: Any, loaded: artifacts.LoadedModel, model: Model) -> None:
@@ -154,12 +158,7 @@ def _check(estimator: Any, loaded: artifacts.LoadedModel, model: Model) -> None:
         raise EngineError("the converted model predicts differently from the PostgresML one; left as it is")
 
 
-def _replace(cur: Any, model: Model, signer: signing.Signer, path: str, data: bytes) -> None:
-    cur.execute("DELETE FROM pgml.files WHERE model_id = %s AND path = %s", (model.id, PATH))
-    cur.execute("DELETE FROM pgml.unsigned_artifacts WHERE model_id = %s AND path = %s", (model.id, PATH))
-    signature = signer.sign(model.project_id, model.id, path, data)
-    for n, start in enumerate(range(0, max(1, len(data)), PART_BYTES)):
-        cur.execute(
-            "INSERT INTO pgml.files (model_id, path, part, data, signature) VALUES (%s, %s, %s, %s, %s)",
-            (model.id, path, n, data[start : start + PART_BYTES], signature if n == 0 else None),
-        )
+def _replace(cur: Cursor, model: Model, signer: signing.Signer, path: str, data: bytes) -> None:
+    cur.execute("DELETE FROM pgml.files WHERE model_id = $1 AND path = $2", (model.id, PATH))
+    cur.execute("DELETE FROM pgml.unsigned_artifacts WHERE model_id = $1 AND path = $2", (model.id, PATH))
+    admin_files.run(cur, registry.file_statements(signer, model.project_id, model.id, path, data))

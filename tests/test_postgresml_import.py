@@ -23,6 +23,7 @@ import pytest
 
 from engine.api import EngineError, NotSupported, UntrustedArtifact
 from engine.ml import artifacts, postgresml_import, xgboost_legacy
+from engine.ml.preprocess import replay_rows
 from proxy import schema
 from tests.conftest import Postgres, ProxyProcess, scratch_database, start_proxy
 
@@ -166,15 +167,16 @@ def proxy(pg: Postgres, key: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         handle.stop()
 
 
-def plant(conn: psycopg.Connection, name: str) -> int:
+def plant(conn: psycopg.Connection, name: str, columns: list[dict[str, Any]] | None = None) -> int:
     """One trained model as PostgresML stores it: project, snapshot, model, estimator.rmp, deployment."""
     task, algorithm, runtime = MODELS[name]
     project = conn.execute(
         "INSERT INTO pgml.projects (name, task) VALUES (%s, %s) RETURNING id", [name, task]
     ).fetchone()
     snapshot = conn.execute(
-        "INSERT INTO pgml.snapshots (relation_name, y_column_name, test_size, test_sampling, status)"
-        " VALUES ('public.data', '{y}', 0.25, 'stratified', 'successful') RETURNING id"
+        "INSERT INTO pgml.snapshots (relation_name, y_column_name, test_size, test_sampling, status, columns)"
+        " VALUES ('public.data', '{y}', 0.25, 'stratified', 'successful', %s) RETURNING id",
+        [None if columns is None else json.dumps(columns)],
     ).fetchone()
     assert project is not None and snapshot is not None
     model = conn.execute(
@@ -295,3 +297,110 @@ def test_an_rmp_artifact_an_administrator_signed_is_rebuilt_at_first_predict(
     assert pickle.value.sqlstate == "58000" and "--trust-pickle" in (pickle.value.diag.message_hint or "")
     with psycopg.connect(pg.dsn(dbname=database)) as conn:  # read in memory only: the rows stay PostgresML's
         assert conn.execute("SELECT count(*) FROM pgml.files WHERE path = 'estimator.rmp'").fetchone() == (len(MODELS),)
+
+
+# --------------------------------------------------------------------------- #
+# Snapshot columns: predict(project, ROW(…)) on imported models
+# --------------------------------------------------------------------------- #
+
+KEYS = [f"k{i}" for i in range(len(X))]  # the text column's categories: each stands for one row's third feature
+
+
+def statistics(**values: Any) -> dict[str, Any]:
+    """orm/snapshot.rs Statistics as serde_json writes it (f32::NAN as null)."""
+    blank = dict.fromkeys(("min", "max", "max_abs", "mean", "median", "mode", "variance", "std_dev"))
+    return {**blank, "missing": 0, "distinct": 16, "histogram": [1] * 20, "ventiles": [None] * 19,
+            "categories": None, **values}  # fmt: skip
+
+
+def column(name: str, pg_type: str, position: int, label: bool = False, **pre: Any) -> dict[str, Any]:
+    """orm/snapshot.rs Column of PostgresML 2.2 and later (here 2.10)."""
+    preprocessor = {"encode": "native", "impute": "error", "scale": "preserve", **pre}
+    return {"name": name, "pg_type": pg_type, "nullable": True, "label": label, "position": position, "size": 1,
+            "array": False, "preprocessor": preprocessor, "statistics": statistics()}  # fmt: skip
+
+
+def columns_2_10() -> list[dict[str, Any]]:
+    """A float4, a float8, a text column (categories numbered as PostgresML does, __NULL__ 0), the label between
+    them, and a float4 whose NULL is imputed with its training mean (row 0's value)."""
+    text = column("x3", "text", 4)
+    categories = {"__NULL__": {"value": 0.0, "members": 0}}
+    categories |= {key: {"value": float(X[i, 2]), "members": 1} for i, key in enumerate(KEYS)}
+    text["statistics"] = statistics(categories=categories)
+    mean = column("x4", "float4", 5, impute="mean")
+    mean["statistics"] = statistics(mean=float(X[0, 3]), missing=1)
+    return [column("x1", "float4", 1), column("x2", "float8", 2), column("y", "float4", 3, label=True), text, mean]
+
+
+def columns_2_0() -> list[dict[str, Any]]:
+    """PostgresML 2.0's Column (orm/snapshot.rs at f50dc012): no preprocessor, statistics or array; any order."""
+    names = [("y", "float4", True), ("x4", "float4", False), ("x1", "float4", False), ("x3", "float8", False),
+             ("x2", "float4", False)]  # fmt: skip
+    positions = {"x1": 1, "x2": 2, "x3": 3, "x4": 4, "y": 5}
+    return [{"name": n, "pg_type": t, "nullable": True, "label": label, "position": positions[n], "size": 1}
+            for n, t, label in names]  # fmt: skip
+
+
+def row_predictions(
+    pg: Postgres, proxy: ProxyProcess, database: str, name: str, types: str, values: list[list[Any]]
+) -> list[float]:
+    """pgml.predict(project, ROW(a, b, c, d)) per row of a table with columns of the given SQL types."""
+    a, b, c, d = types.split(",")
+    with psycopg.connect(pg.dsn(dbname=database), autocommit=True) as conn:
+        conn.execute(f"DROP TABLE IF EXISTS features; CREATE TABLE features (i int, a {a}, b {b}, c {c}, d {d})")
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO features VALUES (%s, %s, %s, %s, %s)", list(zip(range(len(X)), *values, strict=True))
+            )
+    with psycopg.connect(proxy.dsn(dbname=database), autocommit=True) as conn:
+        rows = conn.execute(f"SELECT pgml.predict('{name}', ROW(a, b, c, d)) FROM features ORDER BY i").fetchall()
+    return [float(r[0]) for r in rows]
+
+
+def test_snapshot_columns_of_either_layout_replay_rows_as_postgresml(
+    proxy: ProxyProcess, pg: Postgres, key: Path
+) -> None:
+    with scratch_database(pg, "pgmlcolumns") as database:
+        schema.init(pg.dsn(dbname=database))
+        with psycopg.connect(pg.dsn(dbname=database), autocommit=True) as conn:
+            current = plant(conn, "xgboost_regression", columns_2_10())
+            old = plant(conn, "linfa_svm_rbf", columns_2_0())
+            conn.execute("INSERT INTO pgml.unsigned_artifacts SELECT model_id, path FROM pgml.files")
+            before = conn.execute("SELECT id, columns FROM pgml.snapshots ORDER BY id").fetchall()
+        result = command(pg, database, key)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert (
+            f"model {current} (project xgboost_regression, rust xgboost): converted: xgboost -> estimator.xgboost\n"
+            in (result.stdout)
+        )
+        assert f"model {old} (project linfa_svm_rbf, rust svm): converted: linfa-svm -> estimator.skops; snapshot" in (
+            result.stdout
+        )
+        with psycopg.connect(pg.dsn(dbname=database)) as conn:
+            after = conn.execute("SELECT id, columns FROM pgml.snapshots ORDER BY id").fetchall()
+        assert after[0] == before[0]  # PostgresML 2.10's columns: read as they are
+        assert [c["name"] for c in after[1][1]] == ["x1", "x2", "x3", "x4", "y"]  # 2.0's: translated, by position
+
+        imputed = [None, *X[1:, 3].tolist()]  # row 0's NULL: the training mean, its own value
+        columns = [X[:, 0].tolist(), X[:, 1].astype(np.float64).tolist(), KEYS, imputed]
+        rows = row_predictions(pg, proxy, database, "xgboost_regression", "real,float8,text,real", columns)
+        assert_same("xgboost_regression", rows)
+        assert_same("xgboost_regression", predictions(proxy, database, "xgboost_regression"))
+        columns = [X[:, i].tolist() for i in range(4)]
+        assert_same(
+            "linfa_svm_rbf", row_predictions(pg, proxy, database, "linfa_svm_rbf", "real,real,float8,real", columns)
+        )
+        assert_same("linfa_svm_rbf", predictions(proxy, database, "linfa_svm_rbf"))
+
+
+def test_only_postgresml_2_0_columns_are_translated() -> None:
+    assert (
+        postgresml_import.snapshot_columns(columns_2_10()) is None and postgresml_import.snapshot_columns(None) is None
+    )
+    with pytest.raises(EngineError, match="malformed snapshot column"):
+        replay_rows(columns_2_0(), [X[0].tolist()])
+    translated = postgresml_import.snapshot_columns(columns_2_0())
+    assert translated is not None and [c["position"] for c in translated] == [1, 2, 3, 4, 5]
+    np.testing.assert_array_equal(replay_rows(translated, [X[0].tolist()]), X[:1])
+    with pytest.raises(EngineError, match="none of PostgresML's layouts"):
+        postgresml_import.snapshot_columns([{"name": "x"}])

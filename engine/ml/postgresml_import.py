@@ -23,6 +23,12 @@ fitted estimator that ``engine.ml.artifacts`` stores and wraps, with the same pr
   intercept ``-rho``. libsvm sums in f64 where linfa sums in f32: equal within f32 rounding.
 * Python runtime: a pickled scikit-learn estimator, unpickled only with ``trust_pickle``.
 
+And the snapshot ``columns`` that ``predict(project, ROW(…))`` replays (:func:`snapshot_columns`):
+PostgresML 2.2 and later write the shape ``engine.ml.snapshot`` reads (``orm/snapshot.rs`` Column with
+its Preprocessor and Statistics) and are kept as they are; 2.0 and 2.1 wrote only name, pg_type,
+nullable, label, position and size (no preprocessing existed), translated to that shape with the
+defaults PostgresML applied (native, no impute, no scale), in position order.
+
 Must not: unpickle anything unless its caller passes ``trust_pickle`` (only the
 administrator's ``pgml-proxy import-postgresml --trust-pickle`` does), touch the database,
 or serialize (``engine.ml.artifacts`` does; the caller signs). ML libraries are imported
@@ -44,6 +50,7 @@ import numpy as np
 
 from engine.api import EngineError, NotSupported, UntrustedArtifact
 from engine.ml import xgboost_legacy
+from engine.ml.snapshot import Snapshot
 
 PATH = "estimator.rmp"  # PostgresML's one file per classical model
 PREFIX = 16  # PostgresML 2.0.0: num_features and num_classes (u64 big-endian) before the booster
@@ -102,6 +109,37 @@ def rebuild(data: bytes, task: str = "", algorithm: str | None = None, runtime: 
     except Exception as exc:  # the libraries' and the parsers' errors: damaged or foreign bytes
         raise EngineError(f"cannot read the PostgresML {kind} model: {exc}") from exc
     return Imported(kind, estimator)
+
+
+# PostgresML 2.0's Column (orm/snapshot.rs at f50dc012): all there was before preprocessing (#470, 2.2.0).
+_V2_0_COLUMN = frozenset({"name", "pg_type", "nullable", "label", "position", "size"})
+_NO_STATISTICS = {
+    **dict.fromkeys(("min", "max", "max_abs", "mean", "median", "mode", "variance", "std_dev")),  # NaN: null
+    "missing": 0, "distinct": 0, "histogram": [0] * 20, "ventiles": [None] * 19, "categories": None,
+}  # fmt: skip
+
+
+def snapshot_columns(columns: Any) -> list[dict[str, Any]] | None:
+    """The snapshot's ``columns`` as this project reads them, or None when they already are (or absent)."""
+    if columns is None:
+        return None
+    if isinstance(columns, list) and columns and all(isinstance(c, dict) and set(c) == _V2_0_COLUMN for c in columns):
+        translated = [
+            {
+                **column,
+                "array": str(column["pg_type"]).endswith("[]"),
+                "preprocessor": {"encode": "native", "impute": "error", "scale": "preserve"},
+                "statistics": dict(_NO_STATISTICS),
+            }
+            for column in sorted(columns, key=lambda c: int(c["position"]))
+        ]
+        Snapshot.from_json(translated)
+        return translated
+    try:
+        Snapshot.from_json(columns)
+    except EngineError as exc:
+        raise EngineError(f"the snapshot's columns are none of PostgresML's layouts: {exc.message}") from None
+    return None
 
 
 # --------------------------------------------------------------------------- #
