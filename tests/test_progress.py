@@ -17,12 +17,15 @@ import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 from psycopg import errors
 
+from engine.api import Call, Signature
 from engine.runtime import library_warnings
+from proxy.rewrite import steps
 from proxy.session.state import State
 from proxy.session.traffic import Traffic
 from proxy.wire import messages as pq
@@ -212,7 +215,7 @@ def _traffic(**params: str) -> tuple[Traffic, Recorder]:
     return traffic, client
 
 
-def _fields(data: bytes) -> list[dict[str, str]]:
+def _fields(data: bytes | bytearray) -> list[dict[str, str]]:
     return [dict(pq.NoticeResponse.decode(frame).fields) for frame in split_frames(bytes(data))]
 
 
@@ -275,3 +278,42 @@ def test_the_hook_routes_warnings_issued_by_libraries() -> None:
     assert library_warnings.collector(call).entries() == [
         {"warning": "DeprecationWarning", "message": "a library's deprecation", "count": 3}
     ]
+
+
+class Informing:
+    """An engine whose call tells the client from a worker thread before its result, and once more after it."""
+
+    def __init__(self) -> None:
+        self.late: Any = None
+
+    async def evaluate(self, call: Call) -> list[Any]:
+        assert call.inform is not None
+        self.late = call.inform
+
+        def work() -> list[Any]:
+            assert call.inform is not None
+            call.inform("INFO", "during")
+            return ["result"]
+
+        return await asyncio.get_running_loop().run_in_executor(None, work)
+
+
+def test_live_messages_are_written_before_the_result_and_not_after_the_call() -> None:
+    traffic, client = _traffic()
+    engine = Informing()
+
+    def decision() -> steps.Steps[Any]:
+        result = yield steps.Evaluate(Signature("version", (), "text"), ((),))
+        traffic.emit(b"")  # nothing: the point is what the client had when the result came
+        return result, bytes(client.data)
+
+    async def run() -> tuple[Any, bytes]:
+        outcome: tuple[Any, bytes] = await steps.drive(decision(), traffic, engine)  # type: ignore[arg-type]
+        engine.late("INFO", "after")  # a stopped worker's late message
+        await asyncio.sleep(0)
+        return outcome
+
+    (result, before), after = asyncio.run(run()), bytes(client.data)
+    assert result == ["result"]
+    assert [f["M"] for f in _fields(before)] == ["during"]
+    assert after == before

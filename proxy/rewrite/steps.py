@@ -20,6 +20,7 @@ decision runs from recorded answers in tests, the way psycopg 3's generators run
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -231,8 +232,10 @@ class Live:
         self._open = True
 
     def inform(self, severity: str, message: str) -> None:
-        """Thread-safe: ``message`` of ``severity`` (INFO, NOTICE) to the client as soon as the loop runs."""
-        self._loop.call_soon_threadsafe(self._write, severity, message)
+        """Thread-safe: ``message`` of ``severity`` (INFO, NOTICE) to the client as soon as the loop runs (nothing
+        once the loop is closed: the proxy is ending, and the message must not fail the worker's call)."""
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._write, severity, message)
 
     def _write(self, severity: str, message: str) -> None:
         if self._open:
