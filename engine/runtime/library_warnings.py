@@ -31,7 +31,7 @@ _lock = threading.Lock()
 
 
 class Collector:
-    """One call's distinct warnings, in the order they first came, with their counts (thread-safe)."""
+    """One call's distinct warnings, in the order they first came, with how often Python showed each (thread-safe)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
