@@ -17,7 +17,7 @@ more (the executor it builds, the artifact key file's functions).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, overload
 
@@ -449,6 +449,7 @@ class Call:
     session: int = 0
     labels: dict[str, str] = field(default_factory=dict)
     db: Database | None = None  # the client's session, for functions that read or write tables
+    inform: Callable[[str, str], None] | None = None  # (severity, message) to the client now, from any thread
     database: str = ""  # its database name (keys of per-database caches)
     notices: list[str] = field(default_factory=list)  # WARNINGs for the client (e.g. a model not deployed)
 

@@ -1,8 +1,9 @@
 """The worker side of ``pgml.train``: preprocess, search, fit and score, off the event loop.
 
 Owns: what one training run produces (:class:`Fitted`: the snapshot's columns and analysis, the
-estimator's artifact, metrics, progress events), and a fit that stops between boosting rounds when
-canceled.
+estimator's artifact, metrics, progress events), the progress lines told to the client as it goes
+(PostgresML's INFO wording: ``Hyperparams: …`` and ``Metrics: …`` per search fit and for the final fit), and a
+fit that stops between boosting rounds when canceled.
 
 Must not: talk to a database (``engine.ml.train`` reads the rows and writes the results), or import an
 ML library at import time (``engine.ml.algorithms`` imports the estimator classes on first use).
@@ -10,8 +11,10 @@ ML library at import time (``engine.ml.algorithms`` imports the estimator classe
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,7 +55,9 @@ def _strata(table: Table, source: Source, task: str) -> list[Any] | None:
 def fit(
     args: TrainArgs, source: Source, table: Table, nullable: dict[str, bool], task: str, algorithm: str,
     runtime: str, joint: bool, cancelled: Any, fan_out: FanOut | None = None,
+    info: Callable[[str], None] = lambda line: None,
 ) -> Fitted:  # fmt: skip
+    """Split, analyse, search, fit and score; ``info`` gets each progress line (from this worker thread)."""
     train_rows, test_rows = split(table.num_rows, source.test_size, source.test_sampling, _strata(table, source, task))
     snapshot = analyze(table, source.y_columns, args.preprocess, train_rows, nullable)
     x_train, x_test = preprocess.features(snapshot, table, train_rows), preprocess.features(snapshot, table, test_rows)
@@ -72,15 +77,18 @@ def fit(
         log.debug("%s: %s", args.project_name, event)  # candidate hyperparameters are client data: not at info
         if len(events) < MAX_LOG_ROWS:
             events.append(event)
+        for line in progress_lines(task, event):
+            info(line)
 
     def make(params: dict[str, Any]) -> Any:
         return algorithms.estimator(algorithm, task, params, joint=joint, runtime=runtime)
 
     best, results = search(
         task, make, x_train, y_train, args.search, args.search_params, args.search_args, args.hyperparams,
-        progress, cancelled, test=(x_test, y_test), fan_out=fan_out,
+        progress, cancelled, test=(x_test, y_test), fan_out=fan_out, info=info,
     )  # fmt: skip
     estimator = make(best)
+    info(f"Hyperparams: {json.dumps(best, indent=4, default=str)}")
     if cancelled():  # a checkpoint before the final fit (metrics.search checks before each candidate and fold)
         raise Canceled(CANCELED)
     started = time.perf_counter()
@@ -107,6 +115,23 @@ def fit(
         columns, analysis, preprocess.num_features(snapshot), best, scores, artifacts.dump(estimator),
         None if classes is None else [float(c) for c in classes], events,
     )  # fmt: skip
+
+
+def progress_lines(task: str, event: dict[str, Any]) -> list[str]:
+    """The INFO lines of one progress event, as PostgresML words them (``{:?}`` of its metrics map is JSON-like).
+
+    A search fit: its hyperparameters and its key metric, with where it stands (search i of n, fold k of m); the
+    final fit: its metrics.
+    """
+    if "metrics" in event:
+        return [f"Metrics: {json.dumps(event['metrics'], default=str)}"]
+    if "candidate" not in event:
+        return []
+    name, _ = metrics.key_metric(task)
+    scored = {name: event["score"], "fit_time": event["fit_time"]}
+    where = f"search {event['candidate'] + 1} of {event['candidates']}, fold {event['fold'] + 1} of {event['folds']}"
+    hyperparams = json.dumps(event["params"], indent=4, default=str)
+    return [f"Hyperparams: {hyperparams}", f"Metrics: {json.dumps(scored)} ({where})"]
 
 
 def _fit_checked(estimator: Any, x: Any, y: Any, cancelled: Any) -> None:

@@ -54,6 +54,7 @@ def search(
     test: tuple[Any, Any] | None = None,
     rng: random.Random | None = None,
     fan_out: FanOut | None = None,
+    info: Callable[[str], None] = lambda line: None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Cross-validate every candidate; returns (best hyperparams, ``search_results``).
 
@@ -65,10 +66,11 @@ def search(
     When there is nothing to compare (one candidate, no folds) nothing is fitted
     and the results are ``{}``. ``on_progress`` gets a dict after each fit;
     ``cancelled`` is checked before each fit (raises Canceled). ``fan_out`` runs the fits (default
-    :func:`in_order`).
+    :func:`in_order`). ``info`` gets PostgresML's line on the search's size first.
     """
     n_iter, cv = _search_args(search, search_args)
     candidates = _candidates(search, search_params, hyperparams, n_iter, rng or random.Random())
+    info(f"Hyperparameter searches: {len(candidates)}, cross validation folds: {cv}")
     if len(candidates) == 1 and cv < 2:
         return candidates[0], {}
     x = np.asarray(x)

@@ -1,8 +1,10 @@
 """``pgml.train`` / ``pgml.train_joint``: PostgresML's training algorithm through the client's own session.
 
 Owns: the order of a training run — project rules, its rows (``engine.ml.source``), the fit in a worker
-thread (``engine.ml.fit``), the automatic deploy rule, and one batch of registry writes at the end (so a
-failed run leaves nothing behind) — and ``pgml.snapshot`` (a materialized snapshot without training).
+thread (``engine.ml.fit``, its progress told to the client as INFO lines), the automatic deploy rule, and one
+batch of registry writes at the end (so a failed run leaves nothing behind; ``pgml.logs`` gets the progress
+events and the run's library warnings, once each) — and ``pgml.snapshot`` (a materialized snapshot without
+training).
 
 Must not: build SQL with values in it (``engine.pg.registry`` binds them), or
 block the event loop (model work goes through ``Context.work``).
@@ -10,6 +12,8 @@ block the event loop (model work goes through ``Context.work``).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 from typing import Any
@@ -47,9 +51,12 @@ async def _train(args: TrainArgs, joint: bool, ctx: Context) -> tuple[str, str, 
     log.info("pgml.train: %s %s on %d rows", task, algorithm, table.num_rows)  # names are client data: debug only
     log.debug("training %s on %s", args.project_name, source.relation)
     fan_out = None if ctx.offload is None else ctx.offload.fan_out  # search candidates and folds: parallel tasks
+    ctx.inform("INFO", f"Training Model {{ task: {task}, algorithm: {algorithm}, runtime: {runtime} }}")
     fitted = await ctx.work(
-        fit, args, source, table, nullable, task, algorithm, runtime, joint, ctx.cancelled.is_set, fan_out
-    )
+        fit, args, source, table, nullable, task, algorithm, runtime, joint, ctx.cancelled.is_set, fan_out,
+        functools.partial(ctx.inform, "INFO"),
+    )  # fmt: skip
+    fitted = dataclasses.replace(fitted, events=[*fitted.events, *ctx.library_warnings()])
     current = await deployed_metrics(db, project)
     deploy = args.automatic_deploy and better_or_equal(task, fitted.metrics, current)
     if args.automatic_deploy and not deploy and current is not None:

@@ -85,7 +85,7 @@ def load_sentence_model(cls_name: str, name: str, init: dict[str, Any], ctx: Con
         return model
 
     kind = _CACHE_KINDS[cls_name] + ("-onnx" if onnx else "")
-    return ctx.cache.get(ModelCache.key(kind, path, init), load)
+    return ctx.load(ModelCache.key(kind, path, init), load, name)
 
 
 def _onnx_attach() -> Any:

@@ -236,7 +236,7 @@ def load(spec: TaskSpec, ctx: Context) -> tuple[TaskSpec, Loaded]:
     if not spec.task:
         spec = replace(spec, task=_infer_task(path, name))
     kind = _kind(spec.task)
-    return spec, ctx.cache.get(ModelCache.key(f"transform:{kind}", path, init), lambda: _load(kind, path, init, name))
+    return spec, ctx.load(ModelCache.key(f"transform:{kind}", path, init), lambda: _load(kind, path, init, name), name)
 
 
 def _load(kind: str, path: str, init: dict[str, Any], name: str) -> Loaded:

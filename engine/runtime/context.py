@@ -1,7 +1,9 @@
 """What a handler runs with: :class:`Context` (config, model cache, cancel flag, the client's session),
 and :class:`ModelLock`, the lock of one loaded model that steps aside from the engine's compute turn.
 
-Owns: the cancel checkpoint (``Context.check``), the mini-batch size rule (``Context.batch_size``), running
+Owns: the cancel checkpoint (``Context.check``), the mini-batch size rule (``Context.batch_size``), messages to
+the client while the call runs (``Context.inform``: INFO for progress, NOTICE for a model's first load through
+``Context.load``), the call's library warnings (``Context.library_warnings``), running
 model code in a worker from a procedure (``Context.work``), running a function on a loaded model wherever
 it is held (``Context.on_model``: this process's cache, or an :class:`Offload`'s actor), the
 :class:`Offload` protocol (where model work runs instead of this process: ``engine.runtime.ray_backend``),
@@ -15,15 +17,20 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from engine.api import CANCELED, Canceled, Database, EngineConfig, InvalidArgument, NotSupported
+from engine.runtime import library_warnings
 from engine.runtime.cache import ModelCache
 
 T = TypeVar("T")
+# What Context.inform sends: INFO (progress: the client always gets it, as PostgreSQL sends INFO whatever
+# client_min_messages says) or NOTICE (a model loading: silenced by client_min_messages = warning and above).
+Severity = Literal["INFO", "NOTICE"]
 
 _held = threading.local()  # this thread's way to step aside from its compute turn (set by engine.runtime.turns)
 
@@ -131,6 +138,7 @@ class Context:
         database_name: str = "",
         notices: list[str] | None = None,
         offload: Offload | None = None,
+        inform: Callable[[str, str], None] | None = None,
     ) -> None:
         self.config = config
         self.offload = offload
@@ -140,6 +148,32 @@ class Context:
         self._work = work
         self.database_name = database_name
         self.notices = notices if notices is not None else []
+        self._inform = inform
+
+    def inform(self, severity: Severity, message: str) -> None:
+        """Tell the client now, while the call runs (from any thread): the proxy writes it as a NoticeResponse of
+        ``severity`` at once. Without a live channel (a Ray actor's context, a call made outside a session) it is
+        dropped: what must outlive the call goes to ``pgml.logs`` or ``notices``."""
+        if self._inform is not None:
+            self._inform(severity, message)
+
+    def load(self, key: str, loader: Callable[[], T], name: str) -> T:
+        """``cache.get(key, loader)`` (in a worker); a model not in the cache yet is announced to the client, as a
+        NOTICE before its load and one with the time it took after (``name``: the model as the client named it)."""
+
+        def announced() -> T:
+            self.inform("NOTICE", f"loading model {name} (first use)")
+            started = time.monotonic()
+            model = loader()
+            self.inform("NOTICE", f"loaded model {name} in {time.monotonic() - started:.1f} s")
+            return model
+
+        loaded: T = self.cache.get(key, announced)
+        return loaded
+
+    def library_warnings(self) -> list[dict[str, Any]]:
+        """The distinct library warnings this call's worker threads have shown so far, with their counts."""
+        return library_warnings.collector(self.cancelled).entries()
 
     def check(self) -> None:
         """Raise Canceled once the call was canceled (a checkpoint: may first wait for another session's turn)."""

@@ -47,7 +47,7 @@ from engine.ml import deploy, dump, metric_functions, predict, train
 from engine.ml.datasets import load
 from engine.nlp import chunk, embed, rank, stream, transform
 from engine.nlp.finetune import tune, tuned
-from engine.runtime import environment, memory
+from engine.runtime import environment, library_warnings, memory
 from engine.runtime.cache import ModelCache
 from engine.runtime.context import Context, Offload
 from engine.runtime.locate import configure_offline
@@ -174,6 +174,7 @@ class LocalEngine:
 
     def __init__(self, config: EngineConfig, observer: Observer | None = None, offload: Offload | None = None) -> None:
         configure_offline(config.allow_downloads)
+        library_warnings.install()
         self.config = config
         self.offload = offload
         self.cache = ModelCache(config.cache_bytes, observer.loaded if observer is not None else None)
@@ -223,12 +224,12 @@ class LocalEngine:
                 ctx = Context(
                     self.config, self.cache, job, call.db,
                     lambda fn: loop.run_in_executor(self._pool, self._work, fn, job, call), call.database,
-                    call.notices, self.offload,
+                    call.notices, self.offload, call.inform,
                 )  # fmt: skip
                 return await self._limited(handler.run(call, ctx), job, handler.limited, call)
             if self.offload is not None and name in self.offload.workers:
                 return await self._limited(self.offload.run(name, call.rows, job, call.notices), job, True, call)
-            ctx = Context(self.config, self.cache, job, notices=call.notices)
+            ctx = Context(self.config, self.cache, job, notices=call.notices, inform=call.inform)
             future = loop.run_in_executor(self._pool, self._run, handler, list(call.rows), ctx, job, call)
             return await self._limited(future, job, True, call)
         finally:

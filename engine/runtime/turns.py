@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from engine.api import CANCELED, Canceled
+from engine.runtime import library_warnings
 from engine.runtime.context import step_aside_with
 
 # A job keeps a turn at least this long before a checkpoint hands it on: the checks a call makes right
@@ -138,11 +139,13 @@ class Turns:
     @contextmanager
     def held(self, job: Job) -> Iterator[None]:
         """A turn for ``job`` in this worker thread for the block; a model lock it waits for meanwhile
-        makes it step :meth:`aside` (``engine.runtime.context.ModelLock``)."""
+        makes it step :meth:`aside` (``engine.runtime.context.ModelLock``); the library warnings it shows are the
+        job's (``engine.runtime.library_warnings``)."""
         self.acquire(job)
         step_aside_with(lambda: self.aside(job))
         try:
-            yield
+            with library_warnings.running(job):
+                yield
         finally:
             step_aside_with(None)
             self.release(job)

@@ -9,7 +9,8 @@ and :func:`drive`, which answers them against a
 :class:`~proxy.session.exchange.Port` and the engine and resumes the rewrite with each answer, or
 with the exception that answering raised (thrown in where the request was yielded, so the rewrite
 handles :class:`~proxy.session.exchange.UpstreamError` as if it had awaited the call itself);
-:func:`replay` runs one from answers given at once (recorded ones, in tests).
+:func:`replay` runs one from answers given at once (recorded ones, in tests); and an engine call's live channel
+(:class:`Live`: its INFO and NOTICE messages, sent from worker threads, written to the client on the loop).
 
 Must not: decide anything. Decision code (:mod:`proxy.rewrite.decide` and the modules it uses)
 yields these requests and is resumed with their answers; it never calls the Port nor awaits, so a
@@ -19,6 +20,7 @@ decision runs from recorded answers in tests, the way psycopg 3's generators run
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -190,15 +192,20 @@ async def _answer(request: Request, port: Port, engine: Engine | None) -> Any:
             return facts(port)
         case Evaluate(signature=signature, rows=rows):
             assert engine is not None
+            live = Live(port)
             call = Call(
                 signature,
                 rows,
                 session=port.session_id,
                 db=port,
+                inform=live.inform,
                 database=port.database,
                 notices=port.notices,
             )
-            return await engine.evaluate(call)
+            try:
+                return await engine.evaluate(call)
+            finally:
+                live.close()
         case Compute(function=function):
             return await asyncio.to_thread(function)
         case Begin(run=run):
@@ -209,6 +216,33 @@ async def _answer(request: Request, port: Port, engine: Engine | None) -> Any:
             port.emit(frames)
             return None
     raise TypeError(f"not a rewrite request: {request!r}")
+
+
+class Live:
+    """The live channel of one engine call: what the engine tells the client while it runs (``Call.inform``, called
+    from worker threads) goes to the event loop, which writes it as a NoticeResponse (``Port.notify``) between
+    whole frames, before the call's result: the worker's message is queued on the loop ahead of its result. Once
+    the call is over, a message a stopped worker still sends is dropped."""
+
+    __slots__ = ("_loop", "_open", "_port")
+
+    def __init__(self, port: Port) -> None:
+        self._port = port
+        self._loop = asyncio.get_running_loop()
+        self._open = True
+
+    def inform(self, severity: str, message: str) -> None:
+        """Thread-safe: ``message`` of ``severity`` (INFO, NOTICE) to the client as soon as the loop runs (nothing
+        once the loop is closed: the proxy is ending, and the message must not fail the worker's call)."""
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._write, severity, message)
+
+    def _write(self, severity: str, message: str) -> None:
+        if self._open:
+            self._port.notify(severity, message)
+
+    def close(self) -> None:
+        self._open = False
 
 
 def facts(port: Port) -> Facts:

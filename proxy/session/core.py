@@ -146,7 +146,7 @@ class Connection:
     def start(self, startup: StartupMessage) -> None:
         """The upstream is connected: the client's startup packet goes there; authentication is relayed."""
         self._upstream.write(encode_startup(startup))
-        self.traffic.search_path.startup(startup)
+        self.traffic.startup(startup)
         self.decider.callback = callback_guard.is_callback(startup)
         self.state.owe()  # the ReadyForQuery that ends authentication
         self.state.fire(Event.CONNECTED)

@@ -188,6 +188,10 @@ class Port(Protocol):
         """Answer frames of the client's own statement, written to the client now (rows the proxy computed)."""
         ...
 
+    def notify(self, severity: str, message: str) -> None:
+        """A NoticeResponse of ``severity`` (INFO, NOTICE) from the engine, written to the client now."""
+        ...
+
 
 async def query(port: Port, sql: str, copy_data: bytes | None = None) -> Result:
     """One internal statement's result."""

@@ -6,7 +6,8 @@ that invisible to the client — forwarding decided frames with response account
 proves every earlier response reached the client), private statements of rewritten Binds,
 internal exchanges (:meth:`Traffic.execute`: extended messages ending with Flush mid-batch or Sync
 between batches, one at a time — a stream's next part and an engine query in between wait their turn),
-answer frames the proxy computed for the client's own statement (:meth:`Traffic.emit`), and failing a
+answer frames the proxy computed for the client's own statement (:meth:`Traffic.emit`), the engine's messages
+while a call runs (:meth:`Traffic.notify`, filtered by the startup packet's ``client_min_messages``), and failing a
 batch on purpose so the server's state matches the client's (:meth:`Traffic.fail_extended`). It is the
 rewriter's :class:`proxy.session.exchange.Port`.
 
@@ -25,11 +26,14 @@ from proxy.errors import ConnectionFailure
 from proxy.session.exchange import FLUSH, BatchFailed, Exchange, Result, Rows, Statement, UpstreamError, close_rows
 from proxy.session.ledger import ONE, THREE, Responses
 from proxy.session.search_path import SearchPath
+from proxy.session.startup import settings
 from proxy.session.state import Event, Phase, State
 from proxy.wire import messages as pq
-from proxy.wire.frames import Backend, Frame
+from proxy.wire.frames import Backend, Frame, StartupMessage
 
 _E = int(Backend.ERROR_RESPONSE)
+# client_min_messages levels that silence NOTICE (INFO reaches the client whatever the level, as from the server).
+_ABOVE_NOTICE, _NOTICE = frozenset({"warning", "error"}), frozenset({"NOTICE"})
 ABORT = pq.Parse("pgml_proxy_abort", "pgml-proxy: abort", ()).encode()  # a Parse that cannot succeed
 
 
@@ -63,6 +67,7 @@ class Traffic:
         self.search_path = SearchPath()  # for unqualified pgml calls: the startup packet, ParameterStatus, statements
         self.temp_tables: list[str] = []  # per-row result tables made for the statement being decided
         self.notices: list[str] = []  # engine WARNINGs, sent to the client ahead of the statement's answer
+        self.silenced: frozenset[str] = frozenset()  # severities below the startup packet's client_min_messages
         self.binding = False  # a Bind's decision runs: its own statements' SQL holds bound values (never logged)
         # Closes to send at the batch's Sync or the next exchange (their answers hidden): of barrier statements, and of
         # the row portals the client no longer reads, with their statements.
@@ -75,6 +80,12 @@ class Traffic:
         self._stale_tables: list[str] = []  # per-row tables of earlier statements, to drop when idle
         # State.sends when a barrier, or an exchange ended by Flush, was answered: everything sent before was answered.
         self._answered_at = -1
+
+    def startup(self, startup: StartupMessage) -> None:
+        """The client's startup packet: the session's first search_path and client_min_messages."""
+        self.search_path.startup(startup)
+        level = settings(startup).get("client_min_messages", "notice").strip().lower()
+        self.silenced = _NOTICE if level in _ABOVE_NOTICE else frozenset()
 
     # -- what the rewriter sees (Port) -------------------------------------- #
 
@@ -182,6 +193,15 @@ class Traffic:
 
     def emit(self, frames: bytes) -> None:
         self.client.write(frames)
+
+    def notify(self, severity: str, message: str) -> None:
+        """An engine message while its call runs, as the server sends one: INFO always, NOTICE unless the session's
+        ``client_min_messages`` (as the startup packet set it) is above NOTICE. Written in one piece, on the loop,
+        so it lands between whole frames (a NoticeResponse may come at any point of the protocol)."""
+        if severity in self.silenced or self.client.is_closed:
+            return
+        fields = (("S", severity), ("V", severity), ("C", "00000"), ("M", message))
+        self.client.write(pq.NoticeResponse(fields).encode())
 
     async def _execute(
         self, statements: Sequence[Statement], keep_open: bool, finish: bool, quiet: bool

@@ -4,7 +4,8 @@ Owns: the database side of a fine-tuning run — project rules as for ``pgml.tra
 (the task's *y* column, checked to exist; a reused snapshot's own when NULL), reading the relation with
 one COPY in the caller's transaction (labels keep their SQL type), the split, and the registry rows
 written in one batch at the end (model ``transformers``, every model file in ``pgml.files``, trainer
-events in ``pgml.logs``, the automatic deploy).
+events and the run's library warnings in ``pgml.logs``, the automatic deploy); the run's progress told to the
+client as it goes (INFO: each Trainer log event, the metrics at the end).
 
 Must not: run Trainer code on the event loop (``Context.work``) or paste values into SQL.
 """
@@ -12,6 +13,9 @@ Must not: run Trainer code on the event loop (``Context.work``) or paste values 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
+from datetime import datetime
 from typing import Any
 
 from engine.api import Call, Database, InvalidArgument, Statement
@@ -56,17 +60,25 @@ async def _tune(row: tuple[Any, ...], ctx: Context) -> tuple[str, str, str, bool
     source = dataclasses.replace(source, y_columns=[y] if y else [])
     table, _ = await read_rows(db, source, ctx)  # checks that the y column exists
     train_rows, test_rows = split(table.num_rows, source.test_size, source.test_sampling, None)
-    events: list[dict[str, Any]] = []
+    ctx.inform("INFO", f"Tuning Model {{ task: {label}, algorithm: transformers, model: {model_name} }}")
     result = await ctx.work(
         fine_tune, label, model_name, _columns(table, train_rows), _columns(table, test_rows), args.hyperparams,
-        ctx.config, ctx.cancelled.is_set, events.append, y,
+        ctx.config, ctx.cancelled.is_set, functools.partial(_logged, ctx), y,
     )  # fmt: skip
+    ctx.inform("INFO", f"Metrics: {json.dumps(result.metrics, default=str)}")
+    result = dataclasses.replace(result, events=[*result.events, *ctx.library_warnings()])
     current = await train.deployed_metrics(db, project)
     deploy = args.automatic_deploy and better_or_equal(label, result.metrics, current)
     if args.automatic_deploy and not deploy and current is not None:
         ctx.notices.append(train.not_better(label, result.metrics, current))
     await _write(db, args, project, label, source, result, deploy, y, table.num_rows, registry.signer(ctx))
     return (args.project_name, dashed_task(label), "transformers", deploy)
+
+
+def _logged(ctx: Context, event: dict[str, Any]) -> None:
+    """A Trainer log event (each logging step, each evaluation: loss, learning rate, epoch, step of max_steps) told
+    to the client as PostgresML's tune does: an INFO of the event as indented JSON, with the time."""
+    ctx.inform("INFO", json.dumps({**event, "timestamp": str(datetime.now())}, indent=4))
 
 
 _INTEGERS = frozenset({"int2", "int4", "int8"})
