@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psycopg
 import pytest
 
 from engine.api import Canceled, EngineConfig, InvalidArgument, NotSupported, PermissionDenied, UnknownModel
@@ -24,6 +25,7 @@ from engine.nlp.tasks import canonical_task, pipeline_tasks, tasks
 from engine.nlp.transform import transform_rows
 from engine.runtime.cache import ModelCache
 from engine.runtime.context import Context
+from tests.conftest import ProxyProcess
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[EMPTY]", "city", "people", "paris", "berlin"]
 WORDS += ["how", "many", "in", "what", "is", "the", "2", "3", ".", "1", "million"]
@@ -32,8 +34,9 @@ QUERIES = ["how many people in paris", "what is the city"]
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """models/{tapas,vit} (tiny, random) and data/ with a red PNG; outside/ holds a PNG outside data_dirs."""
+def dirs(model_dir: Path, data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """tiny random tapas/ and vit/ in the shared proxy's model directory, images/red.png in its data directory;
+    outside/ holds a PNG outside data_dirs."""
     import torch
     from PIL import Image
     from transformers import (
@@ -47,9 +50,9 @@ def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("tasks")
-    models, data, outside = root / "models", root / "data", root / "outside"
-    for directory in (models, data / "images", outside):
-        directory.mkdir(parents=True)
+    models, data, outside = model_dir, data_dir, root / "outside"
+    for directory in (data / "images", outside):
+        directory.mkdir(parents=True, exist_ok=True)
     (root / "vocab.txt").write_text("\n".join(WORDS) + "\n")
     config = TapasConfig(
         vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -226,3 +229,29 @@ def test_default_model_trust_and_cancel(dirs: dict[str, Path]) -> None:
     ctx.cancelled.set()
     with pytest.raises(Canceled):
         rows(ctx, (task, {}, ["images/red.png"]))
+
+
+def test_tasks_and_splitters_through_the_proxy(dirs: dict[str, Path], proxy: ProxyProcess) -> None:
+    tapas = json.dumps({"task": "table-question-answering", "model": str(dirs["models"] / "tapas")})
+    vit = json.dumps({"task": "image-classification", "model": str(dirs["models"] / "vit")})
+    question = json.dumps({"table": TABLE, "query": QUERIES[0]})
+    with psycopg.connect(proxy.dsn(), autocommit=True) as conn:
+        [(as_text,)] = conn.execute("SELECT pgml.transform(%s::jsonb, inputs => ARRAY[%s])", [tapas, question])
+        [(as_jsonb,)] = conn.execute(
+            "SELECT pgml.transform(%s::jsonb, inputs => ARRAY[%s::jsonb, %s::jsonb])", [tapas, question, question]
+        ).fetchall()
+        assert set(as_text) == {"answer", "coordinates", "cells", "aggregator"} and as_jsonb == [as_text, as_text]
+        [(labels,)] = conn.execute("SELECT pgml.transform(%s::jsonb, inputs => ARRAY['images/red.png'])", [vit])
+        assert [set(label) for label in labels[0]] == [{"label", "score"}] * 2
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT pgml.transform(%s::jsonb, inputs => ARRAY['/etc/hostname'])", [vit])
+        with pytest.raises(psycopg.errors.InvalidParameterValue) as info:
+            conn.execute("SELECT pgml.transform('no-such-task', inputs => ARRAY['x'])")
+        assert info.value.diag.message_hint and "table-question-answering" in info.value.diag.message_hint
+        text = "Dr. Smith went to Washington. He arrived at 5 p.m. on Monday."
+        for splitter in ("nltk", "spacy"):
+            chunks = conn.execute(
+                'SELECT chunk_index, chunk FROM pgml.chunk(%s, %s, \'{"chunk_size": 30, "chunk_overlap": 0}\')',
+                [splitter, text],
+            ).fetchall()
+            assert chunks == [(1, "Dr. Smith went to Washington."), (2, "He arrived at 5 p.m. on Monday.")]
