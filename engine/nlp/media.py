@@ -14,8 +14,9 @@ the standard library, or taken as ``{"raw": [samples…], "sampling_rate": n}``;
 ffmpeg, which the engine does not run (0A000). Video is passed on as a confined path (the pipeline decodes it
 with PyAV, when installed).
 
-Owns: telling references apart, the confinement of media paths, decoding. Must not: fetch, import Pillow or
-numpy at import time, or say anything about a path outside ``data_dirs`` that depends on what is there.
+Owns: telling references apart, the confinement of media paths, decoding.
+
+Must not: fetch, or say anything about a path outside ``data_dirs`` that depends on what is there.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ import os
 import re
 import wave
 from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from engine.api import EngineConfig, InvalidArgument, NotSupported, PermissionDenied
 from engine.runtime.paths import Roots
@@ -139,8 +143,6 @@ def _media(data: bytes, kind: str, what: str) -> Any:
 
 
 def _image(data: bytes, what: str) -> Any:
-    from PIL import Image, UnidentifiedImageError  # lazy: only image tasks need Pillow
-
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
@@ -151,8 +153,6 @@ def _image(data: bytes, what: str) -> Any:
 
 def _wav(data: bytes, what: str) -> dict[str, Any]:
     """WAV (PCM, any channels: averaged to mono) -> ``{"raw": float32 samples in [-1, 1], "sampling_rate"}``."""
-    import numpy as np  # lazy: as the rest of the engine's ML code
-
     try:
         with wave.open(io.BytesIO(data)) as audio:
             width, channels, rate = audio.getsampwidth(), audio.getnchannels(), audio.getframerate()
@@ -174,8 +174,6 @@ def _wav(data: bytes, what: str) -> dict[str, Any]:
 
 
 def _raw_audio(value: dict[str, Any]) -> dict[str, Any]:
-    import numpy as np  # lazy: see _wav
-
     raw, rate = value.get("raw"), value.get("sampling_rate")
     if not isinstance(raw, list) or not isinstance(rate, int) or isinstance(rate, bool) or rate <= 0:
         raise InvalidArgument('raw audio must be {"raw": [samples…], "sampling_rate": <positive integer>}')
