@@ -207,6 +207,29 @@ def test_audio_inputs(dirs: dict[str, Path]) -> None:
         media.decode({"raw": "x", "sampling_rate": 8000}, media.AUDIO, config)
 
 
+def test_audio_classification_from_wav_and_raw_samples(dirs: dict[str, Path], ctx: Context) -> None:
+    import torch
+    from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2ForSequenceClassification
+
+    torch.manual_seed(0)
+    config = Wav2Vec2Config(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, conv_dim=(8, 8),
+        conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2,
+        classifier_proj_size=8, id2label={0: "yes", 1: "no"}, label2id={"yes": 0, "no": 1},
+    )  # fmt: skip
+    model = dirs["models"] / "wav2vec2"
+    Wav2Vec2ForSequenceClassification(config).save_pretrained(model)
+    Wav2Vec2FeatureExtractor(sampling_rate=16000).save_pretrained(model)
+    samples = np.sin(np.linspace(0, 200, 1600)).astype(np.float32)
+    (dirs["data"] / "sine.wav").write_bytes(_wav(samples, 16000))
+    raw = json.dumps({"raw": samples.tolist(), "sampling_rate": 16000})
+    [result] = rows(ctx, ({"task": "audio-classification", "model": str(model)}, {}, ["sine.wav", raw]))
+    [expected] = direct("audio-classification", model, [{"raw": samples, "sampling_rate": 16000}])
+    assert [[item["label"] for item in output] for output in result] == [[e["label"] for e in expected]] * 2
+    for output in result:
+        np.testing.assert_allclose([item["score"] for item in output], [e["score"] for e in expected], atol=1e-4)
+
+
 def test_outputs_are_json_ready() -> None:
     import torch
     from PIL import Image
