@@ -82,3 +82,12 @@ def test_punkt_data_must_match_the_pinned_digest(monkeypatch: pytest.MonkeyPatch
 def test_nltk_bad_kwargs() -> None:
     with pytest.raises(InvalidArgument):
         _chunks("nltk", PARAGRAPH, {"use_span_tokenize": True})  # needs separator ""
+
+
+def test_rows_with_the_same_kwargs_share_a_splitter() -> None:
+    ctx = Context(EngineConfig(), None, threading.Event())  # type: ignore[arg-type]
+    kwargs = {"chunk_size": 30, "chunk_overlap": 0}
+    rows = [("spacy", PARAGRAPH, kwargs)] * 3 + [("spacy", PARAGRAPH, {}), ("nltk", PARAGRAPH, kwargs)]
+    *same, merged, nltk = chunk(rows, ctx)
+    assert same == [[(1, SENTENCES[0]), (2, SENTENCES[1])]] * 3 and nltk == same[0]
+    assert merged == [(1, "\n\n".join(SENTENCES))]
