@@ -20,7 +20,7 @@ import pytest
 
 from engine.api import Canceled, EngineConfig, InvalidArgument, NotSupported, PermissionDenied, UnknownModel
 from engine.nlp import media
-from engine.nlp.any_task import plain
+from engine.nlp.any_task import plain, read_args
 from engine.nlp.tasks import canonical_task, pipeline_tasks, tasks
 from engine.nlp.transform import transform_rows
 from engine.runtime.cache import ModelCache
@@ -178,6 +178,12 @@ def test_structured_media_inputs_keep_text_and_decode_media_keys(dirs: dict[str,
     assert decoded["content"][1]["url"].size == (20, 20)
     with pytest.raises(NotSupported):
         media.decode({"image": "http://example.com/x.png", "question": "q"}, media.IMAGE, config)
+    ctx = Context(config, ModelCache(1 << 20), threading.Event())
+    args = read_args("image-text-to-text", {"images": ["images/red.png"], "max_new_tokens": 3}, ctx)
+    assert args["images"][0].size == (20, 20) and args["max_new_tokens"] == 3
+    with pytest.raises(NotSupported):
+        read_args("image-text-to-text", {"images": "https://example.com/x.png"}, ctx)
+    assert read_args("table-question-answering", {"image": "x"}, ctx) == {"image": "x"}  # text tasks open nothing
 
 
 def _wav(samples: np.ndarray, rate: int) -> bytes:

@@ -11,8 +11,9 @@ Inputs: text for text tasks. An input that is JSON text of an object or array is
 that take structured inputs (table-question-answering's ``{"table": {column: [cells…]}, "query": …}``, every
 non-text task: ``{"image": …, "question": …}``, image pairs, chat messages); ``jsonb[]`` elements arrive as
 objects already. Media references are decoded by ``engine.nlp.media`` (no network, no path outside
-``[engine] data_dirs``). Outputs are made JSON-ready by :func:`plain`: numpy and torch values as numbers and
-lists, PIL images (masks, depth maps) as PNG ``data:`` URIs, bytes as base64.
+``[engine] data_dirs``), and so are the args' (``images``, ``videos`` …). Outputs are made JSON-ready by
+:func:`plain`: numpy and torch values as numbers and lists, PIL images (masks, depth maps) as PNG ``data:``
+URIs, bytes as base64.
 
 Owns: the inputs' reading per task, the batched calls, the per-row shapes, :func:`plain`.
 
@@ -71,9 +72,23 @@ def read_input(task: str, value: Any, ctx: Context) -> Any:
     return media.decode(value, what, ctx.config)
 
 
+def read_args(task: str, args: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    """The call args, media references among them decoded like inputs (``images=…`` of image-text-to-text)."""
+    what = kind(task)
+    if what is None and task not in PROMPT_TASKS:
+        return dict(args)
+    own = what or media.IMAGE
+    return {
+        key: media.decode(value, media.TYPED_KEYS.get(key, own), ctx.config)
+        if key in media.TYPED_KEYS or key in media.REFERENCE_KEYS
+        else value
+        for key, value in args.items()
+    }
+
+
 def run(task: str, loaded: Loaded, batches: list[list[Any]], args: dict[str, Any], ctx: Context) -> list[Any]:
     """One result per row: what ``pipe(row_inputs, **args)`` returns, all rows' inputs in batched calls."""
-    args = dict(args)
+    args = read_args(task, args, ctx)
     explicit = args.pop("batch_size", None)  # passed on only when given: not every pipeline batches (TAPAS)
     batch = ctx.batch_size(explicit)
     if explicit is not None:

@@ -38,7 +38,7 @@ from engine.runtime.paths import Roots
 IMAGE, AUDIO, VIDEO = "image", "audio", "video"
 # Keys of a structured input (a JSON object, a chat message's content part) that hold a media reference: of
 # their own kind, or (url, path) of the task's.
-TYPED_KEYS = {"image": IMAGE, "images": IMAGE, "audio": AUDIO, "video": VIDEO}
+TYPED_KEYS = {"image": IMAGE, "images": IMAGE, "audio": AUDIO, "audios": AUDIO, "video": VIDEO, "videos": VIDEO}
 REFERENCE_KEYS = frozenset({"url", "path"})
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _BASE64 = re.compile(r"[A-Za-z0-9+/\s]+={0,2}")
