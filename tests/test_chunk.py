@@ -91,3 +91,15 @@ def test_rows_with_the_same_kwargs_share_a_splitter() -> None:
     *same, merged, nltk = chunk(rows, ctx)
     assert same == [[(1, SENTENCES[0]), (2, SENTENCES[1])]] * 3 and nltk == same[0]
     assert merged == [(1, "\n\n".join(SENTENCES))]
+
+
+def test_the_punkt_tab_written_is_the_packaged_model() -> None:
+    import nltk
+    from nltk.tokenize.punkt import load_punkt_params
+
+    punkt.ensure("english")
+    params = load_punkt_params(nltk.data.find("tokenizers/punkt_tab/english/"))  # NLTK's pickle-free loader
+    model = punkt.packaged("english")
+    assert params.abbrev_types == set(model["ABBREV_TYPES"]) and "p.m" in params.abbrev_types
+    assert params.collocations == set(model["COLLOCATIONS"]) and params.sent_starters == set(model["SENT_STARTERS"])
+    assert dict(params.ortho_context) == model["ORTHO_CONTEXT"]

@@ -86,7 +86,7 @@ def ensure(language: Any) -> None:
     with _ROOT.lock:
         if language in _ROOT.languages:
             return
-        literals = _read(language)
+        literals = packaged(language)
         root = _root()
         directory = os.path.join(root, "tokenizers", "punkt_tab", language)
         os.makedirs(directory, mode=0o700, exist_ok=True)
@@ -106,7 +106,7 @@ def _root() -> str:
     return _ROOT.path
 
 
-def _read(language: str) -> dict[str, Any]:
+def packaged(language: str) -> dict[str, Any]:
     """The four literals of the packaged model, once its bytes match the pinned digest."""
     try:
         distribution = importlib.metadata.distribution(DISTRIBUTION)
