@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.api import Call, Canceled, EngineConfig, InvalidArgument, NotSupported, UnknownModel, signatures
+from engine.api import Call, Canceled, EngineConfig, InvalidArgument, UnknownModel, signatures
 from engine.nlp.chunk import chunk
 from engine.runtime.context import Context
 from engine.runtime.executor import LocalEngine
@@ -46,17 +46,6 @@ def test_splitters(name: str) -> None:
     ctx = Context(EngineConfig(), None, threading.Event())  # type: ignore[arg-type]
     [pieces] = chunk([(name, "first part\n\nsecond part", {"chunk_size": 12, "chunk_overlap": 0})], ctx)
     assert [i for i, _ in pieces] == list(range(1, len(pieces) + 1)) and len(pieces) >= 2
-
-
-@pytest.mark.parametrize("name", ["nltk", "spacy"])
-def test_splitters_needing_extra_models_fail_clearly(name: str) -> None:
-    ctx = Context(EngineConfig(), None, threading.Event())  # type: ignore[arg-type]
-    try:
-        [pieces] = chunk([(name, "One sentence. Another one.", {})], ctx)
-    except NotSupported as exc:  # the package or its language data is not installed
-        assert exc.sqlstate == "0A000" and exc.hint
-    else:
-        assert pieces and pieces[0][0] == 1
 
 
 def test_bad_kwargs_and_null_inputs() -> None:

@@ -19,7 +19,7 @@ ENGINE = ROOT / "engine"
 LAZY = frozenset(
     {
         "torch", "transformers", "sentence_transformers", "sklearn", "xgboost", "lightgbm", "catboost", "datasets",
-        "huggingface_hub", "langchain_text_splitters", "skops",
+        "huggingface_hub", "langchain_text_splitters", "skops", "nltk",
     }
 )  # fmt: skip
 # Project modules that exist to hold optional heavy imports, imported only when configured to be used.

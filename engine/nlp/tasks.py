@@ -1,17 +1,20 @@
 """Which model a ``pgml.transform`` task runs, whether it may, and loading it once per process.
 
 Owns: turning the task argument (a name, or JSON with ``task``, ``model`` and loading kwargs) into a
-canonical task, a model and its loading kwargs; the permission checks (``trust_remote_code``, and
-``[engine] allowed_models`` — PostgresML's ``pgml.huggingface_whitelist``, which applies to transform and
-transform_stream only); each task's default model (those of the transformers 4.x pipelines PostgresML
-ran); loading pipelines (tasks transformers 5 still has) or Auto models (the others) into the ModelCache,
-keyed by model kind, resolved model and loading kwargs.
+canonical task (every task and alias of the installed ``transformers.pipeline``, and the tasks
+transformers 5 dropped that PostgresML had), a model and its loading kwargs; the permission checks
+(``trust_remote_code``, and ``[engine] allowed_models`` — PostgresML's ``pgml.huggingface_whitelist``, which
+applies to transform and transform_stream only); each task's default model (those of the transformers 4.x
+pipelines PostgresML ran, else the installed pipeline's own default); loading pipelines (every task
+transformers 5 has one for) or Auto models (the others) into the ModelCache, keyed by model kind, resolved
+model and loading kwargs.
 
 Must not: run inference, or import ML libraries at import time.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass, field, replace
@@ -31,6 +34,8 @@ class ModelNotAllowed(EngineError):
     sqlstate: ClassVar[str] = "42501"  # insufficient_privilege: the model is not in [engine] allowed_models
 
 
+# Pipelines whose results transform shapes itself (PostgresML's transformers 4.x quirks); every other task of
+# transformers.pipeline runs as is (engine.nlp.any_task).
 PIPELINE_TASKS = frozenset(
     {
         "text-classification",
@@ -42,8 +47,9 @@ PIPELINE_TASKS = frozenset(
     }
 )
 SEQ2SEQ_TASKS = frozenset({"summarization", "translation", "text2text-generation"})
-TASKS = PIPELINE_TASKS | SEQ2SEQ_TASKS | {"question-answering", "conversational"}
-ALIASES = {"sentiment-analysis": "text-classification", "ner": "token-classification"}
+# Tasks transformers 5 has no pipeline for, run on Auto models (and the chat form).
+OWN_TASKS = SEQ2SEQ_TASKS | {"question-answering", "conversational"}
+AUTO_KINDS = frozenset({"seq2seq", "question-answering"})  # what _kind loads as an Auto model, not a pipeline
 # The defaults of the transformers 4.x pipelines PostgresML 2.10 ran (hub name, then its legacy alias).
 DEFAULT_MODELS: dict[str, tuple[str, ...]] = {
     "text-classification": (
@@ -109,16 +115,33 @@ class Loaded:
         return model_bytes(self.model)
 
 
+@functools.cache
+def pipeline_tasks() -> tuple[frozenset[str], dict[str, str]]:
+    """The tasks ``transformers.pipeline`` accepts (its SUPPORTED_TASKS) and its aliases, as installed."""
+    from transformers.pipelines import SUPPORTED_TASKS, TASK_ALIASES  # lazy: imports torch (seconds)
+
+    return frozenset(SUPPORTED_TASKS), dict(TASK_ALIASES)
+
+
+def tasks() -> frozenset[str]:
+    """Every task ``pgml.transform`` runs: the installed pipelines' and its own."""
+    return pipeline_tasks()[0] | OWN_TASKS
+
+
 def canonical_task(name: str) -> str:
     """``'text_classification'``, ``'sentiment-analysis'``, ``'translation-en-to-fr'`` -> the task's own name."""
-    key = ALIASES.get(name.strip().lower().replace("_", "-"), name.strip().lower().replace("_", "-"))
+    supported, aliases = pipeline_tasks()
+    key = name.strip().lower().replace("_", "-")
+    key = aliases.get(key, key)
     pair = re.fullmatch(r"translation-([a-z]{2,3})-to-([a-z]{2,3})", key)
     if pair:
         return f"translation_{pair[1]}_to_{pair[2]}"
-    if key not in TASKS:
-        raise NotSupported(
-            f'pgml.transform task "{name}" is not supported',
-            hint=f"Supported tasks: {', '.join(sorted(TASKS))}, translation_xx_to_yy.",
+    if key not in supported | OWN_TASKS:
+        shown = name if name.isprintable() else repr(name)[1:-1]
+        raise InvalidArgument(
+            f'pgml.transform task "{shown[:200]}" is not supported',
+            detail=f"Aliases: {', '.join(f'{alias} ({task})' for alias, task in sorted(aliases.items()))}.",
+            hint=f"Supported tasks: {', '.join(sorted(tasks()))}, translation_xx_to_yy.",
         )
     return key
 
@@ -175,9 +198,24 @@ def _candidates(spec: TaskSpec) -> tuple[str, ...]:
         return (spec.model,)
     if spec.task in DEFAULT_MODELS:
         return DEFAULT_MODELS[spec.task]
+    default = _pipeline_default(spec.task)
+    if default is not None:
+        return (default,)
     raise InvalidArgument(
         f'task "{spec.task}" has no default model', hint=f'Name one: {{"task": "{spec.task}", "model": "…"}}.'
     )
+
+
+def _pipeline_default(task: str) -> str | None:
+    """The default model transformers' own pipeline uses for ``task`` (PostgresML's ``get_model_from``)."""
+    from transformers.pipelines import SUPPORTED_TASKS  # lazy: see pipeline_tasks
+
+    entry: Any = SUPPORTED_TASKS.get(task, {})
+    default = entry.get("default") or {}
+    model = default.get("model", default.get("pt"))
+    if isinstance(model, dict):
+        model = model.get("pt")
+    return str(model[0]) if isinstance(model, tuple) and model else None
 
 
 def _locate(spec: TaskSpec, candidates: tuple[str, ...], ctx: Context) -> str:
@@ -246,12 +284,12 @@ def _load(kind: str, path: str, init: dict[str, Any], name: str) -> Loaded:
 
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # no progress bars in the proxy's log
     try:
-        if kind in PIPELINE_TASKS:
+        if kind in AUTO_KINDS:
+            loaded = _load_auto(kind, path, init)
+        else:
             make: Any = pipeline  # (its overloads want a literal task)
             pipe = make(kind, model=path, **init)
-            loaded = Loaded(pipe.model, pipe.tokenizer, pipe)
-        else:
-            loaded = _load_auto(kind, path, init)
+            loaded = Loaded(pipe.model, getattr(pipe, "tokenizer", None), pipe)
     except (TypeError, ValueError) as exc:
         raise InvalidArgument(f"cannot load model {name} for {kind}: {exc}") from exc
     except ImportError as exc:  # e.g. sentencepiece, or accelerate for device_map

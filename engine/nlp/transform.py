@@ -1,7 +1,8 @@
 """``pgml.transform``: Hugging Face tasks, one batched call per (task, args) for all rows of a statement.
 
 Owns: results shaped exactly as PostgresML's (transformers 4.x) pipelines returned them (§1.9 of the API
-reference): per-input outputs, with the old pipelines' single-input quirks; the chat form (jsonb[]
+reference): per-input outputs, with the old pipelines' single-input quirks (every other task of
+``transformers.pipeline`` is ``engine.nlp.any_task``'s, with that pipeline's own shapes); the chat form (jsonb[]
 messages, one conversation per row); a ``{"model": …}`` that names a project tuned by ``pgml.tune``
 (its model files are used, ``engine.nlp.finetune.tuned``); the task prefixes and chat conversations
 ``pgml.transform_stream`` shares.
@@ -25,14 +26,15 @@ from dataclasses import replace
 from typing import Any
 
 from engine.api import Call, InvalidArgument
-from engine.nlp import generation_args
+from engine.nlp import any_task, generation_args
 from engine.nlp.answer import answer
+from engine.nlp.any_task import plain
 from engine.nlp.decoding import stopping
 from engine.nlp.finetune import tuned
 from engine.nlp.generate import OWN_ARGS, chat_prompts, generate_batches
 from engine.nlp.generation_args import GenerationArgs
 from engine.nlp.json_args import json_object
-from engine.nlp.tasks import PIPELINE_TASKS, SEQ2SEQ_TASKS, Loaded, TaskSpec, load, parse_task
+from engine.nlp.tasks import OWN_TASKS, PIPELINE_TASKS, SEQ2SEQ_TASKS, Loaded, TaskSpec, load, parse_task
 from engine.runtime.confine import generation_kwargs
 from engine.runtime.context import Context
 
@@ -124,6 +126,8 @@ def _run(spec: TaskSpec, loaded: Loaded, args: dict[str, Any], batches: list[lis
     args = dict(generation_kwargs(args))  # no code-loading generation args, whatever the task
     if "eos_token" in args and loaded.tokenizer is not None:  # PostgresML: eos_token -> eos_token_id
         args["eos_token_id"] = loaded.tokenizer.convert_tokens_to_ids(args.pop("eos_token"))
+    if spec.family not in PIPELINE_TASKS | OWN_TASKS:
+        return any_task.run(spec.task, loaded, batches, args, ctx)  # any other pipeline task, as is
     gen = _generation(spec, args, ctx) if spec.family in GENERATING else None
     if spec.task == "conversational":
         assert gen is not None
@@ -187,21 +191,6 @@ def _shape(family: str, outputs: list[Any]) -> Any:
     return outputs
 
 
-def _plain(value: Any) -> Any:
-    """JSON-ready: numpy/torch scalars and arrays as Python floats, ints and lists."""
-    if isinstance(value, dict):
-        return {str(key): _plain(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
-    if isinstance(value, float):
-        return float(value)
-    if value is None or isinstance(value, (str, int)):
-        return value
-    if hasattr(value, "tolist"):
-        return _plain(value.tolist())
-    return value
-
-
 def _pipeline(task: str, loaded: Loaded, texts: list[str], args: dict[str, Any], ctx: Context) -> list[Any]:
     """Per input, the pipeline's output; slices of the inputs so a cancel takes effect between them."""
     if any(not isinstance(text, str) for text in texts):
@@ -215,7 +204,7 @@ def _pipeline(task: str, loaded: Loaded, texts: list[str], args: dict[str, Any],
         result = _call_pipe(task, loaded, part, batch, args)
         if task == "fill-mask" and len(part) == 1:
             result = [result]  # the pipeline unwraps a one-element list
-        outputs.extend(_plain(result))
+        outputs.extend(plain(result))
     ctx.check()
     return outputs
 
@@ -260,7 +249,7 @@ def _text_generation(loaded: Loaded, texts: list[str], gen: GenerationArgs, ctx:
                     call["return_full_text"] = False  # the prompt is added back after the cut
                 elif explicit:
                     call["return_full_text"] = full
-                result = _plain(loaded.pipe(part, batch_size=len(part), **call))
+                result = plain(loaded.pipe(part, batch_size=len(part), **call))
         except (TypeError, ValueError) as exc:
             raise InvalidArgument(f"invalid args for text-generation: {exc}") from exc
         if gen.stop:
