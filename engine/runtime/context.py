@@ -20,7 +20,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from engine.api import CANCELED, Canceled, Database, EngineConfig, InvalidArgument, NotSupported
+from engine.api import CANCELED, Canceled, Database, EngineConfig, InvalidArgument, NotSupported, SessionSettings
 from engine.runtime.cache import ModelCache
 
 T = TypeVar("T")
@@ -131,8 +131,10 @@ class Context:
         database_name: str = "",
         notices: list[str] | None = None,
         offload: Offload | None = None,
+        settings: SessionSettings | None = None,
     ) -> None:
         self.config = config
+        self.settings = settings  # the caller's pgml.* settings (None: no session to narrow [engine] for)
         self.offload = offload
         self.cache = cache
         self.cancelled = cancelled

@@ -23,7 +23,7 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from engine.api import Call, Engine, Signature
+from engine.api import Call, Engine, SessionSettings, Signature
 from proxy.session.exchange import Port, Statement
 
 T = TypeVar("T")
@@ -78,6 +78,7 @@ class Evaluate:
 
     signature: Signature
     rows: Sequence[tuple[Any, ...]]  # a tuple of tuples, or an engine.api.Columns batch
+    settings: SessionSettings | None = None  # the session's pgml.* settings (proxy.rewrite.pgml_settings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +189,7 @@ async def _answer(request: Request, port: Port, engine: Engine | None) -> Any:
         case Settle():
             await port.settled()
             return facts(port)
-        case Evaluate(signature=signature, rows=rows):
+        case Evaluate(signature=signature, rows=rows, settings=settings):
             assert engine is not None
             call = Call(
                 signature,
@@ -197,6 +198,7 @@ async def _answer(request: Request, port: Port, engine: Engine | None) -> Any:
                 db=port,
                 database=port.database,
                 notices=port.notices,
+                settings=settings,
             )
             return await engine.evaluate(call)
         case Compute(function=function):

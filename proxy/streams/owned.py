@@ -136,6 +136,19 @@ class Owned:
     def active(self) -> bool:
         return bool(self.statements or self.portals)
 
+    def starts_stream(self, frame: Frame) -> bool:
+        """Whether this claimed message starts a generation: an Execute of a streaming SELECT's portal not yet
+        streaming, or of a DECLARE's (the session's pgml.* settings are read for it first)."""
+        if frame.type != Frontend.EXECUTE:
+            return False
+        execute = try_decode(Execute, frame) or Execute("", 0)
+        portal = self.portals.get(execute.portal)
+        if not isinstance(portal, Portal) or portal.done:
+            return False
+        return isinstance(portal.own, classify.Declare) or (
+            isinstance(portal.own, classify.StreamSelect) and portal.stream is None
+        )
+
     def claims(self, frame: Frame, open_cursors: dict[str, cursors.Cursor]) -> bool:
         """Whether the proxy answers this client message itself.
 

@@ -25,6 +25,7 @@ from engine.nlp.finetune.plan import TASKS
 from engine.nlp.finetune.trainer import TuneResult, fine_tune
 from engine.pg import registry
 from engine.pg.table import Table
+from engine.runtime.confine import remote_code_config
 from engine.runtime.context import Context
 
 
@@ -59,7 +60,7 @@ async def _tune(row: tuple[Any, ...], ctx: Context) -> tuple[str, str, str, bool
     events: list[dict[str, Any]] = []
     result = await ctx.work(
         fine_tune, label, model_name, _columns(table, train_rows), _columns(table, test_rows), args.hyperparams,
-        ctx.config, ctx.cancelled.is_set, events.append, y,
+        remote_code_config(ctx.config, ctx.settings, model_name), ctx.cancelled.is_set, events.append, y,
     )  # fmt: skip
     current = await train.deployed_metrics(db, project)
     deploy = args.automatic_deploy and better_or_equal(label, result.metrics, current)
