@@ -137,17 +137,12 @@ class Owned:
         return bool(self.statements or self.portals)
 
     def starts_stream(self, frame: Frame) -> bool:
-        """Whether this claimed message starts a generation: an Execute of a streaming SELECT's portal not yet
-        streaming, or of a DECLARE's (the session's pgml.* settings are read for it first)."""
-        if frame.type != Frontend.EXECUTE:
-            return False
-        execute = try_decode(Execute, frame) or Execute("", 0)
-        portal = self.portals.get(execute.portal)
-        if not isinstance(portal, Portal) or portal.done:
-            return False
-        return isinstance(portal.own, classify.Declare) or (
-            isinstance(portal.own, classify.StreamSelect) and portal.stream is None
-        )
+        """Whether this claimed message binds a portal that starts a generation (a streaming SELECT's or a DECLARE's):
+        the session's pgml.* settings are read for it then (a query at its Execute would end the implicit
+        transaction the portal lives in)."""
+        bound = try_decode(Bind, frame) if frame.type == Frontend.BIND else None
+        prepared = self.statements.get(bound.statement) if bound is not None else None
+        return prepared is not None and isinstance(prepared.own, classify.StreamSelect | classify.Declare)
 
     def claims(self, frame: Frame, open_cursors: dict[str, cursors.Cursor]) -> bool:
         """Whether the proxy answers this client message itself.
