@@ -9,8 +9,8 @@ default of threads that first use it meanwhile, and a job of another session tha
 the limit holds (``[engine] workers`` > 1) may pick that up for its first use; BLAS pools (OpenBLAS) are
 process-wide and are left alone.
 
-Must not: raise a thread count, or import torch or threadpoolctl unless a limit applies (lazy loading of
-ML libraries, as everywhere in the engine).
+Must not: raise a thread count, or import torch unless a limit applies (lazy loading of ML libraries, as
+everywhere in the engine).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]  # no type information
 
 from engine.api import SessionSettings
 
@@ -31,9 +33,7 @@ def limited(settings: SessionSettings | None, function: str) -> Iterator[None]:
     if wanted is None:
         yield
         return
-    # lazy: torch (seconds to import) only once a session asks for fewer threads
-    import torch
-    from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]  # no type information
+    import torch  # lazy: torch takes seconds to import; only once a session asks for fewer threads
 
     before = torch.get_num_threads()
     count = min(wanted, before)
