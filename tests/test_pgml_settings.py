@@ -22,8 +22,11 @@ import psycopg
 import pytest
 from psycopg import errors, sql
 
+from engine.api import Result, SessionSettings, signatures
 from proxy.embedded import Cluster, find_bin_dir
-from proxy.rewrite.pgml_settings import READ
+from proxy.errors import InvalidParameterValue
+from proxy.rewrite.pgml_settings import READ, Once, parse, reading
+from proxy.rewrite.steps import Evaluate, Request, Run, Steps, replay
 from tests.conftest import ProxyProcess, start_proxy
 from tests.test_remote_code import EVIL
 from tests.tiny_models import tiny_bert_classifier, tiny_gpt2
@@ -282,8 +285,6 @@ def test_only_governed_statements_read_the_settings(setup: Setup, conn: psycopg.
 
 
 def test_settings_values_parse_as_postgresml_does() -> None:
-    from proxy.errors import InvalidParameterValue
-    from proxy.rewrite.pgml_settings import parse
 
     assert parse(None, None, None, None) == parse("", "", "", "")
     settings = parse('"a,b,,c"', "yes", " x , y ", "4")
@@ -302,3 +303,44 @@ def test_settings_values_parse_as_postgresml_does() -> None:
         with pytest.raises(InvalidParameterValue):
             parse(None, None, None, bad)
     assert re.fullmatch(r"SELECT( pg_catalog\.current_setting\('pgml\.\w+', true\),?){4}", READ)
+
+
+def test_reading_reads_once_per_statement_and_only_for_governed_calls() -> None:
+    """Sans-IO: the wrapper around a decision's steps, run from recorded answers."""
+
+    transform, chunk = signatures("transform")[0], signatures("chunk")[0]
+
+    def decision() -> Steps[list[object]]:
+        return [(yield Evaluate(chunk, ())), (yield Evaluate(transform, ())), (yield Evaluate(transform, ()))]
+
+    seen: list[Request] = []
+
+    def answer(request: Request) -> object:
+        seen.append(request)
+        if isinstance(request, Run):
+            assert request.statements[0].sql == READ
+            return [Result(rows=[("a,b", "on", None, "2")])]
+        return request.settings if isinstance(request, Evaluate) else None
+
+    expected = SessionSettings(("a", "b"), True, (), 2)
+    assert replay(reading(decision()), answer) == [None, expected, expected]
+    assert [type(r).__name__ for r in seen] == ["Evaluate", "Run", "Evaluate", "Evaluate"]
+    seen.clear()
+    assert replay(reading(decision()), answer)[0] is None  # ungoverned only: nothing read
+    once = Once()
+    replay(reading(decision(), once), answer)
+    seen.clear()
+    replay(reading(decision(), once), answer)  # a streamed portal's next Execute: read already
+    assert [type(r).__name__ for r in seen] == ["Evaluate", "Evaluate", "Evaluate"]
+
+    def failing() -> Steps[str]:
+        try:
+            yield Evaluate(transform, ())
+        except InvalidParameterValue as exc:  # thrown in where the call was yielded
+            return exc.sqlstate
+        return "no error"
+
+    def bad(request: Request) -> object:
+        return [Result(rows=[(None, "maybe", None, None)])] if isinstance(request, Run) else None
+
+    assert replay(reading(failing()), bad) == "22023"
