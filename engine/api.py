@@ -437,6 +437,20 @@ class Columns(Sequence[tuple[Any, ...]]):
 
 
 @dataclass(frozen=True)
+class SessionSettings:
+    """PostgresML's settings as the caller's session has them (read by ``proxy.rewrite.pgml_settings``); they
+    only ever narrow ``[engine]``: ``pgml.huggingface_whitelist`` (empty: no narrowing),
+    ``pgml.huggingface_trust_remote_code`` (off, its default, refuses code shipped with models),
+    ``pgml.huggingface_trust_remote_code_whitelist`` (empty: any model [engine] trusts) and
+    ``pgml.omp_num_threads`` (None: unset; else at most this many compute threads)."""
+
+    whitelist: tuple[str, ...] = ()
+    trust_remote_code: bool = False
+    trust_remote_code_whitelist: tuple[str, ...] = ()
+    omp_num_threads: int | None = None
+
+
+@dataclass(frozen=True)
 class Call:
     """One batch of evaluations of one overload: each entry of ``rows`` is a full argument tuple.
 
@@ -452,6 +466,7 @@ class Call:
     inform: Callable[[str, str], None] | None = None  # (severity, message) to the client now, from any thread
     database: str = ""  # its database name (keys of per-database caches)
     notices: list[str] = field(default_factory=list)  # WARNINGs for the client (e.g. a model not deployed)
+    settings: SessionSettings | None = None  # the session's pgml.* settings (None: not read, nothing narrowed)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from engine.nlp.tasks import Loaded, TaskSpec, load, parse_task
 from engine.nlp.transform import CHAT_ONLY, STREAM_TASKS, conversation, task_prefix
 from engine.runtime.confine import generation_kwargs
 from engine.runtime.context import Context
+from engine.runtime.threads import limited
 
 # Fragments ``generate`` may run ahead of its reader before it waits (each a few words per sequence).
 FRAGMENTS_AHEAD = 16
@@ -199,9 +200,11 @@ def stream_generate(
 
     def run() -> None:
         try:
-            model_generate(
-                model, inputs, kwargs, ctx.cancelled.is_set, closed.is_set, streamer.finished.is_set, streamer=streamer
-            )
+            with limited(ctx.settings, "transform_stream"):  # this thread computes: pgml.omp_num_threads here too
+                model_generate(
+                    model, inputs, kwargs, ctx.cancelled.is_set, closed.is_set, streamer.finished.is_set,
+                    streamer=streamer,
+                )  # fmt: skip
         except Exception as exc:
             failures.append(exc)
             streamer.hand(None)

@@ -3,8 +3,8 @@
 Owns: turning the task argument (a name, or JSON with ``task``, ``model`` and loading kwargs) into a
 canonical task (every task and alias of the installed ``transformers.pipeline``, and the tasks
 transformers 5 dropped that PostgresML had), a model and its loading kwargs; the permission checks
-(``trust_remote_code``, and ``[engine] allowed_models`` — PostgresML's ``pgml.huggingface_whitelist``, which
-applies to transform and transform_stream only); each task's default model (those of the transformers 4.x
+(``trust_remote_code``, and ``[engine] allowed_models``, narrowed by the session's ``pgml.huggingface_whitelist``:
+PostgresML's, for transform and transform_stream only); each task's default model (those of the transformers 4.x
 pipelines PostgresML ran, else the installed pipeline's own default); loading pipelines (every task
 transformers 5 has one for) or Auto models (the others) into the ModelCache, keyed by model kind, resolved
 model and loading kwargs.
@@ -171,9 +171,14 @@ def _permit(name: str, init: dict[str, Any], ctx: Context) -> dict[str, Any]:
             f'model "{name}" is not in the allowed models',
             hint="Add it to [engine] allowed_models (PostgresML's pgml.huggingface_whitelist).",
         )
+    if ctx.settings is not None and ctx.settings.whitelist and name not in ctx.settings.whitelist:
+        raise ModelNotAllowed(  # PostgresML's message; the session's list only narrows [engine]'s
+            f"model {name} is not whitelisted",
+            hint="Add it to pgml.huggingface_whitelist (SET, ALTER ROLE … SET or ALTER DATABASE … SET).",
+        )
     # No client-chosen locations, tokenizer/config names confined, trust_remote_code (at any depth) refused
     # unless [engine] trust_remote_code: then model_kwargs' flag counts for the whole pipeline.
-    init = confine_kwargs(init, ctx.config)
+    init = confine_kwargs(init, ctx.config, ctx.settings, name)
     refuse_unsupported_loading(name, init)
     nested = dict(init["model_kwargs"]) if isinstance(init.get("model_kwargs"), dict) else None
     wants = bool(init.pop("trust_remote_code", False)) or bool(nested and nested.pop("trust_remote_code", False))

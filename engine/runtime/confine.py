@@ -1,9 +1,11 @@
 """What a client's loading kwargs and generation args may say.
 
 Owns: :func:`confine_kwargs` (locations the proxy owns refused, other models named in kwargs resolved
-and confined like the model, ``trust_remote_code`` at any depth only with ``[engine] trust_remote_code``,
-pickle-loading overrides refused), :func:`refuse_unsupported_loading` (bitsandbytes quantized loading and
-GGML weights through ctransformers, which PostgresML offers and nothing here runs: 0A000) and
+and confined like the model, ``trust_remote_code`` at any depth only with ``[engine] trust_remote_code`` and
+the session's PostgresML settings, pickle-loading overrides refused), :func:`permit_remote_code` (the
+session's side of that, as PostgresML decides it; :func:`remote_code_config` where no kwarg asks),
+:func:`refuse_unsupported_loading` (bitsandbytes quantized loading and GGML weights through ctransformers,
+which PostgresML offers and nothing here runs: 0A000) and
 :func:`generation_kwargs` (no ``generate`` argument that loads or runs code, models or files).
 
 Must not: load models or decide where a model is (``engine.runtime.locate`` does).
@@ -11,10 +13,11 @@ Must not: load models or decide where a model is (``engine.runtime.locate`` does
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
-from engine.api import EngineConfig, InvalidArgument, NotSupported, PermissionDenied
+from engine.api import EngineConfig, InvalidArgument, NotSupported, PermissionDenied, SessionSettings
 from engine.runtime.locate import plain_name, resolve
 
 # Loading kwargs (pipeline, from_pretrained, sentence-transformers) that name the proxy's own cache, offload
@@ -38,14 +41,47 @@ def _unsafe_loading(key: str, value: Any) -> bool:
     return key == "use_safetensors" and value is not None and not value
 
 
-def confine_kwargs(init: dict[str, Any], config: EngineConfig) -> dict[str, Any]:
+def confine_kwargs(
+    init: dict[str, Any], config: EngineConfig, settings: SessionSettings | None = None, model: str = ""
+) -> dict[str, Any]:
     """``init`` with every location in it checked: owned ones refused (42501), model names resolved;
-    ``trust_remote_code`` at any depth refused (22023) unless ``[engine] trust_remote_code``, and passed
-    explicitly at the top (never left to a library default); pickle-loading overrides refused (22023)."""
-    _refuse_unsafe(init, config.trust_remote_code)
+    ``trust_remote_code`` at any depth refused (22023) unless ``[engine] trust_remote_code``, then (42501) unless
+    the session's settings trust ``model`` too (:func:`permit_remote_code`), and passed explicitly at the top
+    (never left to a library default); pickle-loading overrides refused (22023)."""
+    if _refuse_unsafe(init, config.trust_remote_code):
+        permit_remote_code(model, settings)
     out = _confine(init, config)
     out["trust_remote_code"] = bool(init.get("trust_remote_code", False))
     return out
+
+
+def permit_remote_code(model: str, settings: SessionSettings | None) -> None:
+    """Code shipped with ``model`` may run for this session (``[engine] trust_remote_code`` allowed it already): as
+    PostgresML, ``pgml.huggingface_trust_remote_code`` on (its default is off) and ``model`` in
+    ``pgml.huggingface_trust_remote_code_whitelist`` unless that is empty; else 42501. ``settings`` None: a call
+    with no session (nothing to narrow)."""
+    if settings is None:
+        return
+    trusted = settings.trust_remote_code_whitelist
+    if not settings.trust_remote_code or (trusted and model not in trusted):
+        raise PermissionDenied(  # PostgresML's message
+            f"model {model} is not trusted to run remote code",
+            hint=f"Consider setting pgml.huggingface_trust_remote_code = 'true' or adding {model} to"
+            " pgml.huggingface_trust_remote_code_whitelist",
+        )
+
+
+def remote_code_config(config: EngineConfig, settings: SessionSettings | None, model: str) -> EngineConfig:
+    """``config`` for loading ``model`` where ``[engine] trust_remote_code`` alone decides (tune, a tuned model):
+    its ``trust_remote_code`` narrowed to what the session's settings allow for ``model``
+    (:func:`permit_remote_code`)."""
+    if not config.trust_remote_code or settings is None:
+        return config
+    try:
+        permit_remote_code(model, settings)
+    except PermissionDenied:
+        return dataclasses.replace(config, trust_remote_code=False)
+    return config
 
 
 def _items(value: Any) -> Iterator[tuple[Any, Any]]:
@@ -59,17 +95,21 @@ def _items(value: Any) -> Iterator[tuple[Any, Any]]:
             yield from _items(item)
 
 
-def _refuse_unsafe(value: Any, remote_code: bool) -> None:
-    """Refuse code-loading and pickle-loading kwargs anywhere in ``value``."""
+def _refuse_unsafe(value: Any, remote_code: bool) -> bool:
+    """Refuse code-loading and pickle-loading kwargs anywhere in ``value``; whether it asks for remote code."""
+    wants = False
     for key, item in _items(value):
-        if key == "trust_remote_code" and item not in (None, False) and not remote_code:
-            raise InvalidArgument("trust_remote_code is not allowed", hint=REMOTE_CODE_HINT)
+        if key == "trust_remote_code" and item not in (None, False):
+            if not remote_code:
+                raise InvalidArgument("trust_remote_code is not allowed", hint=REMOTE_CODE_HINT)
+            wants = True
         if _unsafe_loading(key, item):
             raise InvalidArgument(
                 f'the kwarg "{key}" cannot be overridden',
                 detail="pgml-proxy loads model weights only from formats that cannot run code.",
                 hint=f'Remove "{key}" from the kwargs.',
             )
+    return wants
 
 
 def _confine(init: dict[str, Any], config: EngineConfig) -> dict[str, Any]:

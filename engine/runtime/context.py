@@ -23,7 +23,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
 
-from engine.api import CANCELED, Canceled, Database, EngineConfig, InvalidArgument, NotSupported
+from engine.api import CANCELED, Canceled, Database, EngineConfig, InvalidArgument, NotSupported, SessionSettings
 from engine.runtime import library_warnings
 from engine.runtime.cache import ModelCache
 
@@ -139,8 +139,10 @@ class Context:
         notices: list[str] | None = None,
         offload: Offload | None = None,
         inform: Callable[[str, str], None] | None = None,
+        settings: SessionSettings | None = None,
     ) -> None:
         self.config = config
+        self.settings = settings  # the caller's pgml.* settings (None: no session to narrow [engine] for)
         self.offload = offload
         self.cache = cache
         self.cancelled = cancelled

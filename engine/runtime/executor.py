@@ -51,6 +51,7 @@ from engine.runtime import environment, library_warnings, memory
 from engine.runtime.cache import ModelCache
 from engine.runtime.context import Context, Offload
 from engine.runtime.locate import configure_offline
+from engine.runtime.threads import limited
 from engine.runtime.turns import Job, Turns
 
 log = logging.getLogger(__name__)
@@ -224,12 +225,14 @@ class LocalEngine:
                 ctx = Context(
                     self.config, self.cache, job, call.db,
                     lambda fn: loop.run_in_executor(self._pool, self._work, fn, job, call), call.database,
-                    call.notices, self.offload, call.inform,
+                    call.notices, self.offload, call.inform, call.settings,
                 )  # fmt: skip
                 return await self._limited(handler.run(call, ctx), job, handler.limited, call)
             if self.offload is not None and name in self.offload.workers:
                 return await self._limited(self.offload.run(name, call.rows, job, call.notices), job, True, call)
-            ctx = Context(self.config, self.cache, job, notices=call.notices, inform=call.inform)
+            ctx = Context(
+                self.config, self.cache, job, notices=call.notices, inform=call.inform, settings=call.settings
+            )
             future = loop.run_in_executor(self._pool, self._run, handler, list(call.rows), ctx, job, call)
             return await self._limited(future, job, True, call)
         finally:
@@ -255,7 +258,7 @@ class LocalEngine:
             raise as_engine_error("procedure", call, exc) from exc
 
     def _run(self, handler: Worker, rows: list[tuple[Any, ...]], ctx: Context, job: Job, call: Call) -> list[Any]:
-        with self._turns.held(job):
+        with self._turns.held(job), limited(call.settings, call.signature.function):
             try:
                 ctx.check()
                 return handler.run(rows, ctx)
@@ -267,7 +270,7 @@ class LocalEngine:
     def _work(self, fn: Callable[[], Any], job: Job, call: Call) -> Any:
         if job.canceled():
             raise Canceled(CANCELED)
-        with self._turns.held(job):
+        with self._turns.held(job), limited(call.settings, call.signature.function):
             try:
                 return fn()
             except EngineError:
@@ -286,14 +289,14 @@ class LocalEngine:
         job = self._admit(call.session)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
-        ctx = Context(self.config, self.cache, job, notices=call.notices)
+        ctx = Context(self.config, self.cache, job, notices=call.notices, settings=call.settings)
         task, args, inputs, _cache = call.rows[0]
         fragments = stream.stream(task, args or {}, inputs, ctx)  # a generator: nothing runs before next()
 
         def produce() -> None:
             """One run: up to STREAM_AHEAD fragments, then _PAUSED — or _END, an error, or (canceled) closed."""
             try:
-                with self._turns.held(job):
+                with self._turns.held(job), limited(call.settings, call.signature.function):
                     item: Any = _PAUSED
                     for _ in range(STREAM_AHEAD):
                         if job.is_set():  # canceled, or the reader is gone (also a checkpoint between fragments)

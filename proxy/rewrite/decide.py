@@ -39,7 +39,7 @@ from proxy.errors import (
     StatementTooComplex,
     error_fields,
 )
-from proxy.rewrite import analyze, constant, evaluate, extension, sql_prepare, streaming, unqualified
+from proxy.rewrite import analyze, constant, evaluate, extension, pgml_settings, sql_prepare, streaming, unqualified
 from proxy.rewrite.analyze import THREAD_PARSE_CHARS, Analysis
 from proxy.rewrite.deferred import Deferred, Kept
 from proxy.rewrite.memo import Memo
@@ -216,11 +216,12 @@ class Rewriter:
 
     async def decide(self, message: Query | Parse, port: Port) -> Decision:
         """:meth:`deciding`, run on ``port`` and the engine."""
-        return await drive(self.deciding(message, self.state(port)), port, self.engine)
+        return await drive(pgml_settings.reading(self.deciding(message, self.state(port))), port, self.engine)
 
     async def decide_bind(self, bind: Bind, sql: str, types: tuple[int, ...], port: Port, private_id: int) -> Decision:
         """:meth:`binding`, run on ``port`` and the engine."""
-        return await drive(self.binding(bind, sql, types, private_id, self.state(port)), port, self.engine)
+        steps = self.binding(bind, sql, types, private_id, self.state(port))
+        return await drive(pgml_settings.reading(steps), port, self.engine)
 
     def deciding(self, message: Query | Parse, state: SessionState) -> Steps[Decision]:
         """The decision for a Query or Parse of the session whose memory is ``state``."""
@@ -368,7 +369,12 @@ class Rewriter:
         if rewritten is None:  # a call reading the database after the string's first statement: all ran here
             return (yield from _ready())
         # Not a string with an EXECUTE: what it means depends on the session's prepared statements.
-        if not changed and analysis.cacheable() and not sql_prepare.executes(analysis.stmts):
+        if (
+            not changed
+            and analysis.cacheable()
+            and not sql_prepare.executes(analysis.stmts)
+            and not pgml_settings.depends(message.sql)
+        ):
             facts = yield LOOK
             self._rewritten.put((facts.database, message.sql, analysis.bare), rewritten)
         return _rewritten_message(message, rewritten, own)

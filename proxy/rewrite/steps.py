@@ -25,7 +25,7 @@ from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from engine.api import Call, Engine, Signature
+from engine.api import Call, Engine, SessionSettings, Signature
 from proxy.session.exchange import Port, Statement
 
 T = TypeVar("T")
@@ -80,6 +80,7 @@ class Evaluate:
 
     signature: Signature
     rows: Sequence[tuple[Any, ...]]  # a tuple of tuples, or an engine.api.Columns batch
+    settings: SessionSettings | None = None  # the session's pgml.* settings (proxy.rewrite.pgml_settings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +191,7 @@ async def _answer(request: Request, port: Port, engine: Engine | None) -> Any:
         case Settle():
             await port.settled()
             return facts(port)
-        case Evaluate(signature=signature, rows=rows):
+        case Evaluate(signature=signature, rows=rows, settings=settings):
             assert engine is not None
             live = Live(port)
             call = Call(
@@ -201,6 +202,7 @@ async def _answer(request: Request, port: Port, engine: Engine | None) -> Any:
                 inform=live.inform,
                 database=port.database,
                 notices=port.notices,
+                settings=settings,
             )
             try:
                 return await engine.evaluate(call)

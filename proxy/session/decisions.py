@@ -27,7 +27,7 @@ import pglast
 from engine.api import EngineError
 from proxy.errors import InFailedTransaction, ProxyError, error_fields, from_fields
 from proxy.metrics import Counts
-from proxy.rewrite import callback_guard, decide, steps
+from proxy.rewrite import callback_guard, decide, pgml_settings, steps
 from proxy.rewrite.decide import Decision, Rewriter
 from proxy.session.exchange import SYNC, BatchFailed, Statement, UpstreamError
 from proxy.session.state import Phase
@@ -94,6 +94,8 @@ class Decider:
             await traffic.settled()  # proxy answers go out only after everything owed before them
             if traffic.tx_status == "E":
                 return decide.FORWARD  # an aborted transaction rejects the statement itself (25P02)
+            if isinstance(own, classify.StreamSelect | classify.Declare):  # a generation starts: its settings
+                self.cursors.settings = await steps.drive(pgml_settings.read(), traffic, None)
             return await self.cursors.answer(own, traffic.tx_status, traffic.client.write)
         decision = await self.rewriter.decide(message, traffic)
         if isinstance(message, pq.Parse):
@@ -120,6 +122,8 @@ class Decider:
             # Mid-batch the last ReadyForQuery is stale (a BEGIN may precede in this batch): the server
             # state is then taken to be "in a transaction" for DECLARE.
             status = state.tx_status if state.phase is Phase.READY else "T"
+            if self.owned.starts_stream(frame):  # a generation starts: the session's pgml.* settings for it
+                self.cursors.settings = await steps.drive(pgml_settings.read(), traffic, None)
             return decide.Respond(await self.owned.answer(frame, self.cursors, status, traffic.client.write, traffic))
         except (ProxyError, EngineError) as exc:
             return decide.Fail(exc)
@@ -141,7 +145,7 @@ class Decider:
             case decide.Rebound(parse=parse, bind=bind, close=close, name=name):
                 traffic.rebind(parse, bind, close, name)
             case decide.OwnPortal(portal=name, rows=rows):
-                drive = functools.partial(steps.drive, port=traffic, engine=self.rewriter.engine)
+                drive = pgml_settings.Portal(functools.partial(steps.drive, port=traffic, engine=self.rewriter.engine))
                 self.owned.adopt(name, StreamedPortal(rows, drive, traffic.discard))
                 traffic.client.write(BIND_COMPLETE)  # the server saw no Bind: its statement is the proxy's
             case decide.Fail(error=error):

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from pglast import ast, enums
 
-from engine.api import Engine, EngineError
+from engine.api import Engine, EngineError, SessionSettings
 from proxy.errors import (
     DuplicateCursor,
     FeatureNotSupported,
@@ -176,6 +176,7 @@ class Cursors:
     def __init__(self, engine: Engine | None) -> None:
         self.open: dict[str, Cursor] = {}
         self.reading: Stream | None = None  # the stream a FETCH or SELECT is waiting on (what a cancel stops)
+        self.settings: SessionSettings | None = None  # the session's pgml.* settings, read for the next generation
         self._engine = engine
 
     def cancel_reading(self) -> None:
@@ -219,7 +220,7 @@ class Cursors:
             raise DuplicateCursor(f'cursor "{own.name}" already exists')
         if tx_status != "T" and not own.hold:
             raise NoActiveTransaction("DECLARE CURSOR can only be used in transaction blocks")
-        stream = start(own.call, self._require_engine())
+        stream = start(own.call, self._require_engine(), self.settings)
         self.open[own.name] = Cursor(stream, own.column, own.hold, own.scroll, own.binary)
         return command_complete("DECLARE CURSOR")
 
@@ -232,7 +233,7 @@ class Cursors:
 
     def open_stream(self, call: ast.FuncCall) -> Stream:
         """A generation for a prepared streaming SELECT (its portal owns it)."""
-        return start(call, self._require_engine())
+        return start(call, self._require_engine(), self.settings)
 
     async def fetch_fragments(self, own: Fetch) -> tuple[list[list[str]], int]:
         """The fragments a FETCH takes from its cursor (none for MOVE), and the count of its command tag."""
@@ -273,7 +274,7 @@ class Cursors:
 
     async def select_rows(self, call: ast.FuncCall, write: Any, binary: bool = False) -> bytes:
         """Generate, writing one DataRow per fragment as it arrives; the CommandComplete."""
-        stream = self.reading = start(call, self._require_engine())
+        stream = self.reading = start(call, self._require_engine(), self.settings)
         count = 0
         try:
             while fragments := await stream.take(1):

@@ -136,6 +136,14 @@ class Owned:
     def active(self) -> bool:
         return bool(self.statements or self.portals)
 
+    def starts_stream(self, frame: Frame) -> bool:
+        """Whether this claimed message binds a portal that starts a generation (a streaming SELECT's or a DECLARE's):
+        the session's pgml.* settings are read for it then (a query at its Execute would end the implicit
+        transaction the portal lives in)."""
+        bound = try_decode(Bind, frame) if frame.type == Frontend.BIND else None
+        prepared = self.statements.get(bound.statement) if bound is not None else None
+        return prepared is not None and isinstance(prepared.own, classify.StreamSelect | classify.Declare)
+
     def claims(self, frame: Frame, open_cursors: dict[str, cursors.Cursor]) -> bool:
         """Whether the proxy answers this client message itself.
 

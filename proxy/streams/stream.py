@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from pglast import ast
 
-from engine.api import Call, Engine, EngineError
+from engine.api import Call, Engine, EngineError, SessionSettings
 from engine.pg import types
 from engine.pg.binary import send_jsonb
 from proxy.errors import FeatureNotSupported, ProxyError
@@ -100,8 +100,8 @@ class Stream:
             self._task.cancel()  # the pump closes the engine's iterator, whose cleanup stops the worker
 
 
-def start(call_node: ast.FuncCall, engine: Engine) -> Stream:
-    """Evaluate the call's constant arguments and start generating."""
+def start(call_node: ast.FuncCall, engine: Engine, settings: SessionSettings | None = None) -> Stream:
+    """Evaluate the call's constant arguments and start generating (under the session's pgml.* ``settings``)."""
     (site,) = [s for s in find_calls(ast.SelectStmt(targetList=(ast.ResTarget(val=call_node),)))]
     candidates, slots = bind(site)
     folded = fold_call(candidates, slots)
@@ -112,7 +112,7 @@ def start(call_node: ast.FuncCall, engine: Engine) -> Stream:
         )
     signature, values = folded
     key = -next(_stream_keys)
-    stream = Stream(engine.stream(Call(signature, [values], session=key)), key=key)
+    stream = Stream(engine.stream(Call(signature, [values], session=key, settings=settings)), key=key)
     stream.start()
     return stream
 

@@ -29,6 +29,7 @@ from engine.nlp.finetune.plan import TASKS
 from engine.nlp.finetune.trainer import TuneResult, fine_tune
 from engine.pg import registry
 from engine.pg.table import Table
+from engine.runtime.confine import remote_code_config
 from engine.runtime.context import Context
 
 
@@ -63,7 +64,8 @@ async def _tune(row: tuple[Any, ...], ctx: Context) -> tuple[str, str, str, bool
     ctx.inform("INFO", f"Tuning Model {{ task: {label}, algorithm: transformers, model: {model_name} }}")
     result = await ctx.work(
         fine_tune, label, model_name, _columns(table, train_rows), _columns(table, test_rows), args.hyperparams,
-        ctx.config, ctx.cancelled.is_set, functools.partial(_logged, ctx), y,
+        remote_code_config(ctx.config, ctx.settings, model_name), ctx.cancelled.is_set,
+        functools.partial(_logged, ctx), y,
     )  # fmt: skip
     ctx.inform("INFO", f"Metrics: {json.dumps(result.metrics, default=str)}")
     result = dataclasses.replace(result, events=[*result.events, *ctx.library_warnings()])

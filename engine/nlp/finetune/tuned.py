@@ -32,7 +32,7 @@ from engine.nlp.generate import model_generate
 from engine.nlp.generation_args import GenerationArgs
 from engine.pg import registry
 from engine.runtime.cache import ModelCache
-from engine.runtime.confine import generation_kwargs
+from engine.runtime.confine import generation_kwargs, remote_code_config
 from engine.runtime.context import Context
 from engine.runtime.device import pick_device
 from engine.runtime.locate import no_progress_bars, owned_dir, resolve
@@ -252,7 +252,8 @@ async def generate(call: Call, ctx: Context) -> list[Any]:
         row = await registry.model(db, await registry.deployed_model_id(db, name))
         if row.algorithm != "transformers":
             raise InvalidArgument(f"Project `{name}` has no tuned transformers model to generate with")
-        key = f"tuned/{ctx.database_name}/{row.id}/{row.created_at}"
+        engine_config = remote_code_config(ctx.config, ctx.settings, name)  # the session may trust less
+        key = f"tuned/{ctx.database_name}/{row.id}/{row.created_at}/{engine_config.trust_remote_code}"
         files = {} if ctx.cache.peek(key) is not None else await registry.files(db, row, registry.signer(ctx))
         many = isinstance(inputs, list)
         texts = await ctx.work(
@@ -261,7 +262,7 @@ async def generate(call: Call, ctx: Context) -> list[Any]:
             key,
             inputs if many else [inputs],
             dict(config),
-            ctx.config,
+            engine_config,
             ctx.cache,
             cancelled=ctx.cancelled,
             notices=ctx.notices,
