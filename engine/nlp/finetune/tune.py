@@ -6,7 +6,7 @@ one COPY in the caller's transaction (labels keep their SQL type), the split, an
 written in one batch at the end (model ``transformers``, every model file in ``pgml.files``, trainer
 events in ``pgml.logs``, the automatic deploy).
 
-Must not: run Trainer code on the event loop (``Context.work``) or paste values into SQL.
+Must not: run Trainer code on the event loop (``Context.task``: a worker, or a Ray task) or paste values into SQL.
 """
 
 from __future__ import annotations
@@ -56,17 +56,29 @@ async def _tune(row: tuple[Any, ...], ctx: Context) -> tuple[str, str, str, bool
     source = dataclasses.replace(source, y_columns=[y] if y else [])
     table, _ = await read_rows(db, source, ctx)  # checks that the y column exists
     train_rows, test_rows = split(table.num_rows, source.test_size, source.test_sampling, None)
-    events: list[dict[str, Any]] = []
-    result = await ctx.work(
-        fine_tune, label, model_name, _columns(table, train_rows), _columns(table, test_rows), args.hyperparams,
-        ctx.config, ctx.cancelled.is_set, events.append, y,
-    )  # fmt: skip
+    result = await ctx.task(
+        _fine_tune, label, model_name, _columns(table, train_rows), _columns(table, test_rows), args.hyperparams, y
+    )
     current = await train.deployed_metrics(db, project)
     deploy = args.automatic_deploy and better_or_equal(label, result.metrics, current)
     if args.automatic_deploy and not deploy and current is not None:
         ctx.notices.append(train.not_better(label, result.metrics, current))
     await _write(db, args, project, label, source, result, deploy, y, table.num_rows, registry.signer(ctx))
     return (args.project_name, dashed_task(label), "transformers", deploy)
+
+
+def _fine_tune(
+    ctx: Context, label: str, model_name: str, train_columns: dict[str, list[Any]],
+    test_columns: dict[str, list[Any]], hyperparams: dict[str, Any], y: str | None,
+) -> TuneResult:  # fmt: skip
+    """:func:`fine_tune` where ``ctx`` runs (``Context.task``: a worker of this process, or a Ray task); its
+    Trainer log events come back in the result."""
+    return fine_tune(label, model_name, train_columns, test_columns, hyperparams, ctx.config, ctx.cancelled.is_set,
+                     _ignore, y)  # fmt: skip
+
+
+def _ignore(event: dict[str, Any]) -> None:
+    """Trainer log events as they happen: kept in the result (``TuneResult.events``) only."""
 
 
 _INTEGERS = frozenset({"int2", "int4", "int8"})
