@@ -15,7 +15,8 @@ shipped through the object store), fanning a training search's fits out as paral
 (``ray.cancel`` of a call's actor calls, generators and tasks) and what a dead worker gives
 (:class:`WorkerLost`; the next call gets a fresh actor).
 
-Must not: block the event loop (object refs are awaited as futures; handles are made in a thread), read or
+Must not: block the event loop (object refs are awaited as futures; handles are made and large arguments put
+into the object store in a thread), read or
 write the database (procedures do that in the proxy), fork handler logic (the actors run the engine's own
 functions), or log client data (keys are hashed into actor names).
 """
@@ -230,7 +231,7 @@ class RayOffload:
     async def task(self, fn: Callable[..., Any], args: tuple[Any, ...], cancelled: threading.Event,
                    notices: list[str]) -> Any:  # fmt: skip
         job = self._job.options(num_cpus=self.ray_config.num_cpus, num_gpus=self.ray_config.num_gpus, max_retries=0)
-        stored = [ray.put(value) for value in args]  # large: into the object store, not inline in the task spec
+        stored = await asyncio.to_thread(_store, args)  # the rows: into the object store (serializing takes time)
         value, said = _unpack(await self._result("", job.remote(self.config, fn, *stored), cancelled))
         notices += said
         return value
@@ -251,7 +252,7 @@ class RayOffload:
     def fan_out(self, fn: Callable[..., Any], shared: tuple[Any, ...], items: list[tuple[Any, ...]],
                 cancelled: Callable[[], bool], done: Callable[[int, Any], None]) -> list[Any]:  # fmt: skip
         task = self._task.options(num_cpus=self.ray_config.num_cpus, num_gpus=self.ray_config.num_gpus, max_retries=0)
-        stored = [ray.put(value) for value in shared]  # once in the object store, whatever the number of tasks
+        stored = _store(shared)  # once in the object store, whatever the number of tasks
         refs = [task.remote(fn, *stored, *item) for item in items]
         try:
             pending = refs
@@ -292,6 +293,11 @@ def _groups(name: str, rows: Sequence[tuple[Any, ...]]) -> dict[str, tuple[Seque
     if len(indices) == 1:
         return {key: (range(len(rows)), rows) for key in indices}
     return {key: (found, [rows[i] for i in found]) for key, found in indices.items()}
+
+
+def _store(values: Sequence[Any]) -> list[Any]:
+    """Each value put into the object store once (blocking: it serializes them); their refs."""
+    return [ray.put(value) for value in values]
 
 
 def _unpack(outcome: Outcome) -> tuple[Any, list[str]]:
