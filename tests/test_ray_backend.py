@@ -70,11 +70,15 @@ def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def ray_proxy(
     pg: Postgres, proxy: ProxyProcess, model_dir: Path, ray_address: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ProxyProcess]:
-    """A proxy with backend = "ray" beside the shared local one (``proxy``), sharing its artifact key, with metrics."""
+    """A proxy with backend = "ray" beside the shared local one (``proxy``), sharing its artifact key, with metrics.
+
+    A quarter CPU per actor and task: the detached actors of every model these tests use (embed, two predict
+    models, the GPT-2) stay alive and keep their share of the 2 CPUs, and a tune task needs one more.
+    """
     handle = start_proxy(
         pg.dsn(), tmp_path_factory.mktemp("ray-proxy"),
         PGML_PROXY_ENGINE_MODEL_DIRS=str(model_dir), PGML_PROXY_ENGINE_BACKEND="ray",
-        PGML_PROXY_RAY_ADDRESS=ray_address, PGML_PROXY_RAY_NAMESPACE="pgml-test-ray", PGML_PROXY_RAY_NUM_CPUS="0.5",
+        PGML_PROXY_RAY_ADDRESS=ray_address, PGML_PROXY_RAY_NAMESPACE="pgml-test-ray", PGML_PROXY_RAY_NUM_CPUS="0.25",
         PGML_PROXY_ENGINE_ARTIFACT_KEY_FILE=str(proxy.log.parent / "artifact.key"),
         PGML_PROXY_METRICS_LISTEN=f"127.0.0.1:{free_port()}",
     )  # fmt: skip
@@ -285,11 +289,15 @@ TUNE = (
 )
 
 
-def test_tune_and_generate_same_as_local(pg: Postgres, proxy: ProxyProcess, ray_proxy: ProxyProcess,
-                                         gpt2: str) -> None:  # fmt: skip
+@pytest.fixture(scope="module")
+def book(pg: Postgres, gpt2: str) -> None:
     with psycopg.connect(pg.dsn(), autocommit=True) as admin:
         admin.execute("DROP TABLE IF EXISTS ray_book; CREATE TABLE ray_book AS SELECT i, 'the cat sat on the mat '"
                       " || repeat('one two ', i % 4) AS body FROM generate_series(1, 16) i")  # fmt: skip
+
+
+def test_tune_and_generate_same_as_local(pg: Postgres, proxy: ProxyProcess, ray_proxy: ProxyProcess,
+                                         book: None) -> None:  # fmt: skip
     assert rows(proxy.dsn(), TUNE.format(project="tune local")) == [
         ("tune local", "text-generation", "transformers", True)
     ]
@@ -308,3 +316,16 @@ def test_tune_and_generate_same_as_local(pg: Postgres, proxy: ProxyProcess, ray_
     for project in ("tune local", "tune remote"):
         generate = f"SELECT pgml.generate('{project}', ARRAY['the cat', 'one'], '{tokens(4)}')"
         assert rows(ray_proxy.dsn(), generate) == rows(proxy.dsn(), generate)
+
+
+def test_cancel_stops_a_tune_task(ray_proxy: ProxyProcess, book: None) -> None:
+    sql = TUNE.format(project="tune canceled").replace('"max_steps": 2', '"max_steps": 100000')
+    with psycopg.connect(ray_proxy.dsn(), autocommit=True) as c:
+        timer = threading.Timer(4, c.cancel_safe)
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            c.execute(sql).fetchall()
+        timer.join()
+        assert time.monotonic() - started < 30
+        assert c.execute("SELECT count(*) FROM pgml.projects WHERE name = 'tune canceled'").fetchone() == (0,)
