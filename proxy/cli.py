@@ -17,11 +17,13 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import importlib
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import psycopg
@@ -193,6 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return import_postgresml.run(config, options)
     log.info("artifact signing key: %s%s", key_file, " (created)" if created else "")
     try:
+        connect_backend(config)
         return asyncio.run(_run(config, setup))
     except ClusterError as exc:
         print(f"pgml-proxy: embedded PostgreSQL failed: {exc}", file=sys.stderr)
@@ -257,17 +260,27 @@ def with_key_file(config: Config) -> tuple[Config, Path, bool]:
 
 
 
-def build_engine(config: Config, observer: Observer | None = None) -> LocalEngine:
-    """The engine of ``[engine] backend``: model work in this process, or on the ``[ray]`` cluster."""
-    if config.engine.backend != "ray":
-        return LocalEngine(config.engine, observer)
+def _ray_backend() -> ModuleType:
     try:  # lazy: ray is an optional extra (pip install 'pgml-proxy[ray]') and takes seconds to import
-        from engine.runtime.ray_backend import ray_engine
+        return importlib.import_module("engine.runtime.ray_backend")
     except ModuleNotFoundError as exc:
         if exc.name != "ray":
             raise
         raise EngineError('[engine] backend = "ray" needs the ray package: pip install \'pgml-proxy[ray]\'') from None
-    return ray_engine(config.engine, config.ray, observer)
+
+
+def connect_backend(config: Config) -> None:
+    """Connect to the ``[ray]`` cluster (``backend = "ray"``), before the event loop starts: it blocks for seconds."""
+    if config.engine.backend == "ray":
+        _ray_backend().connect(config.ray)
+
+
+def build_engine(config: Config, observer: Observer | None = None) -> LocalEngine:
+    """The engine of ``[engine] backend``: model work in this process, or on the ``[ray]`` cluster."""
+    if config.engine.backend != "ray":
+        return LocalEngine(config.engine, observer)
+    engine: LocalEngine = _ray_backend().ray_engine(config.engine, config.ray, observer)
+    return engine
 
 
 async def _run(config: Config, setup: callback.Setup | None) -> int:

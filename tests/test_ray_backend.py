@@ -1,12 +1,13 @@
 """The Ray backend (``[engine] backend = "ray"``) against a real local Ray cluster and a real proxy.
 
 The same statements give the same results as on the local backend (embed, predict, train with a grid
-search), a model actor killed mid-call gives a clean error and the next call works, and a cancel stops a
-long embed running in an actor.
+search, transform, transform_stream, tune and generate), a model actor killed mid-call or mid-stream gives a
+clean error and the next call works, and a cancel stops a long embed or stream running in an actor.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +28,7 @@ from ray._private import state  # the GCS actor table (the state API needs the d
 from engine.runtime.ray_backend import actor_name, worker_key
 from proxy.embedded import free_port
 from tests.conftest import MINILM, ROOT, Postgres, ProxyProcess, start_proxy
+from tests.tiny_models import tiny_gpt2_no_eos
 
 pytestmark = pytest.mark.slow
 RAY = Path(sys.executable).parent / "ray"  # the venv's ray command
@@ -67,12 +70,17 @@ def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def ray_proxy(
     pg: Postgres, proxy: ProxyProcess, model_dir: Path, ray_address: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ProxyProcess]:
-    """A proxy with backend = "ray" beside the shared local one (``proxy``), sharing its artifact key."""
+    """A proxy with backend = "ray" beside the shared local one (``proxy``), sharing its artifact key, with metrics.
+
+    A quarter CPU per actor and task: the detached actors of every model these tests use (embed, two predict
+    models, the GPT-2) stay alive and keep their share of the 2 CPUs, and a tune task needs one more.
+    """
     handle = start_proxy(
         pg.dsn(), tmp_path_factory.mktemp("ray-proxy"),
         PGML_PROXY_ENGINE_MODEL_DIRS=str(model_dir), PGML_PROXY_ENGINE_BACKEND="ray",
-        PGML_PROXY_RAY_ADDRESS=ray_address, PGML_PROXY_RAY_NAMESPACE="pgml-test-ray", PGML_PROXY_RAY_NUM_CPUS="0.5",
+        PGML_PROXY_RAY_ADDRESS=ray_address, PGML_PROXY_RAY_NAMESPACE="pgml-test-ray", PGML_PROXY_RAY_NUM_CPUS="0.25",
         PGML_PROXY_ENGINE_ARTIFACT_KEY_FILE=str(proxy.log.parent / "artifact.key"),
+        PGML_PROXY_METRICS_LISTEN=f"127.0.0.1:{free_port()}",
     )  # fmt: skip
     try:
         yield handle
@@ -181,3 +189,143 @@ def test_cancel_stops_a_long_embed_in_the_actor(ray_proxy: ProxyProcess, texts: 
         started = time.monotonic()
         assert conn.execute(f"SELECT pgml.embed('{MINILM}', 'next') IS NOT NULL").fetchone() == (True,)
         assert time.monotonic() - started < 10  # the actor stopped the canceled batch: it is free again
+
+
+# --------------------------------------------------------------------------- #
+# transform, transform_stream, tune and generate (a tiny random GPT-2 built here)
+# --------------------------------------------------------------------------- #
+
+GPT2 = "ray-tiny-gpt2"
+TASK = json.dumps({"task": "text-generation", "model": GPT2})
+
+
+def tokens(n: int) -> str:
+    return json.dumps({"max_new_tokens": n})
+
+
+@pytest.fixture(scope="module")
+def gpt2(model_dir: Path) -> str:
+    if not (model_dir / GPT2).exists():
+        tiny_gpt2_no_eos(model_dir / GPT2)  # every generation makes exactly the tokens asked for
+    return GPT2
+
+
+def _stream_actor_pid() -> int:
+    name = actor_name(worker_key("transform_stream", (json.loads(TASK),)), 0)
+    for actor in state.actors().values():
+        if actor.get("Name") == name and actor.get("State") == "ALIVE":
+            return int(actor["Pid"])
+    raise AssertionError(f"no live actor {name}")
+
+
+def test_transform_and_stream_same_as_local(proxy: ProxyProcess, ray_proxy: ProxyProcess, gpt2: str) -> None:
+    for sql in (
+        f"SELECT pgml.transform('{TASK}', '{tokens(6)}', ARRAY['the cat', 'a dog sat'])",
+        "SELECT pgml.transform('text-classification', '{}', ARRAY['x']) IS NULL",  # no such model: the same error
+        f"SELECT pgml.transform_stream('{TASK}', '{tokens(12)}', 'the cat')",
+        f"SELECT count(*), min(s::text) FROM pgml.transform_stream('{TASK}', '{tokens(5)}', 'the dog') AS s",
+    ):
+        try:
+            local = rows(proxy.dsn(), sql)
+        except psycopg.Error as exc:
+            with pytest.raises(type(exc)) as caught:
+                rows(ray_proxy.dsn(), sql)
+            assert (caught.value.sqlstate, str(caught.value)) == (exc.sqlstate, str(exc))
+            continue
+        assert rows(ray_proxy.dsn(), sql) == local, sql
+    with psycopg.connect(ray_proxy.dsn(), autocommit=True) as c:  # the model is warm in its actor
+        started = time.monotonic()
+        arrivals = [time.monotonic() for _ in c.cursor().stream(
+            f"SELECT pgml.transform_stream('{TASK}', '{tokens(300)}', 'the cat')")]  # fmt: skip
+    assert len(arrivals) > 100
+    first, last = arrivals[0] - started, arrivals[-1] - started
+    assert first < last / 3, (first, last)  # fragments come from the actor while it generates
+    url = f"http://{ray_proxy.env['PGML_PROXY_METRICS_LISTEN']}/metrics"
+    with urllib.request.urlopen(url, timeout=20) as response:
+        gauge = [line for line in response.read().decode().splitlines() if line.startswith("pgml_proxy_ray_actors ")]
+    assert gauge and float(gauge[0].split()[1]) >= 1
+    pid = _stream_actor_pid()
+    assert rows(ray_proxy.dsn(), "SELECT pgml.clear_gpu_cache()") == [(True,)]  # the actors' models freed too
+    assert rows(ray_proxy.dsn(), f"SELECT pgml.transform('{TASK}', '{tokens(6)}', ARRAY['the cat'])") == rows(
+        proxy.dsn(), f"SELECT pgml.transform('{TASK}', '{tokens(6)}', ARRAY['the cat'])"
+    )  # loaded again, in the same actor
+    assert _stream_actor_pid() == pid
+
+
+def test_killed_actor_mid_stream_then_the_next_stream_works(ray_proxy: ProxyProcess, gpt2: str) -> None:
+    rows(ray_proxy.dsn(), f"SELECT pgml.transform_stream('{TASK}', '{tokens(2)}', 'warm')")
+    pid = _stream_actor_pid()
+    with psycopg.connect(ray_proxy.dsn(), autocommit=True) as conn:
+        stream = conn.cursor().stream(f"SELECT pgml.transform_stream('{TASK}', '{tokens(20000)}', 'the cat')")
+        with pytest.raises(psycopg.errors.SystemError) as caught:
+            for i, _ in enumerate(stream):
+                if i == 3:
+                    os.kill(pid, signal.SIGKILL)
+        assert caught.value.sqlstate == "58000" and "Ray worker" in str(caught.value)
+        got = conn.execute(f"SELECT pgml.transform_stream('{TASK}', '{tokens(3)}', 'the cat')").fetchall()
+    assert len(got) == 5  # the prompt's two words, then one fragment per token: from a fresh actor
+    assert _stream_actor_pid() != pid
+
+
+def test_cancel_stops_a_stream_in_the_actor(ray_proxy: ProxyProcess, gpt2: str) -> None:
+    rows(ray_proxy.dsn(), f"SELECT pgml.transform_stream('{TASK}', '{tokens(2)}', 'warm')")
+    with psycopg.connect(ray_proxy.dsn(), autocommit=True) as c:
+        timer = threading.Timer(1.5, c.cancel_safe)
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            c.execute(f"SELECT pgml.transform_stream('{TASK}', '{tokens(20000)}', 'the cat')").fetchall()
+        timer.join()
+        assert time.monotonic() - started < 20
+        started = time.monotonic()
+        assert len(c.execute(f"SELECT pgml.transform_stream('{TASK}', '{tokens(3)}', 'a')").fetchall()) == 4
+        assert time.monotonic() - started < 10  # the canceled generation stopped: the actor is free again
+
+
+TUNE = (
+    "SELECT * FROM pgml.tune('{project}', task => 'text-generation', relation_name => 'ray_book',"
+    " y_column_name => 'body', model_name => '" + GPT2 + "', hyperparams => '{{\"max_steps\": 2,"
+    " \"per_device_train_batch_size\": 4, \"logging_steps\": 1}}', test_size => 0.25, test_sampling => 'last')"
+)
+
+
+@pytest.fixture(scope="module")
+def book(pg: Postgres, gpt2: str) -> None:
+    with psycopg.connect(pg.dsn(), autocommit=True) as admin:
+        admin.execute("DROP TABLE IF EXISTS ray_book; CREATE TABLE ray_book AS SELECT i, 'the cat sat on the mat '"
+                      " || repeat('one two ', i % 4) AS body FROM generate_series(1, 16) i")  # fmt: skip
+
+
+def test_tune_and_generate_same_as_local(pg: Postgres, proxy: ProxyProcess, ray_proxy: ProxyProcess,
+                                         book: None) -> None:  # fmt: skip
+    assert rows(proxy.dsn(), TUNE.format(project="tune local")) == [
+        ("tune local", "text-generation", "transformers", True)
+    ]
+    assert rows(ray_proxy.dsn(), TUNE.format(project="tune remote")) == [
+        ("tune remote", "text-generation", "transformers", True)
+    ]
+    sql = ("SELECT m.metrics, m.hyperparams, (SELECT count(*) FROM pgml.files f WHERE f.model_id = m.id) FROM"
+           " pgml.models m JOIN pgml.projects p ON p.id = m.project_id WHERE p.name = '{}'")  # fmt: skip
+    ((local_metrics, local_hyper, local_files),) = rows(pg.dsn(), sql.format("tune local"))
+    ((remote_metrics, remote_hyper, remote_files),) = rows(pg.dsn(), sql.format("tune remote"))
+    assert (remote_hyper, remote_files) == (local_hyper, local_files)
+    assert isinstance(local_metrics, dict) and isinstance(remote_metrics, dict)
+    timing = ("fit_time", "eval_runtime", "eval_steps_per_second", "eval_samples_per_second")
+    scores = {k: v for k, v in local_metrics.items() if k not in timing}
+    assert {k: remote_metrics[k] for k in scores} == pytest.approx(scores, rel=1e-3)  # last-bit torch differences
+    for project in ("tune local", "tune remote"):
+        generate = f"SELECT pgml.generate('{project}', ARRAY['the cat', 'one'], '{tokens(4)}')"
+        assert rows(ray_proxy.dsn(), generate) == rows(proxy.dsn(), generate)
+
+
+def test_cancel_stops_a_tune_task(ray_proxy: ProxyProcess, book: None) -> None:
+    sql = TUNE.format(project="tune canceled").replace('"max_steps": 2', '"max_steps": 100000')
+    with psycopg.connect(ray_proxy.dsn(), autocommit=True) as c:
+        timer = threading.Timer(4, c.cancel_safe)
+        timer.start()
+        started = time.monotonic()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            c.execute(sql).fetchall()
+        timer.join()
+        assert time.monotonic() - started < 30
+        assert c.execute("SELECT count(*) FROM pgml.projects WHERE name = 'tune canceled'").fetchone() == (0,)

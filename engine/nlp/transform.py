@@ -62,9 +62,11 @@ async def transform(call: Call, ctx: Context) -> list[Any]:
     names = sorted({t["model"] for t, *_ in rows if isinstance(t, dict) and isinstance(t.get("model"), str)})
     if names and call.db is not None:
         paths = await tuned.model_directories(ctx, names)
-        rows = [(({**t, "model": paths[t["model"]]},) if _tuned(t, paths) else (t,)) + tuple(r) for t, *r in rows]
-    result: list[Any] = await ctx.work(transform_rows, rows, ctx)
-    return result
+        if paths:  # a tuned project's files are in this process's private directory: its models run here
+            rows = [(({**t, "model": paths[t["model"]]},) if _tuned(t, paths) else (t,)) + tuple(r) for t, *r in rows]
+            result: list[Any] = await ctx.work(transform_rows, rows, ctx)
+            return result
+    return await ctx.on_rows("transform", transform_rows, rows)
 
 
 def _tuned(task: Any, paths: dict[str, str]) -> bool:

@@ -5,7 +5,9 @@ Owns: the cancel checkpoint (``Context.check``), the mini-batch size rule (``Con
 the client while the call runs (``Context.inform``: INFO for progress, NOTICE for a model's first load through
 ``Context.load``), the call's library warnings (``Context.library_warnings``), running
 model code in a worker from a procedure (``Context.work``), running a function on a loaded model wherever
-it is held (``Context.on_model``: this process's cache, or an :class:`Offload`'s actor), the
+it is held (``Context.on_model``: this process's cache, or an :class:`Offload`'s actor), running a row
+function where the models are (``Context.on_rows``) and a long job as a task of its own
+(``Context.task``), the
 :class:`Offload` protocol (where model work runs instead of this process: ``engine.runtime.ray_backend``),
 and how a worker thread waiting for a model's lock gives up its compute turn meanwhile
 (``step_aside_with``, installed by ``engine.runtime.turns``).
@@ -18,7 +20,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar
@@ -91,11 +93,26 @@ class Offload(Protocol):
     ``cancelled`` is the call's cancel flag (``engine.runtime.turns.Job``): :meth:`cancel` gets the same object.
     """
 
-    workers: frozenset[str]  # the worker handlers (engine.runtime.executor.HANDLERS) it runs
+    workers: frozenset[str]  # the row functions it runs: worker handlers (engine.runtime.executor.HANDLERS) and more
+    everywhere: frozenset[str]  # of those, the ones that also run in this process (pgml.clear_gpu_cache)
 
     async def run(self, name: str, rows: Sequence[tuple[Any, ...]], cancelled: threading.Event,
-                  notices: list[str]) -> list[Any]:  # fmt: skip
-        """``HANDLERS[name]`` on ``rows``, where the models are."""
+                  notices: list[str], settings: SessionSettings | None) -> list[Any]:  # fmt: skip
+        """The row function ``name`` on ``rows``, where the models are, under the caller's ``settings``."""
+        ...
+
+    def stream(self, row: tuple[Any, ...], cancelled: threading.Event, notices: list[str],
+               settings: SessionSettings | None) -> AsyncIterator[list[str]]:  # fmt: skip
+        """``pgml.transform_stream``'s fragments for one ``(task, args, inputs, cache)`` row, as they are made."""
+        ...
+
+    async def task(self, fn: Callable[..., Any], args: tuple[Any, ...], cancelled: threading.Event,
+                   notices: list[str], settings: SessionSettings | None) -> Any:  # fmt: skip
+        """``fn(ctx, *args)`` as a task of its own, with the resources configured for one."""
+        ...
+
+    def actors(self) -> int:
+        """The model actors (replicas) in use."""
         ...
 
     async def on_model(self, hosted: Hosted, fn: Callable[..., Any], args: tuple[Any, ...],
@@ -219,3 +236,20 @@ class Context:
             payload = await hosted.source()
             model = await self.work(self.cache.get, hosted.key, functools.partial(hosted.build, payload))
         return await self.work(fn, model, *args)
+
+    async def on_rows(self, name: str, fn: Callable[[list[tuple[Any, ...]], Context], list[Any]],
+                      rows: list[tuple[Any, ...]]) -> list[Any]:  # fmt: skip
+        """``fn(rows, ctx)`` where the models are: in a worker of this process, or in the offload's model actors
+        when it runs ``name`` (there the same function, ``engine.runtime.ray_host.ROW_FUNCTIONS``)."""
+        if self.offload is not None and name in self.offload.workers:
+            return await self.offload.run(name, rows, self.cancelled, self.notices, self.settings)
+        return await self.work(fn, rows, self)
+
+    async def task(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(ctx, *args)``: in a worker of this process with this context, or (with an offload) as a task of its
+        own with the resources configured for one, its arguments shipped through the cluster's object store; a
+        cancel stops it either way."""
+        if self.offload is not None:
+            result: T = await self.offload.task(fn, args, self.cancelled, self.notices, self.settings)
+            return result
+        return await self.work(fn, self, *args)

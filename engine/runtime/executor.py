@@ -228,13 +228,18 @@ class LocalEngine:
                     call.notices, self.offload, call.inform, call.settings,
                 )  # fmt: skip
                 return await self._limited(handler.run(call, ctx), job, handler.limited, call)
-            if self.offload is not None and name in self.offload.workers:
-                return await self._limited(self.offload.run(name, call.rows, job, call.notices), job, True, call)
+            if self.offload is not None and name in self.offload.workers - self.offload.everywhere:
+                offloaded = self.offload.run(name, call.rows, job, call.notices, call.settings)
+                return await self._limited(offloaded, job, True, call)
             ctx = Context(
                 self.config, self.cache, job, notices=call.notices, inform=call.inform, settings=call.settings
             )
             future = loop.run_in_executor(self._pool, self._run, handler, list(call.rows), ctx, job, call)
-            return await self._limited(future, job, True, call)
+            result = await self._limited(future, job, True, call)
+            if self.offload is not None and name in self.offload.everywhere:  # and where the offload runs it
+                everywhere = self.offload.run(name, call.rows, job, call.notices, call.settings)
+                await self._limited(everywhere, job, True, call)
+            return result
         finally:
             self._forget(job)
 
@@ -284,8 +289,13 @@ class LocalEngine:
         A worker produces at most ``STREAM_AHEAD`` fragments the reader has not asked for, then stops
         (``_PAUSED``), giving back its thread, its compute turn and its place in ``max_queue``; the reader
         starts the next run once it has read them. A cursor nobody reads holds none of those, and no growing
-        queue (the generation's own thread waits in its bounded streamer, ``engine.nlp.stream``).
+        queue (the generation's own thread waits in its bounded streamer, ``engine.nlp.stream``). With an
+        offload that streams, the fragments come from there (:meth:`_offloaded`).
         """
+        if self.offload is not None and "transform_stream" in self.offload.workers:
+            async for fragment in self._offloaded(call, self.offload):
+                yield fragment
+            return
         job = self._admit(call.session)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -351,8 +361,23 @@ class LocalEngine:
             if running.done():  # paused: no worker holds the generation
                 self._in_worker(close)
 
+    async def _offloaded(self, call: Call, offload: Offload) -> AsyncIterator[list[str]]:
+        """A stream made by the offload: admitted like any call, cancelable through its flag; it holds no
+        thread, turn or place in ``max_queue`` here meanwhile (the offload bounds what runs ahead)."""
+        job = self._admit(call.session)
+        self._ran()
+        try:
+            async for fragment in offload.stream(tuple(call.rows[0]), job, call.notices, call.settings):
+                yield fragment
+            if job.canceled():
+                raise Canceled(CANCELED)
+        finally:
+            job.set()
+            self._unflag(job)
+
     def stats(self) -> EngineStats:
-        return EngineStats(self._pending, len(self._turns.waiting), self.cache.bytes(), len(self.cache))
+        actors = self.offload.actors() if self.offload is not None else None
+        return EngineStats(self._pending, len(self._turns.waiting), self.cache.bytes(), len(self.cache), actors)
 
     def cancel(self, session: int) -> None:
         for job in list(self._flags.get(session, ())):

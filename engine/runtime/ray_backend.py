@@ -1,19 +1,24 @@
 """The Ray backend (``[engine] backend = "ray"``): the engine's :class:`~engine.runtime.context.Offload` onto a
 Ray cluster.
 
-Owns: connecting to the cluster (``[ray]``: address, or a local instance started in this process; the
-namespace), the named, detached model actors (:class:`~engine.runtime.ray_host.ModelHost`; one name per
-model and load kwargs — per database, id and creation time for a classical model — and replica; found or
-created with ``get_if_exists``, so every proxy of the namespace shares one warm copy), sending ``embed`` and
-``rank`` rows to the actors of their models, running functions on hosted models (the predict family: the
-artifact read through the client's session by the proxy, shipped through the object store only when the
-actor does not hold it yet), fanning a training search's fits out as parallel tasks, cancel
-(``ray.cancel`` of a call's actor calls and tasks) and what a dead worker gives (:class:`WorkerLost`; the
-next call gets a fresh actor).
+Owns: connecting to the cluster (:func:`connect`, before the event loop starts: ``[ray]`` address, or a local
+instance started in this process; the namespace), the named, detached model actors
+(:class:`~engine.runtime.ray_host.ModelHost`; one name per model and load kwargs — per database, id and
+creation time for a classical or tuned model — and replica; found or created with ``get_if_exists``, so every
+proxy of the namespace shares one warm copy), sending rows to the actors of their models (embed, rank,
+transform, generate: ``engine.runtime.ray_host.ROW_FUNCTIONS``; clear_gpu_cache to every actor this proxy
+uses), streaming ``transform_stream`` from its actor (a Ray generator, back-pressured at
+``STREAM_AHEAD`` unread fragments), running functions on hosted models (the predict family: the artifact
+read through the client's session by the proxy, shipped through the object store only when the actor does
+not hold it yet), tasks of their own with the configured resources (tune: the rows read by the proxy,
+shipped through the object store), fanning a training search's fits out as parallel tasks, cancel
+(``ray.cancel`` of a call's actor calls, generators and tasks) and what a dead worker gives
+(:class:`WorkerLost`; the next call gets a fresh actor).
 
-Must not: block the event loop (object refs are awaited as futures; handles are made in a thread), read or
+Must not: block the event loop (object refs are awaited as futures; handles are made and large arguments put
+into the object store in a thread), read or
 write the database (procedures do that in the proxy), fork handler logic (the actors run the engine's own
-handlers), or log client data (keys are hashed into actor names).
+functions), or log client data (keys are hashed into actor names).
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import json
 import logging
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any
 
 import ray
@@ -41,14 +46,15 @@ from engine.api import (
     InvalidArgument,
     Observer,
     RayConfig,
+    SessionSettings,
     WorkerLost,
 )
 from engine.nlp.embed import INIT_KWARGS
 from engine.nlp.json_args import kwargs_object
 from engine.nlp.rank import RANK_INIT
 from engine.runtime.context import Hosted
-from engine.runtime.executor import LocalEngine
-from engine.runtime.ray_host import ModelHost, Outcome, run_task
+from engine.runtime.executor import STREAM_AHEAD, LocalEngine
+from engine.runtime.ray_host import ROW_FUNCTIONS, ModelHost, Outcome, run_in_context, run_task
 
 log = logging.getLogger(__name__)
 # The kwargs of each offloaded worker function that construct its model (the rest go to the call).
@@ -60,8 +66,24 @@ LOST_HINT = "The next call starts a fresh one; see the Ray cluster's logs for wh
 WAIT_STEP = 0.1  # seconds between cancel checks of a training fan-out
 
 
+def connect(ray_config: RayConfig) -> None:
+    """Connect this process to the ``[ray]`` cluster, or start a local instance (empty address). Blocking (seconds):
+    call it before the event loop starts — and not in a passing thread: a local instance's processes are
+    tied to the thread that started them and end with it."""
+    try:
+        ray.init(
+            address=ray_config.address or None, namespace=ray_config.namespace, include_dashboard=False,
+            log_to_driver=False, logging_level=logging.WARNING, ignore_reinit_error=True,
+        )  # fmt: skip
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = ray_config.address or "a local instance"
+        raise EngineError(f"cannot start the Ray backend ({where}): {exc}") from None
+
+
 def ray_engine(config: EngineConfig, ray_config: RayConfig, observer: Observer | None = None) -> LocalEngine:
-    """The engine of ``backend = "ray"``: the local engine with its model work offloaded to the cluster."""
+    """The engine of ``backend = "ray"`` (after :func:`connect`): the local engine with its model work offloaded."""
+    if not ray.is_initialized():
+        raise EngineError("the Ray backend is not connected", hint="engine.runtime.ray_backend.connect comes first.")
     return LocalEngine(config, observer, RayOffload(config, ray_config))
 
 
@@ -71,7 +93,13 @@ def actor_name(key: str, replica: int) -> str:
 
 
 def worker_key(name: str, row: tuple[Any, ...]) -> str:
-    """The model a worker row needs: its model argument and the kwargs that construct it."""
+    """The model a row of row function ``name`` needs: embed and rank, their model argument and the kwargs that
+    construct it; transform and transform_stream, the task (the model and how it loads); generate, the tuned
+    model's key."""
+    if name == "generate":
+        return json.dumps(["tuned", row[1]])
+    if name not in MODEL_KWARGS:
+        return json.dumps(["transform", row[0]], sort_keys=True, default=str)
     try:
         kwargs = kwargs_object(row[-1]) if row[-1] is not None else {}
     except InvalidArgument:
@@ -83,21 +111,15 @@ def worker_key(name: str, row: tuple[Any, ...]) -> str:
 class RayOffload:
     """Model work on a Ray cluster; one instance per proxy process (:func:`ray_engine`)."""
 
-    workers = frozenset(MODEL_KWARGS)
+    workers = frozenset(ROW_FUNCTIONS)
+    everywhere = frozenset({"clear_gpu_cache"})
 
     def __init__(self, config: EngineConfig, ray_config: RayConfig) -> None:
         self.config = config
         self.ray_config = ray_config
-        try:
-            ray.init(
-                address=ray_config.address or None, namespace=ray_config.namespace, include_dashboard=False,
-                log_to_driver=False, logging_level=logging.WARNING, ignore_reinit_error=True,
-            )  # fmt: skip
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            where = ray_config.address or "a local instance"
-            raise EngineError(f"cannot start the Ray backend ({where}): {exc}") from None
         self._host = ray.remote(ModelHost)
         self._task = ray.remote(run_task)
+        self._job = ray.remote(run_in_context)
         self._handles: dict[str, Any] = {}
         self._replica = itertools.count()
         self._refs: dict[threading.Event, set[Any]] = defaultdict(set)
@@ -119,22 +141,32 @@ class RayOffload:
         return name, handle
 
     async def _result(self, name: str, ref: Any, cancelled: threading.Event) -> Outcome:
-        """The outcome of an actor call: Canceled when canceled, WorkerLost when its actor died."""
+        """The outcome of an actor call or task: Canceled when canceled, WorkerLost when its worker died."""
         self._refs[cancelled].add(ref)
         try:
-            result: Outcome = await asyncio.wrap_future(ref.future())
+            with self._failures(name):
+                result: Outcome = await asyncio.wrap_future(ref.future())
             return result
         except asyncio.CancelledError:  # time limit, or the session went away: stop the remote call too
             ray.cancel(ref)
             raise
+        finally:
+            self._forget(cancelled, ref)
+
+    @contextlib.contextmanager
+    def _failures(self, name: str) -> Iterator[None]:
+        """A remote call's Ray failures as the engine's errors (``name``: its actor's; empty for a task)."""
+        try:
+            yield
         except ray.exceptions.TaskCancelledError:
             raise Canceled(CANCELED) from None
         except _LOST as exc:
+            if not name:
+                log.error("pgml engine: a Ray task's worker died: %s", type(exc).__name__)
+                raise WorkerLost("the Ray worker of this task died", hint=LOST_HINT) from None
             self._handles.pop(name, None)
             log.error("pgml engine: the Ray model actor %s died: %s", name, type(exc).__name__)
             raise WorkerLost("the Ray worker holding this model died during the call", hint=LOST_HINT) from None
-        finally:
-            self._forget(cancelled, ref)
 
     def _forget(self, cancelled: threading.Event, ref: Any) -> None:
         refs = self._refs.get(cancelled)
@@ -146,9 +178,11 @@ class RayOffload:
     # ----------------------------------------------------------------------- the Offload protocol
 
     async def run(self, name: str, rows: Sequence[tuple[Any, ...]], cancelled: threading.Event,
-                  notices: list[str]) -> list[Any]:  # fmt: skip
+                  notices: list[str], settings: SessionSettings | None) -> list[Any]:  # fmt: skip
+        if name in self.everywhere:
+            return await self._everywhere(name, rows, cancelled)
         groups = _groups(name, rows)
-        calls = (self._run_group(name, key, part, cancelled) for key, (_, part) in groups.items())
+        calls = (self._run_group(name, key, part, cancelled, settings) for key, (_, part) in groups.items())
         parts = await asyncio.gather(*calls)
         if len(groups) == 1:
             values, notes = parts[0]
@@ -161,10 +195,50 @@ class RayOffload:
                 out[i] = value
         return out
 
-    async def _run_group(self, name: str, key: str, rows: Sequence[tuple[Any, ...]],
-                         cancelled: threading.Event) -> tuple[Any, list[str]]:  # fmt: skip
+    async def _run_group(self, name: str, key: str, rows: Sequence[tuple[Any, ...]], cancelled: threading.Event,
+                         settings: SessionSettings | None) -> tuple[Any, list[str]]:  # fmt: skip
         actor_id, actor = await self._actor(key)
-        return _unpack(await self._result(actor_id, actor.run.remote(name, rows), cancelled))
+        return _unpack(await self._result(actor_id, actor.run.remote(name, rows, settings), cancelled))
+
+    async def _everywhere(self, name: str, rows: Sequence[tuple[Any, ...]], cancelled: threading.Event) -> list[Any]:
+        """``name`` on every model actor this proxy uses (an actor gone meanwhile has nothing to free)."""
+        calls = [self._result(actor_id, actor.run.remote(name, rows, None), cancelled)
+                 for actor_id, actor in list(self._handles.items())]  # fmt: skip
+        values: list[Any] = [True] * len(rows)
+        for got in await asyncio.gather(*calls, return_exceptions=True):
+            if isinstance(got, BaseException) and not isinstance(got, WorkerLost):
+                raise got
+            if not isinstance(got, BaseException):
+                values = [a and b for a, b in zip(values, _unpack(got)[0], strict=True)]
+        return values
+
+    async def stream(self, row: tuple[Any, ...], cancelled: threading.Event, notices: list[str],
+                     settings: SessionSettings | None) -> AsyncIterator[list[str]]:  # fmt: skip
+        task, args, inputs, _ = row
+        name, actor = await self._actor(worker_key("transform_stream", row))
+        method = actor.stream.options(num_returns="streaming", _generator_backpressure_num_objects=STREAM_AHEAD)
+        generator = method.remote(task, args, inputs, settings)
+        self._refs[cancelled].add(generator)
+        try:
+            with self._failures(name):
+                async for ref in generator:
+                    fragment, said = _unpack(await ref)
+                    notices += said
+                    yield fragment
+        finally:  # ended, closed by the reader (or gone), canceled, failed: the generation stops there too
+            ray.cancel(generator)
+            self._forget(cancelled, generator)
+
+    async def task(self, fn: Callable[..., Any], args: tuple[Any, ...], cancelled: threading.Event,
+                   notices: list[str], settings: SessionSettings | None) -> Any:  # fmt: skip
+        job = self._job.options(num_cpus=self.ray_config.num_cpus, num_gpus=self.ray_config.num_gpus, max_retries=0)
+        stored = await asyncio.to_thread(_store, args)  # the rows: into the object store (serializing takes time)
+        value, said = _unpack(await self._result("", job.remote(self.config, settings, fn, *stored), cancelled))
+        notices += said
+        return value
+
+    def actors(self) -> int:
+        return len(self._handles)
 
     async def on_model(self, hosted: Hosted, fn: Callable[..., Any], args: tuple[Any, ...],
                        cancelled: threading.Event) -> Any:  # fmt: skip
@@ -179,21 +253,19 @@ class RayOffload:
     def fan_out(self, fn: Callable[..., Any], shared: tuple[Any, ...], items: list[tuple[Any, ...]],
                 cancelled: Callable[[], bool], done: Callable[[int, Any], None]) -> list[Any]:  # fmt: skip
         task = self._task.options(num_cpus=self.ray_config.num_cpus, num_gpus=self.ray_config.num_gpus, max_retries=0)
-        stored = [ray.put(value) for value in shared]  # once in the object store, whatever the number of tasks
+        stored = _store(shared)  # once in the object store, whatever the number of tasks
         refs = [task.remote(fn, *stored, *item) for item in items]
         try:
             pending = refs
-            while pending:
-                if cancelled():
-                    raise Canceled(CANCELED)
-                _, pending = ray.wait(pending, num_returns=len(pending), timeout=WAIT_STEP)
-            outcomes = ray.get(refs)
-        except BaseException as exc:
+            with self._failures(""):
+                while pending:
+                    if cancelled():
+                        raise Canceled(CANCELED)
+                    _, pending = ray.wait(pending, num_returns=len(pending), timeout=WAIT_STEP)
+                outcomes = ray.get(refs)
+        except BaseException:
             for ref in refs:
                 ray.cancel(ref)  # canceled, or one failed: the others stop too (nothing for finished ones)
-            if isinstance(exc, _LOST):
-                log.error("pgml engine: a Ray training task's worker died: %s", type(exc).__name__)
-                raise WorkerLost("the Ray worker of a training task died", hint=LOST_HINT) from None
             raise
         results = [_unpack(o)[0] for o in outcomes]
         for k, result in enumerate(results):  # reported once all are in (they ran in parallel)
@@ -222,6 +294,11 @@ def _groups(name: str, rows: Sequence[tuple[Any, ...]]) -> dict[str, tuple[Seque
     if len(indices) == 1:
         return {key: (range(len(rows)), rows) for key in indices}
     return {key: (found, [rows[i] for i in found]) for key, found in indices.items()}
+
+
+def _store(values: Sequence[Any]) -> list[Any]:
+    """Each value put into the object store once (blocking: it serializes them); their refs."""
+    return [ray.put(value) for value in values]
 
 
 def _unpack(outcome: Outcome) -> tuple[Any, list[str]]:

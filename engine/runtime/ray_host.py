@@ -1,11 +1,14 @@
 """The cluster side of the Ray backend: :class:`ModelHost` (one model actor) and :func:`run_task` (one task).
 
-Owns: what runs inside a Ray worker process — a model actor's own shared model cache, the engine's very
-handlers (``engine.runtime.executor.HANDLERS``) run on its rows in its threads, functions run on a loaded
-model (``Context.on_model``'s remote half), how a cancel of an actor call (``ray.cancel``: an
-``asyncio.CancelledError`` in the async actor) stops the handler at its next checkpoint, and the
-:data:`Outcome` every call returns (an engine error travels as its class and fields, never as a
-traceback: Ray would wrap it and lose its SQLSTATE).
+Owns: what runs inside a Ray worker process — a model actor's own shared model cache, the engine's very row
+functions (:data:`ROW_FUNCTIONS`: the worker handlers of ``engine.runtime.executor.HANDLERS`` and the model
+halves of the transform and generate procedures) run on its rows in its threads, a ``transform_stream``
+generation streamed fragment by fragment (:meth:`ModelHost.stream`, a Ray generator), functions run on a
+loaded model (``Context.on_model``'s remote half), how a cancel of an actor call (``ray.cancel``: an
+``asyncio.CancelledError`` in the async actor) stops the handler at its next checkpoint, a task's function
+run with a context of its own (``Context.task``'s remote half: tune), and the :data:`Outcome` every call
+returns (an engine error travels as its class and fields, never as a traceback: Ray would wrap it and lose
+its SQLSTATE).
 
 Must not: import ray (the actor class is made remote by ``engine.runtime.ray_backend``), talk to a database,
 or log client data at info and above.
@@ -16,19 +19,34 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from engine.api import EngineConfig, EngineError
+from engine.api import EngineConfig, EngineError, SessionSettings
+from engine.nlp import embed, rank, stream, transform
+from engine.nlp.finetune import tuned
+from engine.runtime import memory
 from engine.runtime.cache import ModelCache
 from engine.runtime.context import Context
-from engine.runtime.executor import HANDLERS, Worker, log_failure
+from engine.runtime.executor import log_failure
 from engine.runtime.locate import configure_offline
+from engine.runtime.threads import limited
 
 # ("ok", value, notices) | ("error", EngineError subclass, message, detail, hint) | ("missing",): not loaded here
 Outcome = tuple[Any, ...]
 MISSING: Outcome = ("missing",)
+RowFunction = Callable[[list[tuple[Any, ...]], Context], list[Any]]
+# The functions a model actor runs on rows, by the name the offload is asked for (the engine's own: no copies).
+ROW_FUNCTIONS: dict[str, RowFunction] = {
+    "embed": embed.embed,
+    "rank": rank.rank,
+    "transform": transform.transform_rows,
+    "transform_stream": stream.stream_all,  # inside a larger statement: every fragment, as rows
+    "generate": tuned.generate_rows,
+    "clear_gpu_cache": memory.clear_gpu_cache,
+}
+_END = object()
 
 
 def outcome(fn: Callable[[Context], Any], ctx: Context) -> Outcome:
@@ -47,6 +65,22 @@ def run_task(fn: Callable[..., Any], *args: Any) -> Outcome:
     return outcome(lambda ctx: fn(*args), Context(EngineConfig(), ModelCache(0), threading.Event()))
 
 
+def run_in_context(config: EngineConfig, settings: SessionSettings | None, fn: Callable[..., Any],
+                   *args: Any) -> Outcome:  # fmt: skip
+    """A Ray task: ``fn(ctx, *args)`` with a context of its own under the caller's ``settings`` (tune), as an
+    :data:`Outcome`.
+
+    It runs in the task's main thread: ``ray.cancel`` raises KeyboardInterrupt there, which ends it at once
+    (the Ray task is then canceled; nothing is returned).
+    """
+    configure_offline(config.allow_downloads)
+    def run(ctx: Context) -> Any:
+        with limited(settings, fn.__name__):
+            return fn(ctx, *args)
+
+    return outcome(run, Context(config, ModelCache(0), threading.Event(), settings=settings))
+
+
 class ModelHost:
     """A model actor: holds loaded models (normally the one its name stands for) and runs calls on them.
 
@@ -60,11 +94,40 @@ class ModelHost:
         self.cache = ModelCache(config.cache_bytes)
         self._pool = ThreadPoolExecutor(max_workers=config.workers + config.max_queue, thread_name_prefix="pgml-ray")
 
-    async def run(self, name: str, rows: Sequence[tuple[Any, ...]]) -> Outcome:
-        """The worker handler ``name`` of the engine on ``rows``."""
-        handler = HANDLERS[name]
-        assert isinstance(handler, Worker)
-        return await self._in_thread(functools.partial(_run_handler, handler, rows))
+    async def run(self, name: str, rows: Sequence[tuple[Any, ...]], settings: SessionSettings | None) -> Outcome:
+        """The row function ``name`` (:data:`ROW_FUNCTIONS`) on ``rows``, under the caller's ``settings``."""
+        return await self._in_thread(functools.partial(_run_rows, ROW_FUNCTIONS[name], rows), settings)
+
+    async def stream(
+        self, task: Any, args: Any, inputs: Any, settings: SessionSettings | None
+    ) -> AsyncIterator[Outcome]:
+        """A Ray generator: ``engine.nlp.stream.stream``'s fragments, each as ``("ok", fragment, notices)`` as
+        soon as it is decoded (the notices said since the last one), or one error :data:`Outcome` that ends it.
+
+        The generation runs in this actor's threads, one ``next()`` at a time; ``ray.cancel`` of the generator
+        (the reader closed, canceled or timed out) closes it, which stops ``generate``.
+        """
+        cancelled = threading.Event()
+        ctx = Context(self.config, self.cache, cancelled, settings=settings)
+        fragments = stream.stream(task, args or {}, inputs, ctx)  # nothing runs before the first next()
+        loop = asyncio.get_running_loop()
+        step: asyncio.Future[Outcome] | None = None
+        said = 0
+        try:
+            while True:
+                step = loop.run_in_executor(self._pool, outcome, functools.partial(_next, fragments), ctx)
+                got = await asyncio.shield(step)
+                if got[0] != "ok":
+                    yield got
+                if got[0] != "ok" or got[1] is _END:
+                    return
+                yield ("ok", got[1], ctx.notices[said:])
+                said = len(ctx.notices)
+        finally:
+            cancelled.set()  # a next() still running stops at its next fragment (Canceled), then it is closed
+            if step is not None:
+                await asyncio.wait([step])
+            await loop.run_in_executor(self._pool, fragments.close)
 
     async def apply(self, key: str, fn: Callable[..., Any], args: tuple[Any, ...]) -> Outcome:
         """``fn(model, *args)`` on the model cached under ``key``; :data:`MISSING` when it is not loaded here."""
@@ -80,9 +143,9 @@ class ModelHost:
 
         return await self._in_thread(load)
 
-    async def _in_thread(self, fn: Callable[[Context], Any]) -> Outcome:
+    async def _in_thread(self, fn: Callable[[Context], Any], settings: SessionSettings | None = None) -> Outcome:
         cancelled = threading.Event()
-        ctx = Context(self.config, self.cache, cancelled)
+        ctx = Context(self.config, self.cache, cancelled, settings=settings)
         future = asyncio.get_running_loop().run_in_executor(self._pool, outcome, fn, ctx)
         try:
             return await asyncio.shield(future)
@@ -91,6 +154,12 @@ class ModelHost:
             raise
 
 
-def _run_handler(handler: Worker, rows: Sequence[tuple[Any, ...]], ctx: Context) -> Any:
+def _run_rows(fn: RowFunction, rows: Sequence[tuple[Any, ...]], ctx: Context) -> Any:
     ctx.check()
-    return handler.run(list(rows), ctx)
+    with limited(ctx.settings, fn.__name__):  # pgml.omp_num_threads, in the actor's thread as in the proxy's
+        return fn(list(rows), ctx)
+
+
+def _next(fragments: Iterator[list[str]], ctx: Context) -> Any:
+    ctx.check()
+    return next(fragments, _END)

@@ -7,7 +7,7 @@ written in one batch at the end (model ``transformers``, every model file in ``p
 events and the run's library warnings in ``pgml.logs``, the automatic deploy); the run's progress told to the
 client as it goes (INFO: each Trainer log event, the metrics at the end).
 
-Must not: run Trainer code on the event loop (``Context.work``) or paste values into SQL.
+Must not: run Trainer code on the event loop (``Context.task``: a worker, or a Ray task) or paste values into SQL.
 """
 
 from __future__ import annotations
@@ -62,11 +62,9 @@ async def _tune(row: tuple[Any, ...], ctx: Context) -> tuple[str, str, str, bool
     table, _ = await read_rows(db, source, ctx)  # checks that the y column exists
     train_rows, test_rows = split(table.num_rows, source.test_size, source.test_sampling, None)
     ctx.inform("INFO", f"Tuning Model {{ task: {label}, algorithm: transformers, model: {model_name} }}")
-    result = await ctx.work(
-        fine_tune, label, model_name, _columns(table, train_rows), _columns(table, test_rows), args.hyperparams,
-        remote_code_config(ctx.config, ctx.settings, model_name), ctx.cancelled.is_set,
-        functools.partial(_logged, ctx), y,
-    )  # fmt: skip
+    result = await ctx.task(
+        _fine_tune, label, model_name, _columns(table, train_rows), _columns(table, test_rows), args.hyperparams, y
+    )
     ctx.inform("INFO", f"Metrics: {json.dumps(result.metrics, default=str)}")
     result = dataclasses.replace(result, events=[*result.events, *ctx.library_warnings()])
     current = await train.deployed_metrics(db, project)
@@ -75,6 +73,18 @@ async def _tune(row: tuple[Any, ...], ctx: Context) -> tuple[str, str, str, bool
         ctx.notices.append(train.not_better(label, result.metrics, current))
     await _write(db, args, project, label, source, result, deploy, y, table.num_rows, registry.signer(ctx))
     return (args.project_name, dashed_task(label), "transformers", deploy)
+
+
+def _fine_tune(
+    ctx: Context, label: str, model_name: str, train_columns: dict[str, list[Any]],
+    test_columns: dict[str, list[Any]], hyperparams: dict[str, Any], y: str | None,
+) -> TuneResult:  # fmt: skip
+    """:func:`fine_tune` where ``ctx`` runs (``Context.task``: a worker of this process, or a Ray task), loading
+    ``model_name`` as the session's settings allow; its Trainer log events come back in the result, and are told
+    to the client as they happen where ``ctx`` has a live channel (this process)."""
+    return fine_tune(label, model_name, train_columns, test_columns, hyperparams,
+                     remote_code_config(ctx.config, ctx.settings, model_name), ctx.cancelled.is_set,
+                     functools.partial(_logged, ctx), y)  # fmt: skip
 
 
 def _logged(ctx: Context, event: dict[str, Any]) -> None:

@@ -252,23 +252,42 @@ async def generate(call: Call, ctx: Context) -> list[Any]:
         row = await registry.model(db, await registry.deployed_model_id(db, name))
         if row.algorithm != "transformers":
             raise InvalidArgument(f"Project `{name}` has no tuned transformers model to generate with")
-        engine_config = remote_code_config(ctx.config, ctx.settings, name)  # the session may trust less
-        key = f"tuned/{ctx.database_name}/{row.id}/{row.created_at}/{engine_config.trust_remote_code}"
-        files = {} if ctx.cache.peek(key) is not None else await registry.files(db, row, registry.signer(ctx))
+        key = f"tuned/{ctx.database_name}/{row.id}/{row.created_at}"
         many = isinstance(inputs, list)
-        texts = await ctx.work(
-            generate_tuned,
-            files,
-            key,
-            inputs if many else [inputs],
-            dict(config),
-            engine_config,
-            ctx.cache,
-            cancelled=ctx.cancelled,
-            notices=ctx.notices,
-        )
+        texts = await _generate(ctx, name, row, key, inputs if many else [inputs], dict(config))
         out.append(texts if many else texts[0])
     return out
+
+
+class NotLoaded(EngineError):
+    """A :func:`generate_rows` row came without files where its model is not loaded: read them, and ask again."""
+
+
+def generate_rows(rows: list[tuple[Any, ...]], ctx: Context) -> list[list[str]]:
+    """``(project, key, files, inputs, config)`` rows -> :func:`generate_tuned`'s texts, where the model is (this
+    process or a model actor; ``Context.on_rows``), loaded as the session's settings allow for ``project``;
+    :class:`NotLoaded` when it is not loaded there and no files came."""
+    out = []
+    for project, key, files, inputs, config in rows:
+        engine_config = remote_code_config(ctx.config, ctx.settings, project)  # the session may trust less
+        loaded = f"{key}/{engine_config.trust_remote_code}"
+        if not files and ctx.cache.peek(loaded) is None:
+            raise NotLoaded("the tuned model is not loaded here")
+        out.append(generate_tuned(files, loaded, inputs, config, engine_config, ctx.cache, ctx.cancelled, ctx.notices))
+    return out
+
+
+async def _generate(
+    ctx: Context, project: str, row: registry.Model, key: str, inputs: list[Any], config: dict[str, Any]
+) -> list[str]:
+    """The texts of one generate call; the model's files read (and verified) through the client's session only
+    where the model is not loaded yet."""
+    try:
+        (texts,) = await ctx.on_rows("generate", generate_rows, [(project, key, {}, inputs, config)])
+    except NotLoaded:
+        files = await registry.files(ctx.database(), row, registry.signer(ctx))
+        (texts,) = await ctx.on_rows("generate", generate_rows, [(project, key, files, inputs, config)])
+    return texts  # type: ignore[no-any-return]
 
 
 async def model_directories(ctx: Context, names: list[str]) -> dict[str, str]:
