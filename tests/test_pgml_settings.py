@@ -217,6 +217,27 @@ def test_trust_remote_code_needs_the_session_setting(setup: Setup, conn: psycopg
     assert error.diag.message_primary == 'invalid value for parameter "pgml.huggingface_trust_remote_code": "maybe"'
 
 
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "'{\"trust\\u005fremote_code\": true}'",  # a JSON escape
+        "E'{\"trust\\x5fremote_code\": true}'",  # an escape string
+        "U&'{\"trust\\005fremote_code\": true}'",  # a Unicode escape string
+    ],
+)
+def test_another_sessions_trusted_answer_is_never_reused(setup: Setup, spelling: str) -> None:
+    """A statement whose constant kwargs ask for a model's code, however spelled, is not kept by the memory of
+    rewritten statements: a session whose settings refuse it gets 42501, not the trusting session's answer."""
+    embed = f"SELECT pgml.embed('sst-b', 'memo {len(spelling)}', {spelling}::jsonb)"
+    with psycopg.connect(setup.proxy.dsn(), autocommit=True) as trusting:
+        trusting.execute("SET pgml.huggingface_trust_remote_code = on")
+        assert trusting.execute(embed).fetchone()
+    with psycopg.connect(setup.proxy.dsn(), autocommit=True) as other:
+        for prepare in (False, True):  # simple and extended protocol
+            with pytest.raises(errors.InsufficientPrivilege):
+                other.cursor().execute(embed, prepare=prepare)
+
+
 def test_engine_refusal_stays_whatever_the_session_says(setup: Setup, tmp_path: Path) -> None:
     dsn = f"postgresql://postgres@127.0.0.1:{setup.cluster.port}/postgres"
     strict = start_proxy(dsn, tmp_path, PGML_PROXY_ENGINE_MODEL_DIRS=str(setup.models), PGML_PROXY_ENGINE_DEVICE="cpu")

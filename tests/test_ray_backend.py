@@ -252,6 +252,24 @@ def test_transform_and_stream_same_as_local(proxy: ProxyProcess, ray_proxy: Prox
     assert _stream_actor_pid() == pid
 
 
+def test_session_settings_narrow_the_actors_too(proxy: ProxyProcess, ray_proxy: ProxyProcess, gpt2: str) -> None:
+    """The caller's pgml.huggingface_whitelist travels with the call: the actor refuses what the proxy would."""
+    for sql in (
+        f"SELECT pgml.transform('{TASK}', '{tokens(2)}', ARRAY['the cat'])",
+        f"SELECT pgml.transform_stream('{TASK}', '{tokens(2)}', 'the cat')",
+    ):
+        errors = []
+        for dsn in (proxy.dsn(), ray_proxy.dsn()):
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute("SET pgml.huggingface_whitelist = 'some/other-model'")
+                with pytest.raises(psycopg.errors.InsufficientPrivilege) as caught:
+                    conn.execute(sql).fetchall()
+                errors.append(str(caught.value))
+                conn.execute(f"SET pgml.huggingface_whitelist = '{GPT2}'")  # listed: allowed again
+                assert conn.execute(sql).fetchall()
+        assert errors[0] == errors[1] and GPT2 in errors[0], errors
+
+
 def test_killed_actor_mid_stream_then_the_next_stream_works(ray_proxy: ProxyProcess, gpt2: str) -> None:
     rows(ray_proxy.dsn(), f"SELECT pgml.transform_stream('{TASK}', '{tokens(2)}', 'warm')")
     pid = _stream_actor_pid()
