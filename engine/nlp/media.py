@@ -271,15 +271,14 @@ def read_file(path: str, text: str, limit: int = MAX_FILE_BYTES) -> bytes:
     try:
         before = os.stat(path)
         _regular(before, text)
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK), "rb") as file:
+            opened = os.fstat(file.fileno())  # the file opened is the one checked (no FIFO swapped in: no wait)
+            if (opened.st_dev, opened.st_ino) != (before.st_dev, before.st_ino):
+                raise InvalidArgument(f'the media file "{_shown(text)}" changed while it was opened')
+            _regular(opened, text)
+            return file.read(limit)
     except OSError as exc:
         raise InvalidArgument(f'cannot read the media file "{_shown(text)}": {exc.strerror}', hint=HINT) from exc
-    with os.fdopen(fd, "rb") as file:
-        opened = os.fstat(file.fileno())
-        if (opened.st_dev, opened.st_ino) != (before.st_dev, before.st_ino):
-            raise InvalidArgument(f'the media file "{_shown(text)}" changed while it was opened')
-        _regular(opened, text)
-        return file.read(limit)
 
 
 def _regular(info: os.stat_result, text: str) -> None:
