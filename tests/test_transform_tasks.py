@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import threading
 import wave
 from pathlib import Path
@@ -18,7 +19,15 @@ import numpy as np
 import psycopg
 import pytest
 
-from engine.api import Canceled, EngineConfig, InvalidArgument, NotSupported, PermissionDenied, UnknownModel
+from engine.api import (
+    Canceled,
+    EngineConfig,
+    InvalidArgument,
+    NotSupported,
+    PermissionDenied,
+    ProgramLimitExceeded,
+    UnknownModel,
+)
 from engine.nlp import media
 from engine.nlp.any_task import plain, read_args
 from engine.nlp.tasks import canonical_task, pipeline_tasks, tasks
@@ -173,11 +182,11 @@ def test_structured_media_inputs_keep_text_and_decode_media_keys(dirs: dict[str,
         "role": "user",
         "content": [{"type": "text", "text": "what is it"}, {"type": "image", "url": "images/red.png"}],
     }
-    decoded = media.decode(message, media.IMAGE, config)
+    decoded = media.Decoder(config).decode(message, media.IMAGE)
     assert decoded["content"][0] == {"type": "text", "text": "what is it"}
-    assert decoded["content"][1]["url"].size == (20, 20)
+    assert set(decoded["content"][1]) == {"type", "image"} and decoded["content"][1]["image"].size == (20, 20)
     with pytest.raises(NotSupported):
-        media.decode({"image": "http://example.com/x.png", "question": "q"}, media.IMAGE, config)
+        media.Decoder(config).decode({"image": "http://example.com/x.png", "question": "q"}, media.IMAGE)
     ctx = Context(config, ModelCache(1 << 20), threading.Event())
     args = read_args("image-text-to-text", {"images": ["images/red.png"], "max_new_tokens": 3}, ctx)
     assert args["images"][0].size == (20, 20) and args["max_new_tokens"] == 3
@@ -201,16 +210,139 @@ def test_audio_inputs(dirs: dict[str, Path]) -> None:
     samples = np.sin(np.linspace(0, 20, 1600)).astype(np.float32)
     (dirs["data"] / "tone.wav").write_bytes(_wav(samples, 16000))
     for reference in ("tone.wav", "data:audio/wav;base64," + base64.b64encode(_wav(samples, 16000)).decode()):
-        audio = media.decode(reference, media.AUDIO, config)
+        audio = media.Decoder(config).decode(reference, media.AUDIO)
         assert audio["sampling_rate"] == 16000 and np.allclose(audio["raw"], samples, atol=1e-4)  # stereo -> mono
-    raw = media.decode({"raw": [0.0, 0.5], "sampling_rate": 8000}, media.AUDIO, config)
+    raw = media.Decoder(config).decode({"raw": [0.0, 0.5], "sampling_rate": 8000}, media.AUDIO)
     assert raw["raw"].dtype == np.float32 and raw["sampling_rate"] == 8000
     (dirs["data"] / "tone.mp3").write_bytes(b"ID3\x03\x00" + bytes(64))
     with pytest.raises(NotSupported) as info:
-        media.decode("tone.mp3", media.AUDIO, config)
+        media.Decoder(config).decode("tone.mp3", media.AUDIO)
     assert info.value.hint and "WAV" in info.value.hint
     with pytest.raises(InvalidArgument):
-        media.decode({"raw": "x", "sampling_rate": 8000}, media.AUDIO, config)
+        media.Decoder(config).decode({"raw": "x", "sampling_rate": 8000}, media.AUDIO)
+
+
+def _chat(*parts: dict[str, Any]) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": "what is it"}]}]
+
+
+def test_chat_content_parts_reach_the_pipeline_decoded(dirs: dict[str, Path]) -> None:
+    """transformers' processors load a part's image/url/path/base64 (and image_url, a string too) themselves:
+    URLs fetched, any file opened. Every such key is decoded here, other text in a media part refused."""
+    config = EngineConfig(data_dirs=(str(dirs["data"]),))
+    png = "data:image/png;base64," + _png(dirs["data"] / "images" / "red.png")
+    wav = base64.b64encode(_wav(np.zeros(160, dtype=np.float32), 16000)).decode()
+    for part in (
+        {"type": "image_url", "image_url": "images/red.png"},
+        {"type": "image_url", "image_url": {"url": png, "detail": "high"}},
+        {"type": "input_image", "image_url": png},
+        {"type": "image", "base64": _png(dirs["data"] / "images" / "red.png")},
+        {"type": "image", "path": str(dirs["data"] / "images" / "red.png"), "max_pixels": 1000},
+    ):
+        [decoded, text] = media.Decoder(config).decode(_chat(part), media.IMAGE)[0]["content"]
+        assert decoded["type"] == "image" and decoded["image"].size == (20, 20) and text["type"] == "text"
+        assert set(decoded) <= {"type", "image", "max_pixels"}
+    part = {"type": "input_audio", "input_audio": {"data": wav, "format": "wav"}}
+    [audio, _] = media.Decoder(config).decode(_chat(part), media.AUDIO)[0]["content"]
+    assert set(audio) == {"type", "audio"} and isinstance(audio["audio"], np.ndarray)
+    assert media.Decoder(config).decode(_chat({"type": "image"}), media.IMAGE)[0]["content"][0] == {"type": "image"}
+    refused: list[tuple[dict[str, Any], str]] = [
+        ({"type": "image_url", "image_url": "http://169.254.169.254/latest"}, "0A000"),
+        ({"type": "image_url", "image_url": "/etc/hostname"}, "42501"),
+        ({"type": "video_url", "video_url": {"url": "https://example.com/v.mp4"}}, "0A000"),
+        ({"type": "audio", "url": "/etc/hostname"}, "42501"),
+        ({"type": "image", "base64": "/etc/hostname"}, "22023"),  # base64 only, never a path
+        ({"type": "image", "image": png, "file": "/etc/hostname"}, "22023"),  # a key transformers may read later
+        ({"type": "image", "image": png, "url": png}, "22023"),  # which one?
+        ({"type": "image", "image": {"file": "/etc/hostname"}}, "22023"),
+    ]
+    for part, sqlstate in refused:
+        with pytest.raises((InvalidArgument, NotSupported, PermissionDenied)) as info:
+            media.Decoder(config).decode(_chat(part), media.IMAGE)
+        assert info.value.sqlstate == sqlstate, part
+        assert info.value.hint, part
+    ctx = Context(config, ModelCache(1 << 20), threading.Event())
+    args = read_args("image-text-to-text", {"text": _chat({"type": "image", "url": "images/red.png"})}, ctx)
+    assert args["text"][0]["content"][0]["image"].size == (20, 20)
+    with pytest.raises(NotSupported):
+        read_args("image-text-to-text", {"text": _chat({"type": "image_url", "image_url": "http://x/y"})}, ctx)
+
+
+def test_image_limits_and_formats(dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    config = EngineConfig(data_dirs=(str(dirs["data"]),))
+
+    def encoded(image: Any, fmt: str = "PNG") -> str:
+        buffer = io.BytesIO()
+        image.save(buffer, format=fmt)
+        return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+    big = encoded(Image.new("1", (7000, 6000)))  # 42 Mpx > MAX_PIXELS, under Pillow's own limit: refused unread
+    with pytest.raises(ProgramLimitExceeded, match="million pixels"):
+        media.Decoder(config).decode(big, media.IMAGE)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    for side in (12, 15):  # Pillow's warning (over its limit) and its error (over twice that): both 54000
+        with pytest.raises(ProgramLimitExceeded):
+            media.Decoder(config).decode(encoded(Image.new("RGB", (side, side))), media.IMAGE)
+    monkeypatch.undo()
+    small = encoded(Image.new("RGB", (100, 100)))
+    monkeypatch.setattr(media, "MAX_DECODED_BYTES", 100_000)  # 30,000 pixel bytes (and the PNG) each
+    assert len(media.Decoder(config).decode([small] * 3, media.IMAGE)) == 3
+    with pytest.raises(ProgramLimitExceeded, match="one pipeline call"):
+        media.Decoder(config).decode([small] * 4, media.IMAGE)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    with pytest.raises(InvalidArgument, match="PNG, JPEG"):  # no Ghostscript, whatever is installed
+        media.Decoder(config).decode("data:image/eps;base64," + base64.b64encode(eps).decode(), media.IMAGE)
+    assert media.Decoder(config).decode(encoded(Image.new("RGB", (4, 4)), "TIFF"), media.IMAGE).size == (4, 4)
+
+
+def test_media_files_must_be_regular_small_and_not_playlists(
+    dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = EngineConfig(data_dirs=(str(dirs["data"]),))
+    files = dirs["data"] / "files"
+    files.mkdir(exist_ok=True)
+    fifo = files / "fifo.png"
+    if not fifo.exists():
+        os.mkfifo(fifo)
+    with pytest.raises(InvalidArgument, match="not a regular file"):  # and no wait for a writer
+        media.Decoder(config).decode("files/fifo.png", media.IMAGE)
+    with pytest.raises(InvalidArgument, match="not a regular file"):
+        media.Decoder(config).decode("files", media.IMAGE)
+    monkeypatch.setattr(media, "MAX_FILE_BYTES", 10)
+    with pytest.raises(ProgramLimitExceeded, match="larger than"):
+        media.Decoder(config).decode("images/red.png", media.IMAGE)
+    monkeypatch.undo()
+    (files / "clip.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(64))
+    assert media.Decoder(config).decode("files/clip.mp4", media.VIDEO) == str((files / "clip.mp4").resolve())
+    for name, content in (
+        ("list.m3u8", b"#EXTM3U\n#EXTINF:1,\nhttp://example.com/a.ts\n"),
+        ("list.txt", b"file 'clip.mp4'\n"),
+        ("hidden.mp4", b"\xef\xbb\xbf#EXTM3U\nhttp://example.com/a.ts\n"),
+        ("concat.mp4", b"ffconcat version 1.0\nfile /etc/hostname\n"),
+    ):
+        (files / name).write_bytes(content)
+        with pytest.raises(NotSupported, match="playlist") as info:
+            media.Decoder(config).decode(f"files/{name}", media.VIDEO)
+        assert info.value.hint
+
+
+def test_bare_base64_is_only_text_that_cannot_be_a_path(dirs: dict[str, Path]) -> None:
+    config = EngineConfig(data_dirs=(str(dirs["data"]),))
+    inside, outside = str(dirs["data"] / ("a" * 64)), str(dirs["outside"] / ("a" * 64))
+    with pytest.raises(InvalidArgument, match="cannot read the media file"):  # a path, not base64
+        media.Decoder(config).decode(inside, media.IMAGE)
+    with pytest.raises(PermissionDenied):
+        media.Decoder(config).decode(outside, media.IMAGE)
+    (dirs["data"] / ("b" * 64)).write_bytes((dirs["data"] / "images" / "red.png").read_bytes())
+    with pytest.raises(InvalidArgument, match=r"invalid base64|not an image"):  # no "/": base64, as documented
+        media.Decoder(config).decode("b" * 64, media.IMAGE)
+    slashed = base64.b64encode(bytes(range(256))).decode()
+    assert "/" in slashed
+    with pytest.raises(InvalidArgument, match="cannot read the media file") as info:  # a relative path
+        media.Decoder(config).decode(slashed, media.IMAGE)
+    assert info.value.hint and "data:" in info.value.hint
 
 
 def test_audio_classification_from_wav_and_raw_samples(dirs: dict[str, Path], ctx: Context) -> None:

@@ -11,9 +11,11 @@ Inputs: text for text tasks. An input that is JSON text of an object or array is
 that take structured inputs (table-question-answering's ``{"table": {column: [cells…]}, "query": …}``, every
 non-text task: ``{"image": …, "question": …}``, image pairs, chat messages); ``jsonb[]`` elements arrive as
 objects already. Media references are decoded by ``engine.nlp.media`` (no network, no path outside
-``[engine] data_dirs``), and so are the args' (``images``, ``videos`` …). Outputs are made JSON-ready by
-:func:`plain`: numpy and torch values as numbers and lists, PIL images (masks, depth maps) as PNG ``data:``
-URIs, bytes as base64.
+``[engine] data_dirs``, bounded sizes), each slice's only when it is sent, and so are the args' (``images``,
+``videos``, chat messages' content parts …). document-question-answering without ``word_boxes`` runs
+tesseract (through pytesseract, when installed) on the decoded image, as the pipeline does. Outputs are
+made JSON-ready by :func:`plain`: numpy and torch values as numbers and lists, PIL images (masks, depth
+maps) as PNG ``data:`` URIs, bytes as base64.
 
 Owns: the inputs' reading per task, the batched calls, the per-row shapes, :func:`plain`.
 
@@ -53,7 +55,7 @@ def kind(task: str) -> str | None:
     return media.VIDEO if task in VIDEO_TASKS else media.IMAGE
 
 
-def read_input(task: str, value: Any, ctx: Context) -> Any:
+def read_input(task: str, value: Any, decoder: media.Decoder) -> Any:
     """One input as the pipeline takes it: JSON text decoded where structured, media references decoded."""
     what = kind(task)
     structured = task in STRUCTURED_TEXT_TASKS or what is not None or task in PROMPT_TASKS
@@ -68,22 +70,17 @@ def read_input(task: str, value: Any, ctx: Context) -> Any:
             hint='e.g. {"table": {"city": ["Paris", "Berlin"], "people": ["2.1M", "3.7M"]}, "query": "…"}',
         )
     if what is None:  # text pipelines open no files; prompt tasks' chat content parts may name media
-        return media.decode(value, media.IMAGE, ctx.config) if task in PROMPT_TASKS else value
-    return media.decode(value, what, ctx.config)
+        return decoder.decode(value, media.IMAGE) if task in PROMPT_TASKS else value
+    return decoder.decode(value, what)
 
 
 def read_args(task: str, args: dict[str, Any], ctx: Context) -> dict[str, Any]:
-    """The call args, media references among them decoded like inputs (``images=…`` of image-text-to-text)."""
+    """The call args, media references in them decoded like inputs (``images=…``, chat messages in ``text=…``)."""
     what = kind(task)
     if what is None and task not in PROMPT_TASKS:
         return dict(args)
-    own = what or media.IMAGE
-    return {
-        key: media.decode(value, media.TYPED_KEYS.get(key, own), ctx.config)
-        if key in media.TYPED_KEYS or key in media.REFERENCE_KEYS
-        else value
-        for key, value in args.items()
-    }
+    decoder = media.Decoder(ctx.config)
+    return {key: decoder.item(key, value, what or media.IMAGE) for key, value in args.items()}
 
 
 def run(task: str, loaded: Loaded, batches: list[list[Any]], args: dict[str, Any], ctx: Context) -> list[Any]:
@@ -93,11 +90,12 @@ def run(task: str, loaded: Loaded, batches: list[list[Any]], args: dict[str, Any
     batch = ctx.batch_size(explicit)
     if explicit is not None:
         args["batch_size"] = batch
-    values = [read_input(task, value, ctx) for inputs in batches for value in inputs]
+    values = [value for inputs in batches for value in inputs]
     outputs: list[Any] = []
     for start in range(0, len(values), batch * 8):
         ctx.check()
-        part = values[start : start + batch * 8]
+        decoder = media.Decoder(ctx.config)  # each slice's media decoded only now, within one budget
+        part = [read_input(task, value, decoder) for value in values[start : start + batch * 8]]
         result = _call(task, loaded, part, args)
         if task in UNWRAPS and len(part) == 1:
             result = [result]  # the pipeline unwraps a one-element list
