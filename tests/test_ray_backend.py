@@ -445,7 +445,7 @@ def test_model_actor_on_a_gpu_falls_back_to_the_cpu(proxy: ProxyProcess, gpu_pro
     (local,), local_notices = _with_notices(proxy.dsn(), sql)
     (remote,), remote_notices = _with_notices(gpu_proxy.dsn(), sql)
     assert remote[0] == pytest.approx(local[0], abs=1e-6)
-    # Ray placed the actor on the GPU (CUDA_VISIBLE_DEVICES set for it); torch there sees no CUDA: the CPU
+    # the actor runs where Ray found half a GPU free; torch there sees no CUDA: the CPU, with the same warning
     warning = ("WARNING", 'device "cuda" is not available on the pgml-proxy host; using "cpu" instead')
     assert remote_notices == local_notices == [warning]
     actor = ray.get_actor(actor_name(worker_key("embed", (MINILM, "", {"device": "cuda"})), 0), GPU_NAMESPACE)
