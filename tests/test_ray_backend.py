@@ -8,6 +8,7 @@ clean error and the next call works, and a cancel stops a long embed or stream r
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -25,7 +26,7 @@ import pytest
 import ray
 from ray._private import state  # the GCS actor table (the state API needs the dashboard, which is off)
 
-from engine.runtime.ray_backend import actor_name, worker_key
+from engine.runtime.ray_backend import DEFAULT_TOKEN_FILE, actor_name, worker_key
 from proxy.embedded import free_port
 from tests.conftest import MINILM, ROOT, Postgres, ProxyProcess, start_proxy
 from tests.tiny_models import tiny_gpt2_no_eos
@@ -35,16 +36,33 @@ RAY = Path(sys.executable).parent / "ray"  # the venv's ray command
 
 
 @pytest.fixture(scope="session")
-def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A local Ray cluster (head only, 2 CPUs, no dashboard) whose workers import this checkout."""
+def ray_client_port() -> int:
+    """The port of the test cluster's Ray Client server (``ray://127.0.0.1:<port>``)."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def ray_address(tmp_path_factory: pytest.TempPathFactory, ray_client_port: int) -> Iterator[str]:
+    """A local Ray cluster (head only, 2 CPUs, one logical GPU, no dashboard, a Ray Client server) whose workers
+    import this checkout.
+
+    Token authentication is off for the cluster and every driver of these tests (RAY_AUTH_MODE=disabled), so a
+    ``~/.ray/auth_token`` left by some other local ``ray.init`` neither turns it on for ``ray start`` nor
+    matters. GRPC_ENABLE_FORK_SUPPORT=0: the client server forks a server per Ray Client connection, and gRPC's
+    fork handlers crash it now and then (ray-project/ray#63202).
+    """
     port = free_port()
     temp = Path(f"/tmp/pgml-ray-{secrets.token_hex(4)}")  # Ray's socket paths must stay short
     log = tmp_path_factory.mktemp("ray") / "ray.log"
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    auth = pytest.MonkeyPatch()
+    auth.setenv("RAY_AUTH_MODE", "disabled")  # this process's driver and the proxies started from it
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "GRPC_ENABLE_FORK_SUPPORT": "0"}  # fmt: skip
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [str(RAY), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--include-dashboard=false",
-             "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp}", "--block"],
+             "--num-cpus=2", "--num-gpus=1", f"--ray-client-server-port={ray_client_port}", "--disable-usage-stats",
+             f"--temp-dir={temp}", "--block"],
             env=env, stdout=out, stderr=out, start_new_session=True,
         )  # fmt: skip
     address = f"127.0.0.1:{port}"
@@ -53,7 +71,7 @@ def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         while "Ray runtime started" not in log.read_text():
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)
-        ray.init(address=address, namespace="pgml-test-ray", logging_level="WARNING", log_to_driver=False)
+        ray.init(address=address, namespace="pgml-test-ray", logging_level=logging.WARNING, log_to_driver=False)
         yield address
     finally:
         ray.shutdown()
@@ -64,6 +82,7 @@ def ray_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         shutil.rmtree(temp, ignore_errors=True)
+        auth.undo()
 
 
 @pytest.fixture(scope="module")
@@ -347,3 +366,123 @@ def test_cancel_stops_a_tune_task(ray_proxy: ProxyProcess, book: None) -> None:
         timer.join()
         assert time.monotonic() - started < 30
         assert c.execute("SELECT count(*) FROM pgml.projects WHERE name = 'tune canceled'").fetchone() == (0,)
+
+
+# --------------------------------------------------------------------------- #
+# Ray Client (ray://), a model actor on a (logical) GPU, the local instance's token
+# --------------------------------------------------------------------------- #
+
+
+def _other_ray_proxy(pg: Postgres, proxy: ProxyProcess, model_dir: Path, workdir: Path, address: str,
+                     namespace: str, gpus: str = "0") -> ProxyProcess:  # fmt: skip
+    """One more Ray-backend proxy, in a namespace of its own (its actors are its own), a twentieth CPU per actor."""
+    return start_proxy(
+        pg.dsn(), workdir, PGML_PROXY_ENGINE_MODEL_DIRS=str(model_dir), PGML_PROXY_ENGINE_BACKEND="ray",
+        PGML_PROXY_RAY_ADDRESS=address, PGML_PROXY_RAY_NAMESPACE=namespace, PGML_PROXY_RAY_NUM_CPUS="0.05",
+        PGML_PROXY_RAY_NUM_GPUS=gpus, PGML_PROXY_ENGINE_ARTIFACT_KEY_FILE=str(proxy.log.parent / "artifact.key"),
+    )  # fmt: skip
+
+
+def _kill_actors(namespace: str) -> None:
+    """End the detached actors of ``namespace``, so that their resources go back to the test cluster."""
+    for named in ray.util.list_named_actors(all_namespaces=True):
+        if named["namespace"] == namespace:
+            ray.kill(ray.get_actor(named["name"], namespace=namespace))
+
+
+@pytest.fixture(scope="module")
+def client_proxy(pg: Postgres, proxy: ProxyProcess, model_dir: Path, ray_address: str, ray_client_port: int,
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:  # fmt: skip
+    """A Ray-backend proxy connected through Ray Client: ``[ray] address = "ray://127.0.0.1:<port>"``."""
+    handle = _other_ray_proxy(pg, proxy, model_dir, tmp_path_factory.mktemp("ray-client-proxy"),
+                              f"ray://127.0.0.1:{ray_client_port}", "pgml-test-ray-client")  # fmt: skip
+    try:
+        yield handle
+    finally:
+        handle.stop()
+        _kill_actors("pgml-test-ray-client")
+
+
+def test_ray_client_same_as_local_and_a_stream_refused(proxy: ProxyProcess, client_proxy: ProxyProcess,
+                                                        texts: None, gpt2: str) -> None:  # fmt: skip
+    for sql in (f"SELECT pgml.embed('{MINILM}', 'hello ray client')",
+                f"SELECT i, pgml.embed('{MINILM}', body) FROM ray_texts ORDER BY i"):  # fmt: skip
+        local, remote = rows(proxy.dsn(), sql), rows(client_proxy.dsn(), sql)
+        assert len(local) == len(remote)
+        for a, b in zip(local, remote, strict=True):
+            assert a[:-1] == b[:-1]
+            assert a[-1] == pytest.approx(b[-1], abs=1e-6)
+    for sql in (
+        f"SELECT pgml.transform('{TASK}', '{tokens(6)}', ARRAY['the cat', 'a dog sat'])",
+        # inside a larger statement every fragment comes from one actor call: that works through Ray Client
+        f"SELECT count(*), min(s::text) FROM pgml.transform_stream('{TASK}', '{tokens(5)}', 'the dog') AS s",
+    ):
+        assert rows(client_proxy.dsn(), sql) == rows(proxy.dsn(), sql), sql
+    started = time.monotonic()
+    with pytest.raises(psycopg.errors.FeatureNotSupported) as caught:  # Ray Client has no Ray generators
+        rows(client_proxy.dsn(), f"SELECT pgml.transform_stream('{TASK}', '{tokens(12)}', 'the cat')")
+    assert time.monotonic() - started < 10
+    assert "cannot stream through Ray Client" in str(caught.value)
+    assert caught.value.diag.message_hint is not None and "6379" in caught.value.diag.message_hint
+    assert rows(client_proxy.dsn(), f"SELECT pgml.embed('{MINILM}', 'still fine') IS NOT NULL") == [(True,)]
+
+
+GPU_NAMESPACE = "pgml-test-ray-gpu"
+
+
+@pytest.fixture(scope="module")
+def gpu_proxy(pg: Postgres, proxy: ProxyProcess, model_dir: Path, ray_address: str,
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:  # fmt: skip
+    """A Ray-backend proxy whose model actors each need half of a GPU (the test cluster declares one)."""
+    handle = _other_ray_proxy(pg, proxy, model_dir, tmp_path_factory.mktemp("ray-gpu-proxy"), ray_address,
+                              GPU_NAMESPACE, gpus="0.5")  # fmt: skip
+    try:
+        yield handle
+    finally:
+        handle.stop()
+        _kill_actors(GPU_NAMESPACE)
+
+
+def _with_notices(dsn: str, sql: str) -> tuple[list[tuple[object, ...]], list[tuple[str | None, str | None]]]:
+    notices: list[tuple[str | None, str | None]] = []
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.add_notice_handler(lambda d: notices.append((d.severity, d.message_primary)))
+        return conn.execute(sql).fetchall(), notices
+
+
+def _free_gpu(expected: float) -> None:
+    deadline = time.monotonic() + 20  # the raylet reports its resources every few hundred milliseconds
+    while (free := ray.available_resources().get("GPU", 0.0)) != expected:  # type: ignore[no-untyped-call]
+        assert time.monotonic() < deadline, free
+        time.sleep(0.2)
+
+
+def test_model_actor_on_a_gpu_falls_back_to_the_cpu(proxy: ProxyProcess, gpu_proxy: ProxyProcess) -> None:
+    assert ray.cluster_resources()["GPU"] == 1  # type: ignore[no-untyped-call]
+    sql = f"SELECT pgml.embed('{MINILM}', 'hello gpu', '{{\"device\": \"cuda\"}}')"
+    (local,), local_notices = _with_notices(proxy.dsn(), sql)
+    (remote,), remote_notices = _with_notices(gpu_proxy.dsn(), sql)
+    assert remote[0] == pytest.approx(local[0], abs=1e-6)
+    # the actor runs where Ray found half a GPU free; torch there sees no CUDA: the CPU, with the same warning
+    warning = ("WARNING", 'device "cuda" is not available on the pgml-proxy host; using "cpu" instead')
+    assert remote_notices == local_notices == [warning]
+    actor = ray.get_actor(actor_name(worker_key("embed", (MINILM, "", {"device": "cuda"})), 0), GPU_NAMESPACE)
+    _free_gpu(0.5)  # the actor holds its half of the GPU ...
+    ray.kill(actor)
+    _free_gpu(1.0)  # ... which comes back when it ends
+
+
+def test_local_instance_leaves_no_token_file(pg: Postgres, proxy: ProxyProcess, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """An empty ``[ray] address`` starts a Ray instance in the proxy, token-protected, but writes no
+    ``~/.ray/auth_token`` (which would turn on token authentication for every later ``ray start`` here)."""
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)  # Ray's default: token authentication on
+    home = tmp_path / "home"
+    home.mkdir()
+    local = start_proxy(pg.dsn(), tmp_path, HOME=str(home), PGML_PROXY_ENGINE_BACKEND="ray",
+                        PGML_PROXY_RAY_NAMESPACE="pgml-test-ray-local", PGML_PROXY_RAY_NUM_CPUS="0.05")  # fmt: skip
+    try:
+        assert rows(local.dsn(), "SELECT pgml.version() IS NOT NULL") == [(True,)]
+    finally:
+        local.stop()
+    assert not (home / DEFAULT_TOKEN_FILE.relative_to("~")).exists()

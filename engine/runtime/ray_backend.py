@@ -1,19 +1,19 @@
 """The Ray backend (``[engine] backend = "ray"``): the engine's :class:`~engine.runtime.context.Offload` onto a
 Ray cluster.
 
-Owns: connecting to the cluster (:func:`connect`, before the event loop starts: ``[ray]`` address, or a local
-instance started in this process; the namespace), the named, detached model actors
-(:class:`~engine.runtime.ray_host.ModelHost`; one name per model and load kwargs — per database, id and
-creation time for a classical or tuned model — and replica; found or created with ``get_if_exists``, so every
-proxy of the namespace shares one warm copy), sending rows to the actors of their models (embed, rank,
-transform, generate: ``engine.runtime.ray_host.ROW_FUNCTIONS``; clear_gpu_cache to every actor this proxy
-uses), streaming ``transform_stream`` from its actor (a Ray generator, back-pressured at
-``STREAM_AHEAD`` unread fragments), running functions on hosted models (the predict family: the artifact
-read through the client's session by the proxy, shipped through the object store only when the actor does
-not hold it yet), tasks of their own with the configured resources (tune: the rows read by the proxy,
-shipped through the object store), fanning a training search's fits out as parallel tasks, cancel
-(``ray.cancel`` of a call's actor calls, generators and tasks) and what a dead worker gives
-(:class:`WorkerLost`; the next call gets a fresh actor).
+Owns: connecting to the cluster (:func:`connect`, before the event loop starts: ``[ray]`` address — a GCS
+address, or ``ray://`` for Ray Client, which cannot stream (``transform_stream`` says so) — or a local instance
+started in this process, whose token stays in this process's environment; the namespace), the named, detached
+model actors (:class:`~engine.runtime.ray_host.ModelHost`; one name per model and load kwargs — per database, id
+and creation time for a classical or tuned model — and replica; found or created with ``get_if_exists``, so every
+proxy of the namespace shares one warm copy), sending rows to the actors of their models (embed, rank, transform,
+generate: ``engine.runtime.ray_host.ROW_FUNCTIONS``; clear_gpu_cache to every actor this proxy uses), streaming
+``transform_stream`` from its actor (a Ray generator, back-pressured at ``STREAM_AHEAD`` unread fragments),
+running functions on hosted models (the predict family: the artifact read through the client's session by the
+proxy, shipped through the object store only when the actor does not hold it yet), tasks of their own with the
+configured resources (tune: the rows read by the proxy, shipped through the object store), fanning a training
+search's fits out as parallel tasks, cancel (``ray.cancel`` of a call's actor calls, generators and tasks) and
+what a dead worker gives (:class:`WorkerLost`; the next call gets a fresh actor).
 
 Must not: block the event loop (object refs are awaited as futures; handles are made and large arguments put
 into the object store in a thread), read or
@@ -29,9 +29,12 @@ import hashlib
 import itertools
 import json
 import logging
+import os
+import secrets
 import threading
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -44,6 +47,7 @@ from engine.api import (
     EngineConfig,
     EngineError,
     InvalidArgument,
+    NotSupported,
     Observer,
     RayConfig,
     SessionSettings,
@@ -64,20 +68,43 @@ _LOST = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.ex
          ray.exceptions.NodeDiedError, ray.exceptions.OwnerDiedError)  # fmt: skip
 LOST_HINT = "The next call starts a fresh one; see the Ray cluster's logs for why it died."
 WAIT_STEP = 0.1  # seconds between cancel checks of a training fan-out
+RAY_CLIENT = "ray://"  # an address of Ray Client (the cluster's client server) rather than of its GCS
+# Ray's token authentication (2.52+): the mode, the token itself, a file holding it, and its default file.
+AUTH_MODE, AUTH_TOKEN, AUTH_TOKEN_PATH = "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
+DEFAULT_TOKEN_FILE = Path("~/.ray/auth_token")
 
 
 def connect(ray_config: RayConfig) -> None:
-    """Connect this process to the ``[ray]`` cluster, or start a local instance (empty address). Blocking (seconds):
+    """Connect this process to the ``[ray]`` cluster, or start a local instance (empty address: always a new one,
+    never a ``ray start`` cluster of this machine nor RAY_ADDRESS, as Ray's own default would). Blocking (seconds):
     call it before the event loop starts — and not in a passing thread: a local instance's processes are
     tied to the thread that started them and end with it."""
+    if not ray_config.address:
+        _private_token()
     try:
         ray.init(
-            address=ray_config.address or None, namespace=ray_config.namespace, include_dashboard=False,
+            address=ray_config.address or "local", namespace=ray_config.namespace, include_dashboard=False,
             log_to_driver=False, logging_level=logging.WARNING, ignore_reinit_error=True,
         )  # fmt: skip
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = ray_config.address or "a local instance"
         raise EngineError(f"cannot start the Ray backend ({where}): {exc}") from None
+
+
+def _private_token() -> None:
+    """Give the local instance about to start a token of its own, in this process's environment (its processes
+    inherit it), unless token authentication is configured already or disabled.
+
+    Ray 2.60 enables token authentication for an instance ``ray.init`` starts and, with no token configured,
+    writes a new one to ``~/.ray/auth_token``. That file outlives the proxy and turns token authentication on for
+    every later ``ray start`` on the machine, whose drivers (with an explicit address) then fail with
+    InvalidAuthToken. A token in the environment keeps the instance protected without leaving that file behind.
+    """
+    if os.environ.get(AUTH_MODE, "token").lower() != "token":
+        return
+    if AUTH_TOKEN in os.environ or AUTH_TOKEN_PATH in os.environ or DEFAULT_TOKEN_FILE.expanduser().exists():
+        return
+    os.environ[AUTH_TOKEN] = secrets.token_hex(32)
 
 
 def ray_engine(config: EngineConfig, ray_config: RayConfig, observer: Observer | None = None) -> LocalEngine:
@@ -214,6 +241,13 @@ class RayOffload:
 
     async def stream(self, row: tuple[Any, ...], cancelled: threading.Event, notices: list[str],
                      settings: SessionSettings | None) -> AsyncIterator[list[str]]:  # fmt: skip
+        if self.ray_config.address.startswith(RAY_CLIENT):
+            raise NotSupported(
+                'pgml.transform_stream cannot stream through Ray Client ([ray] address = "ray://…")',
+                detail="Ray Client does not support Ray generators (streaming actor calls).",
+                hint="Set [ray] address to the cluster's GCS address (host:6379) from a host that can reach the "
+                "cluster's nodes, or use pgml.transform.",
+            )
         task, args, inputs, _ = row
         name, actor = await self._actor(worker_key("transform_stream", row))
         method = actor.stream.options(num_returns="streaming", _generator_backpressure_num_objects=STREAM_AHEAD)
