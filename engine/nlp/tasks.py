@@ -2,12 +2,12 @@
 
 Owns: turning the task argument (a name, or JSON with ``task``, ``model`` and loading kwargs) into a
 canonical task (every task and alias of the installed ``transformers.pipeline``, and the tasks
-transformers 5 dropped that PostgresML had), a model and its loading kwargs; the permission checks
-(``trust_remote_code``, and ``[engine] allowed_models``, narrowed by the session's ``pgml.huggingface_whitelist``:
-PostgresML's, for transform and transform_stream only); each task's default model (those of the transformers 4.x
-pipelines PostgresML ran, else the installed pipeline's own default); loading pipelines (every task
-transformers 5 has one for) or Auto models (the others) into the ModelCache, keyed by model kind, resolved
-model and loading kwargs.
+transformers 5 dropped that PostgresML had), a model and its loading kwargs; the permission checks, for the
+model and every other model its kwargs name (``trust_remote_code``, and ``[engine] allowed_models``, narrowed by
+the session's ``pgml.huggingface_whitelist``: PostgresML's, for transform and transform_stream only); each task's
+default model (those of the transformers 4.x pipelines PostgresML ran, else the installed pipeline's own
+default); loading pipelines (every task transformers 5 has one for) or Auto models (the others) into the
+ModelCache, keyed by model kind, resolved model and loading kwargs.
 
 Must not: run inference, or import ML libraries at import time.
 """

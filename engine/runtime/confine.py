@@ -4,10 +4,9 @@ Owns: :func:`confine_kwargs` (locations the proxy owns refused; other models nam
 :data:`MODEL_KWARGS`, each resolved inside the model directories and permitted like the model, every other kwarg
 that names a model, processor, file or code refused; ``trust_remote_code`` at any depth only with ``[engine]
 trust_remote_code`` and the session's PostgresML settings, for every model named; pickle-loading overrides
-refused), :func:`permit_remote_code` (the
-session's side of that, as PostgresML decides it; :func:`remote_code_config` where no kwarg asks),
-:func:`refuse_unsupported_loading` (bitsandbytes quantized loading and GGML weights through ctransformers,
-which PostgresML offers and nothing here runs: 0A000) and
+refused), :func:`permit_remote_code` (the session's side of that, as PostgresML decides it;
+:func:`remote_code_config` where no kwarg asks), :func:`refuse_unsupported_loading` (bitsandbytes quantized
+loading and GGML weights through ctransformers, which PostgresML offers and nothing here runs: 0A000) and
 :func:`generation_kwargs` (no ``generate`` argument that loads or runs code, models or files).
 
 Must not: load models or decide where a model is (``engine.runtime.locate`` does).
