@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +21,15 @@ import psycopg
 import pytest
 from psycopg import errors, sql
 
-from engine.api import EngineConfig, EngineError, InvalidArgument, PermissionDenied, UnknownModel
+from engine.api import EngineConfig, EngineError, InvalidArgument, PermissionDenied, SessionSettings, UnknownModel
 from engine.ml.datasets.load import load
+from engine.nlp.transform import transform_rows
 from engine.runtime.cache import ModelCache
 from engine.runtime.confine import confine_kwargs
+from engine.runtime.context import Context
 from engine.runtime.locate import owned_dir, resolve
 from tests.conftest import MINILM, Postgres, ProxyProcess, start_proxy
-from tests.tiny_models import tiny_bert_classifier
+from tests.tiny_models import tiny_bert_classifier, tiny_gpt2
 
 DATABASE = "pgml_confinement"
 ROLE = "confinement_user"
@@ -378,6 +381,70 @@ def test_engine_confine_kwargs(area: Area) -> None:
         "subfolder": "onnx",
         "trust_remote_code": False,
     }
+
+
+def test_engine_other_models_only_through_the_allow_list(area: Area) -> None:
+    """Another model is named only as tokenizer/config/processors (resolved inside model_dirs and permitted like
+    the model); every other kwarg that names a model, processor, file or code is refused, at any depth."""
+    config = EngineConfig(model_dirs=(str(area.models),), trust_remote_code=True)
+    outside = str(area.outside / "model")
+    refused: list[dict[str, Any]] = [
+        {"assistant_model": outside},
+        {"assistant_tokenizer": "tiny-bert"},
+        {"model_kwargs": {"assistant_model": "tiny-bert"}},
+        {"custom_generate": "tiny-bert"},
+        {"generation_config": {"do_sample": True}},
+        {"model_kwargs": {"_adapter_model_path": outside}},
+        {"use_kernels": True},
+        {"tokenizer_kwargs": {"vocab_file": "/etc/passwd"}},
+        {"model_kwargs": {"tokenizer_file": "/etc/passwd"}},
+        {"model_kwargs": {"model": outside}},
+        {"speaker_model": "tiny-bert"},  # a kwarg a later transformers might add
+        {"tokenizer": ["tiny-bert", {}]},  # transformers' (name, kwargs) form skips the check: a name only
+        {"model_kwargs": "tiny-bert"},
+    ]
+    for init in refused:
+        with pytest.raises(InvalidArgument):
+            confine_kwargs(init, config)
+    for key in ("video_processor", "image_processor", "feature_extractor", "processor", "config", "tokenizer"):
+        with pytest.raises(UnknownModel):
+            confine_kwargs({key: outside}, config)
+        resolved = confine_kwargs({key: "tiny-bert"}, config)[key]
+        assert resolved == str((area.models / "tiny-bert").resolve())
+    seen: list[str] = []
+    confine_kwargs({"tokenizer": "tiny-bert", "model_kwargs": {"config": "tiny-bert"}}, config, None, "m", seen.append)
+    assert seen == ["tiny-bert", "tiny-bert"]  # each named model passes the caller's allow-lists
+    trusting = SessionSettings(trust_remote_code=True, trust_remote_code_whitelist=("m",))
+    with pytest.raises(PermissionDenied, match="model tiny-bert is not trusted to run remote code"):
+        confine_kwargs({"trust_remote_code": True, "tokenizer": "tiny-bert"}, config, trusting, "m")
+    assert confine_kwargs({"tokenizer": "tiny-bert"}, config, trusting, "m")["trust_remote_code"] is False
+
+
+def test_engine_transform_checks_every_model_named(area: Area, tmp_path: Path) -> None:
+    """The review's reproductions at the engine level: an assistant model from outside the model dirs, a
+    tokenizer not in allowed_models or not in the session's whitelist; an allowed tokenizer still loads."""
+    models = tmp_path / "models"
+    tiny_gpt2(models / "A")
+    tiny_gpt2(models / "B")
+    tiny_gpt2(area.outside / "gpt")
+    config = EngineConfig(device="cpu", model_dirs=(str(models),), allowed_models=("A", "B"))
+
+    def run(task: dict[str, Any], settings: SessionSettings | None = None) -> Any:
+        ctx = Context(config, ModelCache(1 << 30), threading.Event(), settings=settings)
+        return transform_rows([(task, {"max_new_tokens": 2}, ["the cat"], False)], ctx)
+
+    generation = {"task": "text-generation", "model": "A"}
+    for assistant in ({"assistant_model": str(area.outside / "gpt")}, {"assistant_tokenizer": "B"}):
+        with pytest.raises(InvalidArgument, match="is not allowed") as info:
+            run({**generation, **assistant})
+        assert info.value.sqlstate == "22023"
+    with pytest.raises(EngineError, match='model "gpt" is not in the allowed models') as denied:
+        run({**generation, "tokenizer": "gpt"})
+    assert denied.value.sqlstate == "42501"
+    with pytest.raises(EngineError, match="model B is not whitelisted") as narrowed:
+        run({**generation, "tokenizer": "B"}, SessionSettings(whitelist=("A",)))
+    assert narrowed.value.sqlstate == "42501"
+    assert run({**generation, "tokenizer": "B"}, SessionSettings(whitelist=("A", "B")))
 
 
 def test_engine_tune_resolves_through_the_model_dirs(area: Area) -> None:

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import subprocess
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ import pytest
 from psycopg import errors, sql
 
 from engine.api import Result, SessionSettings, signatures
+from engine.runtime.threads import limited
 from proxy.embedded import Cluster, find_bin_dir
 from proxy.errors import InvalidParameterValue
 from proxy.rewrite.pgml_settings import READ, Once, parse, reading
@@ -238,6 +240,32 @@ def test_another_sessions_trusted_answer_is_never_reused(setup: Setup, spelling:
                 other.cursor().execute(embed, prepare=prepare)
 
 
+def test_every_model_named_in_the_kwargs_is_checked(setup: Setup, conn: psycopg.Connection) -> None:
+    """A tokenizer (or config, processor …) is checked as the model: the session's whitelists and the trust
+    whitelist; an assistant model is refused (22023) as generation args refuse it."""
+    setup.ran()
+    conn.execute("SET pgml.huggingface_trust_remote_code = on")
+    conn.execute("SET pgml.huggingface_trust_remote_code_whitelist = 'sst-a'")
+    error = refused(conn, TRANSFORM, [task("sst-a", trust_remote_code=True, tokenizer="evil")])
+    assert error.sqlstate == "42501"
+    assert error.diag.message_primary == "model evil is not trusted to run remote code"
+    assert not setup.ran()
+    for kwarg in ("video_processor", "config", "processor"):
+        assert refused(conn, TRANSFORM, [task("sst-a", trust_remote_code=True, **{kwarg: "evil"})]).sqlstate == "42501"
+    assert not setup.ran()
+    conn.execute("RESET pgml.huggingface_trust_remote_code_whitelist")
+    conn.execute("RESET pgml.huggingface_trust_remote_code")
+    generation = json.dumps({"task": "text-generation", "model": "gpt", "assistant_model": "gpt"})
+    assert refused(conn, TRANSFORM, [generation]).sqlstate == "22023"
+    conn.execute("SET pgml.huggingface_whitelist = 'sst-a'")
+    error = refused(conn, TRANSFORM, [task("sst-a", tokenizer="sst-b")])
+    assert (error.sqlstate, error.diag.message_primary) == ("42501", "model sst-b is not whitelisted")
+    conn.execute("SET pgml.huggingface_whitelist = 'sst-a,sst-b'")
+    row = conn.execute(TRANSFORM, [task("sst-a", tokenizer="sst-b")]).fetchone()  # allowed: it loads
+    assert row is not None and row[0]
+    conn.execute("RESET pgml.huggingface_whitelist")
+
+
 def test_engine_refusal_stays_whatever_the_session_says(setup: Setup, tmp_path: Path) -> None:
     dsn = f"postgresql://postgres@127.0.0.1:{setup.cluster.port}/postgres"
     strict = start_proxy(dsn, tmp_path, PGML_PROXY_ENGINE_MODEL_DIRS=str(setup.models), PGML_PROXY_ENGINE_DEVICE="cpu")
@@ -269,6 +297,33 @@ def test_transform_stream_is_narrowed(conn: psycopg.Connection) -> None:
     conn.autocommit = True
     conn.execute("SET pgml.huggingface_whitelist = 'gpt'")
     assert conn.execute(select, [stream]).fetchall()
+
+
+def test_omp_num_threads_puts_back_the_configured_count() -> None:
+    """After a limited job a thread computes with the engine's configured count, also one that picked up a
+    lowered count (its first torch use while another session's limit held); a limit never raises past it."""
+    import torch  # lazy, as the engine imports it: seconds
+
+    configured = torch.get_num_threads()
+    with limited(SessionSettings(omp_num_threads=1), "embed"):  # the engine's count is recorded before any limit
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == configured
+    seen: dict[str, int] = {}
+
+    def worker() -> None:
+        torch.set_num_threads(1)  # as a thread that first used torch under another session's limit
+        with limited(SessionSettings(omp_num_threads=configured + 4), "embed"):
+            seen["within"] = torch.get_num_threads()
+        seen["after"] = torch.get_num_threads()
+        torch.set_num_threads(1)
+        with limited(None, "embed"):
+            seen["unlimited"] = torch.get_num_threads()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen == {"within": configured, "after": configured, "unlimited": configured}
+    torch.set_num_threads(configured)
 
 
 def test_omp_num_threads_lowers_the_jobs_threads(setup: Setup, conn: psycopg.Connection) -> None:

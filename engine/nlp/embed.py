@@ -54,8 +54,8 @@ ONNX_HINT = "Install the onnx extra (pip install 'pgml-proxy[onnx]'), or set [en
 def load_sentence_model(cls_name: str, name: str, init: dict[str, Any], ctx: Context, onnx: bool = False) -> Any:
     """A sentence-transformers ``SentenceTransformer`` / ``CrossEncoder`` for ``name``, from the shared cache.
 
-    ``init`` goes through :func:`confine_kwargs` first (locations, trust_remote_code at any depth). ``onnx``:
-    loaded on the CPU, its transformer then run by ONNX Runtime (:mod:`engine.nlp.onnx_embed`)."""
+    ``init`` goes through :func:`confine_kwargs` first (locations, other models named, trust_remote_code at any
+    depth). ``onnx``: loaded on the CPU, its transformer then run by ONNX Runtime (:mod:`engine.nlp.onnx_embed`)."""
     init = {"device": pick_device(ctx.config.device), **confine_kwargs(init, ctx.config, ctx.settings, name)}
     refuse_unsupported_loading(name, init)
     if onnx:

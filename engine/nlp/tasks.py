@@ -2,12 +2,12 @@
 
 Owns: turning the task argument (a name, or JSON with ``task``, ``model`` and loading kwargs) into a
 canonical task (every task and alias of the installed ``transformers.pipeline``, and the tasks
-transformers 5 dropped that PostgresML had), a model and its loading kwargs; the permission checks
-(``trust_remote_code``, and ``[engine] allowed_models``, narrowed by the session's ``pgml.huggingface_whitelist``:
-PostgresML's, for transform and transform_stream only); each task's default model (those of the transformers 4.x
-pipelines PostgresML ran, else the installed pipeline's own default); loading pipelines (every task
-transformers 5 has one for) or Auto models (the others) into the ModelCache, keyed by model kind, resolved
-model and loading kwargs.
+transformers 5 dropped that PostgresML had), a model and its loading kwargs; the permission checks, for the
+model and every other model its kwargs name (``trust_remote_code``, and ``[engine] allowed_models``, narrowed by
+the session's ``pgml.huggingface_whitelist``: PostgresML's, for transform and transform_stream only); each task's
+default model (those of the transformers 4.x pipelines PostgresML ran, else the installed pipeline's own
+default); loading pipelines (every task transformers 5 has one for) or Auto models (the others) into the
+ModelCache, keyed by model kind, resolved model and loading kwargs.
 
 Must not: run inference, or import ML libraries at import time.
 """
@@ -163,8 +163,8 @@ def parse_task(value: Any) -> TaskSpec:
     return TaskSpec(canonical_task(task), model, init)
 
 
-def _permit(name: str, init: dict[str, Any], ctx: Context) -> dict[str, Any]:
-    """The loading kwargs to use for ``name``, once the allow-list and trust_remote_code checks pass."""
+def _allow(ctx: Context, name: str) -> None:
+    """42501 unless ``[engine] allowed_models`` and the session's ``pgml.huggingface_whitelist`` let ``name`` load."""
     allowed = ctx.config.allowed_models
     if allowed and name not in allowed:
         raise ModelNotAllowed(
@@ -176,9 +176,16 @@ def _permit(name: str, init: dict[str, Any], ctx: Context) -> dict[str, Any]:
             f"model {name} is not whitelisted",
             hint="Add it to pgml.huggingface_whitelist (SET, ALTER ROLE … SET or ALTER DATABASE … SET).",
         )
-    # No client-chosen locations, tokenizer/config names confined, trust_remote_code (at any depth) refused
-    # unless [engine] trust_remote_code: then model_kwargs' flag counts for the whole pipeline.
-    init = confine_kwargs(init, ctx.config, ctx.settings, name)
+
+
+def _permit(name: str, init: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    """The loading kwargs to use for ``name``, once the allow-list and trust_remote_code checks pass for it and
+    for every other model its kwargs name (tokenizer, config, processors)."""
+    _allow(ctx, name)
+    # No client-chosen locations; other models only as tokenizer/config/processors, confined and allowed as
+    # ``name`` (remote code included); trust_remote_code (at any depth) refused unless [engine]
+    # trust_remote_code: then model_kwargs' flag counts for the whole pipeline.
+    init = confine_kwargs(init, ctx.config, ctx.settings, name, functools.partial(_allow, ctx))
     refuse_unsupported_loading(name, init)
     nested = dict(init["model_kwargs"]) if isinstance(init.get("model_kwargs"), dict) else None
     wants = bool(init.pop("trust_remote_code", False)) or bool(nested and nested.pop("trust_remote_code", False))
