@@ -56,7 +56,9 @@ def load_sentence_model(cls_name: str, name: str, init: dict[str, Any], ctx: Con
 
     ``init`` goes through :func:`confine_kwargs` first (locations, other models named, trust_remote_code at any
     depth). ``onnx``: loaded on the CPU, its transformer then run by ONNX Runtime (:mod:`engine.nlp.onnx_embed`)."""
-    init = {"device": pick_device(ctx.config.device), **confine_kwargs(init, ctx.config, ctx.settings, name)}
+    # No session settings: PostgresML's trust settings govern transform only (its own embedding.sql asks for
+    # trust_remote_code with them unset); [engine] trust_remote_code alone decides here.
+    init = {"device": pick_device(ctx.config.device), **confine_kwargs(init, ctx.config, None, name)}
     refuse_unsupported_loading(name, init)
     if onnx:
         init["device"] = "cpu"  # ONNX Runtime's CPU execution provider runs it; torch only loads and exports it

@@ -3,9 +3,9 @@
 Owns: :func:`confine_kwargs` (locations the proxy owns refused; other models named only through the allow-list
 :data:`MODEL_KWARGS`, each resolved inside the model directories and permitted like the model, every other kwarg
 that names a model, processor, file or code refused; ``trust_remote_code`` at any depth only with ``[engine]
-trust_remote_code`` and the session's PostgresML settings, for every model named; pickle-loading overrides
-refused), :func:`permit_remote_code` (the session's side of that, as PostgresML decides it;
-:func:`remote_code_config` where no kwarg asks), :func:`refuse_unsupported_loading` (bitsandbytes quantized
+trust_remote_code`` and — for transform and transform_stream, as in PostgresML — the session's PostgresML
+settings, for every model named; pickle-loading overrides refused), :func:`permit_remote_code` (the session's
+side of that, as PostgresML decides it), :func:`refuse_unsupported_loading` (bitsandbytes quantized
 loading and GGML weights through ctransformers, which PostgresML offers and nothing here runs: 0A000) and
 :func:`generation_kwargs` (no ``generate`` argument that loads or runs code, models or files).
 
@@ -14,7 +14,6 @@ Must not: load models or decide where a model is (``engine.runtime.locate`` does
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -105,19 +104,6 @@ def permit_remote_code(model: str, settings: SessionSettings | None) -> None:
             hint=f"Consider setting pgml.huggingface_trust_remote_code = 'true' or adding {model} to"
             " pgml.huggingface_trust_remote_code_whitelist",
         )
-
-
-def remote_code_config(config: EngineConfig, settings: SessionSettings | None, model: str) -> EngineConfig:
-    """``config`` for loading ``model`` where ``[engine] trust_remote_code`` alone decides (tune, a tuned model):
-    its ``trust_remote_code`` narrowed to what the session's settings allow for ``model``
-    (:func:`permit_remote_code`)."""
-    if not config.trust_remote_code or settings is None:
-        return config
-    try:
-        permit_remote_code(model, settings)
-    except PermissionDenied:
-        return dataclasses.replace(config, trust_remote_code=False)
-    return config
 
 
 def _items(value: Any) -> Iterator[tuple[Any, Any]]:

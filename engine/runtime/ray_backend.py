@@ -124,7 +124,7 @@ def worker_key(name: str, row: tuple[Any, ...]) -> str:
     construct it; transform and transform_stream, the task (the model and how it loads); generate, the tuned
     model's key."""
     if name == "generate":
-        return json.dumps(["tuned", row[1]])
+        return json.dumps(["tuned", row[0]])
     if name not in MODEL_KWARGS:
         return json.dumps(["transform", row[0]], sort_keys=True, default=str)
     try:

@@ -373,7 +373,6 @@ class Rewriter:
             not changed
             and analysis.cacheable()
             and not sql_prepare.executes(analysis.stmts)
-            and not pgml_settings.depends(site for sites in analysis.sites for site in sites)
         ):
             facts = yield LOOK
             self._rewritten.put((facts.database, message.sql, analysis.bare), rewritten)

@@ -9,10 +9,9 @@ server reports no custom setting in ParameterStatus), parsing them as PostgresML
 a boolean, an integer ≥ 1; a bad value is 22023 with the server's own message), :func:`reading`, which gives
 them to every governed :class:`~proxy.rewrite.steps.Evaluate` of one statement (read once, at its first
 governed call; a statement without one sends nothing more; :class:`Portal`: a streamed portal's Executes
-share its statement's read), and :func:`depends` (a statement whose
-outcome may depend on them is not kept by the rewriter's memory of rewritten statements: decided on the
-constant values its governed calls get — strings as the parser decoded them, JSON as parsed — never on the
-text, which escapes can disguise).
+share its statement's read). No cacheable call depends on them (the whitelist and the trust settings
+govern transform and transform_stream, which are never cacheable, as in PostgresML), so the rewriter's memory
+of rewritten statements may answer for any session.
 
 Must not: run anything itself (it yields :mod:`proxy.rewrite.steps` requests), or decide what the settings
 allow (the engine does: they only ever narrow ``[engine]``).
@@ -21,19 +20,14 @@ allow (the engine does: they only ever narrow ``[engine]``).
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from pglast import ast
-
 from engine.api import SessionSettings
 from proxy.errors import InvalidParameterValue
-from proxy.rewrite.calls import Site
 from proxy.rewrite.steps import Evaluate, Steps, run
-from proxy.rewrite.tree import nodes_under
 
 # The functions whose work the settings govern: model loading (whitelist, remote code) or compute (threads).
 GOVERNED = frozenset({"transform", "transform_stream", "embed", "rank", "tune", "generate", "train", "train_joint"})
@@ -48,7 +42,6 @@ INT_MAX = 2147483647
 # PostgreSQL's parse_bool: a unique prefix of true/false/yes/no, on/off (at least "of"), 1/0, any case.
 _TRUE = re.compile(r"(?i)t(?:r(?:ue?)?)?|y(?:es?)?|on|1")
 _FALSE = re.compile(r"(?i)f(?:a(?:l(?:se?)?)?)?|n(?:o)?|off?|0")
-REMOTE_CODE = "trust_remote_code"
 T = TypeVar("T")
 
 
@@ -141,36 +134,3 @@ def reading(steps: Steps[T], once: Once | None = None) -> Steps[T]:
                 failure = exc
     finally:
         steps.close()
-
-
-def depends(sites: Iterable[Site]) -> bool:
-    """Whether a statement's result may depend on the settings although its calls are cacheable: a governed call
-    whose constant arguments ask for a model's own code (a ``trust_remote_code`` key at any depth of a JSON value,
-    however the SQL spelled it), which the session's settings may refuse."""
-    return any(
-        _asks_for_code(node.sval)
-        for site in sites
-        if site.function in GOVERNED
-        for node in nodes_under(site.call)
-        if isinstance(node, ast.String) and node.sval is not None
-    )
-
-
-def _asks_for_code(text: str) -> bool:
-    if REMOTE_CODE in text.lower():  # also a JSON text whose escapes the parse below would decode
-        return True
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return False
-    return any(isinstance(key, str) and key.lower() == REMOTE_CODE for key in _keys(value))
-
-
-def _keys(value: Any) -> Iterator[Any]:
-    if isinstance(value, dict):
-        for key, item in value.items():
-            yield key
-            yield from _keys(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _keys(item)

@@ -29,7 +29,6 @@ from engine.nlp.finetune.plan import TASKS
 from engine.nlp.finetune.trainer import TuneResult, fine_tune
 from engine.pg import registry
 from engine.pg.table import Table
-from engine.runtime.confine import remote_code_config
 from engine.runtime.context import Context
 
 
@@ -79,12 +78,12 @@ def _fine_tune(
     ctx: Context, label: str, model_name: str, train_columns: dict[str, list[Any]],
     test_columns: dict[str, list[Any]], hyperparams: dict[str, Any], y: str | None,
 ) -> TuneResult:  # fmt: skip
-    """:func:`fine_tune` where ``ctx`` runs (``Context.task``: a worker of this process, or a Ray task), loading
-    ``model_name`` as the session's settings allow; its Trainer log events come back in the result, and are told
-    to the client as they happen where ``ctx`` has a live channel (this process)."""
-    return fine_tune(label, model_name, train_columns, test_columns, hyperparams,
-                     remote_code_config(ctx.config, ctx.settings, model_name), ctx.cancelled.is_set,
-                     functools.partial(_logged, ctx), y)  # fmt: skip
+    """:func:`fine_tune` where ``ctx`` runs (``Context.task``: a worker of this process, or a Ray task); its
+    Trainer log events come back in the result, and are told to the client as they happen where ``ctx`` has a
+    live channel (this process). Code shipped with the model: ``[engine] trust_remote_code`` alone decides, as
+    PostgresML's settings do not govern tune."""
+    return fine_tune(label, model_name, train_columns, test_columns, hyperparams, ctx.config,
+                     ctx.cancelled.is_set, functools.partial(_logged, ctx), y)  # fmt: skip
 
 
 def _logged(ctx: Context, event: dict[str, Any]) -> None:

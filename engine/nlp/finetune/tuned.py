@@ -32,7 +32,7 @@ from engine.nlp.generate import model_generate
 from engine.nlp.generation_args import GenerationArgs
 from engine.pg import registry
 from engine.runtime.cache import ModelCache
-from engine.runtime.confine import generation_kwargs, remote_code_config
+from engine.runtime.confine import generation_kwargs
 from engine.runtime.context import Context
 from engine.runtime.device import pick_device
 from engine.runtime.locate import no_progress_bars, owned_dir, resolve
@@ -254,7 +254,7 @@ async def generate(call: Call, ctx: Context) -> list[Any]:
             raise InvalidArgument(f"Project `{name}` has no tuned transformers model to generate with")
         key = f"tuned/{ctx.database_name}/{row.id}/{row.created_at}"
         many = isinstance(inputs, list)
-        texts = await _generate(ctx, name, row, key, inputs if many else [inputs], dict(config))
+        texts = await _generate(ctx, row, key, inputs if many else [inputs], dict(config))
         out.append(texts if many else texts[0])
     return out
 
@@ -264,29 +264,26 @@ class NotLoaded(EngineError):
 
 
 def generate_rows(rows: list[tuple[Any, ...]], ctx: Context) -> list[list[str]]:
-    """``(project, key, files, inputs, config)`` rows -> :func:`generate_tuned`'s texts, where the model is (this
-    process or a model actor; ``Context.on_rows``), loaded as the session's settings allow for ``project``;
-    :class:`NotLoaded` when it is not loaded there and no files came."""
+    """``(key, files, inputs, config)`` rows -> :func:`generate_tuned`'s texts, where the model is (this process or
+    a model actor; ``Context.on_rows``); :class:`NotLoaded` when it is not loaded there and no files came."""
     out = []
-    for project, key, files, inputs, config in rows:
-        engine_config = remote_code_config(ctx.config, ctx.settings, project)  # the session may trust less
-        loaded = f"{key}/{engine_config.trust_remote_code}"
-        if not files and ctx.cache.peek(loaded) is None:
+    for key, files, inputs, config in rows:
+        if not files and ctx.cache.peek(key) is None:
             raise NotLoaded("the tuned model is not loaded here")
-        out.append(generate_tuned(files, loaded, inputs, config, engine_config, ctx.cache, ctx.cancelled, ctx.notices))
+        out.append(generate_tuned(files, key, inputs, config, ctx.config, ctx.cache, ctx.cancelled, ctx.notices))
     return out
 
 
 async def _generate(
-    ctx: Context, project: str, row: registry.Model, key: str, inputs: list[Any], config: dict[str, Any]
+    ctx: Context, row: registry.Model, key: str, inputs: list[Any], config: dict[str, Any]
 ) -> list[str]:
     """The texts of one generate call; the model's files read (and verified) through the client's session only
     where the model is not loaded yet."""
     try:
-        (texts,) = await ctx.on_rows("generate", generate_rows, [(project, key, {}, inputs, config)])
+        (texts,) = await ctx.on_rows("generate", generate_rows, [(key, {}, inputs, config)])
     except NotLoaded:
         files = await registry.files(ctx.database(), row, registry.signer(ctx))
-        (texts,) = await ctx.on_rows("generate", generate_rows, [(project, key, files, inputs, config)])
+        (texts,) = await ctx.on_rows("generate", generate_rows, [(key, files, inputs, config)])
     return texts  # type: ignore[no-any-return]
 
 
