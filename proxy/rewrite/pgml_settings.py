@@ -5,7 +5,8 @@ train; not predict, chunk, version or the rest), reading ``pgml.huggingface_whit
 ``pgml.huggingface_trust_remote_code``, ``pgml.huggingface_trust_remote_code_whitelist`` and
 ``pgml.omp_num_threads`` with ``current_setting(name, true)`` in one query on the caller's session, so that
 ``SET``, ``SET LOCAL``, ``set_config()``, ``ALTER ROLE … SET`` and ``ALTER DATABASE … SET`` all count (the
-server reports no custom setting in ParameterStatus), parsing them as PostgresML's GUCs would (a comma list,
+server reports no custom setting in ParameterStatus; on a callback session, the values its stub read in the
+caller's session and SET ahead of its call, sql/010_callback_settings.sql), parsing them as PostgresML's GUCs would (a comma list,
 a boolean, an integer ≥ 1; a bad value is 22023 with the server's own message), :func:`reading`, which gives
 them to every governed :class:`~proxy.rewrite.steps.Evaluate` of one statement (read once, at its first
 governed call; a statement without one sends nothing more; :class:`Portal`: a streamed portal's Executes
