@@ -162,7 +162,7 @@ def test_a_view_on_an_old_vector_helper_survives_the_migration(pg: Postgres) -> 
                     conn.execute(m.sql.encode())
                     conn.execute("INSERT INTO pgml.schema_migrations VALUES (%s, %s)", [m.version, m.name])
             conn.execute("CREATE VIEW doubled AS SELECT pgml.multiply(ARRAY[1, 2]::real[], 2::real) AS v")
-        assert schema.init(dsn) == 1
+        assert schema.init(dsn) == sum(m.version >= 9 for m in schema.migrations())
         with psycopg.connect(dsn, autocommit=True) as conn:
             assert conn.execute("SELECT v FROM doubled").fetchone() == ([2, 4],)
             names = conn.execute(

@@ -9,6 +9,7 @@ proxy in front of it whose ``[callback]`` section lets ``CREATE EXTENSION pgml``
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -251,6 +252,40 @@ def test_no_callback_recursion(ready: Setting) -> None:
     assert trained is not None and trained[0] == "cb_rec"
 
 
+def test_the_callers_pgml_settings_reach_its_callbacks(ready: Setting) -> None:
+    # The caller's SET, SET LOCAL and ALTER ROLE … SET reach the callback session (the user mapping's role, cb):
+    # each stub sends them ahead of its call, all of them every time, so none outlives them on dblink's connection.
+    task = json.dumps({"task": "feature-extraction", "model": MINILM})
+    call = f"SELECT pgml.transform('{task}'::jsonb, inputs => ARRAY['settings'])"
+    in_do = f"DO $$ BEGIN PERFORM pgml.transform('{task}'::jsonb, inputs => ARRAY['settings']); END $$"
+    with ready.direct("bob") as bob:
+        assert bob.execute(call).fetchone() is not None
+        bob.execute("SET pgml.huggingface_whitelist = 'some/other-model'")
+        for sql in (call, in_do):
+            error = refused(bob, sql)
+            assert error.sqlstate == "42501", sql
+            assert error.diag.message_primary == f"model {MINILM} is not whitelisted", sql
+        bob.execute(f"SET pgml.huggingface_whitelist = 'some/other-model, {MINILM}'")
+        bob.execute(in_do)
+        bob.execute("RESET pgml.huggingface_whitelist")
+        assert bob.execute(call).fetchone() is not None  # nothing stale on the callback connection
+        with bob.transaction():
+            bob.execute("SET LOCAL pgml.omp_num_threads = 'many'")
+            error = refused(bob, call)
+        assert error.sqlstate == "22023" and "pgml.omp_num_threads" in (error.diag.message_primary or "")
+        bob.execute(in_do)
+    with ready.direct() as conn:
+        conn.execute("ALTER ROLE bob SET pgml.huggingface_whitelist = 'some/other-model'")
+    try:
+        with ready.direct("bob") as bob:
+            assert refused(bob, in_do).sqlstate == "42501"
+        with ready.direct("alice") as alice:  # another caller of the same mapping role is not narrowed
+            alice.execute(in_do)
+    finally:
+        with ready.direct() as conn:
+            conn.execute("ALTER ROLE bob RESET pgml.huggingface_whitelist")
+
+
 def test_config_refuses_a_target_with_credentials() -> None:
     with pytest.raises(ConfigError, match=r"callback\.target"):
         load(None, {"PGML_PROXY_CALLBACK_TARGET": "host=db user=cb password=x"})
@@ -356,6 +391,9 @@ def test_the_callback_server_runs_only_the_stubs_calls(ready: Setting) -> None:
         "SELECT * FROM dblink('pgml_callback', $$SELECT pgml.predict('p', ARRAY[1,2]), version()$$) t(p text, v text)",
         "SELECT * FROM dblink('pgml_callback', $$SELECT pgml.version() INTO cb_smuggled$$) AS t(v text)",
         "SELECT * FROM dblink('pgml_callback', 'SET search_path = public') AS t(s text)",
+        # a stub's leading settings, bent to set something else or to run something else
+        "SELECT * FROM dblink('pgml_callback', $$SET role TO 'postgres'; SELECT pgml.version()$$) AS t(v text)",
+        "SELECT * FROM dblink('pgml_callback', $$SET pgml.omp_num_threads TO '1'; DROP TABLE cb_train$$) t(v text)",
     ]
     with ready.direct("bob") as bob:
         for sql in through_server:

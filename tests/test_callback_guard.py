@@ -8,6 +8,13 @@ from proxy.rewrite.callback_guard import accepted, is_callback
 from proxy.session.startup import settings
 from proxy.wire.frames import StartupMessage
 
+# What a stub sends ahead of its call (sql/010_callback_settings.sql): the caller's four settings.
+SETTINGS = (
+    "SET pgml.huggingface_whitelist TO ''; SET pgml.huggingface_trust_remote_code TO 'on';"
+    " SET pgml.huggingface_trust_remote_code_whitelist TO 'a,b'; SET pgml.omp_num_threads TO '2'"
+)
+VERSION = "; SELECT pgml.version()"
+
 
 def startup(**params: str) -> StartupMessage:
     return StartupMessage(3, 0, tuple(params.items()))
@@ -50,6 +57,11 @@ def test_settings_as_the_server_applies_them() -> None:
         "SELECT * FROM pgml.train('p'::text, 'regression'::text, 't'::text, 'y'::text, 'xgboost'::pgml.algorithm)",
         "SELECT pgml.embed('m'::text, 'x'::text, '{}'::jsonb)",
         "set client_encoding to 'LATIN1'",
+        SETTINGS + "; SELECT pgml.embed('m'::text, 'x'::text)",
+        SETTINGS + "; SELECT * FROM pgml.train('p'::text, NULL::text, '{1,2}'::real[])",
+        # the names as the server compares them (case-insensitive), values as %L quotes them, any subset
+        "SET \"PGML\".HuggingFace_Whitelist TO E'a\\\\b, ''c'' d'; SET SESSION pgml.omp_num_threads TO ''"
+        "; SELECT pgml.transform('{}'::jsonb, '{}'::jsonb, '{x}'::text[])",
     ],
 )
 def test_what_the_stubs_send_is_accepted(sql: str) -> None:
@@ -89,6 +101,30 @@ def test_what_the_stubs_send_is_accepted(sql: str) -> None:
         "SELECT pgml.dump_all('/data/dump')",
         "SELECT pgml.clear_gpu_cache()",
         "not sql at all",
+        # the caller's settings ahead of a stub's call: exactly the statements the stubs send, nothing more
+        SETTINGS,
+        SETTINGS + "; SELECT current_user",
+        SETTINGS + "; " + SETTINGS + VERSION,
+        "SELECT pgml.version(); " + SETTINGS,
+        SETTINGS + "; set client_encoding to 'LATIN1'",
+        "SET role TO 'postgres'" + VERSION,
+        "SET session_authorization TO 'postgres'" + VERSION,
+        "SET search_path TO 'evil'" + VERSION,
+        "SET SESSION AUTHORIZATION 'postgres'" + VERSION,
+        "SET ROLE 'postgres'" + VERSION,
+        "SET LOCAL pgml.omp_num_threads TO '1'" + VERSION,
+        "SET pgml.omp_num_threads TO DEFAULT" + VERSION,
+        "RESET pgml.omp_num_threads" + VERSION,
+        "SET pgml.omp_num_threads TO 1" + VERSION,
+        "SET pgml.omp_num_threads TO 'a', 'b'" + VERSION,
+        "SET pgml.omp_num_threads FROM CURRENT" + VERSION,
+        "SET pgml.omp_num_threads TO '1'; SET PGML.OMP_NUM_THREADS TO '2'" + VERSION,
+        "SET pgml.omp_num_threads TO '1'; SET TIME ZONE 'UTC'" + VERSION,
+        "SET pgml.omp_num_threads TO '1'; SET pgml.other TO '1'" + VERSION,
+        "SELECT pg_catalog.set_config('pgml.omp_num_threads', '1', false)" + VERSION,
+        "ALTER ROLE current_user SET pgml.omp_num_threads TO '1'" + VERSION,
+        "SET pgml.omp_num_threads TO '1'; SELECT current_user",
+        "SET pgml.omp_num_threads TO '1'; SELECT pgml.embed(m, body) FROM t",
     ],
 )
 def test_anything_else_is_refused(sql: str) -> None:

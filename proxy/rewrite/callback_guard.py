@@ -4,15 +4,17 @@ Owns: knowing a callback session by its startup packet (:func:`is_callback`: ``p
 anything but a false value, by an ``options`` switch in any spelling the server accepts or by a parameter —
 every connection through the foreign server ``pgml_callback`` carries ``-c pgml_proxy.callback=on``, which its
 callers cannot remove, sql/008_callback.sql), and the decision that refuses, with 42501, each client message of
-such a session that is not what a stub sends (:func:`refusal`). A stub sends one simple Query holding one
-statement, ``SELECT pgml.f(…)`` or ``SELECT * FROM pgml.f(…)``, of one engine-evaluated function whose
-arguments are all constants (literals, NULL, casts of constants to built-in or pgml types, ARRAY of constants,
-named arguments), and not one of the registry owner's functions (``dump_all``, ``load_all``, ``clear_gpu_cache``).
-The one
-other statement accepted is libpq's own ``set client_encoding to '…'``, which dblink sends after connecting
-when the encodings differ. Without this, any role could run any SQL as the callback role through
-``dblink('pgml_callback', …)`` (PUBLIC may use the server, and its user mapping FOR PUBLIC holds the role's
-password). Extended-protocol messages and FunctionCall are refused: no stub sends them.
+such a session that is not what a stub sends (:func:`refusal`). A stub sends one simple Query: one statement,
+``SELECT pgml.f(…)`` or ``SELECT * FROM pgml.f(…)``, of one engine-evaluated function whose arguments are all
+constants (literals, NULL, casts of constants to built-in or pgml types, ARRAY of constants, named arguments),
+and not one of the registry owner's functions (``dump_all``, ``load_all``, ``clear_gpu_cache``), after its
+caller's PostgresML settings (sql/010_callback_settings.sql): ``SET <name> TO '<value>'`` statements
+(session-wide, one string constant each), each of a distinct name of :data:`SETTINGS` (compared lower-cased, as
+the server compares setting names), and nothing else ahead of the call. The one other statement accepted is
+libpq's own ``set client_encoding to '…'``, which dblink sends after connecting when the encodings differ.
+Without this, any role could run any SQL as the callback role through ``dblink('pgml_callback', …)`` (PUBLIC
+may use the server, and its user mapping FOR PUBLIC holds the role's password). Extended-protocol messages and
+FunctionCall are refused: no stub sends them.
 
 A refused Query or FunctionCall is answered by the server raising the error (the proxy's ``DO`` block, in
 place of the whole string: nothing of it runs), so the transaction state stays the server's and its
@@ -34,6 +36,7 @@ from pglast import ast, enums
 from engine.api import evaluated_functions
 from proxy.errors import InsufficientPrivilege, ProtocolViolation
 from proxy.rewrite import decide
+from proxy.rewrite.pgml_settings import THREADS, TRUST, TRUST_WHITELIST, WHITELIST
 from proxy.session.startup import settings
 from proxy.wire import messages as pq
 from proxy.wire.frames import Frame, Frontend, StartupMessage
@@ -43,7 +46,7 @@ REFUSED = InsufficientPrivilege(
     "a pgml-proxy callback session runs only the pgml calls of the server-side pgml functions",
     detail="This session connected with pgml_proxy.callback set (the foreign server pgml_callback sets it): it may "
     "run only SELECT pgml.f(...) or SELECT * FROM pgml.f(...) of one pgml function with constant arguments, "
-    "one statement per simple Query.",
+    "one statement per simple Query (after the caller's pgml settings: SET pgml.name TO '...').",
     hint="Call the pgml functions themselves (they call pgml-proxy back), or connect to pgml-proxy or the "
     "database without pgml_proxy.callback to run other statements.",
 )
@@ -58,6 +61,8 @@ _SERVER_RAISES = decide.Rewritten(pq.Query(decide.raise_statement(REFUSED)).enco
 OWNER_ONLY = frozenset({"dump_all", "load_all", "clear_gpu_cache"})  # never through the callback server
 TYPE_SCHEMAS = frozenset({"pg_catalog", "pgml"})  # casts the stubs write: built-in types and pgml's enums
 BARE_TYPES = frozenset({"text", "jsonb", "json", "bytea"})  # built-in names the parser leaves unqualified
+SETTINGS = frozenset({WHITELIST, TRUST, TRUST_WHITELIST, THREADS})  # what a stub's leading SETs may set
+
 
 def is_callback(startup: StartupMessage) -> bool:
     """The session is a callback's: its startup packet sets pgml_proxy.callback, to anything but false."""
@@ -81,12 +86,27 @@ def refusal(frame: Frame) -> decide.Decision | None:
 
 
 def accepted(sql: str) -> bool:
-    """The query string is one statement a stub sends (or libpq's client_encoding)."""
+    """The query string is what a stub sends (its call, after its caller's settings), or libpq's client_encoding."""
     try:
-        stmts = pglast.parse_sql(sql)
+        stmts = [raw.stmt for raw in pglast.parse_sql(sql)]
     except (pglast.parser.ParseError, RecursionError):
         return False
-    return len(stmts) == 1 and (_stub_call(stmts[0].stmt) or _client_encoding(stmts[0].stmt))
+    *sets, last = stmts or [None]
+    if not sets:
+        return _stub_call(last) or _client_encoding(last)
+    names = [_setting(stmt) for stmt in sets]
+    return None not in names and len(set(names)) == len(names) and _stub_call(last)
+
+
+def _setting(stmt: Any) -> str | None:
+    """The setting (lower-cased) of ``SET <name> TO '<value>'`` when ``stmt`` is one of a name of :data:`SETTINGS`
+    (not LOCAL, not DEFAULT, one string constant)."""
+    match stmt:
+        case ast.VariableSetStmt(
+            kind=enums.VariableSetKind.VAR_SET_VALUE, name=str(name), args=(ast.A_Const(val=ast.String()),)
+        ) if _only(stmt, {"kind", "name", "args"}) and name.lower() in SETTINGS:
+            return name.lower()
+    return None
 
 
 def _stub_call(stmt: Any) -> bool:

@@ -1,17 +1,18 @@
 """PostgresML's session settings, read from the caller's own session for the calls they govern.
 
-Owns: which functions the settings govern (:data:`GOVERNED`: those that load Hugging Face models or
-train; not predict, chunk, version or the rest), reading ``pgml.huggingface_whitelist``,
+Owns: which functions the settings govern (:data:`GOVERNED`: those that load Hugging Face models or train; not
+predict, chunk, version or the rest), reading ``pgml.huggingface_whitelist``,
 ``pgml.huggingface_trust_remote_code``, ``pgml.huggingface_trust_remote_code_whitelist`` and
 ``pgml.omp_num_threads`` with ``current_setting(name, true)`` in one query on the caller's session, so that
-``SET``, ``SET LOCAL``, ``set_config()``, ``ALTER ROLE … SET`` and ``ALTER DATABASE … SET`` all count (the
-server reports no custom setting in ParameterStatus), parsing them as PostgresML's GUCs would (a comma list,
-a boolean, an integer ≥ 1; a bad value is 22023 with the server's own message), :func:`reading`, which gives
-them to every governed :class:`~proxy.rewrite.steps.Evaluate` of one statement (read once, at its first
-governed call; a statement without one sends nothing more; :class:`Portal`: a streamed portal's Executes
-share its statement's read). No cacheable call depends on them (the whitelist and the trust settings
-govern transform and transform_stream, which are never cacheable, as in PostgresML), so the rewriter's memory
-of rewritten statements may answer for any session.
+``SET``, ``SET LOCAL``, ``set_config()``, ``ALTER ROLE … SET`` and ``ALTER DATABASE … SET`` all count (the server
+reports no custom setting in ParameterStatus; on a callback session, the values its stub read in the caller's
+session and SET ahead of its call, sql/010_callback_settings.sql), parsing them as PostgresML's GUCs would (a comma
+list, a boolean, an integer ≥ 1; a bad value is 22023 with the server's own message), :func:`reading`, which gives
+them to every governed :class:`~proxy.rewrite.steps.Evaluate` of one statement (read once, at its first governed
+call; a statement without one sends nothing more; :class:`Portal`: a streamed portal's Executes share its
+statement's read). No cacheable call depends on them (the whitelist and the trust settings govern transform and
+transform_stream, which are never cacheable, as in PostgresML), so the rewriter's memory of rewritten statements
+may answer for any session.
 
 Must not: run anything itself (it yields :mod:`proxy.rewrite.steps` requests), or decide what the settings
 allow (the engine does: they only ever narrow ``[engine]``).
