@@ -140,7 +140,9 @@ def _run(
             conn.execute(setup)
         cur = _execute(conn, sql, protocol)
         assert cur.description is not None
-        return [(d.name, d.type_code) for d in cur.description], cur.fetchall(), notices
+        # A proxy's own model-load notices tell its cache's state (and a load time), not the statement's path.
+        said = [n for n in notices if not n.startswith(("loading model ", "loaded model "))]
+        return [(d.name, d.type_code) for d in cur.description], cur.fetchall(), said
 
 
 NUMBER = re.compile(r"-?[0-9.]+(?:e[-+]?[0-9]+)?")
