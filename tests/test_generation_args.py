@@ -262,6 +262,20 @@ def test_an_arg_that_cannot_be_honoured_says_so_once(conn: psycopg.Connection) -
     ]
 
 
+def test_the_warning_follows_a_later_set_client_min_messages(conn: psycopg.Connection) -> None:
+    """As the server's own WARNINGs: none at client_min_messages = error, set after the startup packet."""
+    notices: list[str] = []
+    conn.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
+    statement = "SELECT pgml.transform(task => %s, inputs => ARRAY[%s], args => %s)"
+    args = [TASK, PROMPT, Jsonb({"max_tokens": 1, "logprobs": True})]
+    conn.execute("SET client_min_messages = error")
+    conn.execute(statement, args)
+    assert notices == []
+    conn.execute("RESET client_min_messages")
+    conn.execute(statement, args)
+    assert notices == ['the generation arg "logprobs" is ignored: PostgresML results hold text only']
+
+
 # --------------------------------------------------------------------------- #
 # pgml.transform_stream through the proxy (cursors, as Korvus reads them)
 # --------------------------------------------------------------------------- #

@@ -230,19 +230,53 @@ def test_notify_writes_one_whole_notice_per_message() -> None:
 
 
 @pytest.mark.parametrize(
-    ("params", "shown"),
+    ("params", "silenced"),
     [
-        ({}, ["NOTICE", "INFO"]),
-        ({"options": "-c client_min_messages=warning"}, ["INFO"]),
-        ({"client_min_messages": "ERROR"}, ["INFO"]),
-        ({"options": "--client-min-messages=log"}, ["NOTICE", "INFO"]),
+        ({}, set()),
+        ({"options": "-c client_min_messages=warning"}, {"NOTICE"}),
+        ({"client_min_messages": "ERROR"}, {"NOTICE", "WARNING"}),
+        ({"options": "--client-min-messages=log"}, set()),
+        ({"client_min_messages": "debug3"}, set()),
     ],
 )
-def test_client_min_messages_of_the_startup_packet(params: dict[str, str], shown: list[str]) -> None:
-    traffic, client = _traffic(**params)
-    traffic.notify("NOTICE", "n")
-    traffic.notify("INFO", "i")
-    assert [f["S"] for f in _fields(client.data)] == shown
+def test_client_min_messages_of_the_startup_packet(params: dict[str, str], silenced: set[str]) -> None:
+    traffic, _ = _traffic(**params)
+    assert traffic.silenced == silenced
+
+
+def test_live_channel_leaves_out_the_silenced_severities() -> None:
+    """INFO reaches the client at every level, as the server's; a silenced NOTICE is never written."""
+
+    async def run() -> list[str]:
+        traffic, client = _traffic()
+        live = steps.Live(traffic, frozenset({"NOTICE"}))
+        live.inform("NOTICE", "n")
+        live.inform("INFO", "i")
+        await asyncio.sleep(0)
+        live.close()
+        live.inform("INFO", "after the call")
+        await asyncio.sleep(0)
+        return [f["S"] + ":" + f["M"] for f in _fields(client.data)]
+
+    assert asyncio.run(run()) == ["INFO:i"]
+
+
+def test_load_notices_follow_a_later_set_client_min_messages(fresh: ProxyProcess, database: str) -> None:
+    """The level the session has when the call runs counts, not the startup packet's: SET, SET LOCAL, RESET."""
+    with psycopg.connect(fresh.dsn(dbname=database), autocommit=True) as conn:
+        notices = Notices()
+        conn.add_notice_handler(notices)
+        conn.execute("SET client_min_messages = warning")
+        conn.execute("SELECT pgml.embed(%s, 'hello')", [MINILM])
+        assert notices.of("NOTICE") == []
+    quiet = fresh.dsn(dbname=database, options="-c%20client_min_messages%3Dwarning")
+    with psycopg.connect(quiet) as conn:
+        notices = Notices()
+        conn.add_notice_handler(notices)
+        conn.execute("SET LOCAL client_min_messages = notice")
+        conn.execute("SELECT pgml.transform('{\"task\": \"text-classification\", \"model\": \"tiny-bert\"}', "
+                     "inputs => ARRAY['good day'])")  # fmt: skip
+        assert [m.split(" ")[0] for m in notices.of("NOTICE")] == ["loading", "loaded"]
 
 
 def test_warnings_go_to_the_running_calls_collector_once_each() -> None:

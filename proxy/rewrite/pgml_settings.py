@@ -3,7 +3,8 @@
 Owns: which functions the settings govern (:data:`GOVERNED`: those that load Hugging Face models or train; not
 predict, chunk, version or the rest), reading ``pgml.huggingface_whitelist``,
 ``pgml.huggingface_trust_remote_code``, ``pgml.huggingface_trust_remote_code_whitelist`` and
-``pgml.omp_num_threads`` with ``current_setting(name, true)`` in one query on the caller's session, so that
+``pgml.omp_num_threads`` with ``current_setting(name, true)`` in one query on the caller's session (with
+``client_min_messages``: the engine's notices of those calls follow a later ``SET`` of it, as the server's do), so that
 ``SET``, ``SET LOCAL``, ``set_config()``, ``ALTER ROLE … SET`` and ``ALTER DATABASE … SET`` all count (the server
 reports no custom setting in ParameterStatus; on a callback session, the values its stub read in the caller's
 session and SET ahead of its call, sql/010_callback_settings.sql), parsing them as PostgresML's GUCs would (a comma
@@ -29,6 +30,7 @@ from typing import Any, TypeVar
 from engine.api import SessionSettings
 from proxy.errors import InvalidParameterValue
 from proxy.rewrite.steps import Evaluate, Steps, run
+from proxy.wire.messages import NoticeResponse
 
 # The functions whose work the settings govern: model loading (whitelist, remote code) or compute (threads).
 GOVERNED = frozenset({"transform", "transform_stream", "embed", "rank", "tune", "generate", "train", "train_joint"})
@@ -36,8 +38,11 @@ WHITELIST = "pgml.huggingface_whitelist"
 TRUST = "pgml.huggingface_trust_remote_code"
 TRUST_WHITELIST = "pgml.huggingface_trust_remote_code_whitelist"
 THREADS = "pgml.omp_num_threads"
+# ... and, in the same query, which of the engine's messages the session wants now (a SET after the startup
+# packet counts): the level the server itself filters its notices by.
 READ = "SELECT " + ", ".join(
-    f"pg_catalog.current_setting('{name}', true)" for name in (WHITELIST, TRUST, TRUST_WHITELIST, THREADS)
+    [f"pg_catalog.current_setting('{name}', true)" for name in (WHITELIST, TRUST, TRUST_WHITELIST, THREADS)]
+    + ["pg_catalog.current_setting('client_min_messages')"]
 )
 INT_MAX = 2147483647
 # PostgreSQL's parse_bool: a unique prefix of true/false/yes/no, on/off (at least "of"), 1/0, any case.
@@ -48,8 +53,15 @@ T = TypeVar("T")
 
 def read() -> Steps[SessionSettings]:
     """The settings as the caller's session has them now (one query)."""
+    settings, _ = yield from read_all()
+    return settings
+
+
+def read_all() -> Steps[tuple[SessionSettings, frozenset[str]]]:
+    """The settings and the engine severities the session's ``client_min_messages`` silences now (one query)."""
     (result,) = yield run(READ)
-    return parse(*result.rows[0])
+    *values, level = result.rows[0]
+    return parse(*values), NoticeResponse.silenced(level or "")
 
 
 def parse(whitelist: str | None, trust: str | None, trusted: str | None, threads: str | None) -> SessionSettings:
@@ -96,6 +108,7 @@ class Once:
     """The settings of one statement, once read (shared by the steps of a streamed portal's Executes)."""
 
     settings: SessionSettings | None = None
+    silenced: frozenset[str] | None = None  # what its client_min_messages silences, read with them
 
 
 class Portal:
@@ -128,8 +141,8 @@ def reading(steps: Steps[T], once: Once | None = None) -> Steps[T]:
             try:
                 if isinstance(request, Evaluate) and request.signature.function in GOVERNED:
                     if once.settings is None:
-                        once.settings = yield from read()
-                    request = dataclasses.replace(request, settings=once.settings)
+                        once.settings, once.silenced = yield from read_all()
+                    request = dataclasses.replace(request, settings=once.settings, silenced=once.silenced)
                 reply = yield request
             except Exception as exc:  # the wrapped steps' to handle, where they yielded
                 failure = exc

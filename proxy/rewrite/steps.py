@@ -81,6 +81,9 @@ class Evaluate:
     signature: Signature
     rows: Sequence[tuple[Any, ...]]  # a tuple of tuples, or an engine.api.Columns batch
     settings: SessionSettings | None = None  # the session's pgml.* settings (proxy.rewrite.pgml_settings)
+    # The engine severities the session's client_min_messages silences, as read with the settings (None: not read;
+    # the startup packet's level, Port.silenced, applies).
+    silenced: frozenset[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,9 +194,11 @@ async def _answer(request: Request, port: Port, engine: Engine | None) -> Any:
         case Settle():
             await port.settled()
             return facts(port)
-        case Evaluate(signature=signature, rows=rows, settings=settings):
+        case Evaluate(signature=signature, rows=rows, settings=settings, silenced=silenced):
             assert engine is not None
-            live = Live(port)
+            silenced = port.silenced if silenced is None else silenced
+            live = Live(port, silenced)
+            warnings: list[str] = []
             call = Call(
                 signature,
                 rows,
@@ -201,13 +206,15 @@ async def _answer(request: Request, port: Port, engine: Engine | None) -> Any:
                 db=port,
                 inform=live.inform,
                 database=port.database,
-                notices=port.notices,
+                notices=warnings,
                 settings=settings,
             )
             try:
                 return await engine.evaluate(call)
             finally:
                 live.close()
+                if "WARNING" not in silenced:  # each once per statement, as the engine says each once per call
+                    port.notices.extend(w for w in dict.fromkeys(warnings) if w not in port.notices)
         case Compute(function=function):
             return await asyncio.to_thread(function)
         case Begin(run=run):
@@ -224,18 +231,22 @@ class Live:
     """The live channel of one engine call: what the engine tells the client while it runs (``Call.inform``, called
     from worker threads) goes to the event loop, which writes it as a NoticeResponse (``Port.notify``) between
     whole frames, before the call's result: the worker's message is queued on the loop ahead of its result. Once
-    the call is over, a message a stopped worker still sends is dropped."""
+    the call is over, a message a stopped worker still sends is dropped; one of a ``silenced`` severity (the
+    session's client_min_messages) is never sent."""
 
-    __slots__ = ("_loop", "_open", "_port")
+    __slots__ = ("_loop", "_open", "_port", "_silenced")
 
-    def __init__(self, port: Port) -> None:
+    def __init__(self, port: Port, silenced: frozenset[str] = frozenset()) -> None:
         self._port = port
+        self._silenced = silenced
         self._loop = asyncio.get_running_loop()
         self._open = True
 
     def inform(self, severity: str, message: str) -> None:
         """Thread-safe: ``message`` of ``severity`` (INFO, NOTICE) to the client as soon as the loop runs (nothing
         once the loop is closed: the proxy is ending, and the message must not fail the worker's call)."""
+        if severity in self._silenced:
+            return
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(self._write, severity, message)
 

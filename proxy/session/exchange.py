@@ -156,6 +156,7 @@ class Port(Protocol):
     search_path: SearchPath  # the session's, for unqualified pgml calls
     temp_tables: list[str]  # per-row result tables created for the statement being decided
     notices: list[str]  # WARNINGs from the engine for the client, sent with the decision
+    silenced: frozenset[str]  # the engine's severities the startup packet's client_min_messages silences
 
     @property
     def tx_status(self) -> str:
@@ -189,7 +190,8 @@ class Port(Protocol):
         ...
 
     def notify(self, severity: str, message: str) -> None:
-        """A NoticeResponse of ``severity`` (INFO, NOTICE) from the engine, written to the client now."""
+        """A NoticeResponse of ``severity`` (INFO, NOTICE) from the engine, written to the client now (the caller
+        left out what the session's client_min_messages silences)."""
         ...
 
 

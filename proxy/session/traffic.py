@@ -7,7 +7,7 @@ proves every earlier response reached the client), private statements of rewritt
 internal exchanges (:meth:`Traffic.execute`: extended messages ending with Flush mid-batch or Sync
 between batches, one at a time — a stream's next part and an engine query in between wait their turn),
 answer frames the proxy computed for the client's own statement (:meth:`Traffic.emit`), the engine's messages
-while a call runs (:meth:`Traffic.notify`, filtered by the startup packet's ``client_min_messages``), and failing a
+while a call runs (:meth:`Traffic.notify`), and failing a
 batch on purpose so the server's state matches the client's (:meth:`Traffic.fail_extended`). It is the
 rewriter's :class:`proxy.session.exchange.Port`.
 
@@ -32,8 +32,6 @@ from proxy.wire import messages as pq
 from proxy.wire.frames import Backend, Frame, StartupMessage
 
 _E = int(Backend.ERROR_RESPONSE)
-# client_min_messages levels that silence NOTICE (INFO reaches the client whatever the level, as from the server).
-_ABOVE_NOTICE, _NOTICE = frozenset({"warning", "error"}), frozenset({"NOTICE"})
 ABORT = pq.Parse("pgml_proxy_abort", "pgml-proxy: abort", ()).encode()  # a Parse that cannot succeed
 
 
@@ -67,7 +65,7 @@ class Traffic:
         self.search_path = SearchPath()  # for unqualified pgml calls: the startup packet, ParameterStatus, statements
         self.temp_tables: list[str] = []  # per-row result tables made for the statement being decided
         self.notices: list[str] = []  # engine WARNINGs, sent to the client ahead of the statement's answer
-        self.silenced: frozenset[str] = frozenset()  # severities below the startup packet's client_min_messages
+        self.silenced: frozenset[str] = frozenset()  # engine severities the startup's client_min_messages silences
         self.binding = False  # a Bind's decision runs: its own statements' SQL holds bound values (never logged)
         # Closes to send at the batch's Sync or the next exchange (their answers hidden): of barrier statements, and of
         # the row portals the client no longer reads, with their statements.
@@ -84,8 +82,7 @@ class Traffic:
     def startup(self, startup: StartupMessage) -> None:
         """The client's startup packet: the session's first search_path and client_min_messages."""
         self.search_path.startup(startup)
-        level = settings(startup).get("client_min_messages", "notice").strip().lower()
-        self.silenced = _NOTICE if level in _ABOVE_NOTICE else frozenset()
+        self.silenced = pq.NoticeResponse.silenced(settings(startup).get("client_min_messages", "notice"))
 
     # -- what the rewriter sees (Port) -------------------------------------- #
 
@@ -195,10 +192,10 @@ class Traffic:
         self.client.write(frames)
 
     def notify(self, severity: str, message: str) -> None:
-        """An engine message while its call runs, as the server sends one: INFO always, NOTICE unless the session's
-        ``client_min_messages`` (as the startup packet set it) is above NOTICE. Written in one piece, on the loop,
-        so it lands between whole frames (a NoticeResponse may come at any point of the protocol)."""
-        if severity in self.silenced or self.client.is_closed:
+        """An engine message while its call runs (the caller, :class:`proxy.rewrite.steps.Live`, left out what the
+        session's ``client_min_messages`` silences). Written in one piece, on the loop, so it lands between whole
+        frames (a NoticeResponse may come at any point of the protocol)."""
+        if self.client.is_closed:
             return
         fields = (("S", severity), ("V", severity), ("C", "00000"), ("M", message))
         self.client.write(pq.NoticeResponse(fields).encode())

@@ -426,10 +426,20 @@ class ErrorResponse(_Fields):
 class NoticeResponse(_Fields):
     TYPE = Backend.NOTICE_RESPONSE
 
+    @staticmethod
+    def silenced(level: str) -> frozenset[str]:
+        """The severities of the proxy's own notices (INFO, NOTICE, WARNING) that the server sends no client whose
+        ``client_min_messages`` is ``level``: INFO reaches it at every level; NOTICE not above NOTICE; WARNING not
+        at ERROR. An unknown level (the server refuses to set one) silences nothing."""
+        return _SILENCED.get(level.strip().lower(), frozenset())
+
     @classmethod
     def warning(cls, message: str) -> NoticeResponse:
         """A notice of severity WARNING (SQLSTATE 01000)."""
         return cls((("S", "WARNING"), ("V", "WARNING"), ("C", "01000"), ("M", message)))
+
+
+_SILENCED = {"warning": frozenset({"NOTICE"}), "error": frozenset({"NOTICE", "WARNING"})}
 
 
 @dataclass(frozen=True, slots=True)
