@@ -364,7 +364,11 @@ def test_settings_values_parse_as_postgresml_does() -> None:
     for bad in ("0", "-1", "x", "1.5", "2147483648"):
         with pytest.raises(InvalidParameterValue):
             parse(None, None, None, bad)
-    assert re.fullmatch(r"SELECT( pg_catalog\.current_setting\('pgml\.\w+', true\),?){4}", READ)
+    assert re.fullmatch(
+        r"SELECT( pg_catalog\.current_setting\('pgml\.\w+', true\),){4} "
+        r"pg_catalog\.current_setting\('client_min_messages'\)",
+        READ,
+    )
 
 
 def test_reading_reads_once_per_statement_and_only_for_governed_calls() -> None:
@@ -381,14 +385,16 @@ def test_reading_reads_once_per_statement_and_only_for_governed_calls() -> None:
         seen.append(request)
         if isinstance(request, Run):
             assert request.statements[0].sql == READ
-            return [Result(rows=[("a,b", "on", None, "2")])]
-        return request.settings if isinstance(request, Evaluate) else None
+            return [Result(rows=[("a,b", "on", None, "2", "error")])]
+        if isinstance(request, Evaluate):
+            return request.settings, request.silenced
+        return None
 
-    expected = SessionSettings(("a", "b"), True, (), 2)
-    assert replay(reading(decision()), answer) == [None, expected, expected]
+    expected = (SessionSettings(("a", "b"), True, (), 2), frozenset({"NOTICE", "WARNING"}))
+    assert replay(reading(decision()), answer) == [(None, None), expected, expected]
     assert [type(r).__name__ for r in seen] == ["Evaluate", "Run", "Evaluate", "Evaluate"]
     seen.clear()
-    assert replay(reading(decision()), answer)[0] is None  # ungoverned only: nothing read
+    assert replay(reading(decision()), answer)[0] == (None, None)  # ungoverned: nothing read for it
     once = Once()
     replay(reading(decision(), once), answer)
     seen.clear()
@@ -403,6 +409,6 @@ def test_reading_reads_once_per_statement_and_only_for_governed_calls() -> None:
         return "no error"
 
     def bad(request: Request) -> object:
-        return [Result(rows=[(None, "maybe", None, None)])] if isinstance(request, Run) else None
+        return [Result(rows=[(None, "maybe", None, None, "notice")])] if isinstance(request, Run) else None
 
     assert replay(reading(failing()), bad) == "22023"
