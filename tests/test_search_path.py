@@ -165,3 +165,94 @@ def test_the_default_path_costs_nothing(pg: Postgres, db: str, model_dir: Path, 
     sent = re.findall(r"proxy>server (\w+)", traced.log_text())
     lookups = 0 if pg.version >= 18 else 1
     assert sent.count("Query") + sent.count("Parse") == 2 * len(statements) + 1 + lookups, sent
+
+
+def test_psql_c_with_a_set_earlier_in_the_string(pg: Postgres, proxy: ProxyProcess, db: str) -> None:
+    """``psql -c "SET search_path …; SELECT embed(…)"``: one simple Query; the SET counts for what follows it."""
+    sql = f"SET search_path = pgml, public; SELECT array_length(embed('{MINILM}', 'red fox'), 1)"
+    done = subprocess.run(
+        [pg.tool("psql"), proxy.dsn(dbname=db), "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["SET", "384"]
+
+
+def results(conn: psycopg.Connection[Any], sql: str) -> list[Any]:
+    """Each statement's first value, or its command tag, of one simple Query string."""
+    cur = conn.execute(sql)
+    out: list[Any] = []
+    while True:
+        out.append(cur.fetchone()[0] if cur.description else cur.statusmessage)  # type: ignore[index]
+        if not cur.nextset():
+            return out
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        ("SET search_path = pgml, public; {embed}", ["SET", 384]),
+        ("SET SESSION search_path TO 'pgml'; {embed}; RESET search_path", ["SET", 384, "RESET"]),
+        ("BEGIN; SET LOCAL search_path = pgml, public; {embed}; COMMIT", ["BEGIN", "SET", 384, "COMMIT"]),
+        ("SET search_path = pgml, public; {embed}; SET search_path = public, pgml; {embed}", ["SET", 384, "SET", 384]),
+        ("SET search_path = \"pgml\"; SELECT 1; {embed}", ["SET", 1, 384]),
+    ],
+)
+def test_a_set_in_the_string_counts_for_what_follows(
+    through: psycopg.Connection[Any], sql: str, expected: list[Any]
+) -> None:
+    embed = f"SELECT array_length(embed('{MINILM}', 'red fox'), 1)"
+    assert results(through, sql.format(embed=embed)) == expected
+    through.execute("RESET search_path")
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT embed('{m}', 'x'); SET search_path = pgml, public",  # before the SET: the session's path
+        "SET search_path = pgml; RESET search_path; SELECT embed('{m}', 'x')",  # back to the default
+        "SET search_path = pgml; SET search_path TO DEFAULT; SELECT embed('{m}', 'x')",
+        "BEGIN; SET LOCAL search_path = pgml; COMMIT; SELECT embed('{m}', 'x')",  # SET LOCAL ended with it
+    ],
+)
+def test_a_string_that_sets_it_back_or_later_fails_as_on_the_server(
+    pg: Postgres, through: psycopg.Connection[Any], db: str, sql: str
+) -> None:
+    """The same answer as the server gives for the same string, through the proxy: 42883 (no embed() there)."""
+    text = sql.format(m=MINILM)
+    with psycopg.connect(pg.dsn(dbname=db), autocommit=True) as direct:
+        assert sqlstate(direct, text) == "42883"
+        assert sqlstate(through, text) == "42883"
+        assert one(through, "SHOW search_path") == one(direct, "SHOW search_path")
+
+
+def test_a_reset_in_the_string_takes_the_sessions_default(proxy: ProxyProcess, db: str) -> None:
+    """RESET goes back to the startup packet's value (reset_val), which here names pgml."""
+    options = "-c search_path=pgml,public"
+    with psycopg.connect(proxy.dsn(dbname=db), autocommit=True, options=options) as conn:
+        sql = f"SET search_path = public; RESET search_path; SELECT array_length(embed('{MINILM}', 'x'), 1)"
+        assert results(conn, sql) == ["SET", "RESET", 384]
+
+
+def test_changes_of_a_string() -> None:
+    """Sans-IO: which path each statement of a string runs on."""
+    import pglast
+
+    from proxy.rewrite.unqualified import RESET, START, SetTo, changes
+
+    def of(sql: str) -> Any:
+        return changes(tuple(pglast.parse_sql(sql)))
+
+    assert of("SELECT 1; SELECT 2") is None
+    assert of("SELECT 1; SET search_path = pgml") is None  # nothing runs after it
+    assert of("SET search_path = pgml, \"My S\", 'a,b', '$user'; SELECT 1") == (
+        START, SetTo('pgml, "My S", "a,b", "$user"')
+    )
+    assert of("SET LOCAL search_path = x; SELECT 1; COMMIT; SELECT 2") == (START, SetTo("x"), SetTo("x"), START)
+    assert of("SET search_path = x; SET LOCAL search_path = y; COMMIT; SELECT 1") == (
+        START, SetTo("x"), SetTo("y"), SetTo("x")
+    )
+    assert of("SET search_path = x; ROLLBACK; SELECT 1") == (START, SetTo("x"), START)
+    assert of("RESET ALL; SELECT 1") == (START, RESET)
+    assert of("SET search_path TO DEFAULT; SELECT 1") == (START, RESET)
+    assert of("SET work_mem = '1MB'; SELECT 1") is None

@@ -66,6 +66,11 @@ def parse(sql: str) -> Steps[tuple[ast.RawStmt, ...] | None]:
     return tuple(stmts)
 
 
+# The bare pgml names of a statement string (proxy.rewrite.unqualified): one set for all its statements, or, for a
+# string that sets the search_path itself, one per statement (in order).
+Bare = frozenset[str] | tuple[frozenset[str], ...]
+
+
 @dataclass
 class Analysis:
     """Parsed statements and the pgml calls found in each (one list per statement, outermost first).
@@ -76,7 +81,7 @@ class Analysis:
 
     stmts: tuple[ast.RawStmt, ...]
     sites: list[list[Site]]
-    bare: frozenset[str] = frozenset()
+    bare: Bare = frozenset()
 
     @property
     def calls(self) -> bool:
@@ -108,7 +113,7 @@ def _moved(site: Site, nodes: dict[int, Any], moved: dict[int, Site]) -> Site:
     return new
 
 
-def of(stmts: tuple[ast.RawStmt, ...], bare: frozenset[str] = frozenset()) -> Analysis:
+def of(stmts: tuple[ast.RawStmt, ...], bare: Bare = frozenset()) -> Analysis:
     """The calls of parsed statements (:attr:`Analysis.calls` False when no statement has one); ``bare``: the
     names whose unqualified calls were qualified in them.
 

@@ -40,7 +40,7 @@ from proxy.errors import (
     error_fields,
 )
 from proxy.rewrite import analyze, constant, evaluate, extension, pgml_settings, sql_prepare, streaming, unqualified
-from proxy.rewrite.analyze import THREAD_PARSE_CHARS, Analysis
+from proxy.rewrite.analyze import THREAD_PARSE_CHARS, Analysis, Bare
 from proxy.rewrite.deferred import Deferred, Kept
 from proxy.rewrite.memo import Memo
 from proxy.rewrite.schema_check import SchemaCheck, SessionState
@@ -193,7 +193,7 @@ class Rewriter:
         # Statements whose calls all have constant arguments rewrite to the same SQL every time
         # (the functions are IMMUTABLE): apps repeat statements, and parse + evaluate + deparse is
         # milliseconds. Keyed by database and exact text, bounded by bytes, least recently used first out.
-        self._rewritten: Memo[tuple[str, str, frozenset[str]], str] = Memo(
+        self._rewritten: Memo[tuple[str, str, Bare], str] = Memo(
             size_limit=cache_bytes, size=lambda key, sql: len(sql) + len(key[1])
         )
         self.deferred = Deferred(self.schema)
@@ -286,7 +286,7 @@ class Rewriter:
             if facts.tx_status == "E":
                 return FORWARD  # an aborted transaction rejects the statement itself (25P02)
         names = yield from unqualified.names(message.sql, state.unqualified)  # bare pgml calls on its search_path
-        mentions = might_use_pgml(message.sql.encode()) or bool(names)
+        mentions = might_use_pgml(message.sql.encode()) or unqualified.any_name(names)
         if not mentions and not state.prepares:
             return FORWARD  # no pgml here, and no statement of this session's that an EXECUTE could run
         if mentions:
@@ -309,7 +309,7 @@ class Rewriter:
         return (yield from self._statements(message, stmts, state, names))
 
     def _statements(
-        self, message: Query | Parse, stmts: tuple[ast.RawStmt, ...], state: SessionState, names: frozenset[str]
+        self, message: Query | Parse, stmts: tuple[ast.RawStmt, ...], state: SessionState, names: Bare
     ) -> Steps[Decision]:
         """The decision for parsed statements: EXECUTEs expanded, extension commands, then their calls."""
         changed = False

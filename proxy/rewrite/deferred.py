@@ -24,7 +24,7 @@ from pglast import ast
 from engine.pg.text import from_text
 from engine.pg.types import PARAM_TYPES
 from proxy.rewrite import analyze, constant, evaluate, literals, params, sql_prepare, unqualified
-from proxy.rewrite.analyze import THREAD_PARSE_CHARS, Analysis, SchemaUse
+from proxy.rewrite.analyze import THREAD_PARSE_CHARS, Analysis, Bare, SchemaUse
 from proxy.rewrite.memo import Memo
 from proxy.rewrite.schema_check import SchemaCheck, SessionState
 from proxy.rewrite.settings import require_utf8
@@ -78,7 +78,7 @@ class Deferred:
     def keep(self, sql: str, kept: Kept) -> None:
         self._kept.put(sql, kept)
 
-    def kept(self, sql: str, bare: frozenset[str]) -> Kept | None:
+    def kept(self, sql: str, bare: Bare) -> Kept | None:
         """The analysis of a deferred statement ``sql`` kept at an earlier Parse (None: not kept), for a session on
         whose search_path the names ``bare`` are pgml's (:mod:`proxy.rewrite.unqualified`)."""
         kept = self._kept.get(sql)

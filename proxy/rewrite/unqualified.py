@@ -17,8 +17,12 @@ It costs nothing where the session's known path does not mention ``pgml`` (the d
 PostgreSQL 18, which does not report it: from the session's start unless its startup packet set it,
 a role's default may apply, and after a statement that may change it) a text naming a candidate
 function settles the session and asks the server once; what it learns holds until the path may change again
-(:class:`proxy.session.search_path.SearchPath`). Not followed: a SET inside the same statement
-string (it takes effect for the proxy from the next string on), and SET ROLE for ``$user``.
+(:class:`proxy.session.search_path.SearchPath`). A string that sets it itself (``SET search_path …; SELECT
+embed(…)`` in one simple Query: :func:`changes`) gives each statement the names of the path it runs on — ``SET``
+and ``SET LOCAL`` with their values, ``RESET`` / ``SET … TO DEFAULT`` / ``RESET ALL`` with the session's
+``reset_val``, a ``COMMIT`` the last plain SET's; those names are read for that path before the string runs.
+Not followed: ``set_config()`` inside the same string, a ``ROLLBACK`` (to a savepoint or not) after such a SET
+in it (the statements after it get the path the string began with), and SET ROLE for ``$user``.
 
 Must not: run anything itself (it yields :mod:`proxy.rewrite.steps` requests) or evaluate calls.
 """
@@ -33,12 +37,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pglast import ast
+from pglast.enums.parsenodes import TransactionStmtKind, VariableSetKind
 
 from engine.api import evaluated_functions
-from proxy.rewrite import analyze
+from engine.pg.text import to_text
+from proxy.rewrite import analyze, literals
+from proxy.rewrite.analyze import Bare
 from proxy.rewrite.calls import match_arguments
 from proxy.rewrite.definitions import stored
 from proxy.rewrite.steps import LOOK, SETTLE, Facts, Steps, off_loop, run
+from proxy.rewrite.tree import deparse
 from proxy.session.search_path import SearchPath, touches
 
 EMPTY: frozenset[str] = frozenset()
@@ -50,16 +58,33 @@ _NAMES = sorted(evaluated_functions())
 _CANDIDATE = re.compile(rb"(?i)\b(?:" + b"|".join(n.encode() for n in _NAMES) + rb")\b")
 _DDL = re.compile(r"(?i)\b(?:create|drop|alter)\b")
 _PGML = "pgml"
-LOOKUP = (
-    "SELECT pg_catalog.current_setting('search_path'), pg_catalog.array_to_string(ARRAY("
-    f"SELECT f.name FROM pg_catalog.unnest('{{{','.join(_NAMES)}}}'::pg_catalog.text[]) AS f(name)"
-    " WHERE (SELECT s.nspname"
-    " FROM pg_catalog.unnest(pg_catalog.current_schemas(true)) WITH ORDINALITY AS s(nspname, pos)"
-    " WHERE NOT pg_catalog.starts_with(s.nspname, 'pg_temp_') AND EXISTS (SELECT FROM pg_catalog.pg_proc p"
-    " JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) p.pronamespace"
-    " WHERE n.nspname OPERATOR(pg_catalog.=) s.nspname AND p.proname OPERATOR(pg_catalog.=) f.name)"
-    " ORDER BY s.pos LIMIT 1) OPERATOR(pg_catalog.=) 'pgml'), ',')"
-)
+
+
+def _lookup(schemas: str) -> str:
+    """The search_path and, as one comma list, the candidate names whose first schema among ``schemas`` (an SQL
+    text[] expression, in search order) that defines a function of that name is pgml."""
+    return (
+        "SELECT pg_catalog.current_setting('search_path'), pg_catalog.array_to_string(ARRAY("
+        f"SELECT f.name FROM pg_catalog.unnest('{{{','.join(_NAMES)}}}'::pg_catalog.text[]) AS f(name)"
+        " WHERE (SELECT s.nspname"
+        f" FROM pg_catalog.unnest({schemas}) WITH ORDINALITY AS s(nspname, pos)"
+        " WHERE NOT pg_catalog.starts_with(s.nspname, 'pg_temp_') AND EXISTS (SELECT FROM pg_catalog.pg_proc p"
+        " JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) p.pronamespace"
+        " WHERE n.nspname OPERATOR(pg_catalog.=) s.nspname AND p.proname OPERATOR(pg_catalog.=) f.name)"
+        " ORDER BY s.pos LIMIT 1) OPERATOR(pg_catalog.=) 'pgml'), ',')"
+    )
+
+
+LOOKUP = _lookup("pg_catalog.current_schemas(true)")  # the session's path now
+# The value RESET gives it (the startup packet's, the role's or database's default, else the server's).
+RESET_VALUE = "SELECT reset_val FROM pg_catalog.pg_settings WHERE name OPERATOR(pg_catalog.=) 'search_path'"
+_PLAIN_NAME = re.compile(r"[a-z_][a-z0-9_$]*")
+_SET_VALUE, _DEFAULT, _RESET, _RESET_ALL = (
+    VariableSetKind.VAR_SET_VALUE, VariableSetKind.VAR_SET_DEFAULT, VariableSetKind.VAR_RESET,
+    VariableSetKind.VAR_RESET_ALL,
+)  # fmt: skip
+_ENDS_KEEPING = frozenset({TransactionStmtKind.TRANS_STMT_COMMIT, TransactionStmtKind.TRANS_STMT_PREPARE})
+_ENDS_UNDOING = frozenset({TransactionStmtKind.TRANS_STMT_ROLLBACK, TransactionStmtKind.TRANS_STMT_ROLLBACK_TO})
 
 
 @dataclass
@@ -97,15 +122,127 @@ def schemas(path: str, user: str) -> list[str]:
 
 def might_call(search_path: SearchPath, raw: bytes) -> bool:
     """A frame's text may call a pgml function by a bare name on this session's path (never a false "no"; an
-    unknown path says "may": :func:`names` then knows what it learned of it, without asking again)."""
+    unknown path says "may": :func:`names` then knows what it learned of it, without asking again; so does a text
+    that may set the path itself)."""
     path = search_path.value
-    if path is not None and not names_pgml(path, search_path.user):
+    if path is not None and not names_pgml(path, search_path.user) and not touches(raw):
         return False
     return _CANDIDATE.search(raw) is not None
 
 
-def names(sql: str, resolution: Resolution) -> Steps[frozenset[str]]:
-    """The bare names in ``sql`` that are pgml's functions on the session's path now (EMPTY: none, or no such path)."""
+def any_name(bare: Bare) -> bool:
+    """Some statement has a bare pgml call."""
+    return any(bare) if isinstance(bare, tuple) else bool(bare)
+
+
+def of_statement(bare: Bare, index: int) -> frozenset[str]:
+    """The bare pgml names of the string's statement ``index``."""
+    return bare[index] if isinstance(bare, tuple) else bare
+
+
+@dataclass(frozen=True)
+class SetTo:
+    """A search_path a statement of the string sets (its value as the server writes it)."""
+
+    path: str
+
+
+START, RESET = "start", "reset"  # the path the string begins with; the session's reset_val
+OnPath = SetTo | str  # which path one statement of a string runs on
+
+
+def changes(stmts: tuple[ast.RawStmt, ...]) -> tuple[OnPath, ...] | None:
+    """Which path each statement runs on, for a string that sets search_path before a later statement (None: it
+    sets none that way)."""
+    now: OnPath = START
+    persist: OnPath = START
+    changed = False
+    out: list[OnPath] = []
+    for raw in stmts:
+        out.append(now)
+        stmt = raw.stmt
+        if isinstance(stmt, ast.VariableSetStmt) and (stmt.name == "search_path" or stmt.kind == _RESET_ALL):
+            value = _set_to(stmt)
+            if value is None:
+                continue
+            now, changed = value, True
+            if not stmt.is_local:
+                persist = value
+        elif isinstance(stmt, ast.TransactionStmt) and changed:
+            if stmt.kind in _ENDS_KEEPING:
+                now = persist  # a SET LOCAL ends with its transaction; a plain SET stays
+            elif stmt.kind in _ENDS_UNDOING:
+                now = persist = START  # not followed: the path the string began with (see the module docstring)
+    return tuple(out) if changed and any(path is not START for path in out) else None
+
+
+def _set_to(stmt: ast.VariableSetStmt) -> OnPath | None:
+    if stmt.kind in (_RESET, _DEFAULT, _RESET_ALL):
+        return RESET
+    if stmt.kind != _SET_VALUE:
+        return None  # SET … FROM CURRENT (function definitions only)
+    items = []
+    for arg in stmt.args or ():
+        value = getattr(arg, "val", None)
+        if not isinstance(value, ast.String) or value.sval is None:
+            return None  # the server refuses it (search_path takes names)
+        name = value.sval
+        items.append(name if _PLAIN_NAME.fullmatch(name) else '"' + name.replace('"', '""') + '"')
+    return SetTo(", ".join(items))
+
+
+def names(sql: str, resolution: Resolution) -> Steps[Bare]:
+    """The bare names in ``sql`` that are pgml's functions on the session's path now (EMPTY: none, or no such path);
+    for a string that sets the path before a later statement, each statement's on the path it runs on."""
+    raw = sql.encode()
+    if touches(raw) and _CANDIDATE.search(raw) is not None:
+        stmts = yield from analyze.parse(sql)
+        paths = changes(stmts) if stmts is not None else None
+        if paths is not None:
+            return (yield from _per_statement(sql, paths, resolution))
+    found: frozenset[str] = yield from _names_now(sql, resolution)
+    return found
+
+
+def _per_statement(sql: str, paths: tuple[OnPath, ...], resolution: Resolution) -> Steps[Bare]:
+    facts = yield LOOK
+    ddl = _DDL.search(sql) is not None
+    found: dict[OnPath, frozenset[str]] = {}
+    for on in paths:
+        if on in found:
+            continue
+        if on is START:
+            found[on] = yield from _names_now(sql, resolution)
+            continue
+        if isinstance(on, SetTo):
+            path = on.path
+        else:
+            (result,) = yield run(RESET_VALUE)
+            path = result.rows[0][0] or ""
+        found[on] = yield from _names_on(path, facts.user, resolution, ddl)
+    each = tuple(found[on] for on in paths)
+    return each[0] if len(set(each)) == 1 else each
+
+
+def _names_on(path: str, user: str, resolution: Resolution, ddl: bool) -> Steps[frozenset[str]]:
+    """The candidate names that are pgml's on ``path`` (a value the session does not have yet)."""
+    if not names_pgml(path, user):
+        return EMPTY
+    kept = resolution.names.get(path) if not ddl else None
+    if kept is not None and time.monotonic() - kept[1] < NAMES_RECHECK_SECONDS:
+        return kept[0]
+    listed = [name for name in schemas(path, user) if name != "pg_temp"]
+    searched = listed if "pg_catalog" in listed else ["pg_catalog", *listed]  # as current_schemas(true) gives it
+    array = deparse(literals.text_const(to_text(searched, "text[]") or "{}")) + "::pg_catalog.text[]"
+    (result,) = yield run(_lookup(array))
+    found = frozenset((result.rows[0][1] or "").split(",")) - {""}
+    if not ddl:
+        _bounded(resolution.names, _KEPT_PATHS)[path] = (found, time.monotonic())
+    return found
+
+
+def _names_now(sql: str, resolution: Resolution) -> Steps[frozenset[str]]:
+    """The bare names in ``sql`` that are pgml's on the session's path as it is before ``sql`` runs."""
     facts = yield LOOK
     path = resolution.path(facts)
     if path is not None and not names_pgml(path, facts.user):
@@ -143,18 +280,20 @@ def _bounded(memory: dict[str, Any], size: int) -> dict[str, Any]:
     return memory
 
 
-def qualify(stmts: tuple[ast.RawStmt, ...], bare: frozenset[str]) -> tuple[ast.RawStmt, ...]:
-    """``stmts`` with ``pgml.`` written in front of each call of a name in ``bare`` whose arguments fit a pgml
-    overload (in place; none inside a stored definition: the server resolves those itself)."""
-    pending: list[Any] = [raw.stmt for raw in stmts]
-    while pending:  # a list, not recursion: however deep the tree
-        node = pending.pop()
-        if isinstance(node, tuple):
-            pending.extend(node)
-        elif isinstance(node, ast.Node) and not stored(node):
-            if isinstance(node, ast.FuncCall):
-                _qualify(node, bare)
-            pending.extend(getattr(node, member) for member in node)
+def qualify(stmts: tuple[ast.RawStmt, ...], bare: Bare) -> tuple[ast.RawStmt, ...]:
+    """``stmts`` with ``pgml.`` written in front of each call of a name in ``bare`` (its statement's) whose
+    arguments fit a pgml overload (in place; none inside a stored definition: the server resolves those itself)."""
+    for index, raw in enumerate(stmts):
+        names = of_statement(bare, index)
+        pending: list[Any] = [raw.stmt] if names else []
+        while pending:  # a list, not recursion: however deep the tree
+            node = pending.pop()
+            if isinstance(node, tuple):
+                pending.extend(node)
+            elif isinstance(node, ast.Node) and not stored(node):
+                if isinstance(node, ast.FuncCall):
+                    _qualify(node, names)
+                pending.extend(getattr(node, member) for member in node)
     return stmts
 
 
@@ -169,9 +308,9 @@ def _qualify(call: ast.FuncCall, bare: frozenset[str]) -> None:
 Parser = Callable[[str], Steps[tuple[ast.RawStmt, ...] | None]]
 
 
-def parser(bare: frozenset[str]) -> Parser:
+def parser(bare: Bare) -> Parser:
     """:func:`proxy.rewrite.analyze.parse`, then :func:`qualify` with ``bare`` (the parse alone when it is empty)."""
-    return functools.partial(_qualified, bare) if bare else analyze.parse
+    return functools.partial(_qualified, bare) if any_name(bare) else analyze.parse
 
 
 def resolving(resolution: Resolution) -> Parser:
@@ -181,12 +320,12 @@ def resolving(resolution: Resolution) -> Parser:
 
 
 def _resolved(resolution: Resolution, sql: str) -> Steps[tuple[ast.RawStmt, ...] | None]:
-    bare = yield from names(sql, resolution)
+    bare: Bare = yield from names(sql, resolution)
     stmts: tuple[ast.RawStmt, ...] | None = yield from parser(bare)(sql)
     return stmts
 
 
-def _qualified(bare: frozenset[str], sql: str) -> Steps[tuple[ast.RawStmt, ...] | None]:
+def _qualified(bare: Bare, sql: str) -> Steps[tuple[ast.RawStmt, ...] | None]:
     stmts = yield from analyze.parse(sql)
     if stmts is None:
         return None
