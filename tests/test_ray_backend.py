@@ -26,7 +26,7 @@ import pytest
 import ray
 from ray._private import state  # the GCS actor table (the state API needs the dashboard, which is off)
 
-from engine.runtime.ray_backend import DEFAULT_TOKEN_FILE, actor_name, worker_key
+from engine.runtime.ray_backend import DEFAULT_TOKEN_FILE, actor_name, deal, worker_key
 from proxy.embedded import free_port
 from tests.conftest import MINILM, ROOT, Postgres, ProxyProcess, start_proxy
 from tests.tiny_models import tiny_gpt2_no_eos
@@ -119,6 +119,15 @@ def texts(pg: Postgres) -> None:
                       "repeat(' word', i % 7) AS body FROM generate_series(1, 40) i")  # fmt: skip
         admin.execute("DROP TABLE IF EXISTS ray_long; CREATE TABLE ray_long AS SELECT i, repeat('word ', 120) || i "
                       "AS body FROM generate_series(1, 3000) i")  # fmt: skip
+
+
+def test_fan_out_deals_fits_into_twice_the_tasks_that_run_at_once() -> None:
+    """Sans-IO: 40 fits on 2 workers are 4 tasks of 10, dealt round-robin (candidates of different cost mix)."""
+    shares = deal(40, 2)
+    assert [list(s) for s in shares][:2] == [list(range(0, 40, 4)), list(range(1, 40, 4))] and len(shares) == 4
+    assert sorted(k for s in shares for k in s) == list(range(40))
+    assert [list(s) for s in deal(3, 8)] == [[0], [1], [2]]  # fewer items than tasks: one each
+    assert [list(s) for s in deal(5, 0)] == [[0, 1, 2, 3, 4]]  # nothing fits at once (a resource not there): one
 
 
 def test_embed_same_as_local(proxy: ProxyProcess, ray_proxy: ProxyProcess, texts: None) -> None:

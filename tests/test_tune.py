@@ -7,8 +7,10 @@ predict_proba on tuned text classifiers, overload resolution of untyped literals
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -555,6 +557,22 @@ def _model(conn: psycopg.Connection[Any], project: str) -> tuple[dict[str, Any],
     return found[0], found[1], found[2]
 
 
+@contextlib.contextmanager
+def _load_notices(conn: psycopg.Connection[Any]) -> Iterator[list[str]]:
+    """The NOTICEs the block's statements got, a "loaded model … in N s" one cut before its time."""
+    told: list[str] = []
+
+    def heard(diagnostic: psycopg.errors.Diagnostic) -> None:
+        if diagnostic.severity_nonlocalized == "NOTICE":
+            told.append(re.sub(r" in [0-9.]+ s$", "", diagnostic.message_primary or ""))
+
+    conn.add_notice_handler(heard)
+    try:
+        yield told
+    finally:
+        conn.remove_notice_handler(heard)
+
+
 def _one(conn: psycopg.Connection[Any], sql: str, params: Any = None) -> tuple[Any, int]:
     """The single value of ``sql`` and its column's type OID."""
     cur = conn.execute(sql, params)
@@ -616,7 +634,10 @@ def test_docs_flat_form_is_read_as_training_arguments(conn: psycopg.Connection[A
 def test_predict_and_predict_proba_on_the_tuned_project(conn: psycopg.Connection[Any], imdb: str) -> None:
     """As the docs show: ``pgml.predict('IMDB Review Sentiment', 'I love SQL')`` -> a training label."""
     labels = sorted(v for (v,) in conn.execute("SELECT DISTINCT label FROM imdb"))
-    label, oid = _one(conn, "SELECT pgml.predict('IMDB Review Sentiment', 'I love SQL') AS sentiment")
+    with _load_notices(conn) as told:
+        label, oid = _one(conn, "SELECT pgml.predict('IMDB Review Sentiment', 'I love SQL') AS sentiment")
+    project = "of project IMDB Review Sentiment"
+    assert told == [f"loading model {project} (first use)", f"loaded model {project}"]
     assert oid == JSONB and type(label) is int and label in labels
     proba, oid = _one(conn, "SELECT pgml.predict_proba('IMDB Review Sentiment', 'I love SQL') AS sentiment")
     assert oid == JSONB and len(proba) == len(labels) and sum(proba) == pytest.approx(1.0, abs=1e-5)
@@ -736,8 +757,13 @@ def test_text_generation_as_documented(conn: psycopg.Connection[Any]) -> None:
     assert row is not None and row[1:3] == ("text-generation", "transformers")
     hyperparams, metrics, _ = _model(conn, "GPT Generator")
     assert hyperparams["dataset_args"] == {"text_column": "body"} and "perplexity" in metrics
-    text, _ = _one(conn, "SELECT pgml.generate('GPT Generator', 'hello how', '{\"max_new_tokens\": 2}')")
+    with _load_notices(conn) as told:
+        text, _ = _one(conn, "SELECT pgml.generate('GPT Generator', 'hello how', '{\"max_new_tokens\": 2}')")
     assert isinstance(text, str) and len(text.split()) <= 2
+    assert told == ["loading model of project GPT Generator (first use)", "loaded model of project GPT Generator"]
+    with _load_notices(conn) as told:
+        _one(conn, "SELECT pgml.generate('GPT Generator', 'hello', '{\"max_new_tokens\": 1}')")
+    assert told == []  # loaded: nothing to tell
     with pytest.raises(psycopg.errors.FeatureNotSupported, match="text-generation"):
         conn.execute("SELECT pgml.predict('GPT Generator', 'hello')")
 

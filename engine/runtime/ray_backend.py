@@ -58,7 +58,7 @@ from engine.nlp.json_args import kwargs_object
 from engine.nlp.rank import RANK_INIT
 from engine.runtime.context import Hosted
 from engine.runtime.executor import STREAM_AHEAD, LocalEngine
-from engine.runtime.ray_host import ROW_FUNCTIONS, ModelHost, Outcome, run_in_context, run_task
+from engine.runtime.ray_host import ROW_FUNCTIONS, ModelHost, Outcome, run_in_context, run_tasks
 
 log = logging.getLogger(__name__)
 # The kwargs of each offloaded worker function that construct its model (the rest go to the call).
@@ -145,7 +145,7 @@ class RayOffload:
         self.config = config
         self.ray_config = ray_config
         self._host = ray.remote(ModelHost)
-        self._task = ray.remote(run_task)
+        self._task = ray.remote(run_tasks)
         self._job = ray.remote(run_in_context)
         self._handles: dict[str, Any] = {}
         self._replica = itertools.count()
@@ -288,7 +288,8 @@ class RayOffload:
                 cancelled: Callable[[], bool], done: Callable[[int, Any], None]) -> list[Any]:  # fmt: skip
         task = self._task.options(num_cpus=self.ray_config.num_cpus, num_gpus=self.ray_config.num_gpus, max_retries=0)
         stored = _store(shared)  # once in the object store, whatever the number of tasks
-        refs = [task.remote(fn, *stored, *item) for item in items]
+        shares = self._shares(len(items))
+        refs = [task.remote(fn, len(stored), *stored, [items[k] for k in share]) for share in shares]
         try:
             pending = refs
             with self._failures(""):
@@ -301,10 +302,22 @@ class RayOffload:
             for ref in refs:
                 ray.cancel(ref)  # canceled, or one failed: the others stop too (nothing for finished ones)
             raise
-        results = [_unpack(o)[0] for o in outcomes]
+        results: list[Any] = [None] * len(items)
+        for share, outcome in zip(shares, outcomes, strict=True):
+            for k, result in zip(share, _unpack(outcome)[0], strict=True):
+                results[k] = result
         for k, result in enumerate(results):  # reported once all are in (they ran in parallel)
             done(k, result)
         return results
+
+    def _shares(self, count: int) -> list[range]:
+        """The items of a fan-out, dealt round-robin into twice as many tasks as the cluster runs at once with the
+        resources each asks for (a task costs the scheduler and a worker a round trip: a share of fits each keeps
+        that off every fit, and dealing them out evens candidates of different cost)."""
+        resources: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
+        needs = (("CPU", self.ray_config.num_cpus), ("GPU", self.ray_config.num_gpus))
+        at_once = [resources.get(name, 0.0) / need for name, need in needs if need]
+        return deal(count, int(min(at_once, default=1.0)))
 
     def cancel(self, cancelled: threading.Event) -> None:
         for ref in list(self._refs.get(cancelled, ())):
@@ -316,6 +329,12 @@ class RayOffload:
                 ray.cancel(ref)
         with contextlib.suppress(Exception):  # the cluster may be gone already
             await asyncio.to_thread(ray.shutdown)
+
+
+def deal(count: int, at_once: int) -> list[range]:
+    """``count`` items dealt round-robin into twice ``at_once`` shares (fewer when fewer items; at least one)."""
+    tasks = max(1, min(count, 2 * at_once))
+    return [range(start, count, tasks) for start in range(tasks)]
 
 
 def _groups(name: str, rows: Sequence[tuple[Any, ...]]) -> dict[str, tuple[Sequence[int], Sequence[tuple[Any, ...]]]]:

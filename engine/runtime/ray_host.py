@@ -1,4 +1,4 @@
-"""The cluster side of the Ray backend: :class:`ModelHost` (one model actor) and :func:`run_task` (one task).
+"""The cluster side of the Ray backend: :class:`ModelHost` (one model actor) and :func:`run_tasks` (one task).
 
 Owns: what runs inside a Ray worker process — a model actor's own shared model cache, the engine's very row
 functions (:data:`ROW_FUNCTIONS`: the worker handlers of ``engine.runtime.executor.HANDLERS`` and the model
@@ -60,9 +60,13 @@ def outcome(fn: Callable[[Context], Any], ctx: Context) -> Outcome:
         return ("error", EngineError, f"{type(exc).__name__}: {exc}", None, None)
 
 
-def run_task(fn: Callable[..., Any], *args: Any) -> Outcome:
-    """A Ray task: ``fn(*args)`` (a training fit of ``engine.ml.search``), as an :data:`Outcome`."""
-    return outcome(lambda ctx: fn(*args), Context(EngineConfig(), ModelCache(0), threading.Event()))
+def run_tasks(fn: Callable[..., Any], count: int, *args: Any) -> Outcome:
+    """A Ray task: ``fn(*shared, *item)`` for each item of a share of a fan-out (training fits of
+    ``engine.ml.search``), as one :data:`Outcome` of their results in order; ``args``: the ``count`` shared values
+    (refs, resolved by Ray), then the list of items."""
+    shared, items = args[:count], args[count]
+    return outcome(lambda ctx: [fn(*shared, *item) for item in items], Context(EngineConfig(), ModelCache(0),
+                                                                                  threading.Event()))  # fmt: skip
 
 
 def run_in_context(config: EngineConfig, settings: SessionSettings | None, fn: Callable[..., Any],

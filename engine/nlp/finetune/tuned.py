@@ -91,9 +91,10 @@ class Tuned:
 def generate_tuned(
     files: dict[str, bytes], key: str, inputs: list[str], config_kwargs: dict[str, Any],
     engine_config: EngineConfig, cache: ModelCache, cancelled: threading.Event | None = None,
-    notices: list[str] | None = None,
+    notices: list[str] | None = None, load: Callable[[str, Callable[[], Tuned]], Tuned] | None = None,
 ) -> list[str]:  # fmt: skip
-    """``model.generate(**config_kwargs)`` per input with the tuned model in ``files`` (cached under ``key``).
+    """``model.generate(**config_kwargs)`` per input with the tuned model in ``files`` (cached under ``key``; by
+    ``load(key, loader)`` where given: ``Context.load``, which tells the client of a first load).
 
     Seq2seq models return their output; causal LMs only the generated continuation, and a
     ``conversation`` model takes each input as the user's message, formatted as in tuning. Without
@@ -121,7 +122,7 @@ def generate_tuned(
         raise InvalidArgument(
             "pgml.generate returns one text per input", hint="Leave n / num_return_sequences out (or 1)."
         )
-    tuned: Tuned = cache.get(key, lambda: load_tuned(files, manifest, engine_config))
+    tuned: Tuned = (load or cache.get)(key, lambda: load_tuned(files, manifest, engine_config))
     kwargs = mapped.kwargs
     if "eos_token" in kwargs:  # as PostgresML's transform: a token text becomes its id
         kwargs["eos_token_id"] = tuned.tokenizer.convert_tokens_to_ids(kwargs.pop("eos_token"))
@@ -179,16 +180,16 @@ class _Classifier:
 
 def classify_texts(
     directory: str, key: str, texts: list[str], probabilities: bool, config: EngineConfig, cache: ModelCache,
-    cancelled: Callable[[], bool],
+    cancelled: Callable[[], bool], load: Callable[[str, Callable[[], _Classifier]], _Classifier] | None = None,
 ) -> list[Any]:  # fmt: skip
     """Per text the label (or the class probabilities, in label order) from the tuned classifier in ``directory``.
 
-    Loaded once per ``key`` through the model cache; batches of ``[engine] batch_size``, ``cancelled``
-    polled between them.
+    Loaded once per ``key`` through the model cache (by ``load(key, loader)`` where given: ``Context.load``, which
+    tells the client of a first load); batches of ``[engine] batch_size``, ``cancelled`` polled between them.
     """
     import torch  # lazy: seconds to import; the engine imports without it
 
-    classifier: _Classifier = cache.get(key, lambda: _load_classifier(directory, config))
+    classifier: _Classifier = (load or cache.get)(key, lambda: _load_classifier(directory, config))
     out: list[Any] = []
     step = max(1, config.batch_size)
     for start in range(0, len(texts), step):
@@ -254,7 +255,7 @@ async def generate(call: Call, ctx: Context) -> list[Any]:
             raise InvalidArgument(f"Project `{name}` has no tuned transformers model to generate with")
         key = f"tuned/{ctx.database_name}/{row.id}/{row.created_at}"
         many = isinstance(inputs, list)
-        texts = await _generate(ctx, row, key, inputs if many else [inputs], dict(config))
+        texts = await _generate(ctx, row, key, name, inputs if many else [inputs], dict(config))
         out.append(texts if many else texts[0])
     return out
 
@@ -264,26 +265,31 @@ class NotLoaded(EngineError):
 
 
 def generate_rows(rows: list[tuple[Any, ...]], ctx: Context) -> list[list[str]]:
-    """``(key, files, inputs, config)`` rows -> :func:`generate_tuned`'s texts, where the model is (this process or
-    a model actor; ``Context.on_rows``); :class:`NotLoaded` when it is not loaded there and no files came."""
+    """``(key, project, files, inputs, config)`` rows -> :func:`generate_tuned`'s texts, where the model is (this
+    process or a model actor; ``Context.on_rows``); :class:`NotLoaded` when it is not loaded there and no files came.
+    A first load is told to the client as the project's model loading (``Context.load``)."""
     out = []
-    for key, files, inputs, config in rows:
+    for key, project, files, inputs, config in rows:
         if not files and ctx.cache.peek(key) is None:
             raise NotLoaded("the tuned model is not loaded here")
-        out.append(generate_tuned(files, key, inputs, config, ctx.config, ctx.cache, ctx.cancelled, ctx.notices))
+
+        def load(key: str, loader: Callable[[], Tuned], project: str = project) -> Tuned:
+            return ctx.load(key, loader, f"of project {project}")
+
+        out.append(generate_tuned(files, key, inputs, config, ctx.config, ctx.cache, ctx.cancelled, ctx.notices, load))
     return out
 
 
 async def _generate(
-    ctx: Context, row: registry.Model, key: str, inputs: list[Any], config: dict[str, Any]
+    ctx: Context, row: registry.Model, key: str, project: str, inputs: list[Any], config: dict[str, Any]
 ) -> list[str]:
     """The texts of one generate call; the model's files read (and verified) through the client's session only
     where the model is not loaded yet."""
     try:
-        (texts,) = await ctx.on_rows("generate", generate_rows, [(key, {}, inputs, config)])
+        (texts,) = await ctx.on_rows("generate", generate_rows, [(key, project, {}, inputs, config)])
     except NotLoaded:
         files = await registry.files(ctx.database(), row, registry.signer(ctx))
-        (texts,) = await ctx.on_rows("generate", generate_rows, [(key, files, inputs, config)])
+        (texts,) = await ctx.on_rows("generate", generate_rows, [(key, project, files, inputs, config)])
     return texts  # type: ignore[no-any-return]
 
 
@@ -328,10 +334,14 @@ async def classify(ctx: Context, row: registry.Model, function: str, inputs: lis
     directory = await _materialize_row(ctx, row)
     key = f"tuned/{ctx.database_name}/{row.id}/{row.created_at}/classifier"
     values: list[Any] = []
+
+    def load(key: str, loader: Callable[[], _Classifier]) -> _Classifier:
+        return ctx.load(key, loader, f"of project {row.project}")
+
     for start in range(0, len(texts), _SLICE):  # one job per slice: other sessions go in between
         values += await ctx.work(
             classify_texts, directory, key, texts[start : start + _SLICE], function == "predict_proba", ctx.config,
-            ctx.cache, ctx.cancelled.is_set,
+            ctx.cache, ctx.cancelled.is_set, load,
         )  # fmt: skip
     answers = iter(values)
     return [next(answers) if isinstance(v, str) else [None if t is None else next(answers) for t in v] for v in inputs]
