@@ -192,6 +192,7 @@ def results(conn: psycopg.Connection[Any], sql: str) -> list[Any]:
     ("sql", "expected"),
     [
         ("SET search_path = pgml, public; {embed}", ["SET", 384]),
+        ("SET LOCAL search_path = pgml, public; {embed}", ["SET", 384]),  # the string's implicit transaction
         ("SET SESSION search_path TO 'pgml'; {embed}; RESET search_path", ["SET", 384, "RESET"]),
         ("BEGIN; SET LOCAL search_path = pgml, public; {embed}; COMMIT", ["BEGIN", "SET", 384, "COMMIT"]),
         ("SET search_path = pgml, public; {embed}; SET search_path = public, pgml; {embed}", ["SET", 384, "SET", 384]),
@@ -204,6 +205,7 @@ def test_a_set_in_the_string_counts_for_what_follows(
     embed = f"SELECT array_length(embed('{MINILM}', 'red fox'), 1)"
     assert results(through, sql.format(embed=embed)) == expected
     through.execute("RESET search_path")
+    assert sqlstate(through, EMBED) == "42883"  # the session's own path again
 
 
 @pytest.mark.parametrize(

@@ -173,7 +173,7 @@ def changes(stmts: tuple[ast.RawStmt, ...]) -> tuple[OnPath, ...] | None:
                 now = persist  # a SET LOCAL ends with its transaction; a plain SET stays
             elif stmt.kind in _ENDS_UNDOING:
                 now = persist = START  # not followed: the path the string began with (see the module docstring)
-    return tuple(out) if changed and any(path is not START for path in out) else None
+    return tuple(out) if changed and any(path != START for path in out) else None
 
 
 def _set_to(stmt: ast.VariableSetStmt) -> OnPath | None:
@@ -211,7 +211,7 @@ def _per_statement(sql: str, paths: tuple[OnPath, ...], resolution: Resolution) 
     for on in paths:
         if on in found:
             continue
-        if on is START:
+        if on == START:
             found[on] = yield from _names_now(sql, resolution)
             continue
         if isinstance(on, SetTo):
