@@ -197,6 +197,14 @@ def results(conn: psycopg.Connection[Any], sql: str) -> list[Any]:
         ("BEGIN; SET LOCAL search_path = pgml, public; {embed}; COMMIT", ["BEGIN", "SET", 384, "COMMIT"]),
         ("SET search_path = pgml, public; {embed}; SET search_path = public, pgml; {embed}", ["SET", 384, "SET", 384]),
         ("SET search_path = \"pgml\"; SELECT 1; {embed}", ["SET", 1, 384]),
+        ("SET SCHEMA 'pgml'; {embed}", ["SET", 384]),  # SET SCHEMA is SET search_path
+        ('SET "SEARCH_PATH" = pgml; {embed}', ["SET", 384]),  # setting names are case-insensitive
+        ("SET search_path = pgml, 42; {embed}", ["SET", 384]),  # a number is a schema name
+        ("SET search_path = pgml; COMMIT; SELECT 1; ROLLBACK; {embed}", ["SET", "COMMIT", 1, "ROLLBACK", 384]),
+        (  # ROLLBACK TO goes back to the savepoint's path
+            "BEGIN; SET search_path = pgml; SAVEPOINT s; SET search_path = public; ROLLBACK TO s; {embed}; COMMIT",
+            ["BEGIN", "SET", "SAVEPOINT", "SET", "ROLLBACK", 384, "COMMIT"],
+        ),
     ],
 )
 def test_a_set_in_the_string_counts_for_what_follows(
@@ -215,6 +223,12 @@ def test_a_set_in_the_string_counts_for_what_follows(
         "SET search_path = pgml; RESET search_path; SELECT embed('{m}', 'x')",  # back to the default
         "SET search_path = pgml; SET search_path TO DEFAULT; SELECT embed('{m}', 'x')",
         "BEGIN; SET LOCAL search_path = pgml; COMMIT; SELECT embed('{m}', 'x')",  # SET LOCAL ended with it
+        "SET search_path = pgml; SELECT 1; ROLLBACK; SELECT embed('{m}', 'x')",  # the implicit transaction undone
+        "BEGIN; SET search_path = public; SAVEPOINT s; SET search_path = pgml; ROLLBACK TO s; SELECT embed('{m}', 'x')",
+        # not followed, so not qualified: the server resolves the bare name
+        "SET search_path = pgml; SELECT set_config('search_path', 'public', false); SELECT embed('{m}', 'x')",
+        "SET search_path = pgml; DO $$BEGIN PERFORM set_config('search_path', 'public', false); END$$;"
+        " SELECT embed('{m}', 'x')",
     ],
 )
 def test_a_string_that_sets_it_back_or_later_fails_as_on_the_server(
@@ -225,7 +239,73 @@ def test_a_string_that_sets_it_back_or_later_fails_as_on_the_server(
     with psycopg.connect(pg.dsn(dbname=db), autocommit=True) as direct:
         assert sqlstate(direct, text) == "42883"
         assert sqlstate(through, text) == "42883"
+        assert through.info.transaction_status == direct.info.transaction_status
+        if direct.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:  # the string began a block
+            direct.execute("ROLLBACK")
+            through.execute("ROLLBACK")
         assert one(through, "SHOW search_path") == one(direct, "SHOW search_path")
+
+
+@pytest.mark.parametrize(
+    ("earlier", "sql"),
+    [
+        # a ROLLBACK in a later string undoes the SET of the string that began the block
+        ("BEGIN; SET search_path = pgml", "SELECT 1; ROLLBACK; SELECT embed('{m}', 'x')"),
+        ("BEGIN; SET search_path = pgml", "SET search_path = pgml, public; ROLLBACK; SELECT embed('{m}', 'x')"),
+        ("BEGIN; SET LOCAL search_path = pgml", "SELECT 1; COMMIT; SELECT embed('{m}', 'x')"),
+    ],
+)
+def test_a_transaction_begun_by_an_earlier_string(
+    pg: Postgres, through: psycopg.Connection[Any], db: str, earlier: str, sql: str
+) -> None:
+    """The block an earlier string opened and set the path in ends in this one: the server's answer, not a guess."""
+    text = sql.format(m=MINILM)
+    with psycopg.connect(pg.dsn(dbname=db), autocommit=True) as direct:
+        for conn in (direct, through):
+            conn.execute(earlier)
+            assert sqlstate(conn, text) == "42883"
+            assert one(conn, "SHOW search_path") == '"$user", public'
+        through.execute(earlier)  # the path learned inside the block is forgotten at its end
+        assert len(one(through, EMBED)) == 384
+        through.execute("ROLLBACK")
+        assert sqlstate(through, EMBED) == "42883"
+
+
+def test_a_rollback_gives_back_the_path_before_the_block(proxy: ProxyProcess, db: str) -> None:
+    """A block an earlier string began and took pgml off the path in, rolled back in the string that calls embed()."""
+    with psycopg.connect(proxy.dsn(dbname=db), autocommit=True, options="-c search_path=pgml,public") as conn:
+        conn.execute("BEGIN; SET search_path = public")
+        sql = f"SELECT 1; ROLLBACK; SELECT array_length(embed('{MINILM}', 'x'), 1)"
+        assert results(conn, sql) == [1, "ROLLBACK", 384]
+
+
+def test_set_schema_in_its_own_string(through: psycopg.Connection[Any], reference: list[float]) -> None:
+    """``SET SCHEMA 'x'`` is ``SET search_path = x``, for the session's path too (servers before 18 don't report it)."""
+    through.execute("SET SCHEMA 'pgml'")
+    assert list(one(through, EMBED)) == pytest.approx(reference)
+    through.execute("SET SCHEMA 'public'")
+    assert sqlstate(through, EMBED) == "42883"
+
+
+def test_a_schema_the_role_cannot_use_is_skipped(pg: Postgres, proxy: ProxyProcess, db: str) -> None:
+    """As the server resolves names: a schema without USAGE is not searched, so a later pgml's embed() is the one."""
+    with psycopg.connect(pg.dsn(dbname=db), autocommit=True) as admin:
+        admin.execute("DROP ROLE IF EXISTS path_nousage")
+        admin.execute("CREATE ROLE path_nousage LOGIN")
+        admin.execute("CREATE SCHEMA IF NOT EXISTS hidden")
+        admin.execute("CREATE OR REPLACE FUNCTION hidden.embed(text, text) RETURNS int LANGUAGE sql AS 'SELECT 7'")
+        try:
+            sql = f"SET search_path = hidden, pgml; SELECT array_length(embed('{MINILM}', 'x'), 1)"
+            with psycopg.connect(proxy.dsn(dbname=db, user="path_nousage"), autocommit=True) as conn:
+                assert results(conn, sql) == ["SET", 384]
+                conn.execute("SET search_path = hidden, pgml")
+                assert one(conn, f"SELECT array_length(embed('{MINILM}', 'x'), 1)") == 384
+            with psycopg.connect(proxy.dsn(dbname=db), autocommit=True) as owner:  # the superuser may: hidden's
+                assert results(owner, sql.replace("array_length(", "(").replace(", 1)", ")")) == ["SET", 7]
+        finally:
+            admin.execute("DROP SCHEMA hidden CASCADE")
+            admin.execute("DROP OWNED BY path_nousage")
+            admin.execute("DROP ROLE path_nousage")
 
 
 def test_a_reset_in_the_string_takes_the_sessions_default(proxy: ProxyProcess, db: str) -> None:
@@ -240,10 +320,10 @@ def test_changes_of_a_string() -> None:
     """Sans-IO: which path each statement of a string runs on."""
     import pglast
 
-    from proxy.rewrite.unqualified import RESET, START, SetTo, changes
+    from proxy.rewrite.unqualified import RESET, START, UNKNOWN, SetTo, changes
 
     def of(sql: str) -> Any:
-        return changes(tuple(pglast.parse_sql(sql)))
+        return changes(tuple(pglast.parse_sql(sql)), sql)
 
     assert of("SELECT 1; SELECT 2") is None
     assert of("SELECT 1; SET search_path = pgml") is None  # nothing runs after it
@@ -258,3 +338,31 @@ def test_changes_of_a_string() -> None:
     assert of("RESET ALL; SELECT 1") == (START, RESET)
     assert of("SET search_path TO DEFAULT; SELECT 1") == (START, RESET)
     assert of("SET work_mem = '1MB'; SELECT 1") is None
+    assert of("SET SCHEMA 'x'; SELECT 1") == (START, SetTo("x"))
+    assert of("SET search_path = x, 42, 1.5; SELECT 1") == (START, SetTo("x, 42, 1.5"))
+    assert of("SET search_path = x; COMMIT; SET search_path = y; ROLLBACK; SELECT 1") == (
+        START, SetTo("x"), SetTo("x"), SetTo("y"), SetTo("x")
+    )
+    assert of("BEGIN; SET search_path = x; SAVEPOINT a; SET search_path = y; ROLLBACK TO a; SELECT 1") == (
+        START, START, SetTo("x"), SetTo("x"), SetTo("y"), SetTo("x")
+    )
+    assert of("BEGIN; SAVEPOINT a; SET search_path = x; RELEASE a; SELECT 1; ROLLBACK; SELECT 2") == (
+        START, START, START, SetTo("x"), SetTo("x"), SetTo("x"), START
+    )
+    assert of("SET search_path = x; ROLLBACK TO elsewhere; SELECT 1") == (START, SetTo("x"), UNKNOWN)
+    assert of("SELECT set_config('search_path', 'x', false); SELECT 1") == (START, UNKNOWN)
+    assert of("DO $$BEGIN SET search_path = x; END$$; SELECT 1") == (START, UNKNOWN)
+    assert of("SELECT current_setting('search_path'); SELECT 1") is None  # reading it changes nothing
+    # a string that begins inside a block the path changed in: what its end leaves is not known
+    # a string that begins inside a block the path changed in (from "a, b"): a ROLLBACK gives that back, what a
+    # COMMIT leaves is not known (an earlier SET may have been LOCAL) unless this string set it
+    before = SetTo("a, b")
+    for sql, paths in [
+        ("SELECT 1; COMMIT; SELECT 2", (START, START, UNKNOWN)),
+        ("SELECT 1; ROLLBACK; SELECT 2", (START, START, before)),
+        ("SET search_path = x; COMMIT; SELECT 2", (START, SetTo("x"), SetTo("x"))),
+        ("SET search_path = x; ROLLBACK; SELECT 2", (START, SetTo("x"), before)),
+    ]:
+        assert changes(tuple(pglast.parse_sql(sql)), sql, before) == paths
+        unknown = tuple(UNKNOWN if p == before else p for p in paths)
+        assert changes(tuple(pglast.parse_sql(sql)), sql, UNKNOWN) == unknown

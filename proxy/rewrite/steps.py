@@ -44,6 +44,8 @@ class Facts:
     search_path: str | None = '"$user", public'  # the session's (None: unknown; :mod:`proxy.session.search_path`)
     path_epoch: int = 0  # changes whenever search_path does or is forgotten
     user: str = ""  # the login user (``$user`` on the path)
+    path_set_in_block: bool = False  # a statement that may change search_path ran in the open transaction block
+    path_before_block: str | None = None  # the search_path when the session was last idle (None: unknown)
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,4 +271,6 @@ def facts(port: Port) -> Facts:
         search_path=port.search_path.value,
         path_epoch=port.search_path.epoch,
         user=port.search_path.user,
+        path_set_in_block=port.search_path.changed_in_block,
+        path_before_block=port.search_path.at_idle,
     )

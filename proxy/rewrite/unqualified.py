@@ -21,8 +21,14 @@ function settles the session and asks the server once; what it learns holds unti
 embed(…)`` in one simple Query: :func:`changes`) gives each statement the names of the path it runs on — ``SET``
 and ``SET LOCAL`` with their values, ``RESET`` / ``SET … TO DEFAULT`` / ``RESET ALL`` with the session's
 ``reset_val``, a ``COMMIT`` the last plain SET's; those names are read for that path before the string runs.
-Not followed: ``set_config()`` inside the same string, a ``ROLLBACK`` (to a savepoint or not) after such a SET
-in it (the statements after it get the path the string began with), and SET ROLE for ``$user``.
+The string's transactions are followed as the server runs them: its statements share an implicit transaction
+until a ``COMMIT`` (which ends a ``SET LOCAL``) or ``ROLLBACK`` (which undoes every SET since the last COMMIT, or
+since the block began), ``SAVEPOINT`` / ``ROLLBACK TO`` / ``RELEASE`` restore what they saved; ``SET SCHEMA 'x'``
+is a SET, and a number in the list a schema name. Where the path after a statement cannot be known — after
+``set_config()`` or a ``DO`` block or ``CALL`` naming search_path, a value that is not a list of names, or a
+transaction end in a string that began inside a block in which the path may have changed — the statements after it
+get no qualification (the server resolves their bare names, and without a schema that defines them fails as it
+would). Not followed: SET ROLE for ``$user``, and a function that sets the path without the text naming it.
 
 Must not: run anything itself (it yields :mod:`proxy.rewrite.steps` requests) or evaluate calls.
 """
@@ -57,6 +63,8 @@ _KEPT_TEXTS = 256  # statement texts of a session with bare pgml calls (a deferr
 _NAMES = sorted(evaluated_functions())
 _CANDIDATE = re.compile(rb"(?i)\b(?:" + b"|".join(n.encode() for n in _NAMES) + rb")\b")
 _DDL = re.compile(r"(?i)\b(?:create|drop|alter)\b")
+_SET_CONFIG = re.compile(r"(?i)\bset_config\b")
+_ENDS_BLOCK = re.compile(rb"(?i)\b(?:commit|rollback|end|abort|prepare)\b")  # (a false "may" costs a parse)
 _PGML = "pgml"
 
 
@@ -70,7 +78,8 @@ def _lookup(schemas: str) -> str:
         f" FROM pg_catalog.unnest({schemas}) WITH ORDINALITY AS s(nspname, pos)"
         " WHERE NOT pg_catalog.starts_with(s.nspname, 'pg_temp_') AND EXISTS (SELECT FROM pg_catalog.pg_proc p"
         " JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) p.pronamespace"
-        " WHERE n.nspname OPERATOR(pg_catalog.=) s.nspname AND p.proname OPERATOR(pg_catalog.=) f.name)"
+        " WHERE n.nspname OPERATOR(pg_catalog.=) s.nspname AND p.proname OPERATOR(pg_catalog.=) f.name"
+        " AND pg_catalog.has_schema_privilege(n.oid, 'USAGE'))"
         " ORDER BY s.pos LIMIT 1) OPERATOR(pg_catalog.=) 'pgml'), ',')"
     )
 
@@ -84,7 +93,10 @@ _SET_VALUE, _DEFAULT, _RESET, _RESET_ALL = (
     VariableSetKind.VAR_RESET_ALL,
 )  # fmt: skip
 _ENDS_KEEPING = frozenset({TransactionStmtKind.TRANS_STMT_COMMIT, TransactionStmtKind.TRANS_STMT_PREPARE})
-_ENDS_UNDOING = frozenset({TransactionStmtKind.TRANS_STMT_ROLLBACK, TransactionStmtKind.TRANS_STMT_ROLLBACK_TO})
+_ROLLBACK, _SAVEPOINT, _RELEASE, _ROLLBACK_TO = (
+    TransactionStmtKind.TRANS_STMT_ROLLBACK, TransactionStmtKind.TRANS_STMT_SAVEPOINT,
+    TransactionStmtKind.TRANS_STMT_RELEASE, TransactionStmtKind.TRANS_STMT_ROLLBACK_TO,
+)  # fmt: skip
 
 
 @dataclass
@@ -125,9 +137,16 @@ def might_call(search_path: SearchPath, raw: bytes) -> bool:
     unknown path says "may": :func:`names` then knows what it learned of it, without asking again; so does a text
     that may set the path itself)."""
     path = search_path.value
-    if path is not None and not names_pgml(path, search_path.user) and not touches(raw):
+    if path is not None and not names_pgml(path, search_path.user) and not touches(raw) and not ends_changed_block(
+        search_path, raw
+    ):
         return False
     return _CANDIDATE.search(raw) is not None
+
+
+def ends_changed_block(search_path: SearchPath, raw: bytes) -> bool:
+    """A text that may end (COMMIT, ROLLBACK, ...) a transaction block in which the session's path may have changed."""
+    return search_path.changed_in_block and _ENDS_BLOCK.search(raw) is not None
 
 
 def any_name(bare: Bare) -> bool:
@@ -147,47 +166,110 @@ class SetTo:
     path: str
 
 
-START, RESET = "start", "reset"  # the path the string begins with; the session's reset_val
+START, RESET, UNKNOWN = "start", "reset", "unknown"  # the string's first path; the session's reset_val; not known
 OnPath = SetTo | str  # which path one statement of a string runs on
 
 
-def changes(stmts: tuple[ast.RawStmt, ...]) -> tuple[OnPath, ...] | None:
-    """Which path each statement runs on, for a string that sets search_path before a later statement (None: it
-    sets none that way)."""
-    now: OnPath = START
-    persist: OnPath = START
+@dataclass
+class _Transaction:
+    """Where the search_path of a string's statements stands: ``now`` (what the next statement runs on), ``kept``
+    (what a COMMIT leaves: ``now`` less any SET LOCAL), ``committed`` (what a ROLLBACK goes back to) and the
+    savepoints (what a ROLLBACK TO goes back to)."""
+
+    now: OnPath
+    kept: OnPath
+    committed: OnPath
+    savepoints: list[tuple[str, OnPath, OnPath]] = field(default_factory=list)
+
+    def set(self, value: OnPath, local: bool) -> None:
+        self.now = value
+        if not local:
+            self.kept = value
+
+    def end(self, stmt: ast.TransactionStmt) -> None:
+        kind = stmt.kind
+        if kind in _ENDS_KEEPING:
+            self.now = self.committed = self.kept
+            self.savepoints.clear()
+        elif kind == _ROLLBACK:
+            self.now = self.kept = self.committed
+            self.savepoints.clear()
+        elif kind == _SAVEPOINT:
+            self.savepoints.append((stmt.savepoint_name or "", self.now, self.kept))
+        elif kind in (_RELEASE, _ROLLBACK_TO):
+            at = [i for i, (name, _, _) in enumerate(self.savepoints) if name == stmt.savepoint_name]
+            if not at:  # one of an earlier string's (or none: the server fails the string here)
+                self.now = self.kept = self.committed = UNKNOWN
+                return
+            if kind == _ROLLBACK_TO:
+                _, self.now, self.kept = self.savepoints[at[-1]]
+                del self.savepoints[at[-1] + 1 :]
+            else:
+                del self.savepoints[at[-1] :]
+
+
+def changes(stmts: tuple[ast.RawStmt, ...], sql: str = "", block: OnPath | None = None) -> tuple[OnPath, ...] | None:
+    """Which path each statement runs on, for a string that sets search_path before a later statement, or ends a
+    transaction block in which it changed (None: it changes none that way). The statements of a string run in one
+    implicit transaction until a COMMIT or ROLLBACK in it (a BEGIN makes it explicit), so a ROLLBACK undoes a SET
+    earlier in the string even without a BEGIN, as on the server. ``block``: the string begins inside a
+    transaction block in which the path may have changed, and this is the path it had before the block (what a
+    ROLLBACK goes back to; what a COMMIT leaves is not known: an earlier string's SET may have been LOCAL)."""
+    at = _Transaction(START, START, START) if block is None else _Transaction(START, UNKNOWN, block)
     changed = False
     out: list[OnPath] = []
     for raw in stmts:
-        out.append(now)
+        out.append(at.now)
         stmt = raw.stmt
-        if isinstance(stmt, ast.VariableSetStmt) and (stmt.name == "search_path" or stmt.kind == _RESET_ALL):
-            value = _set_to(stmt)
-            if value is None:
-                continue
-            now, changed = value, True
-            if not stmt.is_local:
-                persist = value
-        elif isinstance(stmt, ast.TransactionStmt) and changed:
-            if stmt.kind in _ENDS_KEEPING:
-                now = persist  # a SET LOCAL ends with its transaction; a plain SET stays
-            elif stmt.kind in _ENDS_UNDOING:
-                now = persist = START  # not followed: the path the string began with (see the module docstring)
+        if isinstance(stmt, ast.VariableSetStmt):
+            if (stmt.name or "").lower() == "search_path" or stmt.kind == _RESET_ALL:
+                value = _set_to(stmt)
+                if value is not None:
+                    at.set(value, bool(stmt.is_local))
+                    changed = True
+        elif isinstance(stmt, ast.TransactionStmt):
+            before = at.now
+            at.end(stmt)
+            changed = changed or at.now != before
+        elif _may_set(stmt, _text(sql, raw)):
+            at.set(UNKNOWN, False)  # set_config(), or a DO block that names it: not followed
+            at.committed = UNKNOWN  # (it may be set_config(…, true), or commit inside a procedure)
+            changed = True
     return tuple(out) if changed and any(path != START for path in out) else None
+
+
+def _text(sql: str, raw: ast.RawStmt) -> str:
+    """One statement's text of a string (pglast's locations count characters)."""
+    begin = raw.stmt_location or 0
+    return sql[begin : begin + raw.stmt_len] if raw.stmt_len else sql[begin:]
+
+
+def _may_set(stmt: ast.Node | None, text: str) -> bool:
+    """A statement other than SET that may change the search_path: one that names it and calls set_config(), a DO
+    block or a procedure (a function that sets it without naming it in the text is not seen, as by the session's
+    tracker)."""
+    if not touches(text.encode()):
+        return False
+    return isinstance(stmt, (ast.DoStmt, ast.CallStmt)) or _SET_CONFIG.search(text) is not None
 
 
 def _set_to(stmt: ast.VariableSetStmt) -> OnPath | None:
     if stmt.kind in (_RESET, _DEFAULT, _RESET_ALL):
         return RESET
     if stmt.kind != _SET_VALUE:
-        return None  # SET … FROM CURRENT (function definitions only)
+        return None  # SET … FROM CURRENT: the value it has
     items = []
     for arg in stmt.args or ():
         value = getattr(arg, "val", None)
-        if not isinstance(value, ast.String) or value.sval is None:
-            return None  # the server refuses it (search_path takes names)
-        name = value.sval
-        items.append(name if _PLAIN_NAME.fullmatch(name) else '"' + name.replace('"', '""') + '"')
+        if isinstance(value, ast.String) and value.sval is not None:
+            name = value.sval
+            items.append(name if _PLAIN_NAME.fullmatch(name) else '"' + name.replace('"', '""') + '"')
+        elif isinstance(value, ast.Integer):
+            items.append(str(value.ival))  # a number is a schema name too, written unquoted (as the server does)
+        elif isinstance(value, ast.Float) and value.fval is not None:
+            items.append(value.fval)
+        else:
+            return UNKNOWN
     return SetTo(", ".join(items))
 
 
@@ -195,11 +277,16 @@ def names(sql: str, resolution: Resolution) -> Steps[Bare]:
     """The bare names in ``sql`` that are pgml's functions on the session's path now (EMPTY: none, or no such path);
     for a string that sets the path before a later statement, each statement's on the path it runs on."""
     raw = sql.encode()
-    if touches(raw) and _CANDIDATE.search(raw) is not None:
-        stmts = yield from analyze.parse(sql)
-        paths = changes(stmts) if stmts is not None else None
-        if paths is not None:
-            return (yield from _per_statement(sql, paths, resolution))
+    if _CANDIDATE.search(raw) is not None:
+        facts = yield LOOK
+        in_block = facts.in_transaction and facts.path_set_in_block
+        if touches(raw) or (in_block and _ENDS_BLOCK.search(raw) is not None):
+            stmts = yield from analyze.parse(sql)
+            before = facts.path_before_block
+            block = (UNKNOWN if before is None else SetTo(before)) if in_block else None
+            paths = changes(stmts, sql, block) if stmts is not None else None
+            if paths is not None:
+                return (yield from _per_statement(sql, paths, resolution))
     found: frozenset[str] = yield from _names_now(sql, resolution)
     return found
 
@@ -213,6 +300,9 @@ def _per_statement(sql: str, paths: tuple[OnPath, ...], resolution: Resolution) 
             continue
         if on == START:
             found[on] = yield from _names_now(sql, resolution)
+            continue
+        if on == UNKNOWN:
+            found[on] = EMPTY  # qualify nothing: the server resolves the bare name (see the module docstring)
             continue
         if isinstance(on, SetTo):
             path = on.path
