@@ -268,3 +268,66 @@ def test_a_result_table_of_many_rows_is_analysed(monkeypatch: pytest.MonkeyPatch
         deciding = rewriter.deciding(pq.Query("SELECT pgml.embed('m', body) FROM docs"), SessionState(checked=True))
         outcome = outcome_of(lambda: replay(deciding, script))  # noqa: B023
         assert isinstance(outcome, Rewritten) and not script.steps, outcome
+
+
+async def test_a_begun_run_that_fails_after_its_rewrite_ended_is_not_logged_as_unretrieved() -> None:
+    """A streamed portal begins its next part's exchange; the client goes away and the rewrite ends before it
+    waits for it, and then the upstream closes: asyncio must not log "Task exception was never retrieved" (with a
+    traceback, at ERROR: the field's CI saw it in a proxy's log)."""
+    import asyncio
+    import gc
+
+    from proxy.errors import ConnectionFailure
+    from proxy.rewrite.steps import drive
+
+    class ClosingPort:  # the one part of a session a Run needs: its exchange fails as a closed upstream's does
+        temp_tables: list[str] = []
+
+        async def execute(self, statements: list[Any], **_: Any) -> Any:
+            await asyncio.sleep(0.01)
+            raise ConnectionFailure("the upstream connection closed during an internal query")
+
+    def rewrite() -> Iterator[Any]:
+        yield Begin(Run((Statement("SELECT 1"),)))
+        return "ended"  # without a Wait
+
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    before = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    try:
+        assert await drive(rewrite(), ClosingPort(), None) == "ended"  # type: ignore[arg-type]
+        await asyncio.sleep(0.05)
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(before)
+    assert reported == []
+
+
+async def test_an_engine_call_after_a_cancel_in_the_same_decision_is_canceled() -> None:
+    """A CancelRequest that came between the decision's own queries (no engine call and no server query running to
+    stop) still cancels the statement: its next engine call fails with 57014 and never reaches the engine."""
+    from engine.api import Canceled
+    from proxy.rewrite.steps import drive
+
+    class CanceledPort:
+        canceled = True
+        silenced: frozenset[str] = frozenset()
+
+    class NoEngine:
+        async def evaluate(self, call: Any) -> Any:
+            raise AssertionError("the engine was called after the cancel")
+
+    from engine.api import signatures
+
+    signature = signatures("embed")[0]
+
+    def rewrite() -> Iterator[Any]:
+        try:
+            yield Evaluate(signature, [("m", "text", {})])
+        except Canceled as exc:
+            return exc.sqlstate
+        return "evaluated"
+
+    assert await drive(rewrite(), CanceledPort(), NoEngine()) == "57014"  # type: ignore[arg-type]

@@ -172,6 +172,7 @@ class RayOffload:
         """The outcome of an actor call or task: Canceled when canceled, WorkerLost when its worker died."""
         self._refs[cancelled].add(ref)
         try:
+            _stop_if_canceled(ref, cancelled)
             with self._failures(name):
                 result: Outcome = await asyncio.wrap_future(ref.future())
             return result
@@ -255,6 +256,7 @@ class RayOffload:
         generator = method.remote(task, args, inputs, settings)
         self._refs[cancelled].add(generator)
         try:
+            _stop_if_canceled(generator, cancelled)
             with self._failures(name):
                 async for ref in generator:
                     fragment, said = _unpack(await ref)
@@ -330,6 +332,14 @@ class RayOffload:
                 ray.cancel(ref)
         with contextlib.suppress(Exception):  # the cluster may be gone already
             await asyncio.to_thread(ray.shutdown)
+
+
+def _stop_if_canceled(ref: Any, cancelled: threading.Event) -> None:
+    """A cancel that came while the call was being prepared (its rows stored, its actor found) found no remote call to
+    stop: stop the one just made (a tune would otherwise run to its end, the client waiting for it)."""
+    if cancelled.is_set():
+        ray.cancel(ref)
+        raise Canceled(CANCELED)
 
 
 def deal(count: int, at_once: int) -> list[list[int]]:

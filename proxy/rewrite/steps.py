@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from engine.api import Call, Engine, SessionSettings, Signature
+from engine.api import CANCELED, Call, Canceled, Engine, SessionSettings, Signature
 from proxy.session.exchange import Port, Statement
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -198,6 +201,8 @@ async def _answer(request: Request, port: Port, engine: Engine | None) -> Any:
             return facts(port)
         case Evaluate(signature=signature, rows=rows, settings=settings, silenced=silenced):
             assert engine is not None
+            if port.canceled:
+                raise Canceled(CANCELED)
             silenced = port.silenced if silenced is None else silenced
             live = Live(port, silenced)
             warnings: list[str] = []
@@ -220,13 +225,22 @@ async def _answer(request: Request, port: Port, engine: Engine | None) -> Any:
         case Compute(function=function):
             return await asyncio.to_thread(function)
         case Begin(run=run):
-            return asyncio.ensure_future(_answer(run, port, engine))
+            begun = asyncio.ensure_future(_answer(run, port, engine))
+            begun.add_done_callback(_retrieved)
+            return begun
         case Wait(handle=handle):
             return await handle
         case Emit(frames=frames):
             port.emit(frames)
             return None
     raise TypeError(f"not a rewrite request: {request!r}")
+
+
+def _retrieved(begun: asyncio.Future[Any]) -> None:
+    """A begun run's failure counts as seen: its :class:`Wait` raises it; a rewrite that ended first (the session
+    closed, the client went away) never waits, and asyncio would log it, with a traceback, at ERROR."""
+    if not begun.cancelled() and (failure := begun.exception()) is not None:
+        log.debug("a begun exchange failed: %s", type(failure).__name__)
 
 
 class Live:

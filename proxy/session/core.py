@@ -152,7 +152,11 @@ class Connection:
         self.state.fire(Event.CONNECTED)
 
     def cancel(self) -> None:
-        """A CancelRequest for this connection: engine work and a cursor's generation stop."""
+        """A CancelRequest for this connection: engine work and a cursor's generation stop, and so does engine work
+        the decision running now would start after it (between its own queries, neither the server nor the engine
+        has the statement: the cancel would be lost)."""
+        if self._task is not None and not self._task.done():
+            self.traffic.canceled = True
         self._rewriter.cancel(self.traffic.session_id)
         self.decider.cursors.cancel_reading()
 
@@ -244,6 +248,7 @@ class Connection:
         """Run the decision for ``frame``, then route the held frames in order (decisions one at a time)."""
         upstream = self._upstream
         try:
+            self.traffic.canceled = False
             await self.decider.run(frame, kind is Kind.OWNED)
             out: list[bytes] = []
             while self._held.frames:
@@ -253,6 +258,7 @@ class Connection:
                     if out:
                         upstream.writelines(out)
                         out = []
+                    self.traffic.canceled = False  # a cancel is for the statement running when it came
                     await self.decider.run(frame, kind is Kind.OWNED)
                 elif not self._pass(frame, route, out):
                     return

@@ -157,6 +157,9 @@ class Port(Protocol):
     temp_tables: list[str]  # per-row result tables created for the statement being decided
     notices: list[str]  # WARNINGs from the engine for the client, sent with the decision
     silenced: frozenset[str]  # the engine's severities the startup packet's client_min_messages silences
+    # A CancelRequest came while this decision ran (the server honours a cancel at its statement's next check): an
+    # engine call the decision makes after it fails with 57014, as one running at that moment does.
+    canceled: bool
 
     @property
     def tx_status(self) -> str:

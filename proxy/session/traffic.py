@@ -66,6 +66,7 @@ class Traffic:
         self.temp_tables: list[str] = []  # per-row result tables made for the statement being decided
         self.notices: list[str] = []  # engine WARNINGs, sent to the client ahead of the statement's answer
         self.silenced: frozenset[str] = frozenset()  # engine severities the startup's client_min_messages silences
+        self.canceled = False  # a CancelRequest came while the decision running now ran
         self.binding = False  # a Bind's decision runs: its own statements' SQL holds bound values (never logged)
         # Closes to send at the batch's Sync or the next exchange (their answers hidden): of barrier statements, and of
         # the row portals the client no longer reads, with their statements.
