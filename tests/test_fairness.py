@@ -320,3 +320,45 @@ def test_a_long_generation_under_its_model_lock_still_lets_others_go(
     assert not thread.is_alive() and "end" in result
     assert b_done < result["end"], "B's call waited for A's whole generation"
     assert latency < alone / 3, (latency, alone)
+
+
+def _messages(data: bytes) -> list[tuple[bytes, bytes]]:
+    out, at = [], 0
+    while at + 5 <= len(data):
+        (length,) = struct.unpack("!i", data[at + 1 : at + 5])
+        out.append((data[at : at + 1], data[at + 5 : at + 1 + length]))
+        at += 1 + length
+    return out
+
+
+def test_a_cancel_is_for_the_statement_running_not_the_next_one(fair_proxy: ProxyProcess) -> None:
+    """Two Queries sent at once, a pg_sleep and then a pgml.embed; a CancelRequest while the sleep runs cancels the
+    sleep (57014) and the embed still answers, as the server cancels only the statement running when it came."""
+    s = socket.create_connection(("127.0.0.1", fair_proxy.port), timeout=60)
+    body = struct.pack("!i", 196608) + b"user\0postgres\0database\0postgres\0\0"
+    s.sendall(struct.pack("!i", len(body) + 4) + body)
+    data = b""
+    while not (len(data) >= 6 and data[-6:-5] == b"Z"):
+        chunk = s.recv(65536)
+        assert chunk
+        data += chunk
+    pid, key = next(struct.unpack("!ii", payload[:8]) for kind, payload in _messages(data) if kind == b"K")
+    s.sendall(
+        pq.Query("SELECT pg_sleep(3)").encode()
+        + pq.Query(f"SELECT array_length(pgml.embed('{MINILM}', 'cancel scope'), 1)").encode()
+    )
+    time.sleep(1)
+    with socket.create_connection(("127.0.0.1", fair_proxy.port), timeout=30) as c:
+        c.sendall(struct.pack("!iiii", 16, 80877102, pid, key))
+        c.recv(1)  # the proxy closes it once handled
+    data = b""
+    while len([kind for kind, _ in _messages(data) if kind == b"Z"]) < 2:
+        chunk = s.recv(65536)
+        assert chunk, "the proxy closed the connection"
+        data += chunk
+    s.close()
+    answers = _messages(data)
+    errors_ = [payload for kind, payload in answers if kind == b"E"]
+    assert len(errors_) == 1 and b"C57014\0" in errors_[0]  # the sleep
+    rows = [payload for kind, payload in answers if kind == b"D"]
+    assert len(rows) == 1 and rows[0].endswith(b"384")  # the embed, after it

@@ -274,9 +274,41 @@ def test_a_transaction_begun_by_an_earlier_string(
 def test_a_rollback_gives_back_the_path_before_the_block(proxy: ProxyProcess, db: str) -> None:
     """A block an earlier string began and took pgml off the path in, rolled back in the string that calls embed()."""
     with psycopg.connect(proxy.dsn(dbname=db), autocommit=True, options="-c search_path=pgml,public") as conn:
-        conn.execute("BEGIN; SET search_path = public")
+        conn.execute("BEGIN")
+        conn.execute("SET search_path = public")
         sql = f"SELECT 1; ROLLBACK; SELECT array_length(embed('{MINILM}', 'x'), 1)"
         assert results(conn, sql) == [1, "ROLLBACK", 384]
+        # One string that sets it and opens a block: the SET may have committed before the block ("SET …; COMMIT;
+        # BEGIN") or be in it ("BEGIN; SET …"); the proxy does not parse what it relays, so it does not qualify
+        # what follows the ROLLBACK: the server's own pgml.embed (the stub) answers, never a guessed path's.
+        conn.execute("BEGIN; SET search_path = public")
+        with pytest.raises(psycopg.Error) as caught:
+            conn.execute(sql)
+        assert caught.value.sqlstate == "0A000"
+        assert one(conn, "SHOW search_path") == "pgml,public"
+
+
+def test_the_path_before_a_block_sans_io() -> None:
+    """What a ROLLBACK of the open block gives back, as the tracker keeps it."""
+    from proxy.session.search_path import SearchPath
+
+    idle, in_block = ord("I"), ord("T")
+    path = SearchPath()
+    path.report("pgml, public")
+    path.ready(idle, True)
+    assert path.at_idle == "pgml, public" and not path.changed_in_block
+    path.ready(in_block, True)  # BEGIN
+    path.touched(True)  # SET search_path = public, in the block
+    path.report("public")
+    path.ready(in_block, True)
+    assert path.at_idle == "pgml, public" and path.changed_in_block
+    path.report("pgml, public")  # ROLLBACK
+    path.ready(idle, True)
+    assert path.at_idle == "pgml, public" and not path.changed_in_block
+    path.touched(False)  # "SET search_path = public; COMMIT; BEGIN", or "BEGIN; SET …": which, is not known
+    path.report("public")
+    path.ready(in_block, True)
+    assert path.at_idle is None and path.changed_in_block
 
 
 def test_set_schema_in_its_own_string(through: psycopg.Connection[Any], reference: list[float]) -> None:
@@ -349,7 +381,11 @@ def test_changes_of_a_string() -> None:
     assert of("BEGIN; SAVEPOINT a; SET search_path = x; RELEASE a; SELECT 1; ROLLBACK; SELECT 2") == (
         START, START, START, SetTo("x"), SetTo("x"), SetTo("x"), START
     )
-    assert of("SET search_path = x; ROLLBACK TO elsewhere; SELECT 1") == (START, SetTo("x"), UNKNOWN)
+    # a savepoint of an earlier string: the path it had there (nothing changed it in the block before this string)
+    assert of("SET search_path = x; ROLLBACK TO elsewhere; SELECT 1") == (START, SetTo("x"), START)
+    assert of("SET search_path = x; RELEASE elsewhere; SELECT 1") == (START, SetTo("x"), SetTo("x"))
+    ends = "SET search_path = x; ROLLBACK TO elsewhere; SELECT 1"
+    assert changes(tuple(pglast.parse_sql(ends)), ends, SetTo("a")) == (START, SetTo("x"), UNKNOWN)
     assert of("SELECT set_config('search_path', 'x', false); SELECT 1") == (START, UNKNOWN)
     assert of("DO $$BEGIN SET search_path = x; END$$; SELECT 1") == (START, UNKNOWN)
     assert of("SELECT current_setting('search_path'); SELECT 1") is None  # reading it changes nothing

@@ -68,7 +68,10 @@ MODEL_KWARGS = {"embed": INIT_KWARGS, "rank": RANK_INIT}
 _LOST = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError,
          ray.exceptions.NodeDiedError, ray.exceptions.OwnerDiedError)  # fmt: skip
 LOST_HINT = "The next call starts a fresh one; see the Ray cluster's logs for why it died."
-WAIT_STEP = 0.1  # seconds between cancel checks of a training fan-out
+WAIT_STEP = 0.1  # seconds between cancel checks of a remote call or a training fan-out
+# Seconds a canceled remote call has to end after ray.cancel before the session stops waiting for it (a task's
+# worker is then killed; an actor call goes on to its next checkpoint, its result dropped).
+CANCEL_GRACE = 5.0
 RAY_CLIENT = "ray://"  # an address of Ray Client (the cluster's client server) rather than of its GCS
 # Ray's token authentication (2.52+): the mode, the token itself, a file holding it, and its default file.
 AUTH_MODE, AUTH_TOKEN, AUTH_TOKEN_PATH = "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"
@@ -174,8 +177,7 @@ class RayOffload:
         try:
             _stop_if_canceled(ref, cancelled)
             with self._failures(name):
-                result: Outcome = await asyncio.wrap_future(ref.future())
-            return result
+                return await _awaited(ref, cancelled, task=not name)
         except asyncio.CancelledError:  # time limit, or the session went away: stop the remote call too
             ray.cancel(ref)
             raise
@@ -332,6 +334,30 @@ class RayOffload:
                 ray.cancel(ref)
         with contextlib.suppress(Exception):  # the cluster may be gone already
             await asyncio.to_thread(ray.shutdown)
+
+
+async def _awaited(ref: Any, cancelled: threading.Event, task: bool) -> Outcome:
+    """A remote call's outcome, or Canceled soon after ``cancelled`` is set: ``ray.cancel`` asks it to stop (a
+    KeyboardInterrupt in a task, a CancelledError in an async actor's call), and a call that has not ended
+    CANCEL_GRACE seconds later is no longer waited for (a task still importing its modules, or deep in native
+    code, may not see the interrupt; its worker is killed) — a cancel never leaves the session hanging."""
+    future = asyncio.wrap_future(ref.future())
+    while not cancelled.is_set():
+        done, _ = await asyncio.wait({future}, timeout=WAIT_STEP)
+        if done:
+            result: Outcome = future.result()
+            return result
+    ray.cancel(ref)  # (again: harmless; the cancel may have come before the call was made)
+    done, _ = await asyncio.wait({future}, timeout=CANCEL_GRACE)
+    if done:
+        result = future.result()  # ended anyway, or raises TaskCancelledError: Canceled
+        return result
+    if task:
+        with contextlib.suppress(Exception):
+            ray.cancel(ref, force=True)
+    future.add_done_callback(lambda f: f.cancelled() or f.exception())  # its late failure: seen, not logged
+    log.warning("pgml engine: a canceled Ray %s did not stop within %g s", "task" if task else "call", CANCEL_GRACE)
+    raise Canceled(CANCELED)
 
 
 def _stop_if_canceled(ref: Any, cancelled: threading.Event) -> None:

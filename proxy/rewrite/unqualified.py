@@ -180,6 +180,7 @@ class _Transaction:
     kept: OnPath
     committed: OnPath
     savepoints: list[tuple[str, OnPath, OnPath]] = field(default_factory=list)
+    earlier: OnPath = START  # the path at an earlier string's savepoint (START: none changed it in the block)
 
     def set(self, value: OnPath, local: bool) -> None:
         self.now = value
@@ -199,7 +200,9 @@ class _Transaction:
         elif kind in (_RELEASE, _ROLLBACK_TO):
             at = [i for i, (name, _, _) in enumerate(self.savepoints) if name == stmt.savepoint_name]
             if not at:  # one of an earlier string's (or none: the server fails the string here)
-                self.now = self.kept = self.committed = UNKNOWN
+                if kind == _ROLLBACK_TO:
+                    self.now = self.kept = self.earlier
+                    self.savepoints.clear()
                 return
             if kind == _ROLLBACK_TO:
                 _, self.now, self.kept = self.savepoints[at[-1]]
@@ -215,7 +218,7 @@ def changes(stmts: tuple[ast.RawStmt, ...], sql: str = "", block: OnPath | None 
     earlier in the string even without a BEGIN, as on the server. ``block``: the string begins inside a
     transaction block in which the path may have changed, and this is the path it had before the block (what a
     ROLLBACK goes back to; what a COMMIT leaves is not known: an earlier string's SET may have been LOCAL)."""
-    at = _Transaction(START, START, START) if block is None else _Transaction(START, UNKNOWN, block)
+    at = _Transaction(START, START, START) if block is None else _Transaction(START, UNKNOWN, block, earlier=UNKNOWN)
     changed = False
     out: list[OnPath] = []
     for raw in stmts:
@@ -279,8 +282,11 @@ def names(sql: str, resolution: Resolution) -> Steps[Bare]:
     raw = sql.encode()
     if _CANDIDATE.search(raw) is not None:
         facts = yield LOOK
+        ends = facts.path_set_in_block and _ENDS_BLOCK.search(raw) is not None
+        if ends:  # the block's state once what was sent before has been answered (a BEGIN may be on its way)
+            facts = yield SETTLE
         in_block = facts.in_transaction and facts.path_set_in_block
-        if touches(raw) or (in_block and _ENDS_BLOCK.search(raw) is not None):
+        if touches(raw) or (in_block and ends):
             stmts = yield from analyze.parse(sql)
             before = facts.path_before_block
             block = (UNKNOWN if before is None else SetTo(before)) if in_block else None

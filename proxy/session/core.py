@@ -155,7 +155,7 @@ class Connection:
         """A CancelRequest for this connection: engine work and a cursor's generation stop, and so does engine work
         the decision running now would start after it (between its own queries, neither the server nor the engine
         has the statement: the cancel would be lost)."""
-        if self._task is not None and not self._task.done():
+        if self._task is not None and not self._task.done() and self.state.owed == 0:  # not an earlier statement's
             self.traffic.canceled = True
         self._rewriter.cancel(self.traffic.session_id)
         self.decider.cursors.cancel_reading()
@@ -236,6 +236,7 @@ class Connection:
             self._terminate_early()
             return
         self._held.add(rest)
+        self.traffic.canceled = False
         self._task = asyncio.create_task(self._drain(frame, kind))
 
     def _terminate_early(self) -> None:
@@ -248,7 +249,6 @@ class Connection:
         """Run the decision for ``frame``, then route the held frames in order (decisions one at a time)."""
         upstream = self._upstream
         try:
-            self.traffic.canceled = False
             await self.decider.run(frame, kind is Kind.OWNED)
             out: list[bytes] = []
             while self._held.frames:

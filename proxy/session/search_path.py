@@ -52,7 +52,8 @@ class SearchPath:
     """One session's search_path (see the module docstring)."""
 
     __slots__ = (
-        "_before", "_forget_at_end", "_pending", "_since_idle", "at_idle", "epoch", "reported", "user", "value",
+        "_before", "_forget_at_end", "_outside_block", "_pending", "_since_idle",
+        "at_idle", "epoch", "reported", "user", "value",
     )  # fmt: skip
 
     def __init__(self) -> None:
@@ -65,6 +66,8 @@ class SearchPath:
         self._forget_at_end = False
         self._since_idle = False  # a statement that may change it went upstream since the session was last idle
         self.at_idle: str | None = None  # the value when the session was last idle: what a ROLLBACK of its block gives
+        self._outside_block = False  # one was sent while no block was open: it may have committed before a BEGIN
+
     def startup(self, startup: StartupMessage) -> None:
         self.user = startup.get("user") or ""
         self._set(from_startup(startup))
@@ -81,6 +84,8 @@ class SearchPath:
             self._before, self._pending = self.value, True
         self._set(None)
         self._since_idle = True
+        if not in_transaction:
+            self._outside_block = True
         if in_transaction and not self.reported:
             self._forget_at_end = True
 
@@ -99,13 +104,15 @@ class SearchPath:
         if status != ord("I"):
             if self._since_idle and not self.reported:  # "BEGIN; SET search_path …" began the block it ran in
                 self._forget_at_end = True
+            if self._outside_block:  # "SET …; COMMIT; BEGIN" or "BEGIN; SET …": before the block, or in it?
+                self.at_idle = None
             return
         if self._forget_at_end:
             self._forget_at_end = False
             self._set(None)
+        self.at_idle = self.value  # (None while a change is owed: not known)
         if idle:
-            self._since_idle = False
-            self.at_idle = self.value
+            self._since_idle = self._outside_block = False
 
     def _set(self, value: str | None) -> None:
         if value is None or value != self.value:
