@@ -161,7 +161,12 @@ def test_a_big_batch_interleaves_with_another_sessions_call(fair_proxy: ProxyPro
 
 def raw_connect(proxy: ProxyProcess) -> socket.socket:
     """A raw protocol client, authenticated and idle (trust authentication on the test cluster)."""
-    s = socket.create_connection(("127.0.0.1", proxy.port), timeout=30)
+    return raw_startup(proxy)[0]
+
+
+def raw_startup(proxy: ProxyProcess, timeout: float = 30) -> tuple[socket.socket, bytes]:
+    """:func:`raw_connect`, and the messages that answered its startup (BackendKeyData among them)."""
+    s = socket.create_connection(("127.0.0.1", proxy.port), timeout=timeout)
     body = struct.pack("!i", 196608) + b"user\0postgres\0database\0postgres\0\0"
     s.sendall(struct.pack("!i", len(body) + 4) + body)
     data = b""
@@ -169,7 +174,7 @@ def raw_connect(proxy: ProxyProcess) -> socket.socket:
         chunk = s.recv(65536)
         assert chunk, "the proxy closed the connection during startup"
         data += chunk
-    return s
+    return s, data
 
 
 @pytest.mark.parametrize("how", ["disconnect", "terminate", "cancel"])
@@ -323,25 +328,14 @@ def test_a_long_generation_under_its_model_lock_still_lets_others_go(
 
 
 def _messages(data: bytes) -> list[tuple[bytes, bytes]]:
-    out, at = [], 0
-    while at + 5 <= len(data):
-        (length,) = struct.unpack("!i", data[at + 1 : at + 5])
-        out.append((data[at : at + 1], data[at + 5 : at + 1 + length]))
-        at += 1 + length
-    return out
+    """The whole messages of ``data`` as (type, body)."""
+    return [(bytes([frame.type]), frame.body) for frame in FrameReader(1 << 30).feed(data)]
 
 
 def test_a_cancel_is_for_the_statement_running_not_the_next_one(fair_proxy: ProxyProcess) -> None:
     """Two Queries sent at once, a pg_sleep and then a pgml.embed; a CancelRequest while the sleep runs cancels the
     sleep (57014) and the embed still answers, as the server cancels only the statement running when it came."""
-    s = socket.create_connection(("127.0.0.1", fair_proxy.port), timeout=60)
-    body = struct.pack("!i", 196608) + b"user\0postgres\0database\0postgres\0\0"
-    s.sendall(struct.pack("!i", len(body) + 4) + body)
-    data = b""
-    while not (len(data) >= 6 and data[-6:-5] == b"Z"):
-        chunk = s.recv(65536)
-        assert chunk
-        data += chunk
+    s, data = raw_startup(fair_proxy, timeout=60)
     pid, key = next(struct.unpack("!ii", payload[:8]) for kind, payload in _messages(data) if kind == b"K")
     s.sendall(
         pq.Query("SELECT pg_sleep(3)").encode()
